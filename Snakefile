@@ -1,0 +1,41 @@
+# dpzo: differentially private zeroth-order fine-tuning of language models.
+#
+#   snakemake --cores 2                                  # the embedded demo (config/config.yaml)
+#   snakemake --cores 2 -f results/runs/<model>/<task>/<method>/eps<eps>/seed<seed>/metrics.json
+#
+# DAG: demo corpus/tasks/models (demo only) -> k-shot splits -> privacy ledger per cell
+#      -> training + evaluation per cell -> summary table and figure.
+
+from snakemake.utils import min_version
+
+min_version("9.20")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9_.\-]+",
+    task=r"[A-Za-z0-9_.\-]+",
+    method=r"[a-z0-9\-]+",
+    eps=r"[0-9]+(\.[0-9]+)?|inf",
+    seed=r"[0-9]+",
+    k=r"[0-9]+",
+
+
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/privacy.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "results/tables/summary.csv",
+        "results/figures/accuracy.png",
+        all_ledgers(),
+    default_target: True

@@ -1,0 +1,3 @@
+"""Differentially private zeroth-order fine-tuning of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""Config validation with messages that name the key, the bad value and what is allowed.
+
+Snakemake's own ``validate`` (which also fills in defaults) runs afterwards; this pass exists so
+that a user sees every problem at once, phrased for a person, before any job starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _where(error) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts) or "<top level>"
+
+
+def _describe(error) -> str:
+    if error.validator == "enum":
+        return f"{error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "propertyNames":
+        allowed = error.schema.get("propertyNames", {}).get("enum")
+        if allowed:
+            return f"unknown key {error.instance!r}... allowed keys: {', '.join(allowed)}"
+    if error.validator == "pattern":
+        return f"{error.instance!r} does not match the required form {error.validator_value!r}"
+    if error.validator == "oneOf" and isinstance(error.instance, dict):
+        return "give exactly one of 'path' (a Hugging Face id or directory) or 'demo' (roberta|opt)"
+    return error.message
+
+
+def check_config(config: dict, schema_path: str | Path) -> None:
+    """Raise ConfigError listing every schema violation of ``config``."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        # A bad method name shows up both as a propertyNames error; report the leaf cause.
+        if error.validator == "propertyNames" and error.context:
+            for sub in error.context:
+                problems.append(f"config key '{_where(error)}': unknown key {sub.instance!r}; allowed: {', '.join(map(str, sub.validator_value))}")
+            continue
+        problems.append(f"config key '{_where(error)}': {_describe(error)}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

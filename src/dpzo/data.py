@@ -1,0 +1,119 @@
+"""Reading tasks in the LM-BFF on-disk layout and drawing the k-shot splits.
+
+Layout (the LM-BFF ``datasets.tar``): ``<data_dir>/original/<TASK>/`` holds either GLUE-style
+TSV files with a header (SST-2: ``train.tsv``, ``dev.tsv``) or header-less CSV files whose first
+column is the label (TREC, SST-5, MR, CR, ...: ``train.csv``, ``test.csv``).
+
+k-shot protocol (LM-BFF ``generate_k_shot_data.py``): shuffle the training file with the data
+seed, take the first k examples of each class as train and the next k as dev; the test set is
+the task's test file, subsampled to ``max_test`` examples with a fixed seed (MeZO's
+``k-shot-1k-test``), so the test set is the same for every data seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .fileio import write_jsonl_atomic
+from .tasks import TaskSpec
+
+TEST_SUBSAMPLE_SEED = 42
+
+
+@dataclass
+class Example:
+    texts: list[str]
+    label: int  # index into task.labels
+
+
+def _task_dir(task: TaskSpec, data_dir: Path) -> Path:
+    return Path(data_dir) / "original" / task.lmbff_dir
+
+
+def missing_files(task: TaskSpec, data_dir: Path) -> list[Path]:
+    """The files of a task that are not on disk (empty list when the task is readable)."""
+    d = _task_dir(task, data_dir)
+    return [d / f for f in (task.train_file, task.test_file) if not (d / f).is_file()]
+
+
+def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
+    """Read the train or test file of a task into examples, checking labels and columns."""
+    path = _task_dir(task, data_dir) / (task.train_file if which == "train" else task.test_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"task {task.name}: {path} not found. Put the LM-BFF data (datasets.tar from the LM-BFF "
+            f"project, folder original/{task.lmbff_dir}/) under data_dir={data_dir}."
+        )
+    if task.file_format == "glue-tsv":
+        frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+        needed = [*task.text_columns, task.label_column]
+        absent = [c for c in needed if c not in frame.columns]
+        if absent:
+            raise ValueError(f"{path}: missing column(s) {absent}; found {list(frame.columns)}")
+        texts = frame[list(task.text_columns)].values.tolist()
+        raw_labels = frame[task.label_column].tolist()
+    elif task.file_format == "csv":
+        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+        if frame.shape[1] < 1 + len(task.text_columns):
+            raise ValueError(f"{path}: expected label + {len(task.text_columns)} text column(s), got {frame.shape[1]}")
+        raw_labels = frame[0].tolist()
+        texts = frame[list(range(1, 1 + len(task.text_columns)))].values.tolist()
+    else:
+        raise ValueError(f"task {task.name}: unknown file_format {task.file_format!r}")
+    index = {label: i for i, label in enumerate(task.labels)}
+    examples = []
+    for row, (text, label) in enumerate(zip(texts, raw_labels)):
+        label = str(label).strip()
+        if label not in index:
+            raise ValueError(f"{path}, row {row + 1}: label {label!r} is not one of {list(task.labels)}")
+        examples.append(Example(texts=[str(t) for t in text], label=index[label]))
+    if not examples:
+        raise ValueError(f"{path} has no examples")
+    return examples
+
+
+def sample_k_shot(
+    train: list[Example], test: list[Example], *, k: int, seed: int, num_classes: int, max_test: int = 1000
+) -> dict[str, list[Example]]:
+    """LM-BFF k-shot split: first k per class (after a seeded shuffle) as train, next k as dev."""
+    order = np.random.RandomState(seed).permutation(len(train))
+    picked: dict[str, list[Example]] = {"train": [], "dev": []}
+    counts = [0] * num_classes
+    for i in order:
+        ex = train[i]
+        c = counts[ex.label]
+        if c < k:
+            picked["train"].append(ex)
+        elif c < 2 * k:
+            picked["dev"].append(ex)
+        counts[ex.label] = c + 1
+    if len(test) > max_test:
+        keep = np.random.RandomState(TEST_SUBSAMPLE_SEED).permutation(len(test))[:max_test]
+        test = [test[i] for i in sorted(keep)]
+    picked["test"] = list(test)
+    return picked
+
+
+def save_split(path: Path, examples: list[Example]) -> None:
+    write_jsonl_atomic(path, [{"texts": ex.texts, "label": ex.label} for ex in examples])
+
+
+def load_split(path: Path) -> list[Example]:
+    with open(path, encoding="utf-8") as fh:
+        return [Example(**json.loads(line)) for line in fh if line.strip()]
+
+
+def make_k_shot(task: TaskSpec, data_dir: Path, out_dir: Path, *, k: int, seed: int, max_test: int = 1000) -> dict:
+    """Read a task, draw its k-shot split and write train/dev/test JSONL files into out_dir."""
+    train = read_split(task, data_dir, "train")
+    test = read_split(task, data_dir, "test")
+    splits = sample_k_shot(train, test, k=k, seed=seed, num_classes=task.num_classes, max_test=max_test)
+    for name, examples in splits.items():
+        save_split(Path(out_dir) / f"{name}.jsonl", examples)
+    return {name: len(examples) for name, examples in splits.items()}

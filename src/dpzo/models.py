@@ -1,0 +1,141 @@
+"""Loading language models and scoring prompts: label-word logits and per-example losses.
+
+Both families go through ``from_pretrained``, so the embedded demo models and real checkpoints
+(``roberta-large``, ``facebook/opt-2.7b``) share one code path.
+
+* ``mlm``: the hidden state at ``<mask>`` goes through the MLM head; the K label-word logits are
+  the classifier (LM-BFF).
+* ``causal``: the hidden state at the last prompt token goes through the LM head; the K label
+  words are scored as the next token (MeZO's scoring for single-token candidates, done with one
+  forward per example instead of one per candidate).
+
+The head is applied only to the scored rows, so no ``B x S x V`` logits tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import Example
+from .tasks import TaskSpec, encode_prompt, label_word_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def detect_family(config) -> str:
+    """'mlm' or 'causal' from a transformers config (its architectures, else its model type)."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForMaskedLM"):
+            return "mlm"
+        if arch.endswith("ForCausalLM"):
+            return "causal"
+    if getattr(config, "model_type", "") in {"roberta", "bert", "xlm-roberta", "deberta-v2", "electra"}:
+        return "mlm"
+    return "causal"
+
+
+def load_model(path: str | Path, *, family: str = "auto", dtype: str = "float32", device: str = "cpu"):
+    """Load tokenizer and model with the Auto classes; returns (model, tokenizer, family)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    if family == "auto":
+        family = detect_family(config)
+    cls = AutoModelForMaskedLM if family == "mlm" else AutoModelForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    model.to(device)
+    # Zeroth-order training runs in eval mode: dropout would make the two perturbed losses
+    # differ by more than the perturbation itself.
+    model.eval()
+    return model, tokenizer, family
+
+
+@dataclass
+class EncodedSet:
+    """A tokenized split: ragged ids stored as a padded tensor plus lengths, ready to batch."""
+
+    input_ids: torch.Tensor  # [N, S_max] right-padded
+    lengths: torch.Tensor  # [N]
+    score_pos: torch.Tensor  # [N]
+    labels: torch.Tensor  # [N]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def batch(self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu") -> dict:
+        index = torch.as_tensor(index, dtype=torch.long)
+        width = int(self.lengths[index].max()) if index.numel() else 1
+        ids = self.input_ids[index, :width]
+        mask = (torch.arange(width)[None, :] < self.lengths[index][:, None]).long()
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "score_pos": self.score_pos[index].to(device),
+            "labels": self.labels[index].to(device),
+        }
+
+
+def encode_examples(examples: list[Example], task: TaskSpec, tokenizer, *, family: str, max_length: int) -> EncodedSet:
+    """Tokenize every example once with the task's template for this model family."""
+    causal = family == "causal"
+    template = task.causal_template if causal else task.template
+    encoded = [encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal) for ex in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max((len(e.input_ids) for e in encoded), default=1)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+    return EncodedSet(
+        input_ids=ids,
+        lengths=torch.tensor([len(e.input_ids) for e in encoded], dtype=torch.long),
+        score_pos=torch.tensor([e.score_position for e in encoded], dtype=torch.long),
+        labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+        pad_id=pad_id,
+    )
+
+
+class PromptClassifier:
+    """A language model used as a K-way classifier through its label-word logits."""
+
+    def __init__(self, model, tokenizer, family: str, task: TaskSpec, *, max_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = family
+        self.task = task
+        self.max_length = max_length or task.max_length
+        self.device = next(model.parameters()).device
+        self.label_ids = torch.tensor(label_word_ids(task, tokenizer), device=self.device)
+        self.head = model.get_output_embeddings() if family == "causal" else getattr(model, "lm_head", None)
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__} has no lm_head; an MLM with an LM-BFF style head is needed")
+
+    def encode(self, examples: list[Example]) -> EncodedSet:
+        return encode_examples(examples, self.task, self.tokenizer, family=self.family, max_length=self.max_length)
+
+    @torch.no_grad()
+    def label_logits(self, batch: dict) -> torch.Tensor:
+        """[B, K] label-word logits in float32 from one batched forward."""
+        hidden = self.model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["score_pos"]]
+        if self.family == "causal":
+            # Only the K label-word rows of the output embedding are needed.
+            logits = rows @ self.head.weight[self.label_ids].T
+            if getattr(self.head, "bias", None) is not None:
+                logits = logits + self.head.bias[self.label_ids]
+        else:
+            logits = self.head(rows)[:, self.label_ids]
+        return logits.float()
+
+    @torch.no_grad()
+    def per_example_loss(self, batch: dict) -> torch.Tensor:
+        """[B] cross-entropy over the K label words, float32, no reduction."""
+        return F.cross_entropy(self.label_logits(batch), batch["labels"], reduction="none")

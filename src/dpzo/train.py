@@ -1,0 +1,271 @@
+"""The training loop of the zeroth-order methods (MeZO, DP-ZOSO).
+
+Which method does what:
+
+* ``mezo``     non-private reference: a fixed-size batch drawn uniformly without replacement
+               each step (public seed), mean of the raw per-example differences, constant
+               learning rate and ZO scale.
+* ``dp-zoso``  Poisson sampling with rate q = B/n from the secret RNG (what the accountant
+               assumes), per-example clipping, Gaussian noise sigma*C on the sum, division by
+               the expected batch size q*n, and the stagewise schedule of ``zo.StageSchedule``.
+
+Exactly ``steps`` updates run, each with ``directions`` releases; the trainer refuses to start
+when this differs from what the privacy ledger accounted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .methods import PRIVATE_METHODS, ZERO_SHOT, ZO_METHODS
+from .models import PromptClassifier
+from .privacy import SecretRandom, privatize_sum
+from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class ZOHyperparameters:
+    steps: int
+    batch_size: int
+    lr: float
+    beta_start: float = 1e-3
+    beta_end: float = 1e-3
+    stages: int = 1
+    stage_steps: int | None = None
+    lr_decay: float = 0.5
+    lam: float = 0.0
+    clip: float = math.inf
+    directions: int = 1
+    log_every: int = 10
+
+    @classmethod
+    def from_config(cls, params: dict) -> "ZOHyperparameters":
+        """Build from a method's config block (``beta`` is shorthand for a constant ZO scale)."""
+        params = dict(params)
+        if "beta" in params:
+            beta = params.pop("beta")
+            params.setdefault("beta_start", beta)
+            params.setdefault("beta_end", beta)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown zeroth-order hyperparameter(s) {unknown}; allowed: {sorted(known | {'beta'})}")
+        return cls(**params)
+
+    def schedule(self) -> StageSchedule:
+        return StageSchedule(
+            steps=self.steps,
+            stages=self.stages,
+            stage_steps=self.stage_steps,
+            lr=self.lr,
+            lr_decay=self.lr_decay,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
+
+
+def check_ledger(ledger: dict, *, n: int, hp: ZOHyperparameters) -> None:
+    """Refuse to train anything other than what the privacy ledger accounted."""
+    expected = {
+        "n": n,
+        "steps": hp.steps,
+        "directions": hp.directions,
+        "expected_batch_size": hp.batch_size,
+        "clip": hp.clip,
+    }
+    for key, value in expected.items():
+        if not math.isclose(float(ledger[key]), float(value), rel_tol=1e-12):
+            raise RuntimeError(
+                f"privacy ledger mismatch: {key} accounted {ledger[key]} but training would use {value}; "
+                f"re-run the accounting rule for this cell"
+            )
+    if not math.isclose(float(ledger["q"]), hp.batch_size / n, rel_tol=1e-12):
+        raise RuntimeError(f"privacy ledger mismatch: q accounted {ledger['q']} but B/n = {hp.batch_size / n}")
+
+
+def train_zo(
+    model: torch.nn.Module,
+    per_example_loss: Callable[[np.ndarray], torch.Tensor],
+    n: int,
+    hp: ZOHyperparameters,
+    *,
+    method: str,
+    run_seed: int,
+    sigma: float = 0.0,
+    secret: SecretRandom | None = None,
+    master_dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
+
+    ``per_example_loss(index)`` returns the [len(index)] losses of the training examples
+    ``index`` at the model's current weights (one batched forward).
+    """
+    if method not in ZO_METHODS:
+        raise ValueError(f"train_zo runs {ZO_METHODS}, not {method!r}")
+    private = method in PRIVATE_METHODS
+    if hp.batch_size > n:
+        raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
+    if private and secret is None:
+        raise ValueError("a private method needs the secret RNG")
+    q = hp.batch_size / n
+    public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
+    schedule = hp.schedule()
+    starts = set(schedule.stage_starts())
+    flat = FlatParameters(model, master_dtype=master_dtype)
+    anchor = None
+
+    history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": []}
+    losses_since_log: list[float] = []
+    examples_since_log, clipped_since_log = 0, 0
+    started = time.perf_counter()
+    for step in range(hp.steps):
+        stage = schedule.stage_of(step)
+        lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
+        if step in starts and hp.lam:
+            anchor = flat.snapshot()  # theta_s: a real copy taken at the start of each stage
+        seeds, grads = [], []
+        for p in range(hp.directions):
+            if private:
+                index = secret.poisson_batch(n, q)
+            else:
+                index = public_rng.choice(n, size=hp.batch_size, replace=False)
+            seed = direction_seed(run_seed, step, p)
+            if len(index) == 0:
+                d = torch.zeros(0, dtype=torch.float64)
+            else:
+                d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta)
+                if not torch.isfinite(d).all():
+                    raise FloatingPointError(
+                        f"non-finite loss difference at step {step} (beta={beta}); lower the learning rate or raise beta"
+                    )
+                losses_since_log.append(float(0.5 * (loss_plus + loss_minus).mean()))
+            if private:
+                d_clipped = clip_differences(d, hp.clip)
+                clipped_since_log += int((d.abs() > hp.clip).sum())
+                g = privatize_sum(float(d_clipped.sum()), sigma, hp.clip, q * n, secret)
+            else:
+                g = float(clip_differences(d, hp.clip).mean()) if len(d) else 0.0
+            seeds.append(seed)
+            grads.append(g)
+            examples_since_log += len(index)
+        apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor)
+        if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
+            history["step"].append(step + 1)
+            history["stage"].append(stage)
+            history["lr"].append(lr)
+            history["beta"].append(beta)
+            history["loss"].append(float(np.mean(losses_since_log)) if losses_since_log else float("nan"))
+            history["examples"].append(examples_since_log)
+            history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
+            history["grad"].append(float(np.mean(grads)))
+            losses_since_log = []
+            examples_since_log, clipped_since_log = 0, 0
+    elapsed = time.perf_counter() - started
+    history["steps_run"] = hp.steps
+    history["releases"] = hp.steps * hp.directions if private else 0
+    history["train_seconds"] = elapsed
+    history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
+    history["stage_starts"] = schedule.stage_starts()
+    return history
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
+    import resource
+
+    out = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def run_cell(
+    *,
+    model: str,
+    model_path: str,
+    family: str,
+    dtype: str,
+    task_name: str,
+    split_dir: str,
+    method: str,
+    method_params: dict,
+    ledger: dict,
+    seed: int,
+    eval_batch_size: int = 128,
+    device: str = "cpu",
+) -> dict:
+    """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
+
+    Evaluation reports the final iterate on the test split; no dev-based model selection is
+    done, because choosing among iterates on private data would spend unaccounted privacy.
+    """
+    from pathlib import Path
+
+    from .data import load_split
+    from .evaluate import evaluate
+    from .models import load_model
+    from .tasks import get_task
+
+    wall_start = time.perf_counter()
+    task = get_task(task_name)
+    torch.manual_seed(seed)
+    lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
+    clf = PromptClassifier(lm, tokenizer, family, task)
+    train_set = clf.encode(load_split(Path(split_dir) / "train.jsonl"))
+    test_set = clf.encode(load_split(Path(split_dir) / "test.jsonl"))
+
+    history: dict = {}
+    if method != ZERO_SHOT:
+        hp = ZOHyperparameters.from_config(method_params)
+        secret = None
+        if method in PRIVATE_METHODS:
+            check_ledger(ledger, n=len(train_set), hp=hp)
+            secret = SecretRandom.from_environment()
+        history = train_zo(
+            lm,
+            lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
+            len(train_set),
+            hp,
+            method=method,
+            run_seed=seed,
+            sigma=float(ledger.get("sigma") or 0.0),
+            secret=secret,
+        )
+        if method in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:
+            raise RuntimeError(
+                f"ran {history['releases']} releases but the ledger accounted {ledger['compositions']}"
+            )
+    result = evaluate(clf, test_set, batch_size=eval_batch_size)
+    return {
+        "model": model,
+        "task": task_name,
+        "method": method,
+        "seed": seed,
+        "accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "test_n": result["n"],
+        "confusion": result["confusion"],
+        "n_train": len(train_set),
+        "n_params": sum(p.numel() for p in lm.parameters()),
+        "steps": history.get("steps_run", 0),
+        "releases": history.get("releases", 0),
+        "ms_per_step": history.get("ms_per_step"),
+        "train_seconds": history.get("train_seconds", 0.0),
+        "wall_seconds": time.perf_counter() - wall_start,
+        "memory": peak_memory_mb(clf.device),
+        "device": str(clf.device),
+        "torch": torch.__version__,
+        "history": {k: v for k, v in history.items() if isinstance(v, list)},
+        "history_note": "loss is the mean training loss on the sampled batches: computed on private "
+        "data, it is a diagnostic and is not covered by the DP guarantee; grad is the released scalar.",
+    }

@@ -1,0 +1,243 @@
+"""Zeroth-order step, schedule and trainer against independent float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpzo.privacy import SecretRandom
+from dpzo.train import ZOHyperparameters, train_zo
+from dpzo.zo import (
+    FlatParameters,
+    StageSchedule,
+    apply_update,
+    clip_differences,
+    direction_seed,
+    gaussian_direction,
+    spsa_differences,
+)
+
+
+class TwoTensorModel(torch.nn.Module):
+    """theta = (w [3x2], b [4]) so that flattening order and views are exercised."""
+
+    def __init__(self, dtype=torch.float64, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(3, 2, generator=g, dtype=dtype))
+        self.b = torch.nn.Parameter(torch.randn(4, generator=g, dtype=dtype))
+
+    def theta(self) -> torch.Tensor:
+        return torch.cat([self.w.reshape(-1), self.b])
+
+
+class Quadratic:
+    """Per-example losses l_i(theta) = 0.5 ||A_i theta - y_i||^2 on a fixed random dataset."""
+
+    def __init__(self, n=40, dim=10, seed=1):
+        rng = np.random.default_rng(seed)
+        self.A = rng.normal(size=(n, 3, dim))
+        self.y = rng.normal(size=(n, 3))
+
+    def losses_np(self, theta: np.ndarray, index) -> np.ndarray:
+        r = self.A[index] @ theta - self.y[index]
+        return 0.5 * (r**2).sum(axis=1)
+
+    def directional_np(self, theta: np.ndarray, z: np.ndarray, index) -> np.ndarray:
+        """Exact d_i = grad l_i(theta) . z (symmetric differences are exact on quadratics)."""
+        r = self.A[index] @ theta - self.y[index]
+        return np.einsum("ij,ij->i", r, self.A[index] @ z)
+
+    def loss_fn(self, model: TwoTensorModel):
+        A = torch.from_numpy(self.A)
+        y = torch.from_numpy(self.y)
+
+        def per_example_loss(index):
+            index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+            r = torch.einsum("bkd,d->bk", A[index], model.theta()) - y[index]
+            return 0.5 * (r**2).sum(dim=1)
+
+        return per_example_loss
+
+
+def test_perturb_then_restore_is_bit_exact_fp32():
+    model = TwoTensorModel(dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = FlatParameters(model)
+    flat.perturb(seed=123, scale=1e-3)
+    assert not torch.equal(model.w, before[0])  # the perturbation really moves the weights
+    flat.perturb(seed=123, scale=-1e-3)
+    flat.restore()
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p, p0)
+
+
+def test_parameters_are_views_of_the_flat_buffer():
+    model = TwoTensorModel()
+    flat = FlatParameters(model)
+    flat.work[0] = 42.0
+    assert model.w[0, 0].item() == 42.0
+    assert flat.numel == 10
+
+
+def test_perturbation_is_master_plus_scaled_direction():
+    model = TwoTensorModel()
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    theta0 = model.theta().detach().clone()
+    flat.perturb(seed=7, scale=0.5)
+    z = gaussian_direction(7, 10, dtype=torch.float64)
+    assert torch.equal(model.theta().detach(), theta0 + 0.5 * z)
+
+
+def test_direction_is_a_pure_function_of_its_seed():
+    z1 = gaussian_direction(99, 1000)
+    z2 = gaussian_direction(99, 1000)
+    z3 = gaussian_direction(100, 1000)
+    assert torch.equal(z1, z2) and not torch.equal(z1, z3)
+    # standard normal: mean ~ 0, variance ~ 1 (loose 6-sigma bounds)
+    assert abs(z1.mean().item()) < 6 / math.sqrt(1000)
+    assert abs(z1.var().item() - 1) < 6 * math.sqrt(2 / 1000)
+    seeds = {direction_seed(13, t, p) for t in range(50) for p in range(3)}
+    assert len(seeds) == 150
+
+
+def test_spsa_differences_match_exact_directional_derivative():
+    quad = Quadratic()
+    model = TwoTensorModel()
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    theta = model.theta().detach().numpy().copy()
+    index = np.arange(8)
+    d, _, _ = spsa_differences(lambda: quad.loss_fn(model)(index), flat, seed=5, beta=1e-3)
+    z = gaussian_direction(5, 10, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(d.numpy(), quad.directional_np(theta, z, index), rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(model.theta().detach().numpy(), theta)  # restored
+
+
+def test_clip_is_symmetric_and_inf_is_identity():
+    d = torch.tensor([-10.0, -1.0, 0.0, 2.0, 30.0])
+    assert clip_differences(d, 5.0).tolist() == [-5.0, -1.0, 0.0, 2.0, 5.0]
+    assert torch.equal(clip_differences(d, math.inf), d)
+
+
+def test_proximal_pull_moves_toward_anchor_and_not_along_z():
+    model = TwoTensorModel()
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    anchor = flat.snapshot()
+    flat.master.add_(torch.linspace(-1, 1, 10, dtype=torch.float64))  # move away from the anchor
+    flat.restore()
+    theta = flat.master.clone()
+    apply_update(flat, seeds=[11], grads=[0.0], lr=0.1, lam=0.5, anchor=anchor)
+    expected = theta - 0.1 * 0.5 * (theta - anchor)
+    torch.testing.assert_close(flat.master, expected, rtol=0, atol=1e-15)
+    assert torch.norm(flat.master - anchor) < torch.norm(theta - anchor)
+    assert anchor.data_ptr() != flat.master.data_ptr()  # a real copy, not an alias
+
+
+def test_update_with_several_directions_averages_them():
+    model = TwoTensorModel()
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    theta = flat.master.clone()
+    apply_update(flat, seeds=[1, 2], grads=[0.3, -0.7], lr=0.01)
+    z1 = gaussian_direction(1, 10, dtype=torch.float64)
+    z2 = gaussian_direction(2, 10, dtype=torch.float64)
+    torch.testing.assert_close(flat.master, theta - 0.01 * (0.3 * z1 - 0.7 * z2) / 2, rtol=0, atol=1e-15)
+    assert torch.equal(model.theta().detach(), flat.master)  # work follows master
+
+
+def test_stage_schedule_lengths_lr_and_beta():
+    s = StageSchedule(steps=100, stages=3, stage_steps=10, lr=1e-3, beta_start=1e-4, beta_end=1e-2)
+    assert s.stage_starts() == [0, 10, 30]
+    assert [s.stage_of(t) for t in (0, 9, 10, 29, 30, 99)] == [0, 0, 1, 1, 2, 2]
+    assert [s.lr_at(i) for i in range(3)] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert [s.beta_at(i) for i in range(3)] == pytest.approx([1e-4, 1e-3, 1e-2])
+    down = StageSchedule(steps=100, stages=3, stage_steps=10, beta_start=1e-2, beta_end=1e-4)
+    assert [down.beta_at(i) for i in range(3)] == pytest.approx([1e-2, 1e-3, 1e-4])  # no NaN
+    truncated = StageSchedule(steps=25, stages=3, stage_steps=10)
+    assert truncated.stage_starts() == [0, 10]
+    constant = StageSchedule(steps=50, stages=1, beta_start=1e-3, beta_end=1e-3)
+    assert constant.stage_starts() == [0] and constant.beta_at(0) == 1e-3
+
+
+def reference_dpzoso(quad, theta0, hp, *, run_seed, sigma, noise_seed, n):
+    """Hand-written DP-ZOSO in numpy float64, independent of the trainer's code path."""
+    rng = SecretRandom(insecure_test_seed=noise_seed)
+    theta = theta0.copy()
+    starts = [0]
+    while len(starts) < hp.stages and starts[-1] + hp.stage_steps * 2 ** (len(starts) - 1) < hp.steps:
+        starts.append(starts[-1] + hp.stage_steps * 2 ** (len(starts) - 1))
+    anchor = theta.copy()
+    q = hp.batch_size / n
+    for t in range(hp.steps):
+        s = max(i for i, st in enumerate(starts) if st <= t)
+        if t == starts[s]:
+            anchor = theta.copy()
+        lr = hp.lr * hp.lr_decay**s
+        beta = hp.beta_start * (hp.beta_end / hp.beta_start) ** (s / (hp.stages - 1))
+        step = np.zeros_like(theta)
+        for p in range(hp.directions):
+            index = rng.poisson_batch(n, q)
+            z = gaussian_direction(direction_seed(run_seed, t, p), theta.size, dtype=torch.float64).numpy()
+            d = quad.directional_np(theta, z, index)  # exact on a quadratic, for any beta
+            g = (np.clip(d, -hp.clip, hp.clip).sum() + sigma * hp.clip * rng.standard_normal()) / (q * n)
+            step += g * z / hp.directions
+        theta = theta - lr * (step + hp.lam * (theta - anchor))
+    return theta
+
+
+@pytest.mark.parametrize("directions,lam", [(1, 0.0), (2, 0.3)])
+def test_dpzoso_trainer_matches_float64_reference(directions, lam):
+    quad = Quadratic(n=40)
+    hp = ZOHyperparameters(
+        steps=14, batch_size=8, lr=1e-2, stages=3, stage_steps=2, beta_start=1e-4, beta_end=1e-2,
+        lam=lam, clip=3.0, directions=directions, log_every=1,
+    )
+    model = TwoTensorModel()
+    theta0 = model.theta().detach().numpy().copy()
+    history = train_zo(
+        model, quad.loss_fn(model), 40, hp, method="dp-zoso", run_seed=13, sigma=0.7,
+        secret=SecretRandom(insecure_test_seed=5), master_dtype=torch.float64,
+    )
+    expected = reference_dpzoso(quad, theta0, hp, run_seed=13, sigma=0.7, noise_seed=5, n=40)
+    np.testing.assert_allclose(model.theta().detach().numpy(), expected, rtol=0, atol=1e-12)
+    assert history["steps_run"] == 14 and history["releases"] == 14 * directions
+    assert history["stage_starts"] == [0, 2, 6]
+    assert np.abs(model.theta().detach().numpy() - theta0).max() > 1e-3  # it did move
+
+
+def test_trainer_runs_exactly_t_steps_with_two_forwards_per_release():
+    quad = Quadratic(n=40)
+    model = TwoTensorModel()
+    inner = quad.loss_fn(model)
+    calls = []
+
+    def counting_loss(index):
+        calls.append(len(index))
+        return inner(index)
+
+    hp = ZOHyperparameters(steps=9, batch_size=8, lr=1e-3, clip=1.0, directions=3)
+    history = train_zo(model, counting_loss, 40, hp, method="dp-zoso", run_seed=0, sigma=1.0, secret=SecretRandom(insecure_test_seed=1))
+    nonempty = [c for c in calls if c > 0]
+    assert history["releases"] == 27
+    assert len(calls) == len(nonempty) <= 2 * 27 and len(calls) % 2 == 0
+
+
+def test_mezo_is_the_mean_finite_difference_step():
+    quad = Quadratic(n=40)
+    model = TwoTensorModel()
+    theta = model.theta().detach().numpy().copy()
+    hp = ZOHyperparameters(steps=1, batch_size=40, lr=1e-2)  # full batch: no sampling randomness
+    train_zo(model, quad.loss_fn(model), 40, hp, method="mezo", run_seed=3, master_dtype=torch.float64)
+    z = gaussian_direction(direction_seed(3, 0, 0), 10, dtype=torch.float64).numpy()
+    g = quad.directional_np(theta, z, np.arange(40)).mean()
+    np.testing.assert_allclose(model.theta().detach().numpy(), theta - 1e-2 * g * z, rtol=0, atol=1e-12)
+
+
+def test_private_method_without_secret_rng_is_refused():
+    quad = Quadratic(n=40)
+    model = TwoTensorModel()
+    hp = ZOHyperparameters(steps=1, batch_size=8, lr=1e-3, clip=1.0)
+    with pytest.raises(ValueError, match="secret"):
+        train_zo(model, quad.loss_fn(model), 40, hp, method="dp-zoso", run_seed=0)

@@ -1,0 +1,84 @@
+# Helpers shared by all .smk files: config validation, the cell grid and input functions.
+
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from dpzo.config import check_config
+from dpzo.methods import is_private
+from dpzo.tasks import TASKS
+
+SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
+check_config(config, SCHEMA)  # every problem at once, phrased for a person
+validate(config, schema=SCHEMA)  # also fills in the schema's defaults
+
+DEMO_DIR = "results/demo"
+RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
+
+
+def method_epsilons(method):
+    """Private methods run at every configured epsilon, the others only without noise."""
+    return config["epsilons"] if is_private(method) else ["inf"]
+
+
+def cells():
+    """Every (model, task, method, eps, seed) cell of the configured grid."""
+    return [
+        dict(model=m, task=t, method=meth, eps=e, seed=s)
+        for m in config["models"]
+        for t in config["tasks"]
+        for meth in config["methods"]
+        for e in method_epsilons(meth)
+        for s in config["seeds"]
+    ]
+
+
+def all_metrics():
+    return [f"results/runs/{RUN}/metrics.json".format(**c) for c in cells()]
+
+
+def all_ledgers():
+    return [f"results/runs/{RUN}/privacy.json".format(**c) for c in cells()]
+
+
+def demo_task_files():
+    """The LM-BFF-layout files the demo data rule writes (all demo tasks, always)."""
+    out = []
+    for spec in TASKS.values():
+        if spec.demo:
+            folder = f"{DEMO_DIR}/data/original/{spec.lmbff_dir}"
+            out += [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
+    return out
+
+
+def task_data_dir(wildcards):
+    return f"{DEMO_DIR}/data" if TASKS[wildcards.task].demo else config["data_dir"]
+
+
+def task_files(wildcards):
+    spec = TASKS[wildcards.task]
+    folder = f"{task_data_dir(wildcards)}/original/{spec.lmbff_dir}"
+    return [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
+
+
+def model_path(wildcards):
+    cfg = config["models"][wildcards.model]
+    return f"{DEMO_DIR}/models/{wildcards.model}" if "demo" in cfg else cfg["path"]
+
+
+def model_input(wildcards):
+    """Demo models are built by the pipeline; real ones are read where the config points."""
+    cfg = config["models"][wildcards.model]
+    return [model_path(wildcards)] if "demo" in cfg else []
+
+
+def model_cfg(wildcards):
+    return config["models"][wildcards.model]
+
+
+def demo_arch(wildcards):
+    return config["models"][wildcards.model]["demo"]
+
+
+def method_params(wildcards):
+    return config["methods"][wildcards.method]

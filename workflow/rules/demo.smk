@@ -1,0 +1,51 @@
+# The embedded offline demo: a generated corpus, tasks in the LM-BFF layout, and tiny models
+# pretrained on the corpus and saved with save_pretrained (loaded later like real checkpoints).
+
+
+rule demo_corpus:
+    output:
+        corpus=f"{DEMO_DIR}/corpus.txt",
+    params:
+        seed=config["demo"]["seed"],
+    log:
+        "logs/demo/corpus.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/demo_corpus.py"
+
+
+rule demo_data:
+    input:
+        corpus=rules.demo_corpus.output.corpus,
+    output:
+        demo_task_files(),
+    params:
+        tasks=[name for name, spec in TASKS.items() if spec.demo],
+        seed=config["demo"]["task_seed"],
+    log:
+        "logs/demo/data.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/demo_data.py"
+
+
+rule demo_model:
+    input:
+        corpus=rules.demo_corpus.output.corpus,
+    output:
+        model_dir=directory(f"{DEMO_DIR}/models/{{model}}"),
+    params:
+        arch=demo_arch,
+        seed=config["demo"]["seed"],
+        steps=config["demo"]["pretrain_steps"],
+    threads: 1
+    log:
+        "logs/demo/model_{model}.log",
+    benchmark:
+        "benchmarks/demo/model_{model}.tsv"
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/demo_model.py"

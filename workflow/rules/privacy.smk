@@ -1,0 +1,18 @@
+# The privacy ledger of a cell: sigma calibrated for (n, q, T * P, eps, delta) before training.
+
+
+rule account:
+    input:
+        train=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/train.jsonl",
+    output:
+        ledger=f"results/runs/{RUN}/privacy.json",
+    params:
+        method_params=method_params,
+        delta=config["delta"],
+        accountant=config["accountant"],
+    log:
+        f"logs/account/{RUN}.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/account.py"

@@ -1,0 +1,27 @@
+# One job per (model, task, method, eps, seed): train (except zero-shot), then evaluate the
+# final iterate on the test split.
+
+
+rule train:
+    input:
+        train=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/train.jsonl",
+        test=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/test.jsonl",
+        ledger=rules.account.output.ledger,
+        model=model_input,
+    output:
+        metrics=f"results/runs/{RUN}/metrics.json",
+    params:
+        model_path=model_path,
+        model_cfg=model_cfg,
+        method_params=method_params,
+        eval_batch_size=config["eval_batch_size"],
+        device=config["device"],
+    threads: config["threads"]
+    log:
+        f"logs/train/{RUN}.log",
+    benchmark:
+        f"benchmarks/train/{RUN}.tsv"
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,3 @@
+from dpzo.workflow import summarize
+
+summarize(snakemake)  # noqa: F821 (injected by Snakemake)
