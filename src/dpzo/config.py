@@ -29,6 +29,8 @@ def _describe(error) -> str:
         allowed = error.schema.get("propertyNames", {}).get("enum")
         if allowed:
             return f"unknown key {error.instance!r}... allowed keys: {', '.join(allowed)}"
+    if error.validator in ("pattern", "type") and "description" in error.schema:
+        return f"{error.instance!r} is not valid: expected {error.schema['description']}"
     if error.validator == "pattern":
         return f"{error.instance!r} does not match the required form {error.validator_value!r}"
     if error.validator == "oneOf" and isinstance(error.instance, dict):

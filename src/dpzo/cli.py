@@ -1,0 +1,168 @@
+"""Command-line interface: ``dpzo <subcommand> ...`` (also ``python -m dpzo``).
+
+Adding a subcommand: write ``_add_<name>(subparsers)`` that builds its parser and sets
+``handler=<function taking the parsed args and returning an exit code>``, then append it
+to ``_SUBCOMMANDS``.  Conventions: results go to stdout as one JSON object; errors go to
+stderr as ``dpzo <name>: error: ...`` naming the offending argument, with exit code 2
+(argparse's own code for usage errors) and nothing on stdout.
+
+Heavy modules (dp_accounting, torch, ...) are imported inside handlers so ``dpzo --help``
+stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+# --------------------------------------------------------------------------------------
+# argparse value types: each error names the expected range; argparse prefixes the flag
+# --------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _nonnegative_float_or_inf(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'inf', got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or 'inf' for no privacy), got {text!r}")
+    return value
+
+
+def _positive_float_or_inf(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf', got {text!r}") from None
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _open_unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not (0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must satisfy 0 < value < 1, got {text!r} (delta is usually below 1/n, e.g. 1e-5)"
+        )
+    return value
+
+
+def _fail(command: str, message: str) -> int:
+    """Report a usage problem the way argparse does, without exiting the interpreter."""
+    print(f"dpzo {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _print_json(obj: Any) -> None:
+    # allow_nan=False: emit strict JSON (records spell infinity as "inf").
+    print(json.dumps(obj, indent=2, allow_nan=False))
+
+
+# --------------------------------------------------------------------------------------
+# dpzo calibrate
+# --------------------------------------------------------------------------------------
+
+
+def _add_calibrate(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="find the noise multiplier for a privacy budget and print the accounting record",
+        description=(
+            "Calibrate the smallest noise multiplier sigma such that T*P Poisson-subsampled "
+            "Gaussian releases (q = batch-size/n) are (epsilon, delta)-DP under add/remove-one "
+            "neighbouring. Prints one JSON object (the accounting record, incl. 'sigma')."
+        ),
+    )
+    p.add_argument("--n", type=_positive_int, required=True, help="number of training examples")
+    p.add_argument("--batch-size", type=_positive_int, required=True, help="expected (Poisson) batch size B; q = B/n")
+    p.add_argument("--steps", type=_positive_int, required=True, help="training steps T")
+    p.add_argument("--epsilon", type=_nonnegative_float_or_inf, required=True, help="target epsilon ('inf': non-private, sigma 0)")
+    p.add_argument("--delta", type=_open_unit_interval, required=True, help="target delta, in (0, 1)")
+    p.add_argument("--directions", type=_positive_int, default=1, help="perturbation directions per step P (default 1)")
+    p.add_argument("--clip", type=_positive_float_or_inf, default=1.0, help="clipping threshold C (default 1.0; sigma does not depend on it)")
+    p.add_argument("--accountant", choices=("pld", "prv", "rdp"), default="pld", help="accountant used for calibration (default pld)")
+    p.add_argument(
+        "--pld-discretization", type=_open_unit_interval, default=1e-3,
+        help="PLD value discretization (default 1e-3; smaller is tighter and slower)",
+    )
+    p.set_defaults(handler=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.batch_size > args.n:
+        return _fail(
+            "calibrate",
+            f"argument --batch-size: must not exceed --n ({args.n}), got {args.batch_size}; "
+            "use a batch size no larger than the training set",
+        )
+    from dpzo import privacy  # lazy: keeps `dpzo --help` fast
+
+    try:
+        record = privacy.accounting_record(
+            n=args.n,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            directions=args.directions,
+            clip=args.clip,
+            epsilon_target=args.epsilon,
+            delta=args.delta,
+            accountant=args.accountant,
+            pld_discretization=args.pld_discretization,
+        )
+    except ValueError as err:  # e.g. an unreachable target
+        return _fail("calibrate", str(err))
+    _print_json(record)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of ``_SUBCOMMANDS``."""
+    parser = argparse.ArgumentParser(prog="dpzo", description="Differentially private zeroth-order fine-tuning tools.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed help (code 0) or the usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

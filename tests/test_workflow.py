@@ -1,0 +1,149 @@
+"""The pipeline, run for real through the Snakemake CLI on a tiny config in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "demo": {"seed": 0, "task_seed": 1, "pretrain_steps": 40},
+    "models": {"demo-roberta": {"demo": "roberta"}},
+    "tasks": ["demo-sst2"],
+    "k": 16,
+    "seeds": [13],
+    "epsilons": ["8"],
+    "delta": 1.0e-5,
+    "max_test": 64,
+    "eval_batch_size": 64,
+    "methods": {
+        "zero-shot": {},
+        "mezo": {"steps": 4, "batch_size": 8, "lr": 1.0e-4, "beta": 1.0e-3},
+        "dp-zoso": {
+            "steps": 6, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2,
+            "beta_start": 1.0e-3, "beta_end": 1.0e-2, "lam": 0.01, "clip": 5.0, "directions": 2,
+        },
+    },
+}
+CELLS = [
+    "demo-roberta/demo-sst2/zero-shot/epsinf/seed13",
+    "demo-roberta/demo-sst2/mezo/epsinf/seed13",
+    "demo-roberta/demo-sst2/dp-zoso/eps8/seed13",
+]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table."""
+    table = output.split("Job stats:")[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    counts.pop("total", None)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_pipeline_produces_every_output(tiny_run):
+    results = tiny_run / "results"
+    assert (results / "figures" / "accuracy.png").stat().st_size > 10_000
+    summary = pd.read_csv(results / "tables" / "summary.csv", dtype={"eps": str})
+    assert set(summary["method"]) == {"zero-shot", "mezo", "dp-zoso"}
+    for cell in CELLS:
+        metrics = json.loads((results / "runs" / cell / "metrics.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_n"] == 64
+        assert (tiny_run / "logs" / "train" / f"{cell}.log").exists()
+        assert (tiny_run / "benchmarks" / "train" / f"{cell}.tsv").exists()
+    # the summary equals the cells' accuracies (one seed: mean = the value, std = 0)
+    for cell in CELLS:
+        metrics = json.loads((results / "runs" / cell / "metrics.json").read_text())
+        row = summary[summary.method == metrics["method"]].iloc[0]
+        assert row["accuracy_mean"] == pytest.approx(100 * metrics["accuracy"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_private_cell_ledger_matches_what_ran(tiny_run):
+    cell = tiny_run / "results" / "runs" / "demo-roberta/demo-sst2/dp-zoso/eps8/seed13"
+    ledger = json.loads((cell / "privacy.json").read_text())
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert ledger["private"] is True and ledger["sampler"] == "poisson"
+    assert ledger["n"] == 32 and ledger["q"] == pytest.approx(8 / 32)
+    assert ledger["steps"] == 6 and ledger["directions"] == 2 and ledger["compositions"] == 12
+    assert metrics["steps"] == 6 and metrics["releases"] == 12
+    assert ledger["sigma"] > 0 and ledger["clip"] == 5.0 and ledger["delta"] == 1e-5
+    for name in ("pld", "prv", "rdp"):
+        assert ledger["epsilon_achieved"][name] <= 8.0 + 0.15  # prv's upper bound has eps_error 0.1
+    assert ledger["epsilon_achieved"]["pld"] <= 8.0
+    # stage boundaries of the schedule were logged: stage 0 then stage 1
+    assert metrics["history"]["stage"][:2] == [0, 0] and metrics["history"]["stage"][-1] == 1
+
+
+@pytest.mark.slow
+def test_single_cell_rerun_runs_exactly_that_cell(tiny_run):
+    target = f"results/runs/{CELLS[2]}/metrics.json"
+    before = {c: (tiny_run / "results" / "runs" / c / "metrics.json").stat().st_mtime_ns for c in CELLS}
+    dry = snakemake(tiny_run, "-f", "-n", "--", target)
+    assert job_counts(dry.stdout) == {"train": 1}
+    snakemake(tiny_run, "-f", "--", target)
+    after = {c: (tiny_run / "results" / "runs" / c / "metrics.json").stat().st_mtime_ns for c in CELLS}
+    assert after[CELLS[2]] != before[CELLS[2]]
+    assert all(after[c] == before[c] for c in CELLS[:2])
+    # the next full run re-aggregates and nothing else
+    assert job_counts(snakemake(tiny_run, "-n").stdout) == {"summarize": 1, "plot_accuracy": 1, "all": 1}
+
+
+def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path):
+    bad = dict(TINY, tasks=["demo-sst2", "imdb"], epsilons=["4.0"])
+    bad["methods"] = dict(TINY["methods"], **{"dp-zosoo": {}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, "-n", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "tasks[1]" in text and "'imdb'" in text and "demo-sst2" in text  # names key + allowed values
+    assert "epsilons[0]" in text and "'4.0'" in text
+    assert "dp-zosoo" in text and "dp-zoso" in text
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_config_grid_dry_run(tmp_path):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
+    n_models, n_tasks, n_seeds = len(config["models"]), len(config["tasks"]), len(config["seeds"])
+    per_group = sum(len(config["epsilons"]) if m.startswith("dp-") else 1 for m in config["methods"])
+    assert counts["train"] == counts["account"] == n_models * n_tasks * n_seeds * per_group
+    assert counts["fewshot"] == n_tasks * n_seeds and counts["demo_model"] == n_models
