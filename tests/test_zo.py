@@ -241,3 +241,65 @@ def test_private_method_without_secret_rng_is_refused():
     hp = ZOHyperparameters(steps=1, batch_size=8, lr=1e-3, clip=1.0)
     with pytest.raises(ValueError, match="secret"):
         train_zo(model, quad.loss_fn(model), 40, hp, method="dp-zoso", run_seed=0)
+
+
+def test_masked_step_touches_only_the_mask_and_matches_a_dense_reference():
+    quad = Quadratic(n=40)
+    model = TwoTensorModel(dtype=torch.float32)  # float32 weights: bit-identity is the strict test
+    theta0 = model.theta().detach().clone()
+    idx = torch.tensor([1, 4, 5, 9])
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    flat.set_mask(idx)
+    anchor = flat.snapshot()
+    assert anchor.shape == (4,)
+    index = np.arange(10)
+    A, y = torch.from_numpy(quad.A).float(), torch.from_numpy(quad.y).float()
+
+    def loss32():
+        r = torch.einsum("bkd,d->bk", A[index], model.theta()) - y[index]
+        return 0.5 * (r**2).sum(dim=1)
+
+    d, _, _ = spsa_differences(loss32, flat, seed=21, beta=1e-2)
+    apply_update(flat, [21], [float(d.mean())], lr=0.05, lam=0.2, anchor=anchor)
+    after = model.theta().detach()
+    outside = torch.ones(10, dtype=torch.bool)
+    outside[idx] = False
+    assert torch.equal(after[outside], theta0[outside])  # bit-identical outside the mask
+    # reference: the dense direction restricted to the mask, in float64
+    z = gaussian_direction(21, 10, dtype=torch.float64) * (~outside).double()
+    theta = theta0.double()
+    g = float(d.mean())
+    expected = theta - 0.05 * g * z  # anchor == theta at this step, so the pull is zero
+    torch.testing.assert_close(after.double(), expected.float().double(), rtol=0, atol=1e-6)
+    assert not torch.equal(after[~outside], theta0[~outside])  # and the mask really moved
+
+
+def test_mask_direction_equals_dense_direction_at_the_masked_coordinates():
+    model = TwoTensorModel()
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    idx = torch.tensor([0, 3, 7])
+    flat.set_mask(idx)
+    dense = gaussian_direction(5, 10, dtype=torch.float64)
+    assert torch.equal(flat.direction(5), dense[idx])
+
+
+def test_rank_scales_multiply_perturbation_and_optionally_the_update():
+    model = TwoTensorModel()
+    flat = FlatParameters(model, master_dtype=torch.float64)
+    idx = torch.tensor([2, 6])
+    scales = torch.tensor([1.2, 0.8], dtype=torch.float64)
+    flat.set_mask(idx, perturb_scales=scales)
+    theta0 = flat.master.clone()
+    flat.perturb(3, 0.1)
+    z = gaussian_direction(3, 10, dtype=torch.float64)[idx]
+    torch.testing.assert_close(flat.work[idx], theta0[idx] + 0.1 * scales * z, rtol=0, atol=1e-15)
+    flat.restore()
+    flat.add_direction(3, -0.5)  # perturb_scales do not scale the update
+    torch.testing.assert_close(flat.master[idx], theta0[idx] - 0.5 * z, rtol=0, atol=1e-15)
+
+
+def test_bad_mask_is_refused():
+    flat = FlatParameters(TwoTensorModel())
+    for bad in (torch.tensor([3, 1]), torch.tensor([1, 1]), torch.tensor([10]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="mask indices"):
+            flat.set_mask(bad)

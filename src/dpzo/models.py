@@ -119,9 +119,12 @@ class PromptClassifier:
     def encode(self, examples: list[Example]) -> EncodedSet:
         return encode_examples(examples, self.task, self.tokenizer, family=self.family, max_length=self.max_length)
 
-    @torch.no_grad()
     def label_logits(self, batch: dict) -> torch.Tensor:
-        """[B, K] label-word logits in float32 from one batched forward."""
+        """[B, K] label-word logits in float32 from one batched forward.
+
+        Differentiable (first-order baselines backpropagate through it); zeroth-order code and
+        evaluation call it under ``torch.no_grad``.
+        """
         hidden = self.model.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
@@ -135,7 +138,6 @@ class PromptClassifier:
             logits = self.head(rows)[:, self.label_ids]
         return logits.float()
 
-    @torch.no_grad()
     def per_example_loss(self, batch: dict) -> torch.Tensor:
         """[B] cross-entropy over the K label words, float32, no reduction."""
         return F.cross_entropy(self.label_logits(batch), batch["labels"], reduction="none")

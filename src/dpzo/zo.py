@@ -79,12 +79,54 @@ class FlatParameters:
                 offset += n
         self.master = self.work.to(master_dtype or first.dtype, copy=True)
 
+    # -- the trainable support ------------------------------------------------------------
+    def set_mask(self, indices: torch.Tensor | None, perturb_scales: torch.Tensor | None = None, update_scales: torch.Tensor | None = None) -> None:
+        """Restrict perturbation and update to the flat coordinates ``indices`` (None: dense).
+
+        ``indices`` are sorted unique int64 flat indices; z at a masked coordinate is the dense
+        z at that coordinate, so a mask selects from the same direction a dense run would use.
+        Optional per-coordinate scales multiply the perturbation (``rank`` mode) and the update.
+        Coordinates outside the mask are never written: they stay bit-identical.
+        """
+        if indices is None:
+            self.mask = self.perturb_scales = self.update_scales = None
+            return
+        indices = indices.to(device=self.device, dtype=torch.long)
+        if indices.numel() == 0 or bool((indices[1:] <= indices[:-1]).any()) or int(indices[0]) < 0 or int(indices[-1]) >= self.numel:
+            raise ValueError("mask indices must be non-empty, sorted, unique and inside the parameter vector")
+        self.restore()
+        self.mask = indices
+        to = dict(device=self.device, dtype=self.master.dtype)
+        self.perturb_scales = None if perturb_scales is None else perturb_scales.to(**to)
+        self.update_scales = None if update_scales is None else update_scales.to(**to)
+
+    mask: torch.Tensor | None = None
+    perturb_scales: torch.Tensor | None = None
+    update_scales: torch.Tensor | None = None
+
+    def direction(self, seed: int) -> torch.Tensor:
+        """z(seed) on the trainable support: the whole vector, or its masked coordinates."""
+        if self.mask is None:
+            return gaussian_direction(seed, self.numel, dtype=self.master.dtype, device=self.device)
+        out = torch.empty(self.mask.numel(), dtype=self.master.dtype, device=self.device)
+        for start, z in gaussian_chunks(seed, self.numel, dtype=self.master.dtype, device=self.device):
+            lo, hi = torch.searchsorted(self.mask, torch.tensor([start, start + z.numel()], device=self.device)).tolist()
+            out[lo:hi] = z[self.mask[lo:hi] - start]
+        return out
+
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
-        """work <- master + scale * z(seed)."""
-        for start, z in gaussian_chunks(seed, self.numel, dtype=self.master.dtype, device=self.device):
-            end = start + z.numel()
-            self.work[start:end].copy_(torch.add(self.master[start:end], z, alpha=scale))
+        """work <- master + scale * z(seed) on the support."""
+        if self.mask is None:
+            for start, z in gaussian_chunks(seed, self.numel, dtype=self.master.dtype, device=self.device):
+                end = start + z.numel()
+                self.work[start:end].copy_(torch.add(self.master[start:end], z, alpha=scale))
+            return
+        z = self.direction(seed)
+        if self.perturb_scales is not None:
+            z = z * self.perturb_scales
+        moved = torch.add(self.master[self.mask], z, alpha=scale)
+        self.work.index_copy_(0, self.mask, moved.to(self.work.dtype))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -93,14 +135,30 @@ class FlatParameters:
 
     @torch.no_grad()
     def add_direction(self, seed: int, coef: float) -> None:
-        """master <- master + coef * z(seed)."""
-        for start, z in gaussian_chunks(seed, self.numel, dtype=self.master.dtype, device=self.device):
-            self.master[start : start + z.numel()].add_(z, alpha=coef)
+        """master <- master + coef * z(seed) on the support (times the update scales, if any)."""
+        if self.mask is None:
+            for start, z in gaussian_chunks(seed, self.numel, dtype=self.master.dtype, device=self.device):
+                self.master[start : start + z.numel()].add_(z, alpha=coef)
+            return
+        z = self.direction(seed)
+        if self.update_scales is not None:
+            z = z * self.update_scales
+        self.master.index_add_(0, self.mask, z, alpha=coef)
 
     @torch.no_grad()
     def snapshot(self) -> torch.Tensor:
-        """A real copy of theta (the proximal anchor); never an alias."""
-        return self.master.clone()
+        """A real copy of theta on the support (the proximal anchor); never an alias."""
+        return self.master.clone() if self.mask is None else self.master[self.mask].clone()
+
+    @torch.no_grad()
+    def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
+        """theta <- theta - weight (theta - anchor) on the support."""
+        if self.mask is None:
+            # (1 - w) theta + w anchor  ==  theta - w (theta - anchor)
+            self.master.mul_(1.0 - weight).add_(anchor, alpha=weight)
+        else:
+            pulled = self.master[self.mask].mul_(1.0 - weight).add_(anchor, alpha=weight)
+            self.master.index_copy_(0, self.mask, pulled)
 
 
 @torch.no_grad()
@@ -138,8 +196,7 @@ def apply_update(flat: FlatParameters, seeds: list[int], grads: list[float], *, 
     if lam:
         if anchor is None:
             raise ValueError("lam > 0 needs the stage anchor")
-        # (1 - lr lam) theta + lr lam theta_s  ==  theta - lr lam (theta - theta_s)
-        flat.master.mul_(1.0 - lr * lam).add_(anchor, alpha=lr * lam)
+        flat.pull_toward(anchor, lr * lam)
     scale = -lr / len(seeds)
     for seed, g in zip(seeds, grads):
         flat.add_direction(seed, scale * float(g))
