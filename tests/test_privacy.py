@@ -499,3 +499,39 @@ def test_cli_in_process_success(capsys):
     rec = json.loads(out)
     assert rec["calibrated_with"] == "rdp"
     assert rec["epsilon_achieved"]["rdp"] <= 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# DPZero's published accounting and the pure-DP Laplace mechanism (closed forms)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dpzero_published_sigma_matches_opacus_value():
+    rec = privacy.dpzero_published_record(n=1024, batch_size=64, steps=10000, clip=200.0, epsilon_target=2.0)
+    assert rec["sigma"] == pytest.approx(13.5156, abs=1e-4)  # published get_noise_multiplier value
+    assert rec["noise_std_on_sum"] == pytest.approx(2 * rec["sigma"] * 200.0)  # replace-one: 2 sigma C
+    assert rec["neighbouring"].startswith("replace")
+    # the same noise under add/remove with sensitivity C is a multiplier 2 sigma: a smaller epsilon
+    assert rec["epsilon_add_remove"]["pld"] < 2.0
+
+
+def test_laplace_amplification_and_composition_closed_forms():
+    q, T, eps = 1 / 16, 300, 8.0
+    eps_step, eps0 = privacy.laplace_step_epsilon(eps, q, T)
+    assert eps_step == pytest.approx(eps / T)
+    # amplification by Poisson subsampling: log(1 + q (e^eps0 - 1)) == eps_step
+    assert math.log(1 + q * (math.exp(eps0) - 1)) == pytest.approx(eps_step, rel=1e-12)
+    assert privacy.laplace_epsilon(eps0, q, T) == pytest.approx(eps, rel=1e-12)
+    assert privacy.laplace_step_epsilon(eps, 1.0, T)[1] == pytest.approx(eps / T)  # q = 1: no amplification
+    rec = privacy.laplace_record(n=1024, batch_size=64, steps=T, directions=1, clip=0.05, epsilon_target=eps)
+    assert rec["mechanism"] == "laplace" and rec["delta"] == 0.0
+    assert rec["laplace_scale_on_sum"] == pytest.approx(0.05 / eps0)  # b = sensitivity / eps0
+    noise = privacy.NoisySum.from_ledger(rec)
+    assert noise.mechanism == "laplace" and noise.scale == rec["laplace_scale_on_sum"]
+
+
+def test_laplace_draws_have_the_laplace_variance():
+    rng = privacy.SecretRandom(insecure_test_seed=0)
+    xs = np.array([rng.standard_laplace() for _ in range(40000)])
+    assert abs(xs.mean()) < 0.03 and xs.var() == pytest.approx(2.0, rel=0.05)
+    assert np.mean(np.abs(xs)) == pytest.approx(1.0, rel=0.03)  # E|X| = b

@@ -100,9 +100,10 @@ def test_private_cell_ledger_matches_what_ran(tiny_run):
     assert ledger["steps"] == 6 and ledger["directions"] == 2 and ledger["compositions"] == 12
     assert metrics["steps"] == 6 and metrics["releases"] == 12
     assert ledger["sigma"] > 0 and ledger["clip"] == 5.0 and ledger["delta"] == 1e-5
-    for name in ("pld", "prv", "rdp"):
-        assert ledger["epsilon_achieved"][name] <= 8.0 + 0.15  # prv's upper bound has eps_error 0.1
-    assert ledger["epsilon_achieved"]["pld"] <= 8.0
+    achieved = ledger["epsilon_achieved"]
+    assert ledger["calibrated_with"] == "pld" and achieved["pld"] <= 8.0
+    # cross-checks: RDP is a looser bound, PRV's upper bound agrees with PLD up to its eps_error
+    assert achieved["rdp"] >= achieved["pld"] and abs(achieved["prv"] - achieved["pld"]) < 0.3
     # stage boundaries of the schedule were logged: stage 0 then stage 1
     assert metrics["history"]["stage"][:2] == [0, 0] and metrics["history"]["stage"][-1] == 1
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.privacy import SecretRandom
+from dpzo.privacy import NoisySum, SecretRandom
 from dpzo.train import ZOHyperparameters, train_zo
 from dpzo.zo import (
     FlatParameters,
@@ -197,8 +197,9 @@ def test_dpzoso_trainer_matches_float64_reference(directions, lam):
     model = TwoTensorModel()
     theta0 = model.theta().detach().numpy().copy()
     history = train_zo(
-        model, quad.loss_fn(model), 40, hp, method="dp-zoso", run_seed=13, sigma=0.7,
-        secret=SecretRandom(insecure_test_seed=5), master_dtype=torch.float64,
+        model, quad.loss_fn(model), 40, hp, method="dp-zoso", run_seed=13,
+        noise=NoisySum("gaussian", 0.7 * 3.0, 8.0), secret=SecretRandom(insecure_test_seed=5),
+        master_dtype=torch.float64,
     )
     expected = reference_dpzoso(quad, theta0, hp, run_seed=13, sigma=0.7, noise_seed=5, n=40)
     np.testing.assert_allclose(model.theta().detach().numpy(), expected, rtol=0, atol=1e-12)
@@ -218,7 +219,10 @@ def test_trainer_runs_exactly_t_steps_with_two_forwards_per_release():
         return inner(index)
 
     hp = ZOHyperparameters(steps=9, batch_size=8, lr=1e-3, clip=1.0, directions=3)
-    history = train_zo(model, counting_loss, 40, hp, method="dp-zoso", run_seed=0, sigma=1.0, secret=SecretRandom(insecure_test_seed=1))
+    history = train_zo(
+        model, counting_loss, 40, hp, method="dp-zoso", run_seed=0,
+        noise=NoisySum("gaussian", 1.0, 8.0), secret=SecretRandom(insecure_test_seed=1),
+    )
     nonempty = [c for c in calls if c > 0]
     assert history["releases"] == 27
     assert len(calls) == len(nonempty) <= 2 * 27 and len(calls) % 2 == 0
@@ -303,3 +307,55 @@ def test_bad_mask_is_refused():
     for bad in (torch.tensor([3, 1]), torch.tensor([1, 1]), torch.tensor([10]), torch.tensor([], dtype=torch.long)):
         with pytest.raises(ValueError, match="mask indices"):
             flat.set_mask(bad)
+
+
+def reference_raw_difference_clipping(quad, theta0, hp, *, run_seed, noise_seed, n, laplace_b=None, gauss_std=None):
+    """Tang et al.'s release in numpy: clip l+ - l- (= 2 beta d on a quadratic), noise, / (q n 2 beta)."""
+    rng = SecretRandom(insecure_test_seed=noise_seed)
+    theta = theta0.copy()
+    q = hp.batch_size / n
+    beta = hp.beta_start
+    for t in range(hp.steps):
+        index = rng.poisson_batch(n, q)
+        z = gaussian_direction(direction_seed(run_seed, t, 0), theta.size, dtype=torch.float64).numpy()
+        raw = 2 * beta * quad.directional_np(theta, z, index)
+        noise = gauss_std * rng.standard_normal() if laplace_b is None else laplace_b * rng.standard_laplace()
+        g = (np.clip(raw, -hp.clip, hp.clip).sum() + noise) / (q * n) / (2 * beta)
+        theta = theta - hp.lr * g * z
+    return theta
+
+
+@pytest.mark.parametrize("method", ["dp-zo-gauss", "dp-zo-laplace"])
+def test_tang_dp_zo_clips_the_raw_difference(method):
+    quad = Quadratic(n=40)
+    hp = ZOHyperparameters(steps=8, batch_size=8, lr=1e-3, beta_start=1e-2, beta_end=1e-2, clip=0.05)
+    model = TwoTensorModel()
+    theta0 = model.theta().detach().numpy().copy()
+    mech = "laplace" if method == "dp-zo-laplace" else "gaussian"
+    history = train_zo(
+        model, quad.loss_fn(model), 40, hp, method=method, run_seed=2,
+        noise=NoisySum(mech, 0.03, 8.0), secret=SecretRandom(insecure_test_seed=9), master_dtype=torch.float64,
+    )
+    kw = {"laplace_b": 0.03} if mech == "laplace" else {"gauss_std": 0.03}
+    expected = reference_raw_difference_clipping(quad, theta0, hp, run_seed=2, noise_seed=9, n=40, **kw)
+    np.testing.assert_allclose(model.theta().detach().numpy(), expected, rtol=0, atol=1e-12)
+    assert max(history["clipped_fraction"]) > 0  # C = 0.05 on the raw difference does bind here
+
+
+def test_dpzero_is_a_constant_schedule_dp_zo_step():
+    quad = Quadratic(n=40)
+    hp = ZOHyperparameters(steps=5, batch_size=8, lr=1e-2, clip=2.0)
+    a, b = TwoTensorModel(), TwoTensorModel()
+    kw = dict(run_seed=4, noise=NoisySum("gaussian", 1.5, 8.0), master_dtype=torch.float64)
+    train_zo(a, quad.loss_fn(a), 40, hp, method="dpzero", secret=SecretRandom(insecure_test_seed=3), **kw)
+    train_zo(b, quad.loss_fn(b), 40, hp, method="dp-zoso", secret=SecretRandom(insecure_test_seed=3), **kw)
+    assert torch.equal(a.theta(), b.theta())  # with one stage and lam = 0 the two coincide
+
+
+def test_private_method_needs_a_finite_clip():
+    quad = Quadratic(n=40)
+    model = TwoTensorModel()
+    hp = ZOHyperparameters(steps=1, batch_size=8, lr=1e-3)
+    with pytest.raises(ValueError, match="finite clip"):
+        train_zo(model, quad.loss_fn(model), 40, hp, method="dpzero", run_seed=0,
+                 noise=NoisySum("gaussian", 1.0, 8.0), secret=SecretRandom(insecure_test_seed=1))

@@ -1,8 +1,37 @@
-"""Method names and their privacy class (kept free of heavy imports: the Snakefile reads it)."""
+"""The methods of the comparison and what distinguishes them (no heavy imports: the Snakefile reads it).
+
+Zeroth-order methods share one training loop (``dpzo.train.train_zo``); they differ only in
+the properties below.  First-order methods (``dp-sgd``, ``dp-prefix``, ``ft``) backpropagate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 ZERO_SHOT = "zero-shot"
-ZO_METHODS = ("mezo", "dp-zoso")
-PRIVATE_METHODS = ("dp-zoso",)
+
+
+@dataclass(frozen=True)
+class ZOMethod:
+    """What a zeroth-order method does with the per-example finite differences."""
+
+    private: bool
+    mechanism: str | None = None  # "gaussian" | "laplace" (private methods)
+    clip_raw_difference: bool = False  # Tang et al.: clip l+ - l- before dividing by 2 beta
+    staged: bool = False  # stagewise lr / ZO-scale schedule and proximal anchor allowed
+    masked: bool = False  # trains only the coordinates of a data-free mask
+
+
+ZO: dict[str, ZOMethod] = {
+    "mezo": ZOMethod(private=False),
+    "dp-zoso": ZOMethod(private=True, mechanism="gaussian", staged=True),
+    "dpzero": ZOMethod(private=True, mechanism="gaussian"),
+    "dp-zo-gauss": ZOMethod(private=True, mechanism="gaussian", clip_raw_difference=True),
+    "dp-zo-laplace": ZOMethod(private=True, mechanism="laplace", clip_raw_difference=True),
+}
+
+ZO_METHODS = tuple(ZO)
+PRIVATE_METHODS = tuple(name for name, m in ZO.items() if m.private)
 METHODS = (ZERO_SHOT, *ZO_METHODS)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 import operator
 import os
 import secrets
@@ -49,6 +50,7 @@ __all__ = [
     "from_environment",
     "library_versions",
     "privatize_sum",
+    "NoisySum",
 ]
 
 #: Accountants understood by :func:`epsilon` and :func:`calibrate_sigma`.
@@ -520,6 +522,14 @@ class SecretRandom:
         """One N(0, 1) draw."""
         return float(self._generator.standard_normal())
 
+    def standard_normal_array(self, size: int) -> np.ndarray:
+        """``size`` independent N(0, 1) draws (float64), e.g. DP-SGD's noise vector."""
+        return self._generator.standard_normal(operator.index(size))
+
+    def standard_laplace(self) -> float:
+        """One Laplace(0, 1) draw (density exp(-|x|)/2), for the pure-DP Laplace mechanism."""
+        return float(self._generator.laplace(0.0, 1.0))
+
     def __repr__(self) -> str:  # never show generator state
         return f"SecretRandom(is_secure={self.is_secure})"
 
@@ -556,10 +566,42 @@ def privatize_sum(
     expected_batch_size = float(expected_batch_size)
     if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
         raise ValueError(f"expected_batch_size must be a finite number > 0; got {expected_batch_size!r}")
-    noisy = float(clipped_sum)
-    if sigma > 0:
-        noisy += sigma * clip * rng.standard_normal()
-    return noisy / expected_batch_size
+    return NoisySum("gaussian", sigma * clip, expected_batch_size).release(clipped_sum, rng)
+
+
+@dataclass(frozen=True)
+class NoisySum:
+    """The release of one query: (clipped sum + noise) / divisor, exactly as the ledger says.
+
+    ``scale`` is the noise on the sum: the standard deviation (gaussian) or the Laplace scale
+    b (laplace); ``divisor`` is the public expected batch size q*n.  Built from the ledger
+    with :meth:`from_ledger`, so the trainer cannot add less noise than was accounted.
+    """
+
+    mechanism: str
+    scale: float
+    divisor: float
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in ("gaussian", "laplace"):
+            raise ValueError(f"mechanism must be 'gaussian' or 'laplace'; got {self.mechanism!r}")
+        if not (self.scale >= 0 and math.isfinite(self.scale)):
+            raise ValueError(f"noise scale must be finite and >= 0; got {self.scale!r}")
+        if not (self.divisor > 0 and math.isfinite(self.divisor)):
+            raise ValueError(f"divisor must be finite and > 0; got {self.divisor!r}")
+
+    @classmethod
+    def from_ledger(cls, ledger: dict[str, Any]) -> "NoisySum":
+        mechanism = ledger.get("mechanism", "gaussian")
+        scale = ledger["laplace_scale_on_sum"] if mechanism == "laplace" and ledger["private"] else ledger["noise_std_on_sum"]
+        return cls(mechanism, float(scale or 0.0), float(ledger["expected_batch_size"]))
+
+    def release(self, clipped_sum: float, rng: SecretRandom) -> float:
+        noisy = float(clipped_sum)
+        if self.scale > 0:
+            draw = rng.standard_normal() if self.mechanism == "gaussian" else rng.standard_laplace()
+            noisy += self.scale * draw
+        return noisy / self.divisor
 
 
 # --------------------------------------------------------------------------------------
@@ -670,8 +712,143 @@ def accounting_record(
         "sampler": "poisson",
         "neighbouring": "add/remove one example",
         "sensitivity": _json_float(clip),
+        "mechanism": "gaussian",
+        # The trainer adds exactly this: N(0, noise_std_on_sum^2) on each clipped sum.
+        "noise_std_on_sum": sigma * clip if private else 0.0,
         "calibrated_with": calibrated_with,
         "pld_discretization": pld_discretization,
         "epsilon_achieved": achieved,
         "library_versions": library_versions(),
     }
+
+
+# --------------------------------------------------------------------------------------
+# other conventions: DPZero as published, and the pure-DP Laplace mechanism
+# --------------------------------------------------------------------------------------
+
+
+def opacus_noise_multiplier(epsilon: float, delta: float, q: float, steps: int) -> float:
+    """DPZero's sigma: ``opacus.accountants.utils.get_noise_multiplier`` (RDP, Poisson add/remove)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp"))
+
+
+def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float, epsilon_target: float, delta: float = 1e-5) -> dict[str, Any]:
+    """DPZero's own accounting (Zhang et al. 2024, their code): replace-one neighbours.
+
+    sigma comes from opacus' RDP calibration for a sensitivity-1 add/remove query; the noise
+    on the clipped sum is ``2 sigma C`` because replacing one example moves the sum by up to
+    2C.  For comparison with the other methods, the record also gives the epsilon of the same
+    noise under this project's convention (add/remove, sensitivity C: multiplier 2 sigma).
+    """
+    q = batch_size / n
+    record = accounting_record(n=n, batch_size=batch_size, steps=steps, clip=clip, epsilon_target=epsilon_target, delta=delta, sigma=0.0)
+    if math.isinf(float(epsilon_target)):
+        return record | {"accounting": "dpzero-published"}
+    sigma = opacus_noise_multiplier(float(epsilon_target), delta, q, steps)
+    common = {name: _json_float(epsilon(2 * sigma, q, steps, delta, name)) for name in ACCOUNTANTS}
+    return record | {
+        "private": True,
+        "accounting": "dpzero-published",
+        "sigma": sigma,
+        "noise_multiplier": sigma,
+        "neighbouring": "replace one example (DPZero)",
+        "sensitivity": 2 * clip,
+        "noise_std_on_sum": 2 * sigma * clip,
+        "calibrated_with": "opacus-rdp",
+        "epsilon_achieved": {"opacus-rdp": float(epsilon_target)},
+        "epsilon_add_remove": common,
+        "library_versions": library_versions() | {"opacus": _version("opacus")},
+    }
+
+
+def laplace_step_epsilon(epsilon_total: float, q: float, compositions: int) -> tuple[float, float]:
+    """Per-release epsilons of Poisson-subsampled Laplace releases composing to ``epsilon_total``.
+
+    Basic composition of pure DP splits the budget evenly: eps_step = eps / T'.  Amplification
+    by Poisson subsampling under add/remove (Li et al. 2012; Balle et al. 2018) turns an
+    eps0-DP release into a log(1 + q (e^eps0 - 1))-DP one; inverting it gives the eps0 each
+    unsampled release may spend.  Returns (eps_step, eps0).
+    """
+    eps_step = float(epsilon_total) / compositions
+    eps0 = math.log1p(math.expm1(eps_step) / q)
+    return eps_step, eps0
+
+
+def laplace_epsilon(eps0: float, q: float, compositions: int) -> float:
+    """Total pure-DP epsilon of ``compositions`` Poisson-subsampled eps0-DP releases."""
+    return compositions * math.log1p(q * math.expm1(eps0))
+
+
+def laplace_record(*, n: int, batch_size: int, steps: int, directions: int, clip: float, epsilon_target: float) -> dict[str, Any]:
+    """Pure epsilon-DP accounting of the Laplace variant of DP-ZO (Tang et al. 2024)."""
+    q = batch_size / n
+    compositions = steps * directions
+    record = accounting_record(n=n, batch_size=batch_size, steps=steps, directions=directions, clip=clip, epsilon_target=epsilon_target, delta=0.5, sigma=0.0)
+    record.update(mechanism="laplace", delta=0.0, accounting="pure-dp: subsampling amplification + basic composition")
+    if math.isinf(float(epsilon_target)):
+        return record
+    eps_step, eps0 = laplace_step_epsilon(float(epsilon_target), q, compositions)
+    record.update(
+        private=True,
+        sigma=None,
+        noise_multiplier=None,
+        epsilon_per_release=eps_step,
+        epsilon_unamplified=eps0,
+        laplace_scale_on_sum=clip / eps0,
+        noise_std_on_sum=math.sqrt(2) * clip / eps0,
+        calibrated_with="laplace-basic-composition",
+        epsilon_achieved={"pure": laplace_epsilon(eps0, q, compositions)},
+    )
+    return record
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def method_ledger(
+    method: str,
+    *,
+    n: int,
+    batch_size: int,
+    steps: int,
+    directions: int,
+    clip: float,
+    epsilon_target: float,
+    delta: float,
+    accountant: str = "pld",
+    convention: str = "common",
+) -> dict[str, Any]:
+    """The privacy ledger of one cell, for any method.
+
+    ``convention="common"`` (default) accounts every method the same way: Poisson sampling,
+    add/remove neighbours, ``accountant`` for sigma at ``delta``.  ``"published"`` uses each
+    method's own published accounting where it differs (DPZero: opacus RDP, replace-one,
+    delta = 1e-5).  The Laplace variant is pure epsilon-DP under either convention.
+    """
+    from .methods import ZO, is_private
+
+    if convention not in ("common", "published"):
+        raise ValueError(f"accounting convention must be 'common' or 'published'; got {convention!r}")
+    common = dict(n=n, batch_size=batch_size, steps=steps, clip=clip, epsilon_target=epsilon_target)
+    if not is_private(method):
+        record = {"private": False, "epsilon_target": "inf", "n": n, "steps": steps,
+                  "neighbouring": "none: this method makes no privacy claim"}
+    elif ZO.get(method) is not None and ZO[method].mechanism == "laplace":
+        record = laplace_record(directions=directions, **common)
+    elif method == "dpzero" and convention == "published":
+        if directions != 1:
+            raise ValueError("DPZero's published accounting has one direction per step")
+        record = dpzero_published_record(**common)
+    else:
+        record = accounting_record(directions=directions, delta=delta, accountant=accountant, **common)
+        record["accounting"] = "common"
+    record["method"] = method
+    return record

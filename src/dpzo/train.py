@@ -1,13 +1,20 @@
-"""The training loop of the zeroth-order methods (MeZO, DP-ZOSO).
+"""The training loop of the zeroth-order methods.
 
-Which method does what:
+Which method does what (``dpzo.methods.ZO`` holds the table):
 
-* ``mezo``     non-private reference: a fixed-size batch drawn uniformly without replacement
-               each step (public seed), mean of the raw per-example differences, constant
-               learning rate and ZO scale.
-* ``dp-zoso``  Poisson sampling with rate q = B/n from the secret RNG (what the accountant
-               assumes), per-example clipping, Gaussian noise sigma*C on the sum, division by
-               the expected batch size q*n, and the stagewise schedule of ``zo.StageSchedule``.
+* ``mezo``          non-private reference: a fixed-size batch drawn uniformly without
+                    replacement each step (public seed), mean of the raw per-example
+                    differences, constant learning rate and ZO scale.
+* ``dp-zoso``       Poisson sampling with rate q = B/n from the secret RNG (what the
+                    accountant assumes), per-example clipping of the finite-difference
+                    quotient, Gaussian noise on the sum, division by the expected batch size
+                    q*n, and the stagewise schedule of ``zo.StageSchedule``.
+* ``dpzero``        the same release with a constant schedule (Zhang et al. 2024).
+* ``dp-zo-gauss``,  Tang et al. 2024: the raw loss difference l+ - l- is clipped (C ~ 0.05),
+  ``dp-zo-laplace`` noised (Gaussian, or Laplace for pure eps-DP) and only then divided by
+                    2 beta, so the clip does not depend on beta.
+
+The noise added is read from the privacy ledger (``privacy.NoisySum.from_ledger``).
 
 Exactly ``steps`` updates run, each with ``directions`` releases; the trainer refuses to start
 when this differs from what the privacy ledger accounted.
@@ -24,9 +31,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .methods import PRIVATE_METHODS, ZERO_SHOT, ZO_METHODS
+from .methods import PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS
 from .models import PromptClassifier
-from .privacy import SecretRandom, privatize_sum
+from .privacy import NoisySum, SecretRandom
 from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,17 @@ class ZOHyperparameters:
         )
 
 
+def hyperparameters_for(method: str, params: dict):
+    """The typed hyperparameters of a method's config block (None for zero-shot)."""
+    if method == ZERO_SHOT:
+        if params:
+            raise ValueError(f"zero-shot takes no hyperparameters; got {sorted(params)}")
+        return None
+    if method in ZO_METHODS:
+        return ZOHyperparameters.from_config(params)
+    raise ValueError(f"unknown method {method!r}")
+
+
 def check_ledger(ledger: dict, *, n: int, hp: ZOHyperparameters) -> None:
     """Refuse to train anything other than what the privacy ledger accounted."""
     expected = {
@@ -101,22 +119,26 @@ def train_zo(
     *,
     method: str,
     run_seed: int,
-    sigma: float = 0.0,
+    noise: NoisySum | None = None,
     secret: SecretRandom | None = None,
     master_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
     ``per_example_loss(index)`` returns the [len(index)] losses of the training examples
-    ``index`` at the model's current weights (one batched forward).
+    ``index`` at the model's current weights (one batched forward).  Private methods need
+    ``noise`` (from the ledger) and the secret RNG that samples batches and draws the noise.
     """
     if method not in ZO_METHODS:
         raise ValueError(f"train_zo runs {ZO_METHODS}, not {method!r}")
-    private = method in PRIVATE_METHODS
+    spec = ZO[method]
+    private = spec.private
     if hp.batch_size > n:
         raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
-    if private and secret is None:
-        raise ValueError("a private method needs the secret RNG")
+    if private and (secret is None or noise is None):
+        raise ValueError("a private method needs the secret RNG and the ledger's noise")
+    if private and math.isinf(hp.clip):
+        raise ValueError(f"{method} needs a finite clip")
     q = hp.batch_size / n
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     schedule = hp.schedule()
@@ -150,9 +172,12 @@ def train_zo(
                     )
                 losses_since_log.append(float(0.5 * (loss_plus + loss_minus).mean()))
             if private:
-                d_clipped = clip_differences(d, hp.clip)
-                clipped_since_log += int((d.abs() > hp.clip).sum())
-                g = privatize_sum(float(d_clipped.sum()), sigma, hp.clip, q * n, secret)
+                # the clipped value: the quotient d, or (Tang et al.) the raw difference 2 beta d
+                value = d * (2.0 * beta) if spec.clip_raw_difference else d
+                clipped_since_log += int((value.abs() > hp.clip).sum())
+                g = noise.release(float(clip_differences(value, hp.clip).sum()), secret)
+                if spec.clip_raw_difference:
+                    g /= 2.0 * beta
             else:
                 g = float(clip_differences(d, hp.clip).mean()) if len(d) else 0.0
             seeds.append(seed)
@@ -226,11 +251,12 @@ def run_cell(
 
     history: dict = {}
     if method != ZERO_SHOT:
-        hp = ZOHyperparameters.from_config(method_params)
-        secret = None
+        hp = hyperparameters_for(method, method_params)
+        secret = noise = None
         if method in PRIVATE_METHODS:
             check_ledger(ledger, n=len(train_set), hp=hp)
             secret = SecretRandom.from_environment()
+            noise = NoisySum.from_ledger(ledger)
         history = train_zo(
             lm,
             lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
@@ -238,7 +264,7 @@ def run_cell(
             hp,
             method=method,
             run_seed=seed,
-            sigma=float(ledger.get("sigma") or 0.0),
+            noise=noise,
             secret=secret,
         )
         if method in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:

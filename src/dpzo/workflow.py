@@ -92,33 +92,28 @@ def resolve_delta(delta, n: int) -> float:
 
 
 def account(snakemake) -> None:
-    """Write the cell's privacy ledger (calibrated sigma) before any training can start."""
-    from . import privacy
-    from .methods import PRIVATE_METHODS
-    from .train import ZOHyperparameters
+    """Write the cell's privacy ledger (calibrated noise) before any training can start."""
+    from .privacy import method_ledger
+    from .train import hyperparameters_for
 
     _setup(snakemake)
     method = snakemake.wildcards.method
     with open(snakemake.input.train, encoding="utf-8") as fh:
         n = sum(1 for line in fh if line.strip())
     eps = math.inf if snakemake.wildcards.eps == "inf" else float(snakemake.wildcards.eps)
-    params = dict(snakemake.params.method_params)
-    if method in PRIVATE_METHODS:
-        hp = ZOHyperparameters.from_config(params)
-        record = privacy.accounting_record(
-            n=n,
-            batch_size=hp.batch_size,
-            steps=hp.steps,
-            directions=hp.directions,
-            clip=hp.clip,
-            epsilon_target=eps,
-            delta=resolve_delta(snakemake.params.delta, n),
-            accountant=snakemake.params.accountant,
-        )
-    else:
-        # Non-private methods release no DP guarantee; the ledger says so explicitly.
-        record = {"private": False, "epsilon_target": "inf", "method": method, "n": n}
-    record["method"] = method
+    hp = hyperparameters_for(method, dict(snakemake.params.method_params))
+    record = method_ledger(
+        method,
+        n=n,
+        batch_size=getattr(hp, "batch_size", 0) or n,
+        steps=getattr(hp, "steps", 0),
+        directions=getattr(hp, "directions", 1),
+        clip=getattr(hp, "clip", math.inf),
+        epsilon_target=eps,
+        delta=resolve_delta(snakemake.params.delta, n),
+        accountant=snakemake.params.accountant,
+        convention=snakemake.params.convention,
+    )
     write_json_atomic(Path(snakemake.output.ledger), record)
     logging.info("ledger: %s", record)
 

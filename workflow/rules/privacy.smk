@@ -10,6 +10,7 @@ rule account:
         method_params=method_params,
         delta=config["delta"],
         accountant=config["accountant"],
+        convention=config["accounting"],
     log:
         f"logs/account/{RUN}.log",
     conda:
