@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ZERO_SHOT = "zero-shot"
+ICL = "icl"
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ ZO: dict[str, ZOMethod] = {
 
 ZO_METHODS = tuple(ZO)
 PRIVATE_METHODS = tuple(name for name, m in ZO.items() if m.private)
-METHODS = (ZERO_SHOT, *ZO_METHODS)
+METHODS = (ZERO_SHOT, ICL, *ZO_METHODS)
 
 
 def is_private(method: str) -> bool:

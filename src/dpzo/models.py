@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Example
-from .tasks import TaskSpec, encode_prompt, label_word_ids
+from .tasks import EncodedPrompt, TaskSpec, encode_prompt, label_word_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -82,23 +82,35 @@ class EncodedSet:
         }
 
 
-def encode_examples(examples: list[Example], task: TaskSpec, tokenizer, *, family: str, max_length: int) -> EncodedSet:
-    """Tokenize every example once with the task's template for this model family."""
-    causal = family == "causal"
-    template = task.causal_template if causal else task.template
-    encoded = [encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal) for ex in examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max((len(e.input_ids) for e in encoded), default=1)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    for i, e in enumerate(encoded):
+def stack_prompts(prompts: list[EncodedPrompt], labels: list[int], pad_id: int) -> EncodedSet:
+    """Right-pad tokenized prompts into one tensor."""
+    width = max((len(e.input_ids) for e in prompts), default=1)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, e in enumerate(prompts):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
     return EncodedSet(
         input_ids=ids,
-        lengths=torch.tensor([len(e.input_ids) for e in encoded], dtype=torch.long),
-        score_pos=torch.tensor([e.score_position for e in encoded], dtype=torch.long),
-        labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+        lengths=torch.tensor([len(e.input_ids) for e in prompts], dtype=torch.long),
+        score_pos=torch.tensor([e.score_position for e in prompts], dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
         pad_id=pad_id,
     )
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def template_for(task: TaskSpec, family: str) -> str:
+    return task.causal_template if family == "causal" else task.template
+
+
+def encode_examples(examples: list[Example], task: TaskSpec, tokenizer, *, family: str, max_length: int) -> EncodedSet:
+    """Tokenize every example once with the task's template for this model family."""
+    causal = family == "causal"
+    template = template_for(task, family)
+    encoded = [encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal) for ex in examples]
+    return stack_prompts(encoded, [ex.label for ex in examples], pad_token_id(tokenizer))
 
 
 class PromptClassifier:

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .methods import PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS
+from .methods import ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS
 from .models import PromptClassifier
 from .privacy import NoisySum, SecretRandom
 from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
@@ -89,6 +89,10 @@ def hyperparameters_for(method: str, params: dict):
         return None
     if method in ZO_METHODS:
         return ZOHyperparameters.from_config(params)
+    if method == ICL:
+        from .icl import ICLHyperparameters
+
+        return ICLHyperparameters.from_config(params)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -246,11 +250,19 @@ def run_cell(
     torch.manual_seed(seed)
     lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
     clf = PromptClassifier(lm, tokenizer, family, task)
-    train_set = clf.encode(load_split(Path(split_dir) / "train.jsonl"))
-    test_set = clf.encode(load_split(Path(split_dir) / "test.jsonl"))
+    train_examples = load_split(Path(split_dir) / "train.jsonl")
+    test_examples = load_split(Path(split_dir) / "test.jsonl")
+    train_set = clf.encode(train_examples)
+    test_set = clf.encode(test_examples)
 
     history: dict = {}
-    if method != ZERO_SHOT:
+    if method == ICL:
+        from .icl import choose_demonstrations, encode_with_demonstrations
+
+        hp = hyperparameters_for(method, method_params)
+        demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
+        test_set = encode_with_demonstrations(clf, test_examples, demos)
+    elif method != ZERO_SHOT:
         hp = hyperparameters_for(method, method_params)
         secret = noise = None
         if method in PRIVATE_METHODS:
