@@ -20,14 +20,21 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     model=r"[A-Za-z0-9_.\-]+",
     task=r"[A-Za-z0-9_.\-]+",
-    method=r"[a-z0-9\-]+",
+    method=r"[a-z0-9\-]+(\+[A-Za-z0-9.\-]+)?",
     eps=r"[0-9]+(\.[0-9]+)?|inf",
     seed=r"[0-9]+",
     k=r"[0-9]+",
+    scorer=r"[a-z\-]+",
+    selection=r"[a-z]+",
+    scope=r"[a-z\-]+",
+    mode=r"[a-z]+",
+    mseed=r"[0-9]+",
+    ratio=r"[0-9.e\-]+",
 
 
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/masks.smk"
 include: "workflow/rules/privacy.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"

@@ -49,7 +49,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
         # A bad method name shows up both as a propertyNames error; report the leaf cause.
         if error.validator == "propertyNames" and error.context:
             for sub in error.context:
-                problems.append(f"config key '{_where(error)}': unknown key {sub.instance!r}; allowed: {', '.join(map(str, sub.validator_value))}")
+                problems.append(f"config key '{_where(error)}': {_describe(sub)}")
             continue
         problems.append(f"config key '{_where(error)}': {_describe(error)}")
     if problems:

@@ -31,7 +31,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .methods import ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS
+from .methods import ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
+from .methods import MaskSettings
+from .prune import Mask
 from .models import PromptClassifier
 from .privacy import NoisySum, SecretRandom
 from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
@@ -54,11 +56,14 @@ class ZOHyperparameters:
     clip: float = math.inf
     directions: int = 1
     log_every: int = 10
+    mask: MaskSettings | None = None  # DP-ZOPO only
 
     @classmethod
     def from_config(cls, params: dict) -> "ZOHyperparameters":
         """Build from a method's config block (``beta`` is shorthand for a constant ZO scale)."""
         params = dict(params)
+        if "mask" in params:
+            params["mask"] = MaskSettings.from_config(params["mask"])
         if "beta" in params:
             beta = params.pop("beta")
             params.setdefault("beta_start", beta)
@@ -83,12 +88,16 @@ class ZOHyperparameters:
 
 def hyperparameters_for(method: str, params: dict):
     """The typed hyperparameters of a method's config block (None for zero-shot)."""
+    method = base_method(method)
     if method == ZERO_SHOT:
         if params:
             raise ValueError(f"zero-shot takes no hyperparameters; got {sorted(params)}")
         return None
     if method in ZO_METHODS:
-        return ZOHyperparameters.from_config(params)
+        hp = ZOHyperparameters.from_config(params)
+        if ZO[method].masked != (hp.mask is not None):
+            raise ValueError(f"{method}: a 'mask' block is {'required' if ZO[method].masked else 'not allowed'}")
+        return hp
     if method == ICL:
         from .icl import ICLHyperparameters
 
@@ -126,16 +135,22 @@ def train_zo(
     noise: NoisySum | None = None,
     secret: SecretRandom | None = None,
     master_dtype: torch.dtype = torch.float32,
+    masks: Callable[[int], Mask] | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
     ``per_example_loss(index)`` returns the [len(index)] losses of the training examples
     ``index`` at the model's current weights (one batched forward).  Private methods need
     ``noise`` (from the ledger) and the secret RNG that samples batches and draws the noise.
+    Masked methods need ``masks(stage)``: the mask to train during that stage, asked for at the
+    start of each stage.
     """
+    method = base_method(method)
     if method not in ZO_METHODS:
         raise ValueError(f"train_zo runs {ZO_METHODS}, not {method!r}")
     spec = ZO[method]
+    if spec.masked != (masks is not None):
+        raise ValueError(f"{method}: masks are {'required' if spec.masked else 'not used'}")
     private = spec.private
     if hp.batch_size > n:
         raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
@@ -150,15 +165,22 @@ def train_zo(
     flat = FlatParameters(model, master_dtype=master_dtype)
     anchor = None
 
-    history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": []}
+    history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": [], "mask_size": []}
     losses_since_log: list[float] = []
     examples_since_log, clipped_since_log = 0, 0
     started = time.perf_counter()
     for step in range(hp.steps):
         stage = schedule.stage_of(step)
         lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
-        if step in starts and hp.lam:
-            anchor = flat.snapshot()  # theta_s: a real copy taken at the start of each stage
+        if step in starts:
+            if masks is not None:
+                mask = masks(stage)
+                scales = mask.scales
+                rank_update = hp.mask is not None and hp.mask.rank_update
+                flat.set_mask(mask.indices, perturb_scales=scales, update_scales=scales if rank_update else None)
+                history["mask_size"].append(len(mask))
+            if hp.lam:
+                anchor = flat.snapshot()  # theta_s: a real copy taken at the start of each stage
         seeds, grads = [], []
         for p in range(hp.directions):
             if private:
@@ -208,6 +230,27 @@ def train_zo(
     return history
 
 
+def stage_masks(hp: ZOHyperparameters, clf: PromptClassifier, mask_files: list[str] | None) -> Callable[[int], Mask]:
+    """The mask of each DP-ZOPO stage under the configured strategy (``prune.MaskSettings``)."""
+    from .prune import compute_mask
+
+    settings = hp.mask
+    stages = len(hp.schedule().stage_starts())
+    if not mask_files or len(mask_files) != len(set(settings.stage_ratios(hp.stages))):
+        raise ValueError(f"DP-ZOPO needs one precomputed mask per distinct stage ratio; got {mask_files}")
+    loaded = {m.meta["ratio"]: m for m in (Mask.load(f) for f in mask_files)}
+
+    def mask_for(stage: int) -> Mask:
+        ratio = settings.stage_ratios(hp.stages)[stage]
+        if settings.strategy == "dynamic" and stage > 0:
+            # data-free: rescoring the current weights costs no privacy
+            return compute_mask(clf.model, clf.label_ids, clf.family, settings, ratio)
+        return loaded[ratio]
+
+    log.info("DP-ZOPO: %s masks over %d stages", settings.strategy, stages)
+    return mask_for
+
+
 def peak_memory_mb(device: torch.device) -> dict:
     """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
     import resource
@@ -232,8 +275,12 @@ def run_cell(
     seed: int,
     eval_batch_size: int = 128,
     device: str = "cpu",
+    mask_files: list[str] | None = None,
 ) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
+
+    ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
+    order (see ``prune.MaskSettings``).
 
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
@@ -256,16 +303,17 @@ def run_cell(
     test_set = clf.encode(test_examples)
 
     history: dict = {}
-    if method == ICL:
+    base = base_method(method)
+    if base == ICL:
         from .icl import choose_demonstrations, encode_with_demonstrations
 
         hp = hyperparameters_for(method, method_params)
         demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
         test_set = encode_with_demonstrations(clf, test_examples, demos)
-    elif method != ZERO_SHOT:
+    elif base != ZERO_SHOT:
         hp = hyperparameters_for(method, method_params)
         secret = noise = None
-        if method in PRIVATE_METHODS:
+        if base in PRIVATE_METHODS:
             check_ledger(ledger, n=len(train_set), hp=hp)
             secret = SecretRandom.from_environment()
             noise = NoisySum.from_ledger(ledger)
@@ -278,8 +326,9 @@ def run_cell(
             run_seed=seed,
             noise=noise,
             secret=secret,
+            masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
         )
-        if method in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:
+        if base in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:
             raise RuntimeError(
                 f"ran {history['releases']} releases but the ledger accounted {ledger['compositions']}"
             )

@@ -137,10 +137,31 @@ def train(snakemake) -> None:
         seed=int(snakemake.wildcards.seed),
         eval_batch_size=int(snakemake.params.eval_batch_size),
         device=snakemake.params.device,
+        mask_files=list(snakemake.input.masks),
     )
     metrics["eps"] = snakemake.wildcards.eps
     write_json_atomic(Path(snakemake.output.metrics), metrics)
     logging.info("accuracy %.4f after %s steps", metrics["accuracy"], metrics["steps"])
+
+
+def mask(snakemake) -> None:
+    """Compute one data-free DP-ZOPO mask (no training data is read)."""
+    from .methods import MaskSettings
+    from .models import PromptClassifier, load_model
+    from .prune import compute_mask
+    from .tasks import get_task
+
+    _setup(snakemake)
+    wc = snakemake.wildcards
+    settings = MaskSettings(scorer=wc.scorer, selection=wc.selection, scope=wc.scope, mode=wc.mode, seed=int(wc.mseed), ratio=float(wc.ratio))
+    cfg = snakemake.params.model_cfg
+    lm, tokenizer, family = load_model(
+        str(snakemake.params.model_path), family=cfg.get("family", "auto"), dtype=cfg.get("dtype", "float32"), device=snakemake.params.device
+    )
+    clf = PromptClassifier(lm, tokenizer, family, get_task(wc.task))
+    result = compute_mask(lm, clf.label_ids, family, settings, float(wc.ratio))
+    result.save(Path(snakemake.output.mask))
+    logging.info("mask: %d of %d coordinates (%s)", len(result), result.numel, settings)
 
 
 def summarize(snakemake) -> None:

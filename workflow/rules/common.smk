@@ -5,7 +5,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from dpzo.config import check_config
-from dpzo.methods import is_private
+from dpzo.methods import ZO, MaskSettings, base_method, is_private, ratio_label
 from dpzo.tasks import TASKS
 
 SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
@@ -14,6 +14,7 @@ validate(config, schema=SCHEMA)  # also fills in the schema's defaults
 
 DEMO_DIR = "results/demo"
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
+MASK = "results/masks/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.pt"
 
 
 def method_epsilons(method):
@@ -82,3 +83,19 @@ def demo_arch(wildcards):
 
 def method_params(wildcards):
     return config["methods"][wildcards.method]
+
+
+def mask_files(wildcards):
+    """DP-ZOPO: the precomputed mask of every distinct stage ratio of this method's strategy."""
+    if not ZO.get(base_method(wildcards.method), None) or not ZO[base_method(wildcards.method)].masked:
+        return []
+    params = config["methods"][wildcards.method]
+    settings = MaskSettings.from_config(params["mask"])
+    ratios = dict.fromkeys(settings.stage_ratios(params.get("stages", 1)))
+    return [
+        MASK.format(
+            model=wildcards.model, task=wildcards.task, scorer=settings.scorer, selection=settings.selection,
+            scope=settings.scope, mode=settings.mode, mseed=settings.seed, ratio=ratio_label(r),
+        )
+        for r in ratios
+    ]

@@ -8,6 +8,7 @@ rule train:
         test=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/test.jsonl",
         ledger=rules.account.output.ledger,
         model=model_input,
+        masks=mask_files,
     output:
         metrics=f"results/runs/{RUN}/metrics.json",
     params:
