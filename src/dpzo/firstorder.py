@@ -76,13 +76,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .methods import FIRST_ORDER
 from .models import EncodedSet, PromptClassifier
 from .privacy import SecretRandom
 
 log = logging.getLogger(__name__)
 
-FIRST_ORDER_METHODS = ("dp-sgd", "dp-prefix", "ft")
-PRIVATE_FIRST_ORDER_METHODS = ("dp-sgd", "dp-prefix")
+FIRST_ORDER_METHODS = tuple(FIRST_ORDER)
+PRIVATE_FIRST_ORDER_METHODS = tuple(name for name, private in FIRST_ORDER.items() if private)
 OPTIMIZERS = ("adamw", "sgd")
 
 #: Name under which the prefix attention function is registered in transformers' AttentionInterface.

@@ -1,7 +1,8 @@
 """The methods of the comparison and what distinguishes them (no heavy imports: the Snakefile reads it).
 
 Zeroth-order methods share one training loop (``dpzo.train.train_zo``); they differ only in
-the properties below.  First-order methods (``dp-sgd``, ``dp-prefix``, ``ft``) backpropagate.
+the properties below.  First-order methods (``dp-sgd``, ``dp-prefix``, ``ft``;
+``dpzo.firstorder``) backpropagate.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ ZO: dict[str, ZOMethod] = {
 }
 
 ZO_METHODS = tuple(ZO)
-PRIVATE_METHODS = tuple(name for name, m in ZO.items() if m.private)
-METHODS = (ZERO_SHOT, ICL, *ZO_METHODS)
+
+# First-order baselines (dpzo.firstorder): name -> private?
+FIRST_ORDER: dict[str, bool] = {"ft": False, "dp-sgd": True, "dp-prefix": True}
+
+PRIVATE_METHODS = tuple(name for name, m in ZO.items() if m.private) + tuple(n for n, p in FIRST_ORDER.items() if p)
+METHODS = (ZERO_SHOT, ICL, *ZO_METHODS, *FIRST_ORDER)
 
 
 def base_method(name: str) -> str:

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .methods import ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
+from .methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
 from .methods import MaskSettings
 from .prune import Mask
 from .models import PromptClassifier
@@ -102,6 +102,10 @@ def hyperparameters_for(method: str, params: dict):
         from .icl import ICLHyperparameters
 
         return ICLHyperparameters.from_config(params)
+    if method in FIRST_ORDER:
+        from .firstorder import FirstOrderHyperparameters
+
+        return FirstOrderHyperparameters.from_config(params)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -312,22 +316,28 @@ def run_cell(
         test_set = encode_with_demonstrations(clf, test_examples, demos)
     elif base != ZERO_SHOT:
         hp = hyperparameters_for(method, method_params)
-        secret = noise = None
+        secret = None
         if base in PRIVATE_METHODS:
             check_ledger(ledger, n=len(train_set), hp=hp)
             secret = SecretRandom.from_environment()
-            noise = NoisySum.from_ledger(ledger)
-        history = train_zo(
-            lm,
-            lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
-            len(train_set),
-            hp,
-            method=method,
-            run_seed=seed,
-            noise=noise,
-            secret=secret,
-            masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
-        )
+        if base in FIRST_ORDER:
+            from .firstorder import train_first_order
+
+            history = train_first_order(
+                clf, train_set, hp, method=base, run_seed=seed, sigma=float(ledger.get("sigma") or 0.0), secret=secret
+            )
+        else:
+            history = train_zo(
+                lm,
+                lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
+                len(train_set),
+                hp,
+                method=method,
+                run_seed=seed,
+                noise=NoisySum.from_ledger(ledger) if secret is not None else None,
+                secret=secret,
+                masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
+            )
         if base in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:
             raise RuntimeError(
                 f"ran {history['releases']} releases but the ledger accounted {ledger['compositions']}"
