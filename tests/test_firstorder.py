@@ -23,61 +23,13 @@ from dpzo.data import Example
 from dpzo.evaluate import evaluate
 from dpzo.models import PromptClassifier
 from dpzo.privacy import SecretRandom
-from dpzo.tasks import TASKS
+from dpzo.tasks import TASKS  # noqa: F401
 
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "It", "was", ".", "good", "bad", "film", "movie",
-         "very", "not", "a", "the", "plot", "acting", "fun", "dull"]
-FAMILIES = ["mlm", "causal"]
-
+from .tiny import FAMILIES, examples, make_clf  # noqa: F401 (tokenizer fixture: conftest)
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: intra-op threads only add synchronisation (and stall badly when the
-    2 cores are shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(one_thread):
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        mask_token="<mask>", cls_token="<s>", sep_token="</s>",
-    )
-
-
-def make_clf(tokenizer, family, *, dtype=torch.float64, seed=0, attn="sdpa"):
-    torch.manual_seed(seed)
-    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "mlm":
-        cfg = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=32, max_position_embeddings=40, type_vocab_size=1, **special)
-        model = transformers.RobertaForMaskedLM(cfg)
-    else:
-        cfg = transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     ffn_dim=32, max_position_embeddings=40, word_embed_proj_dim=16, **special)
-        model = transformers.OPTForCausalLM(cfg)
-    model.config._attn_implementation = attn
-    model = model.to(dtype).eval()
-    task = dataclasses.replace(TASKS["SST-2"], label_words={"0": "bad", "1": "good"})
-    return PromptClassifier(model, tokenizer, family, task)
-
-
-def examples(n=16, seed=0):
-    """Separable: label 1 sentences contain 'fun', label 0 ones 'dull'; lengths vary (padding)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        y = i % 2
-        filler = [rng.choice(["a", "the", "plot", "acting", "film", "very"]) for _ in range(rng.randint(1, 5))]
-        out.append(Example(texts=[" ".join(filler + ["fun" if y else "dull"])], label=y))
-    return out
 
 
 def loop_clipped_sum(clf, params, data, index, clip):
