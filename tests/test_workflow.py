@@ -30,9 +30,27 @@ TINY = {
         "mezo": {"steps": 4, "batch_size": 8, "lr": 1.0e-4, "beta": 1.0e-3},
         "dp-zoso": {
             "steps": 6, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2,
-            "beta_start": 1.0e-3, "beta_end": 1.0e-2, "lam": 0.01, "clip": 5.0, "directions": 2,
+            "beta_start": 1.0e-3, "beta_end": 1.0e-2, "lam": 0.01, "clip": 5.0, "directions": 2, "log_every": 1,
         },
     },
+}
+# every other method, run once end to end through the DAG
+ALL_METHODS = {
+    "icl": {"demonstrations": 2},
+    "dp-zopo": {
+        "steps": 4, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2, "clip": 5.0,
+        "mask": {"scorer": "synflow-exact", "ratio": 0.05, "selection": "largest", "strategy": "incremental"},
+    },
+    "dp-zopo+dynamic": {
+        "steps": 4, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2, "clip": 5.0,
+        "mask": {"scorer": "magnitude", "ratio": 0.05, "strategy": "dynamic", "mode": "rank"},
+    },
+    "dpzero": {"steps": 3, "batch_size": 8, "lr": 1.0e-4, "clip": 5.0},
+    "dp-zo-gauss": {"steps": 3, "batch_size": 8, "lr": 1.0e-4, "clip": 0.05},
+    "dp-zo-laplace": {"steps": 3, "batch_size": 8, "lr": 1.0e-4, "clip": 0.05},
+    "ft": {"steps": 2, "batch_size": 4, "lr": 1.0e-4},
+    "dp-sgd": {"steps": 2, "batch_size": 4, "lr": 1.0e-4, "clip": 1.0},
+    "dp-prefix": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "clip": 1.0, "prefix_tokens": 2},
 }
 CELLS = [
     "demo-roberta/demo-sst2/zero-shot/epsinf/seed13",
@@ -105,7 +123,8 @@ def test_private_cell_ledger_matches_what_ran(tiny_run):
     # cross-checks: RDP is a looser bound, PRV's upper bound agrees with PLD up to its eps_error
     assert achieved["rdp"] >= achieved["pld"] and abs(achieved["prv"] - achieved["pld"]) < 0.3
     # stage boundaries of the schedule were logged: stage 0 then stage 1
-    assert metrics["history"]["stage"][:2] == [0, 0] and metrics["history"]["stage"][-1] == 1
+    assert metrics["history"]["stage"] == [0, 0, 1, 1, 1, 1]
+    assert metrics["history"]["beta"][0] == pytest.approx(1e-3) and metrics["history"]["beta"][-1] == pytest.approx(1e-2)
 
 
 @pytest.mark.slow
@@ -148,3 +167,28 @@ def test_default_config_grid_dry_run(tmp_path):
     per_group = sum(len(config["epsilons"]) if m.startswith("dp-") else 1 for m in config["methods"])
     assert counts["train"] == counts["account"] == n_models * n_tasks * n_seeds * per_group
     assert counts["fewshot"] == n_tasks * n_seeds and counts["demo_model"] == n_models
+
+
+@pytest.mark.slow
+def test_every_method_runs_through_the_dag(tiny_run):
+    """Reuse the tiny run's demo model and data; add every other method and run the grid."""
+    config = dict(TINY, methods=dict(TINY["methods"], **ALL_METHODS))
+    (tiny_run / "config.yaml").write_text(yaml.safe_dump(config))
+    counts = job_counts(snakemake(tiny_run, "-n").stdout)
+    assert counts["train"] == len(ALL_METHODS)
+    assert counts["mask"] == 3  # incremental: 0.025 and 0.05; dynamic: its stage-0 mask
+    snakemake(tiny_run)
+    runs = tiny_run / "results" / "runs" / "demo-roberta" / "demo-sst2"
+    for method in ALL_METHODS:
+        eps = "eps8" if method.startswith(("dp", "dpzero")) else "epsinf"
+        cell = runs / method / eps / "seed13"
+        metrics = json.loads((cell / "metrics.json").read_text())
+        ledger = json.loads((cell / "privacy.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert ledger["private"] is (eps == "eps8"), method
+        if ledger["private"]:
+            assert metrics["releases"] == ledger["compositions"], method
+    zopo = json.loads((runs / "dp-zopo/eps8/seed13/metrics.json").read_text())
+    assert zopo["history"]["mask_size"][0] < zopo["history"]["mask_size"][1]  # incremental grows
+    laplace = json.loads((runs / "dp-zo-laplace/eps8/seed13/privacy.json").read_text())
+    assert laplace["mechanism"] == "laplace" and laplace["epsilon_achieved"]["pure"] == pytest.approx(8.0)

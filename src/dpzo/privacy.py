@@ -689,12 +689,19 @@ def accounting_record(
 
     achieved: dict[str, float | str] = {}
     for name in ACCOUNTANTS:
-        if private:
+        if not private:
+            achieved[name] = "inf"
+            continue
+        try:
             achieved[name] = _json_float(
                 epsilon(sigma, q, compositions, delta, name, pld_discretization=pld_discretization)
             )
-        else:
-            achieved[name] = "inf"
+        except (RuntimeError, ValueError, FloatingPointError) as err:
+            if name == calibrated_with:
+                raise
+            # A cross-check that a library cannot evaluate (e.g. PRV's discretisation at very
+            # small sigma) must not block the run; the calibrating accountant still holds.
+            achieved[name] = f"not computed: {type(err).__name__}: {err}"
 
     return {
         "private": private,
