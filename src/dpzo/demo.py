@@ -1,10 +1,10 @@
 """Offline "embedded demo": a synthetic world small enough to pretrain on a laptop CPU.
 
 The real experiments fine-tune roberta-large / OPT on SST-2 and TREC. None of that can be
-downloaded here, so this module generates a stand-in that has the same *interfaces*:
+downloaded here, so this module generates a stand-in with the same *interfaces*:
 
-* a pretraining corpus (one short document per line): movie-review-like sentences, some of
-  them followed by a verdict sentence ("It was great."), questions annotated with their
+* a pretraining corpus (one short document per line): movie-review-like sentences, three in
+  four followed by a verdict sentence ("It was great."), questions annotated with their
   answer type (``Person: Who wrote Hamlet ?`` / ``Who wrote Hamlet ? Answer type: Person.``)
   and neutral filler documents;
 * two labelled tasks written in the on-disk layouts LM-BFF uses for SST-2 (GLUE tsv with a
@@ -17,26 +17,34 @@ downloaded here, so this module generates a stand-in that has the same *interfac
 Design choices that make the prompts *meaningful but improvable*:
 
 * Zero-shot headroom comes from a miscalibrated label-word prior, the way real LMs are
-  miscalibrated: in the corpus a negative verdict uses " terrible" only rarely (mostly
-  bad / awful / ...), and an answer-type annotation uses the label word itself (" Human",
-  " Location", ...) only sometimes, at a different rate per class, otherwise a synonym
-  (Person, Place, Count, ...). A fraction of verdicts / annotations disagree with the text,
-  so every label word keeps some probability under every input. Zero-shot accuracy is
-  therefore clearly above chance but far from perfect, and fine-tuning mostly has to
-  re-calibrate the label words, which zeroth-order methods can do in a few hundred steps.
-* Deviation from standard MLM (deliberate): a 2-layer RoBERTa trained with ordinary random
-  masking (15-40 %) never learns to put the sentiment into the ``<mask>`` of
-  ``It was<mask>.``: the signal is a tiny fraction of the masked tokens. We therefore use
-  SKEP-style *knowledge masking*: only sentiment words (review adjectives, like/hate verbs,
-  verdict words) and answer-type words are candidates, each occurrence is masked with
-  probability 0.5, and no other token is masked. The causal OPT model uses the ordinary
-  next-token objective.
+  miscalibrated. A negative verdict rarely says " terrible" (mostly bad / awful / poor)
+  while " great" is the commonest positive one; verdicts after *mild* reviews ("a bit
+  flat") contradict them far more often than after strong ones. So the model rates strongly
+  negative sentences " terrible" but mildly negative ones " great": zero-shot is clearly
+  above chance but far from perfect, with a margin of about one nat either way, which keeps
+  it stable across checkpoints. Likewise answer types are mostly annotated with synonyms
+  (Person, Place, Count, ...) and annotators fall back to the catch-all type (" Entity",
+  Thing, ...) for many Description / Expression / Number questions, so zero-shot labels those
+  " Entity". Fine-tuning mostly has to re-calibrate the label words, which zeroth-order
+  methods do within a few hundred steps.
+* Deviation from standard MLM (deliberate): with ordinary random masking a 2-layer RoBERTa
+  never learns to put the sentiment into the ``<mask>`` of ``It was<mask>.`` within the
+  budget (the signal is a tiny fraction of the targets), and SKEP-style masking of the
+  sentiment words as well (each with probability 0.5) did not either in 1600 steps. The
+  RoBERTa model is therefore trained to fill exactly the prompts' slots: every verdict and
+  answer-type word is masked, and nothing else. The causal OPT model uses the ordinary
+  next-token objective on every token.
+* The label words' dependence on the sentence appears abruptly after a plateau. Three things
+  bring it well inside the step budget: untied input/output embeddings (``TIE_EMBEDDINGS``),
+  a few frequent sentence adverbs in the reviews (``MARKERS``) and, for OPT, a constant
+  learning rate before the final decay (``_lr_factor``).
 * LM-BFF's TREC template puts the mask right after ``<s>`` and scores label words *with* a
   leading space (``<s><mask>: question``). So that the model has seen that, half of the
   documents are encoded with a leading space during pretraining (what RoBERTa's
   ``add_prefix_space`` would do).
 * Everything is seeded; pretraining length is a step count, never a time budget, because
-  zero-shot accuracy swings between nearby checkpoints.
+  zero-shot accuracy swings between nearby checkpoints. Each model takes about 80 s on one
+  CPU thread (``DEFAULT_STEPS``).
 """
 
 from __future__ import annotations
@@ -44,12 +52,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -109,7 +116,15 @@ ADJECTIVES = (
     (STRONG_POSITIVE_ADJECTIVES, MILD_POSITIVE_ADJECTIVES),
 )
 VERBS = ((STRONG_HATE_VERBS, MILD_HATE_VERBS), (STRONG_LIKE_VERBS, MILD_LIKE_VERBS))
-SENTIMENT_WORDS = tuple(word for by_label in ADJECTIVES + VERBS for words in by_label for word in words)
+# Sentence adverbs opening some clauses ("sadly the plot is dull"). They are a few frequent
+# polarity carriers, from which a tiny model picks up "the sentence's sentiment decides the
+# verdict" in a few hundred steps; the rare adjectives then follow. Without them the onset of
+# sentiment came too late for the step budget in one of two OPT seeds.
+MARKERS = (
+    ("sadly", "unfortunately", "alas", "regrettably"),
+    ("happily", "thankfully", "luckily", "fortunately"),
+)
+MARKER_RATE = 0.4  # of the clauses that can take one (about 30 % of all)
 ASPECTS = (
     "the acting", "the plot", "the script", "the cast", "the soundtrack", "the direction",
     "the dialogue", "the ending", "the cinematography", "the pacing", "the story",
@@ -138,10 +153,12 @@ POSITIVE_VERDICTS = ("great", "good", "excellent")
 NEGATIVE_VERDICTS = ("terrible", "bad", "awful", "poor")
 GREAT_SHARE = 0.45  # share of positive verdicts that say "great"
 TERRIBLE_SHARE = 0.04  # share of negative verdicts that say "terrible"
-VERDICT_RATE = 0.60  # fraction of corpus reviews followed by a verdict
-DISAGREE_RATE = (0.04, 0.16)  # [mild] verdicts contradicting the review (10 % overall)
+VERDICT_RATE = 0.75  # fraction of corpus reviews followed by a verdict
+DISAGREE_RATE = (0.03, 0.20)  # [mild] verdicts contradicting the review (about 11 % overall)
 REVIEW_SHAPES = (0.65, 0.20, 0.15)  # single clause, "X , but Y", "X and Y"
-VERDICT_FORMS = (("It was {}.", 0.80), ("Overall , it was {}.", 0.10), ("It was {} , really.", 0.10))
+VERDICT_FORMS = (
+    ("It was {}.", 0.80), ("Overall , it was {}.", 0.10), ("It was {} , really.", 0.10)
+)
 
 # --------------------------------------------------------------------------------------
 # Question lexicon (TREC-like); class ids: 0 DESC, 1 ENTY, 2 ABBR (Expression), 3 HUM,
@@ -196,7 +213,9 @@ CITIES = (
     "Seoul", "London", "New York", "Venice", "Istanbul", "Bangkok", "Nairobi",
 )
 TOWN_PREFIXES = ("North", "South", "Port", "Lake", "Mount", "New", "Fort", "East", "West", "Saint")
-TOWN_SUFFIXES = ("Haven", "Ridge", "Marlow", "Brook", "Field", "Dale", "Mills", "Crest", "Harbor", "Vale")
+TOWN_SUFFIXES = (
+    "Haven", "Ridge", "Marlow", "Brook", "Field", "Dale", "Mills", "Crest", "Harbor", "Vale"
+)
 CONCEPTS = (
     "photosynthesis", "inflation", "gravity", "democracy", "a black hole", "a sonnet",
     "an eclipse", "a tsunami", "a vaccine", "a glacier", "a hurricane", "an atom",
@@ -208,13 +227,19 @@ CONCEPTS = (
     "a leap year", "a thunderstorm", "a geyser", "a dividend", "a monopoly", "a filibuster",
     "a symphony", "an opera", "a fresco", "a satellite", "a catalyst", "an antibody",
 )
-FIELDS = ("physics", "music", "economics", "biology", "law", "poetry", "geology", "medicine", "politics", "astronomy")
+FIELDS = (
+    "physics", "music", "economics", "biology", "law", "poetry", "geology", "medicine",
+    "politics", "astronomy",
+)
 PLURAL_THINGS = (
     "cats", "birds", "bees", "leaves", "stars", "whales", "volcanoes", "rivers", "clouds",
     "snakes", "owls", "bats", "trees", "dolphins", "ants", "penguins", "camels", "wolves",
     "frogs", "salmon", "eagles", "tigers", "bears", "horses",
 )
-BEHAVIOURS = ("migrate", "sleep", "glow", "change color", "sing", "move", "hide", "hunt at night", "live in groups", "shed")
+BEHAVIOURS = (
+    "migrate", "sleep", "glow", "change color", "sing", "move", "hide", "hunt at night",
+    "live in groups", "shed",
+)
 ACTIVITIES = (
     "bake bread", "tie a tie", "learn to swim", "grow tomatoes", "fold a paper crane",
     "train a puppy", "make cheese", "play chess", "build a kite", "brew coffee",
@@ -293,9 +318,6 @@ EVENTS = (
     "the printing press appear", "the Roman Empire fall", "the gold rush begin",
 )
 
-QuestionTemplate = Callable[[random.Random], str]
-
-
 def _pick(rng: random.Random, items: Sequence[str]) -> str:
     return items[rng.randrange(len(items))]
 
@@ -332,99 +354,169 @@ def _expansion(rng: random.Random) -> str:
     return _pick(rng, ACRONYMS)[1]
 
 
-# Templates are lambdas over the slot lists above; several deliberately overlap in surface
-# form across classes ("What is ..."), as in TREC, so the first word does not give the class.
-QUESTION_TEMPLATES: tuple[tuple[QuestionTemplate, ...], ...] = (
+# Templates name their slots in braces; _fill draws each slot left to right from SLOTS.
+# Several templates overlap in surface form across classes ("What is ..."), as in TREC, so
+# the first word does not give the class away.
+QUESTION_TEMPLATES: tuple[tuple[str, ...], ...] = (
     (  # 0 Description: definitions, reasons, manners
-        lambda r: f"What is {_pick(r, CONCEPTS)} ?",
-        lambda r: f"What does {_strip_article(_pick(r, CONCEPTS))} mean in {_pick(r, FIELDS)} ?",
-        lambda r: f"How does {_pick(r, CONCEPTS)} work ?",
-        lambda r: f"Why do {_pick(r, PLURAL_THINGS)} {_pick(r, BEHAVIOURS)} ?",
-        lambda r: f"How do you {_pick(r, ACTIVITIES)} in {_place(r)} ?",
-        lambda r: f"What is the definition of {_strip_article(_pick(r, CONCEPTS))} in {_pick(r, FIELDS)} ?",
-        lambda r: f"What causes {_pick(r, CONCEPTS)} in {_place(r)} ?",
-        lambda r: f"What is the difference between {_pick(r, CONCEPTS)} and {_pick(r, CONCEPTS)} ?",
-        lambda r: f"Why did {_person(r)} {_pick(r, ('leave', 'visit', 'write about', 'paint', 'study'))} {_place(r)} ?",
-        lambda r: f"How did {_person(r)} become famous ?",
+        "What is {concept} ?",
+        "What does {bare_concept} mean in {field} ?",
+        "How does {concept} work ?",
+        "Why do {plural_thing} {behaviour} ?",
+        "How do you {activity} in {place} ?",
+        "What is the definition of {bare_concept} in {field} ?",
+        "What causes {concept} in {place} ?",
+        "What is the difference between {concept} and {concept} ?",
+        "Why did {person} {visit_verb} {place} ?",
+        "How did {person} become famous ?",
     ),
     (  # 1 Entity: things, categories, names of objects
-        lambda r: f"What {_pick(r, CATEGORIES)} is the most popular in {_place(r)} ?",
-        lambda r: f"What is the national {_pick(r, CATEGORIES)} of {_pick(r, COUNTRIES)} ?",
-        lambda r: f"What did {_person(r)} invent ?",
-        lambda r: f"What language is spoken in {_place(r)} ?",
-        lambda r: f"What {_pick(r, CATEGORIES)} did {_person(r)} like best ?",
-        lambda r: f"What is the name of the {_pick(r, CATEGORIES)} in {_pick(r, BOOKS)} ?",
-        lambda r: f"Which {_pick(r, CATEGORIES)} is used to make {_pick(r, ('paper', 'glass', 'wine', 'silk', 'chocolate', 'rope', 'soap'))} ?",
-        lambda r: f"What instrument did {_person(r)} play ?",
-        lambda r: f"What is {_person(r)} 's most famous {_pick(r, ('book', 'painting', 'invention', 'song', 'speech', 'ship'))} ?",
-        lambda r: f"What {_pick(r, CATEGORIES)} do people in {_place(r)} like ?",
+        "What {category} is the most popular in {place} ?",
+        "What is the national {category} of {country} ?",
+        "What did {person} invent ?",
+        "What language is spoken in {place} ?",
+        "What {category} did {person} like best ?",
+        "What is the name of the {category} in {book} ?",
+        "Which {category} is used to make {material} ?",
+        "What instrument did {person} play ?",
+        "What is {person} 's most famous {work_kind} ?",
+        "What {category} do people in {place} like ?",
     ),
     (  # 2 Expression (TREC's ABBR): abbreviations and expansions
-        lambda r: f"What does {_acronym(r)} stand for{_pick(r, ACRONYM_CONTEXTS)} ?",
-        lambda r: f"What is the full form of {_acronym(r)}{_pick(r, ACRONYM_CONTEXTS)} ?",
-        lambda r: f"What is {_acronym(r)} short for{_pick(r, ACRONYM_CONTEXTS)} ?",
-        lambda r: f"What is the abbreviation for {_expansion(r)} ?",
-        lambda r: f"What do the letters {_acronym(r)} mean{_pick(r, ACRONYM_CONTEXTS)} ?",
-        lambda r: f"What is the acronym for {_expansion(r)} ?",
-        lambda r: f"{_acronym(r)} is an abbreviation of what{_pick(r, ACRONYM_CONTEXTS)} ?",
+        "What does {acronym} stand for{acronym_context} ?",
+        "What is the full form of {acronym}{acronym_context} ?",
+        "What is {acronym} short for{acronym_context} ?",
+        "What is the abbreviation for {expansion} ?",
+        "What do the letters {acronym} mean{acronym_context} ?",
+        "What is the acronym for {expansion} ?",
+        "{acronym} is an abbreviation of what{acronym_context} ?",
     ),
     (  # 3 Human: people and groups
-        lambda r: f"Who wrote {_pick(r, BOOKS)} ?",
-        lambda r: f"Who invented the {_pick(r, INVENTIONS)} in {_place(r)} ?",
-        lambda r: f"Who was the first {_pick(r, ROLES)} of {_place(r)} ?",
-        lambda r: f"Who painted {_pick(r, PAINTINGS)} ?",
-        lambda r: f"Who is the most famous {_pick(r, ('singer', 'painter', 'poet', 'athlete', 'chef', 'scientist'))} from {_place(r)} ?",
-        lambda r: f"Which {_pick(r, ('composer', 'author', 'scientist', 'explorer', 'emperor'))} was born in {_town(r)} ?",
-        lambda r: f"What {_pick(r, ROLES)} ruled {_pick(r, COUNTRIES)} during {_pick(r, ('the war', 'the depression', 'the golden age', 'the revolution'))} ?",
-        lambda r: f"Who was {_person(r)} 's {_pick(r, ('teacher', 'wife', 'father', 'rival', 'best friend'))} ?",
-        lambda r: f"Who discovered {_pick(r, ('penicillin', 'gravity', 'radium', 'America', 'the electron', 'oxygen', 'Pluto'))} ?",
-        lambda r: f"Who built {_pick(r, LANDMARKS)} ?",
+        "Who wrote {book} ?",
+        "Who invented the {invention} in {place} ?",
+        "Who was the first {role} of {place} ?",
+        "Who painted {painting} ?",
+        "Who is the most famous {profession} from {place} ?",
+        "Which {notable} was born in {town} ?",
+        "What {role} ruled {country} during {era} ?",
+        "Who was {person} 's {relation} ?",
+        "Who discovered {discovery} ?",
+        "Who built {landmark} ?",
     ),
     (  # 4 Location: places
-        lambda r: f"Where is {_pick(r, LANDMARKS) if r.random() < 0.3 else _town(r)} ?",
-        lambda r: f"Where was {_person(r)} born ?",
-        lambda r: f"What country is {_town(r)} in ?",
-        lambda r: f"What is the capital of {_pick(r, COUNTRIES)} ?",
-        lambda r: f"Where can I find {_pick(r, PLURAL_THINGS)} in {_place(r)} ?",
-        lambda r: f"What city has the largest {_pick(r, ('museum', 'airport', 'harbor', 'library', 'stadium', 'zoo'))} in {_pick(r, COUNTRIES)} ?",
-        lambda r: f"Which river flows through {_town(r)} ?",
-        lambda r: f"Where do {_pick(r, PLURAL_THINGS)} live ?",
-        lambda r: f"In what country did {_person(r)} die ?",
-        lambda r: f"Where did {_person(r)} {_pick(r, ('study', 'work', 'grow up', 'retire', 'live'))} ?",
+        "Where is {landmark_or_town} ?",
+        "Where was {person} born ?",
+        "What country is {town} in ?",
+        "What is the capital of {country} ?",
+        "Where can I find {plural_thing} in {place} ?",
+        "What city has the largest {facility} in {country} ?",
+        "Which river flows through {town} ?",
+        "Where do {plural_thing} live ?",
+        "In what country did {person} die ?",
+        "Where did {person} {life_verb} ?",
     ),
     (  # 5 Number: counts, dates, amounts, sizes
-        lambda r: f"How many {_pick(r, PLURAL_THINGS)} live in {_place(r)} ?",
-        lambda r: f"When was {_person(r)} born ?",
-        lambda r: f"When did {_pick(r, EVENTS)} ?",
-        lambda r: f"How far is {_town(r)} from {_town(r)} ?",
-        lambda r: f"How old is {_pick(r, LANDMARKS)} ?",
-        lambda r: f"How much does a {_pick(r, INVENTIONS)} cost in {_place(r)} ?",
-        lambda r: f"How tall is {_pick(r, LANDMARKS)} ?",
-        lambda r: f"What is the population of {_place(r)} ?",
-        lambda r: f"How long do {_pick(r, PLURAL_THINGS)} live ?",
-        lambda r: f"What year did {_person(r)} die ?",
+        "How many {plural_thing} live in {place} ?",
+        "When was {person} born ?",
+        "When did {event} ?",
+        "How far is {town} from {town} ?",
+        "How old is {landmark} ?",
+        "How much does a {invention} cost in {place} ?",
+        "How tall is {landmark} ?",
+        "What is the population of {place} ?",
+        "How long do {plural_thing} live ?",
+        "What year did {person} die ?",
     ),
 )
 
 # Neutral documents; they also use the TREC label words in unrelated senses, so those words
 # are frequent enough to become single BPE tokens without being tied to the annotations.
-FILLER_TEMPLATES: tuple[Callable[[random.Random], str], ...] = (
-    lambda r: f"the {_pick(r, ('meeting', 'class', 'market', 'concert', 'game', 'lecture'))} is on {_pick(r, ('monday', 'tuesday', 'friday', 'saturday', 'sunday'))} at {_pick(r, ('the library', 'the station', 'the school', 'noon', 'the town hall'))} .",
-    lambda r: f"the train to {_pick(r, CITIES)} leaves from platform {_pick(r, ('one', 'two', 'four', 'seven', 'nine'))} .",
-    lambda r: f"please fill in the {_pick(r, ('Description', 'Location', 'Number', 'Entity'))} field before you submit the form .",
-    lambda r: f"the {_pick(r, ('Human', 'Location', 'Description', 'Entity', 'Number', 'Expression'))} column of the table lists the {_pick(r, ('name', 'city', 'value', 'code', 'owner'))} .",
-    lambda r: f"each Entity in the database has a {_pick(r, ('name', 'key', 'date', 'owner'))} .",
-    lambda r: f"the regular Expression matches every {_pick(r, ('date', 'word', 'email', 'number', 'line'))} .",
-    lambda r: f"the Human Resources office is on the {_pick(r, ('first', 'second', 'third'))} floor .",
-    lambda r: f"enter the Number of {_pick(r, ('guests', 'seats', 'tickets', 'rooms'))} in the box .",
-    lambda r: f"the Location of the {_pick(r, ('office', 'event', 'shop', 'party'))} is {_pick(r, CITIES)} .",
-    lambda r: f"the Description of the {_pick(r, ('item', 'job', 'house', 'course'))} is short .",
-    lambda r: f"{_pick(r, CITIES)} is a city in {_pick(r, COUNTRIES)} .",
-    lambda r: f"the weather in {_pick(r, CITIES)} was {_pick(r, ('cold', 'rainy', 'windy', 'sunny', 'mild'))} on {_pick(r, ('monday', 'friday', 'sunday'))} .",
-    lambda r: f"{_pick(r, FAMOUS_PEOPLE)} lived in {_pick(r, COUNTRIES)} for {_pick(r, ('two', 'ten', 'many', 'several'))} years .",
-    lambda r: f"the {_pick(r, INVENTIONS)} was on the {_pick(r, ('table', 'shelf', 'desk', 'floor'))} .",
-    lambda r: f"we read {_pick(r, BOOKS)} in {_pick(r, ('school', 'class', 'the summer', 'college'))} .",
+FILLER_TEMPLATES: tuple[str, ...] = (
+    "the {gathering} is on {weekday} at {venue} .",
+    "the train to {city} leaves from platform {small_number} .",
+    "please fill in the {form_field} field before you submit the form .",
+    "the {column} column of the table lists the {column_content} .",
+    "each Entity in the database has a {record_field} .",
+    "the regular Expression matches every {text_unit} .",
+    "the Human Resources office is on the {ordinal} floor .",
+    "enter the Number of {countable} in the box .",
+    "the Location of the {occasion} is {city} .",
+    "the Description of the {listing} is short .",
+    "{city} is a city in {country} .",
+    "the weather in {city} was {weather} on {short_weekday} .",
+    "{famous_person} lived in {country} for {how_many} years .",
+    "the {invention} was on the {furniture} .",
+    "we read {book} in {school_time} .",
 )
+
+
+def _choice(items: Sequence[str]) -> Callable[[random.Random], str]:
+    return lambda rng: _pick(rng, items)
+
+
+SLOTS: dict[str, Callable[[random.Random], str]] = {
+    "concept": _choice(CONCEPTS),
+    "bare_concept": lambda rng: _strip_article(_pick(rng, CONCEPTS)),
+    "field": _choice(FIELDS),
+    "plural_thing": _choice(PLURAL_THINGS),
+    "behaviour": _choice(BEHAVIOURS),
+    "activity": _choice(ACTIVITIES),
+    "place": _place,
+    "town": _town,
+    "person": _person,
+    "famous_person": _choice(FAMOUS_PEOPLE),
+    "country": _choice(COUNTRIES),
+    "city": _choice(CITIES),
+    "visit_verb": _choice(("leave", "visit", "write about", "paint", "study")),
+    "category": _choice(CATEGORIES),
+    "book": _choice(BOOKS),
+    "material": _choice(("paper", "glass", "wine", "silk", "chocolate", "rope", "soap")),
+    "work_kind": _choice(("book", "painting", "invention", "song", "speech", "ship")),
+    "acronym": _acronym,
+    "expansion": _expansion,
+    "acronym_context": _choice(ACRONYM_CONTEXTS),
+    "invention": _choice(INVENTIONS),
+    "role": _choice(ROLES),
+    "painting": _choice(PAINTINGS),
+    "profession": _choice(("singer", "painter", "poet", "athlete", "chef", "scientist")),
+    "notable": _choice(("composer", "author", "scientist", "explorer", "emperor")),
+    "era": _choice(("the war", "the depression", "the golden age", "the revolution")),
+    "relation": _choice(("teacher", "wife", "father", "rival", "best friend")),
+    "discovery": _choice(
+        ("penicillin", "gravity", "radium", "America", "the electron", "oxygen", "Pluto")
+    ),
+    "landmark": _choice(LANDMARKS),
+    "landmark_or_town": lambda rng: _pick(rng, LANDMARKS) if rng.random() < 0.3 else _town(rng),
+    "facility": _choice(("museum", "airport", "harbor", "library", "stadium", "zoo")),
+    "life_verb": _choice(("study", "work", "grow up", "retire", "live")),
+    "event": _choice(EVENTS),
+    # filler slots
+    "gathering": _choice(("meeting", "class", "market", "concert", "game", "lecture")),
+    "weekday": _choice(("monday", "tuesday", "friday", "saturday", "sunday")),
+    "venue": _choice(("the library", "the station", "the school", "noon", "the town hall")),
+    "small_number": _choice(("one", "two", "four", "seven", "nine")),
+    "form_field": _choice(("Description", "Location", "Number", "Entity")),
+    "column": _choice(("Human", "Location", "Description", "Entity", "Number", "Expression")),
+    "column_content": _choice(("name", "city", "value", "code", "owner")),
+    "record_field": _choice(("name", "key", "date", "owner")),
+    "text_unit": _choice(("date", "word", "email", "number", "line")),
+    "ordinal": _choice(("first", "second", "third")),
+    "countable": _choice(("guests", "seats", "tickets", "rooms")),
+    "occasion": _choice(("office", "event", "shop", "party")),
+    "listing": _choice(("item", "job", "house", "course")),
+    "weather": _choice(("cold", "rainy", "windy", "sunny", "mild")),
+    "short_weekday": _choice(("monday", "friday", "sunday")),
+    "how_many": _choice(("two", "ten", "many", "several")),
+    "furniture": _choice(("table", "shelf", "desk", "floor")),
+    "school_time": _choice(("school", "class", "the summer", "college")),
+}
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    """``template`` with each ``{slot}`` drawn from SLOTS, left to right."""
+    return _SLOT.sub(lambda match: SLOTS[match.group(1)](rng), template)
+
 
 # Corpus composition (documents).
 N_REVIEW_DOCUMENTS = 26000
@@ -442,22 +534,24 @@ def _clause(rng: random.Random, label: int, mild: bool) -> str:
     verb = _pick(rng, VERBS[label][mild])
     aspect, noun = _pick(rng, ASPECTS), _pick(rng, FILM_NOUNS)
     intensifier, ending = _pick(rng, INTENSIFIERS), _pick(rng, CLAUSE_ENDINGS)
-    is_, was = ("are", "were") if aspect in PLURAL_ASPECTS else ("is", "was")
+    plural = aspect in PLURAL_ASPECTS
+    is_, was, feels = ("are", "were", "feel") if plural else ("is", "was", "feels")
     form = rng.randrange(7)
-    if form == 0:
-        return f"{aspect} {is_} {intensifier}{adjective}{ending}"
-    if form == 1:
-        return f"{aspect} {was} {intensifier}{adjective}{ending}"
-    if form == 2:
-        return f"i {verb} {aspect}{ending}"
-    if form == 3:
-        return _with_article(f"{intensifier}{adjective} {noun}")
-    if form == 4:
-        feels = "feel" if aspect in PLURAL_ASPECTS else "feels"
-        return f"{aspect} {feels} {intensifier}{adjective}{ending}"
     if form == 5:
-        return f"the {noun} 's {aspect.removeprefix('the ')} {is_} {intensifier}{adjective}"
-    return f"what {_with_article(adjective)} {noun}"
+        return _with_article(f"{intensifier}{adjective} {noun}")
+    if form == 6:
+        return f"what {_with_article(adjective)} {noun}"
+    # full clauses (not the noun phrases above) may open with a sentence adverb
+    marker = f"{_pick(rng, MARKERS[label])} " if rng.random() < MARKER_RATE else ""
+    if form == 0:
+        return f"{marker}{aspect} {is_} {intensifier}{adjective}{ending}"
+    if form == 1:
+        return f"{marker}{aspect} {was} {intensifier}{adjective}{ending}"
+    if form == 2:
+        return f"{marker}i {verb} {aspect}{ending}"
+    if form == 3:
+        return f"{marker}{aspect} {feels} {intensifier}{adjective}{ending}"
+    return f"{marker}the {noun} 's {aspect.removeprefix('the ')} {is_} {intensifier}{adjective}"
 
 
 def _graded_review(rng: random.Random, label: int | None = None) -> tuple[str, int, bool]:
@@ -510,8 +604,7 @@ def _review_document(rng: random.Random) -> str:
 def _question(rng: random.Random, label: int | None = None) -> tuple[str, int]:
     if label is None:
         label = rng.choices(range(len(TREC_CLASS_WEIGHTS)), weights=TREC_CLASS_WEIGHTS)[0]
-    template = QUESTION_TEMPLATES[label][rng.randrange(len(QUESTION_TEMPLATES[label]))]
-    return template(rng), label
+    return _fill(_pick(rng, QUESTION_TEMPLATES[label]), rng), label
 
 
 def _type_word(rng: random.Random, label: int) -> str:
@@ -532,7 +625,7 @@ def _question_document(rng: random.Random) -> str:
 
 
 def _filler_document(rng: random.Random) -> str:
-    return _pick(rng, FILLER_TEMPLATES)(rng)
+    return _fill(_pick(rng, FILLER_TEMPLATES), rng)
 
 
 def write_pretraining_corpus(path: Path, seed: int = 0) -> None:
@@ -596,7 +689,9 @@ def _draw_unique(
     return examples
 
 
-def _split(examples: list[tuple[str, int]], sizes: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
+def _split(
+    examples: list[tuple[str, int]], sizes: dict[str, int]
+) -> dict[str, list[tuple[str, int]]]:
     splits, start = {}, 0
     for split, size in sizes.items():
         splits[split] = examples[start : start + size]
@@ -646,26 +741,32 @@ def write_demo_task(task: str, data_dir: Path, corpus_path: Path, seed: int = 1)
 
 ARCHITECTURES = ("roberta", "opt")
 # Real RoBERTa / OPT special-token ids: <s>=0, <pad>=1, </s>=2, <unk>=3.
-SPECIAL_TOKENS = {"roberta": ("<s>", "<pad>", "</s>", "<unk>", "<mask>"), "opt": ("<s>", "<pad>", "</s>", "<unk>")}
-BPE_VOCAB_SIZE = 2000
-# Larger than transformers' default 0.02: a tiny randomly initialised transformer sits on a
-# long plateau before the label word starts to depend on the sentence (the product of small
-# value/output/embedding weights has a saddle at zero); a larger init shortens it.
-INIT_STD = {"roberta": 0.02, "opt": 0.02}
+SPECIAL_TOKENS = {
+    "roberta": ("<s>", "<pad>", "</s>", "<unk>", "<mask>"),
+    "opt": ("<s>", "<pad>", "</s>", "<unk>"),
+}
+BPE_VOCAB_SIZE = 2000  # keeps every label word a single token (checked at build time)
 MAX_POSITIONS = 512  # room for the pipeline's longest prompts; costs only 64k parameters
 MODEL_SIZE = {"hidden": 128, "layers": 2, "heads": 4, "ffn": 512}
-DEFAULT_STEPS = {"roberta": 2000, "opt": 1800}
+# Untied input/output embeddings: with tied ones, predicting the words of a slot ("the plot
+# is ___") pulls all its candidates' embeddings together, so the adjectives' *input*
+# embeddings lose their polarity and the label word stays independent of the sentence for
+# well over the time budget (measured: no sentiment at all after 1600-2000 steps).
+TIE_EMBEDDINGS = False
+DEFAULT_STEPS = {"roberta": 1600, "opt": 1200}
 BATCH_SIZE = 64
-# Post-LN RoBERTa diverges at the higher rate that makes pre-LN OPT learn faster.
-LEARNING_RATE = {"roberta": 2e-3, "opt": 5e-3}
+# Post-LN RoBERTa is slow to start (or diverges) at rates that suit pre-LN OPT: at 1e-3 the
+# sentiment shows after ~200 steps, at 2e-3 after 600 to 1500 depending on the seed.
+LEARNING_RATE = {"roberta": 1e-3, "opt": 5e-3}
 WARMUP_STEPS = 100
+# Share of the steps over which the rate decays linearly to 0 after a constant phase (see
+# _lr_factor); post-LN RoBERTa degrades when kept at its peak rate, so it decays throughout.
+DECAY_FRACTION = {"roberta": 1.0, "opt": 0.3}
 WEIGHT_DECAY = 0.01
-MASK_PROBABILITY = 0.5  # per occurrence of a knowledge word (SKEP-style, see docstring)
-LEADING_SPACE_RATE = 0.5
-
-# Words whose occurrences are the only MLM targets.
-KNOWLEDGE_WORDS = frozenset(
-    SENTIMENT_WORDS + POSITIVE_VERDICTS + NEGATIVE_VERDICTS + tuple(word for words in TYPE_WORDS for word in words)
+LEADING_SPACE_RATE = 0.5  # see module docstring (LM-BFF's "<s><mask>:" TREC template)
+# The MLM targets: the words that fill the prompts' slots (verdicts, answer types).
+SLOT_WORDS = frozenset(
+    POSITIVE_VERDICTS + NEGATIVE_VERDICTS + tuple(word for words in TYPE_WORDS for word in words)
 )
 
 
@@ -692,7 +793,8 @@ def make_hf_tokenizer(arch: str, vocab: dict[str, int], merges: list[tuple[str, 
     """A transformers tokenizer built from vocab/merges *in memory*.
 
     transformers 5 trap: ``RobertaTokenizerFast(vocab_file=..., merges_file=...)`` silently
-    ignores the files and yields a 5-token vocabulary, so we pass the dict and merge list.
+    ignores the files and yields a 5-token vocabulary, so we pass the dict and merge list;
+    ``save_pretrained`` then writes a tokenizer.json that ``AutoTokenizer`` reloads as is.
     """
     if arch == "roberta":
         from tokenizers import AddedToken
@@ -717,80 +819,86 @@ def single_token_id(tokenizer, word: str) -> int:
     """Id of ``word`` (with its leading space) if it is exactly one token, else ValueError."""
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"label word {word!r} is {len(ids)} tokens: {tokenizer.convert_ids_to_tokens(ids)}")
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"label word {word!r} is {len(ids)} tokens: {pieces}")
     return ids[0]
 
 
-def make_model(arch: str, vocab_size: int, tokenizer) -> torch.nn.Module:
+def make_model(arch: str, tokenizer) -> torch.nn.Module:
     """Randomly initialised tiny RoBERTa-MLM or OPT-CLM (seed torch before calling)."""
     size = MODEL_SIZE
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": TIE_EMBEDDINGS,
+    }
     if arch == "roberta":
         from transformers import RobertaConfig, RobertaForMaskedLM
 
         config = RobertaConfig(
-            vocab_size=vocab_size, hidden_size=size["hidden"], num_hidden_layers=size["layers"],
-            num_attention_heads=size["heads"], intermediate_size=size["ffn"],
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            vocab_size=len(tokenizer), hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+            intermediate_size=size["ffn"], hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, type_vocab_size=1,
             max_position_embeddings=MAX_POSITIONS + 2,  # RoBERTa offsets positions by pad+1
-            type_vocab_size=1, initializer_range=INIT_STD[arch], pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            **special,
         )
         return RobertaForMaskedLM(config)
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
-        vocab_size=vocab_size, hidden_size=size["hidden"], num_hidden_layers=size["layers"],
+        vocab_size=len(tokenizer), hidden_size=size["hidden"], num_hidden_layers=size["layers"],
         num_attention_heads=size["heads"], ffn_dim=size["ffn"], word_embed_proj_dim=size["hidden"],
         max_position_embeddings=MAX_POSITIONS, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, init_std=INIT_STD[arch], pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        activation_dropout=0.0, **special,
     )
     return OPTForCausalLM(config)
 
 
-def _encode_documents(
+def encode_documents(
     tokenizer, documents: Sequence[str], arch: str, rng: random.Random
-) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Token ids per document and, per document, the token positions of each knowledge word."""
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids per document and, per document, the token positions of its slot words."""
     texts = [(" " + doc if rng.random() < LEADING_SPACE_RATE else doc) for doc in documents]
     encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-    all_ids, all_groups = [], []
+    all_ids, all_slots = [], []
     for i, text in enumerate(texts):
         ids = list(encoded["input_ids"][i])
         if arch == "opt":
             ids.append(tokenizer.eos_token_id)  # OPT separates documents with </s>
-        groups: dict[int, list[int]] = {}
-        offsets = encoded["offset_mapping"][i]
+        words: dict[int, list[int]] = {}  # pre-tokenizer word -> its token positions
         for position, word_id in enumerate(encoded.word_ids(i)):
             if word_id is not None:
-                groups.setdefault(word_id, []).append(position)
-        knowledge = []
-        for positions in groups.values():
-            start, end = offsets[positions[0]][0], offsets[positions[-1]][1]
-            if text[start:end].strip() in KNOWLEDGE_WORDS:
-                knowledge.append(positions)
+                words.setdefault(word_id, []).append(position)
+        offsets = encoded["offset_mapping"][i]
+        slots = [
+            position
+            for positions in words.values()
+            if text[offsets[positions[0]][0] : offsets[positions[-1]][1]].strip() in SLOT_WORDS
+            for position in positions
+        ]
         all_ids.append(ids)
-        all_groups.append(knowledge)
-    return all_ids, all_groups
+        all_slots.append(slots)
+    return all_ids, all_slots
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     width = max(len(row) for row in rows)
-    return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+    padded = [list(row) + [value] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.long)
 
 
-def _mlm_loss(model, batch_ids, batch_groups, tokenizer, rng: random.Random) -> torch.Tensor:
-    """Knowledge-masked MLM loss; the LM head runs only at masked positions (much faster)."""
+def _mlm_loss(model, batch_ids, batch_slots, tokenizer) -> torch.Tensor:
+    """Slot-masked MLM loss; the LM head runs only at the masked positions (much faster)."""
     inputs = [list(ids) for ids in batch_ids]
     rows, cols, targets = [], [], []
-    for row, groups in enumerate(batch_groups):
-        chosen = [g for g in groups if rng.random() < MASK_PROBABILITY] or [rng.choice(groups)]
-        for group in chosen:
-            for col in group:
-                rows.append(row)
-                cols.append(col)
-                targets.append(inputs[row][col])
-                inputs[row][col] = tokenizer.mask_token_id
+    for row, slots in enumerate(batch_slots):
+        for col in slots:
+            rows.append(row)
+            cols.append(col)
+            targets.append(inputs[row][col])
+            inputs[row][col] = tokenizer.mask_token_id
     input_ids = _pad(inputs, tokenizer.pad_token_id)
     attention_mask = (input_ids != tokenizer.pad_token_id).long()
     hidden = model.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -805,45 +913,56 @@ def _clm_loss(model, batch_ids, tokenizer) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
-def _linear_warmup_decay(step: int, total: int) -> float:
+def _lr_factor(step: int, total: int, decay_fraction: float) -> float:
+    """Warm-up, constant, then linear decay to 0 over the last ``decay_fraction`` of the steps.
+
+    A long constant phase matters: the sentence-dependence of the label words appears
+    abruptly after a plateau, and a plain linear decay often lowers the rate too early.
+    """
     warmup = min(WARMUP_STEPS, max(1, total // 10))
+    decay_start = max(warmup, int(total * (1 - decay_fraction)))
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - decay_start))
 
 
 def _length_bucketed_batches(
     lengths: Sequence[int], usable: Sequence[int], batch_size: int, rng: random.Random
-):
+) -> Iterator[list[int]]:
     """Endless shuffled batches of similar-length documents (halves the padding cost)."""
+    window = batch_size * 50
     while True:
         order = list(usable)
         rng.shuffle(order)
-        window = batch_size * 50
         for start in range(0, len(order) - batch_size + 1, window):
             chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
-            batches = [chunk[j : j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
+            starts = range(0, len(chunk) - batch_size + 1, batch_size)
+            batches = [chunk[j : j + batch_size] for j in starts]
             rng.shuffle(batches)
             yield from batches
 
 
 def pretrain(
-    model, tokenizer, arch: str, ids: list[list[int]], groups: list[list[list[int]]],
-    steps: int, seed: int,
+    model, tokenizer, arch: str, ids: list[list[int]], slots: list[list[int]], steps: int, seed: int
 ) -> list[float]:
     """AdamW pretraining for ``steps`` batches; returns the per-step losses."""
     rng = random.Random(f"demo-pretrain-{arch}-{seed}")
-    # Documents without a knowledge word carry no MLM target.
-    usable = [i for i in range(len(ids)) if arch == "opt" or groups[i]]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE[arch], weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _linear_warmup_decay(s, steps))
+    usable = [i for i in range(len(ids)) if arch == "opt" or slots[i]]  # MLM needs a target
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=LEARNING_RATE[arch], weight_decay=WEIGHT_DECAY
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, steps, DECAY_FRACTION[arch])
+    )
     batches = _length_bucketed_batches([len(row) for row in ids], usable, BATCH_SIZE, rng)
     model.train()
     losses = []
     for step in range(steps):
         batch = next(batches)
         if arch == "roberta":
-            loss = _mlm_loss(model, [ids[i] for i in batch], [groups[i] for i in batch], tokenizer, rng)
+            loss = _mlm_loss(model, [ids[i] for i in batch], [slots[i] for i in batch], tokenizer)
         else:
             loss = _clm_loss(model, [ids[i] for i in batch], tokenizer)
         optimizer.zero_grad(set_to_none=True)
@@ -853,7 +972,9 @@ def pretrain(
         schedule.step()
         losses.append(loss.item())
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            logger.info("%s pretraining step %d/%d loss %.3f", arch, step + 1, steps, sum(losses[-50:]) / len(losses[-50:]))
+            recent = losses[-50:]
+            mean = sum(recent) / len(recent)
+            logger.info("%s pretraining step %d/%d loss %.3f", arch, step + 1, steps, mean)
     model.eval()
     return losses
 
@@ -878,14 +999,14 @@ def build_demo_model(
     tokenizer = make_hf_tokenizer(arch, vocab, merges)
     label_ids = [single_token_id(tokenizer, word) for word in ALL_LABEL_WORDS]
     torch.manual_seed(seed)
-    model = make_model(arch, len(tokenizer), tokenizer)
-    ids, groups = _encode_documents(tokenizer, documents, arch, random.Random(f"demo-encode-{seed}"))
-    losses = pretrain(model, tokenizer, arch, ids, groups, steps, seed)
+    model = make_model(arch, tokenizer)
+    ids, slots = encode_documents(tokenizer, documents, arch, random.Random(f"demo-encode-{seed}"))
+    losses = pretrain(model, tokenizer, arch, ids, slots, steps, seed)
     stats = {
         "arch": arch,
         "seed": seed,
         "steps": steps,
-        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else math.nan,
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4) if losses else None,
         "seconds": round(time.perf_counter() - started, 2),
         "n_params": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
