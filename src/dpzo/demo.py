@@ -18,11 +18,11 @@ Design choices that make the prompts *meaningful but improvable*:
 
 * Zero-shot headroom comes from a miscalibrated label-word prior, the way real LMs are
   miscalibrated. A negative verdict rarely says " terrible" (mostly bad / awful / poor)
-  while " great" is the commonest positive one; verdicts after *mild* reviews ("a bit
-  flat") contradict them far more often than after strong ones. So the model rates strongly
-  negative sentences " terrible" but mildly negative ones " great": zero-shot is clearly
-  above chance but far from perfect, with a margin of about one nat either way, which keeps
-  it stable across checkpoints. Likewise answer types are mostly annotated with synonyms
+  while " great" is the commonest positive one; verdicts after *mild* reviews ("rather
+  flat") contradict them far more often than after strong ones. So the model tends to rate
+  strongly negative sentences " terrible" but mildly negative ones " great": zero-shot is
+  clearly above chance but far from perfect (68-74 % over eight pretrained models), and the
+  spread of the negative sentences' scores keeps it from jumping between 50 and 100 %. Likewise answer types are mostly annotated with synonyms
   (Person, Place, Count, ...) and annotators fall back to the catch-all type (" Entity",
   Thing, ...) for many Description / Expression / Number questions, so zero-shot labels those
   " Entity". Fine-tuning mostly has to re-calibrate the label words, which zeroth-order
@@ -30,7 +30,8 @@ Design choices that make the prompts *meaningful but improvable*:
 * Deviation from standard MLM (deliberate): with ordinary random masking a 2-layer RoBERTa
   never learns to put the sentiment into the ``<mask>`` of ``It was<mask>.`` within the
   budget (the signal is a tiny fraction of the targets), and SKEP-style masking of the
-  sentiment words as well (each with probability 0.5) did not either in 1600 steps. The
+  sentiment words as well (each with probability 0.5) did not either in 1600 steps (tried
+  at learning rate 2e-3). The
   RoBERTa model is therefore trained to fill exactly the prompts' slots: every verdict and
   answer-type word is masked, and nothing else. The causal OPT model uses the ordinary
   next-token objective on every token.
