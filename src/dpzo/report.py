@@ -26,7 +26,7 @@ def load_cells(metrics_files: Iterable[str | Path]) -> pd.DataFrame:
                 "model": metrics["model"],
                 "task": metrics["task"],
                 "method": metrics["method"],
-                "eps": str(ledger.get("epsilon_target", "inf")),
+                "eps": str(metrics["eps"]),  # the path component, e.g. "2" (not 2.0)
                 "seed": metrics["seed"],
                 "accuracy": 100.0 * metrics["accuracy"],
                 "sigma": ledger.get("sigma", 0.0),
@@ -93,10 +93,13 @@ def plot_accuracy(summary_csv: str | Path, out_png: str | Path) -> None:
         for j, row in enumerate(refs.itertuples()):
             ax.axhline(row.accuracy_mean, linestyle="--", color=palette[(3 + j) % len(palette)], label=f"{row.method} (non-private)" if row.method != "zero-shot" else "zero-shot")
         ax.set_xscale("log")
+        eps_values = sorted(private["epsilon"].unique())
+        ax.set_xticks(eps_values, [f"{e:g}" for e in eps_values])
+        ax.minorticks_off()
         ax.set_xlabel("privacy budget ε (log scale; δ fixed)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{task} — {model}")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
