@@ -20,7 +20,7 @@ generated demo data directory instead of the user's LM-BFF data directory.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 
@@ -41,8 +41,6 @@ class TaskSpec:
     max_length: int = 128
     metric: str = "accuracy"
     demo: bool = False
-    # TREC's "Expression" class has fewer than 512 training questions: n is whatever exists.
-    notes: str = ""
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -175,7 +173,6 @@ class EncodedPrompt:
     input_ids: list[int]
     score_position: int  # index whose next-token / mask logits are scored
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def encode_prompt(
