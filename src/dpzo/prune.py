@@ -91,8 +91,6 @@ Storage: :class:`Mask` holds sorted int64 flat indices (never sparse COO or bool
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -103,6 +101,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .fileio import atomic_path
 from .zo import gaussian_direction
 
 from .methods import MODES, SCOPES, SCORERS, SELECTIONS, MaskSettings  # noqa: F401 (re-exported)
@@ -156,17 +155,8 @@ class Mask:
             "scales": None if self.scales is None else self.scales.detach().cpu().contiguous(),
             "meta": _plain(self.meta, "meta"),
         }
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
