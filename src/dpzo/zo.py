@@ -130,8 +130,15 @@ class FlatParameters:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """work <- master, bit-exact."""
-        self.work.copy_(self.master)
+        """work <- master, bit-exact.
+
+        With a mask only the masked coordinates can differ (nothing else is ever written), so
+        only those are copied: the restore costs O(mask), not O(parameters).
+        """
+        if self.mask is None:
+            self.work.copy_(self.master)
+        else:
+            self.work.index_copy_(0, self.mask, self.master[self.mask].to(self.work.dtype))
 
     @torch.no_grad()
     def add_direction(self, seed: int, coef: float) -> None:
