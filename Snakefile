@@ -45,4 +45,5 @@ rule all:
         "results/tables/summary.csv",
         "results/figures/accuracy.png",
         all_ledgers(),
+        agreement_tables(),
     default_target: True

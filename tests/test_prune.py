@@ -15,11 +15,13 @@ from dpzo.prune import (
     flat_parameter_names,
     linearized_objective,
     rank_correlation,
+    scorer_agreement,
     scoring_context,
     select_mask,
     synflow_objective,
     theta_hg_exact,
     theta_hg_zo,
+    top_overlap,
 )
 from dpzo.zo import FlatParameters
 
@@ -458,3 +460,29 @@ def test_rank_correlation_matches_scipy_on_absolute_values():
     expected = stats.spearmanr(np.abs(a), np.abs(b)).statistic
     assert rank_correlation(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, abs=1e-12)
     assert rank_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-10.0, 20.0, -30.0])) == pytest.approx(1.0)
+
+
+def test_top_overlap_by_hand():
+    a = torch.tensor([0.0, -5.0, 1.0, 4.0, 2.0, 3.0, 0.5, 0.1, 0.2, 0.3])
+    b = torch.tensor([9.0, 8.0, 0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0])
+    # top-3 by |b|: {0, 1, 5}; top-3 by |a|: {1, 3, 5}; shared {1, 5}.
+    assert top_overlap(a, b, 0.3) == pytest.approx(2 / 3)
+    assert top_overlap(b, b, 0.3) == 1.0
+    with pytest.raises(ValueError):
+        top_overlap(a, b[:5], 0.3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scorer_agreement_rows_against_direct_computation(family):
+    stats = pytest.importorskip("scipy.stats")
+    model = tiny_model(family)
+    report = scorer_agreement(model, LABELS, family, queries=(4,), ratios=(0.1,), seed=3)
+    exact = compute_scores(model, LABELS, family, "synflow-exact")
+    zo = compute_scores(model, LABELS, family, "synflow-zo", queries=4, seed=3)
+    magnitude = compute_scores(model, LABELS, family, "magnitude")
+    assert report["coordinates"] == exact.numel()
+    (zo_row, magnitude_row) = report["rows"]
+    assert zo_row["scorer"] == "synflow-zo" and zo_row["queries"] == 4
+    assert zo_row["spearman"] == pytest.approx(stats.spearmanr(zo.abs(), exact.abs()).statistic)
+    assert zo_row["top_overlap@0.1"] == top_overlap(zo, exact, 0.1)
+    assert magnitude_row["spearman"] == pytest.approx(stats.spearmanr(magnitude, exact.abs()).statistic)

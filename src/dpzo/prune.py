@@ -611,3 +611,50 @@ def compute_mask(model: torch.nn.Module, label_ids: torch.Tensor, family: str, s
         layout=layout if settings.scope == "per-layer" else None,
         meta={"scorer": settings.scorer, "seed": settings.seed},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# How well the zeroth-order SynFlow estimate agrees with the exact score
+# ---------------------------------------------------------------------------------------------
+def top_overlap(a: torch.Tensor, b: torch.Tensor, ratio: float) -> float:
+    """Fraction of the top-``ratio`` coordinates by |b| that are also in the top by |a|.
+
+    Two unrelated scorings overlap by about ``ratio`` (the chance level); identical ones by 1.
+    """
+    x, y = torch.as_tensor(a).reshape(-1).abs(), torch.as_tensor(b).reshape(-1).abs()
+    if x.shape != y.shape:
+        raise ValueError("top_overlap needs two vectors of the same length")
+    k = max(_count(ratio, x.numel()), 1)
+    top_a = _order(x, "largest")[:k]
+    top_b = _order(y, "largest")[:k]
+    return float(torch.isin(top_b, top_a).sum()) / k
+
+
+def scorer_agreement(
+    model: torch.nn.Module,
+    label_ids: torch.Tensor,
+    family: str,
+    *,
+    queries: Sequence[int] = (16, 64, 256),
+    ratios: Sequence[float] = (0.01, 0.05),
+    seed: int = 0,
+) -> dict:
+    """Agreement of ``synflow-zo`` (at several query budgets) and ``magnitude`` with ``synflow-exact``.
+
+    Spearman correlation of |score| over all trainable coordinates and the top-k overlap at each
+    ratio (chance level: the ratio itself).  The paper masks with the zeroth-order estimate; this
+    measures how much of the exact SynFlow ranking it recovers on a given model.
+    """
+    exact = compute_scores(model, label_ids, family, "synflow-exact")
+    rows = []
+
+    def row(scorer: str, q: int | None, scores: torch.Tensor) -> dict:
+        out = {"scorer": scorer, "queries": q, "spearman": rank_correlation(scores, exact)}
+        for r in ratios:
+            out[f"top_overlap@{r:g}"] = top_overlap(scores, exact, r)
+        return out
+
+    for q in queries:
+        rows.append(row("synflow-zo", int(q), compute_scores(model, label_ids, family, "synflow-zo", seed=seed, queries=int(q))))
+    rows.append(row("magnitude", None, compute_scores(model, label_ids, family, "magnitude")))
+    return {"reference": "synflow-exact", "coordinates": int(exact.numel()), "seed": seed, "chance_overlap": {f"{r:g}": r for r in ratios}, "rows": rows}

@@ -11,7 +11,7 @@ import logging
 import math
 from pathlib import Path
 
-from .fileio import write_json_atomic
+from .fileio import atomic_path, write_json_atomic
 
 
 def _setup(snakemake) -> None:
@@ -144,24 +144,56 @@ def train(snakemake) -> None:
     logging.info("accuracy %.4f after %s steps", metrics["accuracy"], metrics["steps"])
 
 
-def mask(snakemake) -> None:
-    """Compute one data-free DP-ZOPO mask (no training data is read)."""
-    from .methods import MaskSettings
+def _mask_classifier(snakemake):
+    """The model of a mask rule and its task's label words (no training data is read)."""
     from .models import PromptClassifier, load_model
-    from .prune import compute_mask
     from .tasks import get_task
 
-    _setup(snakemake)
-    wc = snakemake.wildcards
-    settings = MaskSettings(scorer=wc.scorer, selection=wc.selection, scope=wc.scope, mode=wc.mode, seed=int(wc.mseed), ratio=float(wc.ratio))
     cfg = snakemake.params.model_cfg
     lm, tokenizer, family = load_model(
         str(snakemake.params.model_path), family=cfg.get("family", "auto"), dtype=cfg.get("dtype", "float32"), device=snakemake.params.device
     )
-    clf = PromptClassifier(lm, tokenizer, family, get_task(wc.task))
-    result = compute_mask(lm, clf.label_ids, family, settings, float(wc.ratio))
+    return PromptClassifier(lm, tokenizer, family, get_task(snakemake.wildcards.task))
+
+
+def mask(snakemake) -> None:
+    """Compute one data-free DP-ZOPO mask (no training data is read)."""
+    from .methods import MaskSettings
+    from .prune import compute_mask
+
+    _setup(snakemake)
+    wc = snakemake.wildcards
+    settings = MaskSettings(scorer=wc.scorer, selection=wc.selection, scope=wc.scope, mode=wc.mode, seed=int(wc.mseed), ratio=float(wc.ratio))
+    clf = _mask_classifier(snakemake)
+    result = compute_mask(clf.model, clf.label_ids, clf.family, settings, float(wc.ratio))
     result.save(Path(snakemake.output.mask))
     logging.info("mask: %d of %d coordinates (%s)", len(result), result.numel, settings)
+
+
+def synflow_agreement(snakemake) -> None:
+    """How much of the exact SynFlow ranking the zeroth-order estimate recovers on one model."""
+    from .prune import scorer_agreement
+
+    _setup(snakemake)
+    clf = _mask_classifier(snakemake)
+    result = scorer_agreement(clf.model, clf.label_ids, clf.family)
+    result.update(model=snakemake.wildcards.model, task=snakemake.wildcards.task)
+    write_json_atomic(Path(snakemake.output.agreement), result)
+    for row in result["rows"]:
+        logging.info("%s", row)
+
+
+def agreement_table(snakemake) -> None:
+    """One row per (model, task, scorer, queries) from the agreement files."""
+    import pandas as pd
+
+    _setup(snakemake)
+    rows = []
+    for path in snakemake.input.agreement:
+        result = json.loads(Path(path).read_text())
+        rows += [{"model": result["model"], "task": result["task"], **row} for row in result["rows"]]
+    with atomic_path(Path(snakemake.output.table)) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def summarize(snakemake) -> None:

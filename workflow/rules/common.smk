@@ -85,9 +85,19 @@ def method_params(wildcards):
     return config["methods"][wildcards.method]
 
 
+def is_masked(method):
+    zo = ZO.get(base_method(method))
+    return zo is not None and zo.masked
+
+
+def agreement_tables():
+    """The SynFlow ZO-vs-exact agreement table, when some configured method trains on a mask."""
+    return ["results/tables/synflow_agreement.csv"] if any(map(is_masked, config["methods"])) else []
+
+
 def mask_files(wildcards):
     """DP-ZOPO: the precomputed mask of every distinct stage ratio of this method's strategy."""
-    if not ZO.get(base_method(wildcards.method), None) or not ZO[base_method(wildcards.method)].masked:
+    if not is_masked(wildcards.method):
         return []
     params = config["methods"][wildcards.method]
     settings = MaskSettings.from_config(params["mask"])

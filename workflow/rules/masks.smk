@@ -21,3 +21,38 @@ rule mask:
         "../../envs/dpzo.yaml"
     script:
         "../scripts/mask.py"
+
+
+# How much of the exact SynFlow ranking the paper's zeroth-order estimate recovers on each
+# model (Spearman over all coordinates, top-k overlap): built whenever a config uses masks.
+rule synflow_agreement:
+    input:
+        model=model_input,
+    output:
+        agreement="results/masks/{model}/{task}/synflow-agreement.json",
+    params:
+        model_path=model_path,
+        model_cfg=model_cfg,
+        device=config["device"],
+    threads: config["threads"]
+    log:
+        "logs/mask/{model}/{task}/synflow-agreement.log",
+    benchmark:
+        "benchmarks/mask/{model}/{task}/synflow-agreement.tsv"
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/synflow_agreement.py"
+
+
+rule synflow_agreement_table:
+    input:
+        agreement=expand("results/masks/{model}/{task}/synflow-agreement.json", model=config["models"], task=config["tasks"]),
+    output:
+        table="results/tables/synflow_agreement.csv",
+    log:
+        "logs/report/synflow_agreement.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/agreement_table.py"
