@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 
 from dpzo.data import make_k_shot, read_split, sample_k_shot, Example, load_split
-from dpzo.tasks import TASKS, get_task, parse_template, render_template
+from dpzo.tasks import TASKS, encode_prompt, get_task, parse_template, render_template
 
 SPECIAL = dict(cls="<s>", sep="</s>", mask="<mask>")
 
@@ -122,3 +124,125 @@ def test_make_k_shot_writes_jsonl_that_round_trips(tmp_path):
     assert sizes == {"train": 24, "dev": 24, "test": 12}
     loaded = load_split(tmp_path / "out" / "train.jsonl")
     assert len(loaded) == 24 and all(isinstance(e.label, int) for e in loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM-BFF task table: files, templates, label words, metrics
+# ---------------------------------------------------------------------------------------------
+LMBFF_TASKS = ["SST-2", "SST-5", "mr", "cr", "mpqa", "subj", "trec", "CoLA", "MNLI", "SNLI", "RTE", "QNLI", "MRPC", "QQP"]
+
+
+def _write_lmbff(root, spec, rows_by_split):
+    """Write a task's two files in its LM-BFF layout from {split: [(label, texts), ...]}."""
+    folder = root / "original" / spec.lmbff_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        name = spec.train_file if split == "train" else spec.test_file
+        lines = []
+        if spec.file_format == "glue-tsv":
+            header = ["index", *spec.text_columns, spec.label_column]
+            lines.append("\t".join(header))
+            lines += ["\t".join([str(i), *texts, label]) for i, (label, texts) in enumerate(rows)]
+            (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        elif spec.file_format == "tsv-noheader":  # CoLA: source, label, original label, sentence
+            lines = ["\t".join(["src", label, "*" if label == "0" else "", texts[0]]) for label, texts in rows]
+            (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            import csv as _csv
+
+            with open(folder / name, "w", newline="", encoding="utf-8") as fh:
+                writer = _csv.writer(fh)
+                for label, texts in rows:
+                    writer.writerow([label, *texts])
+
+
+@pytest.mark.parametrize("name", LMBFF_TASKS)
+def test_every_lmbff_task_reads_from_its_layout(name, tmp_path):
+    spec = TASKS[name]
+    texts = [f"text {j}, with a comma" for j in range(len(spec.text_columns))]
+    rows = [(label, texts) for label in spec.labels for _ in range(3)]
+    _write_lmbff(tmp_path, spec, {"train": rows, "test": rows[:4]})
+    train = read_split(spec, tmp_path, "train")
+    assert len(train) == len(rows)
+    assert [ex.label for ex in train] == [spec.labels.index(label) for label, _ in rows]
+    assert train[0].texts == texts
+    assert len(read_split(spec, tmp_path, "test")) == 4
+
+
+def test_snli_rows_without_gold_label_are_dropped(tmp_path):
+    spec = TASKS["SNLI"]
+    rows = [("entailment", ["a.", "b"]), ("-", ["c.", "d"]), ("neutral", ["e.", "f"])]
+    _write_lmbff(tmp_path, spec, {"train": rows, "test": rows})
+    assert [ex.texts[0] for ex in read_split(spec, tmp_path, "train")] == ["a.", "e."]
+
+
+RENDERED = {
+    # LM-BFF templates rendered with RoBERTa's special tokens, as written in the LM-BFF paper.
+    "SST-2": (["A fine film"], "<s>A fine film It was<mask>.</s>"),
+    "SST-5": (["A fine film"], "<s>A fine film It was<mask>.</s>"),
+    "subj": (["A fine film"], "<s>A fine film This is<mask>.</s>"),
+    "CoLA": (["A fine film"], "<s>A fine film This is<mask>.</s>"),
+    "trec": (["Who is it?"], "<s><mask>: Who is it?</s>"),
+    "MNLI": (["A man sleeps.", "Nobody sleeps"], "<s>A man sleeps?<mask>, nobody sleeps</s>"),
+    "RTE": (["A man sleeps.", "Nobody sleeps"], "<s>A man sleeps?<mask>, nobody sleeps</s>"),
+    "QQP": (["Is it?", "Is it so?"], "<s>Is it?<mask>, is it so?</s>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_lmbff_templates_render_literally(name):
+    texts, expected = RENDERED[name]
+    assert render_template(TASKS[name].template, texts, cls="<s>", sep="</s>", mask="<mask>") == expected
+
+
+LABEL_WORDS = {
+    "SST-5": ["terrible", "bad", "okay", "good", "great"],
+    "SNLI": ["No", "Yes", "Maybe"],
+    "QNLI": ["No", "Yes"],
+    "MRPC": ["No", "Yes"],
+    "CoLA": ["incorrect", "correct"],
+    "subj": ["subjective", "objective"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LABEL_WORDS))
+def test_label_words(name):
+    assert list(TASKS[name].label_words.values()) == LABEL_WORDS[name]
+
+
+def test_sentence_limits_cut_each_sentence_before_the_prompt(tokenizer):
+    sentence = " ".join(["good"] * 30)
+    full = encode_prompt("*cls**sent_0**mask**+sent_1*", [sentence, sentence], tokenizer, max_length=128, causal=False)
+    cut = encode_prompt(
+        "*cls**sent_0**mask**+sent_1*", [sentence, sentence], tokenizer, max_length=128, causal=False,
+        first_sent_limit=5, other_sent_limit=3,
+    )
+    assert len(full.input_ids) == 1 + 30 + 1 + 30
+    assert len(cut.input_ids) == 1 + 5 + 1 + 3 and cut.score_position == 6
+
+
+def test_task_metrics_from_confusion_against_closed_forms():
+    from dpzo.evaluate import score_from_confusion
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    confusion = torch.bincount(torch.tensor(y * 2 + p), minlength=4).view(2, 2)
+    # Binary MCC is the Pearson correlation of the 0/1 labels and predictions.
+    assert score_from_confusion("mcc", confusion) == pytest.approx(np.corrcoef(y, p)[0, 1])
+    precision, recall = (y & p).sum() / p.sum(), (y & p).sum() / y.sum()
+    assert score_from_confusion("f1", confusion) == pytest.approx(2 * precision * recall / (precision + recall))
+    assert score_from_confusion("accuracy", confusion) == pytest.approx((y == p).mean())
+    # Three classes by hand (Gorodkin's R_K): s = 10, c = 7, t = p = (3, 4, 3): (70 - 34) / (100 - 34).
+    three = torch.tensor([[2, 1, 0], [0, 3, 1], [1, 0, 2]])
+    assert score_from_confusion("mcc", three) == pytest.approx(36 / 66)
+    assert score_from_confusion("mcc", torch.tensor([[5, 0], [5, 0]])) == 0.0  # undefined -> 0
+    with pytest.raises(ValueError, match="unknown metric"):
+        score_from_confusion("auc", three)
+
+
+def test_config_schema_lists_every_task():
+    import yaml
+    from pathlib import Path
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    assert sorted(schema["properties"]["tasks"]["items"]["enum"]) == sorted(TASKS)

@@ -1,8 +1,10 @@
 """Reading tasks in the LM-BFF on-disk layout and drawing the k-shot splits.
 
 Layout (the LM-BFF ``datasets.tar``): ``<data_dir>/original/<TASK>/`` holds either GLUE-style
-TSV files with a header (SST-2: ``train.tsv``, ``dev.tsv``) or header-less CSV files whose first
-column is the label (TREC, SST-5, MR, CR, ...: ``train.csv``, ``test.csv``).
+TSV files with a header (SST-2, MNLI, SNLI, RTE, QNLI, MRPC, QQP: ``train.tsv`` and ``dev.tsv``,
+MNLI ``dev_matched.tsv``), GLUE CoLA's header-less TSV, or header-less CSV files whose first
+column is the label (TREC, SST-5, MR, CR, MPQA, SUBJ: ``train.csv``, ``test.csv``).  The GLUE
+dev set is the test set (LM-BFF); the k-shot dev split is carved from the training file.
 
 k-shot protocol (LM-BFF ``generate_k_shot_data.py``): shuffle the training file with the data
 seed, take the first k examples of each class as train and the next k as dev; the test set is
@@ -58,6 +60,13 @@ def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
             raise ValueError(f"{path}: missing column(s) {absent}; found {list(frame.columns)}")
         texts = frame[list(task.text_columns)].values.tolist()
         raw_labels = frame[task.label_column].tolist()
+    elif task.file_format == "tsv-noheader":
+        frame = pd.read_csv(path, sep="\t", header=None, quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+        columns = [int(c) for c in (*task.text_columns, task.label_column)]
+        if frame.shape[1] <= max(columns):
+            raise ValueError(f"{path}: expected at least {max(columns) + 1} tab-separated columns, got {frame.shape[1]}")
+        texts = frame[columns[:-1]].values.tolist()
+        raw_labels = frame[columns[-1]].tolist()
     elif task.file_format == "csv":
         frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
         if frame.shape[1] < 1 + len(task.text_columns):
@@ -70,6 +79,8 @@ def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
     examples = []
     for row, (text, label) in enumerate(zip(texts, raw_labels)):
         label = str(label).strip()
+        if label in task.unlabelled:
+            continue
         if label not in index:
             raise ValueError(f"{path}, row {row + 1}: label {label!r} is not one of {list(task.labels)}")
         examples.append(Example(texts=[str(t) for t in text], label=index[label]))

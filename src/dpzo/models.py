@@ -40,15 +40,20 @@ def detect_family(config) -> str:
 
 
 def load_model(path: str | Path, *, family: str = "auto", dtype: str = "float32", device: str = "cpu"):
-    """Load tokenizer and model with the Auto classes; returns (model, tokenizer, family)."""
+    """Load tokenizer and model with the Auto classes; returns (model, tokenizer, family).
+
+    ``path`` is a directory or a Hugging Face id already in the local cache: nothing is ever
+    downloaded here (see :mod:`dpzo.preflight`).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path)
+    offline = dict(local_files_only=True)
+    config = AutoConfig.from_pretrained(path, **offline)
     if family == "auto":
         family = detect_family(config)
     cls = AutoModelForMaskedLM if family == "mlm" else AutoModelForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path, **offline)
+    model = cls.from_pretrained(path, dtype=DTYPES[dtype], **offline)
     model.to(device)
     # Zeroth-order training runs in eval mode: dropout would make the two perturbed losses
     # differ by more than the perturbation itself.
@@ -109,7 +114,7 @@ def encode_examples(examples: list[Example], task: TaskSpec, tokenizer, *, famil
     """Tokenize every example once with the task's template for this model family."""
     causal = family == "causal"
     template = template_for(task, family)
-    encoded = [encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal) for ex in examples]
+    encoded = [encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal, **task.sent_limits) for ex in examples]
     return stack_prompts(encoded, [ex.label for ex in examples], pad_token_id(tokenizer))
 
 

@@ -30,16 +30,19 @@ class TaskSpec:
 
     name: str
     lmbff_dir: str  # directory under ``<data_dir>/original/``
-    file_format: str  # "glue-tsv" (header line, named columns) | "csv" (no header: label, text...)
+    file_format: str  # "glue-tsv" (header, named columns) | "tsv-noheader" (numbered columns) | "csv" (no header: label, text...)
     train_file: str
     test_file: str
-    text_columns: tuple[str, ...]  # glue-tsv: column names; csv: ignored (columns 1..)
-    label_column: str  # glue-tsv only
+    text_columns: tuple[str, ...]  # glue-tsv: column names; tsv-noheader: column numbers; csv: columns 1..
+    label_column: str  # glue-tsv: name; tsv-noheader: number; csv: column 0
     label_words: Mapping[str, str]  # label value (as written in the file) -> label word
     template: str  # LM-BFF template for masked LMs
     causal_template: str  # prompt prefix for causal LMs; the label word is the next token
     max_length: int = 128
-    metric: str = "accuracy"
+    metric: str = "accuracy"  # "accuracy" | "mcc" (CoLA) | "f1" of the positive class (MRPC, QQP)
+    first_sent_limit: int | None = None  # tokens kept of sentence 0 before the prompt is built
+    other_sent_limit: int | None = None  # tokens kept of every other sentence
+    unlabelled: tuple[str, ...] = ()  # label values that mark rows without a gold label (dropped)
     demo: bool = False
 
     @property
@@ -50,43 +53,81 @@ class TaskSpec:
     def num_classes(self) -> int:
         return len(self.label_words)
 
+    @property
+    def sent_limits(self) -> dict:
+        """The LM-BFF sentence limits as keyword arguments of :func:`encode_prompt`."""
+        return {"first_sent_limit": self.first_sent_limit, "other_sent_limit": self.other_sent_limit}
 
-_SENTIMENT_TEMPLATE = "*cls**sent_0*_It_was*mask*.*sep+*"
+
+# LM-BFF templates (Gao et al. 2021; the same strings in DP-ZOSO, MeZO and DPZero scripts).
+_SENTIMENT = "*cls**sent_0*_It_was*mask*.*sep+*"
+_THIS_IS = "*cls**sent_0*_This_is*mask*.*sep+*"
+_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
+_PARAPHRASE = "*cls**sent_0**mask*,*+sentl_1**sep+*"
+_QUESTION_TYPE = "*cls**mask*:*+sent_0**sep+*"
+# Causal prompts for the same tasks: the label word is scored as the next token.  These are this
+# project's choice (the paper runs the LM-BFF tasks on RoBERTa only): the masked template with
+# the mask moved to the end.
 _SENTIMENT_CAUSAL = "*cls**sent_0*_It_was"
-_NLI_TEMPLATE = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
+_THIS_IS_CAUSAL = "*cls**sent_0*_This_is"
+_NLI_CAUSAL = "*cls**sent-_0*?*+sentl_1*_Answer:"
+_QUESTION_TYPE_CAUSAL = "*cls**sent_0*_Answer_type:"
+
+_BINARY_SENTIMENT = {"0": "terrible", "1": "great"}
+_FIVE_SENTIMENT = {"0": "terrible", "1": "bad", "2": "okay", "3": "good", "4": "great"}
+_NLI3 = {"contradiction": "No", "entailment": "Yes", "neutral": "Maybe"}
+_NLI2 = {"not_entailment": "No", "entailment": "Yes"}
+_YES_NO = {"0": "No", "1": "Yes"}
+
+
+def _single_csv(name: str, folder: str, words: Mapping[str, str], template: str = _SENTIMENT, causal: str = _SENTIMENT_CAUSAL, **extra) -> TaskSpec:
+    """An LM-BFF single-sentence task stored as header-less ``label,sentence`` CSV files."""
+    return TaskSpec(
+        name=name, lmbff_dir=folder, file_format="csv", train_file="train.csv", test_file="test.csv",
+        text_columns=("sentence",), label_column="label", label_words=words, template=template,
+        causal_template=causal, **extra,
+    )
+
+
+def _glue(name: str, columns: tuple[str, ...], label: str, words: Mapping[str, str], template: str, causal: str, *, test_file: str = "dev.tsv", **extra) -> TaskSpec:
+    """A GLUE-style task (TSV with a header); LM-BFF uses the GLUE dev set as the test set."""
+    return TaskSpec(
+        name=name, lmbff_dir=name, file_format="glue-tsv", train_file="train.tsv", test_file=test_file,
+        text_columns=columns, label_column=label, label_words=words, template=template,
+        causal_template=causal, **extra,
+    )
+
+
+# Max lengths and sentence limits as in the LM-BFF / MeZO RoBERTa scripts: 128 tokens, 256 for
+# the sentence-pair inference tasks; the first sentence is cut to 110 tokens (SST-5, TREC) or 240
+# (MNLI, RTE) and the others to 20 (SST-5) before the prompt is assembled.
+_PAIR = dict(max_length=256)
 
 TASKS: dict[str, TaskSpec] = {
-    "SST-2": TaskSpec(
-        name="SST-2",
-        lmbff_dir="SST-2",
-        file_format="glue-tsv",
-        train_file="train.tsv",
-        test_file="dev.tsv",
-        text_columns=("sentence",),
-        label_column="label",
-        label_words={"0": "terrible", "1": "great"},
-        template=_SENTIMENT_TEMPLATE,
-        causal_template=_SENTIMENT_CAUSAL,
+    "SST-2": _glue("SST-2", ("sentence",), "label", _BINARY_SENTIMENT, _SENTIMENT, _SENTIMENT_CAUSAL),
+    "SST-5": _single_csv("SST-5", "sst-5", _FIVE_SENTIMENT, first_sent_limit=110, other_sent_limit=20),
+    "mr": _single_csv("mr", "mr", _BINARY_SENTIMENT),
+    "cr": _single_csv("cr", "cr", _BINARY_SENTIMENT),
+    "mpqa": _single_csv("mpqa", "mpqa", _BINARY_SENTIMENT),
+    "subj": _single_csv("subj", "subj", {"0": "subjective", "1": "objective"}, _THIS_IS, _THIS_IS_CAUSAL),
+    "trec": _single_csv(
+        "trec", "trec",
+        {"0": "Description", "1": "Entity", "2": "Expression", "3": "Human", "4": "Location", "5": "Number"},
+        _QUESTION_TYPE, _QUESTION_TYPE_CAUSAL, first_sent_limit=110,
     ),
-    "trec": TaskSpec(
-        name="trec",
-        lmbff_dir="trec",
-        file_format="csv",
-        train_file="train.csv",
-        test_file="test.csv",
-        text_columns=("question",),
-        label_column="label",
-        label_words={
-            "0": "Description",
-            "1": "Entity",
-            "2": "Expression",
-            "3": "Human",
-            "4": "Location",
-            "5": "Number",
-        },
-        template="*cls**mask*:*+sent_0**sep+*",
-        causal_template="*cls**sent_0*_Answer_type:",
+    # GLUE CoLA ships without a header: source, label, original label, sentence.
+    "CoLA": TaskSpec(
+        name="CoLA", lmbff_dir="CoLA", file_format="tsv-noheader", train_file="train.tsv", test_file="dev.tsv",
+        text_columns=("3",), label_column="1", label_words={"0": "incorrect", "1": "correct"},
+        template=_THIS_IS, causal_template=_THIS_IS_CAUSAL, metric="mcc",
     ),
+    "MNLI": _glue("MNLI", ("sentence1", "sentence2"), "gold_label", _NLI3, _NLI, _NLI_CAUSAL, test_file="dev_matched.tsv", first_sent_limit=240, **_PAIR),
+    # SNLI marks pairs whose annotators did not agree with gold label "-": they have no label.
+    "SNLI": _glue("SNLI", ("sentence1", "sentence2"), "gold_label", _NLI3, _NLI, _NLI_CAUSAL, unlabelled=("-",), **_PAIR),
+    "RTE": _glue("RTE", ("sentence1", "sentence2"), "label", _NLI2, _NLI, _NLI_CAUSAL, first_sent_limit=240, **_PAIR),
+    "QNLI": _glue("QNLI", ("question", "sentence"), "label", _NLI2, _NLI, _NLI_CAUSAL, **_PAIR),
+    "MRPC": _glue("MRPC", ("#1 String", "#2 String"), "Quality", _YES_NO, _PARAPHRASE, _NLI_CAUSAL, metric="f1"),
+    "QQP": _glue("QQP", ("question1", "question2"), "is_duplicate", _YES_NO, _PARAPHRASE, _NLI_CAUSAL, metric="f1"),
 }
 TASKS["demo-sst2"] = replace(TASKS["SST-2"], name="demo-sst2", demo=True)
 TASKS["demo-trec"] = replace(TASKS["trec"], name="demo-trec", demo=True)
@@ -182,11 +223,14 @@ def encode_prompt(
     *,
     max_length: int,
     causal: bool,
+    first_sent_limit: int | None = None,
+    other_sent_limit: int | None = None,
 ) -> EncodedPrompt:
     """Tokenize a prompt part by part (LM-BFF style), truncating the sentences to fit max_length.
 
     For masked LMs the scored position is the ``<mask>`` token; for causal LMs it is the last
-    token of the prompt (its next-token distribution scores the label words).
+    token of the prompt (its next-token distribution scores the label words).  Sentence 0 is
+    first cut to ``first_sent_limit`` tokens and the others to ``other_sent_limit`` (LM-BFF).
     """
     parts = parse_template(template)
     segments: list[tuple[TemplatePart, list[int]]] = []
@@ -205,6 +249,9 @@ def encode_prompt(
             ids = [tokenizer.mask_token_id]
         elif part.kind == "sent":
             ids = tokenizer.encode(_sentence_text(part, texts), add_special_tokens=False)
+            limit = first_sent_limit if part.sent_index == 0 else other_sent_limit
+            if limit is not None:
+                ids = ids[:limit]
         else:
             ids = tokenizer.encode(part.text, add_special_tokens=False)
         segments.append((part, ids))

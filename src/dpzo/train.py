@@ -349,6 +349,8 @@ def run_cell(
         "method": method,
         "seed": seed,
         "accuracy": result["accuracy"],
+        "metric": result["metric"],  # the task's own metric (accuracy, or mcc / f1) ...
+        "score": result["score"],  # ... and its value
         "test_loss": result["loss"],
         "test_n": result["n"],
         "confusion": result["confusion"],
