@@ -11,7 +11,11 @@ from snakemake.utils import min_version
 min_version("9.20")
 
 
-configfile: "config/config.yaml"
+# The demo config unless the command line names config files: `--configfile config/paper.yaml`
+# then runs exactly that grid (list config/config.yaml first to overlay on the demo instead).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

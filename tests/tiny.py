@@ -13,7 +13,7 @@ from dpzo.models import PromptClassifier
 from dpzo.tasks import TASKS
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "It", "was", ".", "good", "bad", "film", "movie",
-         "very", "not", "a", "the", "plot", "acting", "fun", "dull"]
+         "very", "not", "a", "the", "plot", "acting", "fun", "dull", "terrible", "great"]
 FAMILIES = ["mlm", "causal"]
 
 

@@ -54,3 +54,36 @@ def check_config(config: dict, schema_path: str | Path) -> None:
         problems.append(f"config key '{_where(error)}': {_describe(error)}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+GRID_AXES = ("tasks", "methods", "epsilons", "seeds")
+
+
+def grid_cells(config: dict) -> list[dict]:
+    """Every (model, task, method, eps, seed) cell of a validated config.
+
+    The grid is the product of the config's models, tasks, methods, epsilons and seeds; private
+    methods run at every epsilon, the others once at "inf".  A model's optional ``grid`` block
+    narrows that product for the model (e.g. the OPT memory cells of the paper config run one
+    task, one epsilon and one seed); every name it lists must be in the config's own lists.
+    """
+    from .methods import is_private
+
+    problems = []
+    for model, cfg in config["models"].items():
+        for axis, values in cfg.get("grid", {}).items():
+            unknown = [v for v in values if v not in config[axis]]
+            if unknown:
+                problems.append(f"config key 'models.{model}.grid.{axis}': {unknown} not in the config's {axis} {list(config[axis])}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    cells = []
+    for model, cfg in config["models"].items():
+        only = cfg.get("grid", {})
+        axes = {axis: [v for v in config[axis] if axis not in only or v in only[axis]] for axis in GRID_AXES}
+        for task in axes["tasks"]:
+            for method in axes["methods"]:
+                for eps in axes["epsilons"] if is_private(method) else ["inf"]:
+                    for seed in axes["seeds"]:
+                        cells.append(dict(model=model, task=task, method=method, eps=eps, seed=seed))
+    return cells

@@ -4,34 +4,31 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from dpzo.config import check_config
-from dpzo.methods import ZO, MaskSettings, base_method, is_private, ratio_label
+from dpzo.config import check_config, grid_cells
+from dpzo.methods import ZO, MaskSettings, base_method, ratio_label
+from dpzo.preflight import require_inputs
 from dpzo.tasks import TASKS
 
 SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
 check_config(config, SCHEMA)  # every problem at once, phrased for a person
 validate(config, schema=SCHEMA)  # also fills in the schema's defaults
 
+
+onstart:
+    # A real run (not a dry-run) stops here, before any job, listing every missing model/dataset.
+    require_inputs(config)
+
+
 DEMO_DIR = "results/demo"
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
 MASK = "results/masks/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.pt"
 
 
-def method_epsilons(method):
-    """Private methods run at every configured epsilon, the others only without noise."""
-    return config["epsilons"] if is_private(method) else ["inf"]
+CELLS = grid_cells(config)  # every (model, task, method, eps, seed) cell of the configured grid
 
 
 def cells():
-    """Every (model, task, method, eps, seed) cell of the configured grid."""
-    return [
-        dict(model=m, task=t, method=meth, eps=e, seed=s)
-        for m in config["models"]
-        for t in config["tasks"]
-        for meth in config["methods"]
-        for e in method_epsilons(meth)
-        for s in config["seeds"]
-    ]
+    return CELLS
 
 
 def all_metrics():
@@ -57,9 +54,15 @@ def task_data_dir(wildcards):
 
 
 def task_files(wildcards):
+    """A task's raw files: demo ones are built by the pipeline; a user's are tracked when present.
+
+    A missing user file is left out of the DAG so that a dry-run still lists the whole grid;
+    the onstart check reports it (with every other missing input) before any job runs.
+    """
     spec = TASKS[wildcards.task]
     folder = f"{task_data_dir(wildcards)}/original/{spec.lmbff_dir}"
-    return [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
+    files = [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
+    return files if spec.demo else [f for f in files if Path(f).is_file()]
 
 
 def model_path(wildcards):
@@ -90,9 +93,23 @@ def is_masked(method):
     return zo is not None and zo.masked
 
 
+def masked_pairs():
+    """The (demo model, task) pairs that some masked-method cell trains on.
+
+    The exact SynFlow score needs float64 Hessian-vector products over every parameter: a
+    reference for small models, so the agreement is reported for the demo models only (build
+    it for any other model by naming results/masks/<model>/<task>/synflow-agreement.json).
+    """
+    return sorted({(c["model"], c["task"]) for c in cells() if is_masked(c["method"]) and "demo" in config["models"][c["model"]]})
+
+
+def agreement_files():
+    return [f"results/masks/{m}/{t}/synflow-agreement.json" for m, t in masked_pairs()]
+
+
 def agreement_tables():
-    """The SynFlow ZO-vs-exact agreement table, when some configured method trains on a mask."""
-    return ["results/tables/synflow_agreement.csv"] if any(map(is_masked, config["methods"])) else []
+    """The SynFlow ZO-vs-exact agreement table, when some configured cell trains on a mask."""
+    return ["results/tables/synflow_agreement.csv"] if masked_pairs() else []
 
 
 def mask_files(wildcards):

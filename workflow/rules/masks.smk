@@ -47,7 +47,7 @@ rule synflow_agreement:
 
 rule synflow_agreement_table:
     input:
-        agreement=expand("results/masks/{model}/{task}/synflow-agreement.json", model=config["models"], task=config["tasks"]),
+        agreement=agreement_files(),
     output:
         table="results/tables/synflow_agreement.csv",
     log:
