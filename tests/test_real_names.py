@@ -108,3 +108,12 @@ def test_paper_config_dry_run_lists_the_whole_grid(tmp_path):
     assert counts["train"] == counts["account"] == expected == len(grid_cells(paper))
     assert counts["fewshot"] == len(paper["tasks"]) * len(paper["seeds"])
     assert set(paper["tasks"]) <= set(TASKS)
+
+
+def test_dpzero_config_dry_run(tmp_path):
+    dpzero = yaml.safe_load((ROOT / "config/dpzero.yaml").read_text())
+    (tmp_path / "config.yaml").write_text((ROOT / "config/dpzero.yaml").read_text())
+    counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
+    # zero-shot and MeZO once per (task, seed), DPZero at each epsilon.
+    assert counts["train"] == len(dpzero["tasks"]) * len(dpzero["seeds"]) * (2 + len(dpzero["epsilons"]))
+    assert dpzero["accounting"] == "published" and dpzero["delta"] == 1e-5
