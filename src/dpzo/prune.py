@@ -635,7 +635,7 @@ def scorer_agreement(
     label_ids: torch.Tensor,
     family: str,
     *,
-    queries: Sequence[int] = (16, 64, 256),
+    queries: Sequence[int] = (16, 64),
     ratios: Sequence[float] = (0.01, 0.05),
     seed: int = 0,
 ) -> dict:
