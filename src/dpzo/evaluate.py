@@ -9,7 +9,12 @@ from .models import EncodedSet, PromptClassifier
 
 @torch.no_grad()
 def evaluate(clf: PromptClassifier, data: EncodedSet, *, batch_size: int = 128) -> dict:
-    """Accuracy, mean loss and the confusion counts of ``clf`` on ``data`` (batched, no grad)."""
+    """Accuracy, mean loss and the confusion counts of ``clf`` on ``data`` (batched, no grad).
+
+    Scorers of other task kinds (``candidates.CandidateScorer``) evaluate themselves.
+    """
+    if not isinstance(clf, PromptClassifier):
+        return clf.evaluate(data, batch_size=batch_size)
     k = clf.task.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long)
     total_loss = 0.0

@@ -4,13 +4,18 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from dpzo.config import check_config
+from dpzo.config import ConfigError, check_config
 from dpzo.methods import ZO, MaskSettings, base_method, is_private, ratio_label
+from dpzo.hf_tasks import HFTask, method_problem
 from dpzo.tasks import TASKS
 
 SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
 check_config(config, SCHEMA)  # every problem at once, phrased for a person
 validate(config, schema=SCHEMA)  # also fills in the schema's defaults
+# methods a MeZO task cannot run, refused before any job starts
+_problems = [p for t in config["tasks"] if isinstance(TASKS[t], HFTask) for m in config["methods"] if (p := method_problem(TASKS[t], m))]
+if _problems:
+    raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(_problems))
 
 DEMO_DIR = "results/demo"
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
@@ -58,6 +63,8 @@ def task_data_dir(wildcards):
 
 def task_files(wildcards):
     spec = TASKS[wildcards.task]
+    if isinstance(spec, HFTask):
+        return []  # read from the Hugging Face datasets cache (hf_datasets.cache_dir)
     folder = f"{task_data_dir(wildcards)}/original/{spec.lmbff_dir}"
     return [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
 
