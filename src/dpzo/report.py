@@ -100,7 +100,8 @@ def plot_accuracy(summary_csv: str | Path, out_png: str | Path) -> None:
         ax.set_xticks(eps_values, [f"{e:g}" for e in eps_values])
         ax.minorticks_off()
         ax.set_xlabel("privacy budget ε (log scale; δ fixed)")
-        ax.set_ylabel("test F1 (%)" if "f1" in set(refs.get("metric", [])) | set(sub.get("metric", [])) else "test accuracy (%)")
+        panel_metrics = set(summary.loc[(summary.task == task) & (summary.model == model), "metric"])
+        ax.set_ylabel(f"test {'F1' if 'f1' in panel_metrics else 'accuracy'} (%)")
         ax.set_title(f"{task} — {model}")
         ax.legend(fontsize=8, loc="best", framealpha=0.9)
     for ax in list(axes.flat)[len(panels):]:
