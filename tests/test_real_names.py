@@ -117,3 +117,16 @@ def test_dpzero_config_dry_run(tmp_path):
     # zero-shot and MeZO once per (task, seed), DPZero at each epsilon.
     assert counts["train"] == len(dpzero["tasks"]) * len(dpzero["seeds"]) * (2 + len(dpzero["epsilons"]))
     assert dpzero["accounting"] == "published" and dpzero["delta"] == 1e-5
+
+
+def test_missing_hugging_face_dataset_is_listed_with_the_fetch_command(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    problems = missing_inputs({"models": {"d": {"demo": "opt"}}, "tasks": ["mezo-rte", "demo-sst2"],
+                               "hf_datasets": {"cache_dir": str(tmp_path / "datasets")}})
+    assert len(problems) == 1
+    assert "'super_glue/rte' is not in the datasets cache" in problems[0]
+    assert "datasets.load_dataset('super_glue', 'rte')" in problems[0]
+    (tmp_path / "datasets" / "super_glue" / "rte").mkdir(parents=True)  # what load_dataset leaves behind
+    assert missing_inputs({"models": {}, "tasks": ["mezo-rte"], "hf_datasets": {"cache_dir": str(tmp_path / "datasets")}}) == []

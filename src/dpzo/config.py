@@ -86,4 +86,12 @@ def grid_cells(config: dict) -> list[dict]:
                 for eps in axes["epsilons"] if is_private(method) else ["inf"]:
                     for seed in axes["seeds"]:
                         cells.append(dict(model=model, task=task, method=method, eps=eps, seed=seed))
+    # Methods a MeZO task cannot run are refused before any job starts.
+    from .hf_tasks import HFTask, method_problem
+    from .tasks import TASKS
+
+    pairs = dict.fromkeys((c["task"], c["method"]) for c in cells if isinstance(TASKS[c["task"]], HFTask))
+    problems = [p for task, method in pairs if (p := method_problem(TASKS[task], method))]
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cells

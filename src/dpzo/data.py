@@ -31,7 +31,9 @@ TEST_SUBSAMPLE_SEED = 42
 @dataclass
 class Example:
     texts: list[str]
-    label: int  # index into task.labels
+    label: int  # index into task.labels (or into ``candidates``; the teacher-forced answer)
+    candidates: list[str] | None = None  # per-example candidates (COPA choices, ReCoRD entities)
+    answers: list[str] | None = None  # gold answers (QA; ReCoRD's correct entities)
 
 
 def _task_dir(task: TaskSpec, data_dir: Path) -> Path:
@@ -111,8 +113,15 @@ def sample_k_shot(
     return picked
 
 
+def _row(ex: Example) -> dict:
+    row = {"texts": ex.texts, "label": ex.label}
+    # the optional fields only when set, so LM-BFF splits keep their two-field rows
+    row.update({k: v for k, v in (("candidates", ex.candidates), ("answers", ex.answers)) if v is not None})
+    return row
+
+
 def save_split(path: Path, examples: list[Example]) -> None:
-    write_jsonl_atomic(path, [{"texts": ex.texts, "label": ex.label} for ex in examples])
+    write_jsonl_atomic(path, [_row(ex) for ex in examples])
 
 
 def load_split(path: Path) -> list[Example]:

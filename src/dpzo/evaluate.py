@@ -31,7 +31,12 @@ def score_from_confusion(metric: str, confusion: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(clf: PromptClassifier, data: EncodedSet, *, batch_size: int = 128) -> dict:
-    """Accuracy, the task's metric, mean loss and the confusion counts (batched, no grad)."""
+    """Accuracy, the task's metric, mean loss and the confusion counts (batched, no grad).
+
+    Scorers of other task kinds (``candidates.CandidateScorer``) evaluate themselves.
+    """
+    if not isinstance(clf, PromptClassifier):
+        return clf.evaluate(data, batch_size=batch_size)
     k = clf.task.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long)
     total_loss = 0.0

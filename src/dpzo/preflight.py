@@ -65,9 +65,23 @@ def model_problem(key: str, path: str) -> str | None:
     )
 
 
-def task_problems(name: str, data_dir: str | Path) -> list[str]:
-    """The missing files of a task (LM-BFF layout under ``data_dir``), phrased for a person."""
+def task_problems(name: str, data_dir: str | Path, hf_cache_dir: str | Path | None = None) -> list[str]:
+    """The missing files of a task (LM-BFF layout under ``data_dir``, or a Hugging Face
+    dataset in the ``datasets`` cache), phrased for a person."""
+    from .hf_tasks import HFTask
+
     task = TASKS[name]
+    if isinstance(task, HFTask):
+        from .hf_data import cache_location, fetch_command, is_cached
+
+        if is_cached(task, hf_cache_dir):
+            return []
+        where = cache_location(hf_cache_dir)
+        return [
+            f"task '{name}': Hugging Face dataset {task.hf_id!r} is not in the datasets cache {where}; on a machine "
+            f"with internet run `HF_DATASETS_CACHE={where} {fetch_command(task)}` and make that folder available "
+            "here (or point hf_datasets.cache_dir at it)"
+        ]
     if task.demo:
         return []
     missing = missing_files(task, Path(data_dir))
@@ -85,9 +99,16 @@ def missing_inputs(config: dict) -> list[str]:
             problem = model_problem(key, str(cfg["path"]))
             if problem:
                 problems.append(problem)
+    from .hf_tasks import HFTask
+
     data_dir = config.get("data_dir", "data/lm-bff")
-    tasks = [problem for name in config["tasks"] for problem in task_problems(name, data_dir)]
-    if tasks:
+    hf_cache_dir = config.get("hf_datasets", {}).get("cache_dir")
+    tasks, lmbff_missing = [], False
+    for name in config["tasks"]:
+        found = task_problems(name, data_dir, hf_cache_dir)
+        tasks += found
+        lmbff_missing |= bool(found) and not isinstance(TASKS[name], HFTask)
+    if lmbff_missing:
         tasks.append(
             f"LM-BFF tasks: download {LMBFF_URL}, extract it and set data_dir (now {data_dir}) to the folder "
             "that holds original/<TASK>/"

@@ -28,7 +28,9 @@ def load_cells(metrics_files: Iterable[str | Path]) -> pd.DataFrame:
                 "method": metrics["method"],
                 "eps": str(metrics["eps"]),  # the path component, e.g. "2" (not 2.0)
                 "seed": metrics["seed"],
-                "accuracy": 100.0 * metrics["accuracy"],
+                # the task's metric: accuracy, or F1 for the generation tasks (column "metric")
+                "accuracy": 100.0 * metrics.get("score", metrics["accuracy"]),
+                "metric": metrics.get("metric", "accuracy"),
                 "sigma": ledger.get("sigma", 0.0),
                 "delta": ledger.get("delta"),
                 "steps": metrics["steps"],
@@ -50,6 +52,7 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
         accuracy_mean=("accuracy", "mean"),
         accuracy_std=("accuracy", "std"),
         seeds=("seed", "count"),
+        metric=("metric", "first"),
         sigma=("sigma", "mean"),
         steps=("steps", "first"),
         ms_per_step=("ms_per_step", "mean"),
@@ -97,7 +100,8 @@ def plot_accuracy(summary_csv: str | Path, out_png: str | Path) -> None:
         ax.set_xticks(eps_values, [f"{e:g}" for e in eps_values])
         ax.minorticks_off()
         ax.set_xlabel("privacy budget ε (log scale; δ fixed)")
-        ax.set_ylabel("test accuracy (%)")
+        panel_metrics = set(summary.loc[(summary.task == task) & (summary.model == model), "metric"])
+        ax.set_ylabel(f"test {'F1' if 'f1' in panel_metrics else 'accuracy'} (%)")
         ax.set_title(f"{task} — {model}")
         ax.legend(fontsize=8, loc="best", framealpha=0.9)
     for ax in list(axes.flat)[len(panels):]:

@@ -301,3 +301,9 @@ def label_word_ids(task: TaskSpec, tokenizer) -> list[int]:
             )
         ids.append(toks[0])
     return ids
+
+
+# ---- MeZO / DPZero tasks for causal LMs (Hugging Face datasets): defined in dpzo.hf_tasks ----
+from .hf_tasks import MEZO_TASKS  # noqa: E402  (after TASKS: hf_tasks imports nothing from here)
+
+TASKS.update(MEZO_TASKS)

@@ -291,16 +291,21 @@ def run_cell(
     """
     from pathlib import Path
 
+    from .candidates import make_scorer
     from .data import load_split
     from .evaluate import evaluate
+    from .hf_tasks import HFTask, method_problem
     from .models import load_model
     from .tasks import get_task
 
     wall_start = time.perf_counter()
     task = get_task(task_name)
+    problem = method_problem(task, method) if isinstance(task, HFTask) else None
+    if problem:
+        raise ValueError(problem)
     torch.manual_seed(seed)
     lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
-    clf = PromptClassifier(lm, tokenizer, family, task)
+    clf = make_scorer(lm, tokenizer, family, task)
     train_examples = load_split(Path(split_dir) / "train.jsonl")
     test_examples = load_split(Path(split_dir) / "test.jsonl")
     train_set = clf.encode(train_examples)
@@ -348,12 +353,14 @@ def run_cell(
         "task": task_name,
         "method": method,
         "seed": seed,
-        "accuracy": result["accuracy"],
-        "metric": result["metric"],  # the task's own metric (accuracy, or mcc / f1) ...
-        "score": result["score"],  # ... and its value
+        # The task's own metric (accuracy; mcc or f1 for some LM-BFF tasks; f1 for generation).
+        "metric": result.get("metric", "accuracy"),
+        "score": result["score"] if "score" in result else result[result.get("metric", "accuracy")],
+        "accuracy": result.get("accuracy"),
+        **{k: result[k] for k in ("f1", "em", "predictions") if k in result},
         "test_loss": result["loss"],
         "test_n": result["n"],
-        "confusion": result["confusion"],
+        "confusion": result.get("confusion"),
         "n_train": len(train_set),
         "n_params": sum(p.numel() for p in lm.parameters()),
         "steps": history.get("steps_run", 0),

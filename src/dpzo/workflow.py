@@ -67,19 +67,30 @@ def demo_model(snakemake) -> None:
 
 
 def fewshot(snakemake) -> None:
+    """The train/dev/test splits of a cell's data seed: LM-BFF k-shot, or MeZO's sampling for
+    the Hugging Face tasks (where k is not used: the sizes come from ``hf_datasets``)."""
     from .data import make_k_shot
+    from .hf_tasks import HFTask
     from .tasks import get_task
 
     _setup(snakemake)
-    sizes = make_k_shot(
-        get_task(snakemake.wildcards.task),
-        Path(snakemake.params.data_dir),
-        Path(snakemake.output.train).parent,
-        k=int(snakemake.wildcards.k),
-        seed=int(snakemake.wildcards.seed),
-        max_test=int(snakemake.params.max_test),
-    )
-    logging.info("k-shot split sizes: %s", sizes)
+    task = get_task(snakemake.wildcards.task)
+    out_dir = Path(snakemake.output.train).parent
+    seed = int(snakemake.wildcards.seed)
+    if isinstance(task, HFTask):
+        from .hf_data import make_hf_splits
+
+        hf = snakemake.params.hf_datasets
+        sizes = make_hf_splits(
+            task, out_dir, seed=seed, num_train=int(hf["train"]), num_dev=hf.get("dev"),
+            num_test=int(snakemake.params.max_test), cache_dir=hf.get("cache_dir"),
+        )
+    else:
+        sizes = make_k_shot(
+            task, Path(snakemake.params.data_dir), out_dir, k=int(snakemake.wildcards.k), seed=seed,
+            max_test=int(snakemake.params.max_test),
+        )
+    logging.info("split sizes: %s", sizes)
 
 
 def resolve_delta(delta, n: int) -> float:
@@ -146,14 +157,15 @@ def train(snakemake) -> None:
 
 def _mask_classifier(snakemake):
     """The model of a mask rule and its task's label words (no training data is read)."""
-    from .models import PromptClassifier, load_model
+    from .candidates import make_scorer
+    from .models import load_model
     from .tasks import get_task
 
     cfg = snakemake.params.model_cfg
     lm, tokenizer, family = load_model(
         str(snakemake.params.model_path), family=cfg.get("family", "auto"), dtype=cfg.get("dtype", "float32"), device=snakemake.params.device
     )
-    return PromptClassifier(lm, tokenizer, family, get_task(snakemake.wildcards.task))
+    return make_scorer(lm, tokenizer, family, get_task(snakemake.wildcards.task))
 
 
 def mask(snakemake) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from dpzo.config import check_config, grid_cells
+from dpzo.hf_tasks import HFTask
 from dpzo.methods import ZO, MaskSettings, base_method, ratio_label
 from dpzo.preflight import require_inputs
 from dpzo.tasks import TASKS
@@ -60,6 +61,8 @@ def task_files(wildcards):
     the onstart check reports it (with every other missing input) before any job runs.
     """
     spec = TASKS[wildcards.task]
+    if isinstance(spec, HFTask):
+        return []  # read from the Hugging Face datasets cache (hf_datasets.cache_dir)
     folder = f"{task_data_dir(wildcards)}/original/{spec.lmbff_dir}"
     files = [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
     return files if spec.demo else [f for f in files if Path(f).is_file()]

@@ -1,4 +1,5 @@
-# Few-shot sampling (LM-BFF protocol), cached per (task, k, data seed).
+# Train/dev/test sampling, cached per (task, k, data seed): LM-BFF k-shot, or MeZO's
+# protocol for the Hugging Face tasks (mezo-*, which ignore k).
 
 
 rule fewshot:
@@ -11,6 +12,7 @@ rule fewshot:
     params:
         data_dir=task_data_dir,
         max_test=config["max_test"],
+        hf_datasets=config["hf_datasets"],
     log:
         "logs/fewshot/{task}/k{k}-seed{seed}.log",
     conda:
