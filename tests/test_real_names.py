@@ -114,8 +114,11 @@ def test_dpzero_config_dry_run(tmp_path):
     dpzero = yaml.safe_load((ROOT / "config/dpzero.yaml").read_text())
     (tmp_path / "config.yaml").write_text((ROOT / "config/dpzero.yaml").read_text())
     counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
-    # zero-shot and MeZO once per (task, seed), DPZero at each epsilon.
-    assert counts["train"] == len(dpzero["tasks"]) * len(dpzero["seeds"]) * (2 + len(dpzero["epsilons"]))
+    # Per model: zero-shot and MeZO once per (task, seed), DPZero at each epsilon.
+    expected = sum(
+        len(m["grid"]["tasks"]) * len(m["grid"]["seeds"]) * (2 + len(dpzero["epsilons"])) for m in dpzero["models"].values()
+    )
+    assert counts["train"] == expected == 6 * 3 * 4 + 3 * 4 * 3 * 4
     assert dpzero["accounting"] == "published" and dpzero["delta"] == 1e-5
 
 
