@@ -52,5 +52,20 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                 problems.append(f"config key '{_where(error)}': {_describe(sub)}")
             continue
         problems.append(f"config key '{_where(error)}': {_describe(error)}")
+    if not problems:  # cross-references only make sense once every key has the right shape
+        problems += _cross_reference_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _cross_reference_problems(config: dict) -> list[str]:
+    """Keys that must name something defined elsewhere in the config (the schema cannot say so)."""
+    audit = config.get("audit") or {}
+    problems = []
+    for key, pool, what in (("model", config["models"], "models"), ("task", config["tasks"], "tasks"), ("method", config["methods"], "methods")):
+        if key in audit and audit[key] not in pool:
+            problems.append(
+                f"config key 'audit.{key}': {audit[key]!r} is not one of `{what}` ({', '.join(map(str, pool))}); "
+                f"add it to `{what}` or pick one of those"
+            )
+    return problems
