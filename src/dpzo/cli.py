@@ -251,9 +251,10 @@ _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate, _add_audit]
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of ``_SUBCOMMANDS``."""
     parser = argparse.ArgumentParser(prog="dpzo", description="Differentially private zeroth-order fine-tuning tools.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers)
+    subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"  # so a missing command lists them
     return parser
 
 

@@ -5,12 +5,14 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from dpzo.config import check_config
+from dpzo.inputs import check_inputs
 from dpzo.methods import ZO, MaskSettings, base_method, is_private, ratio_label
 from dpzo.tasks import TASKS
 
 SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
 check_config(config, SCHEMA)  # every problem at once, phrased for a person
 validate(config, schema=SCHEMA)  # also fills in the schema's defaults
+check_inputs(config)  # model directories and task data files, before any job starts
 
 DEMO_DIR = "results/demo"
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
