@@ -440,12 +440,15 @@ def test_non_finite_loss_stops_training_with_the_step():
                  secret=SecretRandom(insecure_test_seed=1))
 
 
-def test_non_finite_update_stops_training():
+@pytest.mark.parametrize("lr,needle", [(1e300, "non-finite update at step 0"), (1e307, "non-finite weights after step 0")])
+def test_non_finite_update_stops_training(lr, needle):
     quad = Quadratic(n=40)
     model = TwoTensorModel()
-    hp = ZOHyperparameters(steps=1, batch_size=8, lr=1e308)  # the step overflows the weights to inf
-    with pytest.raises(FloatingPointError, match="non-finite weights after step 0"):
-        train_zo(model, quad.loss_fn(model), 40, hp, method="mezo", run_seed=0, master_dtype=torch.float64)
+    hp = ZOHyperparameters(steps=1, batch_size=8, lr=lr)
+    # 1e300: lr * g does not fit in float32 weights; 1e307: it fits in float64 but theta overflows
+    master = torch.float32 if lr == 1e300 else torch.float64
+    with pytest.raises(FloatingPointError, match=needle):
+        train_zo(model, quad.loss_fn(model), 40, hp, method="mezo", run_seed=0, master_dtype=master)
 
 
 def test_same_public_seed_different_noise_unless_the_test_seed_is_set():

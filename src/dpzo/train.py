@@ -198,6 +198,16 @@ def release_direction(
     return g, clipped
 
 
+def _check_update(flat: FlatParameters, grads: list[float], lr: float, step: int) -> None:
+    """Each move lr * g along a direction must be a finite number of the weights' precision."""
+    largest = torch.finfo(flat.master.dtype).max
+    if not all(math.isfinite(lr * g) and abs(lr * g) <= largest for g in grads):
+        raise FloatingPointError(
+            f"non-finite update at step {step} (lr * g = {[lr * g for g in grads]}); lower the learning rate "
+            "(no metrics are written for this run)"
+        )
+
+
 def _check_finite_weights(flat: FlatParameters, step: int) -> None:
     if not bool(torch.isfinite(flat.master).all()):
         raise FloatingPointError(
@@ -296,6 +306,7 @@ def train_zo(
             grads.append(g)
             examples_since_log += len(index)
             examples_sampled += len(index)
+        _check_update(flat, grads, lr, step)
         apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor)
         steps_run += 1
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
