@@ -436,7 +436,9 @@ def plot_audit(audit_files: list[str], out_png: str) -> None:
     ax.set_ylim(0, max(top, ceiling) * 1.1)
     ax.set_xlabel("claimed ε (δ as in the ledger)")
     ax.set_ylabel("empirical ε lower bound")
-    ax.set_title("Privacy audit: measured lower bound vs claim")
+    cells = {" / ".join(str(r.get(k, "")) for k in ("model", "task")).strip(" /") for r in records}
+    where = f"\n{cells.pop()}, {records[0]['trials']} runs per ε" if len(cells) == 1 and "" not in cells else ""
+    ax.set_title(f"Privacy audit: measured lower bound vs claim{where}", fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     with atomic_path(Path(out_png)) as tmp:
