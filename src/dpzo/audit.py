@@ -60,9 +60,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only
+    from .privacy import NoisySum, SecretRandom
 
 __all__ = [
     "AuditedMechanism",
@@ -160,7 +163,7 @@ class AuditedMechanism:
         return mech
 
     @property
-    def noise(self):
+    def noise(self) -> "NoisySum":
         from .privacy import NoisySum
 
         return NoisySum(self.mechanism, self.noise_scale, self.divisor)
@@ -172,7 +175,7 @@ def dirac_canary(releases: int, clip: float) -> np.ndarray:
 
 
 def run_mechanism(
-    mech: AuditedMechanism, canary_in: bool, secret, canary_values: np.ndarray | None = None
+    mech: AuditedMechanism, canary_in: bool, secret: "SecretRandom", canary_values: np.ndarray | None = None
 ) -> np.ndarray:
     """One run of the cell's release sequence; returns the ``mech.releases`` released scalars.
 
@@ -349,7 +352,7 @@ def audit(
     *,
     trials: int,
     confidence: float = 0.95,
-    secret=None,
+    secret: "SecretRandom | None" = None,
     canary_values: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Audit the cell that ``ledger`` accounts with ``trials`` runs (half with the canary).
