@@ -2,6 +2,7 @@
 #
 #   snakemake --cores 2                                  # the embedded demo (config/config.yaml)
 #   snakemake --cores 2 -f results/runs/<model>/<task>/<method>/eps<eps>/seed<seed>/metrics.json
+#   snakemake --cores 2 audit_all                        # the empirical privacy audit (not in `all`)
 #
 # DAG: demo corpus/tasks/models (demo only) -> k-shot splits -> privacy ledger per cell
 #      -> training + evaluation per cell -> summary table and figure.
@@ -42,6 +43,7 @@ include: "workflow/rules/masks.smk"
 include: "workflow/rules/privacy.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/audit.smk"
 
 
 rule all:

@@ -323,6 +323,23 @@ def test_secret_random_is_independent_of_global_generators():
     assert privacy.SecretRandom(insecure_test_seed=3).standard_normal() == x
 
 
+def test_the_package_never_seeds_the_noise_generator():
+    """Outside privacy.py, SecretRandom is only built by from_environment (OS seed, or the
+    test-only variable), never with a seed argument that a config value could reach."""
+    import re
+
+    for path in sorted((SRC / "dpzo").glob("*.py")):
+        if path.name == "privacy.py":
+            continue
+        text = path.read_text()
+        assert "insecure_test_seed" not in text, path
+        for call in re.findall(r"SecretRandom\(([^)]*)\)", text):
+            assert call in ("", "..."), f"{path.name}: SecretRandom({call})"
+    # and the one place that reads a seed takes it from the environment variable only
+    source = (SRC / "dpzo" / "privacy.py").read_text()
+    assert source.count("insecure_test_seed=seed") == 1 and "os.environ.get(INSECURE_SEED_ENV" in source
+
+
 def test_secret_random_cannot_be_copied_and_hides_state():
     r = privacy.SecretRandom()
     for clone in (copy.copy, copy.deepcopy, pickle.dumps):

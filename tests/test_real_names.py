@@ -88,8 +88,8 @@ def test_local_model_directories_are_checked(tmp_path):
               "tasks": ["demo-sst2"]}
     problems = missing_inputs(config)
     assert len(problems) == 2
-    assert "lacks weights (model.safetensors or pytorch_model.bin), tokenizer files" in problems[0]
-    assert "does not exist (models.b.path)" in problems[1]
+    assert "models.a.path" in problems[0] and "has no weights" in problems[0] and "no tokenizer files" in problems[0]
+    assert "models.b.path" in problems[1] and "not found" in problems[1]
 
 
 def test_paper_config_dry_run_lists_the_whole_grid(tmp_path):

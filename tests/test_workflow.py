@@ -131,12 +131,17 @@ def test_private_cell_ledger_matches_what_ran(tiny_run):
 def test_single_cell_rerun_runs_exactly_that_cell(tiny_run):
     target = f"results/runs/{CELLS[2]}/metrics.json"
     before = {c: (tiny_run / "results" / "runs" / c / "metrics.json").stat().st_mtime_ns for c in CELLS}
+    first = json.loads((tiny_run / target).read_text())
     dry = snakemake(tiny_run, "-f", "-n", "--", target)
     assert job_counts(dry.stdout) == {"train": 1}
     snakemake(tiny_run, "-f", "--", target)
     after = {c: (tiny_run / "results" / "runs" / c / "metrics.json").stat().st_mtime_ns for c in CELLS}
     assert after[CELLS[2]] != before[CELLS[2]]
     assert all(after[c] == before[c] for c in CELLS[:2])
+    # with the test-only noise seed the private cell is deterministic: the same metrics again
+    again = json.loads((tiny_run / target).read_text())
+    volatile = {"ms_per_step", "train_seconds", "wall_seconds", "memory"}
+    assert {k: v for k, v in again.items() if k not in volatile} == {k: v for k, v in first.items() if k not in volatile}
     # the next full run re-aggregates and nothing else
     assert job_counts(snakemake(tiny_run, "-n").stdout) == {"summarize": 1, "plot_accuracy": 1, "all": 1}
 
@@ -195,3 +200,21 @@ def test_every_method_runs_through_the_dag(tiny_run):
     assert zopo["history"]["mask_size"][0] < zopo["history"]["mask_size"][1]  # incremental grows
     laplace = json.loads((runs / "dp-zo-laplace/eps8/seed13/privacy.json").read_text())
     assert laplace["mechanism"] == "laplace" and laplace["epsilon_achieved"]["pure"] == pytest.approx(8.0)
+
+
+@pytest.mark.slow
+def test_audit_target_measures_a_bound_per_epsilon(tiny_run):
+    """`snakemake audit_all` on the tiny grid's dp-zoso cell: at its epsilon and without noise."""
+    config = dict(TINY, audit={"epsilons": ["8", "inf"], "trials": 400})
+    (tiny_run / "config.yaml").write_text(yaml.safe_dump(config))
+    counts = job_counts(snakemake(tiny_run, "-n", "audit_all").stdout)
+    assert counts == {"account": 1, "audit": 2, "plot_audit": 1, "audit_all": 1}  # eps8's ledger is reused
+    snakemake(tiny_run, "audit_all")
+    audits = tiny_run / "results" / "audit" / "demo-roberta" / "demo-sst2" / "dp-zoso"
+    private = json.loads((audits / "eps8" / "audit.json").read_text())
+    silent = json.loads((audits / "epsinf" / "audit.json").read_text())
+    ledger = json.loads((tiny_run / "results/runs/demo-roberta/demo-sst2/dp-zoso/eps8/seed13/privacy.json").read_text())
+    assert private["sigma"] == ledger["sigma"] and private["mechanism"]["releases"] == ledger["compositions"] == 12
+    assert 0.0 <= private["epsilon_lower_bound"] <= 8.0 and private["lower_bound_within_claim"]
+    assert silent["sigma"] == 0.0 and silent["epsilon_lower_bound"] > 1.0  # the attack has power
+    assert (tiny_run / "results" / "audit" / "audit.png").stat().st_size > 10_000

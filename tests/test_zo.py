@@ -359,3 +359,102 @@ def test_private_method_needs_a_finite_clip():
     with pytest.raises(ValueError, match="finite clip"):
         train_zo(model, quad.loss_fn(model), 40, hp, method="dpzero", run_seed=0,
                  noise=NoisySum("gaussian", 1.0, 8.0), secret=SecretRandom(insecure_test_seed=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# what really ran, checked against the ledger; faults; noise
+# ---------------------------------------------------------------------------------------------
+
+
+def _ledger(hp, n, sigma=2.0):
+    from dpzo.privacy import accounting_record
+
+    rec = accounting_record(n=n, batch_size=hp.batch_size, steps=hp.steps, directions=hp.directions, clip=hp.clip,
+                            epsilon_target=math.inf, delta=1e-5, sigma=sigma)
+    return rec | {"method": "dp-zoso"}
+
+
+def _run(hp, ledger, secret, n=40, **kw):
+    quad = Quadratic(n=n)
+    model = TwoTensorModel()
+    return train_zo(model, quad.loss_fn(model), n, hp, method="dp-zoso", run_seed=0, noise=NoisySum.from_ledger(ledger),
+                    secret=secret, **kw), model
+
+
+def test_ledger_recheck_passes_for_what_ran_and_names_every_mismatch():
+    from dpzo.train import check_ledger_after
+
+    hp = ZOHyperparameters(steps=5, batch_size=8, lr=1e-3, clip=1.0, directions=2)
+    ledger = _ledger(hp, 40)
+    history, _ = _run(hp, ledger, SecretRandom(insecure_test_seed=1))
+    assert history["releases"] == 10 and history["steps_run"] == 5 and history["n"] == 40
+    check_ledger_after(ledger, history)  # what ran is what was accounted
+    tampered = {
+        "steps": ({"steps": 6}, "steps: ran 5, accounted 6"),
+        "releases": ({"compositions": 12}, "releases: ran 10, accounted 12"),
+        "n": ({"n": 41}, "n: ran 40, accounted 41"),
+        "q": ({"q": 0.1}, "q: ran 0.2, accounted 0.1"),
+        "noise": ({"noise_std_on_sum": 1.0}, "noise on each sum: ran 2.0, accounted 1.0"),
+        "divisor": ({"expected_batch_size": 16.0}, "divisor"),
+    }
+    for change, needle in tampered.values():
+        with pytest.raises(RuntimeError, match="privacy ledger mismatch after training") as err:
+            check_ledger_after(ledger | change, history)
+        assert needle in str(err.value)
+
+
+class _DoubleRateSampler:
+    """A sampler bug: batches drawn at twice the accounted rate (the noise is still secret)."""
+
+    def __init__(self):
+        self.inner = SecretRandom(insecure_test_seed=2)
+
+    def poisson_batch(self, n, q):
+        return self.inner.poisson_batch(n, 2 * q)
+
+    def standard_normal(self):
+        return self.inner.standard_normal()
+
+
+def test_ledger_recheck_catches_batches_not_drawn_at_the_accounted_rate():
+    from dpzo.train import check_ledger_after
+
+    hp = ZOHyperparameters(steps=40, batch_size=8, lr=1e-4, clip=1.0)
+    ledger = _ledger(hp, 40)
+    history, _ = _run(hp, ledger, _DoubleRateSampler())
+    with pytest.raises(RuntimeError, match="not drawn at the accounted rate"):
+        check_ledger_after(ledger, history)
+    history, _ = _run(hp, ledger, SecretRandom(insecure_test_seed=2))
+    check_ledger_after(ledger, history)  # the real sampler passes the same check
+
+
+def test_non_finite_loss_stops_training_with_the_step():
+    model = TwoTensorModel()
+    hp = ZOHyperparameters(steps=3, batch_size=8, lr=1e-3, clip=1.0)
+
+    def nan_loss(index):
+        return torch.full((len(index),), float("nan"), dtype=torch.float64) * model.theta().sum()
+
+    with pytest.raises(FloatingPointError, match="non-finite loss difference at step 0"):
+        train_zo(model, nan_loss, 40, hp, method="dp-zoso", run_seed=0, noise=NoisySum("gaussian", 1.0, 8.0),
+                 secret=SecretRandom(insecure_test_seed=1))
+
+
+@pytest.mark.parametrize("lr,needle", [(1e300, "non-finite update at step 0"), (1e307, "non-finite weights after step 0")])
+def test_non_finite_update_stops_training(lr, needle):
+    quad = Quadratic(n=40)
+    model = TwoTensorModel()
+    hp = ZOHyperparameters(steps=1, batch_size=8, lr=lr)
+    # 1e300: lr * g does not fit in float32 weights; 1e307: it fits in float64 but theta overflows
+    master = torch.float32 if lr == 1e300 else torch.float64
+    with pytest.raises(FloatingPointError, match=needle):
+        train_zo(model, quad.loss_fn(model), 40, hp, method="mezo", run_seed=0, master_dtype=master)
+
+
+def test_same_public_seed_different_noise_unless_the_test_seed_is_set():
+    hp = ZOHyperparameters(steps=4, batch_size=8, lr=1e-2, clip=1.0)
+    ledger = _ledger(hp, 40)
+    (h1, m1), (h2, m2) = (_run(hp, ledger, SecretRandom(), record_releases=True) for _ in range(2))
+    assert h1["released"] != h2["released"] and not torch.equal(m1.theta(), m2.theta())
+    (h3, m3), (h4, m4) = (_run(hp, ledger, SecretRandom(insecure_test_seed=9), record_releases=True) for _ in range(2))
+    assert h3["released"] == h4["released"] and torch.equal(m3.theta(), m4.theta())

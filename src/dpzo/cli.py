@@ -139,18 +139,122 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# dpzo audit
+# --------------------------------------------------------------------------------------
+
+
+def _trials(text: str) -> int:
+    value = _positive_int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be at least 16 (half of the runs carry the canary), got {value}")
+    return value
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not (0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(f"must satisfy 0 < value < 1 (e.g. 0.95), got {text!r}")
+    return value
+
+
+def _add_audit(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "audit",
+        help="measure an empirical lower bound on epsilon (canary + likelihood-ratio attack)",
+        description=(
+            "Run the zeroth-order trainer's release sequence many times with and without a canary "
+            "and turn the success of a likelihood-ratio attack on the released scalars into an "
+            "epsilon lower bound (Clopper-Pearson). Audit a cell's ledger (--ledger privacy.json) "
+            "or the dp-zoso release that --n/--batch-size/--steps/--epsilon/--delta calibrate. "
+            "Prints one JSON object; --out also writes it to a file."
+        ),
+    )
+    p.add_argument("--ledger", help="a cell's privacy.json (results/runs/.../privacy.json)")
+    p.add_argument("--n", type=_positive_int, help="number of training examples (without --ledger)")
+    p.add_argument("--batch-size", type=_positive_int, help="expected (Poisson) batch size B (without --ledger)")
+    p.add_argument("--steps", type=_positive_int, help="training steps T (without --ledger)")
+    p.add_argument("--epsilon", type=_nonnegative_float_or_inf, help="claimed epsilon; 'inf' audits sigma = 0")
+    p.add_argument("--delta", type=_open_unit_interval, help="delta of the claim (without --ledger)")
+    p.add_argument("--directions", type=_positive_int, default=1, help="directions per step P (default 1)")
+    p.add_argument("--trials", type=_trials, default=10000, help="runs, half with the canary (default 10000)")
+    p.add_argument("--confidence", type=_confidence, default=0.95, help="confidence of the bound (default 0.95)")
+    p.add_argument("--out", help="also write the record to this file (atomically)")
+    p.set_defaults(handler=_cmd_audit)
+
+
+_AUDIT_CLAIM = ("n", "batch_size", "steps", "epsilon", "delta")
+
+
+def _audit_ledger(args: argparse.Namespace) -> dict | str:
+    """The ledger to audit, or an error message naming the arguments to fix."""
+    given = [f"--{name.replace('_', '-')}" for name in _AUDIT_CLAIM if getattr(args, name) is not None]
+    if args.ledger is not None:
+        if given:
+            return f"argument --ledger: not allowed with {', '.join(given)} (the ledger already fixes them)"
+        from pathlib import Path
+
+        path = Path(args.ledger)
+        if not path.is_file():
+            return f"argument --ledger: {path} not found; give the privacy.json of a private zeroth-order cell"
+        try:
+            ledger = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"argument --ledger: {path} is not a JSON ledger ({err}); re-create it with the account rule"
+        return ledger
+    missing = [f"--{name.replace('_', '-')}" for name in _AUDIT_CLAIM if getattr(args, name) is None]
+    if missing:
+        return f"the following arguments are required without --ledger: {', '.join(missing)}"
+    if args.batch_size > args.n:
+        return f"argument --batch-size: must not exceed --n ({args.n}), got {args.batch_size}"
+    from dpzo.privacy import method_ledger
+
+    clip = 1.0  # the bound does not depend on C: everything scales with it
+    try:
+        return method_ledger(
+            "dp-zoso", n=args.n, batch_size=args.batch_size, steps=args.steps, directions=args.directions,
+            clip=clip, epsilon_target=args.epsilon, delta=args.delta,
+        )
+    except ValueError as err:  # e.g. an unreachable target
+        return str(err)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    ledger = _audit_ledger(args)
+    if isinstance(ledger, str):
+        return _fail("audit", ledger)
+    from dpzo.audit import AuditError, audit
+
+    try:
+        record = audit(ledger, trials=args.trials, confidence=args.confidence)
+    except AuditError as err:
+        return _fail("audit", f"argument --ledger: {err}" if args.ledger else str(err))
+    if args.out:
+        from pathlib import Path
+
+        from dpzo.fileio import write_json_atomic
+
+        write_json_atomic(Path(args.out), record)
+    _print_json(record)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate, _add_audit]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of ``_SUBCOMMANDS``."""
     parser = argparse.ArgumentParser(prog="dpzo", description="Differentially private zeroth-order fine-tuning tools.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers)
+    subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"  # so a missing command lists them
     return parser
 
 

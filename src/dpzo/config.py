@@ -6,6 +6,7 @@ that a user sees every problem at once, phrased for a person, before any job sta
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -22,14 +23,34 @@ def _where(error) -> str:
     return "".join(parts) or "<top level>"
 
 
-def _describe(error) -> str:
+def _allowed_keys(schema: dict, root: dict) -> list[str]:
+    """The keys a schema object allows, following local $refs (``#/$defs/...``)."""
+    keys = list(schema.get("properties", {}))
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {})
+        keys += [k for k in _allowed_keys(target, root) if k not in keys]
+    return keys
+
+
+def _describe(error, root: dict) -> str:
+    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
+        allowed = _allowed_keys(error.schema, root)
+        patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+        unknown = [k for k in error.instance if k not in allowed and not any(p.search(k) for p in patterns)]
+        return f"unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "type":
+        what = f" ({error.schema['description']})" if "description" in error.schema else ""
+        return f"{error.instance!r} has the wrong type: expected {error.validator_value}{what}"
     if error.validator == "enum":
         return f"{error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
     if error.validator == "propertyNames":
         allowed = error.schema.get("propertyNames", {}).get("enum")
         if allowed:
             return f"unknown key {error.instance!r}... allowed keys: {', '.join(allowed)}"
-    if error.validator in ("pattern", "type") and "description" in error.schema:
+    if error.validator == "pattern" and "description" in error.schema:
         return f"{error.instance!r} is not valid: expected {error.schema['description']}"
     if error.validator == "pattern":
         return f"{error.instance!r} does not match the required form {error.validator_value!r}"
@@ -49,9 +70,11 @@ def check_config(config: dict, schema_path: str | Path) -> None:
         # A bad method name shows up both as a propertyNames error; report the leaf cause.
         if error.validator == "propertyNames" and error.context:
             for sub in error.context:
-                problems.append(f"config key '{_where(error)}': {_describe(sub)}")
+                problems.append(f"config key '{_where(error)}': {_describe(sub, schema)}")
             continue
-        problems.append(f"config key '{_where(error)}': {_describe(error)}")
+        problems.append(f"config key '{_where(error)}': {_describe(error, schema)}")
+    if not problems:  # cross-references only make sense once every key has the right shape
+        problems += _cross_reference_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -95,3 +118,16 @@ def grid_cells(config: dict) -> list[dict]:
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cells
+
+
+def _cross_reference_problems(config: dict) -> list[str]:
+    """Keys that must name something defined elsewhere in the config (the schema cannot say so)."""
+    audit = config.get("audit") or {}
+    problems = []
+    for key, pool, what in (("model", config["models"], "models"), ("task", config["tasks"], "tasks"), ("method", config["methods"], "methods")):
+        if key in audit and audit[key] not in pool:
+            problems.append(
+                f"config key 'audit.{key}': {audit[key]!r} is not one of `{what}` ({', '.join(map(str, pool))}); "
+                f"add it to `{what}` or pick one of those"
+            )
+    return problems

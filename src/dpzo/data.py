@@ -15,6 +15,7 @@ the task's test file, subsampled to ``max_test`` examples with a fixed seed (MeZ
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .fileio import write_jsonl_atomic
+from .inputs import missing_task_file
 from .tasks import TaskSpec
 
 TEST_SUBSAMPLE_SEED = 42
@@ -46,37 +48,72 @@ def missing_files(task: TaskSpec, data_dir: Path) -> list[Path]:
     return [d / f for f in (task.train_file, task.test_file) if not (d / f).is_file()]
 
 
-def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
-    """Read the train or test file of a task into examples, checking labels and columns."""
-    path = _task_dir(task, data_dir) / (task.train_file if which == "train" else task.test_file)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"task {task.name}: {path} not found. Put the LM-BFF data (datasets.tar from the LM-BFF "
-            f"project, folder original/{task.lmbff_dir}/) under data_dir={data_dir}."
-        )
+def _layout(task: TaskSpec) -> str:
+    """The expected file layout, in words, for error messages."""
     if task.file_format == "glue-tsv":
-        frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+        return f"a tab-separated file with a header line naming the columns {', '.join([*task.text_columns, task.label_column])}"
+    if task.file_format == "tsv-noheader":
+        return (f"a header-less tab-separated file with the label in column {task.label_column} and the text in "
+                f"column(s) {', '.join(task.text_columns)} (counted from 0)")
+    return f"a header-less CSV file whose rows are: label, {', '.join(task.text_columns)}"
+
+
+def _read_text(path: Path, task: TaskSpec) -> str:
+    """The file's text, refusing files that are not UTF-8 or hold no data."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). Convert it to UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > {path.name}.utf8` and replace the file."
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected {_layout(task)}. Restore it from the LM-BFF data.")
+    return text
+
+
+def _parse(task: TaskSpec, path: Path, text: str) -> tuple[list[list[str]], list[str]]:
+    """(texts per example, raw labels) from the file's text, checking the columns."""
+    try:
+        if task.file_format == "csv":
+            frame = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False)
+        else:
+            header = 0 if task.file_format == "glue-tsv" else None
+            frame = pd.read_csv(io.StringIO(text), sep="\t", header=header, quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"{path} could not be parsed ({str(err).strip()}); expected {_layout(task)}.") from None
+    if task.file_format == "glue-tsv":
         needed = [*task.text_columns, task.label_column]
         absent = [c for c in needed if c not in frame.columns]
         if absent:
-            raise ValueError(f"{path}: missing column(s) {absent}; found {list(frame.columns)}")
-        texts = frame[list(task.text_columns)].values.tolist()
-        raw_labels = frame[task.label_column].tolist()
-    elif task.file_format == "tsv-noheader":
-        frame = pd.read_csv(path, sep="\t", header=None, quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
-        columns = [int(c) for c in (*task.text_columns, task.label_column)]
-        if frame.shape[1] <= max(columns):
-            raise ValueError(f"{path}: expected at least {max(columns) + 1} tab-separated columns, got {frame.shape[1]}")
-        texts = frame[columns[:-1]].values.tolist()
-        raw_labels = frame[columns[-1]].tolist()
-    elif task.file_format == "csv":
-        frame = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
-        if frame.shape[1] < 1 + len(task.text_columns):
-            raise ValueError(f"{path}: expected label + {len(task.text_columns)} text column(s), got {frame.shape[1]}")
-        raw_labels = frame[0].tolist()
-        texts = frame[list(range(1, 1 + len(task.text_columns)))].values.tolist()
+            raise ValueError(
+                f"{path}: missing column(s) {absent}; found {list(frame.columns)}. Expected {_layout(task)}."
+            )
+        return frame[list(task.text_columns)].values.tolist(), frame[task.label_column].tolist()
+    if task.file_format == "tsv-noheader":
+        text_columns, label_column = [int(c) for c in task.text_columns], int(task.label_column)
     else:
+        text_columns, label_column = list(range(1, 1 + len(task.text_columns))), 0
+    if frame.shape[1] <= max(*text_columns, label_column):
+        raise ValueError(
+            f"{path}: expected at least {max(*text_columns, label_column) + 1} column(s), got {frame.shape[1]}. "
+            f"Expected {_layout(task)}."
+        )
+    return frame[text_columns].values.tolist(), frame[label_column].tolist()
+
+
+def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
+    """Read the train or test file of a task into examples, checking encoding, columns and labels.
+
+    Every problem is a ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file
+    and what to do about it.
+    """
+    if task.file_format not in ("glue-tsv", "tsv-noheader", "csv"):
         raise ValueError(f"task {task.name}: unknown file_format {task.file_format!r}")
+    path = _task_dir(task, data_dir) / (task.train_file if which == "train" else task.test_file)
+    if not path.is_file():
+        raise FileNotFoundError(missing_task_file(task, data_dir, path.name))
+    texts, raw_labels = _parse(task, path, _read_text(path, task))
     index = {label: i for i, label in enumerate(task.labels)}
     examples = []
     for row, (text, label) in enumerate(zip(texts, raw_labels)):
@@ -84,10 +121,13 @@ def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
         if label in task.unlabelled:
             continue
         if label not in index:
-            raise ValueError(f"{path}, row {row + 1}: label {label!r} is not one of {list(task.labels)}")
+            raise ValueError(
+                f"{path}, row {row + 1}: label {label!r} is not one of {list(task.labels)} "
+                f"(the labels of task {task.name}); fix the row or check that this is the {task.name} file"
+            )
         examples.append(Example(texts=[str(t) for t in text], label=index[label]))
     if not examples:
-        raise ValueError(f"{path} has no examples")
+        raise ValueError(f"{path} has no examples; expected {_layout(task)}, one example per row. Restore it from the LM-BFF data.")
     return examples
 
 

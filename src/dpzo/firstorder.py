@@ -568,6 +568,7 @@ def train_first_order(
     history: dict[str, list] = {"step": [], "lr": [], "loss": [], "examples": [], "clipped_fraction": []}
     losses_since_log: list[float] = []
     examples_since_log, clipped_since_log = 0, 0
+    steps_run, examples_sampled = 0, 0  # counted, for the end-of-training check against the ledger
     started = time.perf_counter()
     for step in range(hp.steps):
         if private:
@@ -605,6 +606,8 @@ def train_first_order(
         if step_losses:
             losses_since_log.append(float(torch.cat(step_losses).double().mean()))
         examples_since_log += len(index)
+        examples_sampled += len(index)
+        steps_run += 1
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
             history["step"].append(step + 1)
             history["lr"].append(hp.lr)
@@ -615,8 +618,13 @@ def train_first_order(
             examples_since_log, clipped_since_log = 0, 0
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
-    history["steps_run"] = hp.steps
-    history["releases"] = hp.steps if private else 0
+    history["steps_run"] = steps_run
+    history["releases"] = steps_run if private else 0  # one noisy gradient per step
+    history["examples_sampled"] = examples_sampled
+    history["n"] = n
+    history["sampling_rate"] = q
+    history["noise_scale_on_sum"] = sigma * hp.clip if private and sigma > 0 else 0.0
+    history["noise_divisor"] = expected_batch_size
     history["train_seconds"] = elapsed
     history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
     history["trainable_parameters"] = int(sum(p.numel() for p in params.values()))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Example
+from .inputs import ModelDirError, model_dir_problems
 from .tasks import EncodedPrompt, TaskSpec, encode_prompt, label_word_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -43,17 +44,27 @@ def load_model(path: str | Path, *, family: str = "auto", dtype: str = "float32"
     """Load tokenizer and model with the Auto classes; returns (model, tokenizer, family).
 
     ``path`` is a directory or a Hugging Face id already in the local cache: nothing is ever
-    downloaded here (see :mod:`dpzo.preflight`).
+    downloaded here (see :mod:`dpzo.preflight`).  Raises :class:`ModelDirError` for a missing or
+    incomplete model directory, or an id that is not in the cache, before anything is trained.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    problems = model_dir_problems(path)
+    if problems:
+        raise ModelDirError("; ".join(problems))
     offline = dict(local_files_only=True)
-    config = AutoConfig.from_pretrained(path, **offline)
-    if family == "auto":
-        family = detect_family(config)
-    cls = AutoModelForMaskedLM if family == "mlm" else AutoModelForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(path, **offline)
-    model = cls.from_pretrained(path, dtype=DTYPES[dtype], **offline)
+    try:
+        config = AutoConfig.from_pretrained(path, **offline)
+        if family == "auto":
+            family = detect_family(config)
+        cls = AutoModelForMaskedLM if family == "mlm" else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(path, **offline)
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], **offline)
+    except OSError as err:  # transformers' "not found in the cache" errors
+        raise ModelDirError(
+            f"model {path} could not be loaded ({str(err).splitlines()[0]}); give a directory written by "
+            "save_pretrained, or a hub id that is in the local Hugging Face cache (nothing is downloaded)"
+        ) from None
     model.to(device)
     # Zeroth-order training runs in eval mode: dropout would make the two perturbed losses
     # differ by more than the perturbation itself.

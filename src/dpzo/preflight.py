@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import missing_files
+from .inputs import WEIGHT_FILES, model_dir_problems
 from .tasks import TASKS
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "sentencepiece.bpe.model", "spiece.model")
 LMBFF_URL = "https://nlp.cs.princeton.edu/projects/lm-bff/datasets.tar"
 
 
@@ -22,36 +21,19 @@ class MissingInputs(SystemExit):
     """Raised with the full list of what is missing; exits non-zero with that message."""
 
 
-def hf_cache_dir() -> str:
+def hub_cache_dir() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
 
 
-def _looks_like_path(name: str) -> bool:
-    """A Hugging Face id is ``name`` or ``org/name``; anything else is meant as a directory."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def model_problem(key: str, path: str) -> str | None:
     """Why the model ``key`` at ``path`` (a directory or a Hugging Face id) cannot load, or None."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        lacks = []
-        if not (local / "config.json").is_file():
-            lacks.append("config.json")
-        if not any((local / f).is_file() for f in WEIGHT_FILES):
-            lacks.append("weights (model.safetensors or pytorch_model.bin)")
-        if not any((local / f).is_file() for f in TOKENIZER_FILES):
-            lacks.append("tokenizer files")
-        if lacks:
-            return (
-                f"model '{key}': directory {path} lacks {', '.join(lacks)}; save the model and its tokenizer "
-                f"there with save_pretrained (models.{key}.path)"
-            )
+    local = model_dir_problems(path)
+    if local:
+        return f"model '{key}' (models.{key}.path): " + "; ".join(local)
+    if Path(path).expanduser().is_dir():
         return None
-    if _looks_like_path(path):
-        return f"model '{key}': directory {path} does not exist (models.{key}.path)"
     from huggingface_hub import try_to_load_from_cache
 
     config = try_to_load_from_cache(path, "config.json")
@@ -59,7 +41,7 @@ def model_problem(key: str, path: str) -> str | None:
     if isinstance(config, str) and weights:
         return None
     return (
-        f"model '{key}': Hugging Face id '{path}' is not in the local cache {hf_cache_dir()}. On a machine with "
+        f"model '{key}': Hugging Face id '{path}' is not in the local cache {hub_cache_dir()}. On a machine with "
         f"internet run `hf download {path}` and copy the cache to HF_HOME here, or save the model with "
         f"save_pretrained to a directory and set models.{key}.path to it"
     )

@@ -17,7 +17,9 @@ Which method does what (``dpzo.methods.ZO`` holds the table):
 The noise added is read from the privacy ledger (``privacy.NoisySum.from_ledger``).
 
 Exactly ``steps`` updates run, each with ``directions`` releases; the trainer refuses to start
-when this differs from what the privacy ledger accounted.
+when this differs from what the privacy ledger accounted, counts what really ran (steps,
+releases, examples sampled, the noise it added) and checks that count against the ledger
+again at the end (:func:`check_ledger_after`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from .methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
-from .methods import MaskSettings
+from .methods import MaskSettings, ZOMethod
 from .prune import Mask
 from .models import PromptClassifier
 from .privacy import NoisySum, SecretRandom
@@ -128,6 +130,91 @@ def check_ledger(ledger: dict, *, n: int, hp: ZOHyperparameters) -> None:
         raise RuntimeError(f"privacy ledger mismatch: q accounted {ledger['q']} but B/n = {hp.batch_size / n}")
 
 
+#: A realised number of sampled examples further than this many standard deviations from
+#: q * n * releases means the sampler is not the accounted one (a false alarm has
+#: probability below 1e-15).
+SAMPLING_TOLERANCE_SD = 8.0
+
+
+def ledger_noise_on_sum(ledger: dict) -> float:
+    """The noise scale on each clipped sum that the ledger accounted (std, or Laplace b)."""
+    if not ledger.get("private"):
+        return 0.0
+    if ledger.get("mechanism") == "laplace":
+        return float(ledger["laplace_scale_on_sum"])
+    return float(ledger["noise_std_on_sum"])
+
+
+def check_ledger_after(ledger: dict, history: dict) -> None:
+    """After training: what really ran (counted by the trainer) must be what the ledger accounted.
+
+    Checks n, the sampling rate, the number of steps and of releases, the noise scale and the
+    divisor actually used, and that the number of examples the sampler really drew is
+    consistent with Poisson sampling at the accounted rate.
+    """
+    problems = []
+
+    def compare(key: str, ran: float, accounted: float) -> None:
+        if not math.isclose(float(ran), float(accounted), rel_tol=1e-9, abs_tol=0.0):
+            problems.append(f"{key}: ran {ran}, accounted {accounted}")
+
+    compare("n", history["n"], ledger["n"])
+    compare("q", history["sampling_rate"], ledger["q"])
+    compare("steps", history["steps_run"], ledger["steps"])
+    compare("releases", history["releases"], ledger["compositions"])
+    compare("noise on each sum", history["noise_scale_on_sum"], ledger_noise_on_sum(ledger))
+    compare("divisor (expected batch size)", history["noise_divisor"], ledger["expected_batch_size"])
+    n, q, releases = int(ledger["n"]), float(ledger["q"]), int(history["releases"])
+    expected = q * n * releases
+    sd = math.sqrt(n * releases * q * (1.0 - q))
+    drawn = int(history["examples_sampled"])
+    if abs(drawn - expected) > SAMPLING_TOLERANCE_SD * sd + 1.0:
+        problems.append(
+            f"examples sampled: {drawn} over {releases} releases, but Poisson sampling at q={q} "
+            f"draws {expected:.1f} +- {sd:.1f}; the batches were not drawn at the accounted rate"
+        )
+    if problems:
+        raise RuntimeError(
+            "privacy ledger mismatch after training (the run does not match what was accounted; "
+            "its metrics are not published): " + "; ".join(problems)
+        )
+
+
+def release_direction(
+    d: torch.Tensor, *, spec: ZOMethod, clip: float, beta: float, noise: NoisySum, secret: SecretRandom
+) -> tuple[float, int]:
+    """The private release of one direction: clip each example's value, sum, add the ledger's noise.
+
+    ``d`` holds the finite-difference quotients of the sampled examples.  The clipped value is
+    the quotient itself or, for Tang et al.'s DP-ZO, the raw difference ``2 beta d`` (the
+    division by the public ``2 beta`` then happens after the noise).  Returns the released
+    scalar and how many examples the clip changed.
+    """
+    value = d * (2.0 * beta) if spec.clip_raw_difference else d
+    clipped = int((value.abs() > clip).sum())
+    g = noise.release(float(clip_differences(value, clip).sum()), secret)
+    if spec.clip_raw_difference:
+        g /= 2.0 * beta
+    return g, clipped
+
+
+def _check_update(flat: FlatParameters, grads: list[float], lr: float, step: int) -> None:
+    """Each move lr * g along a direction must be a finite number of the weights' precision."""
+    largest = torch.finfo(flat.master.dtype).max
+    if not all(math.isfinite(lr * g) and abs(lr * g) <= largest for g in grads):
+        raise FloatingPointError(
+            f"non-finite update at step {step} (lr * g = {[lr * g for g in grads]}); lower the learning rate "
+            "(no metrics are written for this run)"
+        )
+
+
+def _check_finite_weights(flat: FlatParameters, step: int) -> None:
+    if not bool(torch.isfinite(flat.master).all()):
+        raise FloatingPointError(
+            f"non-finite weights after step {step}; lower the learning rate (no metrics are written for this run)"
+        )
+
+
 def train_zo(
     model: torch.nn.Module,
     per_example_loss: Callable[[np.ndarray], torch.Tensor],
@@ -140,6 +227,7 @@ def train_zo(
     secret: SecretRandom | None = None,
     master_dtype: torch.dtype = torch.float32,
     masks: Callable[[int], Mask] | None = None,
+    record_releases: bool = False,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -147,7 +235,9 @@ def train_zo(
     ``index`` at the model's current weights (one batched forward).  Private methods need
     ``noise`` (from the ledger) and the secret RNG that samples batches and draws the noise.
     Masked methods need ``masks(stage)``: the mask to train during that stage, asked for at the
-    start of each stage.
+    start of each stage.  ``record_releases`` keeps every released scalar, in order, in
+    ``history["released"]`` (they are the public output of the mechanism; the privacy audit
+    compares them with its own run of the mechanism).
     """
     method = base_method(method)
     if method not in ZO_METHODS:
@@ -172,6 +262,9 @@ def train_zo(
     history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": [], "mask_size": []}
     losses_since_log: list[float] = []
     examples_since_log, clipped_since_log = 0, 0
+    # counted as they happen, for the end-of-training check against the ledger
+    steps_run, releases, examples_sampled = 0, 0, 0
+    released: list[float] = []
     started = time.perf_counter()
     for step in range(hp.steps):
         stage = schedule.stage_of(step)
@@ -202,19 +295,22 @@ def train_zo(
                     )
                 losses_since_log.append(float(0.5 * (loss_plus + loss_minus).mean()))
             if private:
-                # the clipped value: the quotient d, or (Tang et al.) the raw difference 2 beta d
-                value = d * (2.0 * beta) if spec.clip_raw_difference else d
-                clipped_since_log += int((value.abs() > hp.clip).sum())
-                g = noise.release(float(clip_differences(value, hp.clip).sum()), secret)
-                if spec.clip_raw_difference:
-                    g /= 2.0 * beta
+                g, clipped = release_direction(d, spec=spec, clip=hp.clip, beta=beta, noise=noise, secret=secret)
+                clipped_since_log += clipped
+                releases += 1
+                if record_releases:
+                    released.append(g)
             else:
                 g = float(clip_differences(d, hp.clip).mean()) if len(d) else 0.0
             seeds.append(seed)
             grads.append(g)
             examples_since_log += len(index)
+            examples_sampled += len(index)
+        _check_update(flat, grads, lr, step)
         apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor)
+        steps_run += 1
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
+            _check_finite_weights(flat, step)
             history["step"].append(step + 1)
             history["stage"].append(stage)
             history["lr"].append(lr)
@@ -226,8 +322,15 @@ def train_zo(
             losses_since_log = []
             examples_since_log, clipped_since_log = 0, 0
     elapsed = time.perf_counter() - started
-    history["steps_run"] = hp.steps
-    history["releases"] = hp.steps * hp.directions if private else 0
+    history["steps_run"] = steps_run
+    history["releases"] = releases
+    history["examples_sampled"] = examples_sampled
+    history["n"] = n
+    history["sampling_rate"] = q
+    history["noise_scale_on_sum"] = noise.scale if private else 0.0
+    history["noise_divisor"] = noise.divisor if private else float(hp.batch_size)
+    if record_releases:
+        history["released"] = released
     history["train_seconds"] = elapsed
     history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
     history["stage_starts"] = schedule.stage_starts()
@@ -343,10 +446,8 @@ def run_cell(
                 secret=secret,
                 masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
             )
-        if base in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:
-            raise RuntimeError(
-                f"ran {history['releases']} releases but the ledger accounted {ledger['compositions']}"
-            )
+        if base in PRIVATE_METHODS:
+            check_ledger_after(ledger, history)
     result = evaluate(clf, test_set, batch_size=eval_batch_size)
     return {
         "model": model,

@@ -23,6 +23,27 @@ onstart:
 DEMO_DIR = "results/demo"
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
 MASK = "results/masks/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.pt"
+AUDIT = "results/audit/{model}/{task}/{method}/eps{eps}/audit.json"
+
+
+def audit_cfg(key):
+    """A setting of the audit block; the model and task default to the first configured ones."""
+    cfg = config.get("audit", {})
+    first = {"model": next(iter(config["models"])), "task": config["tasks"][0]}
+    return cfg.get(key, first.get(key))
+
+
+def all_audits(wildcards=None):
+    """The audit records of `audit.epsilons` (an input function: only the audit target needs it)."""
+    if audit_cfg("method") not in config["methods"]:
+        raise ValueError(
+            f"config key 'audit.method': {audit_cfg('method')!r} is not one of `methods`; set audit.method "
+            "to a private zeroth-order method of `methods` (its hyperparameters define the audited cell)"
+        )
+    return [
+        AUDIT.format(model=audit_cfg("model"), task=audit_cfg("task"), method=audit_cfg("method"), eps=e)
+        for e in audit_cfg("epsilons")
+    ]
 
 
 CELLS = grid_cells(config)  # every (model, task, method, eps, seed) cell of the configured grid
