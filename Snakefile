@@ -4,7 +4,9 @@
 #   snakemake --cores 2 -f results/runs/<model>/<task>/<method>/eps<eps>/seed<seed>/metrics.json
 #
 # DAG: demo corpus/tasks/models (demo only) -> k-shot splits -> privacy ledger per cell
-#      -> training + evaluation per cell -> summary table and figure.
+#      -> training + evaluation per cell -> tables and figures beside the published values.
+#
+#   snakemake --report results/report.html               # after a run: the HTML report
 
 from snakemake.utils import min_version
 
@@ -12,6 +14,9 @@ min_version("9.20")
 
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -42,7 +47,6 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        "results/tables/summary.csv",
-        "results/figures/accuracy.png",
+        report_targets(),
         all_ledgers(),
     default_target: True
