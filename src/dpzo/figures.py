@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -49,6 +49,13 @@ _PALETTE_INDEX = {
 _EXTRA_COLOURS = {"zero-shot": ZERO_SHOT_GREY, "dp-zo-laplace": (0.15, 0.15, 0.15)}
 
 
+def _shade(colour: tuple, t: float) -> tuple:
+    """t in (0, 1): up to 0.5 darker than ``colour``, above it lighter (mixed with white); never equal."""
+    if t <= 0.5:
+        return tuple(c * (0.35 + t) for c in colour)
+    return tuple(c + (1.0 - c) * (0.15 + 1.1 * (t - 0.5)) for c in colour)
+
+
 def method_colours(methods: Sequence[str]) -> dict[str, tuple]:
     """A fixed colour per base method; variants (``<method>+<variant>``) are darker shades of it."""
     import seaborn as sns
@@ -60,9 +67,8 @@ def method_colours(methods: Sequence[str]) -> dict[str, tuple]:
         base = base_method(method)
         colour = _EXTRA_COLOURS.get(base) or (palette[_PALETTE_INDEX[base]] if base in _PALETTE_INDEX else palette[7])
         variants = [m for m in ordered if base_method(m) == base and m != base]
-        if method in variants:  # darker shades, one per variant
-            f = 0.35 + 0.5 * variants.index(method) / max(len(variants), 1)
-            colour = tuple(c * f for c in colour)
+        if method in variants:  # shades from dark to light around the base colour, one per variant
+            colour = _shade(colour, (variants.index(method) + 0.5) / len(variants))
         colours[method] = colour
     return colours
 
@@ -189,13 +195,15 @@ def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path,
         ticks = [m if name.lower() == m else f"{m}\n({name})" for m, name in zip(sub.index, sub["published_name"])]
         panels.append((title, list(sub.index), sub["gpu_memory_mb"], "GPU memory (MB)", sub["seconds"],
                        "time per step (s)" if kind == "per step" else "time per run (s)", ticks))
-    fig, axes = plt.subplots(len(panels), 2, squeeze=False, figsize=(11, 2.7 * len(panels)))
+    most = max((len(p[1]) for p in panels), default=1)
+    fig, axes = plt.subplots(len(panels), 2, squeeze=False, figsize=(max(11, 1.3 * most), 2.7 * len(panels)))
+    rotation = 20 if most <= 6 else 40  # long method lists: steeper labels that do not overlap
     for r, (title, methods, memory, mem_label, seconds, sec_label, ticks) in enumerate(panels):
         for c, (values, label) in enumerate(((memory, mem_label), (seconds, sec_label))):
             ax = axes[r][c]
             bars = ax.bar(range(len(methods)), values, color=[colours[m] for m in methods], zorder=2)
             ax.bar_label(bars, labels=[_short(v) for v in values], fontsize=8, padding=2)
-            ax.set_xticks(range(len(methods)), ticks, rotation=20, ha="right")
+            ax.set_xticks(range(len(methods)), ticks, rotation=rotation, ha="right", rotation_mode="anchor")
             ax.set_ylabel(label)
             ax.set_ylim(0, max([v for v in values if not math.isnan(v)] or [1]) * 1.18)
             ax.set_title(title, fontsize=10)
@@ -293,7 +301,9 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, 
         for (method, eps), g in sub.groupby(["method", "eps"], sort=False):
             stats = g.groupby("step")["loss"].agg(["mean", "std"]).reset_index()
             colour = colours.get(method)
-            ax.plot(stats["step"], stats["mean"], color=colour, linestyle=eps_style[eps], linewidth=1.4)
+            # few logged points (short runs log at the last step only): markers keep them visible
+            marker = "o" if len(stats) <= 20 else None
+            ax.plot(stats["step"], stats["mean"], color=colour, linestyle=eps_style[eps], linewidth=1.4, marker=marker, markersize=4)
             spread = stats["std"].fillna(0)
             ax.fill_between(stats["step"], stats["mean"] - spread, stats["mean"] + spread, color=colour, alpha=0.15, linewidth=0)
             if method not in used_methods:
@@ -324,7 +334,7 @@ ABLATION_HINT = ("No DP-ZOPO cells in this run.\nThe ablation overlay produces t
                  "snakemake --cores 2 --configfile config/config.yaml config/ablation.yaml")
 
 
-def ablation_label(row) -> str:
+def ablation_label(row: Any) -> str:
     ratio = float(row.mask_ratio) if str(row.mask_ratio) not in ("", "nan") else math.nan
     ratio_text = f"{100 * ratio:g} %" if not math.isnan(ratio) else "?"
     return f"{row.method}\n{row.mask_strategy} · {row.mask_scorer} · {ratio_text} · {row.mask_selection}"
