@@ -302,7 +302,7 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, 
             stats = g.groupby("step")["loss"].agg(["mean", "std"]).reset_index()
             colour = colours.get(method)
             # few logged points (short runs log at the last step only): markers keep them visible
-            marker = "o" if len(stats) <= 20 else None
+            marker = "o" if len(stats) <= 5 else None
             ax.plot(stats["step"], stats["mean"], color=colour, linestyle=eps_style[eps], linewidth=1.4, marker=marker, markersize=4)
             spread = stats["std"].fillna(0)
             ax.fill_between(stats["step"], stats["mean"] - spread, stats["mean"] + spread, color=colour, alpha=0.15, linewidth=0)
