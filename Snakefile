@@ -5,7 +5,9 @@
 #   snakemake --cores 2 audit_all                        # the empirical privacy audit (not in `all`)
 #
 # DAG: demo corpus/tasks/models (demo only) -> k-shot splits -> privacy ledger per cell
-#      -> training + evaluation per cell -> summary table and figure.
+#      -> training + evaluation per cell -> tables and figures beside the published values.
+#
+#   snakemake --report results/report.html               # after a run: the HTML report
 
 from snakemake.utils import min_version
 
@@ -17,6 +19,9 @@ min_version("9.20")
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -48,8 +53,7 @@ include: "workflow/rules/audit.smk"
 
 rule all:
     input:
-        "results/tables/summary.csv",
-        "results/figures/accuracy.png",
+        report_targets(),
         all_ledgers(),
         agreement_tables(),
     default_target: True

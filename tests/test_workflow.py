@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +55,8 @@ ALL_METHODS = {
     "dp-sgd": {"steps": 2, "batch_size": 4, "lr": 1.0e-4, "clip": 1.0},
     "dp-prefix": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "clip": 1.0, "prefix_tokens": 2},
 }
+FIGURES = ("accuracy-bars", "memory-time", "privacy-utility", "training-curves", "ablation")
+TABLES = ("accuracy-eps8", "privacy")
 CELLS = [
     "demo-roberta/demo-sst2/zero-shot/epsinf/seed13",
     "demo-roberta/demo-sst2/mezo/epsinf/seed13",
@@ -93,7 +98,12 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_pipeline_produces_every_output(tiny_run):
     results = tiny_run / "results"
-    assert (results / "figures" / "accuracy.png").stat().st_size > 10_000
+    for name in FIGURES:
+        assert (results / "figures" / f"{name}.png").stat().st_size > 10_000, name
+        assert (results / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
+    for name in TABLES:
+        for ext in ("csv", "md", "tex", "html"):
+            assert (results / "tables" / f"{name}.{ext}").stat().st_size > 0, (name, ext)
     summary = pd.read_csv(results / "tables" / "summary.csv", dtype={"eps": str})
     assert set(summary["method"]) == {"zero-shot", "mezo", "dp-zoso"}
     for cell in CELLS:
@@ -143,7 +153,10 @@ def test_single_cell_rerun_runs_exactly_that_cell(tiny_run):
     volatile = {"ms_per_step", "train_seconds", "wall_seconds", "memory"}
     assert {k: v for k, v in again.items() if k not in volatile} == {k: v for k, v in first.items() if k not in volatile}
     # the next full run re-aggregates and nothing else
-    assert job_counts(snakemake(tiny_run, "-n").stdout) == {"summarize": 1, "plot_accuracy": 1, "all": 1}
+    assert job_counts(snakemake(tiny_run, "-n").stdout) == {
+        "collect": 1, "summarize": 1, "accuracy_table": 1, "privacy_table": 1, "all": 1,
+        **{f"figure_{name.replace('-', '_')}": 1 for name in FIGURES},
+    }
 
 
 def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path):
@@ -218,3 +231,57 @@ def test_audit_target_measures_a_bound_per_epsilon(tiny_run):
     assert 0.0 <= private["epsilon_lower_bound"] <= 8.0 and private["lower_bound_within_claim"]
     assert silent["sigma"] == 0.0 and silent["epsilon_lower_bound"] > 1.0  # the attack has power
     assert (tiny_run / "results" / "audit" / "audit.png").stat().st_size > 10_000
+
+
+def report_results(html: str) -> dict:
+    """The results the Snakemake HTML report embeds: path -> {name, caption, mime_type, data_uri, ...}."""
+    start = html.index('<script id="results">') + len('<script id="results">')
+    body = html[start:html.index("</script>", start)].strip()
+    assert body.startswith("var results = ")
+    return json.loads(body.removeprefix("var results = ").rstrip().rstrip(";"))
+
+
+@pytest.mark.slow
+def test_report_contains_every_figure_and_table(tiny_run):
+    """After the runs above (every method, so the ablation figure has DP-ZOPO cells): the HTML report
+    embeds every figure and table byte for byte with its caption, and the accuracy table equals the
+    cells' metrics aggregated here."""
+    snakemake(tiny_run)  # bring the aggregates up to date (the rerun test left them stale)
+    snakemake(tiny_run, "--report", "results/report.html")
+    results = report_results((tiny_run / "results" / "report.html").read_text(encoding="utf-8"))
+    expected = [f"results/figures/{n}.png" for n in FIGURES] + [f"results/tables/{n}.html" for n in TABLES]
+    for path in expected:
+        assert path in results, path
+        entry = results[path]
+        assert len(entry["caption"]) > 200, path  # says what it shows and how it was made
+        payload = entry["data_uri"].split("base64,", 1)[1]
+        assert base64.b64decode(payload) == (tiny_run / path).read_bytes(), path
+    assert results["results/figures/accuracy-bars.png"]["mime_type"] == "image/png"
+    assert results["results/tables/privacy.html"]["mime_type"] == "text/html"
+
+    # the eps-8 table against the metrics files, aggregated here with the standard library
+    groups: dict[tuple, list[float]] = {}
+    for f in (tiny_run / "results" / "runs").glob("*/*/*/*/*/metrics.json"):
+        m = json.loads(f.read_text())
+        groups.setdefault((m["model"], m["task"], m["method"], m["eps"]), []).append(100 * m["accuracy"])
+    table = pd.read_csv(tiny_run / "results" / "tables" / "accuracy-eps8.csv", dtype={"eps": str})
+    want = {k for k in groups if k[3] in ("8", "inf")}
+    assert {(r.model, r.task, r.method, r.eps) for r in table.itertuples()} == want
+    for r in table.itertuples():
+        values = groups[(r.model, r.task, r.method, r.eps)]
+        assert r.accuracy_mean == pytest.approx(statistics.fmean(values), abs=1e-9)
+        assert r.seeds == len(values)
+    # demo-sst2 stands in for SST-2 on RoBERTa-large: DP-ZOSO at eps 8 is 93.2 in the paper's figure
+    zoso = table[table.method == "dp-zoso"].iloc[0]
+    assert (zoso.reference_task, zoso.published) == ("SST-2", 93.2)
+    assert zoso.difference == pytest.approx(statistics.fmean(groups[("demo-roberta", "demo-sst2", "dp-zoso", "8")]) - 93.2)
+    # the privacy table is the ledger of every private cell
+    privacy = pd.read_csv(tiny_run / "results" / "tables" / "privacy.csv", dtype={"eps": str})
+    for r in privacy.itertuples():
+        ledger = json.loads((tiny_run / "results" / "runs" / r.model / r.task / r.method / f"eps{r.eps}" / "seed13" / "privacy.json").read_text())
+        if ledger.get("sigma") is None:  # the Laplace variant: pure eps-DP, no Gaussian sigma
+            assert math.isnan(r.sigma) and r.epsilon_pure == pytest.approx(ledger["epsilon_achieved"]["pure"])
+        else:
+            assert r.sigma == pytest.approx(ledger["sigma"]) and r.epsilon_pld == pytest.approx(ledger["epsilon_achieved"]["pld"])
+        assert r.q == pytest.approx(ledger["q"]) and r.ledger_steps == ledger["steps"]
+    assert len(privacy) == sum(1 for k in groups if k[3] != "inf")

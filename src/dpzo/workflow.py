@@ -208,18 +208,82 @@ def agreement_table(snakemake) -> None:
         pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
+def collect(snakemake) -> None:
+    """cells.csv and curves.csv: every cell's metrics, ledger and benchmark, read once."""
+    from .report import write_collection
+
+    _setup(snakemake)
+    cells = write_collection(
+        snakemake.input.metrics,
+        snakemake.output.cells,
+        snakemake.output.curves,
+        models=dict(snakemake.params.models),
+        methods=dict(snakemake.params.methods),
+        benchmarks=list(snakemake.params.benchmarks),
+    )
+    logging.info("collected %d cells", len(cells))
+
+
 def summarize(snakemake) -> None:
     from .report import write_summary
 
     _setup(snakemake)
-    write_summary(snakemake.input.metrics, snakemake.output.summary)
+    write_summary(snakemake.input.cells, snakemake.output.summary)
 
 
-def plot(snakemake) -> None:
-    from .report import plot_accuracy
+def _delta_text(delta) -> str:
+    return str(delta) if isinstance(delta, str) else f"{float(delta):g}"
+
+
+def _table_outputs(snakemake) -> dict:
+    return {kind: snakemake.output[kind] for kind in ("csv", "md", "tex", "html")}
+
+
+def accuracy_table(snakemake) -> None:
+    """Accuracy at one epsilon beside the published values (CSV, Markdown, LaTeX, HTML)."""
+    from .reference import load_accuracy, preferred
+    from .report import read_cells
+    from .tables import accuracy_table as build, render_accuracy, write_table
 
     _setup(snakemake)
-    plot_accuracy(snakemake.input.summary, snakemake.output.figure)
+    eps = snakemake.wildcards.eps
+    tidy = build(read_cells(snakemake.input.summary), preferred(load_accuracy(snakemake.input.reference)), eps)
+    table = render_accuracy(tidy, eps, _delta_text(snakemake.params.delta))
+    write_table(tidy, table, _table_outputs(snakemake), label=f"tab:accuracy-eps{eps}")
+
+
+def privacy_table(snakemake) -> None:
+    from .report import read_cells
+    from .tables import privacy_table as build, render_privacy, write_table
+
+    _setup(snakemake)
+    tidy = build(read_cells(snakemake.input.cells))
+    write_table(tidy, render_privacy(tidy), _table_outputs(snakemake), label="tab:privacy")
+
+
+def figure(snakemake) -> None:
+    """One of the report's figures, chosen by ``params.figure`` (see ``dpzo.figures``)."""
+    from . import figures
+    from .reference import load_accuracy, load_memory, preferred
+    from .report import read_cells
+
+    _setup(snakemake)
+    name = snakemake.params.figure
+    inputs = snakemake.input
+    png, pdf = snakemake.output.png, snakemake.output.pdf
+    if name == "accuracy_bars":
+        figures.accuracy_bars(read_cells(inputs.summary), preferred(load_accuracy(inputs.reference)), png, pdf)
+    elif name == "privacy_utility":
+        figures.privacy_utility(read_cells(inputs.summary), preferred(load_accuracy(inputs.reference)), png, pdf)
+    elif name == "memory_time":
+        figures.memory_time(read_cells(inputs.summary), load_memory(inputs.reference), png, pdf)
+    elif name == "training_curves":
+        curves = read_cells(inputs.curves)
+        figures.training_curves(curves, read_cells(inputs.cells), png, pdf)
+    elif name == "ablation":
+        figures.ablation(read_cells(inputs.summary), png, pdf)
+    else:
+        raise ValueError(f"unknown figure {name!r}; known: accuracy_bars, privacy_utility, memory_time, training_curves, ablation")
 
 
 def audit(snakemake) -> None:

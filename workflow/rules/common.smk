@@ -21,6 +21,11 @@ onstart:
 
 
 DEMO_DIR = "results/demo"
+# the published values ship with the workflow, not with a run: found next to the Snakefile
+REFERENCE_ACCURACY = str(Path(workflow.basedir) / "config" / "reference" / "accuracy.csv")
+REFERENCE_MEMORY = str(Path(workflow.basedir) / "config" / "reference" / "memory_time.csv")
+FIGURES = ("accuracy-bars", "memory-time", "privacy-utility", "training-curves", "ablation")
+TABLE_FORMATS = ("csv", "md", "tex", "html")
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
 MASK = "results/masks/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.pt"
 AUDIT = "results/audit/{model}/{task}/{method}/eps{eps}/audit.json"
@@ -59,6 +64,19 @@ def all_metrics():
 
 def all_ledgers():
     return [f"results/runs/{RUN}/privacy.json".format(**c) for c in cells()]
+
+
+def all_benchmarks():
+    """The train jobs' benchmark files, in the order of all_metrics() (read when present)."""
+    return [f"benchmarks/train/{RUN}.tsv".format(**c) for c in cells()]
+
+
+def report_targets():
+    """Every table and figure of the report."""
+    tables = [f"results/tables/accuracy-eps{e}.{ext}" for e in config["epsilons"] for ext in TABLE_FORMATS]
+    tables += [f"results/tables/privacy.{ext}" for ext in TABLE_FORMATS]
+    figures = [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    return ["results/tables/summary.csv", *tables, *figures]
 
 
 def demo_task_files():

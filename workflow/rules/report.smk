@@ -1,11 +1,40 @@
-# Aggregation: mean +- std over seeds, and accuracy against epsilon.
+# Aggregation and the report: every cell read once (collect), mean +- std over seeds
+# (summarize), the tables beside the published values and the figures. All cheap: they rerun
+# whenever a cell changes. `snakemake --report results/report.html` gathers the report() items.
+
+
+rule collect:
+    input:
+        metrics=all_metrics(),
+        ledgers=all_ledgers(),
+    output:
+        cells=report(
+            "results/tables/cells.csv",
+            caption="../report/cells.rst",
+            category="Data",
+        ),
+        curves="results/tables/curves.csv",
+    params:
+        models=config["models"],
+        methods=config["methods"],
+        benchmarks=all_benchmarks(),
+    log:
+        "logs/report/collect.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/collect.py"
 
 
 rule summarize:
     input:
-        metrics=all_metrics(),
+        cells=rules.collect.output.cells,
     output:
-        summary="results/tables/summary.csv",
+        summary=report(
+            "results/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="Data",
+        ),
     log:
         "logs/report/summarize.log",
     conda:
@@ -14,14 +43,155 @@ rule summarize:
         "../scripts/summarize.py"
 
 
-rule plot_accuracy:
+rule accuracy_table:
     input:
         summary=rules.summarize.output.summary,
+        reference=REFERENCE_ACCURACY,
     output:
-        figure="results/figures/accuracy.png",
+        csv="results/tables/accuracy-eps{eps}.csv",
+        md="results/tables/accuracy-eps{eps}.md",
+        tex="results/tables/accuracy-eps{eps}.tex",
+        html=report(
+            "results/tables/accuracy-eps{eps}.html",
+            caption="../report/accuracy_table.rst",
+            category="Tables",
+            labels={"table": "accuracy", "epsilon": "{eps}"},
+        ),
+    params:
+        delta=config["delta"],
     log:
-        "logs/report/plot_accuracy.log",
+        "logs/report/accuracy_table-eps{eps}.log",
     conda:
         "../../envs/dpzo.yaml"
     script:
-        "../scripts/plot_accuracy.py"
+        "../scripts/accuracy_table.py"
+
+
+rule privacy_table:
+    input:
+        cells=rules.collect.output.cells,
+    output:
+        csv="results/tables/privacy.csv",
+        md="results/tables/privacy.md",
+        tex="results/tables/privacy.tex",
+        html=report(
+            "results/tables/privacy.html",
+            caption="../report/privacy_table.rst",
+            category="Tables",
+            labels={"table": "privacy", "epsilon": "all"},
+        ),
+    log:
+        "logs/report/privacy_table.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/privacy_table.py"
+
+
+rule figure_accuracy_bars:
+    input:
+        summary=rules.summarize.output.summary,
+        reference=REFERENCE_ACCURACY,
+    output:
+        png=report(
+            "results/figures/accuracy-bars.png",
+            caption="../report/accuracy_bars.rst",
+            category="Figures",
+            labels={"figure": "1 accuracy bars"},
+        ),
+        pdf="results/figures/accuracy-bars.pdf",
+    params:
+        figure="accuracy_bars",
+    log:
+        "logs/report/figure_accuracy_bars.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_memory_time:
+    input:
+        summary=rules.summarize.output.summary,
+        reference=REFERENCE_MEMORY,
+    output:
+        png=report(
+            "results/figures/memory-time.png",
+            caption="../report/memory_time.rst",
+            category="Figures",
+            labels={"figure": "2 memory and time"},
+        ),
+        pdf="results/figures/memory-time.pdf",
+    params:
+        figure="memory_time",
+    log:
+        "logs/report/figure_memory_time.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_privacy_utility:
+    input:
+        summary=rules.summarize.output.summary,
+        reference=REFERENCE_ACCURACY,
+    output:
+        png=report(
+            "results/figures/privacy-utility.png",
+            caption="../report/privacy_utility.rst",
+            category="Figures",
+            labels={"figure": "3 privacy-utility"},
+        ),
+        pdf="results/figures/privacy-utility.pdf",
+    params:
+        figure="privacy_utility",
+    log:
+        "logs/report/figure_privacy_utility.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_training_curves:
+    input:
+        curves=rules.collect.output.curves,
+        cells=rules.collect.output.cells,
+    output:
+        png=report(
+            "results/figures/training-curves.png",
+            caption="../report/training_curves.rst",
+            category="Figures",
+            labels={"figure": "4 training curves"},
+        ),
+        pdf="results/figures/training-curves.pdf",
+    params:
+        figure="training_curves",
+    log:
+        "logs/report/figure_training_curves.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/figure.py"
+
+
+rule figure_ablation:
+    input:
+        summary=rules.summarize.output.summary,
+    output:
+        png=report(
+            "results/figures/ablation.png",
+            caption="../report/ablation.rst",
+            category="Figures",
+            labels={"figure": "5 pruning ablation"},
+        ),
+        pdf="results/figures/ablation.pdf",
+    params:
+        figure="ablation",
+    log:
+        "logs/report/figure_ablation.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/figure.py"

@@ -1,3 +1,0 @@
-from dpzo.workflow import plot
-
-plot(snakemake)  # noqa: F821 (injected by Snakemake)
