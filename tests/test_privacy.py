@@ -560,3 +560,20 @@ def test_a_cross_check_that_cannot_be_evaluated_is_recorded_not_fatal():
     assert rec["epsilon_achieved"]["pld"] <= 8.0
     assert str(rec["epsilon_achieved"]["prv"]).startswith("not computed")
     assert isinstance(rec["epsilon_achieved"]["rdp"], float)
+
+
+@pytest.mark.parametrize("method", ["dp-zo-laplace", "dp-zo-laplace+c0.1", "dpzero", "dpzero+c50"])
+def test_a_method_variant_is_accounted_like_its_method(method):
+    """`<method>+<variant>` names a hyperparameter variant; its mechanism and accounting are the method's."""
+    common = dict(n=512, batch_size=32, steps=20, directions=1, clip=1.0, epsilon_target=4.0, delta=1e-5,
+                  accountant="rdp", convention="published")
+    rec = privacy.method_ledger(method, **common)
+    plain = privacy.method_ledger(method.split("+")[0], **common)
+    assert rec["method"] == method
+    assert {k: v for k, v in rec.items() if k not in ("method", "versions")} == {
+        k: v for k, v in plain.items() if k not in ("method", "versions")
+    }
+    if method.startswith("dp-zo-laplace"):
+        assert rec.get("sigma") is None and rec["epsilon_achieved"]["pure"] <= 4.0 * (1 + 1e-12)
+    else:
+        assert rec["neighbouring"] == plain["neighbouring"] and "replace" in rec["neighbouring"]

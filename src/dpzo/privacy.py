@@ -840,17 +840,18 @@ def method_ledger(
     method's own published accounting where it differs (DPZero: opacus RDP, replace-one,
     delta = 1e-5).  The Laplace variant is pure epsilon-DP under either convention.
     """
-    from .methods import ZO, is_private
+    from .methods import ZO, base_method, is_private
 
+    base = base_method(method)  # a variant ("dpzero+c50") is accounted like its method
     if convention not in ("common", "published"):
         raise ValueError(f"accounting convention must be 'common' or 'published'; got {convention!r}")
     common = dict(n=n, batch_size=batch_size, steps=steps, clip=clip, epsilon_target=epsilon_target)
     if not is_private(method):
         record = {"private": False, "epsilon_target": "inf", "n": n, "steps": steps,
                   "neighbouring": "none: this method makes no privacy claim"}
-    elif ZO.get(method) is not None and ZO[method].mechanism == "laplace":
+    elif ZO.get(base) is not None and ZO[base].mechanism == "laplace":
         record = laplace_record(directions=directions, **common)
-    elif method == "dpzero" and convention == "published":
+    elif base == "dpzero" and convention == "published":
         if directions != 1:
             raise ValueError("DPZero's published accounting has one direction per step")
         record = dpzero_published_record(**common)
