@@ -218,11 +218,15 @@ def test_every_method_runs_through_the_dag(tiny_run):
 @pytest.mark.slow
 def test_audit_target_measures_a_bound_per_epsilon(tiny_run):
     """`snakemake audit_all` on the tiny grid's dp-zoso cell: at its epsilon and without noise."""
-    config = dict(TINY, audit={"epsilons": ["8", "inf"], "trials": 400})
+    before = (tiny_run / "config.yaml").read_text()  # later tests run the grid of the tests before
+    config = dict(yaml.safe_load(before), audit={"epsilons": ["8", "inf"], "trials": 400})
     (tiny_run / "config.yaml").write_text(yaml.safe_dump(config))
-    counts = job_counts(snakemake(tiny_run, "-n", "audit_all").stdout)
-    assert counts == {"account": 1, "audit": 2, "plot_audit": 1, "audit_all": 1}  # eps8's ledger is reused
-    snakemake(tiny_run, "audit_all")
+    try:
+        counts = job_counts(snakemake(tiny_run, "-n", "audit_all").stdout)
+        assert counts == {"account": 1, "audit": 2, "plot_audit": 1, "audit_all": 1}  # eps8's ledger is reused
+        snakemake(tiny_run, "audit_all")
+    finally:
+        (tiny_run / "config.yaml").write_text(before)
     audits = tiny_run / "results" / "audit" / "demo-roberta" / "demo-sst2" / "dp-zoso"
     private = json.loads((audits / "eps8" / "audit.json").read_text())
     silent = json.loads((audits / "epsinf" / "audit.json").read_text())
