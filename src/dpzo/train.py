@@ -167,16 +167,23 @@ def train_zo(
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
     flat = FlatParameters(model, master_dtype=master_dtype)
+    flat.direction_cache_size = hp.directions + 1  # a masked z is gathered once per step
+    device = flat.device
     anchor = None
 
     history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": [], "mask_size": []}
-    losses_since_log: list[float] = []
-    examples_since_log, clipped_since_log = 0, 0
+    # Diagnostics stay on the device and are fetched once per log line: reading them every
+    # step would make the host wait for the GPU in the middle of each step.
+    losses_since_log: list[torch.Tensor] = []
+    examples_since_log = 0
+    clipped_since_log = torch.zeros((), dtype=torch.float64, device=device)
+    first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
     started = time.perf_counter()
     for step in range(hp.steps):
         stage = schedule.stage_of(step)
         lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
         if step in starts:
+            flat.restore()  # the weights are read below (dynamic masks, the anchor)
             if masks is not None:
                 mask = masks(stage)
                 scales = mask.scales
@@ -193,38 +200,47 @@ def train_zo(
                 index = public_rng.choice(n, size=hp.batch_size, replace=False)
             seed = direction_seed(run_seed, step, p)
             if len(index) == 0:
-                d = torch.zeros(0, dtype=torch.float64)
+                d = torch.zeros(0, dtype=torch.float64, device=device)
             else:
-                d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta)
-                if not torch.isfinite(d).all():
-                    raise FloatingPointError(
-                        f"non-finite loss difference at step {step} (beta={beta}); lower the learning rate or raise beta"
-                    )
-                losses_since_log.append(float(0.5 * (loss_plus + loss_minus).mean()))
+                d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta, restore=False)
+                first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(d).all(), step, first_nonfinite)
+                losses_since_log.append(0.5 * (loss_plus + loss_minus).mean())
             if private:
                 # the clipped value: the quotient d, or (Tang et al.) the raw difference 2 beta d
                 value = d * (2.0 * beta) if spec.clip_raw_difference else d
-                clipped_since_log += int((value.abs() > hp.clip).sum())
-                g = noise.release(float(clip_differences(value, hp.clip).sum()), secret)
+                clipped_since_log += (value.abs() > hp.clip).sum()
+                g = noise.release(clip_differences(value, hp.clip).sum(), secret)
                 if spec.clip_raw_difference:
-                    g /= 2.0 * beta
+                    g = g / (2.0 * beta)
             else:
-                g = float(clip_differences(d, hp.clip).mean()) if len(d) else 0.0
+                g = clip_differences(d, hp.clip).mean() if len(d) else torch.zeros((), dtype=torch.float64, device=device)
             seeds.append(seed)
             grads.append(g)
             examples_since_log += len(index)
-        apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor)
+        apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor, restore=False)
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
+            loss = torch.stack(losses_since_log).double().mean() if losses_since_log else torch.tensor(math.nan, dtype=torch.float64, device=device)
+            fetched = torch.stack([loss, clipped_since_log, first_nonfinite.double(), torch.stack(grads).double().mean()]).tolist()
+            if fetched[2] >= 0:
+                bad = int(fetched[2])
+                raise FloatingPointError(
+                    f"non-finite loss difference at step {bad} (beta={schedule.beta_at(schedule.stage_of(bad))}); "
+                    "lower the learning rate or raise beta"
+                )
             history["step"].append(step + 1)
             history["stage"].append(stage)
             history["lr"].append(lr)
             history["beta"].append(beta)
-            history["loss"].append(float(np.mean(losses_since_log)) if losses_since_log else float("nan"))
+            history["loss"].append(fetched[0])
             history["examples"].append(examples_since_log)
-            history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
-            history["grad"].append(float(np.mean(grads)))
+            history["clipped_fraction"].append(fetched[1] / max(examples_since_log, 1))
+            history["grad"].append(fetched[3])
             losses_since_log = []
-            examples_since_log, clipped_since_log = 0, 0
+            examples_since_log = 0
+            clipped_since_log.zero_()
+    flat.restore()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the clock must see the GPU's work, not only its launch
     elapsed = time.perf_counter() - started
     history["steps_run"] = hp.steps
     history["releases"] = hp.steps * hp.directions if private else 0
