@@ -167,7 +167,7 @@ def train_zo(
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
     flat = FlatParameters(model, master_dtype=master_dtype)
-    flat.direction_cache_size = hp.directions + 1  # a masked z is gathered once per step
+    flat.direction_cache_size = hp.directions  # a masked z is gathered once per step
     device = flat.device
     anchor = None
 

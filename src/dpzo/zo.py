@@ -35,7 +35,8 @@ Design (where the time of a step goes, and how it is kept close to two forward p
 * The released scalar g may be a 0-d tensor on the device: the update reads it there, so a
   step needs no host synchronisation.
 * Masks are sorted int64 flat indices; z on the mask is gathered once per direction and kept
-  for the passes of that step (``direction_cache_size`` directions).
+  for the passes of that step (``direction_cache_size`` directions), and masked passes work
+  through the mask in slices of ``DIRECTION_CHUNK``, so their temporaries stay small.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class FlatParameters:
         self._generators: list[torch.Generator] = []
         self._block: torch.Tensor | None = None
         self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.direction_cache_size = 2
+        self.direction_cache_size = 1  # masked z vectors kept alive (the trainer: one per direction)
         self._mask_blocks: list[tuple[int, int, int, int]] = []
 
     # -- the trainable support ------------------------------------------------------------
@@ -258,18 +259,15 @@ class FlatParameters:
             self._masked_z.popitem(last=False)
         return out
 
-    def _masked_move(self, terms: Sequence[Term]) -> torch.Tensor:
-        """sum_k coef_k * z(seed_k) [* scales_k] on the mask (z dtype)."""
-        total = None
-        for seed, coef, scales in terms:
-            z = self.direction(seed)
-            if scales is not None:
-                z = z * scales
-            if total is None:
-                total = z * coef
-            else:
-                _axpy(total, z, coef)
-        return total
+    def _mask_slices(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(a, b, mask[a:b]) over the mask in slices of at most ``chunk`` coordinates."""
+        for a in range(0, self.mask.numel(), self.chunk):
+            b = min(a + self.chunk, self.mask.numel())
+            yield a, b, self.mask[a:b]
+
+    @staticmethod
+    def _scaled(z: torch.Tensor, scales: torch.Tensor | None, a: int, b: int) -> torch.Tensor:
+        return z[a:b] if scales is None else z[a:b] * scales[a:b]
 
     # -- the passes ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -279,8 +277,13 @@ class FlatParameters:
         if not terms:
             return
         if self.mask is not None:
-            moved = self.work[self.mask].to(self.z_dtype) + self._masked_move(terms)
-            self.work.index_copy_(0, self.mask, moved.to(self.work.dtype))
+            # term by term, so that only one masked z needs to be alive at a time
+            for seed, coef, scales in terms:
+                z = self.direction(seed)
+                for a, b, idx in self._mask_slices():
+                    moved = self.work[idx].to(self.z_dtype)  # a fresh gather
+                    _axpy(moved, self._scaled(z, scales, a, b), coef)
+                    self.work.index_copy_(0, idx, moved.to(self.work.dtype))
             return
         for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
             target = self.work[start:end]
@@ -298,8 +301,11 @@ class FlatParameters:
             for start, end, draw in self._blocks([seed]):
                 torch.add(self.master[start:end], draw(0), alpha=scale, out=self.work[start:end])
         else:
-            moved = self.master[self.mask] + self._masked_move([term])
-            self.work.index_copy_(0, self.mask, moved.to(self.work.dtype))
+            z = self.direction(seed)
+            for a, b, idx in self._mask_slices():
+                moved = self.master[idx]  # a fresh gather
+                moved.add_(self._scaled(z, term[2], a, b), alpha=scale)
+                self.work.index_copy_(0, idx, moved.to(self.work.dtype))
         self._applied, self._pending, self._stale = [term], [], False
 
     @torch.no_grad()
@@ -315,7 +321,8 @@ class FlatParameters:
             if self.mask is None:
                 self.work.copy_(self.master)
             else:
-                self.work.index_copy_(0, self.mask, self.master[self.mask].to(self.work.dtype))
+                for _, _, idx in self._mask_slices():
+                    self.work.index_copy_(0, idx, self.master[idx].to(self.work.dtype))
         self._applied, self._pending, self._stale = [], [], False
 
     @torch.no_grad()
@@ -332,7 +339,14 @@ class FlatParameters:
         terms = _merge(terms)
         if terms:
             if self.mask is not None:
-                self.master.index_add_(0, self.mask, self._masked_move(terms))
+                for seed, coef, scales in terms:
+                    z = self.direction(seed)
+                    for a, b, idx in self._mask_slices():
+                        zs = self._scaled(z, scales, a, b)
+                        if isinstance(coef, torch.Tensor):
+                            self.master.index_add_(0, idx, zs * coef)
+                        else:
+                            self.master.index_add_(0, idx, zs, alpha=coef)
             else:
                 for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
                     target = self.master[start:end]
