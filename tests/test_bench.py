@@ -202,6 +202,32 @@ def test_a_second_flattening_adopts_the_buffer_instead_of_copying(tokenizer):
     assert torch.equal(first.work, second.master)
 
 
+def test_sixteen_bit_in_place_pass_rounds_once(tokenizer):
+    """bf16 weights in place: undo + update + next perturbation is summed in float32 and rounded
+    to bf16 once, so every weight is within half a bf16 ulp of the exact result (two roundings,
+    one per term, are not)."""
+    clf, _ = setup(tokenizer, "causal", torch.float32)
+    model = clf.model.to(torch.bfloat16)
+    flat = FlatParameters(model, master_dtype=None)
+    assert flat.z_dtype == torch.float32
+    flat.perturb(1, 1e-2)
+    before = flat.work.double().clone()
+    flat.add_direction(1, -3e-3)  # deferred to the next pass
+    flat.perturb(2, 1e-2)  # one pass: -1e-2 z1 (undo) - 3e-3 z1 (update) + 1e-2 z2
+    z1, z2 = (dpzo.zo.gaussian_direction(s, flat.numel, dtype=torch.float32).double() for s in (1, 2))
+    exact = before - 1.3e-2 * z1 + 1e-2 * z2
+    half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 8)  # bf16: 8 significant bits
+    # the float32 sum itself may be off by a few float32 ulps of its largest term
+    slack = 4 * 2.0**-24 * (before.abs() + 1.3e-2 * z1.abs() + 1e-2 * z2.abs())
+
+    def worst(w):  # > 1: more than half a bf16 ulp (plus the float32 slack) away
+        return float(((w.double() - exact).abs() / (half_ulp + slack)).max())
+
+    assert worst(flat.work) <= 1.0
+    twice = (before - 1.3e-2 * z1).to(torch.bfloat16).double() + 1e-2 * z2
+    assert worst(twice.to(torch.bfloat16)) > 1.2  # the check can tell the two apart
+
+
 def test_device_scalars_and_floats_give_the_same_update(tokenizer):
     clf, _ = setup(tokenizer, "mlm", torch.float64)
     other = copy.deepcopy(clf.model)

@@ -165,13 +165,14 @@ class FlatParameters:
         self.in_place = master_dtype is None
         self.master = self.work if self.in_place else self.work.to(master_dtype, copy=True)
         # z in the master's precision; in place, 16-bit weights still get float32 z and
-        # float32 arithmetic, rounded once per pass.
+        # float32 arithmetic, rounded once per pass (see _move_work).
         self.z_dtype = torch.float32 if self.in_place and self.work.dtype in _SIXTEEN_BIT else self.master.dtype
         self._applied: list[Term] = []  # what work holds on top of theta
         self._pending: list[Term] = []  # in place: moves of theta not yet written to work
         self._stale = False  # master mode: work lags behind master
         self._generators: list[torch.Generator] = []
         self._block: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
         self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.direction_cache_size = 1  # masked z vectors kept alive (the trainer: one per direction)
         self._mask_blocks: list[tuple[int, int, int, int]] = []
@@ -221,6 +222,11 @@ class FlatParameters:
         if self._block is None:
             self._block = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
         return self._block
+
+    def _sum_buffer(self) -> torch.Tensor:
+        if self._sum is None:
+            self._sum = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
+        return self._sum
 
     def _blocks(self, seeds: Sequence[int]) -> Iterator[tuple[int, int, Callable[[int], torch.Tensor]]]:
         """Yield (start, end, draw) per block; ``draw(k)`` returns z(seeds[k])[start:end].
@@ -272,23 +278,37 @@ class FlatParameters:
     # -- the passes ---------------------------------------------------------------------------
     @torch.no_grad()
     def _move_work(self, terms: Sequence[Term]) -> None:
-        """In place: work += sum of the terms, in one pass (one rounding per element when masked)."""
+        """In place: work += sum of the terms.
+
+        Dense: one pass over the weights; 16-bit weights get the terms' float32 sum, so they
+        are rounded once per pass.  Masked: term by term (one masked z alive at a time).
+        """
         terms = _merge(terms)
         if not terms:
             return
         if self.mask is not None:
-            # term by term, so that only one masked z needs to be alive at a time
             for seed, coef, scales in terms:
                 z = self.direction(seed)
                 for a, b, idx in self._mask_slices():
                     moved = self.work[idx].to(self.z_dtype)  # a fresh gather
                     _axpy(moved, self._scaled(z, scales, a, b), coef)
                     self.work.index_copy_(0, idx, moved.to(self.work.dtype))
+                del z  # let the cache drop it before the next direction is drawn
             return
+        summed = len(terms) > 1 and self.work.dtype != self.z_dtype
         for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
             target = self.work[start:end]
-            for k, (_, coef, _) in enumerate(terms):
-                _axpy(target, draw(k), coef)
+            if summed:
+                total = self._sum_buffer()[: end - start]
+                for k, (_, coef, _) in enumerate(terms):
+                    if k == 0:
+                        torch.mul(draw(k), coef, out=total)
+                    else:
+                        _axpy(total, draw(k), coef)
+                target.add_(total)
+            else:
+                for k, (_, coef, _) in enumerate(terms):
+                    _axpy(target, draw(k), coef)
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
@@ -347,6 +367,7 @@ class FlatParameters:
                             self.master.index_add_(0, idx, zs * coef)
                         else:
                             self.master.index_add_(0, idx, zs, alpha=coef)
+                    del z
             else:
                 for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
                     target = self.master[start:end]
