@@ -1,9 +1,9 @@
 """The fast step against the released code's style, and ``dpzo bench`` on CPU.
 
-The oracle is :func:`dpzo.bench.official_style_train`: a second implementation of the same
+The oracle is :func:`dpzo.official.official_style_train`: a second implementation of the same
 mathematics in the released code's mechanics (a Python loop over the parameter tensors, four
 passes per step, per-example losses one ``.item()`` at a time, clip and sum in Python floats),
-fed the same z (:class:`dpzo.bench.FlatZ`).  ``train_zo`` instead merges passes, defers the
+fed the same z (:class:`dpzo.official.FlatZ`).  ``train_zo`` instead merges passes, defers the
 restore, keeps the released scalar on the device and, in place, folds restore + update + next
 perturbation into one pass; none of that may change the trajectory.
 """
@@ -14,13 +14,12 @@ import copy
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import dpzo.zo
 from dpzo import cli
-from dpzo.bench import FlatZ, official_style_train
+from dpzo.official import FlatZ, official_style_train
 from dpzo.methods import MaskSettings
 from dpzo.privacy import NoisySum, SecretRandom
 from dpzo.prune import Mask
