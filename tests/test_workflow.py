@@ -111,6 +111,8 @@ def test_pipeline_produces_every_output(tiny_run):
         assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_n"] == 64
         assert (tiny_run / "logs" / "train" / f"{cell}.log").exists()
         assert (tiny_run / "benchmarks" / "train" / f"{cell}.tsv").exists()
+        if metrics["steps"]:  # trained cells record their step time and peak memory
+            assert metrics["ms_per_step"] > 0 and metrics["memory"]["cpu_max_rss_mb"] > 0
     # the summary equals the cells' accuracies (one seed: mean = the value, std = 0)
     for cell in CELLS:
         metrics = json.loads((results / "runs" / cell / "metrics.json").read_text())

@@ -91,11 +91,23 @@ class EncodedSet:
         ids = self.input_ids[index, :width]
         mask = (torch.arange(width)[None, :] < self.lengths[index][:, None]).long()
         return {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "score_pos": self.score_pos[index].to(device),
-            "labels": self.labels[index].to(device),
+            "input_ids": to_device(ids, device),
+            "attention_mask": to_device(mask, device),
+            "score_pos": to_device(self.score_pos[index], device),
+            "labels": to_device(self.labels[index], device),
         }
+
+
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` from pageable memory synchronises the stream, i.e. waits for every
+    kernel queued so far; from pinned memory the copy is queued like a kernel.  The caching
+    host allocator keeps the pinned buffer alive until the copy has run.
+    """
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def stack_prompts(prompts: list[EncodedPrompt], labels: list[int], pad_id: int) -> EncodedSet:
@@ -132,14 +144,17 @@ def encode_examples(examples: list[Example], task: TaskSpec, tokenizer, *, famil
 class PromptClassifier:
     """A language model used as a K-way classifier through its label-word logits."""
 
-    def __init__(self, model, tokenizer, family: str, task: TaskSpec, *, max_length: int | None = None):
+    def __init__(self, model, tokenizer, family: str, task: TaskSpec | None, *, max_length: int | None = None, label_ids: Sequence[int] | None = None):
+        """``label_ids`` overrides the task's label words (then tokenizer and task may be None:
+        scoring already tokenized batches, as ``dpzo bench`` does)."""
         self.model = model
         self.tokenizer = tokenizer
         self.family = family
         self.task = task
-        self.max_length = max_length or task.max_length
+        self.max_length = max_length or (task.max_length if task is not None else None)
         self.device = next(model.parameters()).device
-        self.label_ids = torch.tensor(label_word_ids(task, tokenizer), device=self.device)
+        ids = list(label_ids) if label_ids is not None else label_word_ids(task, tokenizer)
+        self.label_ids = torch.tensor(ids, device=self.device)
         self.head = model.get_output_embeddings() if family == "causal" else getattr(model, "lm_head", None)
         if self.head is None:
             raise ValueError(f"{type(model).__name__} has no lm_head; an MLM with an LM-BFF style head is needed")
@@ -148,7 +163,7 @@ class PromptClassifier:
         return encode_examples(examples, self.task, self.tokenizer, family=self.family, max_length=self.max_length)
 
     def label_logits(self, batch: dict) -> torch.Tensor:
-        """[B, K] label-word logits in float32 from one batched forward.
+        """[B, K] label-word logits in float32 (float64 for a float64 model) from one batched forward.
 
         Differentiable (first-order baselines backpropagate through it); zeroth-order code and
         evaluation call it under ``torch.no_grad``.
@@ -164,8 +179,10 @@ class PromptClassifier:
                 logits = logits + self.head.bias[self.label_ids]
         else:
             logits = self.head(rows)[:, self.label_ids]
-        return logits.float()
+        # 16-bit logits go to float32 for the loss; a float64 model keeps float64 (the
+        # reference tests compare trajectories to 1e-12).
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def per_example_loss(self, batch: dict) -> torch.Tensor:
-        """[B] cross-entropy over the K label words, float32, no reduction."""
+        """[B] cross-entropy over the K label words (float32, or float64 for a float64 model), no reduction."""
         return F.cross_entropy(self.label_logits(batch), batch["labels"], reduction="none")

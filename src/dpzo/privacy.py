@@ -596,11 +596,16 @@ class NoisySum:
         scale = ledger["laplace_scale_on_sum"] if mechanism == "laplace" and ledger["private"] else ledger["noise_std_on_sum"]
         return cls(mechanism, float(scale or 0.0), float(ledger["expected_batch_size"]))
 
-    def release(self, clipped_sum: float, rng: SecretRandom) -> float:
-        noisy = float(clipped_sum)
+    def release(self, clipped_sum: Any, rng: SecretRandom) -> Any:
+        """(clipped_sum + noise) / divisor, the noise drawn on the host from ``rng``.
+
+        ``clipped_sum`` is a number, or a 0-d float64 tensor that stays on its device (so
+        the trainer need not wait for the GPU); the arithmetic is float64 either way.
+        """
+        noisy = float(clipped_sum) if isinstance(clipped_sum, (int, float, np.floating, np.integer)) else clipped_sum
         if self.scale > 0:
             draw = rng.standard_normal() if self.mechanism == "gaussian" else rng.standard_laplace()
-            noisy += self.scale * draw
+            noisy = noisy + self.scale * draw  # not +=: never modify a caller's tensor
         return noisy / self.divisor
 
 

@@ -182,30 +182,21 @@ def check_ledger_after(ledger: dict, history: dict) -> None:
 
 def release_direction(
     d: torch.Tensor, *, spec: ZOMethod, clip: float, beta: float, noise: NoisySum, secret: SecretRandom
-) -> tuple[float, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The private release of one direction: clip each example's value, sum, add the ledger's noise.
 
     ``d`` holds the finite-difference quotients of the sampled examples.  The clipped value is
     the quotient itself or, for Tang et al.'s DP-ZO, the raw difference ``2 beta d`` (the
     division by the public ``2 beta`` then happens after the noise).  Returns the released
-    scalar and how many examples the clip changed.
+    scalar and how many examples the clip changed, both as 0-d tensors on ``d``'s device (the
+    trainer reads them at its log lines only, so the host never waits for the GPU mid-step).
     """
     value = d * (2.0 * beta) if spec.clip_raw_difference else d
-    clipped = int((value.abs() > clip).sum())
-    g = noise.release(float(clip_differences(value, clip).sum()), secret)
+    clipped = (value.abs() > clip).sum()
+    g = noise.release(clip_differences(value, clip).sum(), secret)
     if spec.clip_raw_difference:
-        g /= 2.0 * beta
+        g = g / (2.0 * beta)
     return g, clipped
-
-
-def _check_update(flat: FlatParameters, grads: list[float], lr: float, step: int) -> None:
-    """Each move lr * g along a direction must be a finite number of the weights' precision."""
-    largest = torch.finfo(flat.master.dtype).max
-    if not all(math.isfinite(lr * g) and abs(lr * g) <= largest for g in grads):
-        raise FloatingPointError(
-            f"non-finite update at step {step} (lr * g = {[lr * g for g in grads]}); lower the learning rate "
-            "(no metrics are written for this run)"
-        )
 
 
 def _check_finite_weights(flat: FlatParameters, step: int) -> None:
@@ -257,19 +248,28 @@ def train_zo(
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
     flat = FlatParameters(model, master_dtype=master_dtype)
+    flat.direction_cache_size = hp.directions  # a masked z is gathered once per step
+    device = flat.device
     anchor = None
 
     history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": [], "mask_size": []}
-    losses_since_log: list[float] = []
-    examples_since_log, clipped_since_log = 0, 0
-    # counted as they happen, for the end-of-training check against the ledger
+    # Diagnostics stay on the device and are fetched once per log line: reading them every
+    # step would make the host wait for the GPU in the middle of each step.
+    losses_since_log: list[torch.Tensor] = []
+    examples_since_log = 0
+    clipped_since_log = torch.zeros((), dtype=torch.float64, device=device)
+    first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+    first_bad_update = torch.full((), -1, dtype=torch.long, device=device)
+    largest_move = torch.finfo(flat.master.dtype).max
+    # counted as they happen (host side, no sync), for the end-of-training check against the ledger
     steps_run, releases, examples_sampled = 0, 0, 0
-    released: list[float] = []
+    released: list = []
     started = time.perf_counter()
     for step in range(hp.steps):
         stage = schedule.stage_of(step)
         lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
         if step in starts:
+            flat.restore()  # the weights are read below (dynamic masks, the anchor)
             if masks is not None:
                 mask = masks(stage)
                 scales = mask.scales
@@ -286,14 +286,11 @@ def train_zo(
                 index = public_rng.choice(n, size=hp.batch_size, replace=False)
             seed = direction_seed(run_seed, step, p)
             if len(index) == 0:
-                d = torch.zeros(0, dtype=torch.float64)
+                d = torch.zeros(0, dtype=torch.float64, device=device)
             else:
-                d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta)
-                if not torch.isfinite(d).all():
-                    raise FloatingPointError(
-                        f"non-finite loss difference at step {step} (beta={beta}); lower the learning rate or raise beta"
-                    )
-                losses_since_log.append(float(0.5 * (loss_plus + loss_minus).mean()))
+                d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta, restore=False)
+                first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(d).all(), step, first_nonfinite)
+                losses_since_log.append(0.5 * (loss_plus + loss_minus).mean())
             if private:
                 g, clipped = release_direction(d, spec=spec, clip=hp.clip, beta=beta, noise=noise, secret=secret)
                 clipped_since_log += clipped
@@ -301,26 +298,49 @@ def train_zo(
                 if record_releases:
                     released.append(g)
             else:
-                g = float(clip_differences(d, hp.clip).mean()) if len(d) else 0.0
+                g = clip_differences(d, hp.clip).mean() if len(d) else torch.zeros((), dtype=torch.float64, device=device)
             seeds.append(seed)
             grads.append(g)
             examples_since_log += len(index)
             examples_sampled += len(index)
-        _check_update(flat, grads, lr, step)
-        apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor)
+        # Each move lr * g must be a finite number of the weights' precision; flagged on the
+        # device and reported at the next log line (no metrics are written for such a run).
+        moves = lr * torch.stack([torch.as_tensor(g, dtype=torch.float64, device=device) for g in grads])
+        fits = (torch.isfinite(moves) & (moves.abs() <= largest_move)).all()
+        first_bad_update = torch.where((first_bad_update < 0) & ~fits, step, first_bad_update)
+        apply_update(flat, seeds, grads, lr=lr, lam=hp.lam, anchor=anchor, restore=False)
         steps_run += 1
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
+            loss = torch.stack(losses_since_log).double().mean() if losses_since_log else torch.tensor(math.nan, dtype=torch.float64, device=device)
+            fetched = torch.stack(
+                [loss, clipped_since_log, first_nonfinite.double(), first_bad_update.double(), torch.stack([torch.as_tensor(g, dtype=torch.float64, device=device) for g in grads]).mean()]
+            ).tolist()
+            bad_loss, bad_update = int(fetched[2]), int(fetched[3])
+            if bad_update >= 0 and (bad_loss < 0 or bad_update < bad_loss):
+                raise FloatingPointError(
+                    f"non-finite update at step {bad_update} (lr = {schedule.lr_at(schedule.stage_of(bad_update))}); "
+                    "lower the learning rate (no metrics are written for this run)"
+                )
+            if bad_loss >= 0:
+                raise FloatingPointError(
+                    f"non-finite loss difference at step {bad_loss} (beta={schedule.beta_at(schedule.stage_of(bad_loss))}); "
+                    "lower the learning rate or raise beta"
+                )
             _check_finite_weights(flat, step)
             history["step"].append(step + 1)
             history["stage"].append(stage)
             history["lr"].append(lr)
             history["beta"].append(beta)
-            history["loss"].append(float(np.mean(losses_since_log)) if losses_since_log else float("nan"))
+            history["loss"].append(fetched[0])
             history["examples"].append(examples_since_log)
-            history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
-            history["grad"].append(float(np.mean(grads)))
+            history["clipped_fraction"].append(fetched[1] / max(examples_since_log, 1))
+            history["grad"].append(fetched[4])  # the mean released scalar of this step
             losses_since_log = []
-            examples_since_log, clipped_since_log = 0, 0
+            examples_since_log = 0
+            clipped_since_log.zero_()
+    flat.restore()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the clock must see the GPU's work, not only its launch
     elapsed = time.perf_counter() - started
     history["steps_run"] = steps_run
     history["releases"] = releases
@@ -330,7 +350,7 @@ def train_zo(
     history["noise_scale_on_sum"] = noise.scale if private else 0.0
     history["noise_divisor"] = noise.divisor if private else float(hp.batch_size)
     if record_releases:
-        history["released"] = released
+        history["released"] = [float(g) for g in released]
     history["train_seconds"] = elapsed
     history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
     history["stage_starts"] = schedule.stage_starts()

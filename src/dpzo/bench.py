@@ -1,0 +1,478 @@
+"""``dpzo bench``: the zeroth-order step against the released code's style, side by side.
+
+For each model (built from its config with random weights: nothing is downloaded) and one
+fixed batch on one device, it measures
+
+* ``forward``: one batched forward of the per-example prompt loss (a ZO step needs two);
+* ``official-style``: the step as the released DP-ZOSO / DPZero / MeZO code runs it
+  (:func:`dpzo.official.official_style_train`): z regenerated per tensor after
+  ``torch.manual_seed`` for each of the four passes over the weights (+beta, -2 beta, +beta,
+  update), the per-example losses pulled out of the batch one ``.item()`` at a time, clip,
+  noise and sum in Python, in the model's dtype without autocast;
+* ``dpzo``: :func:`dpzo.train.train_zo` itself, the code every training cell runs;
+
+for the methods ``dp-zoso``, ``dp-zopo`` (a random mask of ``mask_ratio`` of the coordinates)
+and ``mezo``, and reports milliseconds per step, the ratio to two forwards, the speed-up over
+the official style and the peak GPU memory over the inference peak.
+
+Both compute the same mathematics (see :mod:`dpzo.official`), so only the mechanics differ.
+
+Every batch is the same: n equals the batch size, so Poisson sampling at q = 1 takes every
+example each step (and MeZO's sampling without replacement a permutation of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .methods import ZO, base_method
+from .models import DTYPES, PromptClassifier, to_device
+from .official import official_style_train
+from .privacy import NoisySum, SecretRandom
+from .prune import Mask
+from .train import ZOHyperparameters, train_zo
+from .zo import FlatParameters
+
+METHODS = ("dp-zoso", "dp-zopo", "mezo")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Step settings of every run.  They do not change the cost of a step; the learning rate is
+# small so that repeated runs leave the random weights where they were.
+BETA = 1e-3
+LR = 1e-6
+CLIP = 1.0
+SIGMA = 1.0  # noise multiplier: N(0, (sigma C)^2) on the clipped sum
+LOG_EVERY = 10
+
+# The issue's targets, each (label, quantity, comparison, limit).  They are stated for the
+# full-size models at their default shapes and dtypes on an H100.
+TARGETS: dict[str, list[tuple[str, str, str, float]]] = {
+    "roberta-large": [
+        ("dp-zoso step / two forwards (fp32)", "ratio_fp32", "<=", 1.15),
+        ("dp-zoso speed-up over the official style (fp32)", "speedup_fp32", ">=", 2.5),
+        ("dp-zoso speed-up over the official style (fp32), bf16 autocast", "speedup_bf16", ">=", 3.5),
+        ("peak memory / inference peak, dp-zoso (lambda = 0)", "memory_dense", "<=", 1.05),
+        ("peak memory / inference peak, dp-zopo (1 %)", "memory_masked", "<=", 1.10),
+        ("SST-2-sized cell, 6000 steps at B = 64 (minutes of steps)", "sst2_minutes", "<=", 8.0),
+    ],
+    "opt-2.7b": [
+        ("dp-zoso speed-up over the official style (fp16)", "speedup_fp32", ">=", 2.0),
+        ("peak memory / inference peak, dp-zoso (lambda = 0)", "memory_dense", "<=", 1.05),
+        ("peak memory / inference peak, dp-zopo (1 %)", "memory_masked", "<=", 1.10),
+    ],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Models: hard-coded configs, random weights
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchModel:
+    """A model to benchmark: its transformers config and the default batch shape and dtype."""
+
+    arch: str  # "roberta" (masked LM) or "opt" (causal LM)
+    config: dict
+    dtype: str
+    batch_size: int
+    seq_len: int
+    label_ids: tuple[int, ...] = (6587, 372)  # two label words (" terrible", " great" in RoBERTa's vocabulary)
+    mask_token_id: int = 50264
+
+    @property
+    def family(self) -> str:
+        return "mlm" if self.arch == "roberta" else "causal"
+
+    @property
+    def max_seq_len(self) -> int:
+        # RoBERTa's positions start after the padding index
+        offset = self.config["pad_token_id"] + 1 if self.arch == "roberta" else 0
+        return self.config["max_position_embeddings"] - offset
+
+
+_ROBERTA_SPECIAL = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+_OPT_SPECIAL = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2)
+
+MODELS: dict[str, BenchModel] = {
+    # roberta-large: 24 layers, 1024 wide, tied MLM decoder (355M parameters)
+    "roberta-large": BenchModel(
+        "roberta",
+        dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+             max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, **_ROBERTA_SPECIAL),
+        "float32", 64, 128,
+    ),
+    # facebook/opt-2.7b: 32 layers, 2560 wide, tied output embedding (2.65B parameters)
+    "opt-2.7b": BenchModel(
+        "opt",
+        dict(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+             max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True, **_OPT_SPECIAL),
+        "float16", 16, 256,
+    ),
+    # CPU-sized stand-ins with the same architectures, for CI
+    "tiny-roberta": BenchModel(
+        "roberta",
+        dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=130, type_vocab_size=1, **_ROBERTA_SPECIAL),
+        "float32", 8, 32, label_ids=(11, 12), mask_token_id=4,
+    ),
+    "tiny-opt": BenchModel(
+        "opt",
+        dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+             max_position_embeddings=128, word_embed_proj_dim=64, **_OPT_SPECIAL),
+        "float32", 8, 32, label_ids=(11, 12),
+    ),
+}
+
+
+def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture with random weights, built directly on ``device``, in eval mode."""
+    import transformers
+
+    if spec.arch == "roberta":
+        config, cls = transformers.RobertaConfig(**spec.config), transformers.RobertaForMaskedLM
+    else:
+        config, cls = transformers.OPTConfig(**spec.config), transformers.OPTForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: no host copy of a 2.7B model
+        model = cls(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_batch(spec: BenchModel, *, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> dict:
+    """A fixed batch of random tokens, scored at a <mask> (masked LM) or at the last token."""
+    if not 2 <= seq_len <= spec.max_seq_len:
+        raise ValueError(f"seq_len must be in [2, {spec.max_seq_len}] for this model, got {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, spec.config["vocab_size"] - 1, (batch_size, seq_len), generator=gen)
+    if spec.family == "mlm":
+        pos = torch.full((batch_size,), min(20, seq_len - 2), dtype=torch.long)
+        ids[torch.arange(batch_size), pos] = spec.mask_token_id
+    else:
+        pos = torch.full((batch_size,), seq_len - 1, dtype=torch.long)
+    labels = torch.randint(0, len(spec.label_ids), (batch_size,), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "score_pos": pos, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def rows(batch: dict, index: Sequence[int] | np.ndarray) -> dict:
+    """The examples ``index`` of a batch held on the device (the index goes up without a sync)."""
+    device = batch["labels"].device
+    idx = to_device(torch.as_tensor(np.asarray(index), dtype=torch.long), device)
+    return {k: v.index_select(0, idx) for k, v in batch.items()}
+
+
+def random_mask(numel: int, ratio: float, *, device: torch.device, seed: int = 0) -> Mask:
+    """Each coordinate kept with probability ``ratio`` (built in blocks: no numel-sized temporaries)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parts, block = [], 1 << 24
+    for start in range(0, numel, block):
+        keep = torch.rand(min(block, numel - start), generator=gen, device=device) < ratio
+        parts.append(keep.nonzero().squeeze(1) + start)
+    indices = torch.cat(parts)
+    if indices.numel() == 0:
+        indices = torch.zeros(1, dtype=torch.long, device=device)
+    return Mask(indices=indices, numel=numel, meta={"ratio": ratio, "kind": "random"})
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset (None on CPU: no per-run peak there)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _autocast(device: torch.device, name: str):
+    dtype = AUTOCAST[name]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class _Setup:
+    """One model on one device with its batch; what every measurement of that model shares."""
+
+    name: str
+    spec: BenchModel
+    model: torch.nn.Module
+    clf: PromptClassifier
+    batch: dict
+    device: torch.device
+    dtype: torch.dtype
+    mask: Mask | None = None
+    numel: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.batch["labels"].numel())
+
+    def hyperparameters(self, method: str, steps: int) -> ZOHyperparameters:
+        private = ZO[base_method(method)].private
+        return ZOHyperparameters(
+            steps=steps, batch_size=self.batch_size, lr=LR, beta_start=BETA, beta_end=BETA,
+            clip=CLIP if private else math.inf, log_every=LOG_EVERY,
+        )
+
+    def privacy(self, method: str) -> dict:
+        if not ZO[base_method(method)].private:
+            return {}
+        return {"noise": NoisySum("gaussian", SIGMA * CLIP, float(self.batch_size)), "secret": SecretRandom()}
+
+    def masks(self, method: str) -> Callable[[int], Mask] | None:
+        return (lambda stage: self.mask) if ZO[base_method(method)].masked else None
+
+
+def time_forward(setup: _Setup, *, autocast: str, steps: int, warmup: int) -> tuple[float, float | None]:
+    """(ms per batched forward of the per-example losses, peak MiB of inference)."""
+    _reset_peak(setup.device)
+    with torch.no_grad(), _autocast(setup.device, autocast):
+        for _ in range(warmup):
+            setup.clf.per_example_loss(setup.batch)
+        _sync(setup.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            setup.clf.per_example_loss(setup.batch)
+        _sync(setup.device)
+    return 1000.0 * (time.perf_counter() - started) / steps, _peak_mb(setup.device)
+
+
+def time_official(setup: _Setup, method: str, *, steps: int, warmup: int) -> dict:
+    """The released code's style in the model's own dtype, without autocast (as it runs)."""
+
+    def logits_and_labels(index):
+        batch = rows(setup.batch, index)
+        return setup.clf.label_logits(batch), batch["labels"]
+
+    _reset_peak(setup.device)
+    kw = dict(method=method, run_seed=0, masks=setup.masks(method), **setup.privacy(method))
+    if warmup:
+        official_style_train(setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
+    timed = official_style_train(setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, steps), **kw)
+    return {"method": method, "impl": "official-style", "autocast": "none", "master": None,
+            "ms_per_step": timed["ms_per_step"], "peak_mb": _peak_mb(setup.device)}
+
+
+def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: int, warmup: int) -> dict:
+    """:func:`dpzo.train.train_zo` on the same batch (a warm-up call, then a timed call)."""
+    ctx = lambda: _autocast(setup.device, autocast)  # noqa: E731
+
+    def per_example_loss(index):
+        with ctx():
+            return setup.clf.per_example_loss(rows(setup.batch, index))
+
+    _reset_peak(setup.device)
+    kw = dict(method=method, run_seed=0, masks=setup.masks(method),
+              master_dtype=None if master == "none" else DTYPES[master], **setup.privacy(method))
+    if warmup:
+        train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
+    history = train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), **kw)
+    return {"method": method, "impl": "dpzo", "autocast": autocast, "master": master,
+            "ms_per_step": history["ms_per_step"], "peak_mb": _peak_mb(setup.device)}
+
+
+def _masters(method: str, master: str, dtype: torch.dtype) -> list[str]:
+    """Which ways of holding theta to time: in place always; a float32 master where the weights
+    are 16-bit (there it is what precision asks for), for dp-zoso."""
+    if master == "auto":
+        return ["none"] + (["float32"] if method == "dp-zoso" and dtype in (torch.float16, torch.bfloat16) else [])
+    return ["none", "float32"] if master == "both" else [master]
+
+
+def _annotate(runs: list[dict], forward_ms: dict, inference_mb: dict) -> None:
+    """Ratio to two forwards (same autocast), speed-up over the official style (same method),
+    peak over the inference peak (same autocast)."""
+    official = {r["method"]: r["ms_per_step"] for r in runs if r["impl"] == "official-style"}
+    for r in runs:
+        r["ratio_to_two_forwards"] = r["ms_per_step"] / (2.0 * forward_ms[r["autocast"]])
+        r["speedup_vs_official"] = official[r["method"]] / r["ms_per_step"] if r["method"] in official else None
+        base = inference_mb.get(r["autocast"])
+        r["peak_over_inference"] = r["peak_mb"] / base if r["peak_mb"] is not None and base else None
+
+
+def _pick(runs: list[dict], **match) -> dict | None:
+    for r in runs:
+        if r["impl"] == "dpzo" and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def evaluate_targets(name: str, record: dict) -> list[dict]:
+    """The issue's targets for this model, from the runs of this record (None: not measured)."""
+    runs = record["runs"]
+    fp = _pick(runs, method="dp-zoso", autocast="none", master="none")
+    bf = _pick(runs, method="dp-zoso", autocast="bf16", master="none")
+    masked = _pick(runs, method="dp-zopo", autocast="none", master="none")
+    dense_runs = [r for r in runs if r["impl"] == "dpzo" and r["method"] == "dp-zoso"]
+    fastest = min(dense_runs, key=lambda r: r["ms_per_step"]) if dense_runs else None
+    values = {
+        "ratio_fp32": fp and fp["ratio_to_two_forwards"],
+        "speedup_fp32": fp and fp["speedup_vs_official"],
+        "speedup_bf16": bf and bf["speedup_vs_official"],
+        "memory_dense": fp and fp["peak_over_inference"],
+        "memory_masked": masked and masked["peak_over_inference"],
+        "sst2_minutes": fastest and (fastest["ms_per_step"] * 6000 / 60000.0 if record["batch_size"] == 64 else None),
+    }
+    out = []
+    for label, key, op, limit in TARGETS.get(name, []):
+        value = values[key]
+        met = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        out.append({"target": label, "value": value, "limit": f"{op} {limit}", "met": met})
+    return out
+
+
+def bench_model(
+    name: str,
+    *,
+    device: torch.device,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    methods: Sequence[str] = METHODS,
+    autocast: Sequence[str] = ("none",),
+    master: str = "auto",
+    steps: int = 20,
+    warmup: int = 3,
+    mask_ratio: float = 0.01,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """Measure one model; returns its record (see :func:`run_bench`)."""
+    spec = MODELS[name]
+    torch_dtype = DTYPES[dtype or spec.dtype]
+    b, s = batch_size or spec.batch_size, seq_len or spec.seq_len
+    batch = make_batch(spec, batch_size=b, seq_len=s, device=device)
+    model = build_model(spec, device=device, dtype=torch_dtype)
+    clf = PromptClassifier(model, None, spec.family, None, label_ids=spec.label_ids)
+    # Flatten once, in place: every later FlatParameters adopts this buffer instead of copying
+    # the weights (which would also put a second copy into the peak).
+    numel = FlatParameters(model, master_dtype=None).numel
+    setup = _Setup(name, spec, model, clf, batch, device, torch_dtype, numel=numel)
+    if "dp-zopo" in methods:
+        setup.mask = random_mask(numel, mask_ratio, device=device)
+    # autocast to a 16-bit type changes nothing for weights that are already 16-bit
+    autocasts = [a for a in autocast if a == "none" or torch_dtype == torch.float32]
+    forward_ms, inference_mb = {}, {}
+    for ac in autocasts:
+        forward_ms[ac], inference_mb[ac] = time_forward(setup, autocast=ac, steps=steps, warmup=warmup)
+        progress(f"{name}: forward ({ac}) {forward_ms[ac]:.2f} ms")
+    runs = []
+    for method in methods:
+        runs.append(time_official(setup, method, steps=steps, warmup=warmup))
+        progress(f"{name}: {method} official-style {runs[-1]['ms_per_step']:.2f} ms/step")
+        for ac in autocasts:
+            for m in _masters(method, master, torch_dtype):
+                runs.append(time_dpzo(setup, method, autocast=ac, master=m, steps=steps, warmup=warmup))
+                progress(f"{name}: {method} dpzo (autocast {ac}, master {m}) {runs[-1]['ms_per_step']:.2f} ms/step")
+    _annotate(runs, forward_ms, inference_mb)
+    record = {
+        "family": spec.family,
+        "parameters": numel,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "batch_size": b,
+        "seq_len": s,
+        "mask_ratio": mask_ratio if setup.mask is not None else None,
+        "mask_size": len(setup.mask) if setup.mask is not None else None,
+        "forward_ms": forward_ms,
+        "inference_peak_mb": inference_mb,
+        "runs": runs,
+    }
+    defaults = b == spec.batch_size and s == spec.seq_len and torch_dtype == DTYPES[spec.dtype]
+    record["targets"] = evaluate_targets(name, record) if device.type == "cuda" and defaults else []
+    del setup, clf, model
+    _reset_peak(device)
+    return record
+
+
+def _device_record(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": props.name, "memory_mb": props.total_memory / 2**20,
+                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    return {"type": device.type, "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def run_bench(
+    models: Sequence[str],
+    *,
+    device: str | torch.device = "cpu",
+    tf32: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+    **settings: Any,
+) -> dict:
+    """Benchmark ``models``; returns the JSON record.
+
+    ``settings`` are those of :func:`bench_model`.  On CUDA, TF32 matmuls are allowed unless
+    ``tf32`` is False (the anchor measurements used TF32).
+    """
+    import transformers
+
+    device = torch.device(device)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        record = {
+            "benchmark": "dpzo bench",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": sys.argv[1:],
+            "device": _device_record(device),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "settings": {"beta": BETA, "lr": LR, "clip": CLIP, "sigma": SIGMA, "log_every": LOG_EVERY,
+                         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
+            "models": {},
+        }
+        for name in models:
+            record["models"][name] = bench_model(name, device=device, progress=progress, **settings)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+    return record
+
+
+def summary_lines(record: dict) -> list[str]:
+    """A plain-text table of the record, for people."""
+    lines = [f"device: {record['device']['name']} ({record['device']['type']})"]
+    for name, m in record["models"].items():
+        lines.append(f"\n{name}: {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, batch {m['batch_size']} x {m['seq_len']}")
+        for ac, ms in m["forward_ms"].items():
+            mem = m["inference_peak_mb"][ac]
+            lines.append(f"  forward (autocast {ac}): {ms:.2f} ms" + (f", inference peak {mem:.0f} MiB" if mem else ""))
+        lines.append(f"  {'method':<8} {'impl':<15} {'autocast':<8} {'master':<8} {'ms/step':>9} {'/2 fwd':>7} {'speed-up':>9} {'peak/inf':>9}")
+        for r in m["runs"]:
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            lines.append(
+                f"  {r['method']:<8} {r['impl']:<15} {r['autocast']:<8} {str(r['master'] or '-'):<8} "
+                f"{r['ms_per_step']:>9.2f} {r['ratio_to_two_forwards']:>7.2f} {fmt(r['speedup_vs_official'], '>8.2f')}x "
+                f"{fmt(r['peak_over_inference'], '>9.3f')}"
+            )
+        for t in m["targets"]:
+            status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            value = "-" if t["value"] is None else f"{t['value']:.3f}"
+            lines.append(f"  target: {t['target']}: {value} ({t['limit']}) {status}")
+    return lines
