@@ -463,6 +463,6 @@ def test_candidate_and_generation_cells_run_through_the_dag(tmp_path, offline):
     squad = json.loads((runs / "mezo-squad" / "dp-zoso" / "eps8" / "seed0" / "metrics.json").read_text())
     assert squad["accuracy"] is None and squad["score"] == squad["f1"] and 0.0 <= squad["em"] <= squad["f1"]
     summary = pd.read_csv(tmp_path / "results" / "tables" / "summary.csv", dtype={"eps": str})
-    assert dict(zip(summary.task, summary.metric)) == {"mezo-copa": "accuracy", "mezo-squad": "f1"}
+    assert dict(zip(summary.task, summary.task_metric)) == {"mezo-copa": "accuracy", "mezo-squad": "f1"}
     row = summary[summary.task == "mezo-squad"].iloc[0]
     assert row["accuracy_mean"] == pytest.approx(100 * squad["f1"], abs=1e-3)

@@ -131,6 +131,9 @@ def missing_paper_cells(reference: pd.DataFrame) -> list[tuple[str, str, str]]:
     return missing
 
 
+MEZO_REFERENCE_TASKS = {"mezo-sst2": "SST-2", "mezo-boolq": "BoolQ", "mezo-squad": "SQuAD", "mezo-drop": "DROP"}
+
+
 def reference_model(model_cfg: dict) -> tuple[str, bool]:
     """(reference model name, is a demo stand-in) for a model's config block."""
     if "demo" in model_cfg:
@@ -143,9 +146,13 @@ def reference_task(task: str) -> tuple[str, bool]:
     """(reference task name, is a demo stand-in) for a task of this pipeline."""
     from .tasks import TASKS
 
+    from .hf_tasks import HFTask
+
     spec = TASKS.get(task)
     if spec is None:  # a task this version does not know: compare by name
         return REFERENCE_TASKS.get(task.lower(), task), False
+    if isinstance(spec, HFTask):  # the MeZO/DPZero tasks: DPZero's OPT table names them so
+        return MEZO_REFERENCE_TASKS.get(task, task), False
     return REFERENCE_TASKS.get(spec.lmbff_dir.lower(), spec.lmbff_dir), spec.demo
 
 

@@ -152,7 +152,7 @@ def train(snakemake) -> None:
     )
     metrics["eps"] = snakemake.wildcards.eps
     write_json_atomic(Path(snakemake.output.metrics), metrics)
-    logging.info("accuracy %.4f after %s steps", metrics["accuracy"], metrics["steps"])
+    logging.info("%s %.4f after %s steps", metrics["metric"], metrics["score"], metrics["steps"])
 
 
 def _mask_classifier(snakemake):
