@@ -22,6 +22,7 @@ when this differs from what the privacy ledger accounted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ import torch
 from .methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
 from .methods import MaskSettings
 from .prune import Mask
+from .checkpoint import CheckpointPolicy, LoopState, TrainingCheckpoint, digest, file_digest
 from .models import PromptClassifier
 from .privacy import NoisySum, SecretRandom
 from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
@@ -140,6 +142,7 @@ def train_zo(
     secret: SecretRandom | None = None,
     master_dtype: torch.dtype = torch.float32,
     masks: Callable[[int], Mask] | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -147,7 +150,8 @@ def train_zo(
     ``index`` at the model's current weights (one batched forward).  Private methods need
     ``noise`` (from the ledger) and the secret RNG that samples batches and draws the noise.
     Masked methods need ``masks(stage)``: the mask to train during that stage, asked for at the
-    start of each stage.
+    start of each stage.  With ``checkpoint`` the loop continues from the cell's snapshot when
+    there is one and writes new ones as its policy says (``dpzo.checkpoint``).
     """
     method = base_method(method)
     if method not in ZO_METHODS:
@@ -172,8 +176,14 @@ def train_zo(
     history: dict[str, list] = {"step": [], "stage": [], "lr": [], "beta": [], "loss": [], "examples": [], "clipped_fraction": [], "grad": [], "mask_size": []}
     losses_since_log: list[float] = []
     examples_since_log, clipped_since_log = 0, 0
+    first_step, releases, prior_seconds, resumed_from = 0, 0, 0.0, []
+    resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret) if checkpoint is not None else None
+    if resumed is not None:
+        first_step, releases, prior_seconds = resumed.step, resumed.releases, resumed.train_seconds
+        anchor, history, resumed_from = resumed.anchor, resumed.history, resumed.resumed_from + [resumed.step]
+        losses_since_log, examples_since_log, clipped_since_log = resumed.since_log
     started = time.perf_counter()
-    for step in range(hp.steps):
+    for step in range(first_step, hp.steps):
         stage = schedule.stage_of(step)
         lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
         if step in starts:
@@ -206,6 +216,7 @@ def train_zo(
                 value = d * (2.0 * beta) if spec.clip_raw_difference else d
                 clipped_since_log += int((value.abs() > hp.clip).sum())
                 g = noise.release(float(clip_differences(value, hp.clip).sum()), secret)
+                releases += 1
                 if spec.clip_raw_difference:
                     g /= 2.0 * beta
             else:
@@ -225,9 +236,17 @@ def train_zo(
             history["grad"].append(float(np.mean(grads)))
             losses_since_log = []
             examples_since_log, clipped_since_log = 0, 0
-    elapsed = time.perf_counter() - started
+        if checkpoint is not None:
+            checkpoint.step_done(
+                step + 1,
+                lambda: LoopState(step + 1, releases, anchor, history, (losses_since_log, examples_since_log, clipped_since_log),
+                                  prior_seconds + time.perf_counter() - started, resumed_from),
+                flat, public_rng=public_rng, secret=secret,
+            )
+    elapsed = prior_seconds + time.perf_counter() - started
     history["steps_run"] = hp.steps
-    history["releases"] = hp.steps * hp.directions if private else 0
+    history["releases"] = releases  # counted, across resumes: checked against the ledger
+    history["resumed_from"] = resumed_from
     history["train_seconds"] = elapsed
     history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
     history["stage_starts"] = schedule.stage_starts()
@@ -280,11 +299,13 @@ def run_cell(
     eval_batch_size: int = 128,
     device: str = "cpu",
     mask_files: list[str] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
 ) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
     ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
-    order (see ``prune.MaskSettings``).
+    order (see ``prune.MaskSettings``).  ``checkpoint``: where and how often zeroth-order
+    training snapshots itself, and resumes from (``dpzo.checkpoint``).
 
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
@@ -327,22 +348,34 @@ def run_cell(
                 clf, train_set, hp, method=base, run_seed=seed, sigma=float(ledger.get("sigma") or 0.0), secret=secret
             )
         else:
-            history = train_zo(
-                lm,
-                lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
-                len(train_set),
-                hp,
-                method=method,
-                run_seed=seed,
-                noise=NoisySum.from_ledger(ledger) if secret is not None else None,
-                secret=secret,
-                masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
-            )
+            snapshots = None
+            if checkpoint is not None:
+                # everything the run depends on: a snapshot of any other run is never resumed
+                snapshots = TrainingCheckpoint(checkpoint, identity=dict(
+                    model_path=model_path, dtype=dtype, task=task_name, method=method, seed=seed,
+                    method_params=method_params, ledger=ledger,
+                    train_data=digest(train_set.input_ids, train_set.lengths, train_set.labels),
+                    masks=[file_digest(f) for f in mask_files or []],
+                ))
+            with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
+                history = train_zo(
+                    lm,
+                    lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
+                    len(train_set),
+                    hp,
+                    method=method,
+                    run_seed=seed,
+                    noise=NoisySum.from_ledger(ledger) if secret is not None else None,
+                    secret=secret,
+                    masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
+                    checkpoint=snapshots,
+                )
         if base in PRIVATE_METHODS and history["releases"] != ledger["compositions"]:
             raise RuntimeError(
                 f"ran {history['releases']} releases but the ledger accounted {ledger['compositions']}"
             )
     result = evaluate(clf, test_set, batch_size=eval_batch_size)
+    resumed_from = history.pop("resumed_from", [])
     return {
         "model": model,
         "task": task_name,
@@ -356,6 +389,7 @@ def run_cell(
         "n_params": sum(p.numel() for p in lm.parameters()),
         "steps": history.get("steps_run", 0),
         "releases": history.get("releases", 0),
+        "resumed_from": resumed_from,  # steps after which an interrupted run was continued
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - wall_start,

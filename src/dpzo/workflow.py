@@ -118,11 +118,24 @@ def account(snakemake) -> None:
     logging.info("ledger: %s", record)
 
 
+def checkpoint_policy(path: str | Path, settings: dict | None):
+    """The config's ``checkpoint`` block (read from the config, not from rule params, because the
+    snapshot frequency never changes a result and so must not make Snakemake rerun cells)."""
+    from .checkpoint import CheckpointPolicy
+
+    settings = settings or {}
+    return CheckpointPolicy(
+        Path(path), every_steps=int(settings.get("every_steps", 0)), every_seconds=float(settings.get("every_seconds", 600))
+    )
+
+
 def train(snakemake) -> None:
+    from .checkpoint import remove_checkpoint
     from .train import run_cell
 
     _setup(snakemake)
     ledger = json.loads(Path(snakemake.input.ledger).read_text())
+    policy = checkpoint_policy(snakemake.params.checkpoint, snakemake.config.get("checkpoint"))
     model_cfg = snakemake.params.model_cfg
     metrics = run_cell(
         model=snakemake.wildcards.model,
@@ -138,9 +151,11 @@ def train(snakemake) -> None:
         eval_batch_size=int(snakemake.params.eval_batch_size),
         device=snakemake.params.device,
         mask_files=list(snakemake.input.masks),
+        checkpoint=policy,
     )
     metrics["eps"] = snakemake.wildcards.eps
     write_json_atomic(Path(snakemake.output.metrics), metrics)
+    remove_checkpoint(policy.path)  # only once the metrics are safely in place
     logging.info("accuracy %.4f after %s steps", metrics["accuracy"], metrics["steps"])
 
 
