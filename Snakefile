@@ -40,6 +40,18 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 
 
+# Seconds-long steps run on the submitting host, never through a cluster queue; on SLURM only
+# demo_model, mask and train (one job per cell) are submitted.
+localrules:
+    all,
+    demo_corpus,
+    demo_data,
+    fewshot,
+    account,
+    summarize,
+    plot_accuracy,
+
+
 rule all:
     input:
         "results/tables/summary.csv",

@@ -224,10 +224,10 @@ class TrainingCheckpoint:
         current = state()
         self.save(current, flat, public_rng=public_rng, secret=secret)
         if self._stop.is_set():
-            raise TrainingInterrupted(
-                f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
-                "and the next run of this cell resumes from it"
-            )
+            message = (f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
+                       "and the next run of this cell resumes from it")
+            log.warning(message)  # the job's log file, next to the traceback Snakemake shows
+            raise TrainingInterrupted(message)
 
     def save(self, state: LoopState, flat, *, public_rng: np.random.Generator, secret=None) -> None:
         payload = {

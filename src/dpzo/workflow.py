@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from .fileio import write_json_atomic
 
 
 def _setup(snakemake) -> None:
-    import os
-
     log_file = snakemake.log[0] if len(snakemake.log) else None
     logging.basicConfig(
         filename=log_file,
@@ -154,6 +153,7 @@ def train(snakemake) -> None:
         checkpoint=policy,
     )
     metrics["eps"] = snakemake.wildcards.eps
+    metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
     write_json_atomic(Path(snakemake.output.metrics), metrics)
     remove_checkpoint(policy.path)  # only once the metrics are safely in place
     logging.info("accuracy %.4f after %s steps", metrics["accuracy"], metrics["steps"])

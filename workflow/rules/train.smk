@@ -21,6 +21,8 @@ rule train:
         # when it cleans up after a failed or killed job (deleted once metrics.json is written)
         checkpoint=f"results/checkpoints/{RUN}/train_state.pt",
     threads: config["threads"]
+    resources:
+        gpu=cuda_gpus,
     log:
         f"logs/train/{RUN}.log",
     benchmark:
