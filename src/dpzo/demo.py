@@ -62,6 +62,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_path
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------
@@ -639,9 +641,8 @@ def write_pretraining_corpus(path: Path, seed: int = 0) -> None:
     )
     rng.shuffle(makers)
     documents = [make(rng) for make in makers]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(documents) + "\n", encoding="utf-8")
+    with atomic_path(Path(path)) as tmp:  # a killed job never leaves half a corpus under the final name
+        tmp.write_text("\n".join(documents) + "\n", encoding="utf-8")
     logger.info("wrote %d pretraining documents to %s", len(documents), path)
 
 
@@ -707,7 +708,8 @@ def _write_sst2(data_dir: Path, rng: random.Random, exclude: set[str]) -> None:
     examples = _draw_unique(lambda label: _graded_review(rng, label)[0], labels, exclude)
     for split, rows in _split(examples, SST2_SIZES).items():
         lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in rows]
-        (out / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with atomic_path(out / f"{split}.tsv") as tmp:
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _write_trec(data_dir: Path, rng: random.Random, exclude: set[str]) -> None:
@@ -717,7 +719,7 @@ def _write_trec(data_dir: Path, rng: random.Random, exclude: set[str]) -> None:
     labels = rng.choices(classes, weights=TREC_CLASS_WEIGHTS, k=sum(TREC_SIZES.values()))
     examples = _draw_unique(lambda label: _question(rng, label)[0], labels, exclude)
     for split, rows in _split(examples, TREC_SIZES).items():
-        with open(out / f"{split}.csv", "w", encoding="utf-8", newline="") as handle:
+        with atomic_path(out / f"{split}.csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
             csv.writer(handle, lineterminator="\n").writerows((label, text) for text, label in rows)
 
 
