@@ -47,12 +47,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from .fileio import atomic_path
+
+if TYPE_CHECKING:  # annotations only: importing them here would be circular
+    from .privacy import SecretRandom
+    from .zo import FlatParameters
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +163,9 @@ class TrainingCheckpoint:
             signal.signal(signal.SIGTERM, previous)
 
     # -- resume ------------------------------------------------------------------------------
-    def resume(self, flat, *, public_rng: np.random.Generator, secret=None) -> LoopState | None:
+    def resume(
+        self, flat: FlatParameters, *, public_rng: np.random.Generator, secret: SecretRandom | None = None
+    ) -> LoopState | None:
         """Restore ``flat``, the generators and the loop state from the snapshot, if one for this
         very run exists; otherwise return None (start at step 0).  Call before the first step:
         the identity includes a digest of the weights as loaded (theta_0)."""
@@ -216,7 +222,10 @@ class TrainingCheckpoint:
         by_time = p.every_seconds > 0 and time.monotonic() - self._last_save >= p.every_seconds
         return by_steps or by_time or self._stop.is_set()
 
-    def step_done(self, step: int, state: Callable[[], LoopState], flat, *, public_rng: np.random.Generator, secret=None) -> None:
+    def step_done(
+        self, step: int, state: Callable[[], LoopState], flat: FlatParameters, *,
+        public_rng: np.random.Generator, secret: SecretRandom | None = None,
+    ) -> None:
         """Call after every completed step (``step`` steps done): saves when due, and stops the run
         after saving if SIGTERM arrived.  ``state`` is only built when a snapshot is written."""
         if not self.due(step):
@@ -229,7 +238,10 @@ class TrainingCheckpoint:
             log.warning(message)  # the job's log file, next to the traceback Snakemake shows
             raise TrainingInterrupted(message)
 
-    def save(self, state: LoopState, flat, *, public_rng: np.random.Generator, secret=None) -> None:
+    def save(
+        self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
+        secret: SecretRandom | None = None,
+    ) -> None:
         payload = {
             "format": FORMAT,
             "identity": self.identity,
