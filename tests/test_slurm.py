@@ -14,6 +14,8 @@ not installed (`pip install -e '.[slurm]'`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -23,14 +25,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from .test_workflow import CELLS, ROOT, TINY
-
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPTS = ROOT / "scripts" / "slurm"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -59,6 +60,12 @@ def why_not_runnable() -> str | None:
     return None
 
 
+# decided at collection, before the (session-wide) local tiny run would be set up for nothing
+NOT_RUNNABLE = why_not_runnable()
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(NOT_RUNNABLE is not None, reason=str(NOT_RUNNABLE))]
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -70,11 +77,35 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+@contextlib.contextmanager
+def machine_lock(timeout: float = 1200.0):
+    """One local cluster per machine (it owns /etc/slurm/slurm.conf): concurrent test runs on a
+    shared machine wait for each other instead of failing."""
+    # read-only is enough for flock, and works whoever created the file
+    fd = os.open(Path(tempfile.gettempdir()) / "dpzo-local-slurm.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    with os.fdopen(fd) as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"another local SLURM cluster test held the machine for {timeout:.0f} s")
+                time.sleep(2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    reason = why_not_runnable()
-    if reason:
-        pytest.skip(reason)
+    with machine_lock():
+        yield from _cluster()
+
+
+def _cluster():
     # munged wants every parent of its socket searchable by all: not under pytest's private tmp
     directory = tempfile.mkdtemp(prefix="dpzo-slurm-", dir="/tmp")
     ctld, slurmd = free_ports(2)
