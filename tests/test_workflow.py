@@ -220,6 +220,26 @@ def test_default_config_grid_dry_run(tmp_path):
     assert counts["fewshot"] == n_tasks * n_seeds and counts["demo_model"] == n_models
 
 
+def test_paper_grid_plans_one_gpu_job_per_cell(tmp_path):
+    """config/paper.yaml: every cell is one training job with one GPU (device: cuda); only the
+    model jobs ask for a GPU.  Empty stand-ins for the LM-BFF files let the DAG resolve."""
+    config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    for task, files in {"SST-2": ("train.tsv", "dev.tsv"), "trec": ("train.csv", "test.csv")}.items():
+        folder = tmp_path / config["data_dir"] / "original" / task
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).touch()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n").stdout
+    private = [m for m in config["methods"] if m != "zero-shot"]
+    cells = len(config["tasks"]) * len(config["seeds"]) * (1 + len(private) * len(config["epsilons"]))
+    assert job_counts(out) == {"fewshot": len(config["tasks"]) * len(config["seeds"]), "mask": len(config["tasks"]),
+                               "account": cells, "train": cells, "summarize": 1, "plot_accuracy": 1, "all": 1}
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, re.M):
+        gpus = re.search(r"\bgpu=(\d+)", body)
+        assert (gpus.group(1) if gpus else None) == ("1" if rule in ("train", "mask") else None), rule
+
+
 @pytest.mark.slow
 def test_every_method_runs_through_the_dag(tiny_run):
     """Reuse the tiny run's demo model and data; add every other method and run the grid."""
