@@ -51,6 +51,18 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/audit.smk"
 
 
+# Seconds-long steps run on the submitting host, never through a cluster queue; on SLURM only
+# demo_model, mask and train (one job per cell) are submitted.
+localrules:
+    all,
+    demo_corpus,
+    demo_data,
+    fewshot,
+    account,
+    summarize,
+    plot_accuracy,
+
+
 rule all:
     input:
         report_targets(),

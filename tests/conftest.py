@@ -21,3 +21,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny demo pipeline run once locally (3 cells); shared by the workflow, resume and
+    SLURM tests, which compare against it or reuse its demo model and data.  Tests that change
+    its config must only add cells (the 3 original ones stay as they are)."""
+    import yaml
+
+    from .test_workflow import TINY, snakemake
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    snakemake(workdir)
+    return workdir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import math
 import os
@@ -75,7 +76,10 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
 
 
 def job_counts(output: str) -> dict[str, int]:
-    """Parse Snakemake's 'Job stats' table."""
+    """Parse Snakemake's 'Job stats' table ({} when there is nothing to do)."""
+    if "Job stats:" not in output:
+        assert "Nothing to be done" in output, output[-3000:]
+        return {}
     table = output.split("Job stats:")[1]
     counts = {}
     for line in table.splitlines()[3:]:
@@ -85,14 +89,6 @@ def job_counts(output: str) -> dict[str, int]:
         counts[m.group(1)] = int(m.group(2))
     counts.pop("total", None)
     return counts
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pipeline")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    snakemake(workdir)
-    return workdir
 
 
 @pytest.mark.slow
@@ -161,6 +157,61 @@ def test_single_cell_rerun_runs_exactly_that_cell(tiny_run):
     }
 
 
+def planned(workdir: Path, config: dict, *args: str) -> dict[str, list[str]]:
+    """Dry-run ``config`` in ``workdir``: the first output of every job that would run, per rule."""
+    path = workdir / "planned.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = snakemake(workdir, "-n", *args, "--configfile", str(path)).stdout
+    counts = job_counts(out)
+    jobs: dict[str, list[str]] = {}
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, re.M):
+        outputs = re.search(r"^    output: ([^,\n]+)", body, re.M)
+        jobs.setdefault(rule, []).append(outputs.group(1) if outputs else "")
+    assert {rule: len(v) for rule, v in jobs.items()} == counts  # every job parsed
+    return {rule: sorted(v) for rule, v in jobs.items()}
+
+
+AGGREGATES = {"summarize", "plot_accuracy", "all"}
+
+
+def cell_files(*cells: str, name: str = "metrics.json") -> list[str]:
+    return sorted(f"results/runs/{cell}/{name}" for cell in cells)
+
+
+@pytest.mark.slow
+def test_changing_one_methods_hyperparameters_reruns_only_that_methods_cells(tiny_run):
+    variant = copy.deepcopy(TINY)
+    variant["methods"]["mezo"]["lr"] = 3.0e-4
+    jobs = planned(tiny_run, variant)
+    assert set(jobs) - AGGREGATES == {"account", "train"}
+    assert jobs["train"] == cell_files(CELLS[1]) and jobs["account"] == cell_files(CELLS[1], name="privacy.json")
+
+
+@pytest.mark.slow
+def test_adding_a_seed_adds_only_the_new_cells(tiny_run):
+    jobs = planned(tiny_run, dict(TINY, seeds=[13, 14]))
+    new_cells = [c.replace("seed13", "seed14") for c in CELLS]
+    assert set(jobs) - AGGREGATES == {"fewshot", "account", "train"}  # no demo model or corpus again
+    assert jobs["fewshot"] == ["results/data/demo-sst2/k16-seed14/train.jsonl"]
+    assert jobs["train"] == cell_files(*new_cells) and jobs["account"] == cell_files(*new_cells, name="privacy.json")
+
+
+@pytest.mark.slow
+def test_adding_an_epsilon_adds_only_the_private_methods_new_cells(tiny_run):
+    jobs = planned(tiny_run, dict(TINY, epsilons=["8", "2"]))
+    new_cell = CELLS[2].replace("eps8", "eps2")
+    assert set(jobs) - AGGREGATES == {"account", "train"}
+    assert jobs["train"] == cell_files(new_cell) and jobs["account"] == cell_files(new_cell, name="privacy.json")
+
+
+@pytest.mark.slow
+def test_checkpoint_settings_rerun_nothing(tiny_run):
+    """Snapshot frequency never changes a result, so it is not a rule parameter."""
+    unchanged = planned(tiny_run, TINY)
+    assert planned(tiny_run, dict(TINY, checkpoint={"every_steps": 5, "every_seconds": 30})) == unchanged
+    assert not set(unchanged) - AGGREGATES
+
+
 def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path):
     bad = dict(TINY, tasks=["demo-sst2", "imdb"], epsilons=["4.0"])
     bad["methods"] = dict(TINY["methods"], **{"dp-zosoo": {}})
@@ -190,6 +241,22 @@ def test_default_config_grid_dry_run(tmp_path):
     # DP-ZOPO is in the default grid: one static mask and one SynFlow agreement per (model, task).
     assert "dp-zopo" in config["methods"]
     assert counts["mask"] == counts["synflow_agreement"] == n_models * n_tasks
+
+
+def test_paper_grid_plans_one_gpu_job_per_cell(tmp_path):
+    """config/paper.yaml: every cell is one training job with one GPU (device: cuda); only the
+    model jobs ask for a GPU (the grid's size is checked in test_real_names)."""
+    from dpzo.config import grid_cells
+
+    config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n").stdout
+    counts = job_counts(out)
+    masked = {(c["model"], c["task"]) for c in grid_cells(config) if c["method"] == "dp-zopo"}
+    assert counts["train"] == counts["account"] == len(grid_cells(config)) and counts["mask"] == len(masked)
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, re.M):
+        gpus = re.search(r"\bgpu=(\d+)", body)
+        assert (gpus.group(1) if gpus else None) == ("1" if rule in ("train", "mask") else None), rule
 
 
 @pytest.mark.slow

@@ -641,7 +641,7 @@ def write_pretraining_corpus(path: Path, seed: int = 0) -> None:
     )
     rng.shuffle(makers)
     documents = [make(rng) for make in makers]
-    with atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:  # a killed job never leaves half a corpus under the final name
         tmp.write_text("\n".join(documents) + "\n", encoding="utf-8")
     logger.info("wrote %d pretraining documents to %s", len(documents), path)
 

@@ -530,6 +530,22 @@ class SecretRandom:
         """One Laplace(0, 1) draw (density exp(-|x|)/2), for the pure-DP Laplace mechanism."""
         return float(self._generator.laplace(0.0, 1.0))
 
+    def insecure_state(self) -> dict:
+        """The generator state of a test-seeded instance, so a resumed test run draws on exactly.
+
+        Refused for secure instances: a secret state written into a checkpoint would let anyone
+        who reads the file recompute the noise.  A resumed secure run draws fresh noise instead.
+        """
+        if self._secure:
+            raise RuntimeError("the state of a secure SecretRandom is never exported; resume with a fresh one")
+        return self._generator.bit_generator.state
+
+    def restore_insecure_state(self, state: dict) -> None:
+        """Continue a test-seeded stream from :meth:`insecure_state` (refused when secure)."""
+        if self._secure:
+            raise RuntimeError("a secure SecretRandom cannot be set to a stored state")
+        self._generator.bit_generator.state = state
+
     def __repr__(self) -> str:  # never show generator state
         return f"SecretRandom(is_secure={self.is_secure})"
 

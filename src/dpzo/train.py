@@ -24,6 +24,7 @@ again at the end (:func:`check_ledger_after`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ import torch
 from .methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
 from .methods import MaskSettings, ZOMethod
 from .prune import Mask
+from .checkpoint import CheckpointPolicy, LoopState, TrainingCheckpoint, file_digest
 from .models import PromptClassifier
 from .privacy import NoisySum, SecretRandom
 from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
@@ -219,6 +221,7 @@ def train_zo(
     master_dtype: torch.dtype = torch.float32,
     masks: Callable[[int], Mask] | None = None,
     record_releases: bool = False,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -228,7 +231,9 @@ def train_zo(
     Masked methods need ``masks(stage)``: the mask to train during that stage, asked for at the
     start of each stage.  ``record_releases`` keeps every released scalar, in order, in
     ``history["released"]`` (they are the public output of the mechanism; the privacy audit
-    compares them with its own run of the mechanism).
+    compares them with its own run of the mechanism; not kept across a resume).  With
+    ``checkpoint`` the loop continues from the cell's snapshot when there is one and writes new
+    ones as its policy says (``dpzo.checkpoint``).
     """
     method = base_method(method)
     if method not in ZO_METHODS:
@@ -261,11 +266,41 @@ def train_zo(
     first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
     first_bad_update = torch.full((), -1, dtype=torch.long, device=device)
     largest_move = torch.finfo(flat.master.dtype).max
-    # counted as they happen (host side, no sync), for the end-of-training check against the ledger
-    steps_run, releases, examples_sampled = 0, 0, 0
+    # counted as they happen (host side, no sync, across resumes), for the check against the ledger
+    first_step, releases, examples_sampled, prior_seconds, resumed_from = 0, 0, 0, 0.0, []
     released: list = []
+    resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret) if checkpoint is not None else None
+    if resumed is not None:
+        first_step, releases, prior_seconds = resumed.step, resumed.releases, resumed.train_seconds
+        anchor, history, resumed_from = resumed.anchor, resumed.history, resumed.resumed_from + [resumed.step]
+        examples_sampled = resumed.examples_sampled
+        losses, examples_since_log, clipped = resumed.since_log
+        losses_since_log = [torch.tensor(x, dtype=torch.float64, device=device) for x in losses]
+        clipped_since_log += clipped
+    steps_run = first_step
+
+    def raise_on_flags() -> None:
+        """Stop, naming the first step, if a loss difference or an update was not finite."""
+        bad_loss, bad_update = (int(x) for x in torch.stack([first_nonfinite, first_bad_update]).tolist())
+        if bad_update >= 0 and (bad_loss < 0 or bad_update < bad_loss):
+            raise FloatingPointError(
+                f"non-finite update at step {bad_update} (lr = {schedule.lr_at(schedule.stage_of(bad_update))}); "
+                "lower the learning rate (no metrics are written for this run)"
+            )
+        if bad_loss >= 0:
+            raise FloatingPointError(
+                f"non-finite loss difference at step {bad_loss} (beta={schedule.beta_at(schedule.stage_of(bad_loss))}); "
+                "lower the learning rate or raise beta"
+            )
+
+    def loop_state(done: int) -> LoopState:
+        """The loop's state after ``done`` steps, on the host (only built when a snapshot is due)."""
+        raise_on_flags()  # never snapshot a run that has gone non-finite
+        since_log = ([float(x) for x in losses_since_log], examples_since_log, float(clipped_since_log))
+        return LoopState(done, releases, anchor, history, since_log, prior_seconds + time.perf_counter() - started,
+                         resumed_from, examples_sampled)
     started = time.perf_counter()
-    for step in range(hp.steps):
+    for step in range(first_step, hp.steps):
         stage = schedule.stage_of(step)
         lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
         if step in starts:
@@ -312,21 +347,10 @@ def train_zo(
         steps_run += 1
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
             loss = torch.stack(losses_since_log).double().mean() if losses_since_log else torch.tensor(math.nan, dtype=torch.float64, device=device)
-            fetched = torch.stack(
-                [loss, clipped_since_log, first_nonfinite.double(), first_bad_update.double(), torch.stack([torch.as_tensor(g, dtype=torch.float64, device=device) for g in grads]).mean()]
-            ).tolist()
-            bad_loss, bad_update = int(fetched[2]), int(fetched[3])
-            if bad_update >= 0 and (bad_loss < 0 or bad_update < bad_loss):
-                raise FloatingPointError(
-                    f"non-finite update at step {bad_update} (lr = {schedule.lr_at(schedule.stage_of(bad_update))}); "
-                    "lower the learning rate (no metrics are written for this run)"
-                )
-            if bad_loss >= 0:
-                raise FloatingPointError(
-                    f"non-finite loss difference at step {bad_loss} (beta={schedule.beta_at(schedule.stage_of(bad_loss))}); "
-                    "lower the learning rate or raise beta"
-                )
+            raise_on_flags()
             _check_finite_weights(flat, step)
+            mean_grad = torch.stack([torch.as_tensor(g, dtype=torch.float64, device=device) for g in grads]).mean()
+            fetched = torch.stack([loss, clipped_since_log, mean_grad]).tolist()
             history["step"].append(step + 1)
             history["stage"].append(stage)
             history["lr"].append(lr)
@@ -334,17 +358,20 @@ def train_zo(
             history["loss"].append(fetched[0])
             history["examples"].append(examples_since_log)
             history["clipped_fraction"].append(fetched[1] / max(examples_since_log, 1))
-            history["grad"].append(fetched[4])  # the mean released scalar of this step
+            history["grad"].append(fetched[2])  # the mean released scalar of this step
             losses_since_log = []
             examples_since_log = 0
             clipped_since_log.zero_()
+        if checkpoint is not None:
+            checkpoint.step_done(step + 1, lambda: loop_state(step + 1), flat, public_rng=public_rng, secret=secret)
     flat.restore()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the clock must see the GPU's work, not only its launch
-    elapsed = time.perf_counter() - started
+    elapsed = prior_seconds + time.perf_counter() - started
     history["steps_run"] = steps_run
-    history["releases"] = releases
+    history["releases"] = releases  # counted, across resumes: checked against the ledger
     history["examples_sampled"] = examples_sampled
+    history["resumed_from"] = resumed_from
     history["n"] = n
     history["sampling_rate"] = q
     history["noise_scale_on_sum"] = noise.scale if private else 0.0
@@ -403,11 +430,13 @@ def run_cell(
     eval_batch_size: int = 128,
     device: str = "cpu",
     mask_files: list[str] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
 ) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
     ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
-    order (see ``prune.MaskSettings``).
+    order (see ``prune.MaskSettings``).  ``checkpoint``: where and how often zeroth-order
+    training snapshots itself, and resumes from (``dpzo.checkpoint``).
 
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
@@ -455,20 +484,32 @@ def run_cell(
                 clf, train_set, hp, method=base, run_seed=seed, sigma=float(ledger.get("sigma") or 0.0), secret=secret
             )
         else:
-            history = train_zo(
-                lm,
-                lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
-                len(train_set),
-                hp,
-                method=method,
-                run_seed=seed,
-                noise=NoisySum.from_ledger(ledger) if secret is not None else None,
-                secret=secret,
-                masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
-            )
+            snapshots = None
+            if checkpoint is not None:
+                # everything the run depends on: a snapshot of any other run is never resumed
+                snapshots = TrainingCheckpoint(checkpoint, identity=dict(
+                    model_path=model_path, dtype=dtype, task=task_name, method=method, seed=seed,
+                    method_params=method_params, ledger=ledger,
+                    train_data=file_digest(Path(split_dir) / "train.jsonl"),
+                    masks=[file_digest(f) for f in mask_files or []],
+                ))
+            with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
+                history = train_zo(
+                    lm,
+                    lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
+                    len(train_set),
+                    hp,
+                    method=method,
+                    run_seed=seed,
+                    noise=NoisySum.from_ledger(ledger) if secret is not None else None,
+                    secret=secret,
+                    masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
+                    checkpoint=snapshots,
+                )
         if base in PRIVATE_METHODS:
             check_ledger_after(ledger, history)
     result = evaluate(clf, test_set, batch_size=eval_batch_size)
+    resumed_from = history.pop("resumed_from", [])
     return {
         "model": model,
         "task": task_name,
@@ -486,6 +527,7 @@ def run_cell(
         "n_params": sum(p.numel() for p in lm.parameters()),
         "steps": history.get("steps_run", 0),
         "releases": history.get("releases", 0),
+        "resumed_from": resumed_from,  # steps after which an interrupted run was continued
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - wall_start,

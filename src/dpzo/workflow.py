@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from .fileio import atomic_path, write_json_atomic
 
 
 def _setup(snakemake) -> None:
-    import os
-
     log_file = snakemake.log[0] if len(snakemake.log) else None
     logging.basicConfig(
         filename=log_file,
@@ -129,11 +128,24 @@ def account(snakemake) -> None:
     logging.info("ledger: %s", record)
 
 
+def checkpoint_policy(path: str | Path, settings: dict | None):
+    """The config's ``checkpoint`` block (read from the config, not from rule params, because the
+    snapshot frequency never changes a result and so must not make Snakemake rerun cells)."""
+    from .checkpoint import CheckpointPolicy
+
+    settings = settings or {}
+    return CheckpointPolicy(
+        Path(path), every_steps=int(settings.get("every_steps", 0)), every_seconds=float(settings.get("every_seconds", 600))
+    )
+
+
 def train(snakemake) -> None:
+    from .checkpoint import remove_checkpoint
     from .train import run_cell
 
     _setup(snakemake)
     ledger = json.loads(Path(snakemake.input.ledger).read_text())
+    policy = checkpoint_policy(snakemake.params.checkpoint, snakemake.config.get("checkpoint"))
     model_cfg = snakemake.params.model_cfg
     metrics = run_cell(
         model=snakemake.wildcards.model,
@@ -149,9 +161,12 @@ def train(snakemake) -> None:
         eval_batch_size=int(snakemake.params.eval_batch_size),
         device=snakemake.params.device,
         mask_files=list(snakemake.input.masks),
+        checkpoint=policy,
     )
     metrics["eps"] = snakemake.wildcards.eps
+    metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
     write_json_atomic(Path(snakemake.output.metrics), metrics)
+    remove_checkpoint(policy.path)  # only once the metrics are safely in place
     logging.info("%s %.4f after %s steps", metrics["metric"], metrics["score"], metrics["steps"])
 
 

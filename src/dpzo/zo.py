@@ -164,6 +164,12 @@ class FlatParameters:
                     offset += n
         self.in_place = master_dtype is None
         self.master = self.work if self.in_place else self.work.to(master_dtype, copy=True)
+        if not self.in_place and self.master.dtype != self.work.dtype:
+            # theta is the master: the model starts at the master's value of every coordinate, so
+            # a coordinate never trained reads the same as one restored from the master (and a run
+            # resumed from a saved master equals one that never stopped).
+            with torch.no_grad():
+                self.work.copy_(self.master)
         # z in the master's precision; in place, 16-bit weights still get float32 z and
         # float32 arithmetic, rounded once per pass (see _move_work).
         self.z_dtype = torch.float32 if self.in_place and self.work.dtype in _SIXTEEN_BIT else self.master.dtype

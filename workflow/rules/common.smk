@@ -126,6 +126,15 @@ def demo_arch(wildcards):
     return config["models"][wildcards.model]["demo"]
 
 
+def cuda_gpus(wildcards):
+    """GPUs a model job asks for: one when it runs the model on CUDA (config `device`), none on CPU.
+
+    Snakemake never sets CUDA_VISIBLE_DEVICES; locally the `gpu` resource only limits how many
+    such jobs run at once, on SLURM it becomes `sbatch --gpus=1`.
+    """
+    return 1 if str(config["device"]).startswith("cuda") else 0
+
+
 def method_params(wildcards):
     return config["methods"][wildcards.method]
 

@@ -13,6 +13,8 @@ rule mask:
         model_cfg=model_cfg,
         device=config["device"],
     threads: config["threads"]
+    resources:
+        gpu=cuda_gpus,
     log:
         "logs/mask/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.log",
     benchmark:

@@ -17,7 +17,12 @@ rule train:
         method_params=method_params,
         eval_batch_size=config["eval_batch_size"],
         device=config["device"],
+        # resumable training state of an interrupted run; not an output, so Snakemake keeps it
+        # when it cleans up after a failed or killed job (deleted once metrics.json is written)
+        checkpoint=f"results/checkpoints/{RUN}/train_state.pt",
     threads: config["threads"]
+    resources:
+        gpu=cuda_gpus,
     log:
         f"logs/train/{RUN}.log",
     benchmark:

@@ -1,0 +1,178 @@
+"""Resumable zeroth-order training: an interrupted run, resumed, equals the uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from dpzo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
+from dpzo.methods import MaskSettings
+from dpzo.privacy import NoisySum, SecretRandom
+from dpzo.prune import Mask
+from dpzo.train import ZOHyperparameters, train_zo
+
+from .test_zo import Quadratic, TwoTensorModel
+
+N = 40
+
+
+class Killed(Exception):
+    """Stands in for the process dying in the middle of a step."""
+
+
+def top_magnitude_masks(model: TwoTensorModel):
+    """A dynamic, weight-dependent mask per stage (like DP-ZOPO's data-free rescoring)."""
+
+    def masks(stage: int) -> Mask:
+        theta = model.theta().detach()
+        keep = 4 + 2 * stage
+        idx = torch.sort(torch.argsort(theta.abs(), descending=True)[:keep]).values
+        return Mask(idx, theta.numel(), scales=torch.linspace(1.2, 0.8, keep))
+
+    return masks
+
+
+CASES = {
+    # stages, proximal anchor and two releases per step: every piece of loop state is exercised
+    "dp-zoso": dict(hp=dict(steps=13, batch_size=8, lr=1e-2, stages=3, stage_steps=2, beta_start=1e-4,
+                            beta_end=1e-2, lam=0.3, clip=3.0, directions=2, log_every=2), private=True),
+    "mezo": dict(hp=dict(steps=11, batch_size=8, lr=1e-2, log_every=3), private=False),
+    "dp-zopo": dict(hp=dict(steps=12, batch_size=8, lr=1e-2, stages=2, stage_steps=3, clip=3.0, log_every=1,
+                            mask=MaskSettings(scorer="magnitude", ratio=0.5, strategy="dynamic", mode="rank",
+                                              rank_update=True)), private=True),
+}
+
+
+def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=None, on_call=None):
+    """One trainer run in a fresh 'process': new model, new generators; returns (model, history, calls)."""
+    case = CASES[method]
+    quad = Quadratic(n=N)
+    model = TwoTensorModel()
+    inner = quad.loss_fn(model)
+    calls = []
+
+    def loss(index):
+        calls.append(len(index))
+        if on_call is not None:
+            on_call(len(calls))
+        if die_after_calls is not None and len(calls) > die_after_calls:
+            raise Killed
+        return inner(index)
+
+    if case["private"] and secret is None:
+        secret = SecretRandom(insecure_test_seed=noise_seed)
+    history = train_zo(
+        model, loss, N, ZOHyperparameters(**case["hp"]), method=method, run_seed=13,
+        noise=NoisySum("gaussian", 2.0, 8.0) if case["private"] else None, secret=secret,
+        masks=top_magnitude_masks(model) if method == "dp-zopo" else None, checkpoint=checkpoint,
+    )
+    return model, history, calls
+
+
+def snapshots(path, identity=None, every_steps=3):
+    return TrainingCheckpoint(CheckpointPolicy(path, every_steps=every_steps, every_seconds=0), identity or {"cell": 1})
+
+
+def comparable(history):
+    return {k: v for k, v in history.items() if k not in ("train_seconds", "ms_per_step", "resumed_from")}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
+    reference, ref_history, ref_calls = run(method)
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):  # dies in the middle of a step, after at least one snapshot
+        run(method, checkpoint=snapshots(path), die_after_calls=len(ref_calls) * 2 // 3)
+    saved = torch.load(path, weights_only=True)
+    assert 0 < saved["step"] < ref_history["steps_run"] and saved["step"] % 3 == 0
+    resumed, history, calls = run(method, checkpoint=snapshots(path))
+    assert torch.equal(resumed.theta(), reference.theta())  # bit-identical weights
+    assert comparable(history) == comparable(ref_history)  # same loss curve, releases, masks
+    assert history["resumed_from"] == [saved["step"]]
+    assert len(calls) < len(ref_calls)  # it continued; it did not start over
+    if CASES[method]["private"]:
+        assert history["releases"] == ref_history["releases"] == CASES[method]["hp"]["steps"] * CASES[method]["hp"].get("directions", 1)
+
+
+def test_a_second_interruption_resumes_from_the_newer_snapshot(tmp_path):
+    reference, ref_history, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) // 3)
+    first = torch.load(path, weights_only=True)["step"]
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) // 3)
+    second = torch.load(path, weights_only=True)["step"]
+    resumed, history, _ = run("dp-zoso", checkpoint=snapshots(path))
+    assert 0 < first < second and history["resumed_from"] == [first, second]
+    assert torch.equal(resumed.theta(), reference.theta())
+    assert history["releases"] == ref_history["releases"] == 26
+
+
+def test_a_snapshot_of_another_configuration_is_not_resumed(tmp_path):
+    reference, _, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path, {"lr": 1}), die_after_calls=len(ref_calls) // 2)
+    assert path.exists()
+    resumed, history, calls = run("dp-zoso", checkpoint=snapshots(path, {"lr": 2}))
+    assert history["resumed_from"] == [] and len(calls) == len(ref_calls)
+    assert torch.equal(resumed.theta(), reference.theta())
+    # different initial weights (another model) are another configuration too
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) // 2)
+    state = TrainingCheckpoint(CheckpointPolicy(path, every_steps=3, every_seconds=0), {"cell": 1})
+    other = TwoTensorModel(seed=99)
+    from dpzo.zo import FlatParameters
+
+    assert state.resume(FlatParameters(other), public_rng=np.random.default_rng(0), secret=SecretRandom(5)) is None
+
+
+def test_secure_noise_state_is_never_written_and_the_resumed_run_draws_fresh_noise(tmp_path):
+    _, ref_history, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), secret=SecretRandom(), die_after_calls=len(ref_calls) // 2)
+    saved = torch.load(path, weights_only=True)
+    assert saved["secret_rng"] is None and saved["identity"]["secure_noise"] is True
+    with pytest.raises(RuntimeError, match="never exported"):
+        SecretRandom().insecure_state()
+    _, history, _ = run("dp-zoso", checkpoint=snapshots(path), secret=SecretRandom())
+    assert history["resumed_from"] == [saved["step"]]
+    assert history["releases"] == ref_history["releases"]  # each step released exactly once
+    # a snapshot written with test noise is not resumed by a secure run (nor the other way round)
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) // 2)
+    _, history, _ = run("dp-zoso", checkpoint=snapshots(path), secret=SecretRandom())
+    assert history["resumed_from"] == []
+
+
+def test_sigterm_saves_after_the_current_step_then_stops(tmp_path):
+    reference, _, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    sent = len(ref_calls) // 2
+    never = snapshots(path, every_steps=0)  # only SIGTERM writes a snapshot here
+
+    def terminate(call):
+        if call == sent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="resumes"), never.saving_on_sigterm():
+        run("dp-zoso", checkpoint=never, on_call=terminate)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed again
+    saved = torch.load(path, weights_only=True)
+    # two forwards per release, two releases per step: the signal came during step sent // 4
+    assert saved["step"] == (sent - 1) // 4 + 1
+    resumed, history, _ = run("dp-zoso", checkpoint=snapshots(path))
+    assert history["resumed_from"] == [saved["step"]]
+    assert torch.equal(resumed.theta(), reference.theta())
+
+
+def test_policy_rejects_negative_intervals(tmp_path):
+    with pytest.raises(ValueError, match="every_steps and every_seconds"):
+        CheckpointPolicy(tmp_path / "x.pt", every_steps=-1)
