@@ -52,15 +52,26 @@ include: "workflow/rules/audit.smk"
 
 
 # Seconds-long steps run on the submitting host, never through a cluster queue; on SLURM only
-# demo_model, mask and train (one job per cell) are submitted.
+# the model jobs (demo_model, mask, synflow_agreement, train: one job per cell) and the audit
+# are submitted.
 localrules:
     all,
     demo_corpus,
     demo_data,
     fewshot,
     account,
+    collect,
     summarize,
-    plot_accuracy,
+    accuracy_table,
+    privacy_table,
+    figure_accuracy_bars,
+    figure_memory_time,
+    figure_privacy_utility,
+    figure_training_curves,
+    figure_ablation,
+    synflow_agreement_table,
+    plot_audit,
+    audit_all,
 
 
 rule all:

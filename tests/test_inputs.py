@@ -340,7 +340,9 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
         output=SimpleNamespace(metrics=str(out)),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="mezo", eps="inf", seed="13"),
         params=SimpleNamespace(model_path=str(model_dir), model_cfg={}, eval_batch_size=8, device="cpu",
-                               method_params={"steps": 2, "batch_size": 4, "lr": 1e300}),
+                               method_params={"steps": 2, "batch_size": 4, "lr": 1e300},
+                               checkpoint=str(tmp_path / "checkpoint" / "train_state.pt")),
+        config={},
     )
     (tmp_path / "privacy.json").write_text(json.dumps(zo_ledger("mezo", 2, 0.0)))
     root = logging.getLogger()

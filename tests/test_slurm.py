@@ -31,12 +31,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_workflow import CELLS, ROOT, TINY
+from .test_workflow import AGGREGATES, CELLS, ROOT, TINY
 
 SCRIPTS = ROOT / "scripts" / "slurm"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUBMITTED = {"demo_model": 1, "train": 3}  # one job per cell; the rest are local rules
-LOCAL = {"demo_corpus", "demo_data", "fewshot", "account", "summarize", "plot_accuracy", "all"}
+LOCAL = {"demo_corpus", "demo_data", "fewshot", "account", *AGGREGATES}
 # what profiles/slurm asks for: (memory, time limit) as squeue prints them
 PROFILE_RESOURCES = {"train": ("32000M", "8:00:00"), "demo_model": ("4000M", "30:00")}
 
