@@ -577,3 +577,32 @@ def test_a_method_variant_is_accounted_like_its_method(method):
         assert rec.get("sigma") is None and rec["epsilon_achieved"]["pure"] <= 4.0 * (1 + 1e-12)
     else:
         assert rec["neighbouring"] == plain["neighbouring"] and "replace" in rec["neighbouring"]
+
+
+def test_calibration_cache_returns_exactly_what_it_computed(tmp_path, monkeypatch):
+    """A grid's cells share calibrations: the cached ledger equals a fresh one bit for bit, a
+    repeat is served from the cache, and anything else in the key computes anew."""
+    cell = dict(n=256, batch_size=16, steps=50, clip=2.0, epsilon_target=3.0, delta=1e-5)
+    fresh = privacy.accounting_record(**cell)
+    first = privacy.accounting_record(**cell, cache_dir=tmp_path)
+    assert first == fresh and len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(privacy, "calibrate_sigma", no_calibration)
+    assert privacy.accounting_record(**dict(cell, clip=5.0), cache_dir=tmp_path) == dict(
+        fresh, clip=5.0, sensitivity=5.0, noise_std_on_sum=fresh["sigma"] * 5.0)  # sigma does not depend on C
+    for other in (dict(epsilon_target=2.5), dict(steps=51), dict(delta=2e-5), dict(batch_size=17)):
+        with pytest.raises(AssertionError, match="calibrated again"):
+            privacy.accounting_record(**dict(cell, **other), cache_dir=tmp_path)
+
+
+def test_calibration_cache_ignores_an_entry_stored_for_another_key(tmp_path):
+    cell = dict(n=256, batch_size=16, steps=50, clip=2.0, epsilon_target=3.0, delta=1e-5)
+    fresh = privacy.accounting_record(**cell, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.json")
+    stored = json.loads(entry.read_text())
+    entry.write_text(json.dumps({"key": dict(stored["key"], q=0.5), "value": {"sigma": 0.01, "epsilon_achieved": {}}}))
+    assert privacy.accounting_record(**cell, cache_dir=tmp_path) == fresh
+    assert json.loads(entry.read_text()) == stored  # rewritten with the right key

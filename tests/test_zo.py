@@ -10,10 +10,13 @@ import torch
 
 from dpzo.privacy import NoisySum, SecretRandom
 from dpzo.train import ZOHyperparameters, train_zo
+from dpzo.hyperparameters import hyperparameters_for
 from dpzo.zo import (
+    MIN_BETA_ULPS,
     FlatParameters,
     StageSchedule,
     apply_update,
+    check_zo_scale,
     clip_differences,
     direction_seed,
     gaussian_direction,
@@ -155,8 +158,11 @@ def test_stage_schedule_lengths_lr_and_beta():
     assert [s.beta_at(i) for i in range(3)] == pytest.approx([1e-4, 1e-3, 1e-2])
     down = StageSchedule(steps=100, stages=3, stage_steps=10, beta_start=1e-2, beta_end=1e-4)
     assert [down.beta_at(i) for i in range(3)] == pytest.approx([1e-2, 1e-3, 1e-4])  # no NaN
-    truncated = StageSchedule(steps=25, stages=3, stage_steps=10)
-    assert truncated.stage_starts() == [0, 10]
+    # a stage that would start after the last step is refused: beta would never reach
+    # beta_end, nor an incremental mask its ratio
+    with pytest.raises(ValueError, match="do not all start within 25 steps"):
+        StageSchedule(steps=25, stages=3, stage_steps=10)
+    assert StageSchedule(steps=31, stages=3, stage_steps=10).stage_starts() == [0, 10, 30]
     constant = StageSchedule(steps=50, stages=1, beta_start=1e-3, beta_end=1e-3)
     assert constant.stage_starts() == [0] and constant.beta_at(0) == 1e-3
 
@@ -458,3 +464,50 @@ def test_same_public_seed_different_noise_unless_the_test_seed_is_set():
     assert h1["released"] != h2["released"] and not torch.equal(m1.theta(), m2.theta())
     (h3, m3), (h4, m4) = (_run(hp, ledger, SecretRandom(insecure_test_seed=9), record_releases=True) for _ in range(2))
     assert h3["released"] == h4["released"] and torch.equal(m3.theta(), m4.theta())
+
+
+def normal_weights(dtype: torch.dtype, numel: int = 20_000, std: float = 0.02) -> torch.nn.Module:
+    model = torch.nn.Linear(numel // 100, 100, bias=False)
+    with torch.no_grad():
+        model.weight.normal_(0.0, std, generator=torch.Generator().manual_seed(0))
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zo_scale_below_the_weights_precision_is_refused(dtype):
+    """beta = 1e-6 on 16-bit weights: theta + beta z rounds back to theta for most coordinates."""
+    flat = FlatParameters(normal_weights(dtype), master_dtype=None)
+    theta = flat.work.clone()
+    median = float(theta.abs().float().median())
+    # the oracle: numpy's spacing of the median weight (bfloat16 has numpy's float16 exponent
+    # range but 3 fewer mantissa bits)
+    spacing = float(np.spacing(np.float16(median))) * (8.0 if dtype == torch.bfloat16 else 1.0)
+    floor = MIN_BETA_ULPS * spacing
+    z = torch.randn(flat.numel, generator=torch.Generator().manual_seed(1))
+    lost = ((theta.float() + 1e-6 * z).to(dtype) == theta).float().mean()
+    assert lost > 0.9  # what the guard protects against
+    with pytest.raises(ValueError, match=r"beta=1e-06 is below 4 ulp .* Use beta >="):
+        check_zo_scale(flat, 1e-6)
+    with pytest.raises(ValueError):
+        check_zo_scale(flat, 0.9 * floor)
+    check_zo_scale(flat, floor)
+    check_zo_scale(flat, 1e-3)  # MeZO's and DPZero's 16-bit setting passes
+    check_zo_scale(FlatParameters(normal_weights(torch.float32), master_dtype=None), 1e-6)  # fp32: fine
+
+
+def test_trainer_refuses_a_zo_scale_the_weights_cannot_hold():
+    model = normal_weights(torch.float16)
+    before = model.weight.detach().clone()
+    hp = ZOHyperparameters(steps=2, batch_size=4, lr=1e-3, beta_start=1e-6, beta_end=1e-6)
+    with pytest.raises(ValueError, match="rounds back to theta"):
+        train_zo(model, lambda index: torch.zeros(len(index)), 8, hp, method="mezo", run_seed=0)
+    assert torch.equal(model.weight, before)  # refused before any step
+
+
+@pytest.mark.parametrize("method", ["mezo", "dpzero", "dp-zo-gauss", "dp-zo-laplace"])
+@pytest.mark.parametrize("staged", [{"stages": 2, "stage_steps": 2}, {"lam": 0.1}, {"beta_start": 1e-3, "beta_end": 1e-2}])
+def test_constant_schedule_methods_refuse_stagewise_settings(method, staged):
+    params = {"steps": 8, "batch_size": 4, "lr": 1e-3, "clip": 1.0, **staged}
+    with pytest.raises(ValueError, match=f"{method} has a constant schedule"):
+        hyperparameters_for(method, params)
+    assert hyperparameters_for("dp-zoso", params).steps == 8  # the stagewise method takes them

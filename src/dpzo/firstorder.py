@@ -69,13 +69,13 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .hyperparameters import FirstOrderHyperparameters
 from .methods import FIRST_ORDER
 from .models import EncodedSet, PromptClassifier
 from .privacy import SecretRandom
@@ -84,7 +84,6 @@ log = logging.getLogger(__name__)
 
 FIRST_ORDER_METHODS = tuple(FIRST_ORDER)
 PRIVATE_FIRST_ORDER_METHODS = tuple(name for name, private in FIRST_ORDER.items() if private)
-OPTIMIZERS = ("adamw", "sgd")
 
 #: Name under which the prefix attention function is registered in transformers' AttentionInterface.
 PREFIX_ATTENTION = "dpzo_prefix"
@@ -94,64 +93,6 @@ _PREFIX_INNER = ("sdpa", "eager")
 
 #: Above this many scalar draws per noise vector, the scalar fallback of secret_normals warns.
 _SLOW_NOISE_WARN = 1_000_000
-
-
-# --------------------------------------------------------------------------------------
-# hyperparameters
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FirstOrderHyperparameters:
-    steps: int
-    batch_size: int
-    lr: float
-    clip: float = math.inf
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    physical_batch_size: int = 8
-    prefix_tokens: int = 5
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"first-order hyperparameter {name}={getattr(self, name)!r}: {why}")
-
-        for name in ("steps", "batch_size", "physical_batch_size", "prefix_tokens", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise bad(name, "must be an integer")
-        if self.steps < 0:
-            raise bad("steps", "must be >= 0")
-        for name in ("batch_size", "physical_batch_size", "prefix_tokens", "log_every"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
-        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
-            raise bad("lr", "must be a finite number > 0")
-        if not float(self.clip) > 0:  # inf allowed (no clipping; non-private runs only)
-            raise bad("clip", "must be > 0 (inf: no clipping)")
-        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
-            raise bad("weight_decay", "must be a finite number >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"allowed: {', '.join(OPTIMIZERS)}")
-
-    @property
-    def directions(self) -> int:
-        """One release per step (lets ``train.check_ledger`` compare this run with its ledger)."""
-        return 1
-
-    @classmethod
-    def from_config(cls, params: dict) -> "FirstOrderHyperparameters":
-        """Build from a method's config block; unknown keys are refused (listing the allowed ones)."""
-        params = dict(params)
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"unknown first-order hyperparameter(s) {unknown}; allowed: {known}")
-        for name in ("lr", "clip", "weight_decay"):
-            if name in params and isinstance(params[name], str):  # "inf" as written in JSON
-                params[name] = float(params[name])
-        return cls(**params)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ for them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,18 +23,6 @@ from .models import EncodedSet, PromptClassifier, pad_token_id, stack_prompts, t
 from .tasks import EncodedPrompt, encode_prompt, label_word_ids
 
 SEPARATOR = "\n\n"
-
-
-@dataclass(frozen=True)
-class ICLHyperparameters:
-    demonstrations: int = 8
-
-    @classmethod
-    def from_config(cls, params: dict) -> "ICLHyperparameters":
-        unknown = sorted(set(params) - {"demonstrations"})
-        if unknown:
-            raise ValueError(f"unknown icl hyperparameter(s) {unknown}; allowed: ['demonstrations']")
-        return cls(**params)
 
 
 def choose_demonstrations(train: list[Example], k: int, num_classes: int, seed: int) -> list[Example]:

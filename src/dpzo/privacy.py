@@ -36,6 +36,7 @@ import os
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -417,6 +418,38 @@ def calibrate_sigma(
     return float(sigma)
 
 
+def memoized(cache_dir: str | Path | None, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``, kept as JSON in ``cache_dir`` under a hash of ``key`` (None: no cache).
+
+    ``key`` must name everything the result depends on, library versions included.  A lock
+    per key makes concurrent jobs wait for the one computing it; the stored key is compared
+    in full on reading, and the file is written atomically, so a cached value is always one
+    that ``compute`` returned for exactly this key.
+    """
+    if cache_dir is None:
+        return compute()
+    import fcntl
+    import hashlib
+    import json
+
+    from .fileio import write_json_atomic
+
+    text = json.dumps(key, sort_keys=True)
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(text.encode()).hexdigest()[:32]
+    path = folder / f"{name}.json"
+    with open(folder / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if json.dumps(stored.get("key"), sort_keys=True) == text:
+                return stored["value"]
+        value = compute()
+        write_json_atomic(path, {"key": key, "value": value})
+    return value
+
+
 # --------------------------------------------------------------------------------------
 # provenance
 # --------------------------------------------------------------------------------------
@@ -570,7 +603,8 @@ def privatize_sum(
 
     Returns ``(clipped_sum + sigma * clip * z) / expected_batch_size`` with ``z ~ N(0, 1)``
     from ``rng``.  Dividing by the *expected* (not the realised) batch size keeps the
-    realised size, which depends on the data, out of the release.
+    realised size, which depends on the data, out of the release (the trainer's diagnostics
+    count it, and are not covered by the guarantee).
     With ``sigma == 0`` (non-private runs) no noise is drawn.
     """
     sigma = _check_sigma(sigma)
@@ -647,6 +681,7 @@ def accounting_record(
     accountant: str = "pld",
     sigma: float | None = None,
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Calibrate (unless ``sigma`` is given) and describe the privacy of one training run.
 
@@ -663,6 +698,9 @@ def accounting_record(
         sigma: use this noise multiplier instead of calibrating (``calibrated_with`` is
             then ``None``); ``epsilon_achieved`` shows what it buys.
         pld_discretization: PLD discretization for calibration and ``epsilon_achieved``.
+        cache_dir: where to keep the calibrated sigma and the achieved epsilons, keyed by
+            everything they depend on (:func:`memoized`): the cells of a grid share a few
+            calibrations, which take up to tens of seconds each.
 
     Returns:
         A JSON-serialisable dict (infinities are the string ``"inf"``); see the keys below.
@@ -694,35 +732,39 @@ def accounting_record(
 
     q = batch_size / n
     compositions = steps * directions
-    if sigma is None:
-        sigma = calibrate_sigma(
-            eps_target, delta, q, compositions, accountant, pld_discretization=pld_discretization
-        )
-        calibrated_with: str | None = accountant
-    else:
+    calibrated_with = accountant if sigma is None else None
+    if sigma is not None:
         sigma = _check_sigma(sigma)
         if math.isinf(sigma):
             raise ValueError("sigma must be finite; got inf")
-        calibrated_with = None
-    private = sigma > 0
+    private = not math.isinf(eps_target) if sigma is None else sigma > 0
     if private and math.isinf(clip):
         raise ValueError("clip must be finite for a private run (sensitivity would be infinite); got inf")
 
-    achieved: dict[str, float | str] = {}
-    for name in ACCOUNTANTS:
-        if not private:
-            achieved[name] = "inf"
-            continue
-        try:
-            achieved[name] = _json_float(
-                epsilon(sigma, q, compositions, delta, name, pld_discretization=pld_discretization)
-            )
-        except (RuntimeError, ValueError, FloatingPointError) as err:
-            if name == calibrated_with:
-                raise
-            # A cross-check that a library cannot evaluate (e.g. PRV's discretisation at very
-            # small sigma) must not block the run; the calibrating accountant still holds.
-            achieved[name] = f"not computed: {type(err).__name__}: {err}"
+    def calibrate_and_check() -> dict[str, Any]:
+        s = sigma
+        if s is None:
+            s = calibrate_sigma(eps_target, delta, q, compositions, accountant, pld_discretization=pld_discretization)
+        achieved: dict[str, float | str] = {}
+        for name in ACCOUNTANTS:
+            if s == 0:
+                achieved[name] = "inf"
+                continue
+            try:
+                achieved[name] = _json_float(epsilon(s, q, compositions, delta, name, pld_discretization=pld_discretization))
+            except (RuntimeError, ValueError, FloatingPointError) as err:
+                if name == calibrated_with:
+                    raise
+                # A cross-check that a library cannot evaluate (e.g. PRV's discretisation at very
+                # small sigma) must not block the run; the calibrating accountant still holds.
+                achieved[name] = f"not computed: {type(err).__name__}: {err}"
+        return {"sigma": s, "epsilon_achieved": achieved}
+
+    key = dict(epsilon_target=_json_float(eps_target), delta=delta, q=q, compositions=compositions,
+               calibrated_with=calibrated_with, sigma=sigma, pld_discretization=pld_discretization,
+               library_versions=library_versions())
+    numbers = memoized(cache_dir, key, calibrate_and_check)
+    sigma, achieved = float(numbers["sigma"]), numbers["epsilon_achieved"]
 
     return {
         "private": private,
@@ -787,6 +829,9 @@ def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float,
         "calibrated_with": "opacus-rdp",
         "epsilon_achieved": {"opacus-rdp": float(epsilon_target)},
         "epsilon_add_remove": common,
+        # DPZero's code divides B by the nominal k * classes; with fewer real examples (TREC's
+        # rare class) that understates q, so the real training-set size is used here
+        "sampling_rate_from": "the real training-set size n (DPZero's code: the nominal k x classes)",
         "library_versions": library_versions() | {"opacus": _version("opacus")},
     }
 
@@ -853,8 +898,9 @@ def method_ledger(
     delta: float,
     accountant: str = "pld",
     convention: str = "common",
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The privacy ledger of one cell, for any method.
+    """The privacy ledger of one cell, for any method (``cache_dir``: see :func:`accounting_record`).
 
     ``convention="common"`` (default) accounts every method the same way: Poisson sampling,
     add/remove neighbours, ``accountant`` for sigma at ``delta``.  ``"published"`` uses each
@@ -877,7 +923,7 @@ def method_ledger(
             raise ValueError("DPZero's published accounting has one direction per step")
         record = dpzero_published_record(**common)
     else:
-        record = accounting_record(directions=directions, delta=delta, accountant=accountant, **common)
+        record = accounting_record(directions=directions, delta=delta, accountant=accountant, cache_dir=cache_dir, **common)
         record["accounting"] = "common"
     record["method"] = method
     return record

@@ -28,89 +28,22 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .hyperparameters import ZOHyperparameters, hyperparameters_for
 from .methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, ZO_METHODS, base_method
-from .methods import MaskSettings, ZOMethod
+from .methods import ZOMethod
 from .prune import Mask
 from .checkpoint import CheckpointPolicy, LoopState, TrainingCheckpoint, file_digest
 from .models import PromptClassifier
 from .privacy import NoisySum, SecretRandom
-from .zo import FlatParameters, StageSchedule, apply_update, clip_differences, direction_seed, spsa_differences
+from .zo import FlatParameters, apply_update, check_zo_scale, clip_differences, direction_seed, spsa_differences
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class ZOHyperparameters:
-    steps: int
-    batch_size: int
-    lr: float
-    beta_start: float = 1e-3
-    beta_end: float = 1e-3
-    stages: int = 1
-    stage_steps: int | None = None
-    lr_decay: float = 0.5
-    lam: float = 0.0
-    clip: float = math.inf
-    directions: int = 1
-    log_every: int = 10
-    mask: MaskSettings | None = None  # DP-ZOPO only
-
-    @classmethod
-    def from_config(cls, params: dict) -> "ZOHyperparameters":
-        """Build from a method's config block (``beta`` is shorthand for a constant ZO scale)."""
-        params = dict(params)
-        if "mask" in params:
-            params["mask"] = MaskSettings.from_config(params["mask"])
-        if "beta" in params:
-            beta = params.pop("beta")
-            params.setdefault("beta_start", beta)
-            params.setdefault("beta_end", beta)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown zeroth-order hyperparameter(s) {unknown}; allowed: {sorted(known | {'beta'})}")
-        return cls(**params)
-
-    def schedule(self) -> StageSchedule:
-        return StageSchedule(
-            steps=self.steps,
-            stages=self.stages,
-            stage_steps=self.stage_steps,
-            lr=self.lr,
-            lr_decay=self.lr_decay,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-        )
-
-
-def hyperparameters_for(method: str, params: dict):
-    """The typed hyperparameters of a method's config block (None for zero-shot)."""
-    method = base_method(method)
-    if method == ZERO_SHOT:
-        if params:
-            raise ValueError(f"zero-shot takes no hyperparameters; got {sorted(params)}")
-        return None
-    if method in ZO_METHODS:
-        hp = ZOHyperparameters.from_config(params)
-        if ZO[method].masked != (hp.mask is not None):
-            raise ValueError(f"{method}: a 'mask' block is {'required' if ZO[method].masked else 'not allowed'}")
-        return hp
-    if method == ICL:
-        from .icl import ICLHyperparameters
-
-        return ICLHyperparameters.from_config(params)
-    if method in FIRST_ORDER:
-        from .firstorder import FirstOrderHyperparameters
-
-        return FirstOrderHyperparameters.from_config(params)
-    raise ValueError(f"unknown method {method!r}")
 
 
 def check_ledger(ledger: dict, *, n: int, hp: ZOHyperparameters) -> None:
@@ -253,6 +186,7 @@ def train_zo(
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
     flat = FlatParameters(model, master_dtype=master_dtype)
+    check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
     flat.direction_cache_size = hp.directions  # a masked z is gathered once per step
     device = flat.device
     anchor = None
@@ -389,7 +323,6 @@ def stage_masks(hp: ZOHyperparameters, clf: PromptClassifier, mask_files: list[s
     from .prune import compute_mask
 
     settings = hp.mask
-    stages = len(hp.schedule().stage_starts())
     if not mask_files or len(mask_files) != len(set(settings.stage_ratios(hp.stages))):
         raise ValueError(f"DP-ZOPO needs one precomputed mask per distinct stage ratio; got {mask_files}")
     loaded = {m.meta["ratio"]: m for m in (Mask.load(f) for f in mask_files)}
@@ -401,7 +334,7 @@ def stage_masks(hp: ZOHyperparameters, clf: PromptClassifier, mask_files: list[s
             return compute_mask(clf.model, clf.label_ids, clf.family, settings, ratio)
         return loaded[ratio]
 
-    log.info("DP-ZOPO: %s masks over %d stages", settings.strategy, stages)
+    log.info("DP-ZOPO: %s masks over %d stages", settings.strategy, hp.stages)
     return mask_for
 
 
@@ -535,6 +468,7 @@ def run_cell(
         "device": str(clf.device),
         "torch": torch.__version__,
         "history": {k: v for k, v in history.items() if isinstance(v, list)},
-        "history_note": "loss is the mean training loss on the sampled batches: computed on private "
-        "data, it is a diagnostic and is not covered by the DP guarantee; grad is the released scalar.",
+        "history_note": "loss (the mean training loss on the sampled batches), examples (how many "
+        "were sampled) and clipped_fraction are computed on private data: diagnostics, not covered by "
+        "the DP guarantee; grad is the released scalar.",
     }

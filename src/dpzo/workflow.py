@@ -104,7 +104,7 @@ def resolve_delta(delta, n: int) -> float:
 def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
     from .privacy import method_ledger
-    from .train import hyperparameters_for
+    from .hyperparameters import hyperparameters_for
 
     _setup(snakemake)
     method = snakemake.wildcards.method
@@ -123,6 +123,7 @@ def account(snakemake) -> None:
         delta=resolve_delta(snakemake.params.delta, n),
         accountant=snakemake.params.accountant,
         convention=snakemake.params.convention,
+        cache_dir=snakemake.params.calibrations,
     )
     write_json_atomic(Path(snakemake.output.ledger), record)
     logging.info("ledger: %s", record)

@@ -18,8 +18,9 @@ Design (where the time of a step goes, and how it is kept close to two forward p
   pass over the weights is a handful of large kernels instead of a few per tensor.
 * z is a pure function of (seed, flat index): a dedicated ``torch.Generator`` seeded with the
   direction seed streams it in fixed blocks of ``DIRECTION_CHUNK`` elements, drawn into one
-  preallocated block buffer and consumed at once, so z is never materialised whole.  A masked
-  run sees exactly the dense z at its coordinates.
+  preallocated block buffer and consumed at once, so z is never materialised whole.  (A model
+  of at most one block keeps each z whole for the passes of its step instead: a few MB, drawn
+  once rather than once per pass.)  A masked run sees exactly the dense z at its coordinates.
 * Two ways to hold theta:
   - with a master copy (``master_dtype``, float32 by default): a perturbation writes
     ``work = master + s z``, so the restore is exact and free (the next perturbation overwrites
@@ -180,6 +181,7 @@ class FlatParameters:
         self._block: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
         self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
         self.direction_cache_size = 1  # masked z vectors kept alive (the trainer: one per direction)
         self._mask_blocks: list[tuple[int, int, int, int]] = []
 
@@ -241,6 +243,12 @@ class FlatParameters:
         block of z(seeds[k]) is valid until the next ``draw``.  ``draw`` must be called once per
         seed and block, in seed order (the streams advance in lockstep).
         """
+        if self.numel <= self.chunk:
+            # One block: z of a seed is kept whole for the passes of its step (the model is
+            # small), so each direction is drawn once instead of once per pass.
+            whole = [self._whole_direction(seed) for seed in seeds]
+            yield 0, self.numel, lambda k: whole[k]
+            return
         gens = [self._generator(k) for k in range(len(seeds))]
         for gen, seed in zip(gens, seeds):
             gen.manual_seed(int(seed))
@@ -250,6 +258,20 @@ class FlatParameters:
             view = buf[: end - start]
             # normal_ into a buffer draws exactly what torch.randn(n, generator=...) would
             yield start, end, lambda k, view=view: view.normal_(generator=gens[k])
+
+    def _whole_direction(self, seed: int) -> torch.Tensor:
+        """z(seed) as one block, drawn exactly as :meth:`_blocks` would; kept for the passes of
+        a step: the current step's directions and the next one's first (whose pass merges them)."""
+        z = self._whole_z.get(seed)
+        if z is not None:
+            self._whole_z.move_to_end(seed)
+            return z
+        z = torch.empty(self.numel, dtype=self.z_dtype, device=self.device)
+        z.normal_(generator=self._generator(0).manual_seed(int(seed)))
+        self._whole_z[seed] = z
+        while len(self._whole_z) > max(self.direction_cache_size, 1) + 1:
+            self._whole_z.popitem(last=False)
+        return z
 
     def direction(self, seed: int) -> torch.Tensor:
         """z(seed) on the trainable support: the whole vector, or its masked coordinates.
@@ -406,6 +428,48 @@ class FlatParameters:
         self._stale = not self.in_place
 
 
+#: The smallest ZO scale accepted, in units in the last place of the typical trainable weight
+#: in the precision the forward pass sees: below about 4 ulp, theta +- beta z rounds back to
+#: theta for most coordinates and the finite difference is rounding noise.
+MIN_BETA_ULPS = 4.0
+#: float32 matmuls under TF32 round their inputs to a 10-bit mantissa, like float16.
+_TF32_EPS = 2.0**-10
+
+
+def compute_epsilon(dtype: torch.dtype, device: torch.device) -> float:
+    """Relative precision of the weights as the forward pass uses them (TF32 counts as 10 bits)."""
+    eps = torch.finfo(dtype).eps
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    if dtype == torch.float32 and device.type == "cuda" and tf32:
+        return max(eps, _TF32_EPS)
+    return eps
+
+
+@torch.no_grad()
+def smallest_resolvable_beta(flat: FlatParameters, *, sample: int = 1 << 20) -> float:
+    """``MIN_BETA_ULPS`` ulp of the median |theta| (over an evenly strided sample of the
+    trainable coordinates) in the precision the forward pass computes with."""
+    stride = max(1, flat.numel // sample)
+    typical = float(flat.work[::stride].abs().float().median())
+    if typical == 0.0:
+        return 0.0
+    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(flat.work.dtype, flat.device)
+    return MIN_BETA_ULPS * ulp
+
+
+def check_zo_scale(flat: FlatParameters, beta: float) -> None:
+    """Refuse a ZO scale that the weights' precision cannot represent (e.g. beta = 1e-6 on
+    float16 weights, or on float32 with TF32 matmuls: the perturbation rounds away)."""
+    floor = smallest_resolvable_beta(flat)
+    if beta < floor:
+        raise ValueError(
+            f"ZO scale beta={beta:g} is below {MIN_BETA_ULPS:g} ulp of the typical weight in "
+            f"{flat.work.dtype} ({floor:.3g}): theta +- beta z rounds back to theta and the finite "
+            f"differences are rounding noise. Use beta >= {floor:.2g} (MeZO and DPZero use 1e-3 "
+            "with 16-bit weights), or float32 weights without TF32 for a smaller beta."
+        )
+
+
 @torch.no_grad()
 def spsa_differences(
     loss_fn: Callable[[], torch.Tensor], flat: FlatParameters, seed: int, beta: float, *, restore: bool = True
@@ -467,7 +531,8 @@ class StageSchedule:
     """Stagewise schedule of DP-ZOSO.
 
     Stage s lasts ``stage_steps * 2**s`` steps; the last stage runs until ``steps`` (so it
-    is extended or truncated); stages that would start after ``steps`` never run.  The learning
+    is extended or truncated); every stage must start before ``steps``, so the schedules below
+    reach their last stage.  The learning
     rate is multiplied by ``lr_decay`` at each stage, and the ZO scale moves geometrically from
     ``beta_start`` (stage 0) to ``beta_end`` (stage S-1), in either direction.
     """
@@ -485,6 +550,12 @@ class StageSchedule:
             raise ValueError("steps must be >= 0 and stages >= 1")
         if self.beta_start <= 0 or self.beta_end <= 0:
             raise ValueError("beta_start and beta_end must be positive")
+        if len(self.stage_starts()) < self.stages:
+            # the lr, beta and incremental-mask schedules are spread over the configured stages
+            raise ValueError(
+                f"{self.stages} stages of {self.stage_steps or self.steps}, then twice as many steps each, "
+                f"do not all start within {self.steps} steps; lower 'stages' or 'stage_steps', or raise 'steps'"
+            )
 
     def stage_starts(self) -> list[int]:
         """First step of each stage that actually runs."""

@@ -11,6 +11,9 @@ rule account:
         delta=config["delta"],
         accountant=config["accountant"],
         convention=config["accounting"],
+        # sigma and the achieved epsilons, shared by every cell with the same (eps, delta, q,
+        # T*P, accountant): a grid's ledgers need only a few calibrations
+        calibrations="results/privacy/calibrations",
     log:
         f"logs/account/{RUN}.log",
     conda:
