@@ -359,3 +359,15 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
         root.setLevel(level)
     assert not out.exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())  # no temporary file left either
+
+
+def test_atomic_outputs_get_the_mode_of_any_new_file(tmp_path):
+    """A temporary file is private (0600); the published output must not stay so (on a shared
+    cluster, collaborators read the results)."""
+    from dpzo.fileio import write_json_atomic
+
+    write_json_atomic(tmp_path / "out.json", {"a": 1})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
