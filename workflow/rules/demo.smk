@@ -41,6 +41,8 @@ rule demo_model:
         seed=config["demo"]["seed"],
         steps=config["demo"]["pretrain_steps"],
     threads: 1
+    # every model job waits for this one: start the models first, not after the cheap jobs
+    priority: 10
     log:
         "logs/demo/model_{model}.log",
     benchmark:
