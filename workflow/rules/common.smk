@@ -145,13 +145,19 @@ def is_masked(method):
 
 
 def masked_pairs():
-    """The (demo model, task) pairs that some masked-method cell trains on.
+    """One (demo model, task) pair per demo model that some masked-method cell trains on.
 
     The exact SynFlow score needs float64 Hessian-vector products over every parameter: a
     reference for small models, so the agreement is reported for the demo models only (build
     it for any other model by naming results/masks/<model>/<task>/synflow-agreement.json).
+    The score is data-free, so a task changes it only through its label words: the model's
+    first such task stands for all of them.
     """
-    return sorted({(c["model"], c["task"]) for c in cells() if is_masked(c["method"]) and "demo" in config["models"][c["model"]]})
+    pairs = sorted({(c["model"], c["task"]) for c in cells() if is_masked(c["method"]) and "demo" in config["models"][c["model"]]})
+    first = {}
+    for model, task in pairs:
+        first.setdefault(model, task)
+    return sorted(first.items())
 
 
 def agreement_files():
