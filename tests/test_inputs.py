@@ -187,6 +187,16 @@ def test_unknown_hyperparameter_lists_the_method_s_keys():
     assert "methods.dp-zoso" in text and "unknown key(s) 'lr_rate'" in text and "batch_size, lr" in text
 
 
+def test_stages_that_never_start_are_refused_before_any_job():
+    config = demo_config()
+    config["methods"]["dp-zoso"].update(steps=60, stage_steps=24)  # stages at 0, 24, 72 > 60
+    config["methods"]["dp-zopo"].update(stages=1, lam=0.0)  # fine
+    text = config_error(config)
+    assert "config key 'methods.dp-zoso'" in text and "do not all start within 60 steps" in text
+    assert "dp-zopo" not in text
+    check_config(demo_config(), SCHEMA)  # the demo config itself passes
+
+
 def test_wrong_type_names_the_key_and_the_expected_type():
     text = config_error(demo_config(k="many"))
     assert "config key 'k'" in text and "expected integer" in text

@@ -130,4 +130,21 @@ def _cross_reference_problems(config: dict) -> list[str]:
                 f"config key 'audit.{key}': {audit[key]!r} is not one of `{what}` ({', '.join(map(str, pool))}); "
                 f"add it to `{what}` or pick one of those"
             )
+    problems += _hyperparameter_problems(config["methods"])
+    return problems
+
+
+def _hyperparameter_problems(methods: dict) -> list[str]:
+    """What each method's own hyperparameter classes refuse (e.g. stages that never start,
+    stagewise settings on a constant-schedule method), found before any job starts."""
+    from .hyperparameters import ZOHyperparameters, hyperparameters_for
+
+    problems = []
+    for method, params in methods.items():
+        try:
+            hp = hyperparameters_for(method, dict(params or {}))
+            if isinstance(hp, ZOHyperparameters):
+                hp.schedule()
+        except ValueError as err:
+            problems.append(f"config key 'methods.{method}': {err}")
     return problems

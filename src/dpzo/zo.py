@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
+
+from .hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
 
 DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (part of z's definition)
 
@@ -524,59 +525,3 @@ def apply_update(
     )
     if restore:
         flat.restore()
-
-
-@dataclass(frozen=True)
-class StageSchedule:
-    """Stagewise schedule of DP-ZOSO.
-
-    Stage s lasts ``stage_steps * 2**s`` steps; the last stage runs until ``steps`` (so it
-    is extended or truncated); every stage must start before ``steps``, so the schedules below
-    reach their last stage.  The learning
-    rate is multiplied by ``lr_decay`` at each stage, and the ZO scale moves geometrically from
-    ``beta_start`` (stage 0) to ``beta_end`` (stage S-1), in either direction.
-    """
-
-    steps: int
-    stages: int = 1
-    stage_steps: int | None = None
-    lr: float = 1e-4
-    lr_decay: float = 0.5
-    beta_start: float = 1e-3
-    beta_end: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.stages < 1:
-            raise ValueError("steps must be >= 0 and stages >= 1")
-        if self.beta_start <= 0 or self.beta_end <= 0:
-            raise ValueError("beta_start and beta_end must be positive")
-        if len(self.stage_starts()) < self.stages:
-            # the lr, beta and incremental-mask schedules are spread over the configured stages
-            raise ValueError(
-                f"{self.stages} stages of {self.stage_steps or self.steps}, then twice as many steps each, "
-                f"do not all start within {self.steps} steps; lower 'stages' or 'stage_steps', or raise 'steps'"
-            )
-
-    def stage_starts(self) -> list[int]:
-        """First step of each stage that actually runs."""
-        t0 = self.stage_steps if self.stage_steps is not None else self.steps
-        starts, start = [], 0
-        for s in range(self.stages):
-            if start >= self.steps and s > 0:
-                break
-            starts.append(start)
-            start += t0 * 2**s
-        return starts
-
-    def stage_of(self, step: int) -> int:
-        starts = self.stage_starts()
-        return max(s for s, start in enumerate(starts) if start <= step)
-
-    def lr_at(self, stage: int) -> float:
-        return self.lr * self.lr_decay**stage
-
-    def beta_at(self, stage: int) -> float:
-        if self.stages == 1:
-            return self.beta_start
-        frac = stage / (self.stages - 1)
-        return self.beta_start * (self.beta_end / self.beta_start) ** frac
