@@ -69,14 +69,20 @@ localrules:
     figure_privacy_utility,
     figure_training_curves,
     figure_ablation,
+    private_diagnostics,
+    figure_private_diagnostics,
     synflow_agreement_table,
     plot_audit,
     audit_all,
 
 
+# Every cell's outputs are targets themselves, not only through the tables made from them: a
+# cell whose metrics went missing (a killed -f run) is rebuilt by a plain run.
 rule all:
     input:
-        report_targets(),
+        all_metrics(),
         all_ledgers(),
+        report_targets(),
+        private_report_targets(),
         agreement_tables(),
     default_target: True

@@ -64,13 +64,13 @@ def test_from_config_refuses_unknown_keys_and_reads_inf():
 
 
 def test_hyperparameters_fit_the_ledger_check():
-    from dpzo.train import check_ledger
+    from dpzo.ledger import LedgerMismatch, check_counts
 
     hp = fo.FirstOrderHyperparameters(steps=7, batch_size=2, lr=1e-3, clip=0.5)
-    ledger = {"n": 8, "steps": 7, "directions": 1, "expected_batch_size": 2.0, "clip": 0.5, "q": 0.25}
-    check_ledger(ledger, n=8, hp=hp)
-    with pytest.raises(RuntimeError, match="steps"):
-        check_ledger({**ledger, "steps": 8}, n=8, hp=hp)
+    ledger = {"n": 8, "steps": 7, "directions": 1, "compositions": 7, "expected_batch_size": 2.0, "clip": 0.5, "q": 0.25}
+    check_counts(ledger, n=8, hp=hp)
+    with pytest.raises(LedgerMismatch, match="steps"):
+        check_counts({**ledger, "steps": 8}, n=8, hp=hp)
 
 
 def test_argument_checks(tokenizer):

@@ -293,19 +293,31 @@ def split_dir(tmp_path_factory):
     return path
 
 
-def zo_ledger(method: str, steps: int, sigma: float) -> dict:
-    from dpzo.privacy import accounting_record
+def cell_for(method: str, eps: str = "inf"):
+    from dpzo.ledger import Cell
 
-    rec = accounting_record(n=16, batch_size=4, steps=steps, clip=1.0 if sigma else math.inf,
-                            epsilon_target=math.inf, delta=1e-5, sigma=sigma)
-    return rec | {"method": method}
+    return Cell(model="tiny", task="SST-2", method=method, eps=eps, seed=13)
 
 
-def run(model_dir, split_dir, method: str, params: dict, ledger: dict) -> dict:
+def accounting(method: str):
+    from dpzo.ledger import AccountingSettings, cell_noise
+
+    return AccountingSettings(delta=1e-5, noise=cell_noise(method))
+
+
+def zo_ledger(method: str, params: dict, eps: str = "inf") -> dict:
+    """The cell's own ledger (n = 16), as the account rule writes it."""
+    from dpzo.hyperparameters import hyperparameters_for
+    from dpzo.ledger import cell_ledger
+
+    return cell_ledger(cell_for(method, eps), hyperparameters_for(method, params), n=16, settings=accounting(method))
+
+
+def run(model_dir, split_dir, method: str, params: dict, ledger: dict, eps: str = "inf") -> dict:
     from dpzo.train import run_cell
 
-    return run_cell(model="tiny", model_path=str(model_dir), family="auto", dtype="float32", task_name="SST-2",
-                    split_dir=str(split_dir), method=method, method_params=params, ledger=ledger, seed=13,
+    return run_cell(cell_for(method, eps), model_path=str(model_dir), family="auto", dtype="float32",
+                    split_dir=str(split_dir), method_params=params, ledger=ledger, accounting=accounting(method),
                     eval_batch_size=8)
 
 
@@ -318,7 +330,7 @@ def stable(metrics: dict) -> dict:
 
 def test_same_cell_twice_gives_identical_metrics_without_noise(model_dir, split_dir, one_thread):
     params = {"steps": 3, "batch_size": 4, "lr": 1e-2, "log_every": 1}
-    ledger = zo_ledger("mezo", 3, 0.0)
+    ledger = zo_ledger("mezo", params)
     first, second = (run(model_dir, split_dir, "mezo", params, ledger) for _ in range(2))
     assert stable(first) == stable(second) and first["steps"] == 3
 
@@ -326,17 +338,19 @@ def test_same_cell_twice_gives_identical_metrics_without_noise(model_dir, split_
 def test_same_cell_twice_gives_identical_metrics_with_the_test_noise_seed(model_dir, split_dir, one_thread, monkeypatch):
     monkeypatch.setenv("DPZO_INSECURE_TEST_NOISE_SEED", "5")
     params = {"steps": 3, "batch_size": 4, "lr": 1e-2, "clip": 1.0, "log_every": 1}
-    ledger = zo_ledger("dp-zoso", 3, 1.0)
+    ledger = zo_ledger("dp-zoso", params, eps="2")
+    assert ledger["noise"] == "insecure test seed 5"  # recorded in the ledger ...
     with pytest.warns(RuntimeWarning, match="NO privacy"):
-        first, second = (run(model_dir, split_dir, "dp-zoso", params, ledger) for _ in range(2))
+        first, second = (run(model_dir, split_dir, "dp-zoso", params, ledger, eps="2") for _ in range(2))
     assert stable(first) == stable(second) and first["releases"] == 3
+    assert first["privacy"]["noise"] == "insecure test seed 5"  # ... and in the metrics
 
 
 def test_same_public_seed_draws_different_noise(model_dir, split_dir, one_thread, monkeypatch):
     monkeypatch.delenv("DPZO_INSECURE_TEST_NOISE_SEED", raising=False)
     params = {"steps": 3, "batch_size": 4, "lr": 1e-2, "clip": 1.0, "log_every": 1}
-    ledger = zo_ledger("dp-zoso", 3, 1.0)
-    first, second = (run(model_dir, split_dir, "dp-zoso", params, ledger) for _ in range(2))
+    ledger = zo_ledger("dp-zoso", params, eps="2")
+    first, second = (run(model_dir, split_dir, "dp-zoso", params, ledger, eps="2") for _ in range(2))
     assert first["history"]["grad"] != second["history"]["grad"]  # the released scalars
 
 
@@ -347,14 +361,15 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
     job = SimpleNamespace(
         log=[str(tmp_path / "train.log")], threads=1,
         input=SimpleNamespace(ledger=str(tmp_path / "privacy.json"), train=str(split_dir / "train.jsonl"), masks=[]),
-        output=SimpleNamespace(metrics=str(out)),
+        output=SimpleNamespace(metrics=str(out), diagnostics=str(out.with_name("private_diagnostics.json"))),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="mezo", eps="inf", seed="13"),
         params=SimpleNamespace(model_path=str(model_dir), model_cfg={}, eval_batch_size=8, device="cpu",
                                method_params={"steps": 2, "batch_size": 4, "lr": 1e300},
-                               checkpoint=str(tmp_path / "checkpoint" / "train_state.pt")),
+                               checkpoint=str(tmp_path / "checkpoint" / "train_state.pt"),
+                               delta=1e-5, accountant="pld", convention="common", noise="none (no privacy claim)"),
         config={},
     )
-    (tmp_path / "privacy.json").write_text(json.dumps(zo_ledger("mezo", 2, 0.0)))
+    (tmp_path / "privacy.json").write_text(json.dumps(zo_ledger("mezo", {"steps": 2, "batch_size": 4, "lr": 1e300})))
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:

@@ -75,7 +75,7 @@ def test_nothing_present_fails_before_any_job_with_the_list(tmp_path):
     proc = snakemake(tmp_path, check=False, env={"HF_HOME": str(tmp_path / "empty-hf"), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "missing inputs; nothing was run" in out
+    assert "missing or unusable inputs; nothing was run" in out
     assert "'roberta-large' is not in the local cache" in out and "hf download facebook/opt-1.3b" in out
     assert f"{tmp_path / 'lm-bff'}/original/SST-2/train.tsv" in out and "datasets.tar" in out
     assert not (tmp_path / "results").exists()

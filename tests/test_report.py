@@ -52,13 +52,16 @@ def write_cell(root: Path, model: str, task: str, method: str, eps: str, seed: i
     steps = 0 if method == "zero-shot" else 40
     history = {}
     if steps:
-        history = {"step": [10, 20, 30, 40], "stage": [0, 0, 1, 1], "loss": [0.7 - 0.01 * seed / 13, 0.5, 0.4, 0.35],
+        history = {"step": [10, 20, 30, 40], "stage": [0, 0, 1, 1], "test_step": [10, 20, 30, 40],
+                   "test_loss": [0.7 - 0.01 * seed / 13, 0.5, 0.4, 0.35],
                    "stage_starts": [0, 20] if method.startswith("dp-zo") else [0]}
     metrics = {
         "model": model, "task": task, "method": method, "seed": seed, "eps": eps, "accuracy": acc,
         "test_n": 1000, "n_train": 1024, "n_params": 355_000_000, "steps": steps, "releases": steps if private else 0,
         "ms_per_step": 20.0 + seed if steps else None, "train_seconds": 0.02 * steps, "wall_seconds": 5.0 + seed,
         "memory": {"cpu_max_rss_mb": 400.0 + seed}, "device": "cpu", "history": history,
+        "privacy": {"noise": "secure" if private else "none (no privacy claim)",
+                    "epsilon_verified": float(eps) - 0.001 if private else None},
     }
     (cell / "metrics.json").write_text(json.dumps(metrics))
     if private:
@@ -255,7 +258,7 @@ def test_privacy_table_equals_the_ledgers(run):
         assert (r.epsilon_pld, r.epsilon_prv, r.epsilon_rdp) == (pytest.approx(eps - 0.001), pytest.approx(eps + 0.01), pytest.approx(eps * 1.2))
         assert (r.delta, r.q, r.ledger_steps, r.compositions) == (1e-5, 64 / 1024, 40, 40)
     rendered = tables.render_privacy(tidy)
-    assert list(rendered.body.columns)[-4:] == ["ε PLD", "ε PRV", "ε RDP", "calibrated with"]
+    assert list(rendered.body.columns)[-6:] == ["ε PLD", "ε PRV", "ε RDP", "ε VERIFIED", "calibrated with", "noise"]
     assert "1.500" not in rendered.body.to_string() and "1.5" in set(rendered.body["σ"])
 
 
@@ -299,3 +302,47 @@ def test_method_colours_are_fixed_and_distinct():
     b = figures.method_colours(["mezo", "dp-zoso", "dp-zopo", "dp-zopo+x", "zero-shot"])
     assert a["dp-zoso"] == b["dp-zoso"] and a["mezo"] == b["mezo"]
     assert len({b[m] for m in b}) == len(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# what is published: test noise marked, private diagnostics kept apart
+# ----------------------------------------------------------------------------------------------
+def test_cells_trained_with_test_noise_are_marked_not_private(tmp_path):
+    files = [write_cell(tmp_path, "m", "SST-2", "dp-zoso", "2", seed, 0.9) for seed in (13, 42)]
+    files.append(write_cell(tmp_path, "m", "SST-2", "zero-shot", "inf", 13, 0.5))
+    metrics = json.loads(files[1].read_text())
+    metrics["privacy"]["noise"] = "insecure test seed 7"
+    files[1].write_text(json.dumps(metrics))
+    out = tmp_path / "tables"
+    report.write_collection(files, out / "cells.csv", out / "curves.csv")
+    cells = report.read_cells(out / "cells.csv")
+    private = cells[cells.method == "dp-zoso"].set_index("seed")
+    assert private.loc[42, "test_noise"] and not private.loc[13, "test_noise"]
+    summary = report.write_summary(out / "cells.csv", out / "summary.csv")
+    acc = tables.render_accuracy(tables.accuracy_table(report.read_cells(out / "summary.csv"), pd.DataFrame(
+        columns=[*reference.KEY, "value", "error", "error_kind", "source", "published_name", "status", "notes", "metric"]), "2"), "2")
+    row = acc.body[acc.body.method == "dp-zoso"].iloc[0]
+    assert row["ours"].endswith("†") and "not private (test noise)" in acc.notes[0]
+    zero = acc.body[acc.body.method.str.startswith("zero-shot")].iloc[0]
+    assert not zero["ours"].endswith("†")  # a group is marked only when one of its seeds used test noise
+    assert summary.set_index("method").loc["dp-zoso", "test_noise"]
+    privacy = tables.render_privacy(tables.privacy_table(cells))
+    assert set(privacy.body["noise"]) == {"secure", "NOT PRIVATE (test noise)"}
+    assert any("NOT PRIVATE" in note for note in privacy.notes)
+
+
+def test_published_curves_hold_the_test_loss_and_no_private_diagnostics(run, tmp_path):
+    root, _, _ = run
+    curves = pd.read_csv(root / "results" / "tables" / "curves.csv", dtype={"eps": str})
+    assert list(curves.columns) == ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss"]
+    one = curves[(curves.method == "dp-zoso") & (curves.eps == "8") & (curves.seed == 13)]
+    assert one.test_loss.tolist() == pytest.approx([0.69, 0.5, 0.4, 0.35]) and one.stage.tolist() == [0, 0, 1, 1]
+    # the private diagnostics are collected only from their own files, into results/private
+    cell = tmp_path / "runs" / "c"
+    cell.mkdir(parents=True)
+    (cell / "private_diagnostics.json").write_text(json.dumps({
+        "note": "not covered", "model": "m", "task": "t", "method": "dp-zoso", "eps": "2", "seed": 1,
+        "step": [5, 10], "loss": [0.6, 0.5], "examples": [40, 41], "clipped_fraction": [0.1, 0.0]}))
+    (cell / "metrics.json").write_text(json.dumps({"history": {"stage_starts": [0, 6]}}))
+    table = report.write_diagnostics([cell / "private_diagnostics.json"], tmp_path / "private" / "diagnostics.csv")
+    assert table.loss.tolist() == [0.6, 0.5] and table.examples.tolist() == [40, 41] and table.stage.tolist() == [0, 1]

@@ -115,9 +115,39 @@ def grid_cells(config: dict) -> list[dict]:
 
     pairs = dict.fromkeys((c["task"], c["method"]) for c in cells if isinstance(TASKS[c["task"]], HFTask))
     problems = [p for task, method in pairs if (p := method_problem(TASKS[task], method))]
+    problems += _batch_size_problems(config, dict.fromkeys((c["task"], c["method"]) for c in cells))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cells
+
+
+def largest_training_set(config: dict, task_name: str) -> int:
+    """The most training examples a task's k-shot sampling can give: k per class (LM-BFF; a
+    class with fewer examples gives fewer), or ``hf_datasets.train`` (the MeZO tasks)."""
+    from .hf_tasks import HFTask
+    from .tasks import TASKS
+
+    task = TASKS[task_name]
+    if isinstance(task, HFTask):
+        return int((config.get("hf_datasets") or {}).get("train", 1000))
+    return int(config["k"]) * task.num_classes
+
+
+def _batch_size_problems(config: dict, pairs) -> list[str]:
+    """A batch larger than the training set can be neither Poisson-sampled at q = B/n <= 1 nor
+    drawn without replacement: refused here, before a job would delete finished results."""
+    problems = []
+    for task, method in pairs:
+        batch = (config["methods"].get(method) or {}).get("batch_size")
+        if batch is None:
+            continue
+        n = largest_training_set(config, task)
+        if int(batch) > n:
+            problems.append(
+                f"config key 'methods.{method}.batch_size': {batch} is larger than the training set of task "
+                f"{task!r} (at most {n} examples with k = {config.get('k')}); use batch_size <= {n} or a larger k"
+            )
+    return problems
 
 
 def _cross_reference_problems(config: dict) -> list[str]:
@@ -137,7 +167,10 @@ def _cross_reference_problems(config: dict) -> list[str]:
 def _hyperparameter_problems(methods: dict) -> list[str]:
     """What each method's own hyperparameter classes refuse (e.g. stages that never start,
     stagewise settings on a constant-schedule method), found before any job starts."""
+    import math
+
     from .hyperparameters import ZOHyperparameters, hyperparameters_for
+    from .methods import is_private
 
     problems = []
     for method, params in methods.items():
@@ -147,4 +180,10 @@ def _hyperparameter_problems(methods: dict) -> list[str]:
                 hp.schedule()
         except ValueError as err:
             problems.append(f"config key 'methods.{method}': {err}")
+            continue
+        if is_private(method) and math.isinf(float(getattr(hp, "clip", 0.0))):
+            problems.append(
+                f"config key 'methods.{method}.clip': a private method needs a finite clip C (the sensitivity of "
+                "each release); set e.g. clip: 10.0"
+            )
     return problems

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from .models import EncodedSet, PromptClassifier
@@ -56,3 +59,57 @@ def evaluate(clf: PromptClassifier, data: EncodedSet, *, batch_size: int = 128) 
         "n": n,
         "confusion": confusion.tolist(),
     }
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """The training curve that is published: the mean loss on the first ``test_examples`` of the
+    test split, at ``points`` evenly spaced steps (0: no curve).  It is a function of the
+    released model iterates and of data that is not private, so the guarantee covers it; the
+    training loss on the sampled batches is not, and is never published by default."""
+
+    points: int = 12
+    test_examples: int = 128
+
+    def __post_init__(self) -> None:
+        if self.points < 0 or self.test_examples < 1:
+            raise ValueError(f"curve points must be >= 0 and test_examples >= 1; got {self.points}, {self.test_examples}")
+
+    def steps(self, total: int) -> list[int]:
+        """The steps (1-based counts of steps done) at which the curve gets a point."""
+        if total < 1 or self.points == 0:
+            return []
+        return sorted({max(1, round(total * k / min(self.points, total))) for k in range(1, min(self.points, total) + 1)})
+
+
+class TestLossCurve:
+    """Records the test-loss curve into a trainer's history (keys ``test_step``, ``test_loss``).
+
+    Kept in the history, the points survive a checkpoint and resume with it.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, clf, test_set, *, steps: int, settings: CurveSettings, batch_size: int = 128):
+        self.clf, self.test_set, self.batch_size = clf, test_set, int(batch_size)
+        self.count = min(settings.test_examples, len(test_set))
+        self.at = set(settings.steps(steps)) if self.count else set()
+
+    @torch.no_grad()
+    def value(self) -> float:
+        """Mean per-example loss on the curve's test examples at the model's current weights."""
+        total = 0.0
+        for start in range(0, self.count, self.batch_size):
+            index = torch.arange(start, min(start + self.batch_size, self.count))
+            total += float(self.clf.per_example_loss(self.test_set.batch(index, self.clf.device)).double().sum())
+        return total / self.count
+
+    def after_step(self, done: int, history: dict, prepare: Callable[[], None] | None = None) -> None:
+        """Add a point after ``done`` steps when one is due; ``prepare`` first puts theta itself
+        into the model (a zeroth-order trainer holds a perturbed copy between passes)."""
+        if done not in self.at:
+            return
+        if prepare is not None:
+            prepare()
+        history.setdefault("test_step", []).append(done)
+        history.setdefault("test_loss", []).append(self.value())

@@ -280,7 +280,23 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
 # 4. training curves
 # --------------------------------------------------------------------------------------------
 def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
-    """Mean training loss over seeds (band: ± std) per (method, ε); dotted verticals: stage starts."""
+    """Mean test loss over seeds (band: ± std) per (method, ε); dotted verticals: stage starts.
+
+    The published training curve: a function of the released iterates and of test data."""
+    _curves(curves, cells, png, pdf, value="test_loss",
+            ylabel="test loss (nats)\nmean CE on a fixed test subset",
+            title="Test loss against step (mean over seeds, band ± std; covered by the guarantee)")
+
+
+def private_training_loss(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+    """The training loss on the private batches (``results/private/``): NOT covered by the guarantee."""
+    _curves(curves, cells, png, pdf, value="loss",
+            ylabel="training loss (nats)\nmean CE on the sampled batches",
+            title="Training loss on the private batches (NOT covered by the privacy guarantee)")
+
+
+def _curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path, *, value: str, ylabel: str, title: str) -> None:
+    """One panel per (model, task): ``value`` against step per (method, ε), stage starts dotted."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -299,7 +315,7 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, 
             _empty(ax, f"{model}, {task}: no training curves\n(zero-shot / ICL only)")
             continue
         for (method, eps), g in sub.groupby(["method", "eps"], sort=False):
-            stats = g.groupby("step")["loss"].agg(["mean", "std"]).reset_index()
+            stats = g.groupby("step")[value].agg(["mean", "std"]).reset_index()
             colour = colours.get(method)
             # few logged points (short runs log at the last step only): markers keep them visible
             marker = "o" if len(stats) <= 5 else None
@@ -315,13 +331,13 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, 
                 ax.axvline(b, color=colours.get(method), linestyle=(0, (1, 2)), linewidth=1.2, alpha=0.9)
                 any_stage = True
         ax.set_xlabel("training step")
-        ax.set_ylabel("training loss (nats)\nmean CE on the sampled batches")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{model}, {task}", fontsize=10)
     handles = [Line2D([], [], color=colours[m], linewidth=2, label=m) for m in order_methods(used_methods)]
     handles += [Line2D([], [], color="black", linestyle=eps_style[e], label=f"ε = {'∞' if e == 'inf' else e}") for e in eps_values]
     if any_stage:
         handles.append(Line2D([], [], color="black", linestyle=(0, (1, 2)), label="stage boundary (method's colour)"))
-    fig.suptitle("Training loss against step (mean over seeds, band ± std; on private batches: a diagnostic)", y=1.0)
+    fig.suptitle(title, y=1.0)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=min(max(len(handles), 1), 5))
     _save(fig, png, pdf)
@@ -387,3 +403,15 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
     _save(fig, png, pdf)
+
+
+#: Every figure a rule can ask for (``params.figure``): the function and the inputs it reads, in
+#: argument order (``workflow.figure`` reads them).
+FIGURES = {
+    "accuracy_bars": (accuracy_bars, ("summary", "accuracy")),
+    "privacy_utility": (privacy_utility, ("summary", "accuracy")),
+    "memory_time": (memory_time, ("summary", "memory")),
+    "training_curves": (training_curves, ("curves", "cells")),
+    "private_training_loss": (private_training_loss, ("curves", "cells")),
+    "ablation": (ablation, ("summary",)),
+}

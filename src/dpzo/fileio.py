@@ -48,3 +48,27 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class CorruptOutput(ValueError):
+    """An output of an earlier job cannot be read; it was moved aside so the next run rebuilds it."""
+
+
+def read_json_output(path: str | Path):
+    """A JSON output of an earlier job (a ledger, metrics, a calibration).
+
+    Outputs are written atomically, so an unreadable one was damaged afterwards (a full disk, a
+    copy cut short, an edit).  Such a file is renamed to ``<name>.corrupt`` — kept for
+    inspection, out of the way of Snakemake, which then sees the output missing and rebuilds it
+    on the next run — and :class:`CorruptOutput` names it.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        raise CorruptOutput(
+            f"{path} is not valid JSON ({err}); it was moved to {aside} and the next run of the pipeline "
+            "rebuilds it (and whatever depends on it)"
+        ) from None

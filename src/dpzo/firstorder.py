@@ -75,6 +75,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .evaluate import TestLossCurve
 from .hyperparameters import FirstOrderHyperparameters
 from .methods import FIRST_ORDER
 from .models import EncodedSet, PromptClassifier
@@ -454,6 +455,7 @@ def train_first_order(
     run_seed: int,
     sigma: float = 0.0,
     secret: SecretRandom | None = None,
+    curve: TestLossCurve | None = None,
 ) -> dict:
     """Train ``clf.model`` in place with a first-order method; returns the training history.
 
@@ -466,7 +468,8 @@ def train_first_order(
     History (like ``train.train_zo``): lists ``step``, ``lr``, ``loss`` (mean training loss of
     the sampled examples: a diagnostic on private data, not covered by the DP guarantee),
     ``examples`` and ``clipped_fraction`` every ``log_every`` steps and at the last step; and
-    ``steps_run``, ``releases``, ``train_seconds``, ``ms_per_step``, ``trainable_parameters``.
+    ``steps_run``, ``releases``, ``train_seconds``, ``ms_per_step``, ``trainable_parameters``;
+    ``curve`` adds the test-loss points (``evaluate.TestLossCurve``).
     """
     if method not in FIRST_ORDER_METHODS:
         raise ValueError(f"train_first_order runs {FIRST_ORDER_METHODS}, not {method!r}")
@@ -557,6 +560,8 @@ def train_first_order(
             history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
             losses_since_log = []
             examples_since_log, clipped_since_log = 0, 0
+        if curve is not None:
+            curve.after_step(step + 1, history)
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
     history["steps_run"] = steps_run

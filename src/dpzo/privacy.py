@@ -418,19 +418,26 @@ def calibrate_sigma(
     return float(sigma)
 
 
-def memoized(cache_dir: str | Path | None, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def memoized(
+    cache_dir: str | Path | None,
+    key: dict[str, Any],
+    compute: Callable[[], dict[str, Any]],
+    verify: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
     """``compute()``, kept as JSON in ``cache_dir`` under a hash of ``key`` (None: no cache).
 
     ``key`` must name everything the result depends on, library versions included.  A lock
     per key makes concurrent jobs wait for the one computing it; the stored key is compared
-    in full on reading, and the file is written atomically, so a cached value is always one
-    that ``compute`` returned for exactly this key.
+    in full on reading, and the file is written atomically.  A stored value is used only when
+    ``verify(value)`` holds (a cache is a file anyone can edit); an unreadable, foreign or
+    unverified entry is logged, recomputed and replaced, never fatal.
     """
     if cache_dir is None:
         return compute()
     import fcntl
     import hashlib
     import json
+    import logging
 
     from .fileio import write_json_atomic
 
@@ -442,9 +449,15 @@ def memoized(cache_dir: str | Path | None, key: dict[str, Any], compute: Callabl
     with open(folder / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if json.dumps(stored.get("key"), sort_keys=True) == text:
-                return stored["value"]
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                same_key = json.dumps(stored.get("key"), sort_keys=True) == text
+                if same_key and (verify is None or verify(stored["value"])):
+                    return stored["value"]
+                why = "it was made for another key" if not same_key else "its value does not verify"
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                why = f"it is unreadable ({type(err).__name__}: {err})"
+            logging.getLogger(__name__).warning("recomputing the cached calibration %s: %s", path, why)
         value = compute()
         write_json_atomic(path, {"key": key, "value": value})
     return value
@@ -594,6 +607,26 @@ class SecretRandom:
 def from_environment() -> SecretRandom:
     """Module-level alias of :meth:`SecretRandom.from_environment`."""
     return SecretRandom.from_environment()
+
+
+#: The noise source of a run whose secret randomness comes from the OS.
+SECURE_NOISE = "secure"
+
+
+def noise_source() -> str:
+    """Where this process's secret randomness comes from: ``"secure"`` (the OS), or
+    ``"insecure test seed <s>"`` when ``$DPZO_INSECURE_TEST_NOISE_SEED`` holds an integer.
+
+    Recorded in every ledger and metrics file and part of a cell's identity: a cell computed
+    with test noise claims nothing, and is recomputed by a run with secure noise.
+    """
+    raw = os.environ.get(INSECURE_SEED_ENV, "").strip()
+    if not raw:
+        return SECURE_NOISE
+    try:
+        return f"insecure test seed {int(raw)}"
+    except ValueError:
+        raise ValueError(f"{INSECURE_SEED_ENV} must be an integer (or unset for secure noise); got {raw!r}") from None
 
 
 def privatize_sum(
@@ -763,7 +796,16 @@ def accounting_record(
     key = dict(epsilon_target=_json_float(eps_target), delta=delta, q=q, compositions=compositions,
                calibrated_with=calibrated_with, sigma=sigma, pld_discretization=pld_discretization,
                library_versions=library_versions())
-    numbers = memoized(cache_dir, key, calibrate_and_check)
+
+    def certifies(cached: dict[str, Any]) -> bool:
+        """A cached sigma is used only if it still buys the target (one accountant evaluation)."""
+        if calibrated_with is None or not private:
+            return True
+        s = float(cached["sigma"])
+        achieved = _epsilon_unchecked(s, q, compositions, delta, calibrated_with, pld_discretization)
+        return s > 0 and achieved <= eps_target and cached["epsilon_achieved"].get(calibrated_with) == _json_float(achieved)
+
+    numbers = memoized(cache_dir, key, calibrate_and_check, verify=certifies)
     sigma, achieved = float(numbers["sigma"]), numbers["epsilon_achieved"]
 
     return {
@@ -797,6 +839,10 @@ def accounting_record(
 # --------------------------------------------------------------------------------------
 
 
+#: DPZero's published accounting is at delta = 1e-5 whatever the config says (their code's value).
+DPZERO_DELTA = 1e-5
+
+
 def opacus_noise_multiplier(epsilon: float, delta: float, q: float, steps: int) -> float:
     """DPZero's sigma: ``opacus.accountants.utils.get_noise_multiplier`` (RDP, Poisson add/remove)."""
     from opacus.accountants.utils import get_noise_multiplier
@@ -804,7 +850,17 @@ def opacus_noise_multiplier(epsilon: float, delta: float, q: float, steps: int) 
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp"))
 
 
-def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float, epsilon_target: float, delta: float = 1e-5) -> dict[str, Any]:
+def opacus_epsilon(sigma: float, delta: float, q: float, steps: int) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian releases with multiplier ``sigma``, by
+    opacus' RDP accountant (the accountant DPZero's published numbers use)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(float(sigma), float(q), int(steps))]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float, epsilon_target: float, delta: float = DPZERO_DELTA) -> dict[str, Any]:
     """DPZero's own accounting (Zhang et al. 2024, their code): replace-one neighbours.
 
     sigma comes from opacus' RDP calibration for a sensitivity-1 add/remove query; the noise

@@ -5,21 +5,21 @@ file when there is one) once, and writes two tables that every later table and f
 
 * ``cells.csv``: one row per (model, task, method, ε, seed): accuracy, time, memory, the
   privacy ledger, the method's mask settings and the published reference the cell maps to;
-* ``curves.csv``: the logged training-loss curve of every cell, one row per logged step.
+* ``curves.csv``: the test-loss curve of every trained cell, one row per point (the published
+  training curve; the training loss on private batches is in ``private_diagnostics.json``).
 
 ``summarize`` turns ``cells.csv`` into mean ± sample standard deviation over seeds.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import pandas as pd
 
-from .fileio import atomic_path
+from .fileio import atomic_path, read_json_output
 from .methods import MaskSettings, base_method
 from .reference import reference_model, reference_task
 
@@ -97,9 +97,9 @@ def cell_row(
 ) -> dict:
     """One row of ``cells.csv`` from a cell's metrics.json (and the privacy.json next to it)."""
     path = Path(metrics_file)
-    metrics = json.loads(path.read_text())
+    metrics = read_json_output(path)
     ledger_path = path.with_name("privacy.json")
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    ledger = read_json_output(ledger_path) if ledger_path.exists() else {}
     model, task, method = metrics["model"], metrics["task"], metrics["method"]
     ref_model, model_stand_in = reference_model((models or {}).get(model, {"path": model}))
     ref_task, task_stand_in = reference_task(task)
@@ -136,21 +136,74 @@ def cell_row(
         **_benchmark(Path(benchmark) if benchmark else None),
         **_mask_fields((methods or {}).get(method)),
         **_ledger_fields(ledger),
+        **_verified_fields(metrics),
     }
     return row
 
 
+def _verified_fields(metrics: dict) -> dict:
+    """What the trainer recomputed from the noise it added, and where that noise came from."""
+    privacy = metrics.get("privacy") or {}
+    noise = str(privacy.get("noise", ""))
+    return {
+        "noise": noise,
+        "test_noise": is_test_noise(noise),
+        "epsilon_verified": _number(privacy.get("epsilon_verified")),
+    }
+
+
+def is_test_noise(noise: str) -> bool:
+    """A cell trained with the insecure test-only noise seed: it claims nothing."""
+    return str(noise).startswith("insecure")
+
+
+CURVE_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss"]
+DIAGNOSTIC_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "loss", "examples", "clipped_fraction"]
+
+
+def _stage_at(history: dict, step: int) -> float:
+    """The schedule's stage at ``step`` (1-based count of steps done), from the stage starts."""
+    starts = history.get("stage_starts") or []
+    return max((s for s, start in enumerate(starts) if start < step), default=math.nan)
+
+
 def curve_rows(metrics_file: str | Path) -> list[dict]:
-    """The logged training-loss points of one cell (none for zero-shot and ICL)."""
-    metrics = json.loads(Path(metrics_file).read_text())
+    """The test-loss points of one cell (none for zero-shot and ICL): the published curve."""
+    metrics = read_json_output(metrics_file)
     history = metrics.get("history") or {}
-    steps, losses = history.get("step", []), history.get("loss", [])
-    stages = history.get("stage") or [math.nan] * len(steps)
+    cell = {"model": metrics["model"], "task": metrics["task"], "method": metrics["method"],
+            "eps": str(metrics["eps"]), "seed": int(metrics["seed"])}
     return [
-        {"model": metrics["model"], "task": metrics["task"], "method": metrics["method"], "eps": str(metrics["eps"]),
-         "seed": int(metrics["seed"]), "step": int(step), "loss": _number(loss), "stage": stage}
-        for step, loss, stage in zip(steps, losses, stages)
+        cell | {"step": int(step), "stage": _stage_at(history, int(step)), "test_loss": _number(loss)}
+        for step, loss in zip(history.get("test_step", []), history.get("test_loss", []))
     ]
+
+
+def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None = None) -> list[dict]:
+    """The private diagnostics of one cell, one row per logged step (not covered by the guarantee)."""
+    record = read_json_output(diagnostics_file)
+    history = {"stage_starts": stage_starts or []}
+    cell = {"model": record["model"], "task": record["task"], "method": record["method"],
+            "eps": str(record["eps"]), "seed": int(record["seed"])}
+    steps = record.get("step", [])
+    columns = {key: record.get(key) or [math.nan] * len(steps) for key in ("loss", "examples", "clipped_fraction")}
+    return [
+        cell | {"step": int(step), "stage": _stage_at(history, int(step)),
+                **{key: _number(values[i]) for key, values in columns.items()}}
+        for i, step in enumerate(steps)
+    ]
+
+
+def write_diagnostics(diagnostics_files: Iterable[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """``results/private/diagnostics.csv`` from every cell's ``private_diagnostics.json``."""
+    rows = []
+    for path in diagnostics_files:
+        metrics_file = Path(path).with_name("metrics.json")
+        history = (read_json_output(metrics_file).get("history") or {}) if metrics_file.exists() else {}
+        rows += diagnostic_rows(path, history.get("stage_starts"))
+    table = pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)
+    write_csv(table, out_csv)
+    return table
 
 
 def load_cells(
@@ -170,7 +223,7 @@ def load_cells(
 
 def load_curves(metrics_files: Iterable[str | Path]) -> pd.DataFrame:
     rows = [row for f in metrics_files for row in curve_rows(f)]
-    return pd.DataFrame(rows, columns=["model", "task", "method", "eps", "seed", "step", "loss", "stage"])
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
 def summarize(cells: pd.DataFrame) -> pd.DataFrame:
@@ -192,6 +245,7 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
         reference_model=("reference_model", "first"),
         reference_task=("reference_task", "first"),
         stand_in=("stand_in", "first"),
+        test_noise=("test_noise", "any"),
         **{f"mask_{name}": (f"mask_{name}", "first") for name in MASK_FIELDS},
     ).reset_index()
     out["accuracy_std"] = out["accuracy_std"].fillna(0.0)  # one seed: no spread
@@ -203,7 +257,8 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
 def read_cells(path: str | Path) -> pd.DataFrame:
     """``cells.csv`` / ``summary.csv`` with ε kept as the path string and empty text kept empty."""
     text = [f"mask_{name}" for name in MASK_FIELDS if name != "ratio"]
-    text += ["memory_kind", "reference_model", "reference_task", "stage_starts", "calibrated_with", "mechanism", "accounting"]
+    text += ["memory_kind", "reference_model", "reference_task", "stage_starts", "calibrated_with", "mechanism", "accounting",
+             "noise"]
     table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})
     for column in text:
         if column in table.columns:  # an all-empty column reads as float NaN

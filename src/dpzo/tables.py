@@ -18,6 +18,7 @@ import pandas as pd
 from .fileio import atomic_path
 from .methods import base_method
 from .reference import KEY
+from .report import is_test_noise
 
 # Presentation order of the methods (the paper's: references first, then the private methods).
 METHOD_ORDER = (
@@ -48,6 +49,12 @@ class Table:
     text_columns: int = 2  # leading columns of text (left-aligned); the rest are numbers
 
 
+#: Marks a value computed with the insecure test-only noise seed (it claims no privacy).
+TEST_NOISE_MARK = " †"
+TEST_NOISE_NOTE = ("not private (test noise): trained with DPZO_INSECURE_TEST_NOISE_SEED set, so its noise and "
+                   "batches are predictable and the cell claims no privacy; a run without it recomputes the cell.")
+
+
 # --------------------------------------------------------------------------------------------
 # accuracy per epsilon
 # --------------------------------------------------------------------------------------------
@@ -76,6 +83,7 @@ def accuracy_table(summary: pd.DataFrame, published: pd.DataFrame, eps: str) -> 
             "reference_model": merged["reference_model"],
             "reference_task": merged["reference_task"],
             "stand_in": merged["stand_in"].astype(bool),
+            "test_noise": merged["test_noise"].astype(bool) if "test_noise" in merged else False,
             "published_source": merged["source"].fillna(""),
             "published_name": merged["published_name"].fillna(""),
             "published_metric": merged["metric"].fillna(""),
@@ -134,7 +142,7 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
                 record += [MISSING, MISSING, MISSING]
                 continue
             r = cell.iloc[0]
-            record.append(_ours(r.accuracy_mean, r.accuracy_std, int(r.seeds)))
+            record.append(_ours(r.accuracy_mean, r.accuracy_std, int(r.seeds)) + (TEST_NOISE_MARK if r.test_noise else ""))
             if pd.isna(r.published):
                 record += [MISSING, MISSING]
             else:
@@ -155,6 +163,8 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
     ]
     if tidy.empty:
         general.insert(0, "No cell of this run has this ε.")
+    if tidy["test_noise"].any():
+        general.insert(0, f"{TEST_NOISE_MARK.strip()} {TEST_NOISE_NOTE}")
     return Table(title=title, body=body, groups=groups, notes=general + [f"[{i + 1}] {n}" for i, n in enumerate(notes)])
 
 
@@ -163,7 +173,7 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
 # --------------------------------------------------------------------------------------------
 PRIVACY_KEYS = [
     "model", "task", "method", "eps", "epsilon_target", "n", "q", "ledger_steps", "directions", "compositions",
-    "clip", "sigma", "noise_std_on_sum", "delta", "mechanism", "calibrated_with", "accounting", "neighbouring",
+    "clip", "sigma", "noise_std_on_sum", "delta", "mechanism", "calibrated_with", "accounting", "neighbouring", "noise",
 ]
 
 
@@ -199,6 +209,12 @@ def _fmt(value, spec: str) -> str:
         return str(value)
 
 
+def _noise_text(noise) -> str:
+    if not isinstance(noise, str) or not noise:
+        return MISSING
+    return "NOT PRIVATE (test noise)" if is_test_noise(noise) else noise
+
+
 def render_privacy(tidy: pd.DataFrame) -> Table:
     achieved = [c for c in tidy.columns if c.startswith("epsilon_") and c != "epsilon_target"]
     records = []
@@ -208,18 +224,21 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
             [rd["model"], rd["task"], rd["method"], str(rd["eps"]), rd["seeds"], _fmt(rd["n"], ".0f"),
              _fmt(rd["q"], ".4g"), _fmt(rd["ledger_steps"], ".0f"), _fmt(rd["directions"], ".0f"), _fmt(rd["clip"], "g"),
              _fmt(rd["sigma"], ".4g"), _fmt(rd["delta"], ".0e") if rd["delta"] else "0",
-             *[_fmt(rd[c], ".3f") for c in achieved], rd["calibrated_with"] or MISSING]
+             *[_fmt(rd[c], ".3f") for c in achieved], rd["calibrated_with"] or MISSING, _noise_text(rd.get("noise"))]
         )
     columns = ["model", "task", "method", "target ε", "seeds", "n", "q", "T", "P", "C", "σ", "δ",
-               *[f"ε {c.removeprefix('epsilon_').upper()}" for c in achieved], "calibrated with"]
+               *[f"ε {c.removeprefix('epsilon_').upper()}" for c in achieved], "calibrated with", "noise"]
     body = pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
     notes = [
         "One row per private cell group (model, task, method, target ε); seeds with the same ledger share a row.",
         "q = B/n is the Poisson sampling rate, T the steps, P the directions per step (T·P releases accounted), "
         "C the clip, σ the noise multiplier (noise std C·σ on each clipped sum).",
         "ε PLD / PRV / RDP: the ε that σ achieves under each accountant at δ (the calibrating one meets the target); "
-        "ε PURE: the Laplace variant's pure ε-DP (δ = 0).",
+        "ε PURE: the Laplace variant's pure ε-DP (δ = 0). ε VERIFIED: recomputed by the trainer, before its first "
+        "step, from the noise it then added (the ledger is refused when this exceeds the target).",
     ]
+    if "noise" in tidy and tidy["noise"].map(is_test_noise).any():
+        notes.insert(0, f"NOT PRIVATE rows: {TEST_NOISE_NOTE}")
     if tidy.empty:
         notes.insert(0, "This run has no private cell.")
     return Table(title="Privacy of every private cell: target and achieved ε, δ, σ, q, T", body=body, notes=notes, text_columns=5)

@@ -39,6 +39,8 @@ from .methods import ZOMethod
 from .prune import Mask
 from .checkpoint import CheckpointPolicy, LoopState, TrainingCheckpoint, file_digest
 from .models import PromptClassifier
+from .evaluate import CurveSettings, TestLossCurve
+from .ledger import NO_NOISE, AccountingSettings, Cell, check_ledger_after, verify_ledger
 from .privacy import NoisySum, SecretRandom
 from .zo import FlatParameters, apply_update, check_zo_scale, clip_differences, direction_seed, spsa_differences
 
@@ -46,73 +48,8 @@ log = logging.getLogger(__name__)
 
 
 
-def check_ledger(ledger: dict, *, n: int, hp: ZOHyperparameters) -> None:
-    """Refuse to train anything other than what the privacy ledger accounted."""
-    expected = {
-        "n": n,
-        "steps": hp.steps,
-        "directions": hp.directions,
-        "expected_batch_size": hp.batch_size,
-        "clip": hp.clip,
-    }
-    for key, value in expected.items():
-        if not math.isclose(float(ledger[key]), float(value), rel_tol=1e-12):
-            raise RuntimeError(
-                f"privacy ledger mismatch: {key} accounted {ledger[key]} but training would use {value}; "
-                f"re-run the accounting rule for this cell"
-            )
-    if not math.isclose(float(ledger["q"]), hp.batch_size / n, rel_tol=1e-12):
-        raise RuntimeError(f"privacy ledger mismatch: q accounted {ledger['q']} but B/n = {hp.batch_size / n}")
-
-
-#: A realised number of sampled examples further than this many standard deviations from
-#: q * n * releases means the sampler is not the accounted one (a false alarm has
-#: probability below 1e-15).
-SAMPLING_TOLERANCE_SD = 8.0
-
-
-def ledger_noise_on_sum(ledger: dict) -> float:
-    """The noise scale on each clipped sum that the ledger accounted (std, or Laplace b)."""
-    if not ledger.get("private"):
-        return 0.0
-    if ledger.get("mechanism") == "laplace":
-        return float(ledger["laplace_scale_on_sum"])
-    return float(ledger["noise_std_on_sum"])
-
-
-def check_ledger_after(ledger: dict, history: dict) -> None:
-    """After training: what really ran (counted by the trainer) must be what the ledger accounted.
-
-    Checks n, the sampling rate, the number of steps and of releases, the noise scale and the
-    divisor actually used, and that the number of examples the sampler really drew is
-    consistent with Poisson sampling at the accounted rate.
-    """
-    problems = []
-
-    def compare(key: str, ran: float, accounted: float) -> None:
-        if not math.isclose(float(ran), float(accounted), rel_tol=1e-9, abs_tol=0.0):
-            problems.append(f"{key}: ran {ran}, accounted {accounted}")
-
-    compare("n", history["n"], ledger["n"])
-    compare("q", history["sampling_rate"], ledger["q"])
-    compare("steps", history["steps_run"], ledger["steps"])
-    compare("releases", history["releases"], ledger["compositions"])
-    compare("noise on each sum", history["noise_scale_on_sum"], ledger_noise_on_sum(ledger))
-    compare("divisor (expected batch size)", history["noise_divisor"], ledger["expected_batch_size"])
-    n, q, releases = int(ledger["n"]), float(ledger["q"]), int(history["releases"])
-    expected = q * n * releases
-    sd = math.sqrt(n * releases * q * (1.0 - q))
-    drawn = int(history["examples_sampled"])
-    if abs(drawn - expected) > SAMPLING_TOLERANCE_SD * sd + 1.0:
-        problems.append(
-            f"examples sampled: {drawn} over {releases} releases, but Poisson sampling at q={q} "
-            f"draws {expected:.1f} +- {sd:.1f}; the batches were not drawn at the accounted rate"
-        )
-    if problems:
-        raise RuntimeError(
-            "privacy ledger mismatch after training (the run does not match what was accounted; "
-            "its metrics are not published): " + "; ".join(problems)
-        )
+#: Measured on private batches, so not covered by the guarantee: kept out of what is published.
+PRIVATE_DIAGNOSTICS = ("loss", "examples", "clipped_fraction")
 
 
 def release_direction(
@@ -155,6 +92,7 @@ def train_zo(
     masks: Callable[[int], Mask] | None = None,
     record_releases: bool = False,
     checkpoint: TrainingCheckpoint | None = None,
+    curve: TestLossCurve | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -166,7 +104,8 @@ def train_zo(
     ``history["released"]`` (they are the public output of the mechanism; the privacy audit
     compares them with its own run of the mechanism; not kept across a resume).  With
     ``checkpoint`` the loop continues from the cell's snapshot when there is one and writes new
-    ones as its policy says (``dpzo.checkpoint``).
+    ones as its policy says (``dpzo.checkpoint``).  ``curve`` adds the test-loss points to the
+    history (``evaluate.TestLossCurve``).
     """
     method = base_method(method)
     if method not in ZO_METHODS:
@@ -296,6 +235,8 @@ def train_zo(
             losses_since_log = []
             examples_since_log = 0
             clipped_since_log.zero_()
+        if curve is not None:
+            curve.after_step(step + 1, history, prepare=flat.restore)
         if checkpoint is not None:
             checkpoint.step_done(step + 1, lambda: loop_state(step + 1), flat, public_rng=public_rng, secret=secret)
     flat.restore()
@@ -349,27 +290,34 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 
 def run_cell(
+    cell: Cell,
     *,
-    model: str,
     model_path: str,
     family: str,
     dtype: str,
-    task_name: str,
     split_dir: str,
-    method: str,
     method_params: dict,
     ledger: dict,
-    seed: int,
+    accounting: AccountingSettings,
+    ledger_path: str | None = None,
     eval_batch_size: int = 128,
     device: str = "cpu",
     mask_files: list[str] | None = None,
     checkpoint: CheckpointPolicy | None = None,
+    curve: CurveSettings | None = None,
 ) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
-    ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
-    order (see ``prune.MaskSettings``).  ``checkpoint``: where and how often zeroth-order
-    training snapshots itself, and resumes from (``dpzo.checkpoint``).
+    Before anything else the ledger is verified against the cell (``ledger.verify_ledger``:
+    its identity, the config's ``accounting``, and that its noise certifies the cell's ε); the
+    noise added is the verified one.  ``mask_files`` (DP-ZOPO): the precomputed mask of each
+    stage's starting ratio, in stage order (see ``prune.MaskSettings``).  ``checkpoint``: where
+    and how often zeroth-order training snapshots itself, and resumes from.  ``curve``: the
+    test-loss points recorded during training (the only training curve that is published).
+
+    Returns the cell's metrics, and under ``"private_diagnostics"`` what the trainer measured
+    on the private batches (training loss, batch sizes, clipped fractions): not covered by the
+    guarantee, so the caller keeps it apart from what is published.
 
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
@@ -378,50 +326,49 @@ def run_cell(
 
     from .candidates import make_scorer
     from .data import load_split
-    from .evaluate import evaluate
+    from .evaluate import TestLossCurve, evaluate
     from .hf_tasks import HFTask, method_problem
     from .models import load_model
     from .tasks import get_task
 
     wall_start = time.perf_counter()
-    task = get_task(task_name)
+    method, seed = cell.method, cell.seed
+    task = get_task(cell.task)
     problem = method_problem(task, method) if isinstance(task, HFTask) else None
     if problem:
         raise ValueError(problem)
+    base = base_method(method)
+    hp = hyperparameters_for(method, method_params)
+    train_examples = load_split(Path(split_dir) / "train.jsonl")
+    # before the model is even loaded: a ledger that is not this cell's stops the run here
+    verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=ledger_path)
+    secret = SecretRandom.from_environment() if base in PRIVATE_METHODS else None
     torch.manual_seed(seed)
     lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
     clf = make_scorer(lm, tokenizer, family, task)
-    train_examples = load_split(Path(split_dir) / "train.jsonl")
     test_examples = load_split(Path(split_dir) / "test.jsonl")
     train_set = clf.encode(train_examples)
     test_set = clf.encode(test_examples)
 
     history: dict = {}
-    base = base_method(method)
     if base == ICL:
         from .icl import choose_demonstrations, encode_with_demonstrations
 
-        hp = hyperparameters_for(method, method_params)
         demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
         test_set = encode_with_demonstrations(clf, test_examples, demos)
     elif base != ZERO_SHOT:
-        hp = hyperparameters_for(method, method_params)
-        secret = None
-        if base in PRIVATE_METHODS:
-            check_ledger(ledger, n=len(train_set), hp=hp)
-            secret = SecretRandom.from_environment()
+        test_curve = TestLossCurve(clf, test_set, steps=hp.steps, settings=curve or CurveSettings(), batch_size=eval_batch_size)
         if base in FIRST_ORDER:
             from .firstorder import train_first_order
 
-            history = train_first_order(
-                clf, train_set, hp, method=base, run_seed=seed, sigma=float(ledger.get("sigma") or 0.0), secret=secret
-            )
+            history = train_first_order(clf, train_set, hp, method=base, run_seed=seed, sigma=verified.sigma,
+                                        secret=secret, curve=test_curve)
         else:
             snapshots = None
             if checkpoint is not None:
                 # everything the run depends on: a snapshot of any other run is never resumed
                 snapshots = TrainingCheckpoint(checkpoint, identity=dict(
-                    model_path=model_path, dtype=dtype, task=task_name, method=method, seed=seed,
+                    model_path=model_path, dtype=dtype, task=cell.task, method=method, seed=seed,
                     method_params=method_params, ledger=ledger,
                     train_data=file_digest(Path(split_dir) / "train.jsonl"),
                     masks=[file_digest(f) for f in mask_files or []],
@@ -434,19 +381,22 @@ def run_cell(
                     hp,
                     method=method,
                     run_seed=seed,
-                    noise=NoisySum.from_ledger(ledger) if secret is not None else None,
+                    noise=verified.release,
                     secret=secret,
                     masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
                     checkpoint=snapshots,
+                    curve=test_curve,
                 )
         if base in PRIVATE_METHODS:
             check_ledger_after(ledger, history)
     result = evaluate(clf, test_set, batch_size=eval_batch_size)
     resumed_from = history.pop("resumed_from", [])
+    curves = {k: v for k, v in history.items() if isinstance(v, list)}
     return {
-        "model": model,
-        "task": task_name,
+        "model": cell.model,
+        "task": cell.task,
         "method": method,
+        "eps": cell.eps,
         "seed": seed,
         # The task's own metric (accuracy; mcc or f1 for some LM-BFF tasks; f1 for generation).
         "metric": result.get("metric", "accuracy"),
@@ -461,14 +411,18 @@ def run_cell(
         "steps": history.get("steps_run", 0),
         "releases": history.get("releases", 0),
         "resumed_from": resumed_from,  # steps after which an interrupted run was continued
+        # what the trainer itself recomputed from the noise it added (not the ledger's claim)
+        "privacy": {"noise": accounting.noise if base in PRIVATE_METHODS else NO_NOISE,
+                    "epsilon_verified": verified.epsilon, "verified_with": verified.accountant},
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - wall_start,
         "memory": peak_memory_mb(clf.device),
         "device": str(clf.device),
         "torch": torch.__version__,
-        "history": {k: v for k, v in history.items() if isinstance(v, list)},
-        "history_note": "loss (the mean training loss on the sampled batches), examples (how many "
-        "were sampled) and clipped_fraction are computed on private data: diagnostics, not covered by "
-        "the DP guarantee; grad is the released scalar.",
+        "history": {k: v for k, v in curves.items() if k not in PRIVATE_DIAGNOSTICS},
+        "history_note": "step, stage, lr, beta, mask_size: the public schedule; grad: the released "
+        "scalar; test_step/test_loss: loss on a fixed part of the test split. All covered by the "
+        "guarantee (functions of the released values and public data).",
+        "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS} | {"step": curves.get("step", [])},
     }

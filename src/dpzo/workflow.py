@@ -92,39 +92,32 @@ def fewshot(snakemake) -> None:
     logging.info("split sizes: %s", sizes)
 
 
-def resolve_delta(delta, n: int) -> float:
-    """``delta`` from the config: a number, or the string "1/n" (the official code's choice)."""
-    if isinstance(delta, str):
-        if delta.replace(" ", "") != "1/n":
-            raise ValueError(f"delta must be a number or '1/n', got {delta!r}")
-        return 1.0 / n
-    return float(delta)
+def _cell(snakemake):
+    from .ledger import Cell
+
+    wc = snakemake.wildcards
+    return Cell(model=wc.model, task=wc.task, method=wc.method, eps=wc.eps, seed=int(wc.seed))
+
+
+def _accounting(snakemake, noise: str):
+    from .ledger import AccountingSettings
+
+    p = snakemake.params
+    return AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=noise)
 
 
 def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
-    from .privacy import method_ledger
     from .hyperparameters import hyperparameters_for
+    from .ledger import cell_ledger, count_examples
 
     _setup(snakemake)
-    method = snakemake.wildcards.method
-    with open(snakemake.input.train, encoding="utf-8") as fh:
-        n = sum(1 for line in fh if line.strip())
-    eps = math.inf if snakemake.wildcards.eps == "inf" else float(snakemake.wildcards.eps)
-    hp = hyperparameters_for(method, dict(snakemake.params.method_params))
-    record = method_ledger(
-        method,
-        n=n,
-        batch_size=getattr(hp, "batch_size", 0) or n,
-        steps=getattr(hp, "steps", 0),
-        directions=getattr(hp, "directions", 1),
-        clip=getattr(hp, "clip", math.inf),
-        epsilon_target=eps,
-        delta=resolve_delta(snakemake.params.delta, n),
-        accountant=snakemake.params.accountant,
-        convention=snakemake.params.convention,
-        cache_dir=snakemake.params.calibrations,
-    )
+    cell = _cell(snakemake)
+    hp = hyperparameters_for(cell.method, dict(snakemake.params.method_params))
+    # the noise source the trainer must use, as the run that planned this cell saw it
+    settings = _accounting(snakemake, snakemake.params.noise)
+    record = cell_ledger(cell, hp, n=count_examples(snakemake.input.train), settings=settings,
+                         cache_dir=snakemake.params.calibrations)
     write_json_atomic(Path(snakemake.output.ledger), record)
     logging.info("ledger: %s", record)
 
@@ -140,32 +133,51 @@ def checkpoint_policy(path: str | Path, settings: dict | None):
     )
 
 
+def curve_settings(settings: dict | None):
+    """The config's ``curves`` block (read from the config, not from rule params: the curve's
+    points never change a cell's model or accuracy, so they must not make Snakemake rerun cells)."""
+    from .evaluate import CurveSettings
+
+    settings = settings or {}
+    return CurveSettings(points=int(settings.get("points", 12)), test_examples=int(settings.get("test_examples", 128)))
+
+
 def train(snakemake) -> None:
     from .checkpoint import remove_checkpoint
+    from .fileio import read_json_output
+    from .ledger import cell_noise
     from .train import run_cell
 
     _setup(snakemake)
-    ledger = json.loads(Path(snakemake.input.ledger).read_text())
+    cell = _cell(snakemake)
+    ledger = read_json_output(snakemake.input.ledger)
     policy = checkpoint_policy(snakemake.params.checkpoint, snakemake.config.get("checkpoint"))
     model_cfg = snakemake.params.model_cfg
     metrics = run_cell(
-        model=snakemake.wildcards.model,
+        cell,
         model_path=str(snakemake.params.model_path),
         family=model_cfg.get("family", "auto"),
         dtype=model_cfg.get("dtype", "float32"),
-        task_name=snakemake.wildcards.task,
         split_dir=str(Path(snakemake.input.train).parent),
-        method=snakemake.wildcards.method,
         method_params=dict(snakemake.params.method_params),
         ledger=ledger,
-        seed=int(snakemake.wildcards.seed),
+        # this process's own noise source: the ledger must have been made for it
+        accounting=_accounting(snakemake, cell_noise(cell.method)),
+        ledger_path=str(snakemake.input.ledger),
         eval_batch_size=int(snakemake.params.eval_batch_size),
         device=snakemake.params.device,
         mask_files=list(snakemake.input.masks),
         checkpoint=policy,
+        curve=curve_settings(snakemake.config.get("curves")),
     )
-    metrics["eps"] = snakemake.wildcards.eps
     metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
+    # measured on private batches, not covered by the guarantee: a file of its own, never published
+    # unless the config asks (report.private_diagnostics)
+    write_json_atomic(Path(snakemake.output.diagnostics), {
+        "note": "computed on the private training batches; NOT covered by the differential-privacy guarantee",
+        **{k: metrics[k] for k in ("model", "task", "method", "eps", "seed")},
+        **metrics.pop("private_diagnostics"),
+    })
     write_json_atomic(Path(snakemake.output.metrics), metrics)
     remove_checkpoint(policy.path)  # only once the metrics are safely in place
     logging.info("%s %.4f after %s steps", metrics["metric"], metrics["score"], metrics["steps"])
@@ -240,6 +252,16 @@ def collect(snakemake) -> None:
     logging.info("collected %d cells", len(cells))
 
 
+def private_diagnostics(snakemake) -> None:
+    """results/private/diagnostics.csv: the trainers' measurements on private batches (asked for
+    by ``report.private_diagnostics``; not covered by the guarantee)."""
+    from .report import write_diagnostics
+
+    _setup(snakemake)
+    table = write_diagnostics(snakemake.input.diagnostics, snakemake.output.table)
+    logging.info("collected %d diagnostic rows", len(table))
+
+
 def summarize(snakemake) -> None:
     from .report import write_summary
 
@@ -286,20 +308,17 @@ def figure(snakemake) -> None:
     _setup(snakemake)
     name = snakemake.params.figure
     inputs = snakemake.input
-    png, pdf = snakemake.output.png, snakemake.output.pdf
-    if name == "accuracy_bars":
-        figures.accuracy_bars(read_cells(inputs.summary), preferred(load_accuracy(inputs.reference)), png, pdf)
-    elif name == "privacy_utility":
-        figures.privacy_utility(read_cells(inputs.summary), preferred(load_accuracy(inputs.reference)), png, pdf)
-    elif name == "memory_time":
-        figures.memory_time(read_cells(inputs.summary), load_memory(inputs.reference), png, pdf)
-    elif name == "training_curves":
-        curves = read_cells(inputs.curves)
-        figures.training_curves(curves, read_cells(inputs.cells), png, pdf)
-    elif name == "ablation":
-        figures.ablation(read_cells(inputs.summary), png, pdf)
-    else:
-        raise ValueError(f"unknown figure {name!r}; known: accuracy_bars, privacy_utility, memory_time, training_curves, ablation")
+    read = {
+        "summary": lambda: read_cells(inputs.summary),
+        "accuracy": lambda: preferred(load_accuracy(inputs.reference)),
+        "memory": lambda: load_memory(inputs.reference),
+        "curves": lambda: read_cells(inputs.curves),
+        "cells": lambda: read_cells(inputs.cells),
+    }
+    if name not in figures.FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(figures.FIGURES)}")
+    draw, needs = figures.FIGURES[name]
+    draw(*(read[what]() for what in needs), snakemake.output.png, snakemake.output.pdf)
 
 
 def audit(snakemake) -> None:

@@ -5,6 +5,9 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from dpzo.config import check_config, grid_cells
+from dpzo.inputs import model_files_in
+from dpzo.ledger import cell_noise
+from dpzo.privacy import noise_source
 from dpzo.hf_tasks import HFTask
 from dpzo.methods import ZO, MaskSettings, base_method, ratio_label
 from dpzo.preflight import require_inputs
@@ -16,8 +19,9 @@ validate(config, schema=SCHEMA)  # also fills in the schema's defaults
 
 
 onstart:
-    # A real run (not a dry-run) stops here, before any job, listing every missing model/dataset.
-    require_inputs(config)
+    # A real run (not a dry-run) stops here, before any job, listing every missing model/dataset
+    # (and, when the jobs run on this machine, a device it does not have).
+    require_inputs(config, local=workflow.local_exec)
 
 
 DEMO_DIR = "results/demo"
@@ -71,12 +75,25 @@ def all_benchmarks():
     return [f"benchmarks/train/{RUN}.tsv".format(**c) for c in cells()]
 
 
+def all_diagnostics():
+    return [f"results/runs/{RUN}/private_diagnostics.json".format(**c) for c in cells()]
+
+
+def private_report_targets():
+    """The private diagnostics (training loss, batch sizes, clipped fractions: not covered by the
+    guarantee), made and put in the report only when `report.private_diagnostics` is true."""
+    if not config.get("report", {}).get("private_diagnostics", False):
+        return []
+    return ["results/private/diagnostics.csv", "results/private/training-loss.png", "results/private/training-loss.pdf"]
+
+
 def report_targets():
     """Every table and figure of the report."""
     tables = [f"results/tables/accuracy-eps{e}.{ext}" for e in config["epsilons"] for ext in TABLE_FORMATS]
     tables += [f"results/tables/privacy.{ext}" for ext in TABLE_FORMATS]
     figures = [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
-    return ["results/tables/summary.csv", *tables, *figures]
+    collected = ["results/tables/cells.csv", "results/tables/curves.csv", "results/tables/summary.csv"]
+    return [*collected, *tables, *figures]
 
 
 def demo_task_files():
@@ -116,6 +133,23 @@ def model_input(wildcards):
     """Demo models are built by the pipeline; real ones are read where the config points."""
     cfg = config["models"][wildcards.model]
     return [model_path(wildcards)] if "demo" in cfg else []
+
+
+def model_files(wildcards):
+    """The files of a user's model (config, weights, tokenizer) when they are on disk: replacing
+    the weights reruns that model's cells.  Demo models are a directory output instead."""
+    cfg = config["models"][wildcards.model]
+    return [] if "demo" in cfg else model_files_in(cfg["path"])
+
+
+# Where the secret noise comes from, as this run sees it ("secure", or the test-only seed).
+NOISE = noise_source()
+
+
+def cell_noise_source(wildcards):
+    """The noise source of a cell: part of its identity for private methods (a cell made with
+    the test-only seed reruns under secure noise); "none" for the others, which never rerun."""
+    return cell_noise(wildcards.method, NOISE)
 
 
 def model_cfg(wildcards):

@@ -11,6 +11,9 @@ rule account:
         delta=config["delta"],
         accountant=config["accountant"],
         convention=config["accounting"],
+        # secure or test-only noise: part of the cell's identity (a secure run recomputes cells
+        # made with test noise)
+        noise=cell_noise_source,
         # sigma and the achieved epsilons, shared by every cell with the same (eps, delta, q,
         # T*P, accountant): a grid's ledgers need only a few calibrations
         calibrations="results/privacy/calibrations",

@@ -176,6 +176,46 @@ rule figure_training_curves:
         "../scripts/figure.py"
 
 
+# Only when `report.private_diagnostics` is true: what the trainers measured on the private
+# batches (training loss, realised batch sizes, clipped fractions), not covered by the guarantee.
+rule private_diagnostics:
+    input:
+        diagnostics=all_diagnostics(),
+    output:
+        table=report(
+            "results/private/diagnostics.csv",
+            caption="../report/private_diagnostics.rst",
+            category="Private diagnostics (not covered by the guarantee)",
+        ),
+    log:
+        "logs/report/private_diagnostics.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/private_diagnostics.py"
+
+
+rule figure_private_diagnostics:
+    input:
+        curves=rules.private_diagnostics.output.table,
+        cells=rules.collect.output.cells,
+    output:
+        png=report(
+            "results/private/training-loss.png",
+            caption="../report/private_training_loss.rst",
+            category="Private diagnostics (not covered by the guarantee)",
+        ),
+        pdf="results/private/training-loss.pdf",
+    params:
+        figure="private_training_loss",
+    log:
+        "logs/report/figure_private_training_loss.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/figure.py"
+
+
 rule figure_ablation:
     input:
         summary=rules.summarize.output.summary,

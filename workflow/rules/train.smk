@@ -8,13 +8,22 @@ rule train:
         test=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/test.jsonl",
         ledger=rules.account.output.ledger,
         model=model_input,
+        weights=model_files,
         masks=mask_files,
     output:
         metrics=f"results/runs/{RUN}/metrics.json",
+        # training loss, batch sizes and clipped fractions: measured on private batches, not
+        # covered by the guarantee, so never in metrics.json (see report.private_diagnostics)
+        diagnostics=f"results/runs/{RUN}/private_diagnostics.json",
     params:
         model_path=model_path,
         model_cfg=model_cfg,
         method_params=method_params,
+        # what the ledger is verified against before any step (its identity and its noise)
+        delta=config["delta"],
+        accountant=config["accountant"],
+        convention=config["accounting"],
+        noise=cell_noise_source,
         eval_batch_size=config["eval_batch_size"],
         device=config["device"],
         # resumable training state of an interrupted run; not an output, so Snakemake keeps it
