@@ -14,12 +14,12 @@ Which method does what (``dpzo.methods.ZO`` holds the table):
   ``dp-zo-laplace`` noised (Gaussian, or Laplace for pure eps-DP) and only then divided by
                     2 beta, so the clip does not depend on beta.
 
-The noise added is read from the privacy ledger (``privacy.NoisySum.from_ledger``).
+The noise added is the one :func:`ledger.verify_ledger` certified for the cell before its first
+step (the ledger's identity, counts and the ε of its noise, recomputed).
 
-Exactly ``steps`` updates run, each with ``directions`` releases; the trainer refuses to start
-when this differs from what the privacy ledger accounted, counts what really ran (steps,
-releases, examples sampled, the noise it added) and checks that count against the ledger
-again at the end (:func:`check_ledger_after`).
+Exactly ``steps`` updates run, each with ``directions`` releases; the trainer counts what really
+ran (steps, releases, examples sampled, the noise it added) and checks that count against the
+ledger again at the end (:func:`ledger.check_ledger_after`).
 """
 
 from __future__ import annotations
