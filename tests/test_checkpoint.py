@@ -47,8 +47,11 @@ CASES = {
 }
 
 
-def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=None, on_call=None):
-    """One trainer run in a fresh 'process': new model, new generators; returns (model, history, calls)."""
+def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=None, on_call=None,
+        master_dtype=torch.float32):
+    """One trainer run in a fresh 'process': new model, new generators; returns (model, history, calls).
+
+    ``master_dtype=None`` trains in place (theta lives in the float64 model weights)."""
     case = CASES[method]
     quad = Quadratic(n=N)
     model = TwoTensorModel()
@@ -69,6 +72,7 @@ def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=N
         model, loss, N, ZOHyperparameters(**case["hp"]), method=method, run_seed=13,
         noise=NoisySum("gaussian", 2.0, 8.0) if case["private"] else None, secret=secret,
         masks=top_magnitude_masks(model) if method == "dp-zopo" else None, checkpoint=checkpoint,
+        master_dtype=master_dtype,
     )
     return model, history, calls
 
@@ -96,6 +100,39 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert len(calls) < len(ref_calls)  # it continued; it did not start over
     if CASES[method]["private"]:
         assert history["releases"] == ref_history["releases"] == CASES[method]["hp"]["steps"] * CASES[method]["hp"].get("directions", 1)
+
+
+def assert_same_run(got, want, *, in_place):
+    """Master mode: bit-identical.  In place: equal up to the rounding of in-place arithmetic
+    (a snapshot restores theta, so the next pass does in two what would have been one)."""
+    (model, history), (ref_model, ref_history) = got, want
+    if not in_place:
+        assert torch.equal(model.theta(), ref_model.theta())
+        assert comparable(history) == comparable(ref_history)
+        return
+    torch.testing.assert_close(model.theta(), ref_model.theta(), rtol=0, atol=1e-12)
+    assert history["loss"] == pytest.approx(ref_history["loss"], rel=0, abs=1e-12)
+    assert history["grad"] == pytest.approx(ref_history["grad"], rel=0, abs=1e-12)
+    assert history["releases"] == ref_history["releases"] and history["examples"] == ref_history["examples"]
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+@pytest.mark.parametrize("master_dtype", [torch.float64, None], ids=["master", "in-place"])
+def test_resume_equals_the_uninterrupted_run_with_and_without_a_master_copy(tmp_path, method, master_dtype):
+    in_place = master_dtype is None
+    ref_model, ref_history, ref_calls = run(method, master_dtype=master_dtype)
+    # writing snapshots does not change what the run computes
+    model, history, _ = run(method, master_dtype=master_dtype, checkpoint=snapshots(tmp_path / "every.pt", every_steps=1))
+    assert_same_run((model, history), (ref_model, ref_history), in_place=in_place)
+    # killed mid-step after a snapshot, then resumed in a fresh model, FlatParameters and checkpoint
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run(method, master_dtype=master_dtype, checkpoint=snapshots(path), die_after_calls=len(ref_calls) * 2 // 3)
+    step = torch.load(path, weights_only=True)["step"]
+    assert 0 < step < ref_history["steps_run"]
+    model, history, _ = run(method, master_dtype=master_dtype, checkpoint=snapshots(path))
+    assert history["resumed_from"] == [step]
+    assert_same_run((model, history), (ref_model, ref_history), in_place=in_place)
 
 
 def test_a_second_interruption_resumes_from_the_newer_snapshot(tmp_path):

@@ -11,7 +11,8 @@ theta_T from theta_0.  Replaying costs one full-size direction per step and dire
 would have to re-derive dynamic DP-ZOPO masks and proximal anchors on the way; a snapshot
 restores in one read and needs none of that, so that is what is stored:
 
-* theta (the master copy), the current mask with its scales, the proximal anchor;
+* theta (the master copy, or the restored weights when training in place), the current mask
+  with its scales, the proximal anchor;
 * the loop's bookkeeping: steps and releases done, the loss-curve history and the partial
   sums since the last log point, training seconds so far, earlier resume points;
 * the public batch generator of MeZO;
@@ -244,6 +245,11 @@ class TrainingCheckpoint:
         self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
     ) -> None:
+        # Restores are deferred: work still holds the last perturbation and, in place (where the
+        # master is work itself), the update not yet written.  A snapshot must hold theta itself;
+        # the run then continues from the restored weights (in place that splits one pass in two,
+        # which changes only the rounding).
+        flat.restore()
         payload = {
             "format": FORMAT,
             "identity": self.identity,
