@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -167,6 +168,46 @@ def test_a_snapshot_of_another_configuration_is_not_resumed(tmp_path):
     from dpzo.zo import FlatParameters
 
     assert state.resume(FlatParameters(other), public_rng=np.random.default_rng(0), secret=SecretRandom(5)) is None
+
+
+@pytest.mark.parametrize("tamper", ["master", "step", "releases", "no digest"])
+def test_a_snapshot_that_does_not_verify_is_ignored_and_the_run_starts_over(tmp_path, caplog, tamper):
+    reference, ref_history, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) * 2 // 3)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] > 0
+    if tamper == "master":
+        saved["master"][3] += 1e-3  # one coordinate of theta
+    elif tamper == "no digest":
+        del saved["digest"]  # e.g. a file from before snapshots carried one
+    else:
+        saved[tamper] -= 1  # a counter: the ledger check would count the wrong releases
+    torch.save(saved, path)  # loads fine, keeps the old digest
+    with caplog.at_level(logging.WARNING, logger="dpzo.checkpoint"):
+        resumed, history, calls = run("dp-zoso", checkpoint=snapshots(path))
+    assert f"ignoring checkpoint {path}: it does not verify" in caplog.text
+    assert history["resumed_from"] == [] and len(calls) == len(ref_calls)  # started over
+    assert torch.equal(resumed.theta(), reference.theta())
+    assert comparable(history) == comparable(ref_history)
+
+
+def test_a_snapshot_of_16_bit_weights_trained_in_place_verifies(tmp_path):
+    """The digest covers dtypes numpy does not have (bfloat16 weights hold theta in place)."""
+    from dpzo.checkpoint import LoopState
+    from dpzo.zo import FlatParameters
+
+    path = tmp_path / "state.pt"
+    flat = FlatParameters(TwoTensorModel(dtype=torch.bfloat16), master_dtype=None)
+    state = snapshots(path)
+    assert state.resume(flat, public_rng=np.random.default_rng(0)) is None
+    flat.perturb(seed=3, scale=0.5)  # saved restored: the perturbation is not part of theta
+    state.save(LoopState(2, 0, None, {}, ([], 0, 0), 1.0), flat, public_rng=np.random.default_rng(0))
+    again = FlatParameters(TwoTensorModel(dtype=torch.bfloat16), master_dtype=None)
+    resumed = snapshots(path).resume(again, public_rng=np.random.default_rng(0))
+    assert resumed is not None and resumed.step == 2
+    assert torch.equal(again.master, flat.master) and again.master.dtype == torch.bfloat16
 
 
 def test_secure_noise_state_is_never_written_and_the_resumed_run_draws_fresh_noise(tmp_path):

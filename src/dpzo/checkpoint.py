@@ -30,6 +30,10 @@ Identity: a snapshot records what it belongs to (method, hyperparameters, ledger
 model size and a digest of theta_0, whether noise is secure).  A snapshot whose identity differs
 from the run at hand (the cell's config or data changed) is ignored and later replaced.
 
+Integrity: a snapshot carries a SHA-256 digest of its tensors and of everything else in it
+(counters, history, generator states, identity); a file that loads but does not verify is
+ignored with a warning and the run starts from step 0.
+
 Writing: ``torch.save`` to a temporary file in the same folder, fsync, rename; a kill during the
 write leaves the previous snapshot intact.  The workflow deletes the file once the cell's
 metrics are written.  It lives outside the cell's declared outputs, so Snakemake never deletes
@@ -61,7 +65,7 @@ if TYPE_CHECKING:  # annotations only: importing them here would be circular
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dpzo-zo-train-state-v1"
+FORMAT = "dpzo-zo-train-state-v2"  # v2: carries a digest of its contents
 DIGEST_SAMPLES = 1 << 20  # coordinates of theta_0 hashed into the identity (all of them below this)
 
 
@@ -106,13 +110,18 @@ class TrainingInterrupted(RuntimeError):
 
 
 def digest(*arrays: torch.Tensor | np.ndarray) -> str:
-    """SHA-256 of the arrays' bytes (dtype and shape included), for identities."""
+    """SHA-256 of the arrays' bytes (dtype and shape included), for identities and snapshots."""
     h = hashlib.sha256()
     for a in arrays:
-        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
+        if isinstance(a, torch.Tensor):
+            # as raw bytes: numpy has no bfloat16 (the in-place weights of a 16-bit model)
+            t = a.detach().cpu().contiguous()
+            h.update(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -133,6 +142,21 @@ def theta_digest(master: torch.Tensor) -> str:
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+#: The tensors of a snapshot; everything else in it is plain data (numbers, lists, dicts).
+SNAPSHOT_TENSORS = ("master", "mask", "perturb_scales", "update_scales", "anchor")
+
+
+def snapshot_digest(payload: dict) -> str:
+    """SHA-256 over a snapshot's tensors (dtype, shape, bytes) and, serialised canonically, all
+    its other entries (counters, history, generator states, identity); ``digest`` excluded."""
+    h = hashlib.sha256()
+    for key in SNAPSHOT_TENSORS:
+        value = payload.get(key)
+        h.update(f"{key}={'none' if value is None else digest(value)};".encode())
+    h.update(_canonical({k: v for k, v in payload.items() if k not in SNAPSHOT_TENSORS and k != "digest"}).encode())
+    return h.hexdigest()
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -184,6 +208,13 @@ class TrainingCheckpoint:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # written atomically, so only a foreign or older file gets here
             log.warning("ignoring unreadable checkpoint %s (%s); starting from step 0", path, exc)
+            return None
+        if not isinstance(saved, dict) or saved.get("digest") != snapshot_digest(saved):
+            # a damaged or edited file (or one from before snapshots carried a digest): resuming
+            # it would publish weights the counted steps never produced
+            log.warning("ignoring checkpoint %s: it does not verify (its digest is %s); starting from step 0 "
+                        "(the file is replaced by the next snapshot)", path,
+                        "missing" if not isinstance(saved, dict) or "digest" not in saved else "not that of its contents")
             return None
         if saved.get("format") != FORMAT or _canonical(saved.get("identity")) != _canonical(self.identity):
             log.warning("ignoring checkpoint %s: it belongs to another configuration of this cell; "
@@ -269,6 +300,7 @@ class TrainingCheckpoint:
             # test mode only: a secure generator refuses to export its state (see SecretRandom)
             "secret_rng": secret.insecure_state() if secret is not None and not secret.is_secure else None,
         }
+        payload["digest"] = snapshot_digest(payload)  # verified on resume
         with atomic_path(self.policy.path) as tmp:
             torch.save(payload, tmp)
             with open(tmp, "rb") as fh:
