@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import logging
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from dpzo import checkpoint as checkpoint_module
 from dpzo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
 from dpzo.methods import MaskSettings
 from dpzo.privacy import NoisySum, SecretRandom
@@ -254,3 +258,59 @@ def test_sigterm_saves_after_the_current_step_then_stops(tmp_path):
 def test_policy_rejects_negative_intervals(tmp_path):
     with pytest.raises(ValueError, match="every_steps and every_seconds"):
         CheckpointPolicy(tmp_path / "x.pt", every_steps=-1)
+
+
+def full_disk(monkeypatch, fail=lambda write: True):
+    """Snapshot writes for which ``fail(n)`` holds (n counts writes from 1) go to /dev/full, where
+    the kernel itself answers ENOSPC; returns the steps of the snapshots really written."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    written, writes = [], []
+    real_save = torch.save
+
+    def open_for_snapshot(file, mode="r", *args, **kwargs):
+        if mode == "wb":
+            writes.append(file)
+            if fail(len(writes)):
+                return builtins.open("/dev/full", "wb")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        if getattr(f, "name", None) != "/dev/full":
+            written.append(obj["step"])
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "open", open_for_snapshot, raising=False)
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    return written
+
+
+def test_a_full_disk_skips_a_periodic_snapshot_and_training_continues(tmp_path, monkeypatch, caplog):
+    reference, ref_history, _ = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    written = full_disk(monkeypatch, fail=lambda n: n == 2)  # the snapshot after step 6
+    with caplog.at_level(logging.WARNING, logger="dpzo.checkpoint"):
+        model, history, _ = run("dp-zoso", checkpoint=snapshots(path))
+    assert torch.equal(model.theta(), reference.theta()) and comparable(history) == comparable(ref_history)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no space" in warnings[0] and str(path) in warnings[0]
+    assert "No space left on device" in warnings[0]  # the kernel's own error, through torch.save
+    assert written == [3, 9, 12]  # skipped at 6; the next try came at the next interval
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temporary file left behind
+    assert torch.load(path, weights_only=True)["step"] == 12
+
+
+def test_no_space_for_the_sigterm_snapshot_stops_the_run_and_says_so(tmp_path, monkeypatch):
+    _, _, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    full_disk(monkeypatch)
+    never = snapshots(path, every_steps=0)
+
+    def terminate(call):
+        if call == len(ref_calls) // 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="could not be saved: no space") as stopped, never.saving_on_sigterm():
+        run("dp-zoso", checkpoint=never, on_call=terminate)
+    assert not stopped.value.saved and str(path) in str(stopped.value)
+    assert list(tmp_path.iterdir()) == []  # neither a snapshot nor a temporary file

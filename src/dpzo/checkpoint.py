@@ -35,14 +35,17 @@ Integrity: a snapshot carries a SHA-256 digest of its tensors and of everything 
 ignored with a warning and the run starts from step 0.
 
 Writing: ``torch.save`` to a temporary file in the same folder, fsync, rename; a kill during the
-write leaves the previous snapshot intact.  The workflow deletes the file once the cell's
-metrics are written.  It lives outside the cell's declared outputs, so Snakemake never deletes
-it when it cleans up a failed or incomplete job.
+write leaves the previous snapshot intact.  A full disk (or quota) skips a periodic snapshot
+with a warning and training continues; at SIGTERM the run stops all the same, saying that its
+state could not be saved.  The workflow deletes the file once the cell's metrics are written.
+It lives outside the cell's declared outputs, so Snakemake never deletes it when it cleans up
+a failed or incomplete job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -106,7 +109,17 @@ class LoopState:
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM arrived: the state was saved and the run stops, to be resumed by the next run."""
+    """SIGTERM arrived: the run stops after saving its state (``saved``), to be resumed by the next run."""
+
+    def __init__(self, message: str, *, saved: bool = True):
+        super().__init__(message)
+        self.saved = saved
+        # what the cell's attempt log records for this run (``dpzo.cellguard``)
+        self.attempt_outcome = "interrupted (snapshot saved)" if saved else "interrupted (state not saved: no space)"
+
+
+#: errno values of a full disk or an exhausted quota
+NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def digest(*arrays: torch.Tensor | np.ndarray) -> str:
@@ -265,7 +278,26 @@ class TrainingCheckpoint:
         if not self.due(step):
             return
         current = state()
-        self.save(current, flat, public_rng=public_rng, secret=secret)
+        path = self.policy.path
+        try:
+            self.save(current, flat, public_rng=public_rng, secret=secret)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            # A periodic snapshot is optional: losing it costs recomputation after a kill, never
+            # correctness (the previous snapshot is intact).  The next try comes at the next
+            # interval, not after every step.
+            self._last_save, self._last_step = time.monotonic(), current.step
+            if self._stop.is_set():
+                message = (f"stopped by SIGTERM after step {current.step}, but the state could not be saved: no space "
+                           f"left for {path} ({exc}); the next run of this cell resumes from the previous snapshot "
+                           f"if there is one, else starts over; free space in {path.parent}")
+                log.error(message)
+                raise TrainingInterrupted(message, saved=False) from exc
+            log.warning("no space left to write checkpoint %s (%s): this snapshot is skipped and training continues; "
+                        "free space in %s, or an interrupted run restarts from an older snapshot or from step 0",
+                        path, exc, path.parent)
+            return
         if self._stop.is_set():
             message = (f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
                        "and the next run of this cell resumes from it")
@@ -301,10 +333,12 @@ class TrainingCheckpoint:
             "secret_rng": secret.insecure_state() if secret is not None and not secret.is_secure else None,
         }
         payload["digest"] = snapshot_digest(payload)  # verified on resume
-        with atomic_path(self.policy.path) as tmp:
-            torch.save(payload, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())  # the rename must never publish a file whose data is not on disk
+        # Through a Python file, not a path: torch's own writer reports a full disk as an opaque
+        # RuntimeError, a Python file as OSError(ENOSPC), which step_done can tell apart.
+        with atomic_path(self.policy.path) as tmp, open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must never publish a file whose data is not on disk
         self._last_save, self._last_step = time.monotonic(), state.step
         log.info("checkpoint after step %d written to %s", state.step, self.policy.path)
 
