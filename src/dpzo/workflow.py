@@ -141,6 +141,8 @@ def checkpoint_policy(path: str | Path, settings: dict | None):
 
 
 def train(snakemake) -> None:
+    """Train and evaluate one cell, holding its lock (``dpzo.cellguard``)."""
+    from .cellguard import CellLock
     from .checkpoint import remove_checkpoint
     from .train import run_cell
 
@@ -148,26 +150,28 @@ def train(snakemake) -> None:
     ledger = json.loads(Path(snakemake.input.ledger).read_text())
     policy = checkpoint_policy(snakemake.params.checkpoint, snakemake.config.get("checkpoint"))
     model_cfg = snakemake.params.model_cfg
-    metrics = run_cell(
-        model=snakemake.wildcards.model,
-        model_path=str(snakemake.params.model_path),
-        family=model_cfg.get("family", "auto"),
-        dtype=model_cfg.get("dtype", "float32"),
-        task_name=snakemake.wildcards.task,
-        split_dir=str(Path(snakemake.input.train).parent),
-        method=snakemake.wildcards.method,
-        method_params=dict(snakemake.params.method_params),
-        ledger=ledger,
-        seed=int(snakemake.wildcards.seed),
-        eval_batch_size=int(snakemake.params.eval_batch_size),
-        device=snakemake.params.device,
-        mask_files=list(snakemake.input.masks),
-        checkpoint=policy,
-    )
-    metrics["eps"] = snakemake.wildcards.eps
-    metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
-    write_json_atomic(Path(snakemake.output.metrics), metrics)
-    remove_checkpoint(policy.path)  # only once the metrics are safely in place
+    folder = policy.path.parent  # the cell's checkpoint folder: not an output, so Snakemake keeps it
+    with CellLock(folder / "train.lock"):
+        metrics = run_cell(
+            model=snakemake.wildcards.model,
+            model_path=str(snakemake.params.model_path),
+            family=model_cfg.get("family", "auto"),
+            dtype=model_cfg.get("dtype", "float32"),
+            task_name=snakemake.wildcards.task,
+            split_dir=str(Path(snakemake.input.train).parent),
+            method=snakemake.wildcards.method,
+            method_params=dict(snakemake.params.method_params),
+            ledger=ledger,
+            seed=int(snakemake.wildcards.seed),
+            eval_batch_size=int(snakemake.params.eval_batch_size),
+            device=snakemake.params.device,
+            mask_files=list(snakemake.input.masks),
+            checkpoint=policy,
+        )
+        metrics["eps"] = snakemake.wildcards.eps
+        metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
+        write_json_atomic(Path(snakemake.output.metrics), metrics)
+        remove_checkpoint(policy.path)  # only once the metrics are safely in place
     logging.info("%s %.4f after %s steps", metrics["metric"], metrics["score"], metrics["steps"])
 
 
