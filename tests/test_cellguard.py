@@ -1,4 +1,5 @@
-"""The guards around a cell's run: one process at a time (the lock)."""
+"""The guards around a cell's run: one process at a time (the lock), and every start counted,
+with a retry of a private cell after a data-dependent failure refused (the attempt log)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 import dpzo
 from dpzo import train as train_module, workflow
-from dpzo.cellguard import CellBusy, CellLock
+from dpzo.cellguard import Attempt, AttemptLog, CellBusy, CellLock, RetryRefused
+from dpzo.privacy import NoisySum, SecretRandom
+from dpzo.train import ZOHyperparameters, train_zo
+
+from .test_checkpoint import Killed, snapshots
+from .test_inputs import model_dir, split_dir, zo_ledger  # noqa: F401 (fixtures: a tiny model and split on disk)
+from .test_zo import Quadratic, TwoTensorModel
 
 SRC = str(Path(dpzo.__file__).resolve().parents[1])
 
@@ -71,6 +80,113 @@ def test_a_lock_file_left_by_a_killed_process_does_not_block(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# the attempt log, with the zeroth-order trainer
+# ------------------------------------------------------------------------------------------------
+N = 40
+
+
+def train(log: AttemptLog | None, *, lr=1e-2, poisoned=False, method="dp-zoso", checkpoint=None, attempt=None,
+          die_after_calls=None):
+    """A private (or mezo) training run recorded in ``log``; ``poisoned``: example 0 has an infinite
+    target, so the run fails with a non-finite loss once the sampler draws it (data-dependent)."""
+    quad = Quadratic(n=N)
+    if poisoned:
+        quad.y[0] = np.inf
+    model = TwoTensorModel()
+    inner, calls = quad.loss_fn(model), []
+
+    def loss(index):
+        calls.append(1)
+        if die_after_calls is not None and len(calls) > die_after_calls:
+            raise Killed
+        return inner(index)
+
+    private = method != "mezo"
+    hp = ZOHyperparameters(steps=12, batch_size=8, lr=lr, clip=3.0 if private else float("inf"), log_every=2)
+    identity = {"method": method, "lr": lr, "data": "poisoned" if poisoned else "clean"}
+
+    def run(current: Attempt) -> dict:
+        return train_zo(model, loss, N, hp, method=method, run_seed=13, checkpoint=checkpoint,
+                        noise=NoisySum("gaussian", 2.0, 8.0) if private else None,
+                        secret=SecretRandom(insecure_test_seed=5) if private else None,
+                        on_start=lambda step: current.start(identity, step))
+
+    if attempt is not None:  # outside ``log.attempt``: a kill records no outcome
+        return run(attempt)
+    with log.attempt(private=private) as current:
+        return run(current)
+
+
+def test_a_private_cell_that_failed_on_its_data_is_not_retried_unchanged(tmp_path):
+    log = AttemptLog(tmp_path / "attempts.jsonl")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(log, poisoned=True)
+    start, end = log.records()
+    assert (start["event"], start["resumed_after_step"], start["pid"]) == ("start", None, os.getpid())
+    assert end["data_dependent"] and end["outcome"].startswith("data-dependent failure: FloatingPointError: non-finite")
+    # the retry SLURM's `retries: 2` would make: refused before any step, and not recorded
+    with pytest.raises(RetryRefused) as refused:
+        train(log, poisoned=True)
+    message = str(refused.value)
+    for part in ("depended on the private data", "second run of the mechanism", "does not account",
+                 "Change the cell's hyperparameters", f"delete {log.path}"):
+        assert part in message
+    assert len(log.records()) == 2
+    # changed hyperparameters: allowed, and counted as a second run of the mechanism
+    history = train(log, lr=1e-3, poisoned=False)
+    assert history["steps_run"] == 12
+    summary = log.summary()
+    assert (summary["attempts"], summary["resumes"]) == (2, 0)
+    assert [r.get("outcome") for r in summary["attempt_log"] if r["event"] == "end"][-1] == "completed"
+
+
+def test_a_non_private_cell_that_failed_is_retried(tmp_path):
+    log = AttemptLog(tmp_path / "attempts.jsonl")
+    with pytest.raises(FloatingPointError):
+        train(log, poisoned=True, method="mezo", lr=1e-2)
+    with pytest.raises(FloatingPointError):  # started again (and failed again): nothing is private
+        train(log, poisoned=True, method="mezo", lr=1e-2)
+    assert log.summary()["attempts"] == 2
+
+
+def test_a_resume_is_not_a_new_attempt_and_a_kill_leaves_no_outcome(tmp_path):
+    log = AttemptLog(tmp_path / "attempts.jsonl")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):  # killed mid-run: the process dies, no outcome is written
+        train(log, checkpoint=snapshots(path), attempt=Attempt(log, private=True), die_after_calls=16)
+    step = torch.load(path, weights_only=True)["step"]
+    train(log, checkpoint=snapshots(path))
+    records = log.records()
+    assert [r["event"] for r in records] == ["start", "start", "end"]
+    assert records[1]["resumed_after_step"] == step > 0 and records[2]["outcome"] == "completed"
+    assert {k: log.summary()[k] for k in ("attempts", "resumes")} == {"attempts": 1, "resumes": 1}
+    # a run started from scratch after the kill (no snapshot) is a second attempt
+    path.unlink()
+    train(log, checkpoint=snapshots(path))
+    assert log.summary()["attempts"] == 2
+
+
+def test_a_torn_line_is_skipped_and_the_next_line_starts_fresh(tmp_path, caplog):
+    log = AttemptLog(tmp_path / "attempts.jsonl")
+    log.append({"event": "start", "resumed_after_step": None})
+    with open(log.path, "a") as fh:
+        fh.write('{"event": "end", "outc')  # killed in the middle of a write
+    log.append({"event": "start", "resumed_after_step": 4})
+    assert [r["event"] for r in log.records()] == ["start", "start"] and "line 2 is torn" in caplog.text
+    assert {k: log.summary()[k] for k in ("attempts", "resumes")} == {"attempts": 1, "resumes": 1}
+
+
+def test_close_moves_the_log_aside_so_a_forced_rerun_counts_anew(tmp_path):
+    log = AttemptLog(tmp_path / "attempts.jsonl")
+    with log.attempt(private=True) as current:
+        current.start({"method": "dp-zoso"}, None)
+    done = log.close()
+    assert not log.path.exists() and done.parent == tmp_path and done.name.startswith("attempts.")
+    assert [json.loads(line)["event"] for line in done.read_text().splitlines()] == ["start", "end"]
+    assert log.summary()["attempts"] == 0 and log.close() is None
+
+
+# ------------------------------------------------------------------------------------------------
 # the Snakemake adapter
 # ------------------------------------------------------------------------------------------------
 def fake_job(tmp_path: Path, *, private: bool = True) -> SimpleNamespace:
@@ -88,6 +204,40 @@ def fake_job(tmp_path: Path, *, private: bool = True) -> SimpleNamespace:
     )
 
 
+def test_the_train_job_locks_the_cell_counts_attempts_and_refuses_an_unchanged_retry(tmp_path, monkeypatch):
+    monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)  # keep pytest's logging
+    calls = []
+
+    def run_cell(*, on_start, method_params, **_):
+        calls.append(method_params["lr"])
+        lock = tmp_path / "results" / "checkpoints" / "cell" / "train.lock"
+        assert json.loads(lock.read_text())["pid"] == os.getpid()  # held for the whole run
+        on_start({"method": "dp-zoso", "method_params": method_params}, None)
+        if method_params["lr"] > 0.5:
+            raise FloatingPointError("non-finite loss difference at step 3")
+        return {"metric": "accuracy", "score": 0.5, "steps": 3}
+
+    monkeypatch.setattr(train_module, "run_cell", run_cell)
+    job = fake_job(tmp_path)
+    folder = Path(job.params.checkpoint).parent
+    with pytest.raises(FloatingPointError):
+        workflow.train(job)
+    with pytest.raises(RetryRefused, match="depended on the private data"):  # the profile's retry
+        workflow.train(job)
+    assert calls == [1.0, 1.0] and not Path(job.output.metrics).exists()
+    job.params.method_params = {"lr": 0.1}  # the hyperparameters changed after the failure
+    workflow.train(job)
+    metrics = json.loads(Path(job.output.metrics).read_text())
+    assert (metrics["attempts"], metrics["resumes"]) == (2, 0)
+    assert [r.get("outcome", "").split(":")[0] for r in metrics["attempt_log"] if r["event"] == "end"] == [
+        "data-dependent failure", "completed"]
+    # once the metrics are written the log is closed: a forced rerun counts from 1
+    assert sorted(p.name.split(".")[0] for p in folder.iterdir()) == ["attempts"]
+    assert not (folder / "attempts.jsonl").exists() and not (folder / "train.lock").exists()
+    workflow.train(job)
+    assert json.loads(Path(job.output.metrics).read_text())["attempts"] == 1
+
+
 def test_the_train_job_refuses_a_cell_another_process_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)
     monkeypatch.setattr(train_module, "run_cell", lambda **_: pytest.fail("trained a locked cell"))
@@ -99,3 +249,36 @@ def test_the_train_job_refuses_a_cell_another_process_trains(tmp_path, monkeypat
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+    assert not (Path(job.params.checkpoint).parent / "attempts.jsonl").exists()  # nothing started
+
+
+def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(model_dir, split_dir, tmp_path, one_thread,
+                                                                    monkeypatch):
+    """The real adapter and trainer, as SLURM's `retries: 2` would run them after a non-finite update."""
+    monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)
+    monkeypatch.delenv("DPZO_INSECURE_TEST_NOISE_SEED", raising=False)
+    ledger = zo_ledger("dp-zoso", 2, 1.0)
+    assert ledger["private"]
+    (tmp_path / "privacy.json").write_text(json.dumps(ledger))
+    out = tmp_path / "run" / "metrics.json"
+    job = SimpleNamespace(
+        log=[], threads=1, config={},
+        input=SimpleNamespace(ledger=str(tmp_path / "privacy.json"), train=str(split_dir / "train.jsonl"), masks=[]),
+        output=SimpleNamespace(metrics=str(out)),
+        wildcards=SimpleNamespace(model="tiny", task="SST-2", method="dp-zoso", eps="inf", seed="13"),
+        params=SimpleNamespace(model_path=str(model_dir), model_cfg={}, eval_batch_size=8, device="cpu",
+                               method_params={"steps": 2, "batch_size": 4, "lr": 1e300, "clip": 1.0},
+                               checkpoint=str(tmp_path / "checkpoint" / "train_state.pt")),
+    )
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        workflow.train(job)
+    with pytest.raises(RetryRefused, match="depended on the private data"):
+        workflow.train(job)
+    assert not out.exists()
+    job.params.method_params = dict(job.params.method_params, lr=1e-2)  # the fix: another learning rate
+    workflow.train(job)
+    metrics = json.loads(out.read_text())
+    assert (metrics["attempts"], metrics["resumes"], metrics["releases"]) == (2, 0, 2)
+    outcomes = [r["outcome"] for r in metrics["attempt_log"] if r["event"] == "end"]
+    assert outcomes[0].startswith("data-dependent failure: FloatingPointError: non-finite update") and outcomes[1] == "completed"
+

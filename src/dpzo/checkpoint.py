@@ -24,7 +24,8 @@ never written anywhere; the resumed run computes them once, with fresh noise and
 batches, so the ledger's T * P releases are exactly what the final weights depend on (the
 trainer counts the releases across resumes and checks the total against the ledger).  A run
 that *fails* on its own (a non-finite loss) is a data-dependent event: re-running it, from a
-snapshot or from scratch, is a retry the ledger does not account.
+snapshot or from scratch, is a retry the ledger does not account (the cell's attempt log refuses
+it, ``dpzo.cellguard``).
 
 Identity: a snapshot records what it belongs to (method, hyperparameters, ledger, training data,
 model size and a digest of theta_0, whether noise is secure).  A snapshot whose identity differs

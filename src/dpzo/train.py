@@ -155,6 +155,7 @@ def train_zo(
     masks: Callable[[int], Mask] | None = None,
     record_releases: bool = False,
     checkpoint: TrainingCheckpoint | None = None,
+    on_start: Callable[[int | None], None] | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -166,7 +167,9 @@ def train_zo(
     ``history["released"]`` (they are the public output of the mechanism; the privacy audit
     compares them with its own run of the mechanism; not kept across a resume).  With
     ``checkpoint`` the loop continues from the cell's snapshot when there is one and writes new
-    ones as its policy says (``dpzo.checkpoint``).
+    ones as its policy says (``dpzo.checkpoint``).  ``on_start(step)`` is called once before the
+    first step, with the step a snapshot resumed after (None: from step 0); it may raise to
+    refuse the run (``dpzo.cellguard``).
     """
     method = base_method(method)
     if method not in ZO_METHODS:
@@ -211,6 +214,8 @@ def train_zo(
         losses, examples_since_log, clipped = resumed.since_log
         losses_since_log = [torch.tensor(x, dtype=torch.float64, device=device) for x in losses]
         clipped_since_log += clipped
+    if on_start is not None:
+        on_start(None if resumed is None else resumed.step)
     steps_run = first_step
 
     def raise_on_flags() -> None:
@@ -364,12 +369,16 @@ def run_cell(
     device: str = "cpu",
     mask_files: list[str] | None = None,
     checkpoint: CheckpointPolicy | None = None,
+    on_start: Callable[[dict, int | None], None] | None = None,
 ) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
     ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
     order (see ``prune.MaskSettings``).  ``checkpoint``: where and how often zeroth-order
-    training snapshots itself, and resumes from (``dpzo.checkpoint``).
+    training snapshots itself, and resumes from (``dpzo.checkpoint``).  ``on_start(identity,
+    step)`` is called once before training (evaluation for zero-shot) with what the run is and
+    the step a snapshot resumed after (None: from scratch); it may raise to refuse the run
+    (``dpzo.cellguard.Attempt.start``).
 
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
@@ -396,11 +405,24 @@ def run_cell(
     train_set = clf.encode(train_examples)
     test_set = clf.encode(test_examples)
 
+    # everything the run depends on: a snapshot of any other run is never resumed, and a retry
+    # of a failed run is recognised as the same run
+    identity = dict(
+        model_path=model_path, dtype=dtype, task=task_name, method=method, seed=seed, method_params=method_params,
+        ledger=ledger, train_data=file_digest(Path(split_dir) / "train.jsonl"),
+        masks=[file_digest(f) for f in mask_files or []],
+    )
+
+    def started(resumed_after: int | None) -> None:
+        if on_start is not None:
+            on_start(identity, resumed_after)
+
     history: dict = {}
     base = base_method(method)
     if base == ICL:
         from .icl import choose_demonstrations, encode_with_demonstrations
 
+        started(None)
         hp = hyperparameters_for(method, method_params)
         demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
         test_set = encode_with_demonstrations(clf, test_examples, demos)
@@ -413,19 +435,14 @@ def run_cell(
         if base in FIRST_ORDER:
             from .firstorder import train_first_order
 
+            started(None)  # first-order training always starts from scratch
             history = train_first_order(
                 clf, train_set, hp, method=base, run_seed=seed, sigma=float(ledger.get("sigma") or 0.0), secret=secret
             )
         else:
             snapshots = None
             if checkpoint is not None:
-                # everything the run depends on: a snapshot of any other run is never resumed
-                snapshots = TrainingCheckpoint(checkpoint, identity=dict(
-                    model_path=model_path, dtype=dtype, task=task_name, method=method, seed=seed,
-                    method_params=method_params, ledger=ledger,
-                    train_data=file_digest(Path(split_dir) / "train.jsonl"),
-                    masks=[file_digest(f) for f in mask_files or []],
-                ))
+                snapshots = TrainingCheckpoint(checkpoint, identity=identity)
             with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
                 history = train_zo(
                     lm,
@@ -438,9 +455,12 @@ def run_cell(
                     secret=secret,
                     masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
                     checkpoint=snapshots,
+                    on_start=started,
                 )
         if base in PRIVATE_METHODS:
             check_ledger_after(ledger, history)
+    else:
+        started(None)  # zero-shot: evaluation only
     result = evaluate(clf, test_set, batch_size=eval_batch_size)
     resumed_from = history.pop("resumed_from", [])
     return {

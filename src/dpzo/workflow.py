@@ -141,8 +141,8 @@ def checkpoint_policy(path: str | Path, settings: dict | None):
 
 
 def train(snakemake) -> None:
-    """Train and evaluate one cell, holding its lock (``dpzo.cellguard``)."""
-    from .cellguard import CellLock
+    """Train and evaluate one cell, holding its lock and recording the attempt (``dpzo.cellguard``)."""
+    from .cellguard import AttemptLog, CellLock
     from .checkpoint import remove_checkpoint
     from .train import run_cell
 
@@ -152,27 +152,33 @@ def train(snakemake) -> None:
     model_cfg = snakemake.params.model_cfg
     folder = policy.path.parent  # the cell's checkpoint folder: not an output, so Snakemake keeps it
     with CellLock(folder / "train.lock"):
-        metrics = run_cell(
-            model=snakemake.wildcards.model,
-            model_path=str(snakemake.params.model_path),
-            family=model_cfg.get("family", "auto"),
-            dtype=model_cfg.get("dtype", "float32"),
-            task_name=snakemake.wildcards.task,
-            split_dir=str(Path(snakemake.input.train).parent),
-            method=snakemake.wildcards.method,
-            method_params=dict(snakemake.params.method_params),
-            ledger=ledger,
-            seed=int(snakemake.wildcards.seed),
-            eval_batch_size=int(snakemake.params.eval_batch_size),
-            device=snakemake.params.device,
-            mask_files=list(snakemake.input.masks),
-            checkpoint=policy,
-        )
+        attempts = AttemptLog(folder / "attempts.jsonl")
+        with attempts.attempt(private=bool(ledger.get("private"))) as attempt:
+            metrics = run_cell(
+                model=snakemake.wildcards.model,
+                model_path=str(snakemake.params.model_path),
+                family=model_cfg.get("family", "auto"),
+                dtype=model_cfg.get("dtype", "float32"),
+                task_name=snakemake.wildcards.task,
+                split_dir=str(Path(snakemake.input.train).parent),
+                method=snakemake.wildcards.method,
+                method_params=dict(snakemake.params.method_params),
+                ledger=ledger,
+                seed=int(snakemake.wildcards.seed),
+                eval_batch_size=int(snakemake.params.eval_batch_size),
+                device=snakemake.params.device,
+                mask_files=list(snakemake.input.masks),
+                checkpoint=policy,
+                on_start=attempt.start,
+            )
         metrics["eps"] = snakemake.wildcards.eps
         metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
+        metrics.update(attempts.summary())
         write_json_atomic(Path(snakemake.output.metrics), metrics)
         remove_checkpoint(policy.path)  # only once the metrics are safely in place
-    logging.info("%s %.4f after %s steps", metrics["metric"], metrics["score"], metrics["steps"])
+        attempts.close()  # likewise: a later forced rerun counts anew
+    logging.info("%s %.4f after %s steps (attempt %d, %d resumes)", metrics["metric"], metrics["score"],
+                 metrics["steps"], metrics["attempts"], metrics["resumes"])
 
 
 def _mask_classifier(snakemake):
