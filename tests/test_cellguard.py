@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import dpzo
-from dpzo import train as train_module, workflow
+from dpzo import report, tables, train as train_module, workflow
 from dpzo.cellguard import Attempt, AttemptLog, CellBusy, CellLock, RetryRefused
 from dpzo.privacy import NoisySum, SecretRandom
 from dpzo.train import ZOHyperparameters, train_zo
 
 from .test_checkpoint import Killed, snapshots
 from .test_inputs import model_dir, split_dir, zo_ledger  # noqa: F401 (fixtures: a tiny model and split on disk)
+from .test_report import write_cell
 from .test_zo import Quadratic, TwoTensorModel
 
 SRC = str(Path(dpzo.__file__).resolve().parents[1])
@@ -282,3 +283,19 @@ def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(model_dir, sp
     outcomes = [r["outcome"] for r in metrics["attempt_log"] if r["event"] == "end"]
     assert outcomes[0].startswith("data-dependent failure: FloatingPointError: non-finite update") and outcomes[1] == "completed"
 
+
+# ------------------------------------------------------------------------------------------------
+# the privacy table
+# ------------------------------------------------------------------------------------------------
+def test_the_privacy_table_shows_the_attempts_of_each_cell(tmp_path):
+    files = [write_cell(tmp_path, "m", "SST-2", "dp-zoso", "2", seed, 0.9) for seed in (13, 42, 21)]
+    for f, attempts in zip(files, (1, 2, 1)):
+        metrics = json.loads(f.read_text())
+        f.write_text(json.dumps({**metrics, "attempts": attempts, "resumes": 0}))
+    cells = report.load_cells(files)
+    assert list(cells["attempts"]) == [1, 2, 1]
+    tidy = tables.privacy_table(cells)
+    assert [(r.seeds, r.attempts) for r in tidy.itertuples()] == [("13, 21", 1), ("42", 2)]
+    rendered = tables.render_privacy(tidy).body
+    assert list(rendered["attempts"]) == ["1", "2"]
+    assert list(rendered.columns).index("attempts") == list(rendered.columns).index("seeds") + 1
