@@ -232,6 +232,8 @@ class AttemptLog:
             if current.identity is not None:
                 outcome, data_dependent = outcome_of(exc)
                 current.end(outcome, data_dependent=data_dependent)
+                # the job's log: an uncaught exception only reaches the job's stderr
+                log.error("this run of the cell ended: %s (recorded in %s)", outcome, self.path)
             raise
         if current.identity is not None:
             current.end("completed")
