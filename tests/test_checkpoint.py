@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import logging
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from dpzo import checkpoint as checkpoint_module
 from dpzo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
 from dpzo.methods import MaskSettings
 from dpzo.privacy import NoisySum, SecretRandom
@@ -47,8 +52,11 @@ CASES = {
 }
 
 
-def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=None, on_call=None):
-    """One trainer run in a fresh 'process': new model, new generators; returns (model, history, calls)."""
+def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=None, on_call=None,
+        master_dtype=torch.float32):
+    """One trainer run in a fresh 'process': new model, new generators; returns (model, history, calls).
+
+    ``master_dtype=None`` trains in place (theta lives in the float64 model weights)."""
     case = CASES[method]
     quad = Quadratic(n=N)
     model = TwoTensorModel()
@@ -69,6 +77,7 @@ def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=N
         model, loss, N, ZOHyperparameters(**case["hp"]), method=method, run_seed=13,
         noise=NoisySum("gaussian", 2.0, 8.0) if case["private"] else None, secret=secret,
         masks=top_magnitude_masks(model) if method == "dp-zopo" else None, checkpoint=checkpoint,
+        master_dtype=master_dtype,
     )
     return model, history, calls
 
@@ -96,6 +105,39 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert len(calls) < len(ref_calls)  # it continued; it did not start over
     if CASES[method]["private"]:
         assert history["releases"] == ref_history["releases"] == CASES[method]["hp"]["steps"] * CASES[method]["hp"].get("directions", 1)
+
+
+def assert_same_run(got, want, *, in_place):
+    """Master mode: bit-identical.  In place: equal up to the rounding of in-place arithmetic
+    (a snapshot restores theta, so the next pass does in two what would have been one)."""
+    (model, history), (ref_model, ref_history) = got, want
+    if not in_place:
+        assert torch.equal(model.theta(), ref_model.theta())
+        assert comparable(history) == comparable(ref_history)
+        return
+    torch.testing.assert_close(model.theta(), ref_model.theta(), rtol=0, atol=1e-12)
+    assert history["loss"] == pytest.approx(ref_history["loss"], rel=0, abs=1e-12)
+    assert history["grad"] == pytest.approx(ref_history["grad"], rel=0, abs=1e-12)
+    assert history["releases"] == ref_history["releases"] and history["examples"] == ref_history["examples"]
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+@pytest.mark.parametrize("master_dtype", [torch.float64, None], ids=["master", "in-place"])
+def test_resume_equals_the_uninterrupted_run_with_and_without_a_master_copy(tmp_path, method, master_dtype):
+    in_place = master_dtype is None
+    ref_model, ref_history, ref_calls = run(method, master_dtype=master_dtype)
+    # writing snapshots does not change what the run computes
+    model, history, _ = run(method, master_dtype=master_dtype, checkpoint=snapshots(tmp_path / "every.pt", every_steps=1))
+    assert_same_run((model, history), (ref_model, ref_history), in_place=in_place)
+    # killed mid-step after a snapshot, then resumed in a fresh model, FlatParameters and checkpoint
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run(method, master_dtype=master_dtype, checkpoint=snapshots(path), die_after_calls=len(ref_calls) * 2 // 3)
+    step = torch.load(path, weights_only=True)["step"]
+    assert 0 < step < ref_history["steps_run"]
+    model, history, _ = run(method, master_dtype=master_dtype, checkpoint=snapshots(path))
+    assert history["resumed_from"] == [step]
+    assert_same_run((model, history), (ref_model, ref_history), in_place=in_place)
 
 
 def test_a_second_interruption_resumes_from_the_newer_snapshot(tmp_path):
@@ -130,6 +172,46 @@ def test_a_snapshot_of_another_configuration_is_not_resumed(tmp_path):
     from dpzo.zo import FlatParameters
 
     assert state.resume(FlatParameters(other), public_rng=np.random.default_rng(0), secret=SecretRandom(5)) is None
+
+
+@pytest.mark.parametrize("tamper", ["master", "step", "releases", "no digest"])
+def test_a_snapshot_that_does_not_verify_is_ignored_and_the_run_starts_over(tmp_path, caplog, tamper):
+    reference, ref_history, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) * 2 // 3)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] > 0
+    if tamper == "master":
+        saved["master"][3] += 1e-3  # one coordinate of theta
+    elif tamper == "no digest":
+        del saved["digest"]  # e.g. a file from before snapshots carried one
+    else:
+        saved[tamper] -= 1  # a counter: the ledger check would count the wrong releases
+    torch.save(saved, path)  # loads fine, keeps the old digest
+    with caplog.at_level(logging.WARNING, logger="dpzo.checkpoint"):
+        resumed, history, calls = run("dp-zoso", checkpoint=snapshots(path))
+    assert f"ignoring checkpoint {path}: it does not verify" in caplog.text
+    assert history["resumed_from"] == [] and len(calls) == len(ref_calls)  # started over
+    assert torch.equal(resumed.theta(), reference.theta())
+    assert comparable(history) == comparable(ref_history)
+
+
+def test_a_snapshot_of_16_bit_weights_trained_in_place_verifies(tmp_path):
+    """The digest covers dtypes numpy does not have (bfloat16 weights hold theta in place)."""
+    from dpzo.checkpoint import LoopState
+    from dpzo.zo import FlatParameters
+
+    path = tmp_path / "state.pt"
+    flat = FlatParameters(TwoTensorModel(dtype=torch.bfloat16), master_dtype=None)
+    state = snapshots(path)
+    assert state.resume(flat, public_rng=np.random.default_rng(0)) is None
+    flat.perturb(seed=3, scale=0.5)  # saved restored: the perturbation is not part of theta
+    state.save(LoopState(2, 0, None, {}, ([], 0, 0), 1.0), flat, public_rng=np.random.default_rng(0))
+    again = FlatParameters(TwoTensorModel(dtype=torch.bfloat16), master_dtype=None)
+    resumed = snapshots(path).resume(again, public_rng=np.random.default_rng(0))
+    assert resumed is not None and resumed.step == 2
+    assert torch.equal(again.master, flat.master) and again.master.dtype == torch.bfloat16
 
 
 def test_secure_noise_state_is_never_written_and_the_resumed_run_draws_fresh_noise(tmp_path):
@@ -176,3 +258,59 @@ def test_sigterm_saves_after_the_current_step_then_stops(tmp_path):
 def test_policy_rejects_negative_intervals(tmp_path):
     with pytest.raises(ValueError, match="every_steps and every_seconds"):
         CheckpointPolicy(tmp_path / "x.pt", every_steps=-1)
+
+
+def full_disk(monkeypatch, fail=lambda write: True):
+    """Snapshot writes for which ``fail(n)`` holds (n counts writes from 1) go to /dev/full, where
+    the kernel itself answers ENOSPC; returns the steps of the snapshots really written."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    written, writes = [], []
+    real_save = torch.save
+
+    def open_for_snapshot(file, mode="r", *args, **kwargs):
+        if mode == "wb":
+            writes.append(file)
+            if fail(len(writes)):
+                return builtins.open("/dev/full", "wb")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        if getattr(f, "name", None) != "/dev/full":
+            written.append(obj["step"])
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "open", open_for_snapshot, raising=False)
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    return written
+
+
+def test_a_full_disk_skips_a_periodic_snapshot_and_training_continues(tmp_path, monkeypatch, caplog):
+    reference, ref_history, _ = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    written = full_disk(monkeypatch, fail=lambda n: n == 2)  # the snapshot after step 6
+    with caplog.at_level(logging.WARNING, logger="dpzo.checkpoint"):
+        model, history, _ = run("dp-zoso", checkpoint=snapshots(path))
+    assert torch.equal(model.theta(), reference.theta()) and comparable(history) == comparable(ref_history)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no space" in warnings[0] and str(path) in warnings[0]
+    assert "No space left on device" in warnings[0]  # the kernel's own error, through torch.save
+    assert written == [3, 9, 12]  # skipped at 6; the next try came at the next interval
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temporary file left behind
+    assert torch.load(path, weights_only=True)["step"] == 12
+
+
+def test_no_space_for_the_sigterm_snapshot_stops_the_run_and_says_so(tmp_path, monkeypatch):
+    _, _, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    full_disk(monkeypatch)
+    never = snapshots(path, every_steps=0)
+
+    def terminate(call):
+        if call == len(ref_calls) // 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="could not be saved: no space") as stopped, never.saving_on_sigterm():
+        run("dp-zoso", checkpoint=never, on_call=terminate)
+    assert not stopped.value.saved and str(path) in str(stopped.value)
+    assert list(tmp_path.iterdir()) == []  # neither a snapshot nor a temporary file

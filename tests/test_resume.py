@@ -107,12 +107,40 @@ def test_killed_and_terminated_cell_resumes_to_the_uninterrupted_result(workdir,
     resumed = json.loads(metrics_file.read_text())
     ledger = json.loads((metrics_file.parent / "privacy.json").read_text())
     assert resumed["resumed_from"] == [first, second]
+    assert (resumed["attempts"], resumed["resumes"]) == (1, 2)  # one run of the mechanism, continued twice
     assert resumed["steps"] == STEPS and resumed["releases"] == STEPS * DIRECTIONS == ledger["compositions"]
     assert ledger["sigma"] > 0 and not checkpoint.exists()
 
     # 4. the same cell, uninterrupted
     snakemake(workdir, "-f", "--", f"results/runs/{CELL}/metrics.json")
     reference = json.loads(metrics_file.read_text())
-    assert reference["resumed_from"] == []
+    assert reference["resumed_from"] == [] and (reference["attempts"], reference["resumes"]) == (1, 0)
     for key in ("accuracy", "test_loss", "confusion", "history", "steps", "releases"):
         assert resumed[key] == reference[key], key
+
+
+@pytest.mark.slow
+def test_a_private_cell_that_failed_on_its_data_is_not_retried(workdir):
+    """Snakemake's retries (the SLURM profile has `retries: 2`) after a non-finite update: the
+    retry refuses instead of running the mechanism again; another learning rate then runs and is
+    counted as the cell's second attempt."""
+    target = f"results/runs/{CELL}/metrics.json"
+    attempts = workdir / "results" / "checkpoints" / CELL / "attempts.jsonl"
+    # lr * g overflows the weights: the update is non-finite (no proximal pull, whose public
+    # weight lr * lam would overflow before any data is involved)
+    failing = dict(CONFIG, methods={"dp-zoso": dict(CONFIG["methods"]["dp-zoso"], lr=1e300, lam=0.0)})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(failing))
+    proc = snakemake(workdir, "--retries", "1", target, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (workdir / target).exists()
+    log = (workdir / "logs" / "train" / f"{CELL}.log").read_text()  # both tries log to it
+    assert "data-dependent failure: FloatingPointError: non-finite update" in log
+    assert "refusing to retry this private cell" in log and "Trying to restart job" in output
+    records = [json.loads(line) for line in attempts.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "end"] and records[1]["data_dependent"]
+
+    (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    snakemake(workdir, target)
+    metrics = json.loads((workdir / target).read_text())
+    assert (metrics["attempts"], metrics["resumes"], metrics["steps"]) == (2, 0, STEPS)
+    assert not attempts.exists()  # closed with the metrics: a forced rerun counts from 1

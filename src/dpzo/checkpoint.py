@@ -11,7 +11,8 @@ theta_T from theta_0.  Replaying costs one full-size direction per step and dire
 would have to re-derive dynamic DP-ZOPO masks and proximal anchors on the way; a snapshot
 restores in one read and needs none of that, so that is what is stored:
 
-* theta (the master copy), the current mask with its scales, the proximal anchor;
+* theta (the master copy, or the restored weights when training in place), the current mask
+  with its scales, the proximal anchor;
 * the loop's bookkeeping: steps and releases done, the loss-curve history and the partial
   sums since the last log point, training seconds so far, earlier resume points;
 * the public batch generator of MeZO;
@@ -23,21 +24,29 @@ never written anywhere; the resumed run computes them once, with fresh noise and
 batches, so the ledger's T * P releases are exactly what the final weights depend on (the
 trainer counts the releases across resumes and checks the total against the ledger).  A run
 that *fails* on its own (a non-finite loss) is a data-dependent event: re-running it, from a
-snapshot or from scratch, is a retry the ledger does not account.
+snapshot or from scratch, is a retry the ledger does not account (the cell's attempt log refuses
+it, ``dpzo.cellguard``).
 
 Identity: a snapshot records what it belongs to (method, hyperparameters, ledger, training data,
 model size and a digest of theta_0, whether noise is secure).  A snapshot whose identity differs
 from the run at hand (the cell's config or data changed) is ignored and later replaced.
 
+Integrity: a snapshot carries a SHA-256 digest of its tensors and of everything else in it
+(counters, history, generator states, identity); a file that loads but does not verify is
+ignored with a warning and the run starts from step 0.
+
 Writing: ``torch.save`` to a temporary file in the same folder, fsync, rename; a kill during the
-write leaves the previous snapshot intact.  The workflow deletes the file once the cell's
-metrics are written.  It lives outside the cell's declared outputs, so Snakemake never deletes
-it when it cleans up a failed or incomplete job.
+write leaves the previous snapshot intact.  A full disk (or quota) skips a periodic snapshot
+with a warning and training continues; at SIGTERM the run stops all the same, saying that its
+state could not be saved.  The workflow deletes the file once the cell's metrics are written.
+It lives outside the cell's declared outputs, so Snakemake never deletes it when it cleans up
+a failed or incomplete job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -60,7 +69,7 @@ if TYPE_CHECKING:  # annotations only: importing them here would be circular
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dpzo-zo-train-state-v1"
+FORMAT = "dpzo-zo-train-state-v2"  # v2: carries a digest of its contents
 DIGEST_SAMPLES = 1 << 20  # coordinates of theta_0 hashed into the identity (all of them below this)
 
 
@@ -101,17 +110,32 @@ class LoopState:
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM arrived: the state was saved and the run stops, to be resumed by the next run."""
+    """SIGTERM arrived: the run stops after saving its state (``saved``), to be resumed by the next run."""
+
+    def __init__(self, message: str, *, saved: bool = True):
+        super().__init__(message)
+        self.saved = saved
+        # what the cell's attempt log records for this run (``dpzo.cellguard``)
+        self.attempt_outcome = "interrupted (snapshot saved)" if saved else "interrupted (state not saved: no space)"
+
+
+#: errno values of a full disk or an exhausted quota
+NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def digest(*arrays: torch.Tensor | np.ndarray) -> str:
-    """SHA-256 of the arrays' bytes (dtype and shape included), for identities."""
+    """SHA-256 of the arrays' bytes (dtype and shape included), for identities and snapshots."""
     h = hashlib.sha256()
     for a in arrays:
-        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
+        if isinstance(a, torch.Tensor):
+            # as raw bytes: numpy has no bfloat16 (the in-place weights of a 16-bit model)
+            t = a.detach().cpu().contiguous()
+            h.update(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -132,6 +156,21 @@ def theta_digest(master: torch.Tensor) -> str:
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+#: The tensors of a snapshot; everything else in it is plain data (numbers, lists, dicts).
+SNAPSHOT_TENSORS = ("master", "mask", "perturb_scales", "update_scales", "anchor")
+
+
+def snapshot_digest(payload: dict) -> str:
+    """SHA-256 over a snapshot's tensors (dtype, shape, bytes) and, serialised canonically, all
+    its other entries (counters, history, generator states, identity); ``digest`` excluded."""
+    h = hashlib.sha256()
+    for key in SNAPSHOT_TENSORS:
+        value = payload.get(key)
+        h.update(f"{key}={'none' if value is None else digest(value)};".encode())
+    h.update(_canonical({k: v for k, v in payload.items() if k not in SNAPSHOT_TENSORS and k != "digest"}).encode())
+    return h.hexdigest()
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -184,6 +223,13 @@ class TrainingCheckpoint:
         except Exception as exc:  # written atomically, so only a foreign or older file gets here
             log.warning("ignoring unreadable checkpoint %s (%s); starting from step 0", path, exc)
             return None
+        if not isinstance(saved, dict) or saved.get("digest") != snapshot_digest(saved):
+            # a damaged or edited file (or one from before snapshots carried a digest): resuming
+            # it would publish weights the counted steps never produced
+            log.warning("ignoring checkpoint %s: it does not verify (its digest is %s); starting from step 0 "
+                        "(the file is replaced by the next snapshot)", path,
+                        "missing" if not isinstance(saved, dict) or "digest" not in saved else "not that of its contents")
+            return None
         if saved.get("format") != FORMAT or _canonical(saved.get("identity")) != _canonical(self.identity):
             log.warning("ignoring checkpoint %s: it belongs to another configuration of this cell; "
                         "starting from step 0", path)
@@ -233,7 +279,26 @@ class TrainingCheckpoint:
         if not self.due(step):
             return
         current = state()
-        self.save(current, flat, public_rng=public_rng, secret=secret)
+        path = self.policy.path
+        try:
+            self.save(current, flat, public_rng=public_rng, secret=secret)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            # A periodic snapshot is optional: losing it costs recomputation after a kill, never
+            # correctness (the previous snapshot is intact).  The next try comes at the next
+            # interval, not after every step.
+            self._last_save, self._last_step = time.monotonic(), current.step
+            if self._stop.is_set():
+                message = (f"stopped by SIGTERM after step {current.step}, but the state could not be saved: no space "
+                           f"left for {path} ({exc}); the next run of this cell resumes from the previous snapshot "
+                           f"if there is one, else starts over; free space in {path.parent}")
+                log.error(message)
+                raise TrainingInterrupted(message, saved=False) from exc
+            log.warning("no space left to write checkpoint %s (%s): this snapshot is skipped and training continues; "
+                        "free space in %s, or an interrupted run restarts from an older snapshot or from step 0",
+                        path, exc, path.parent)
+            return
         if self._stop.is_set():
             message = (f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
                        "and the next run of this cell resumes from it")
@@ -244,6 +309,11 @@ class TrainingCheckpoint:
         self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
     ) -> None:
+        # Restores are deferred: work still holds the last perturbation and, in place (where the
+        # master is work itself), the update not yet written.  A snapshot must hold theta itself;
+        # the run then continues from the restored weights (in place that splits one pass in two,
+        # which changes only the rounding).
+        flat.restore()
         payload = {
             "format": FORMAT,
             "identity": self.identity,
@@ -263,10 +333,13 @@ class TrainingCheckpoint:
             # test mode only: a secure generator refuses to export its state (see SecretRandom)
             "secret_rng": secret.insecure_state() if secret is not None and not secret.is_secure else None,
         }
-        with atomic_path(self.policy.path) as tmp:
-            torch.save(payload, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())  # the rename must never publish a file whose data is not on disk
+        payload["digest"] = snapshot_digest(payload)  # verified on resume
+        # Through a Python file, not a path: torch's own writer reports a full disk as an opaque
+        # RuntimeError, a Python file as OSError(ENOSPC), which step_done can tell apart.
+        with atomic_path(self.policy.path) as tmp, open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must never publish a file whose data is not on disk
         self._last_save, self._last_step = time.monotonic(), state.step
         log.info("checkpoint after step %d written to %s", state.step, self.policy.path)
 

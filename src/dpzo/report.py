@@ -121,6 +121,10 @@ def cell_row(
         "n_params": metrics.get("n_params"),
         "steps": metrics.get("steps", 0),
         "releases": metrics.get("releases", 0),
+        # runs of the mechanism behind this result (starts from scratch) and continuations from a
+        # snapshot; NaN for cells written before they were counted
+        "attempts": _number(metrics.get("attempts")),
+        "resumes": _number(metrics.get("resumes")),
         "ms_per_step": _number(metrics.get("ms_per_step")),
         "train_seconds": _number(metrics.get("train_seconds")),
         "wall_seconds": _number(metrics.get("wall_seconds")),

@@ -174,6 +174,7 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
 PRIVACY_KEYS = [
     "model", "task", "method", "eps", "epsilon_target", "n", "q", "ledger_steps", "directions", "compositions",
     "clip", "sigma", "noise_std_on_sum", "delta", "mechanism", "calibrated_with", "accounting", "neighbouring", "noise",
+    "attempts",  # seeds whose result took more runs of the mechanism get their own row
 ]
 
 
@@ -221,12 +222,13 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
     for r in tidy.itertuples(index=False):
         rd = r._asdict()
         records.append(
-            [rd["model"], rd["task"], rd["method"], str(rd["eps"]), rd["seeds"], _fmt(rd["n"], ".0f"),
+            [rd["model"], rd["task"], rd["method"], str(rd["eps"]), rd["seeds"], _fmt(rd.get("attempts"), ".0f"),
+             _fmt(rd["n"], ".0f"),
              _fmt(rd["q"], ".4g"), _fmt(rd["ledger_steps"], ".0f"), _fmt(rd["directions"], ".0f"), _fmt(rd["clip"], "g"),
              _fmt(rd["sigma"], ".4g"), _fmt(rd["delta"], ".0e") if rd["delta"] else "0",
              *[_fmt(rd[c], ".3f") for c in achieved], rd["calibrated_with"] or MISSING, _noise_text(rd.get("noise"))]
         )
-    columns = ["model", "task", "method", "target ε", "seeds", "n", "q", "T", "P", "C", "σ", "δ",
+    columns = ["model", "task", "method", "target ε", "seeds", "attempts", "n", "q", "T", "P", "C", "σ", "δ",
                *[f"ε {c.removeprefix('epsilon_').upper()}" for c in achieved], "calibrated with", "noise"]
     body = pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
     notes = [
@@ -236,6 +238,10 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
         "ε PLD / PRV / RDP: the ε that σ achieves under each accountant at δ (the calibrating one meets the target); "
         "ε PURE: the Laplace variant's pure ε-DP (δ = 0). ε VERIFIED: recomputed by the trainer, before its first "
         "step, from the noise it then added (the ledger is refused when this exceeds the target).",
+        "attempts: runs of the mechanism started from scratch behind each seed's result (1 normally; continuations "
+        "from a snapshot are not counted). The ledger accounts one run: more means earlier runs stopped (killed, or "
+        "failed and rerun with changed hyperparameters) and were discarded; see README. Seeds with different counts "
+        "have separate rows.",
     ]
     if "noise" in tidy and tidy["noise"].map(is_test_noise).any():
         notes.insert(0, f"NOT PRIVATE rows: {TEST_NOISE_NOTE}")

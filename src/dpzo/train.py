@@ -93,6 +93,7 @@ def train_zo(
     record_releases: bool = False,
     checkpoint: TrainingCheckpoint | None = None,
     curve: TestLossCurve | None = None,
+    on_start: Callable[[int | None], None] | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -105,7 +106,9 @@ def train_zo(
     compares them with its own run of the mechanism; not kept across a resume).  With
     ``checkpoint`` the loop continues from the cell's snapshot when there is one and writes new
     ones as its policy says (``dpzo.checkpoint``).  ``curve`` adds the test-loss points to the
-    history (``evaluate.TestLossCurve``).
+    history (``evaluate.TestLossCurve``).  ``on_start(step)`` is called once before the first
+    step, with the step a snapshot resumed after (None: from step 0); it may raise to refuse the
+    run (``dpzo.cellguard``).
     """
     method = base_method(method)
     if method not in ZO_METHODS:
@@ -150,6 +153,8 @@ def train_zo(
         losses, examples_since_log, clipped = resumed.since_log
         losses_since_log = [torch.tensor(x, dtype=torch.float64, device=device) for x in losses]
         clipped_since_log += clipped
+    if on_start is not None:
+        on_start(None if resumed is None else resumed.step)
     steps_run = first_step
 
     def raise_on_flags() -> None:
@@ -305,6 +310,7 @@ def run_cell(
     mask_files: list[str] | None = None,
     checkpoint: CheckpointPolicy | None = None,
     curve: CurveSettings | None = None,
+    on_start: Callable[[dict, int | None], None] | None = None,
 ) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
@@ -314,6 +320,9 @@ def run_cell(
     stage's starting ratio, in stage order (see ``prune.MaskSettings``).  ``checkpoint``: where
     and how often zeroth-order training snapshots itself, and resumes from.  ``curve``: the
     test-loss points recorded during training (the only training curve that is published).
+    ``on_start(identity, step)`` is called once before training (evaluation for zero-shot) with
+    what the run is and the step a snapshot resumed after (None: from scratch); it may raise to
+    refuse the run (``dpzo.cellguard.Attempt.start``).
 
     Returns the cell's metrics, and under ``"private_diagnostics"`` what the trainer measured
     on the private batches (training loss, batch sizes, clipped fractions): not covered by the
@@ -350,10 +359,23 @@ def run_cell(
     train_set = clf.encode(train_examples)
     test_set = clf.encode(test_examples)
 
+    # everything the run depends on: a snapshot of any other run is never resumed, and a retry
+    # of a failed run is recognised as the same run
+    identity = dict(
+        model_path=model_path, dtype=dtype, task=cell.task, method=method, seed=seed, method_params=method_params,
+        ledger=ledger, train_data=file_digest(Path(split_dir) / "train.jsonl"),
+        masks=[file_digest(f) for f in mask_files or []],
+    )
+
+    def started(resumed_after: int | None) -> None:
+        if on_start is not None:
+            on_start(identity, resumed_after)
+
     history: dict = {}
     if base == ICL:
         from .icl import choose_demonstrations, encode_with_demonstrations
 
+        started(None)
         demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
         test_set = encode_with_demonstrations(clf, test_examples, demos)
     elif base != ZERO_SHOT:
@@ -361,18 +383,13 @@ def run_cell(
         if base in FIRST_ORDER:
             from .firstorder import train_first_order
 
+            started(None)  # first-order training always starts from scratch
             history = train_first_order(clf, train_set, hp, method=base, run_seed=seed, sigma=verified.sigma,
                                         secret=secret, curve=test_curve)
         else:
             snapshots = None
             if checkpoint is not None:
-                # everything the run depends on: a snapshot of any other run is never resumed
-                snapshots = TrainingCheckpoint(checkpoint, identity=dict(
-                    model_path=model_path, dtype=dtype, task=cell.task, method=method, seed=seed,
-                    method_params=method_params, ledger=ledger,
-                    train_data=file_digest(Path(split_dir) / "train.jsonl"),
-                    masks=[file_digest(f) for f in mask_files or []],
-                ))
+                snapshots = TrainingCheckpoint(checkpoint, identity=identity)
             with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
                 history = train_zo(
                     lm,
@@ -386,9 +403,12 @@ def run_cell(
                     masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
                     checkpoint=snapshots,
                     curve=test_curve,
+                    on_start=started,
                 )
         if base in PRIVATE_METHODS:
             check_ledger_after(ledger, history)
+    else:
+        started(None)  # zero-shot: evaluation only
     result = evaluate(clf, test_set, batch_size=eval_batch_size)
     resumed_from = history.pop("resumed_from", [])
     curves = {k: v for k, v in history.items() if isinstance(v, list)}

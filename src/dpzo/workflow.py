@@ -143,9 +143,12 @@ def curve_settings(settings: dict | None):
 
 
 def train(snakemake) -> None:
+    """Train and evaluate one cell, holding its lock and recording the attempt (``dpzo.cellguard``)."""
+    from .cellguard import AttemptLog, CellLock
     from .checkpoint import remove_checkpoint
     from .fileio import read_json_output
     from .ledger import cell_noise
+    from .methods import is_private
     from .train import run_cell
 
     _setup(snakemake)
@@ -153,34 +156,42 @@ def train(snakemake) -> None:
     ledger = read_json_output(snakemake.input.ledger)
     policy = checkpoint_policy(snakemake.params.checkpoint, snakemake.config.get("checkpoint"))
     model_cfg = snakemake.params.model_cfg
-    metrics = run_cell(
-        cell,
-        model_path=str(snakemake.params.model_path),
-        family=model_cfg.get("family", "auto"),
-        dtype=model_cfg.get("dtype", "float32"),
-        split_dir=str(Path(snakemake.input.train).parent),
-        method_params=dict(snakemake.params.method_params),
-        ledger=ledger,
-        # this process's own noise source: the ledger must have been made for it
-        accounting=_accounting(snakemake, cell_noise(cell.method)),
-        ledger_path=str(snakemake.input.ledger),
-        eval_batch_size=int(snakemake.params.eval_batch_size),
-        device=snakemake.params.device,
-        mask_files=list(snakemake.input.masks),
-        checkpoint=policy,
-        curve=curve_settings(snakemake.config.get("curves")),
-    )
-    metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
-    # measured on private batches, not covered by the guarantee: a file of its own, never published
-    # unless the config asks (report.private_diagnostics)
-    write_json_atomic(Path(snakemake.output.diagnostics), {
-        "note": "computed on the private training batches; NOT covered by the differential-privacy guarantee",
-        **{k: metrics[k] for k in ("model", "task", "method", "eps", "seed")},
-        **metrics.pop("private_diagnostics"),
-    })
-    write_json_atomic(Path(snakemake.output.metrics), metrics)
-    remove_checkpoint(policy.path)  # only once the metrics are safely in place
-    logging.info("%s %.4f after %s steps", metrics["metric"], metrics["score"], metrics["steps"])
+    folder = policy.path.parent  # the cell's checkpoint folder: not an output, so Snakemake keeps it
+    with CellLock(folder / "train.lock"):
+        attempts = AttemptLog(folder / "attempts.jsonl")
+        with attempts.attempt(private=is_private(cell.method)) as attempt:
+            metrics = run_cell(
+                cell,
+                model_path=str(snakemake.params.model_path),
+                family=model_cfg.get("family", "auto"),
+                dtype=model_cfg.get("dtype", "float32"),
+                split_dir=str(Path(snakemake.input.train).parent),
+                method_params=dict(snakemake.params.method_params),
+                ledger=ledger,
+                # this process's own noise source: the ledger must have been made for it
+                accounting=_accounting(snakemake, cell_noise(cell.method)),
+                ledger_path=str(snakemake.input.ledger),
+                eval_batch_size=int(snakemake.params.eval_batch_size),
+                device=snakemake.params.device,
+                mask_files=list(snakemake.input.masks),
+                checkpoint=policy,
+                curve=curve_settings(snakemake.config.get("curves")),
+                on_start=attempt.start,
+            )
+        metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
+        metrics.update(attempts.summary())
+        # measured on private batches, not covered by the guarantee: a file of its own, never
+        # published unless the config asks (report.private_diagnostics)
+        write_json_atomic(Path(snakemake.output.diagnostics), {
+            "note": "computed on the private training batches; NOT covered by the differential-privacy guarantee",
+            **{k: metrics[k] for k in ("model", "task", "method", "eps", "seed")},
+            **metrics.pop("private_diagnostics"),
+        })
+        write_json_atomic(Path(snakemake.output.metrics), metrics)
+        remove_checkpoint(policy.path)  # only once the metrics are safely in place
+        attempts.close()  # likewise: a later forced rerun counts anew
+    logging.info("%s %.4f after %s steps (attempt %d, %d resumes)", metrics["metric"], metrics["score"],
+                 metrics["steps"], metrics["attempts"], metrics["resumes"])
 
 
 def _mask_classifier(snakemake):

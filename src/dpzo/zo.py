@@ -32,7 +32,7 @@ Design (where the time of a step goes, and how it is kept close to two forward p
     only up to rounding (float32: about 1e-7 of beta z per step).
 * Work is lazy: ``perturb`` replaces whatever perturbation is applied, an update is written
   when the next pass runs, and ``restore`` is only needed before the weights are read for
-  something else (a stage boundary, evaluation).
+  something else (a stage boundary, a snapshot, evaluation).
 * The released scalar g may be a 0-d tensor on the device: the update reads it there, so a
   step needs no host synchronisation.
 * Masks are sorted int64 flat indices; z on the mask is gathered once per direction and kept
