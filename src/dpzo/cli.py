@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .privacy import DEFAULT_PLD_DISCRETIZATION
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 
@@ -106,8 +108,8 @@ def _add_calibrate(subparsers: Any) -> None:
     p.add_argument("--clip", type=_positive_float_or_inf, default=1.0, help="clipping threshold C (default 1.0; sigma does not depend on it)")
     p.add_argument("--accountant", choices=("pld", "prv", "rdp"), default="pld", help="accountant used for calibration (default pld)")
     p.add_argument(
-        "--pld-discretization", type=_open_unit_interval, default=1e-3,
-        help="PLD value discretization (default 1e-3; smaller is tighter and slower)",
+        "--pld-discretization", type=_open_unit_interval, default=DEFAULT_PLD_DISCRETIZATION,
+        help=f"PLD value discretization (default {DEFAULT_PLD_DISCRETIZATION:g}, the pipeline's; smaller is tighter and slower)",
     )
     p.set_defaults(handler=_cmd_calibrate)
 
@@ -135,6 +137,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
     except ValueError as err:  # e.g. an unreachable target
         return _fail("calibrate", str(err))
+    except (RuntimeError, FloatingPointError, OverflowError) as err:  # raised inside an accountant library
+        return _fail(
+            "calibrate",
+            f"the {args.accountant} accountant failed at these settings ({type(err).__name__}: {err}); "
+            "try another accountant (--accountant pld is the pipeline's default)",
+        )
     _print_json(record)
     return EXIT_OK
 

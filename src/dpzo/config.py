@@ -65,8 +65,10 @@ def check_config(config: dict, schema_path: str | Path) -> None:
 
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    problems = []
+    problems = _delta_problems(config)
     for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        if list(error.absolute_path)[:1] == ["delta"]:
+            continue  # said once, in words, by _delta_problems
         # A bad method name shows up both as a propertyNames error; report the leaf cause.
         if error.validator == "propertyNames" and error.context:
             for sub in error.context:
@@ -77,6 +79,24 @@ def check_config(config: dict, schema_path: str | Path) -> None:
         problems += _cross_reference_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _delta_problems(config: dict) -> list[str]:
+    """``delta`` must be a number in (0, 1) or "1/n".  YAML 1.1 (PyYAML) reads ``1e-5`` without a
+    dot as a string; such a string is turned into the number it spells, in ``config`` itself."""
+    if "delta" not in config:
+        return []
+    delta = config["delta"]
+    if isinstance(delta, str) and delta.replace(" ", "") != "1/n":
+        try:
+            delta = config["delta"] = float(delta)
+        except ValueError:
+            pass
+    if isinstance(delta, str) and delta.replace(" ", "") == "1/n":
+        return []
+    if isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0.0 < float(delta) < 1.0:
+        return []
+    return [f"config key 'delta': {config['delta']!r} is not allowed: δ must be a number in (0, 1) (e.g. 1e-5) or \"1/n\""]
 
 
 GRID_AXES = ("tasks", "methods", "epsilons", "seeds")

@@ -80,6 +80,7 @@ from .hyperparameters import FirstOrderHyperparameters
 from .methods import FIRST_ORDER
 from .models import EncodedSet, PromptClassifier
 from .privacy import SecretRandom
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -514,6 +515,7 @@ def train_first_order(
     examples_since_log, clipped_since_log = 0, 0
     steps_run, examples_sampled = 0, 0  # counted, for the end-of-training check against the ledger
     started = time.perf_counter()
+    progress = Progress(hp.steps)
     for step in range(hp.steps):
         if private:
             index = secret.poisson_batch(n, q)
@@ -556,6 +558,7 @@ def train_first_order(
             history["step"].append(step + 1)
             history["lr"].append(hp.lr)
             history["loss"].append(float(np.mean(losses_since_log)) if losses_since_log else float("nan"))
+            log.info("%s", progress.line(step + 1, loss=history["loss"][-1]))
             history["examples"].append(examples_since_log)
             history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
             losses_since_log = []

@@ -42,6 +42,7 @@ from .models import PromptClassifier
 from .evaluate import CurveSettings, TestLossCurve
 from .ledger import NO_NOISE, AccountingSettings, Cell, check_ledger_after, verify_ledger
 from .privacy import NoisySum, SecretRandom
+from .progress import Progress
 from .zo import FlatParameters, apply_update, check_zo_scale, clip_differences, direction_seed, spsa_differences
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ def train_zo(
         return LoopState(done, releases, anchor, history, since_log, prior_seconds + time.perf_counter() - started,
                          resumed_from, examples_sampled)
     started = time.perf_counter()
+    progress = Progress(hp.steps, done=first_step, prior_seconds=prior_seconds)
     for step in range(first_step, hp.steps):
         stage = schedule.stage_of(step)
         lr, beta = schedule.lr_at(stage), schedule.beta_at(stage)
@@ -234,6 +236,7 @@ def train_zo(
             history["lr"].append(lr)
             history["beta"].append(beta)
             history["loss"].append(fetched[0])
+            log.info("%s", progress.line(step + 1, stage=stage, loss=fetched[0]))
             history["examples"].append(examples_since_log)
             history["clipped_fraction"].append(fetched[1] / max(examples_since_log, 1))
             history["grad"].append(fetched[2])  # the mean released scalar of this step

@@ -10,12 +10,62 @@ import json
 import logging
 import math
 import os
+import sys
+import time
+import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 from .fileio import atomic_path, write_json_atomic
 
 
+class _Tee:
+    """A text stream that writes to the job's log file as well as to the stream it replaces."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._log.flush()
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the original stream's
+        return getattr(self._stream, name)
+
+
+def run_job(adapter: Callable[[Any], None], snakemake) -> None:
+    """Run one rule's adapter so that its log file holds everything the job says.
+
+    What it prints and warns goes to the log as well as to the console, and a failure's
+    traceback is written into the log before it propagates (Snakemake's error message points at
+    the log file; on a cluster that is the file a user opens).  Called by every
+    ``workflow/scripts/*.py`` shim.
+    """
+    log_file = snakemake.log[0] if len(snakemake.log) else None
+    if log_file is None:
+        adapter(snakemake)
+        return
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    streams = sys.stdout, sys.stderr
+    with open(log_file, "a", encoding="utf-8") as copy:
+        sys.stdout, sys.stderr = _Tee(streams[0], copy), _Tee(streams[1], copy)
+        try:
+            adapter(snakemake)
+        except BaseException:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            copy.write(f"{stamp} the job failed:\n{traceback.format_exc()}")
+            raise
+        finally:
+            sys.stdout, sys.stderr = streams
+
+
 def _setup(snakemake) -> None:
+    """Logging and warnings of the job into its log file; threads as the rule asks."""
     log_file = snakemake.log[0] if len(snakemake.log) else None
     logging.basicConfig(
         filename=log_file,
@@ -23,6 +73,7 @@ def _setup(snakemake) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         force=True,
     )
+    logging.captureWarnings(True)  # warnings are part of what the job says: into its log
     threads = max(int(getattr(snakemake, "threads", 1)), 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:

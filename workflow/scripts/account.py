@@ -1,3 +1,3 @@
-from dpzo.workflow import account
+from dpzo.workflow import account, run_job
 
-account(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(account, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import accuracy_table
+from dpzo.workflow import accuracy_table, run_job
 
-accuracy_table(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(accuracy_table, snakemake)  # noqa: F821 (injected by Snakemake)

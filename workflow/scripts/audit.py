@@ -1,3 +1,3 @@
-from dpzo.workflow import audit
+from dpzo.workflow import audit, run_job
 
-audit(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(audit, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import collect
+from dpzo.workflow import collect, run_job
 
-collect(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(collect, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import demo_corpus
+from dpzo.workflow import demo_corpus, run_job
 
-demo_corpus(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(demo_corpus, snakemake)  # noqa: F821 (injected by Snakemake)

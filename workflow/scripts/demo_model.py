@@ -1,3 +1,3 @@
-from dpzo.workflow import demo_model
+from dpzo.workflow import demo_model, run_job
 
-demo_model(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(demo_model, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import fewshot
+from dpzo.workflow import fewshot, run_job
 
-fewshot(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(fewshot, snakemake)  # noqa: F821 (injected by Snakemake)

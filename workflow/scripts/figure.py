@@ -1,3 +1,3 @@
-from dpzo.workflow import figure
+from dpzo.workflow import figure, run_job
 
-figure(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(figure, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import mask
+from dpzo.workflow import mask, run_job
 
-mask(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(mask, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import privacy_table
+from dpzo.workflow import privacy_table, run_job
 
-privacy_table(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(privacy_table, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import private_diagnostics
+from dpzo.workflow import private_diagnostics, run_job
 
-private_diagnostics(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(private_diagnostics, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import summarize
+from dpzo.workflow import summarize, run_job
 
-summarize(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(summarize, snakemake)  # noqa: F821 (injected by Snakemake)

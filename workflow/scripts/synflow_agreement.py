@@ -1,3 +1,3 @@
-from dpzo.workflow import synflow_agreement
+from dpzo.workflow import synflow_agreement, run_job
 
-synflow_agreement(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(synflow_agreement, snakemake)  # noqa: F821 (injected by Snakemake)

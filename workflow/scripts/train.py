@@ -1,3 +1,3 @@
-from dpzo.workflow import train
+from dpzo.workflow import train, run_job
 
-train(snakemake)  # noqa: F821 (injected by Snakemake)
+run_job(train, snakemake)  # noqa: F821 (injected by Snakemake)
