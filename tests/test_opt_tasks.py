@@ -459,7 +459,9 @@ def test_candidate_and_generation_cells_run_through_the_dag(tmp_path, offline):
         ledger = json.loads((runs / task / "dp-zoso" / "eps8" / "seed0" / "privacy.json").read_text())
         assert ledger["n"] == metrics["n_train"] == 24 and metrics["releases"] == ledger["compositions"] == 3
         assert metrics["metric"] == metric and 0.0 <= metrics["score"] <= 1.0 and metrics["test_n"] == 12
-        assert len(metrics["history"]["loss"]) == 3 and all(np.isfinite(metrics["history"]["loss"]))
+        private = json.loads((runs / task / "dp-zoso" / "eps8" / "seed0" / "private_diagnostics.json").read_text())
+        assert len(private["loss"]) == 3 and all(np.isfinite(private["loss"]))  # the trained loss, kept apart
+        assert metrics["history"]["test_step"] == [1, 2, 3] and all(np.isfinite(metrics["history"]["test_loss"]))
     squad = json.loads((runs / "mezo-squad" / "dp-zoso" / "eps8" / "seed0" / "metrics.json").read_text())
     assert squad["accuracy"] is None and squad["score"] == squad["f1"] and 0.0 <= squad["em"] <= squad["f1"]
     summary = pd.read_csv(tmp_path / "results" / "tables" / "summary.csv", dtype={"eps": str})

@@ -76,7 +76,8 @@ def test_nothing_present_fails_before_any_job_with_the_list(tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "missing or unusable inputs; nothing was run" in out
-    assert "'roberta-large' is not in the local cache" in out and "hf download facebook/opt-1.3b" in out
+    assert "'roberta-large' is not a directory" in out and "is not a Hugging Face id in the local cache" in out
+    assert "hf download facebook/opt-1.3b" in out
     assert f"{tmp_path / 'lm-bff'}/original/SST-2/train.tsv" in out and "datasets.tar" in out
     assert not (tmp_path / "results").exists()
 
