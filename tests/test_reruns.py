@@ -121,7 +121,7 @@ def test_only_covered_quantities_are_published(grid):
     planned = job_counts(snakemake(grid, "-n", *args).stdout)
     assert planned["private_diagnostics"] == planned["figure_private_diagnostics"] == 1
     assert "private_diagnostics" not in job_counts(snakemake(grid, "-n").stdout)
-    snakemake(grid, *args)
+    snakemake(grid, "results/private/diagnostics.csv", "results/private/training-loss.png", *args)
     table = (grid / "results/private/diagnostics.csv").read_text()
     assert table.startswith("model,task,method,eps,seed,step,stage,loss,examples,clipped_fraction")
     assert (grid / "results/private/training-loss.png").stat().st_size > 10_000

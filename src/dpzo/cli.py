@@ -141,7 +141,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         return _fail(
             "calibrate",
             f"the {args.accountant} accountant failed at these settings ({type(err).__name__}: {err}); "
-            "try another accountant (--accountant pld is the pipeline's default)",
+            "try another accountant (" + ("--accountant rdp" if args.accountant == "pld" else "--accountant pld, the pipeline's default") + ")",
         )
     _print_json(record)
     return EXIT_OK
