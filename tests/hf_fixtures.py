@@ -115,7 +115,7 @@ def tiny_opt(out_dir: Path, texts: list[str], *, seed: int = 0, hidden: int = 32
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
-    from dpzo.demo import make_hf_tokenizer, train_bpe
+    from dpzo.demo.pretrain import make_hf_tokenizer, train_bpe
 
     vocab, merges = train_bpe(texts, "opt")
     tokenizer = make_hf_tokenizer("opt", vocab, merges)
@@ -133,7 +133,7 @@ def tiny_opt(out_dir: Path, texts: list[str], *, seed: int = 0, hidden: int = 32
 
 def corpus() -> list[str]:
     """Texts in the fixtures' style (with the templates' words and newlines) to train the BPE on."""
-    from dpzo.hf_tasks import MEZO_TASKS
+    from dpzo.data.hf_tasks import MEZO_TASKS
 
     rng = random.Random(0)
     out = []

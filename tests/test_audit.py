@@ -12,11 +12,14 @@ import pytest
 import torch
 from scipy import stats
 
-from dpzo import audit as A
+from dpzo.privacy import audit as A
 from dpzo.cli import main as cli_main
-from dpzo.privacy import NoisySum, SecretRandom, accounting_record, method_ledger
-from dpzo.train import ZOHyperparameters, train_zo
-from dpzo.zo import direction_seed, gaussian_direction
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.privacy.records import accounting_record, method_ledger
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo.loop import train_zo
+from dpzo.zo.flat import direction_seed, gaussian_direction
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,9 @@
 """The fast step against the released code's style, and ``dpzo bench`` on CPU.
 
-The oracle is :func:`dpzo.official.official_style_train`: a second implementation of the same
+The oracle is :func:`dpzo.zo.official.official_style_train`: a second implementation of the same
 mathematics in the released code's mechanics (a Python loop over the parameter tensors, four
 passes per step, per-example losses one ``.item()`` at a time, clip and sum in Python floats),
-fed the same z (:class:`dpzo.official.FlatZ`).  ``train_zo`` instead merges passes, defers the
+fed the same z (:class:`dpzo.zo.official.FlatZ`).  ``train_zo`` instead merges passes, defers the
 restore, keeps the released scalar on the device and, in place, folds restore + update + next
 perturbation into one pass; none of that may change the trajectory.
 """
@@ -17,14 +17,17 @@ import math
 import pytest
 import torch
 
-import dpzo.zo
+from dpzo.zo import flat as flat_module
+from dpzo.zo.step import apply_update
 from dpzo import cli
-from dpzo.official import FlatZ, official_style_train
-from dpzo.methods import MaskSettings
-from dpzo.privacy import NoisySum, SecretRandom
-from dpzo.prune import Mask
-from dpzo.train import ZOHyperparameters, train_zo
-from dpzo.zo import FlatParameters
+from dpzo.zo.official import FlatZ, official_style_train
+from dpzo.masks.settings import MaskSettings
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.masks.prune import Mask
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo.loop import train_zo
+from dpzo.zo.flat import FlatParameters
 
 from .tiny import examples, make_clf
 
@@ -35,7 +38,7 @@ N = 16
 def small_blocks(monkeypatch, one_thread):
     """z in blocks of 1000 elements, so the tiny models span several blocks (and masks cross
     block boundaries), as full-size models do with the default block."""
-    monkeypatch.setattr(dpzo.zo, "DIRECTION_CHUNK", 1000)
+    monkeypatch.setattr(flat_module, "DIRECTION_CHUNK", 1000)
 
 
 def setup(tokenizer, family, dtype):
@@ -213,7 +216,7 @@ def test_sixteen_bit_in_place_pass_rounds_once(tokenizer):
     before = flat.work.double().clone()
     flat.add_direction(1, -3e-3)  # deferred to the next pass
     flat.perturb(2, 1e-2)  # one pass: -1e-2 z1 (undo) - 3e-3 z1 (update) + 1e-2 z2
-    z1, z2 = (dpzo.zo.gaussian_direction(s, flat.numel, dtype=torch.float32).double() for s in (1, 2))
+    z1, z2 = (flat_module.gaussian_direction(s, flat.numel, dtype=torch.float32).double() for s in (1, 2))
     exact = before - 1.3e-2 * z1 + 1e-2 * z2
     half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 8)  # bf16: 8 significant bits
     # the float32 sum itself may be off by a few float32 ulps of its largest term
@@ -233,7 +236,7 @@ def test_device_scalars_and_floats_give_the_same_update(tokenizer):
     a, b = FlatParameters(clf.model, master_dtype=None), FlatParameters(other, master_dtype=None)
     for flat, grads in ((a, [0.3, -0.2]), (b, [torch.tensor(0.3, dtype=torch.float64), torch.tensor(-0.2, dtype=torch.float64)])):
         flat.perturb(9, -1e-3)  # what the last forward saw; the update below undoes it in the same pass
-        dpzo.zo.apply_update(flat, [9, 10], grads, lr=0.1)
+        apply_update(flat, [9, 10], grads, lr=0.1)
     assert (a.work - b.work).abs().max() <= 1e-15
 
 

@@ -16,10 +16,15 @@ import pytest
 import torch
 
 import dpzo
-from dpzo import report, tables, train as train_module, workflow
-from dpzo.cellguard import Attempt, AttemptLog, CellBusy, CellLock, RetryRefused
-from dpzo.privacy import NoisySum, SecretRandom
-from dpzo.train import ZOHyperparameters, train_zo
+from dpzo.report import collect as report
+from dpzo.report import tables
+from dpzo.pipeline import cell
+from dpzo.pipeline import workflow
+from dpzo.pipeline.cellguard import Attempt, AttemptLog, CellBusy, CellLock, RetryRefused
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo.loop import train_zo
 
 from .test_checkpoint import Killed, snapshots
 from .test_inputs import model_dir, split_dir, zo_ledger  # noqa: F401 (fixtures: a tiny model and split on disk)
@@ -33,7 +38,7 @@ SRC = str(Path(dpzo.__file__).resolve().parents[1])
 # ------------------------------------------------------------------------------------------------
 HOLDER = """
 import sys
-from dpzo.cellguard import CellLock
+from dpzo.pipeline.cellguard import CellLock
 with CellLock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()  # hold it until the parent closes stdin (or kills this process)
@@ -220,7 +225,7 @@ def test_the_train_job_locks_the_cell_counts_attempts_and_refuses_an_unchanged_r
             raise FloatingPointError("non-finite loss difference at step 3")
         return {"metric": "accuracy", "score": 0.5, "steps": 3, **cell.as_dict(), "private_diagnostics": {}}
 
-    monkeypatch.setattr(train_module, "run_cell", run_cell)
+    monkeypatch.setattr(cell, "run_cell", run_cell)
     job = fake_job(tmp_path)
     folder = Path(job.params.checkpoint).parent
     with pytest.raises(FloatingPointError):
@@ -243,7 +248,7 @@ def test_the_train_job_locks_the_cell_counts_attempts_and_refuses_an_unchanged_r
 
 def test_the_train_job_refuses_a_cell_another_process_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)
-    monkeypatch.setattr(train_module, "run_cell", lambda *_, **__: pytest.fail("trained a locked cell"))
+    monkeypatch.setattr(cell, "run_cell", lambda *_, **__: pytest.fail("trained a locked cell"))
     job = fake_job(tmp_path, private=False)  # every method is locked, not only private ones
     holder = hold_lock(Path(job.params.checkpoint).parent / "train.lock")
     try:

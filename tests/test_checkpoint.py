@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo import checkpoint as checkpoint_module
-from dpzo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
-from dpzo.methods import MaskSettings
-from dpzo.privacy import NoisySum, SecretRandom
-from dpzo.prune import Mask
-from dpzo.train import ZOHyperparameters, train_zo
+from dpzo.zo import checkpoint as checkpoint_module
+from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
+from dpzo.masks.settings import MaskSettings
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.masks.prune import Mask
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo.loop import train_zo
 
 from .test_zo import Quadratic, TwoTensorModel
 
@@ -169,7 +171,7 @@ def test_a_snapshot_of_another_configuration_is_not_resumed(tmp_path):
         run("dp-zoso", checkpoint=snapshots(path), die_after_calls=len(ref_calls) // 2)
     state = TrainingCheckpoint(CheckpointPolicy(path, every_steps=3, every_seconds=0), {"cell": 1})
     other = TwoTensorModel(seed=99)
-    from dpzo.zo import FlatParameters
+    from dpzo.zo.flat import FlatParameters
 
     assert state.resume(FlatParameters(other), public_rng=np.random.default_rng(0), secret=SecretRandom(5)) is None
 
@@ -189,7 +191,7 @@ def test_a_snapshot_that_does_not_verify_is_ignored_and_the_run_starts_over(tmp_
     else:
         saved[tamper] -= 1  # a counter: the ledger check would count the wrong releases
     torch.save(saved, path)  # loads fine, keeps the old digest
-    with caplog.at_level(logging.WARNING, logger="dpzo.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
         resumed, history, calls = run("dp-zoso", checkpoint=snapshots(path))
     assert f"ignoring checkpoint {path}: it does not verify" in caplog.text
     assert history["resumed_from"] == [] and len(calls) == len(ref_calls)  # started over
@@ -199,8 +201,8 @@ def test_a_snapshot_that_does_not_verify_is_ignored_and_the_run_starts_over(tmp_
 
 def test_a_snapshot_of_16_bit_weights_trained_in_place_verifies(tmp_path):
     """The digest covers dtypes numpy does not have (bfloat16 weights hold theta in place)."""
-    from dpzo.checkpoint import LoopState
-    from dpzo.zo import FlatParameters
+    from dpzo.zo.checkpoint import LoopState
+    from dpzo.zo.flat import FlatParameters
 
     path = tmp_path / "state.pt"
     flat = FlatParameters(TwoTensorModel(dtype=torch.bfloat16), master_dtype=None)
@@ -289,7 +291,7 @@ def test_a_full_disk_skips_a_periodic_snapshot_and_training_continues(tmp_path, 
     reference, ref_history, _ = run("dp-zoso")
     path = tmp_path / "state.pt"
     written = full_disk(monkeypatch, fail=lambda n: n == 2)  # the snapshot after step 6
-    with caplog.at_level(logging.WARNING, logger="dpzo.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
         model, history, _ = run("dp-zoso", checkpoint=snapshots(path))
     assert torch.equal(model.theta(), reference.theta()) and comparable(history) == comparable(ref_history)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from dpzo import demo
+from dpzo.demo import corpus as demo_corpus
+from dpzo.demo import pretrain, tasks
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo")
     corpus = root / "corpus.txt"
-    demo.write_pretraining_corpus(corpus, seed=0)
-    for task in demo.DEMO_TASKS:
-        demo.write_demo_task(task, root / "data", corpus, seed=1)
+    demo_corpus.write_pretraining_corpus(corpus, seed=0)
+    for task in demo_corpus.DEMO_TASKS:
+        tasks.write_demo_task(task, root / "data", corpus, seed=1)
     return {"root": root, "corpus": corpus, "data": root / "data"}
 
 
@@ -33,12 +34,12 @@ def _read_trec(data: Path, split: str) -> pd.DataFrame:
 
 def test_corpus_is_deterministic_per_seed(world: dict[str, Path], tmp_path: Path) -> None:
     again, other = tmp_path / "again.txt", tmp_path / "other.txt"
-    demo.write_pretraining_corpus(again, seed=0)
-    demo.write_pretraining_corpus(other, seed=1)
+    demo_corpus.write_pretraining_corpus(again, seed=0)
+    demo_corpus.write_pretraining_corpus(other, seed=1)
     assert again.read_bytes() == world["corpus"].read_bytes()
     assert other.read_bytes() != again.read_bytes()
     lines = again.read_text(encoding="utf-8").splitlines()
-    expected = demo.N_REVIEW_DOCUMENTS + demo.N_QUESTION_DOCUMENTS + demo.N_FILLER_DOCUMENTS
+    expected = demo_corpus.N_REVIEW_DOCUMENTS + demo_corpus.N_QUESTION_DOCUMENTS + demo_corpus.N_FILLER_DOCUMENTS
     assert len(lines) == expected and all(line.strip() for line in lines)
     text = "\n".join(lines)
     # the prompts' patterns exist in the corpus, with both orders of question annotation
@@ -47,9 +48,9 @@ def test_corpus_is_deterministic_per_seed(world: dict[str, Path], tmp_path: Path
 
 
 def test_tasks_are_deterministic_per_seed(world: dict[str, Path], tmp_path: Path) -> None:
-    for task in demo.DEMO_TASKS:
-        demo.write_demo_task(task, tmp_path / "same", world["corpus"], seed=1)
-        demo.write_demo_task(task, tmp_path / "other", world["corpus"], seed=2)
+    for task in demo_corpus.DEMO_TASKS:
+        tasks.write_demo_task(task, tmp_path / "same", world["corpus"], seed=1)
+        tasks.write_demo_task(task, tmp_path / "other", world["corpus"], seed=2)
     for relative in ("SST-2/train.tsv", "SST-2/dev.tsv", "trec/train.csv", "trec/test.csv"):
         original = (world["data"] / "original" / relative).read_bytes()
         assert (tmp_path / "same" / "original" / relative).read_bytes() == original
@@ -59,7 +60,7 @@ def test_tasks_are_deterministic_per_seed(world: dict[str, Path], tmp_path: Path
 def test_sst2_layout(world: dict[str, Path]) -> None:
     header = (world["data"] / "original" / "SST-2" / "train.tsv").read_text().splitlines()[0]
     assert header == "sentence\tlabel"
-    for split, size in (("train", demo.SST2_SIZES["train"]), ("dev", demo.SST2_SIZES["dev"])):
+    for split, size in (("train", demo_corpus.SST2_SIZES["train"]), ("dev", demo_corpus.SST2_SIZES["dev"])):
         frame = _read_sst2(world["data"], split)
         assert list(frame.columns) == ["sentence", "label"]
         assert len(frame) == size
@@ -70,7 +71,7 @@ def test_sst2_layout(world: dict[str, Path]) -> None:
 
 
 def test_trec_layout(world: dict[str, Path]) -> None:
-    for split, size in (("train", demo.TREC_SIZES["train"]), ("test", demo.TREC_SIZES["test"])):
+    for split, size in (("train", demo_corpus.TREC_SIZES["train"]), ("test", demo_corpus.TREC_SIZES["test"])):
         frame = _read_trec(world["data"], split)
         assert frame.shape == (size, 2)
         assert frame[0].dtype.kind == "i"
@@ -95,19 +96,19 @@ def test_no_task_sentence_occurs_in_the_corpus(world: dict[str, Path]) -> None:
     assert not sentences.intersection(texts)
 
 
-@pytest.mark.parametrize("arch", demo.ARCHITECTURES)
+@pytest.mark.parametrize("arch", pretrain.ARCHITECTURES)
 def test_tiny_build_saves_a_loadable_model(world: dict[str, Path], arch: str) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     out_dir = world["root"] / f"model-{arch}"
     torch.set_num_threads(1)
-    stats = demo.build_demo_model(arch, world["corpus"], out_dir, seed=0, steps=5)
+    stats = pretrain.build_demo_model(arch, world["corpus"], out_dir, seed=0, steps=5)
     assert stats["steps"] == 5 and stats["n_params"] > 0
     assert json.loads((out_dir / "pretraining.json").read_text())["steps"] == 5
     assert not list(out_dir.parent.glob(f".{out_dir.name}*")), "temporary build dir left behind"
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    for word in demo.ALL_LABEL_WORDS:
+    for word in demo_corpus.ALL_LABEL_WORDS:
         ids = tokenizer.encode(word, add_special_tokens=False)
         assert len(ids) == 1, (word, tokenizer.convert_ids_to_tokens(ids))
         assert tokenizer.decode(ids) == word
@@ -132,6 +133,6 @@ def test_tiny_build_saves_a_loadable_model(world: dict[str, Path], arch: str) ->
 
 def test_unknown_names_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        demo.write_demo_task("demo-mnli", tmp_path, tmp_path / "corpus.txt")
+        tasks.write_demo_task("demo-mnli", tmp_path, tmp_path / "corpus.txt")
     with pytest.raises(ValueError):
-        demo.build_demo_model("gpt2", tmp_path / "corpus.txt", tmp_path / "model")
+        pretrain.build_demo_model("gpt2", tmp_path / "corpus.txt", tmp_path / "model")

@@ -18,12 +18,12 @@ import torch
 import transformers
 from scipy import stats
 
-from dpzo import firstorder as fo
-from dpzo.data import Example
-from dpzo.evaluate import evaluate
-from dpzo.models import PromptClassifier
-from dpzo.privacy import SecretRandom
-from dpzo.tasks import TASKS  # noqa: F401
+from dpzo.baselines import firstorder as fo
+from dpzo.data.splits import Example
+from dpzo.models.evaluate import evaluate
+from dpzo.models.classifier import PromptClassifier
+from dpzo.privacy.secret import SecretRandom
+from dpzo.data.tasks import TASKS  # noqa: F401
 
 from .tiny import FAMILIES, examples, make_clf  # noqa: F401 (tokenizer fixture: conftest)
 
@@ -64,7 +64,7 @@ def test_from_config_refuses_unknown_keys_and_reads_inf():
 
 
 def test_hyperparameters_fit_the_ledger_check():
-    from dpzo.ledger import LedgerMismatch, check_counts
+    from dpzo.privacy.ledger import LedgerMismatch, check_counts
 
     hp = fo.FirstOrderHyperparameters(steps=7, batch_size=2, lr=1e-3, clip=0.5)
     ledger = {"n": 8, "steps": 7, "directions": 1, "compositions": 7, "expected_batch_size": 2.0, "clip": 0.5, "q": 0.25}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dpzo.data import Example
-from dpzo.icl import choose_demonstrations, encode_with_demonstrations
+from dpzo.data.splits import Example
+from dpzo.baselines.icl import choose_demonstrations, encode_with_demonstrations
 
 from .tiny import make_clf
 

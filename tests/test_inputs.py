@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from dpzo.cli import main as cli_main
-from dpzo.config import ConfigError, check_config
-from dpzo.data import make_k_shot
-from dpzo.inputs import ModelDirError, model_dir_problems
-from dpzo.tasks import TASKS
+from dpzo.pipeline.config import ConfigError, check_config
+from dpzo.data.splits import make_k_shot
+from dpzo.data.inputs import ModelDirError, model_dir_problems
+from dpzo.data.tasks import TASKS
 
 from .tiny import WORDS, examples, make_clf, word_tokenizer
 
@@ -138,7 +138,7 @@ def test_complete_model_directory_and_hub_ids_pass(model_dir):
     ],
 )
 def test_incomplete_model_directory_is_refused(model_dir, tmp_path, drop, needle):
-    from dpzo.models import load_model
+    from dpzo.models.classifier import load_model
 
     path = incomplete(model_dir, tmp_path, drop)
     problems = model_dir_problems(path)
@@ -285,7 +285,7 @@ def test_pipeline_job_with_a_non_utf8_file_fails_and_leaves_no_split(tmp_path):
 
 @pytest.fixture(scope="module")
 def split_dir(tmp_path_factory):
-    from dpzo.data import save_split
+    from dpzo.data.splits import save_split
 
     path = tmp_path_factory.mktemp("split")
     save_split(path / "train.jsonl", examples(16, seed=0))
@@ -294,27 +294,27 @@ def split_dir(tmp_path_factory):
 
 
 def cell_for(method: str, eps: str = "inf"):
-    from dpzo.ledger import Cell
+    from dpzo.privacy.ledger import Cell
 
     return Cell(model="tiny", task="SST-2", method=method, eps=eps, seed=13)
 
 
 def accounting(method: str):
-    from dpzo.ledger import AccountingSettings, cell_noise
+    from dpzo.privacy.ledger import AccountingSettings, cell_noise
 
     return AccountingSettings(delta=1e-5, noise=cell_noise(method))
 
 
 def zo_ledger(method: str, params: dict, eps: str = "inf") -> dict:
     """The cell's own ledger (n = 16), as the account rule writes it."""
-    from dpzo.hyperparameters import hyperparameters_for
-    from dpzo.ledger import cell_ledger
+    from dpzo.methods.hyperparameters import hyperparameters_for
+    from dpzo.privacy.ledger import cell_ledger
 
     return cell_ledger(cell_for(method, eps), hyperparameters_for(method, params), n=16, settings=accounting(method))
 
 
 def run(model_dir, split_dir, method: str, params: dict, ledger: dict, eps: str = "inf") -> dict:
-    from dpzo.train import run_cell
+    from dpzo.pipeline.cell import run_cell
 
     return run_cell(cell_for(method, eps), model_path=str(model_dir), family="auto", dtype="float32",
                     split_dir=str(split_dir), method_params=params, ledger=ledger, accounting=accounting(method),
@@ -355,7 +355,7 @@ def test_same_public_seed_draws_different_noise(model_dir, split_dir, one_thread
 
 
 def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path, one_thread):
-    from dpzo import workflow
+    from dpzo.pipeline import workflow
 
     out = tmp_path / "run" / "metrics.json"
     job = SimpleNamespace(

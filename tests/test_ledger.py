@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-from dpzo import privacy
+from dpzo.privacy import accountants, records
 from dpzo.fileio import CorruptOutput, read_json_output
-from dpzo.hyperparameters import hyperparameters_for
-from dpzo.ledger import AccountingSettings, Cell, LedgerMismatch, cell_ledger, check_counts, verify_ledger
+from dpzo.methods.hyperparameters import hyperparameters_for
+from dpzo.privacy.ledger import AccountingSettings, Cell, LedgerMismatch, cell_ledger, check_counts, verify_ledger
 
 # sigma well above 1 keeps every PLD evaluation well under a second (small sigma is slow)
 N = 64
@@ -69,7 +69,7 @@ def test_a_smaller_sigma_that_does_not_buy_the_target_is_refused(own):
     sigma = own["sigma"] * 0.9
     err = refused(own | {"sigma": sigma, "noise_std_on_sum": sigma * ZOSO["clip"]}, cell(), "epsilon of its noise")
     assert err.in_ledger > 4.0  # the recomputed epsilon, not the ledger's claim
-    assert privacy.epsilon(sigma, ZOSO["batch_size"] / N, ZOSO["steps"], 1e-5) == pytest.approx(err.in_ledger, rel=1e-12)
+    assert accountants.epsilon(sigma, ZOSO["batch_size"] / N, ZOSO["steps"], 1e-5) == pytest.approx(err.in_ledger, rel=1e-12)
 
 
 def test_another_cells_ledger_is_refused_even_when_its_labels_are_rewritten(own):
@@ -164,16 +164,16 @@ def test_count_check_names_the_field():
 
 def test_a_poisoned_calibration_cache_entry_is_recomputed(tmp_path):
     args = dict(n=N, batch_size=8, steps=40, clip=2.0, epsilon_target=2.0, delta=1e-5)
-    fresh = privacy.accounting_record(**args, cache_dir=tmp_path)
+    fresh = records.accounting_record(**args, cache_dir=tmp_path)
     (entry,) = tmp_path.glob("*.json")
     stored = json.loads(entry.read_text())
     stored["value"]["sigma"] = fresh["sigma"] / 3  # less noise under the same key
     entry.write_text(json.dumps(stored))
-    again = privacy.accounting_record(**args, cache_dir=tmp_path)
+    again = records.accounting_record(**args, cache_dir=tmp_path)
     assert again["sigma"] == fresh["sigma"]
     assert json.loads(entry.read_text())["value"]["sigma"] == fresh["sigma"]  # replaced
     entry.write_text('{"key": ')  # truncated: rebuilt, not fatal
-    assert privacy.accounting_record(**args, cache_dir=tmp_path)["sigma"] == fresh["sigma"]
+    assert records.accounting_record(**args, cache_dir=tmp_path)["sigma"] == fresh["sigma"]
 
 
 def test_a_truncated_output_is_moved_aside_and_named(tmp_path):

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from dpzo import privacy, workflow
+from dpzo.privacy import accountants, records
+from dpzo.pipeline import workflow
 from dpzo.cli import main as cli_main
-from dpzo.config import ConfigError, check_config
+from dpzo.pipeline.config import ConfigError, check_config
 from dpzo.progress import Progress, clock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ BASE = {"models": {"d": {"demo": "roberta"}}, "tasks": ["demo-sst2"], "seeds": [
 JOB = '''
 import sys, warnings
 from types import SimpleNamespace
-from dpzo import workflow
+from dpzo.pipeline import workflow
 
 def adapter(snakemake):
     workflow._setup(snakemake)
@@ -85,14 +86,15 @@ def test_progress_lines_give_step_pace_elapsed_and_time_left(monkeypatch):
 
 
 def test_the_zeroth_order_trainer_logs_its_progress(caplog):
-    from dpzo.train import ZOHyperparameters, train_zo
+    from dpzo.methods.hyperparameters import ZOHyperparameters
+    from dpzo.zo.loop import train_zo
 
     from .test_zo import Quadratic, TwoTensorModel
 
     quad = Quadratic(n=8, dim=10)
     model = TwoTensorModel()
     hp = ZOHyperparameters(steps=6, batch_size=4, lr=0.01, log_every=2)
-    with caplog.at_level(logging.INFO, logger="dpzo.train"):
+    with caplog.at_level(logging.INFO, logger="dpzo.zo.loop"):
         train_zo(model, quad.loss_fn(model), 8, hp, method="mezo", run_seed=0, master_dtype=None)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 2/6 (stage 0)", "step 4/6 (stage 0)", "step 6/6 (stage 0)"]
@@ -137,16 +139,16 @@ ARGS = ["calibrate", "--n", "512", "--batch-size", "32", "--steps", "60", "--eps
 def test_calibrate_prints_the_sigma_the_pipeline_uses(capsys):
     assert cli_main(ARGS) == 0
     printed = json.loads(capsys.readouterr().out)
-    pipeline = privacy.accounting_record(n=512, batch_size=32, steps=60, clip=1.0, epsilon_target=2.0, delta=1e-5)
+    pipeline = records.accounting_record(n=512, batch_size=32, steps=60, clip=1.0, epsilon_target=2.0, delta=1e-5)
     assert printed["sigma"] == pipeline["sigma"]
-    assert printed["pld_discretization"] == privacy.DEFAULT_PLD_DISCRETIZATION
+    assert printed["pld_discretization"] == accountants.DEFAULT_PLD_DISCRETIZATION
 
 
 def test_an_accountant_failure_exits_2_with_a_message(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("discretisation failed")
 
-    monkeypatch.setattr(privacy, "_epsilon_prv", broken)
+    monkeypatch.setattr(accountants, "_epsilon_prv", broken)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli_main([*ARGS, "--accountant", "prv"]) == 2

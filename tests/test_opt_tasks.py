@@ -20,13 +20,13 @@ import pytest
 import torch
 import yaml
 
-from dpzo.candidates import CandidateScorer, make_scorer
-from dpzo.data import Example, load_split, save_split
-from dpzo.hf_data import DatasetUnavailableError, convert_rows, load_hf_split, make_hf_splits
-from dpzo.hf_tasks import MEZO_TASKS, method_problem, render_full, render_prompt
-from dpzo.models import load_model
-from dpzo.qa_metrics import exact_match, f1_score, normalize_answer
-from dpzo.tasks import TASKS, get_task
+from dpzo.models.candidates import CandidateScorer, make_scorer
+from dpzo.data.splits import Example, load_split, save_split
+from dpzo.data.hf_data import DatasetUnavailableError, convert_rows, load_hf_split, make_hf_splits
+from dpzo.data.hf_tasks import MEZO_TASKS, method_problem, render_full, render_prompt
+from dpzo.models.classifier import load_model
+from dpzo.models.qa_metrics import exact_match, f1_score, normalize_answer
+from dpzo.data.tasks import TASKS, get_task
 
 from . import hf_fixtures as fx
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpzo import preflight
-from dpzo.inputs import model_dir_problems, model_files_in, weights_problems
+from dpzo.pipeline import preflight
+from dpzo.data.inputs import model_dir_problems, model_files_in, weights_problems
 
 from .tiny import WORDS, make_clf, word_tokenizer
 

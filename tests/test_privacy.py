@@ -36,7 +36,7 @@ try:  # run from a checkout without `pip install -e .`
 except ImportError:
     sys.path.insert(0, str(SRC))
 
-from dpzo import privacy  # noqa: E402
+from dpzo.privacy import accountants, calibration, mechanisms, records, secret
 from dpzo.cli import main as cli_main  # noqa: E402
 
 Q = 64 / 1024
@@ -62,7 +62,7 @@ EXACT_PLD = 1e-4  # discretization that the published PLD column used
 @functools.lru_cache(maxsize=None)
 def calibrated(eps: float, steps: int, delta: float, accountant: str, disc: float = 1e-3) -> float:
     """Calibrations are the expensive part; share them between tests."""
-    return privacy.calibrate_sigma(eps, delta, Q, steps, accountant, pld_discretization=disc)
+    return calibration.calibrate_sigma(eps, delta, Q, steps, accountant, pld_discretization=disc)
 
 
 def reference_accountant_sigma(case: tuple[float, int, float], accountant: str) -> float:
@@ -121,20 +121,20 @@ def test_calibration_monotone_in_delta(accountant):
 def test_calibrated_sigma_meets_target_and_is_nearly_smallest(accountant, disc):
     eps, steps, delta = 4.0, 6000, D1024
     sigma = calibrated(eps, steps, delta, accountant, disc)
-    assert privacy.epsilon(sigma, Q, steps, delta, accountant, pld_discretization=disc) <= eps
+    assert accountants.epsilon(sigma, Q, steps, delta, accountant, pld_discretization=disc) <= eps
     # 0.2% less noise must already violate the target (calibration is to ~1e-4).
-    assert privacy.epsilon(sigma * 0.998, Q, steps, delta, accountant, pld_discretization=disc) > eps
+    assert accountants.epsilon(sigma * 0.998, Q, steps, delta, accountant, pld_discretization=disc) > eps
 
 
 def test_epsilon_at_fixed_sigma_matches_published():
     got = {
-        "prv": privacy.epsilon(4.143, Q, 6000, D1024, "prv"),
-        "pld": privacy.epsilon(4.143, Q, 6000, D1024, "pld", pld_discretization=EXACT_PLD),
-        "rdp": privacy.epsilon(4.143, Q, 6000, D1024, "rdp"),
+        "prv": accountants.epsilon(4.143, Q, 6000, D1024, "prv"),
+        "pld": accountants.epsilon(4.143, Q, 6000, D1024, "pld", pld_discretization=EXACT_PLD),
+        "rdp": accountants.epsilon(4.143, Q, 6000, D1024, "rdp"),
     }
     for name, ref in PUBLISHED_EPS_AT_4143.items():
         assert got[name] == pytest.approx(ref, abs=2e-4), name
-    coarse = privacy.epsilon(4.143, Q, 6000, D1024, "pld", pld_discretization=1e-3)
+    coarse = accountants.epsilon(4.143, Q, 6000, D1024, "pld", pld_discretization=1e-3)
     assert got["pld"] - 1e-9 <= coarse <= got["pld"] * 1.005
 
 
@@ -155,7 +155,7 @@ def test_no_subsampling_upper_bounds_exact_gaussian(accountant, slack):
     """With q = 1 the composition is exactly Gaussian: an analytic oracle."""
     sigma, steps, delta = 20.0, 100, 1e-5
     exact = _exact_gaussian_epsilon(math.sqrt(steps) / sigma, delta)
-    got = privacy.epsilon(sigma, 1.0, steps, delta, accountant, pld_discretization=EXACT_PLD)
+    got = accountants.epsilon(sigma, 1.0, steps, delta, accountant, pld_discretization=EXACT_PLD)
     assert exact - 1e-9 <= got <= exact + slack
 
 
@@ -178,9 +178,9 @@ def test_rdp_agrees_with_opacus():
 
 def test_epsilon_monotone_in_sigma_and_compositions():
     for accountant in ("pld", "prv", "rdp"):
-        eps = [privacy.epsilon(s, Q, 1000, D1024, accountant) for s in (2.0, 4.0, 8.0)]
+        eps = [accountants.epsilon(s, Q, 1000, D1024, accountant) for s in (2.0, 4.0, 8.0)]
         assert eps[0] > eps[1] > eps[2], accountant
-        assert privacy.epsilon(4.0, Q, 2000, D1024, accountant) > eps[1], accountant
+        assert accountants.epsilon(4.0, Q, 2000, D1024, accountant) > eps[1], accountant
 
 
 # --------------------------------------------------------------------------------------
@@ -190,9 +190,9 @@ def test_epsilon_monotone_in_sigma_and_compositions():
 
 @pytest.mark.parametrize("accountant", ["pld", "prv", "rdp"])
 def test_special_sigmas(accountant):
-    assert privacy.epsilon(0.0, Q, 10, 1e-5, accountant) == math.inf
-    assert privacy.epsilon(math.inf, Q, 10, 1e-5, accountant) == 0.0
-    assert privacy.calibrate_sigma(math.inf, 1e-5, Q, 10, accountant) == 0.0
+    assert accountants.epsilon(0.0, Q, 10, 1e-5, accountant) == math.inf
+    assert accountants.epsilon(math.inf, Q, 10, 1e-5, accountant) == 0.0
+    assert calibration.calibrate_sigma(math.inf, 1e-5, Q, 10, accountant) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -212,20 +212,20 @@ def test_special_sigmas(accountant):
 def test_epsilon_validates_inputs(kwargs, match):
     args = dict(sigma=1.0, q=Q, compositions=10, delta=1e-5, accountant="rdp") | kwargs
     with pytest.raises(ValueError, match=match):
-        privacy.epsilon(**args)
+        accountants.epsilon(**args)
 
 
 def test_calibrate_validates_inputs_and_reports_unreachable():
     with pytest.raises(ValueError, match=r"epsilon .*>= 0"):
-        privacy.calibrate_sigma(-1.0, 1e-5, Q, 10)
+        calibration.calibrate_sigma(-1.0, 1e-5, Q, 10)
     with pytest.raises(ValueError, match=r"q .*0 < q <= 1"):
-        privacy.calibrate_sigma(1.0, 1e-5, 0.0, 10)
+        calibration.calibrate_sigma(1.0, 1e-5, 0.0, 10)
     with pytest.raises(ValueError, match=r"unreachable.*noise multiplier above"):
-        privacy.calibrate_sigma(1e-4, 1e-5, 1.0, 10**6, "pld")
+        calibration.calibrate_sigma(1e-4, 1e-5, 1.0, 10**6, "pld")
 
 
 def test_library_versions():
-    versions = privacy.library_versions()
+    versions = accountants.library_versions()
     assert set(versions) == {"dp-accounting", "prv-accountant", "numpy"}
     assert versions["numpy"] == np.__version__
     assert all(isinstance(v, str) and v for v in versions.values())
@@ -249,7 +249,7 @@ def test_import_is_light():
 
 
 def test_poisson_batch_inclusion_rate_and_shape():
-    rng = privacy.SecretRandom(insecure_test_seed=1)
+    rng = secret.SecretRandom(insecure_test_seed=1)
     n, q, draws = 500, 0.1, 400
     counts = np.zeros(n, dtype=np.int64)
     for _ in range(draws):
@@ -267,7 +267,7 @@ def test_poisson_batch_inclusion_rate_and_shape():
 
 
 def test_poisson_batch_allows_empty_batches():
-    rng = privacy.SecretRandom(insecure_test_seed=2)
+    rng = secret.SecretRandom(insecure_test_seed=2)
     sizes = np.array([rng.poisson_batch(5, 0.1).size for _ in range(2000)])
     empty = int((sizes == 0).sum())
     assert stats.binomtest(empty, sizes.size, 0.9**5).pvalue > 1e-4  # P(empty) = 0.59
@@ -277,12 +277,12 @@ def test_poisson_batch_allows_empty_batches():
 
 
 def test_secure_instances_differ_and_test_seed_is_deterministic():
-    a, b = privacy.SecretRandom(), privacy.SecretRandom()
+    a, b = secret.SecretRandom(), secret.SecretRandom()
     assert a.is_secure and b.is_secure
     assert [a.standard_normal() for _ in range(4)] != [b.standard_normal() for _ in range(4)]
     assert not np.array_equal(a.poisson_batch(1000, 0.5), b.poisson_batch(1000, 0.5))
 
-    c, d = privacy.SecretRandom(insecure_test_seed=7), privacy.SecretRandom(insecure_test_seed=7)
+    c, d = secret.SecretRandom(insecure_test_seed=7), secret.SecretRandom(insecure_test_seed=7)
     assert not c.is_secure
     assert [c.standard_normal() for _ in range(4)] == [d.standard_normal() for _ in range(4)]
     np.testing.assert_array_equal(c.poisson_batch(1000, 0.3), d.poisson_batch(1000, 0.3))
@@ -305,7 +305,7 @@ def test_secret_random_is_independent_of_global_generators():
     draws = []
     for _ in range(2):
         seed_globals()  # identical global seeds must not give identical secret noise
-        r = privacy.SecretRandom()
+        r = secret.SecretRandom()
         draws.append(([r.standard_normal() for _ in range(3)], r.poisson_batch(200, 0.5)))
     (z1, b1), (z2, b2) = draws
     assert z1 != z2 and not np.array_equal(b1, b2)
@@ -317,31 +317,31 @@ def test_secret_random_is_independent_of_global_generators():
     # and the global generators do not influence a (test-)seeded SecretRandom either
     np.random.seed(1)
     torch.manual_seed(1)
-    x = privacy.SecretRandom(insecure_test_seed=3).standard_normal()
+    x = secret.SecretRandom(insecure_test_seed=3).standard_normal()
     np.random.seed(2)
     torch.manual_seed(2)
-    assert privacy.SecretRandom(insecure_test_seed=3).standard_normal() == x
+    assert secret.SecretRandom(insecure_test_seed=3).standard_normal() == x
 
 
 def test_the_package_never_seeds_the_noise_generator():
-    """Outside privacy.py, SecretRandom is only built by from_environment (OS seed, or the
+    """Outside privacy/secret.py, SecretRandom is only built by from_environment (OS seed, or the
     test-only variable), never with a seed argument that a config value could reach."""
     import re
 
-    for path in sorted((SRC / "dpzo").glob("*.py")):
-        if path.name == "privacy.py":
+    for path in sorted((SRC / "dpzo").rglob("*.py")):
+        if path.name == "secret.py":
             continue
         text = path.read_text()
         assert "insecure_test_seed" not in text, path
         for call in re.findall(r"SecretRandom\(([^)]*)\)", text):
             assert call in ("", "..."), f"{path.name}: SecretRandom({call})"
     # and the one place that reads a seed takes it from the environment variable only
-    source = (SRC / "dpzo" / "privacy.py").read_text()
+    source = (SRC / "dpzo" / "privacy" / "secret.py").read_text()
     assert source.count("insecure_test_seed=seed") == 1 and "os.environ.get(INSECURE_SEED_ENV" in source
 
 
 def test_secret_random_cannot_be_copied_and_hides_state():
-    r = privacy.SecretRandom()
+    r = secret.SecretRandom()
     for clone in (copy.copy, copy.deepcopy, pickle.dumps):
         with pytest.raises(TypeError, match="must not be pickled or copied"):
             clone(r)
@@ -351,35 +351,35 @@ def test_secret_random_cannot_be_copied_and_hides_state():
 
 
 def test_from_environment(monkeypatch):
-    monkeypatch.delenv(privacy.INSECURE_SEED_ENV, raising=False)
-    assert privacy.INSECURE_SEED_ENV == "DPZO_INSECURE_TEST_NOISE_SEED"
-    assert privacy.SecretRandom.from_environment().is_secure
-    assert privacy.from_environment().is_secure
+    monkeypatch.delenv(secret.INSECURE_SEED_ENV, raising=False)
+    assert secret.INSECURE_SEED_ENV == "DPZO_INSECURE_TEST_NOISE_SEED"
+    assert secret.SecretRandom.from_environment().is_secure
+    assert secret.from_environment().is_secure
 
-    monkeypatch.setenv(privacy.INSECURE_SEED_ENV, "42")
+    monkeypatch.setenv(secret.INSECURE_SEED_ENV, "42")
     with pytest.warns(RuntimeWarning, match="NO privacy"):
-        r = privacy.SecretRandom.from_environment()
+        r = secret.SecretRandom.from_environment()
     assert not r.is_secure
-    assert r.standard_normal() == privacy.SecretRandom(insecure_test_seed=42).standard_normal()
+    assert r.standard_normal() == secret.SecretRandom(insecure_test_seed=42).standard_normal()
 
-    monkeypatch.setenv(privacy.INSECURE_SEED_ENV, "not-a-number")
-    with pytest.raises(ValueError, match=privacy.INSECURE_SEED_ENV):
-        privacy.from_environment()
+    monkeypatch.setenv(secret.INSECURE_SEED_ENV, "not-a-number")
+    with pytest.raises(ValueError, match=secret.INSECURE_SEED_ENV):
+        secret.from_environment()
 
 
 def test_privatize_sum():
-    rng, ref = privacy.SecretRandom(insecure_test_seed=5), privacy.SecretRandom(insecure_test_seed=5)
+    rng, ref = secret.SecretRandom(insecure_test_seed=5), secret.SecretRandom(insecure_test_seed=5)
     # sigma = 0: plain normalised sum and no draw (the stream is not advanced)
-    assert privacy.privatize_sum(3.0, 0.0, 1.0, 6.0, rng) == 0.5
+    assert mechanisms.privatize_sum(3.0, 0.0, 1.0, 6.0, rng) == 0.5
     z = ref.standard_normal()
-    assert privacy.privatize_sum(3.0, 2.0, 0.5, 6.0, rng) == pytest.approx((3.0 + 2.0 * 0.5 * z) / 6.0)
+    assert mechanisms.privatize_sum(3.0, 2.0, 0.5, 6.0, rng) == pytest.approx((3.0 + 2.0 * 0.5 * z) / 6.0)
     # noise distribution: N(0, (sigma C / B)^2)
-    secure = privacy.SecretRandom()
-    xs = np.array([privacy.privatize_sum(0.0, 3.0, 2.0, 4.0, secure) for _ in range(20000)])
+    secure = secret.SecretRandom()
+    xs = np.array([mechanisms.privatize_sum(0.0, 3.0, 2.0, 4.0, secure) for _ in range(20000)])
     assert abs(xs.mean()) < 5 * 1.5 / math.sqrt(xs.size)
     assert xs.std() == pytest.approx(1.5, rel=0.03)
     with pytest.raises(ValueError, match="clip"):
-        privacy.privatize_sum(0.0, 1.0, 0.0, 4.0, secure)
+        mechanisms.privatize_sum(0.0, 1.0, 0.0, 4.0, secure)
 
 
 # --------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ RECORD_KEYS = {
 
 
 def test_accounting_record_private():
-    rec = privacy.accounting_record(
+    rec = records.accounting_record(
         n=1024, batch_size=64, steps=500, directions=2, clip=0.5, epsilon_target=2.0, delta=D1024, accountant="pld"
     )
     assert RECORD_KEYS <= set(rec)
@@ -409,11 +409,11 @@ def test_accounting_record_private():
     achieved = rec["epsilon_achieved"]
     assert achieved["pld"] <= 2.0 < achieved["prv"] < achieved["rdp"]
     assert rec["calibrated_with"] == "pld"
-    assert rec["library_versions"] == privacy.library_versions()
+    assert rec["library_versions"] == accountants.library_versions()
 
 
 def test_accounting_record_non_private_and_given_sigma():
-    rec = privacy.accounting_record(
+    rec = records.accounting_record(
         n=100, batch_size=10, steps=5, directions=1, clip=1.0, epsilon_target=math.inf, delta=1e-5, accountant="pld"
     )
     json.dumps(rec, allow_nan=False)
@@ -421,7 +421,7 @@ def test_accounting_record_non_private_and_given_sigma():
     assert rec["epsilon_target"] == "inf"
     assert rec["epsilon_achieved"] == {"pld": "inf", "prv": "inf", "rdp": "inf"}
 
-    rec = privacy.accounting_record(
+    rec = records.accounting_record(
         n=1024, batch_size=64, steps=6000, directions=1, clip=1.0, epsilon_target=4.0, delta=D1024,
         accountant="rdp", sigma=4.143,
     )
@@ -437,7 +437,7 @@ def test_accounting_record_rejects_bad_sizes(kwargs, match):
     args = dict(n=100, batch_size=10, steps=5, directions=1, clip=1.0, epsilon_target=1.0, delta=1e-5,
                 accountant="rdp") | kwargs
     with pytest.raises(ValueError, match=match):
-        privacy.accounting_record(**args)
+        records.accounting_record(**args)
 
 
 # --------------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def test_cli_in_process_success(capsys):
 
 
 def test_dpzero_published_sigma_matches_opacus_value():
-    rec = privacy.dpzero_published_record(n=1024, batch_size=64, steps=10000, clip=200.0, epsilon_target=2.0)
+    rec = records.dpzero_published_record(n=1024, batch_size=64, steps=10000, clip=200.0, epsilon_target=2.0)
     assert rec["sigma"] == pytest.approx(13.5156, abs=1e-4)  # published get_noise_multiplier value
     assert rec["noise_std_on_sum"] == pytest.approx(2 * rec["sigma"] * 200.0)  # replace-one: 2 sigma C
     assert rec["neighbouring"].startswith("replace")
@@ -534,21 +534,21 @@ def test_dpzero_published_sigma_matches_opacus_value():
 
 def test_laplace_amplification_and_composition_closed_forms():
     q, T, eps = 1 / 16, 300, 8.0
-    eps_step, eps0 = privacy.laplace_step_epsilon(eps, q, T)
+    eps_step, eps0 = calibration.laplace_step_epsilon(eps, q, T)
     assert eps_step == pytest.approx(eps / T)
     # amplification by Poisson subsampling: log(1 + q (e^eps0 - 1)) == eps_step
     assert math.log(1 + q * (math.exp(eps0) - 1)) == pytest.approx(eps_step, rel=1e-12)
-    assert privacy.laplace_epsilon(eps0, q, T) == pytest.approx(eps, rel=1e-12)
-    assert privacy.laplace_step_epsilon(eps, 1.0, T)[1] == pytest.approx(eps / T)  # q = 1: no amplification
-    rec = privacy.laplace_record(n=1024, batch_size=64, steps=T, directions=1, clip=0.05, epsilon_target=eps)
+    assert accountants.laplace_epsilon(eps0, q, T) == pytest.approx(eps, rel=1e-12)
+    assert calibration.laplace_step_epsilon(eps, 1.0, T)[1] == pytest.approx(eps / T)  # q = 1: no amplification
+    rec = records.laplace_record(n=1024, batch_size=64, steps=T, directions=1, clip=0.05, epsilon_target=eps)
     assert rec["mechanism"] == "laplace" and rec["delta"] == 0.0
     assert rec["laplace_scale_on_sum"] == pytest.approx(0.05 / eps0)  # b = sensitivity / eps0
-    noise = privacy.NoisySum.from_ledger(rec)
+    noise = mechanisms.NoisySum.from_ledger(rec)
     assert noise.mechanism == "laplace" and noise.scale == rec["laplace_scale_on_sum"]
 
 
 def test_laplace_draws_have_the_laplace_variance():
-    rng = privacy.SecretRandom(insecure_test_seed=0)
+    rng = secret.SecretRandom(insecure_test_seed=0)
     xs = np.array([rng.standard_laplace() for _ in range(40000)])
     assert abs(xs.mean()) < 0.03 and xs.var() == pytest.approx(2.0, rel=0.05)
     assert np.mean(np.abs(xs)) == pytest.approx(1.0, rel=0.03)  # E|X| = b
@@ -556,7 +556,7 @@ def test_laplace_draws_have_the_laplace_variance():
 
 def test_a_cross_check_that_cannot_be_evaluated_is_recorded_not_fatal():
     # PRV's discretisation fails at this small sigma; PLD (the calibrating accountant) holds.
-    rec = privacy.accounting_record(n=32, batch_size=4, steps=2, clip=1.0, epsilon_target=8.0, delta=1e-5)
+    rec = records.accounting_record(n=32, batch_size=4, steps=2, clip=1.0, epsilon_target=8.0, delta=1e-5)
     assert rec["epsilon_achieved"]["pld"] <= 8.0
     assert str(rec["epsilon_achieved"]["prv"]).startswith("not computed")
     assert isinstance(rec["epsilon_achieved"]["rdp"], float)
@@ -567,8 +567,8 @@ def test_a_method_variant_is_accounted_like_its_method(method):
     """`<method>+<variant>` names a hyperparameter variant; its mechanism and accounting are the method's."""
     common = dict(n=512, batch_size=32, steps=20, directions=1, clip=1.0, epsilon_target=4.0, delta=1e-5,
                   accountant="rdp", convention="published")
-    rec = privacy.method_ledger(method, **common)
-    plain = privacy.method_ledger(method.split("+")[0], **common)
+    rec = records.method_ledger(method, **common)
+    plain = records.method_ledger(method.split("+")[0], **common)
     assert rec["method"] == method
     assert {k: v for k, v in rec.items() if k not in ("method", "versions")} == {
         k: v for k, v in plain.items() if k not in ("method", "versions")
@@ -583,26 +583,26 @@ def test_calibration_cache_returns_exactly_what_it_computed(tmp_path, monkeypatc
     """A grid's cells share calibrations: the cached ledger equals a fresh one bit for bit, a
     repeat is served from the cache, and anything else in the key computes anew."""
     cell = dict(n=256, batch_size=16, steps=50, clip=2.0, epsilon_target=3.0, delta=1e-5)
-    fresh = privacy.accounting_record(**cell)
-    first = privacy.accounting_record(**cell, cache_dir=tmp_path)
+    fresh = records.accounting_record(**cell)
+    first = records.accounting_record(**cell, cache_dir=tmp_path)
     assert first == fresh and len(list(tmp_path.glob("*.json"))) == 1
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")
 
-    monkeypatch.setattr(privacy, "calibrate_sigma", no_calibration)
-    assert privacy.accounting_record(**dict(cell, clip=5.0), cache_dir=tmp_path) == dict(
+    monkeypatch.setattr(calibration, "calibrate_sigma", no_calibration)
+    assert records.accounting_record(**dict(cell, clip=5.0), cache_dir=tmp_path) == dict(
         fresh, clip=5.0, sensitivity=5.0, noise_std_on_sum=fresh["sigma"] * 5.0)  # sigma does not depend on C
     for other in (dict(epsilon_target=2.5), dict(steps=51), dict(delta=2e-5), dict(batch_size=17)):
         with pytest.raises(AssertionError, match="calibrated again"):
-            privacy.accounting_record(**dict(cell, **other), cache_dir=tmp_path)
+            records.accounting_record(**dict(cell, **other), cache_dir=tmp_path)
 
 
 def test_calibration_cache_ignores_an_entry_stored_for_another_key(tmp_path):
     cell = dict(n=256, batch_size=16, steps=50, clip=2.0, epsilon_target=3.0, delta=1e-5)
-    fresh = privacy.accounting_record(**cell, cache_dir=tmp_path)
+    fresh = records.accounting_record(**cell, cache_dir=tmp_path)
     (entry,) = tmp_path.glob("*.json")
     stored = json.loads(entry.read_text())
     entry.write_text(json.dumps({"key": dict(stored["key"], q=0.5), "value": {"sigma": 0.01, "epsilon_achieved": {}}}))
-    assert privacy.accounting_record(**cell, cache_dir=tmp_path) == fresh
+    assert records.accounting_record(**cell, cache_dir=tmp_path) == fresh
     assert json.loads(entry.read_text()) == stored  # rewritten with the right key

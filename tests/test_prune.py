@@ -9,21 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.prune import (
-    Mask,
-    compute_scores,
-    flat_parameter_names,
-    linearized_objective,
-    rank_correlation,
-    scorer_agreement,
-    scoring_context,
-    select_mask,
-    synflow_objective,
-    theta_hg_exact,
-    theta_hg_zo,
-    top_overlap,
-)
-from dpzo.zo import FlatParameters
+from dpzo.masks.prune import Mask, compute_scores, flat_parameter_names, linearized_objective, rank_correlation, scorer_agreement, scoring_context, select_mask, synflow_objective, theta_hg_exact, theta_hg_zo, top_overlap
+from dpzo.zo.flat import FlatParameters
 
 F64 = torch.float64
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from dpzo.config import grid_cells
-from dpzo.preflight import missing_inputs
-from dpzo.tasks import TASKS
+from dpzo.pipeline.config import grid_cells
+from dpzo.pipeline.preflight import missing_inputs
+from dpzo.data.tasks import TASKS
 
 from .test_workflow import ROOT, job_counts, snakemake
 from .tiny import examples, make_clf, word_tokenizer

@@ -16,7 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpzo import figures, reference, report, tables
+from dpzo.report import figures
+from dpzo.report import reference
+from dpzo.report import collect as report
+from dpzo.report import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY_CSV = ROOT / "config" / "reference" / "accuracy.csv"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.data import make_k_shot, read_split, sample_k_shot, Example, load_split
-from dpzo.tasks import TASKS, encode_prompt, get_task, parse_template, render_template
+from dpzo.data.splits import make_k_shot, read_split, sample_k_shot, Example, load_split
+from dpzo.data.tasks import TASKS, encode_prompt, get_task, parse_template, render_template
 
 SPECIAL = dict(cls="<s>", sep="</s>", mask="<mask>")
 
@@ -222,7 +222,7 @@ def test_sentence_limits_cut_each_sentence_before_the_prompt(tokenizer):
 
 
 def test_task_metrics_from_confusion_against_closed_forms():
-    from dpzo.evaluate import score_from_confusion
+    from dpzo.models.evaluate import score_from_confusion
 
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)

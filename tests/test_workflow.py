@@ -244,7 +244,7 @@ def test_default_config_grid_dry_run(tmp_path):
 def test_paper_grid_plans_one_gpu_job_per_cell(tmp_path):
     """config/paper.yaml: every cell is one training job with one GPU (device: cuda); only the
     model jobs ask for a GPU (the grid's size is checked in test_real_names)."""
-    from dpzo.config import grid_cells
+    from dpzo.pipeline.config import grid_cells
     from dpzo.methods import base_method
 
     config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())

@@ -8,20 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.privacy import NoisySum, SecretRandom
-from dpzo.train import ZOHyperparameters, train_zo
-from dpzo.hyperparameters import hyperparameters_for
-from dpzo.zo import (
-    MIN_BETA_ULPS,
-    FlatParameters,
-    StageSchedule,
-    apply_update,
-    check_zo_scale,
-    clip_differences,
-    direction_seed,
-    gaussian_direction,
-    spsa_differences,
-)
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo.loop import train_zo
+from dpzo.methods.hyperparameters import hyperparameters_for
+from dpzo.zo.precision import MIN_BETA_ULPS, check_zo_scale
+from dpzo.zo.flat import FlatParameters, direction_seed, gaussian_direction
+from dpzo.methods.hyperparameters import StageSchedule
+from dpzo.zo.step import apply_update, clip_differences, spsa_differences
 
 
 class TwoTensorModel(torch.nn.Module):
@@ -373,7 +368,7 @@ def test_private_method_needs_a_finite_clip():
 
 
 def _ledger(hp, n, sigma=2.0):
-    from dpzo.privacy import accounting_record
+    from dpzo.privacy.records import accounting_record
 
     rec = accounting_record(n=n, batch_size=hp.batch_size, steps=hp.steps, directions=hp.directions, clip=hp.clip,
                             epsilon_target=math.inf, delta=1e-5, sigma=sigma)
@@ -388,7 +383,7 @@ def _run(hp, ledger, secret, n=40, **kw):
 
 
 def test_ledger_recheck_passes_for_what_ran_and_names_every_mismatch():
-    from dpzo.train import check_ledger_after
+    from dpzo.privacy.ledger import check_ledger_after
 
     hp = ZOHyperparameters(steps=5, batch_size=8, lr=1e-3, clip=1.0, directions=2)
     ledger = _ledger(hp, 40)
@@ -423,7 +418,7 @@ class _DoubleRateSampler:
 
 
 def test_ledger_recheck_catches_batches_not_drawn_at_the_accounted_rate():
-    from dpzo.train import check_ledger_after
+    from dpzo.privacy.ledger import check_ledger_after
 
     hp = ZOHyperparameters(steps=40, batch_size=8, lr=1e-4, clip=1.0)
     ledger = _ledger(hp, 40)

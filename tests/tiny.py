@@ -8,9 +8,9 @@ import random
 import torch
 import transformers
 
-from dpzo.data import Example
-from dpzo.models import PromptClassifier
-from dpzo.tasks import TASKS
+from dpzo.data.splits import Example
+from dpzo.models.classifier import PromptClassifier
+from dpzo.data.tasks import TASKS
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "It", "was", ".", "good", "bad", "film", "movie",
          "very", "not", "a", "the", "plot", "acting", "fun", "dull", "terrible", "great"]

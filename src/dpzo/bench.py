@@ -5,17 +5,17 @@ fixed batch on one device, it measures
 
 * ``forward``: one batched forward of the per-example prompt loss (a ZO step needs two);
 * ``official-style``: the step as the released DP-ZOSO / DPZero / MeZO code runs it
-  (:func:`dpzo.official.official_style_train`): z regenerated per tensor after
+  (:func:`dpzo.zo.official.official_style_train`): z regenerated per tensor after
   ``torch.manual_seed`` for each of the four passes over the weights (+beta, -2 beta, +beta,
   update), the per-example losses pulled out of the batch one ``.item()`` at a time, clip,
   noise and sum in Python, in the model's dtype without autocast;
-* ``dpzo``: :func:`dpzo.train.train_zo` itself, the code every training cell runs;
+* ``dpzo``: :func:`dpzo.zo.loop.train_zo` itself, the code every training cell runs;
 
 for the methods ``dp-zoso``, ``dp-zopo`` (a random mask of ``mask_ratio`` of the coordinates)
 and ``mezo``, and reports milliseconds per step, the ratio to two forwards, the speed-up over
 the official style and the peak GPU memory over the inference peak.
 
-Both compute the same mathematics (see :mod:`dpzo.official`), so only the mechanics differ.
+Both compute the same mathematics (see :mod:`dpzo.zo.official`), so only the mechanics differ.
 
 Every batch is the same: n equals the batch size, so Poisson sampling at q = 1 takes every
 example each step (and MeZO's sampling without replacement a permutation of them).
@@ -35,13 +35,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .methods import ZO, base_method
-from .models import DTYPES, PromptClassifier, to_device
-from .official import official_style_train
-from .privacy import NoisySum, SecretRandom
-from .prune import Mask
-from .train import ZOHyperparameters, train_zo
-from .zo import FlatParameters
+from dpzo.methods import ZO, base_method
+from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
+from dpzo.zo.official import official_style_train
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.masks.prune import Mask
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo.loop import train_zo
+from dpzo.zo.flat import FlatParameters
 
 METHODS = ("dp-zoso", "dp-zopo", "mezo")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -277,7 +279,7 @@ def time_official(setup: _Setup, method: str, *, steps: int, warmup: int) -> dic
 
 
 def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: int, warmup: int) -> dict:
-    """:func:`dpzo.train.train_zo` on the same batch (a warm-up call, then a timed call)."""
+    """:func:`dpzo.zo.loop.train_zo` on the same batch (a warm-up call, then a timed call)."""
     ctx = lambda: _autocast(setup.device, autocast)  # noqa: E731
 
     def per_example_loss(index):

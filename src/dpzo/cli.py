@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .privacy import DEFAULT_PLD_DISCRETIZATION
+from dpzo.privacy.accountants import DEFAULT_PLD_DISCRETIZATION
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -121,10 +121,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"argument --batch-size: must not exceed --n ({args.n}), got {args.batch_size}; "
             "use a batch size no larger than the training set",
         )
-    from dpzo import privacy  # lazy: keeps `dpzo --help` fast
+    from dpzo.privacy import records
 
     try:
-        record = privacy.accounting_record(
+        record = records.accounting_record(
             n=args.n,
             batch_size=args.batch_size,
             steps=args.steps,
@@ -218,7 +218,7 @@ def _audit_ledger(args: argparse.Namespace) -> dict | str:
         return f"the following arguments are required without --ledger: {', '.join(missing)}"
     if args.batch_size > args.n:
         return f"argument --batch-size: must not exceed --n ({args.n}), got {args.batch_size}"
-    from dpzo.privacy import method_ledger
+    from dpzo.privacy.records import method_ledger
 
     clip = 1.0  # the bound does not depend on C: everything scales with it
     try:
@@ -234,7 +234,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     ledger = _audit_ledger(args)
     if isinstance(ledger, str):
         return _fail("audit", ledger)
-    from dpzo.audit import AuditError, audit
+    from dpzo.privacy.audit import AuditError, audit
 
     try:
         record = audit(ledger, trials=args.trials, confidence=args.confidence)

@@ -1,0 +1,580 @@
+"""First-order baselines of the comparison: DP-SGD (full), DP-SGD on a prefix, and plain fine-tuning.
+
+Methods (``train_first_order(method=...)``):
+
+* ``dp-sgd``    DP-SGD on every trainable weight (Abadi et al. 2016).  Each step draws a Poisson
+                batch with rate q = B/n from the secret RNG (empty batches allowed: the update is
+                then noise only), computes the gradient of every example's loss separately, clips
+                each to L2 norm <= C jointly over all trained parameters, sums, adds
+                N(0, sigma^2 C^2 I) from the secret RNG and divides by the expected batch size
+                q n = B.  The optimizer (AdamW or SGD, constant lr) then post-processes this
+                release.  ``steps`` steps are ``steps`` Poisson-subsampled Gaussian releases with
+                noise multiplier sigma: exactly what ``privacy.accounting_record(steps=steps,
+                directions=1, ...)`` accounts (add/remove neighbours, sensitivity C).
+* ``dp-prefix`` the same DP-SGD mechanics on prefix-tuning parameters only (Li & Liang 2021):
+                ``prefix_tokens`` trainable key/value vectors prepended in every self-attention
+                layer; all model weights are frozen (``requires_grad=False``) and stay
+                bit-identical.  As in MeZO's "prefix" baseline: no reparameterisation, and the
+                prefix is initialised from the real key/value activations of random vocabulary
+                tokens (drawn from a public generator seeded with the run seed).
+* ``ft``        non-private fine-tuning of every trainable weight: fixed-size minibatches drawn
+                uniformly without replacement from a public numpy generator seeded with the run
+                seed, mean loss, constant lr (AdamW by default).
+
+All three run the model in eval mode (dropout off), like the zeroth-order methods, so that the
+baselines differ from them only in how the gradient is obtained.
+
+Per-example gradients
+---------------------
+Exact, with ``torch.func``: ``vmap(grad(loss_i))`` over the examples of a physical micro-batch
+(``physical_batch_size``, default 8), where ``loss_i`` is ``PromptClassifier.per_example_loss``
+of one example run through ``functional_call`` on the trained parameters.  The clipped
+per-example gradients are summed micro-batch by micro-batch, so peak memory holds
+``physical_batch_size`` copies of the trained parameters' gradients (full fine-tuning of a
+355M-parameter model in float32 with 8 examples: ~11 GiB on top of activations; lower
+``physical_batch_size`` for larger models).  The mathematics is per-example clipping whatever
+the micro-batch size.
+
+transformers' mask builders test "is there any padding?" with Python control flow on the mask
+values (to skip the mask), which ``vmap`` cannot trace.  While per-example gradients are
+computed, :func:`_vmap_safe_masks` disables that skip (the mask is then always materialised:
+same attention, only the shortcut is lost) and restores it afterwards.
+
+Prefix implementation
+---------------------
+The prefix really extends the key/value sequence of every self-attention layer.  Each attention
+module (OPT ``OPTAttention``: ``k_proj``/``v_proj``; RoBERTa ``RobertaSelfAttention``:
+``key``/``value``) gets a child :class:`PrefixKV` holding ``key``/``value`` parameters of shape
+``[heads, P, head_dim]``, and its attention call is routed (through transformers'
+``AttentionInterface``) to :func:`_prefix_attention`, which concatenates the prefix in front of
+the keys and values the layer computed and extends the attention mask with P always-visible
+columns (for causal models, every query sees the whole prefix), then calls the model's own
+attention implementation (``sdpa`` or ``eager``).  Positions of the real tokens are unchanged
+(the prefix has no position), as in Li & Liang and MeZO.  The routing replaces the module's
+``config`` attribute with a proxy whose ``_attn_implementation`` names the prefix function and
+that forwards everything else to the model's config.
+
+Noise
+-----
+Noise and batches come only from the ``SecretRandom`` passed in: each step draws its Poisson
+batch (``poisson_batch(n, q)``), then one standard normal per trained coordinate, tensor by
+tensor in ``named_parameters`` order (``standard_normal_array``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dpzo.models.evaluate import TestLossCurve
+from dpzo.methods.hyperparameters import FirstOrderHyperparameters
+from dpzo.methods import FIRST_ORDER
+from dpzo.models.classifier import EncodedSet, PromptClassifier
+from dpzo.privacy.secret import SecretRandom
+from dpzo.progress import Progress
+
+log = logging.getLogger(__name__)
+
+FIRST_ORDER_METHODS = tuple(FIRST_ORDER)
+PRIVATE_FIRST_ORDER_METHODS = tuple(name for name, private in FIRST_ORDER.items() if private)
+
+#: Name under which the prefix attention function is registered in transformers' AttentionInterface.
+PREFIX_ATTENTION = "dpzo_prefix"
+
+#: Attention implementations the prefix can wrap (those taking an explicit additive/boolean mask).
+_PREFIX_INNER = ("sdpa", "eager")
+
+#: Above this many scalar draws per noise vector, the scalar fallback of secret_normals warns.
+_SLOW_NOISE_WARN = 1_000_000
+
+
+# --------------------------------------------------------------------------------------
+# secret noise
+# --------------------------------------------------------------------------------------
+
+
+def secret_normals(secret: SecretRandom, size: int) -> np.ndarray:
+    """``size`` independent N(0, 1) draws (float64) from the secret generator, in order.
+
+    Uses ``SecretRandom.standard_normal_array`` (one vectorised draw); an object without it
+    falls back to one scalar ``standard_normal()`` call per coordinate, which numpy's Generator
+    turns into the very same sequence, only slower (~0.8 us per coordinate).
+    """
+    size = int(size)
+    if size < 0:
+        raise ValueError(f"size must be >= 0; got {size}")
+    vectorised = getattr(secret, "standard_normal_array", None)
+    if vectorised is not None:
+        return np.asarray(vectorised(size), dtype=np.float64).reshape(size)
+    if size > _SLOW_NOISE_WARN:
+        log.warning("drawing %d secret normals one scalar call at a time (~%.0f s)", size, size * 0.8e-6)
+    return np.fromiter((secret.standard_normal() for _ in range(size)), dtype=np.float64, count=size)
+
+
+def privatize_gradients(
+    sums: dict[str, torch.Tensor],
+    *,
+    sigma: float,
+    clip: float,
+    expected_batch_size: float,
+    secret: SecretRandom | None,
+) -> dict[str, torch.Tensor]:
+    """``(sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / expected_batch_size`` for every tensor.
+
+    The noise vector is drawn from ``secret`` tensor by tensor, in the order of ``sums``; with
+    ``sigma == 0`` no noise is drawn (then ``clip`` may be inf).
+    """
+    sigma = float(sigma)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0; got {sigma!r}")
+    if sigma > 0 and not math.isfinite(float(clip)):
+        raise ValueError("clip must be finite when sigma > 0 (the sensitivity would be infinite)")
+    if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+        raise ValueError(f"expected_batch_size must be a finite number > 0; got {expected_batch_size!r}")
+    out = {}
+    for name, s in sums.items():
+        g = s.clone()
+        if sigma > 0:
+            if secret is None:
+                raise ValueError("noise needs the secret RNG")
+            z = torch.from_numpy(secret_normals(secret, s.numel())).view(s.shape)
+            g.add_(z.to(device=s.device, dtype=s.dtype), alpha=sigma * float(clip))
+        out[name] = g.div_(expected_batch_size)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# per-example gradients
+# --------------------------------------------------------------------------------------
+
+
+class _LossModule(nn.Module):
+    """Makes ``clf.per_example_loss`` the forward of a module that owns ``clf.model``.
+
+    ``functional_call`` substitutes parameters named ``model.<name>`` for the duration of a call;
+    the classifier then computes with the substituted tensors (it holds the same model object).
+    """
+
+    def __init__(self, clf: PromptClassifier):
+        super().__init__()
+        self.model = clf.model
+        object.__setattr__(self, "_clf", clf)  # not a submodule
+
+    def forward(self, input_ids, attention_mask, score_pos, labels):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "score_pos": score_pos, "labels": labels}
+        return self._clf.per_example_loss(batch)
+
+
+@contextlib.contextmanager
+def _vmap_safe_masks() -> Iterator[None]:
+    """Disable transformers' "no padding, skip the mask" shortcut while vmapping over examples.
+
+    The shortcut reads the mask's values in Python control flow (``padding_mask.all()``), which
+    vmap refuses.  Without it the mask is always built; the attention computed is the same.
+    """
+    import transformers.masking_utils as mu
+
+    names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(mu, n)]
+    saved = {n: getattr(mu, n) for n in names}
+
+    def never(*args, **kwargs) -> bool:
+        return False
+
+    try:
+        for n in names:
+            setattr(mu, n, never)
+        with warnings.catch_warnings():
+            # sdpa's fused CPU/GPU kernels have no vmap batching rule: torch loops over the
+            # examples for that one op (correct, just slower) and warns about it.
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(mu, n, f)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name (tied weights once, as ``named_parameters`` gives them)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def clipped_grad_sum(
+    clf: PromptClassifier,
+    params: dict[str, nn.Parameter],
+    batch: dict,
+    clip: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Sum over the batch of per-example gradients each clipped to L2 norm <= ``clip``.
+
+    ``params`` are (a subset of) ``clf.model``'s parameters by name; the per-example norm is
+    taken jointly over all of them.  Returns ``(sums by name, losses [B], norms [B])``; the
+    sums are in the parameters' dtype (float32 for half-precision parameters).  ``clip=inf``
+    sums the raw per-example gradients.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    module = _LossModule(clf)
+    names = list(params)
+    detached = {"model." + n: p.detach() for n, p in params.items()}
+
+    def one_example(theta, ids, mask, pos, label):
+        loss = functional_call(module, theta, (ids[None], mask[None], pos[None], label[None]))[0]
+        return loss, loss
+
+    per_example = vmap(grad(one_example, has_aux=True), in_dims=(None, 0, 0, 0, 0))
+    with _vmap_safe_masks():
+        try:
+            grads, losses = per_example(
+                detached, batch["input_ids"], batch["attention_mask"], batch["score_pos"], batch["labels"]
+            )
+        except RuntimeError as err:
+            if "vmap" in str(err) and "data-dependent" in str(err):
+                raise RuntimeError(
+                    "per-example gradients: the model's forward has data-dependent Python control flow "
+                    "that torch.func.vmap cannot trace (transformers' mask shortcuts are disabled by "
+                    f"_vmap_safe_masks for transformers 5.x; check it for this version): {err}"
+                ) from err
+            raise
+    b = losses.shape[0]
+    acc_dtype = {n: (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for n, p in params.items()}
+    norm_dtype = torch.float64 if any(d == torch.float64 for d in acc_dtype.values()) else torch.float32
+    sq = torch.zeros(b, dtype=norm_dtype, device=losses.device)
+    for n in names:
+        sq += torch.linalg.vector_norm(grads["model." + n].reshape(b, -1), dim=1, dtype=norm_dtype).square()
+    norms = sq.sqrt()
+    # min(1, C / ||g_i||): C / 0 = inf and inf / x = inf both clamp to 1 (no clipping).
+    factor = (float(clip) / norms).clamp(max=1.0)
+    sums = {}
+    for n in names:
+        g = grads["model." + n].to(acc_dtype[n])
+        sums[n] = torch.tensordot(factor.to(g.dtype), g, dims=1)
+    return sums, losses.detach(), norms
+
+
+# --------------------------------------------------------------------------------------
+# prefix tuning
+# --------------------------------------------------------------------------------------
+
+
+class PrefixKV(nn.Module):
+    """Trainable key/value prefix of one self-attention layer, each ``[heads, P, head_dim]``."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        super().__init__()
+        if key.shape != value.shape or key.dim() != 3:
+            raise ValueError(f"prefix key/value must both be [heads, P, head_dim]; got {tuple(key.shape)} and {tuple(value.shape)}")
+        self.key = nn.Parameter(key.detach().clone())
+        self.value = nn.Parameter(value.detach().clone())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.key.shape[1])
+
+
+class _PrefixAttentionConfig:
+    """Stands in for an attention module's ``config``: routes its attention to the prefix function.
+
+    Every other attribute is read from (and written to) the model's own config, so later changes
+    to it (e.g. the attention implementation) are seen.
+    """
+
+    def __init__(self, config, eager_fn):
+        object.__setattr__(self, "_dpzo_config", config)
+        object.__setattr__(self, "_dpzo_eager", eager_fn)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return PREFIX_ATTENTION
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "_dpzo_config"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_dpzo_config"), name, value)
+
+    def __repr__(self) -> str:
+        return f"_PrefixAttentionConfig({object.__getattribute__(self, '_dpzo_config')._attn_implementation!r} + prefix)"
+
+
+def _extend_mask(mask: torch.Tensor | None, prefix: int, q_len: int, k_len: int, *, causal: bool, boolean: bool, dtype, device) -> torch.Tensor | None:
+    """The attention mask for ``[prefix; keys]``: P always-visible columns in front."""
+    if mask is None:
+        if not (causal and q_len > 1):
+            return None  # no padding, bidirectional (or one query): everything is visible
+        # Causal without a materialised mask (sdpa's is_causal shortcut): build it, aligned to
+        # the last key as sdpa/flash do when k_len > q_len.
+        visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)[None, None]
+        mask = visible if boolean else torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    if mask.shape[-1] != k_len:
+        raise RuntimeError(f"prefix attention: mask covers {mask.shape[-1]} keys but the layer has {k_len}")
+    if mask.dtype == torch.bool:
+        front = torch.ones(*mask.shape[:-1], prefix, dtype=torch.bool, device=mask.device)
+    else:
+        front = torch.zeros(*mask.shape[:-1], prefix, dtype=mask.dtype, device=mask.device)
+    return torch.cat([front, mask], dim=-1)
+
+
+def _prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention over ``[prefix; keys]`` and ``[prefix; values]``, then the model's own kernel."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    prefix: PrefixKV = module.dpzo_prefix
+    proxy = module.config
+    impl = object.__getattribute__(proxy, "_dpzo_config")._attn_implementation
+    if impl not in _PREFIX_INNER:
+        raise NotImplementedError(f"prefix tuning supports attn_implementation {_PREFIX_INNER}, not {impl!r}")
+    eager = object.__getattribute__(proxy, "_dpzo_eager")
+    inner = eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+    b, q_len, k_len, p = key.shape[0], query.shape[2], key.shape[2], prefix.tokens
+    pk = prefix.key.to(key.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+    pv = prefix.value.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+    key = torch.cat([pk, key], dim=2)
+    value = torch.cat([pv, value], dim=2)
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    attention_mask = _extend_mask(
+        attention_mask, p, q_len, k_len, causal=causal, boolean=impl == "sdpa", dtype=query.dtype, device=query.device
+    )
+    return inner(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Linear, nn.Linear, int, int]]:
+    """(name, module, key Linear, value Linear, heads, head_dim) of every self-attention layer."""
+    layers = []
+    for name, m in model.named_modules():
+        if not hasattr(m, "config"):
+            continue
+        if isinstance(getattr(m, "k_proj", None), nn.Linear) and isinstance(getattr(m, "v_proj", None), nn.Linear) and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            layers.append((name, m, m.k_proj, m.v_proj, int(m.num_heads), int(m.head_dim)))  # OPT
+        elif isinstance(getattr(m, "key", None), nn.Linear) and isinstance(getattr(m, "value", None), nn.Linear) and hasattr(m, "num_attention_heads") and hasattr(m, "attention_head_size"):
+            layers.append((name, m, m.key, m.value, int(m.num_attention_heads), int(m.attention_head_size)))  # RoBERTa
+    return layers
+
+
+def prefix_modules(model: nn.Module) -> list[PrefixKV]:
+    return [m for m in model.modules() if isinstance(m, PrefixKV)]
+
+
+@torch.no_grad()
+def install_prefix(model: nn.Module, tokens: int, *, seed: int) -> dict[str, nn.Parameter]:
+    """Install a ``tokens``-position key/value prefix in every self-attention layer of ``model``.
+
+    The prefix is initialised with the key/value activations that each layer computes for
+    ``tokens`` random vocabulary tokens (drawn with a public generator seeded by ``seed``), as
+    MeZO's prefix baseline does.  Model weights are not touched (nor frozen: the caller decides).
+    Returns the new parameters by their names in ``model``.
+    """
+    from transformers import AttentionInterface
+
+    tokens = int(tokens)
+    if tokens < 1:
+        raise ValueError(f"prefix tokens must be >= 1; got {tokens}")
+    if prefix_modules(model):
+        raise RuntimeError("model already has a prefix installed")
+    impl = model.config._attn_implementation
+    if impl not in _PREFIX_INNER:
+        raise NotImplementedError(f"prefix tuning supports attn_implementation {_PREFIX_INNER}, not {impl!r}")
+    layers = _attention_layers(model)
+    if not layers:
+        raise NotImplementedError(f"no supported self-attention layers (OPT k_proj/v_proj, RoBERTa key/value) in {type(model).__name__}")
+    for name, m, *_ in layers:
+        if getattr(m, "is_cross_attention", False):
+            raise NotImplementedError(f"{name} is a cross-attention layer; prefix tuning supports self-attention only")
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(int(seed))
+    ids = torch.randint(0, int(model.config.vocab_size), (1, tokens), generator=gen).to(device)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, (_, _, k_lin, v_lin, _, _) in enumerate(layers):
+        hooks.append(k_lin.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(2 * i, out.detach())))
+        hooks.append(v_lin.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(2 * i + 1, out.detach())))
+    was_training = model.training
+    model.eval()  # no dropout in the initialising activations
+    try:
+        model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+    AttentionInterface.register(PREFIX_ATTENTION, _prefix_attention)
+    for i, (_, m, _, _, heads, head_dim) in enumerate(layers):
+        k = captured[2 * i].reshape(tokens, heads, head_dim).transpose(0, 1)
+        v = captured[2 * i + 1].reshape(tokens, heads, head_dim).transpose(0, 1)
+        m.dpzo_prefix = PrefixKV(k, v)
+        eager = getattr(sys.modules[type(m).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"{type(m).__module__} has no eager_attention_forward to fall back on")
+        m.config = _PrefixAttentionConfig(m.config, eager)
+    return {n: p for n, p in model.named_parameters() if ".dpzo_prefix." in n}
+
+
+def remove_prefix(model: nn.Module) -> None:
+    """Undo :func:`install_prefix` (the model then computes exactly as before)."""
+    for _, m, *_ in _attention_layers(model):
+        if hasattr(m, "dpzo_prefix"):
+            del m.dpzo_prefix
+        if isinstance(m.__dict__.get("config"), _PrefixAttentionConfig):
+            m.config = object.__getattribute__(m.config, "_dpzo_config")
+
+
+# --------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------
+
+
+def _make_optimizer(params: list[nn.Parameter], hp: FirstOrderHyperparameters) -> torch.optim.Optimizer:
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def _check_finite(losses: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(losses).all()):
+        raise FloatingPointError(f"non-finite training loss at step {step}; lower the learning rate")
+
+
+def train_first_order(
+    clf: PromptClassifier,
+    train_set: EncodedSet,
+    hp: FirstOrderHyperparameters,
+    *,
+    method: str,
+    run_seed: int,
+    sigma: float = 0.0,
+    secret: SecretRandom | None = None,
+    curve: TestLossCurve | None = None,
+) -> dict:
+    """Train ``clf.model`` in place with a first-order method; returns the training history.
+
+    ``method``: ``"dp-sgd"``, ``"dp-prefix"`` (private: need ``secret``; ``sigma`` is the noise
+    multiplier of the ledger) or ``"ft"`` (non-private).  Exactly ``hp.steps`` optimizer steps
+    run; for the private methods each is one accounted release.  For ``dp-prefix`` the prefix
+    stays installed on ``clf.model`` (so evaluation uses it) and every other weight is frozen.
+    The model runs in eval mode (dropout off), as in the zeroth-order methods.
+
+    History (like ``train.train_zo``): lists ``step``, ``lr``, ``loss`` (mean training loss of
+    the sampled examples: a diagnostic on private data, not covered by the DP guarantee),
+    ``examples`` and ``clipped_fraction`` every ``log_every`` steps and at the last step; and
+    ``steps_run``, ``releases``, ``train_seconds``, ``ms_per_step``, ``trainable_parameters``;
+    ``curve`` adds the test-loss points (``evaluate.TestLossCurve``).
+    """
+    if method not in FIRST_ORDER_METHODS:
+        raise ValueError(f"train_first_order runs {FIRST_ORDER_METHODS}, not {method!r}")
+    private = method in PRIVATE_FIRST_ORDER_METHODS
+    n = len(train_set)
+    if hp.batch_size > n:
+        raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
+    sigma = float(sigma)
+    if private:
+        if secret is None:
+            raise ValueError(f"{method} is private and needs the secret RNG (secret=SecretRandom(...))")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0; got {sigma!r}")
+        if sigma > 0 and math.isinf(hp.clip):
+            raise ValueError(f"{method} with sigma > 0 needs a finite clip (the sensitivity would be infinite)")
+    else:
+        if sigma != 0.0:
+            raise ValueError(f"{method} is non-private; sigma must be 0, got {sigma!r}")
+        if math.isfinite(hp.clip):
+            raise ValueError(f"{method} is plain fine-tuning without clipping; clip must be inf, got {hp.clip!r}")
+
+    model = clf.model
+    model.eval()  # dropout off, as for the zeroth-order methods
+    if method == "dp-prefix":
+        if prefix_modules(model):
+            raise RuntimeError("model already has a prefix installed; dp-prefix starts from a model without one")
+        prefix = install_prefix(model, hp.prefix_tokens, seed=run_seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in prefix)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    optimizer = _make_optimizer(list(params.values()), hp)
+    q = hp.batch_size / n
+    expected_batch_size = float(hp.batch_size)  # q * n, public
+    public_rng = np.random.default_rng([int(run_seed), 1])  # ft's batches: no privacy claim
+    device = clf.device
+    lengths = train_set.lengths
+
+    history: dict[str, list] = {"step": [], "lr": [], "loss": [], "examples": [], "clipped_fraction": []}
+    losses_since_log: list[float] = []
+    examples_since_log, clipped_since_log = 0, 0
+    steps_run, examples_sampled = 0, 0  # counted, for the end-of-training check against the ledger
+    started = time.perf_counter()
+    progress = Progress(hp.steps)
+    for step in range(hp.steps):
+        if private:
+            index = secret.poisson_batch(n, q)
+        else:
+            index = public_rng.choice(n, size=hp.batch_size, replace=False)
+        # Physical micro-batches of similar lengths (less padding); the sums do not depend on it.
+        index = index[np.argsort(lengths[index].numpy(), kind="stable")]
+        chunks = [index[i : i + hp.physical_batch_size] for i in range(0, len(index), hp.physical_batch_size)]
+        optimizer.zero_grad(set_to_none=True)
+        step_losses = []
+        if private:
+            sums = {name: torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for name, p in params.items()}
+            for chunk in chunks:
+                batch = train_set.batch(chunk, device)
+                chunk_sums, losses, norms = clipped_grad_sum(clf, params, batch, hp.clip)
+                _check_finite(losses, step)
+                if not bool(torch.isfinite(norms).all()):
+                    raise FloatingPointError(f"non-finite per-example gradient at step {step}; lower the learning rate")
+                for name in sums:
+                    sums[name].add_(chunk_sums[name])
+                step_losses.append(losses)
+                clipped_since_log += int((norms > hp.clip).sum())
+            noisy = privatize_gradients(sums, sigma=sigma, clip=hp.clip, expected_batch_size=expected_batch_size, secret=secret)
+            for name, p in params.items():
+                p.grad = noisy[name].to(p.dtype)
+        else:
+            for chunk in chunks:
+                batch = train_set.batch(chunk, device)
+                losses = clf.per_example_loss(batch)
+                _check_finite(losses.detach(), step)
+                (losses.sum() / hp.batch_size).backward()
+                step_losses.append(losses.detach())
+        optimizer.step()
+        if step_losses:
+            losses_since_log.append(float(torch.cat(step_losses).double().mean()))
+        examples_since_log += len(index)
+        examples_sampled += len(index)
+        steps_run += 1
+        if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
+            history["step"].append(step + 1)
+            history["lr"].append(hp.lr)
+            history["loss"].append(float(np.mean(losses_since_log)) if losses_since_log else float("nan"))
+            log.info("%s", progress.line(step + 1, loss=history["loss"][-1]))
+            history["examples"].append(examples_since_log)
+            history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
+            losses_since_log = []
+            examples_since_log, clipped_since_log = 0, 0
+        if curve is not None:
+            curve.after_step(step + 1, history)
+    optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - started
+    history["steps_run"] = steps_run
+    history["releases"] = steps_run if private else 0  # one noisy gradient per step
+    history["examples_sampled"] = examples_sampled
+    history["n"] = n
+    history["sampling_rate"] = q
+    history["noise_scale_on_sum"] = sigma * hp.clip if private and sigma > 0 else 0.0
+    history["noise_divisor"] = expected_batch_size
+    history["train_seconds"] = elapsed
+    history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
+    history["trainable_parameters"] = int(sum(p.numel() for p in params.values()))
+    return history

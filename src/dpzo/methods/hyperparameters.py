@@ -1,0 +1,208 @@
+"""The typed hyperparameters of every method's config block, validated where they enter.
+
+No heavy imports (torch is not needed to read a config): the accounting rule builds them in
+seconds, and the trainers (``dpzo.zo.loop``, ``dpzo.baselines.firstorder``, ``dpzo.baselines.icl``) use the same
+classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, ZO_METHODS, base_method
+from dpzo.masks.settings import MaskSettings
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """Stagewise schedule of DP-ZOSO.
+
+    Stage s lasts ``stage_steps * 2**s`` steps; the last stage runs until ``steps`` (so it
+    is extended or truncated); every stage must start before ``steps``, so the schedules below
+    reach their last stage.  The learning
+    rate is multiplied by ``lr_decay`` at each stage, and the ZO scale moves geometrically from
+    ``beta_start`` (stage 0) to ``beta_end`` (stage S-1), in either direction.
+    """
+
+    steps: int
+    stages: int = 1
+    stage_steps: int | None = None
+    lr: float = 1e-4
+    lr_decay: float = 0.5
+    beta_start: float = 1e-3
+    beta_end: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.stages < 1:
+            raise ValueError("steps must be >= 0 and stages >= 1")
+        if self.beta_start <= 0 or self.beta_end <= 0:
+            raise ValueError("beta_start and beta_end must be positive")
+        if len(self.stage_starts()) < self.stages:
+            # the lr, beta and incremental-mask schedules are spread over the configured stages
+            raise ValueError(
+                f"{self.stages} stages of {self.stage_steps or self.steps}, then twice as many steps each, "
+                f"do not all start within {self.steps} steps; lower 'stages' or 'stage_steps', or raise 'steps'"
+            )
+
+    def stage_starts(self) -> list[int]:
+        """First step of each stage that actually runs."""
+        t0 = self.stage_steps if self.stage_steps is not None else self.steps
+        starts, start = [], 0
+        for s in range(self.stages):
+            if start >= self.steps and s > 0:
+                break
+            starts.append(start)
+            start += t0 * 2**s
+        return starts
+
+    def stage_of(self, step: int) -> int:
+        starts = self.stage_starts()
+        return max(s for s, start in enumerate(starts) if start <= step)
+
+    def lr_at(self, stage: int) -> float:
+        return self.lr * self.lr_decay**stage
+
+    def beta_at(self, stage: int) -> float:
+        if self.stages == 1:
+            return self.beta_start
+        frac = stage / (self.stages - 1)
+        return self.beta_start * (self.beta_end / self.beta_start) ** frac
+
+
+
+@dataclass(frozen=True)
+class ZOHyperparameters:
+    steps: int
+    batch_size: int
+    lr: float
+    beta_start: float = 1e-3
+    beta_end: float = 1e-3
+    stages: int = 1
+    stage_steps: int | None = None
+    lr_decay: float = 0.5
+    lam: float = 0.0
+    clip: float = math.inf
+    directions: int = 1
+    log_every: int = 10
+    mask: MaskSettings | None = None  # DP-ZOPO only
+
+    @classmethod
+    def from_config(cls, params: dict) -> "ZOHyperparameters":
+        """Build from a method's config block (``beta`` is shorthand for a constant ZO scale)."""
+        params = dict(params)
+        if "mask" in params:
+            params["mask"] = MaskSettings.from_config(params["mask"])
+        if "beta" in params:
+            beta = params.pop("beta")
+            params.setdefault("beta_start", beta)
+            params.setdefault("beta_end", beta)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown zeroth-order hyperparameter(s) {unknown}; allowed: {sorted(known | {'beta'})}")
+        return cls(**params)
+
+    def schedule(self) -> StageSchedule:
+        return StageSchedule(
+            steps=self.steps,
+            stages=self.stages,
+            stage_steps=self.stage_steps,
+            lr=self.lr,
+            lr_decay=self.lr_decay,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
+
+
+@dataclass(frozen=True)
+class FirstOrderHyperparameters:
+    steps: int
+    batch_size: int
+    lr: float
+    clip: float = math.inf
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    physical_batch_size: int = 8
+    prefix_tokens: int = 5
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"first-order hyperparameter {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("steps", "batch_size", "physical_batch_size", "prefix_tokens", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise bad(name, "must be an integer")
+        if self.steps < 0:
+            raise bad("steps", "must be >= 0")
+        for name in ("batch_size", "physical_batch_size", "prefix_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise bad("lr", "must be a finite number > 0")
+        if not float(self.clip) > 0:  # inf allowed (no clipping; non-private runs only)
+            raise bad("clip", "must be > 0 (inf: no clipping)")
+        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
+            raise bad("weight_decay", "must be a finite number >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"allowed: {', '.join(OPTIMIZERS)}")
+
+    @property
+    def directions(self) -> int:
+        """One release per step (lets ``train.check_ledger`` compare this run with its ledger)."""
+        return 1
+
+    @classmethod
+    def from_config(cls, params: dict) -> "FirstOrderHyperparameters":
+        """Build from a method's config block; unknown keys are refused (listing the allowed ones)."""
+        params = dict(params)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"unknown first-order hyperparameter(s) {unknown}; allowed: {known}")
+        for name in ("lr", "clip", "weight_decay"):
+            if name in params and isinstance(params[name], str):  # "inf" as written in JSON
+                params[name] = float(params[name])
+        return cls(**params)
+
+
+@dataclass(frozen=True)
+class ICLHyperparameters:
+    demonstrations: int = 8
+
+    @classmethod
+    def from_config(cls, params: dict) -> "ICLHyperparameters":
+        unknown = sorted(set(params) - {"demonstrations"})
+        if unknown:
+            raise ValueError(f"unknown icl hyperparameter(s) {unknown}; allowed: ['demonstrations']")
+        return cls(**params)
+
+
+def hyperparameters_for(method: str, params: dict):
+    """The typed hyperparameters of a method's config block (None for zero-shot)."""
+    method = base_method(method)
+    if method == ZERO_SHOT:
+        if params:
+            raise ValueError(f"zero-shot takes no hyperparameters; got {sorted(params)}")
+        return None
+    if method in ZO_METHODS:
+        hp = ZOHyperparameters.from_config(params)
+        if ZO[method].masked != (hp.mask is not None):
+            raise ValueError(f"{method}: a 'mask' block is {'required' if ZO[method].masked else 'not allowed'}")
+        if not ZO[method].staged and (hp.stages > 1 or hp.lam or hp.beta_start != hp.beta_end):
+            raise ValueError(
+                f"{method} has a constant schedule: 'stages', 'lam' and beta_start != beta_end are "
+                "DP-ZOSO/DP-ZOPO settings (remove them, or use dp-zoso)"
+            )
+        return hp
+    if method == ICL:
+        return ICLHyperparameters.from_config(params)
+    if method in FIRST_ORDER:
+        return FirstOrderHyperparameters.from_config(params)
+    raise ValueError(f"unknown method {method!r}")

@@ -1,0 +1,1 @@
+"""Models: loading a checkpoint as a prompt classifier, scoring candidates, evaluation."""

@@ -1,0 +1,208 @@
+"""One cell of the grid: verify its ledger, load the model and data, train, evaluate."""
+
+from __future__ import annotations
+from dpzo.zo.loop import train_zo
+
+import contextlib
+import logging
+import time
+from typing import Callable
+import torch
+from dpzo.methods.hyperparameters import ZOHyperparameters, hyperparameters_for
+from dpzo.methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, base_method
+from dpzo.masks.prune import Mask
+from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, file_digest
+from dpzo.models.classifier import PromptClassifier
+from dpzo.models.evaluate import CurveSettings
+from dpzo.privacy.ledger import NO_NOISE, AccountingSettings, Cell, check_ledger_after, verify_ledger
+from dpzo.privacy.secret import SecretRandom
+
+log = logging.getLogger(__name__)
+
+
+#: Measured on private batches, so not covered by the guarantee: kept out of what is published.
+PRIVATE_DIAGNOSTICS = ("loss", "examples", "clipped_fraction")
+
+
+def stage_masks(hp: ZOHyperparameters, clf: PromptClassifier, mask_files: list[str] | None) -> Callable[[int], Mask]:
+    """The mask of each DP-ZOPO stage under the configured strategy (``prune.MaskSettings``)."""
+    from dpzo.masks.prune import compute_mask
+
+    settings = hp.mask
+    if not mask_files or len(mask_files) != len(set(settings.stage_ratios(hp.stages))):
+        raise ValueError(f"DP-ZOPO needs one precomputed mask per distinct stage ratio; got {mask_files}")
+    loaded = {m.meta["ratio"]: m for m in (Mask.load(f) for f in mask_files)}
+
+    def mask_for(stage: int) -> Mask:
+        ratio = settings.stage_ratios(hp.stages)[stage]
+        if settings.strategy == "dynamic" and stage > 0:
+            # data-free: rescoring the current weights costs no privacy
+            return compute_mask(clf.model, clf.label_ids, clf.family, settings, ratio)
+        return loaded[ratio]
+
+    log.info("DP-ZOPO: %s masks over %d stages", settings.strategy, hp.stages)
+    return mask_for
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
+    import resource
+
+    out = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def run_cell(
+    cell: Cell,
+    *,
+    model_path: str,
+    family: str,
+    dtype: str,
+    split_dir: str,
+    method_params: dict,
+    ledger: dict,
+    accounting: AccountingSettings,
+    ledger_path: str | None = None,
+    eval_batch_size: int = 128,
+    device: str = "cpu",
+    mask_files: list[str] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+    curve: CurveSettings | None = None,
+    on_start: Callable[[dict, int | None], None] | None = None,
+) -> dict:
+    """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
+
+    Before anything else the ledger is verified against the cell (``ledger.verify_ledger``:
+    its identity, the config's ``accounting``, and that its noise certifies the cell's ε); the
+    noise added is the verified one.  ``mask_files`` (DP-ZOPO): the precomputed mask of each
+    stage's starting ratio, in stage order (see ``prune.MaskSettings``).  ``checkpoint``: where
+    and how often zeroth-order training snapshots itself, and resumes from.  ``curve``: the
+    test-loss points recorded during training (the only training curve that is published).
+    ``on_start(identity, step)`` is called once before training (evaluation for zero-shot) with
+    what the run is and the step a snapshot resumed after (None: from scratch); it may raise to
+    refuse the run (``dpzo.pipeline.cellguard.Attempt.start``).
+
+    Returns the cell's metrics, and under ``"private_diagnostics"`` what the trainer measured
+    on the private batches (training loss, batch sizes, clipped fractions): not covered by the
+    guarantee, so the caller keeps it apart from what is published.
+
+    Evaluation reports the final iterate on the test split; no dev-based model selection is
+    done, because choosing among iterates on private data would spend unaccounted privacy.
+    """
+    from pathlib import Path
+
+    from dpzo.models.candidates import make_scorer
+    from dpzo.data.splits import load_split
+    from dpzo.models.evaluate import TestLossCurve, evaluate
+    from dpzo.data.hf_tasks import HFTask, method_problem
+    from dpzo.models.classifier import load_model
+    from dpzo.data.tasks import get_task
+
+    wall_start = time.perf_counter()
+    method, seed = cell.method, cell.seed
+    task = get_task(cell.task)
+    problem = method_problem(task, method) if isinstance(task, HFTask) else None
+    if problem:
+        raise ValueError(problem)
+    base = base_method(method)
+    hp = hyperparameters_for(method, method_params)
+    train_examples = load_split(Path(split_dir) / "train.jsonl")
+    # before the model is even loaded: a ledger that is not this cell's stops the run here
+    verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=ledger_path)
+    secret = SecretRandom.from_environment() if base in PRIVATE_METHODS else None
+    torch.manual_seed(seed)
+    lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
+    clf = make_scorer(lm, tokenizer, family, task)
+    test_examples = load_split(Path(split_dir) / "test.jsonl")
+    train_set = clf.encode(train_examples)
+    test_set = clf.encode(test_examples)
+
+    # everything the run depends on: a snapshot of any other run is never resumed, and a retry
+    # of a failed run is recognised as the same run
+    identity = dict(
+        model_path=model_path, dtype=dtype, task=cell.task, method=method, seed=seed, method_params=method_params,
+        ledger=ledger, train_data=file_digest(Path(split_dir) / "train.jsonl"),
+        masks=[file_digest(f) for f in mask_files or []],
+    )
+
+    def started(resumed_after: int | None) -> None:
+        if on_start is not None:
+            on_start(identity, resumed_after)
+
+    history: dict = {}
+    if base == ICL:
+        from dpzo.baselines.icl import choose_demonstrations, encode_with_demonstrations
+
+        started(None)
+        demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
+        test_set = encode_with_demonstrations(clf, test_examples, demos)
+    elif base != ZERO_SHOT:
+        test_curve = TestLossCurve(clf, test_set, steps=hp.steps, settings=curve or CurveSettings(), batch_size=eval_batch_size)
+        if base in FIRST_ORDER:
+            from dpzo.baselines.firstorder import train_first_order
+
+            started(None)  # first-order training always starts from scratch
+            history = train_first_order(clf, train_set, hp, method=base, run_seed=seed, sigma=verified.sigma,
+                                        secret=secret, curve=test_curve)
+        else:
+            snapshots = None
+            if checkpoint is not None:
+                snapshots = TrainingCheckpoint(checkpoint, identity=identity)
+            with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
+                history = train_zo(
+                    lm,
+                    lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
+                    len(train_set),
+                    hp,
+                    method=method,
+                    run_seed=seed,
+                    noise=verified.release,
+                    secret=secret,
+                    masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
+                    checkpoint=snapshots,
+                    curve=test_curve,
+                    on_start=started,
+                )
+        if base in PRIVATE_METHODS:
+            check_ledger_after(ledger, history)
+    else:
+        started(None)  # zero-shot: evaluation only
+    result = evaluate(clf, test_set, batch_size=eval_batch_size)
+    resumed_from = history.pop("resumed_from", [])
+    curves = {k: v for k, v in history.items() if isinstance(v, list)}
+    return {
+        "model": cell.model,
+        "task": cell.task,
+        "method": method,
+        "eps": cell.eps,
+        "seed": seed,
+        # The task's own metric (accuracy; mcc or f1 for some LM-BFF tasks; f1 for generation).
+        "metric": result.get("metric", "accuracy"),
+        "score": result["score"] if "score" in result else result[result.get("metric", "accuracy")],
+        "accuracy": result.get("accuracy"),
+        **{k: result[k] for k in ("f1", "em", "predictions") if k in result},
+        "test_loss": result["loss"],
+        "test_n": result["n"],
+        "confusion": result.get("confusion"),
+        "n_train": len(train_set),
+        "n_params": sum(p.numel() for p in lm.parameters()),
+        "steps": history.get("steps_run", 0),
+        "releases": history.get("releases", 0),
+        "resumed_from": resumed_from,  # steps after which an interrupted run was continued
+        # what the trainer itself recomputed from the noise it added (not the ledger's claim)
+        "privacy": {"noise": accounting.noise if base in PRIVATE_METHODS else NO_NOISE,
+                    "epsilon_verified": verified.epsilon, "verified_with": verified.accountant},
+        "ms_per_step": history.get("ms_per_step"),
+        "train_seconds": history.get("train_seconds", 0.0),
+        "wall_seconds": time.perf_counter() - wall_start,
+        "memory": peak_memory_mb(clf.device),
+        "device": str(clf.device),
+        "torch": torch.__version__,
+        "history": {k: v for k, v in curves.items() if k not in PRIVATE_DIAGNOSTICS},
+        "history_note": "step, stage, lr, beta, mask_size: the public schedule; grad: the released "
+        "scalar; test_step/test_loss: loss on a fixed part of the test split. All covered by the "
+        "guarantee (functions of the released values and public data).",
+        "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS} | {"step": curves.get("step", [])},
+    }

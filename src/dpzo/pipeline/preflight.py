@@ -1,0 +1,197 @@
+"""Before any job: is every configured model and dataset on disk?
+
+The pipeline never downloads (cluster nodes often have no network, and a half-downloaded
+checkpoint inside a training job wastes a GPU allocation).  So a real run first checks every
+model and task of the config and stops with one message that lists everything missing, the
+exact id or file, and where to put it.  Demo models and tasks are built by the pipeline itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpzo.data.splits import missing_files
+from dpzo.data.inputs import WEIGHT_FILES, model_dir_problems, weights_problems
+from dpzo.data.tasks import TASKS
+
+LMBFF_URL = "https://nlp.cs.princeton.edu/projects/lm-bff/datasets.tar"
+
+
+class MissingInputs(SystemExit):
+    """Raised with the full list of what is missing; exits non-zero with that message."""
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def model_problem(key: str, path: str) -> str | None:
+    """Why the model ``key`` at ``path`` (a directory or a Hugging Face id) cannot load, or None.
+
+    Reads no tensors: the config must parse, the weights' headers read (``inputs``)."""
+    local = model_dir_problems(path)
+    if local:
+        return f"model '{key}' (models.{key}.path): " + "; ".join(local)
+    if Path(path).expanduser().is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(path, "config.json")
+    weights = [w for f in WEIGHT_FILES if isinstance(w := try_to_load_from_cache(path, f), str)]
+    if isinstance(config, str) and weights:
+        damaged = weights_problems(weights[0])
+        return f"model '{key}' (Hugging Face id '{path}' in the cache): " + "; ".join(damaged) if damaged else None
+    relative = "" if Path(path).is_absolute() else (
+        f"is not a directory (resolved against {Path.cwd()}: {Path(path).absolute()} does not exist) and "
+    )
+    return (
+        f"model '{key}': '{path}' {relative}is not a Hugging Face id in the local cache {hub_cache_dir()}. "
+        f"For a hub id: on a machine with internet run `hf download {path}` and copy the cache to HF_HOME here; "
+        f"for a local model: save it with save_pretrained to a directory and set models.{key}.path to it "
+        "(relative paths are read from the folder snakemake runs in)"
+    )
+
+
+def label_word_problems(key: str, path: str, task_names: list[str]) -> list[str]:
+    """The model's tokenizer must load, and every label word of the LM-BFF tasks must be one
+    token of it (the prompts score one token per label)."""
+    from transformers import AutoTokenizer
+
+    from dpzo.data.tasks import label_word_ids
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers raises many types for a damaged tokenizer
+        return [f"model '{key}' (models.{key}.path): its tokenizer does not load from {path} "
+                f"({type(err).__name__}: {err}); save it again with tokenizer.save_pretrained"]
+    problems = []
+    for name in task_names:
+        task = TASKS[name]
+        if not getattr(task, "label_words", None):
+            continue  # candidate tasks: their strings come with each example
+        try:
+            label_word_ids(task, tokenizer)
+        except ValueError as err:
+            problems.append(f"model '{key}': {err}; pick another model or task")
+    return problems
+
+
+def k_shot_warnings(config: dict) -> list[str]:
+    """LM-BFF tasks whose smallest class has fewer than k training examples: their k-shot set
+    keeps every example of that class (as LM-BFF does) and has no dev examples of it."""
+    from collections import Counter
+
+    from dpzo.data.splits import read_split
+    from dpzo.data.hf_tasks import HFTask
+
+    k, out = int(config["k"]), []
+    for name in config["tasks"]:
+        task = TASKS[name]
+        if isinstance(task, HFTask) or task.demo or missing_files(task, Path(config.get("data_dir", "data/lm-bff"))):
+            continue
+        counts = Counter(ex.label for ex in read_split(task, Path(config.get("data_dir", "data/lm-bff")), "train"))
+        small = {label: c for label, c in sorted(counts.items()) if c < k}
+        if small:
+            train = {label: min(c, k) for label, c in sorted(counts.items())}
+            out.append(
+                f"task '{name}': k = {k} is larger than class(es) {small} (examples per label); the k-shot "
+                f"training set has {train} examples per label (n = {sum(train.values())}, not {k * task.num_classes}) "
+                "and no dev examples of those classes. q = B/n and delta = 1/n follow the real n."
+            )
+    return out
+
+
+def task_problems(name: str, data_dir: str | Path, hf_cache_dir: str | Path | None = None) -> list[str]:
+    """The missing files of a task (LM-BFF layout under ``data_dir``, or a Hugging Face
+    dataset in the ``datasets`` cache), phrased for a person."""
+    from dpzo.data.hf_tasks import HFTask
+
+    task = TASKS[name]
+    if isinstance(task, HFTask):
+        from dpzo.data.hf_data import cache_location, fetch_command, is_cached
+
+        if is_cached(task, hf_cache_dir):
+            return []
+        where = cache_location(hf_cache_dir)
+        return [
+            f"task '{name}': Hugging Face dataset {task.hf_id!r} is not in the datasets cache {where}; on a machine "
+            f"with internet run `HF_DATASETS_CACHE={where} {fetch_command(task)}` and make that folder available "
+            "here (or point hf_datasets.cache_dir at it)"
+        ]
+    if task.demo:
+        return []
+    missing = missing_files(task, Path(data_dir))
+    if not missing:
+        return []
+    hint = " (some copies name the folder GLUE-SST-2: rename it to SST-2)" if name == "SST-2" else ""
+    return [f"task '{name}': {', '.join(map(str, missing))} not found{hint}"]
+
+
+def missing_inputs(config: dict) -> list[str]:
+    """Every configured model and task that is not on disk (empty when the run can start)."""
+    problems = []
+    for key, cfg in config["models"].items():
+        if "path" in cfg:
+            problem = model_problem(key, str(cfg["path"]))
+            if problem:
+                problems.append(problem)
+            else:
+                tasks = cfg.get("grid", {}).get("tasks", config["tasks"])
+                problems += label_word_problems(key, str(cfg["path"]), list(tasks))
+    from dpzo.data.hf_tasks import HFTask
+
+    data_dir = config.get("data_dir", "data/lm-bff")
+    hf_cache_dir = config.get("hf_datasets", {}).get("cache_dir")
+    tasks, lmbff_missing = [], False
+    for name in config["tasks"]:
+        found = task_problems(name, data_dir, hf_cache_dir)
+        tasks += found
+        lmbff_missing |= bool(found) and not isinstance(TASKS[name], HFTask)
+    if lmbff_missing:
+        tasks.append(
+            f"LM-BFF tasks: download {LMBFF_URL}, extract it and set data_dir (now {data_dir}) to the folder "
+            "that holds original/<TASK>/"
+        )
+    return problems + tasks
+
+
+def device_problem(device: str) -> str | None:
+    """Why the config's torch ``device`` cannot run jobs on this machine, or None."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index < count:
+            return None
+        found = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch build without CUDA)"
+        return (f"config key 'device': {device!r} but this machine has {found}; set device: cpu, or run where "
+                "the GPU is (on a cluster the check is left to the job's node)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "config key 'device': 'mps' but this machine has no MPS device; set device: cpu"
+    return None
+
+
+def require_inputs(config: dict, *, local: bool = True) -> None:
+    """Stop the run, before any job, when something configured is missing or cannot run here.
+
+    ``local``: the jobs run on this machine (not submitted to a cluster), so the device is
+    checked here too.  Warnings (k larger than a class) are printed and the run goes on.
+    """
+    import sys
+
+    problems = missing_inputs(config)
+    device = device_problem(str(config.get("device", "cpu"))) if local else None
+    if device:
+        problems.append(device)
+    if problems:
+        raise MissingInputs(
+            "missing or unusable inputs; nothing was run:\n  - " + "\n  - ".join(problems)
+            + "\nThe pipeline never downloads: fetch what is missing first (see README, 'Real models and data')."
+        )
+    for warning in k_shot_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""The report: collecting cells, the tables and figures, the published reference values."""

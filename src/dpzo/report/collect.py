@@ -1,0 +1,299 @@
+"""Collection of the cells' records into flat tables, and their aggregation over seeds.
+
+``collect`` reads every cell's ``metrics.json`` and ``privacy.json`` (and the job's benchmark
+file when there is one) once, and writes two tables that every later table and figure reads:
+
+* ``cells.csv``: one row per (model, task, method, ε, seed): accuracy, time, memory, the
+  privacy ledger, the method's mask settings and the published reference the cell maps to;
+* ``curves.csv``: the test-loss curve of every trained cell, one row per point (the published
+  training curve; the training loss on private batches is in ``private_diagnostics.json``).
+
+``summarize`` turns ``cells.csv`` into mean ± sample standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+
+from dpzo.fileio import atomic_path, read_json_output
+from dpzo.masks.settings import MaskSettings
+from dpzo.methods import base_method
+from dpzo.report.reference import reference_model, reference_task
+
+GROUP = ["model", "task", "method", "eps"]
+MASK_FIELDS = ("strategy", "scorer", "ratio", "selection", "scope", "mode")
+
+
+def eps_sort_key(eps: pd.Series) -> pd.Series:
+    return eps.map(lambda e: float("inf") if e == "inf" else float(e))
+
+
+def _number(value) -> float:
+    """A ledger number (JSON writes infinity as the string "inf"); NaN if it is not one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _memory(metrics: dict) -> tuple[float, str]:
+    """Peak memory of the cell and what it measures: GPU allocations where there were any."""
+    memory = metrics.get("memory") or {}
+    if memory.get("gpu_peak_allocated_mb") is not None:
+        return float(memory["gpu_peak_allocated_mb"]), "GPU peak allocated"
+    if memory.get("cpu_max_rss_mb") is not None:
+        return float(memory["cpu_max_rss_mb"]), "CPU peak resident set"
+    return math.nan, ""
+
+
+def _benchmark(path: Path | None) -> dict:
+    """Wall time and peak RSS of the job from Snakemake's benchmark file, when it exists."""
+    if path is None or not Path(path).exists():
+        return {"job_seconds": math.nan, "job_max_rss_mb": math.nan}
+    table = pd.read_csv(path, sep="\t")
+    return {"job_seconds": _number(table["s"].iloc[-1]), "job_max_rss_mb": _number(table["max_rss"].iloc[-1])}
+
+
+def _ledger_fields(ledger: dict) -> dict:
+    out = {
+        "private": bool(ledger.get("private", False)),
+        "epsilon_target": _number(ledger.get("epsilon_target", "inf")),
+        "delta": _number(ledger.get("delta")),
+        "sigma": _number(ledger.get("sigma")) if ledger.get("private") else 0.0,
+        "q": _number(ledger.get("q")),
+        "n": _number(ledger.get("n")),
+        "ledger_steps": _number(ledger.get("steps")),
+        "directions": _number(ledger.get("directions")),
+        "compositions": _number(ledger.get("compositions")),
+        "clip": _number(ledger.get("clip")),
+        "noise_std_on_sum": _number(ledger.get("noise_std_on_sum")),
+        "mechanism": ledger.get("mechanism", ""),
+        "neighbouring": ledger.get("neighbouring", ""),
+        "accounting": ledger.get("accounting", ""),
+        "calibrated_with": ledger.get("calibrated_with") or "",
+    }
+    for name, value in (ledger.get("epsilon_achieved") or {}).items():
+        out[f"epsilon_{name}"] = _number(value)
+    return out
+
+
+def _mask_fields(method_params: Mapping | None) -> dict:
+    """The DP-ZOPO mask settings of the cell's method (empty for other methods)."""
+    if not method_params or "mask" not in method_params:
+        return {f"mask_{name}": "" for name in MASK_FIELDS}
+    settings = MaskSettings.from_config(dict(method_params["mask"]))
+    return {f"mask_{name}": getattr(settings, name) for name in MASK_FIELDS}
+
+
+def cell_row(
+    metrics_file: str | Path,
+    *,
+    models: Mapping[str, dict] | None = None,
+    methods: Mapping[str, dict] | None = None,
+    benchmark: str | Path | None = None,
+) -> dict:
+    """One row of ``cells.csv`` from a cell's metrics.json (and the privacy.json next to it)."""
+    path = Path(metrics_file)
+    metrics = read_json_output(path)
+    ledger_path = path.with_name("privacy.json")
+    ledger = read_json_output(ledger_path) if ledger_path.exists() else {}
+    model, task, method = metrics["model"], metrics["task"], metrics["method"]
+    ref_model, model_stand_in = reference_model((models or {}).get(model, {"path": model}))
+    ref_task, task_stand_in = reference_task(task)
+    memory_mb, memory_kind = _memory(metrics)
+    memory = metrics.get("memory") or {}
+    history = metrics.get("history") or {}
+    row = {
+        "model": model,
+        "task": task,
+        "method": method,
+        "base_method": base_method(method),
+        "eps": str(metrics["eps"]),  # the path component, e.g. "2" (not 2.0)
+        "seed": int(metrics["seed"]),
+        # The task's metric (accuracy; MCC or F1 for CoLA, MRPC, QQP; F1 for generation), in %.
+        "accuracy": 100.0 * float(metrics.get("score", metrics.get("accuracy"))),
+        "task_metric": metrics.get("metric", "accuracy"),
+        "test_n": metrics.get("test_n"),
+        "n_train": metrics.get("n_train"),
+        "n_params": metrics.get("n_params"),
+        "steps": metrics.get("steps", 0),
+        "releases": metrics.get("releases", 0),
+        # runs of the mechanism behind this result (starts from scratch) and continuations from a
+        # snapshot; NaN for cells written before they were counted
+        "attempts": _number(metrics.get("attempts")),
+        "resumes": _number(metrics.get("resumes")),
+        "ms_per_step": _number(metrics.get("ms_per_step")),
+        "train_seconds": _number(metrics.get("train_seconds")),
+        "wall_seconds": _number(metrics.get("wall_seconds")),
+        "memory_mb": memory_mb,
+        "memory_kind": memory_kind,
+        "cpu_max_rss_mb": _number(memory.get("cpu_max_rss_mb")),
+        "gpu_peak_allocated_mb": _number(memory.get("gpu_peak_allocated_mb")),
+        "device": metrics.get("device", ""),
+        "stage_starts": ";".join(str(s) for s in history.get("stage_starts", [])),
+        "reference_model": ref_model,
+        "reference_task": ref_task,
+        "stand_in": model_stand_in or task_stand_in,
+        **_benchmark(Path(benchmark) if benchmark else None),
+        **_mask_fields((methods or {}).get(method)),
+        **_ledger_fields(ledger),
+        **_verified_fields(metrics),
+    }
+    return row
+
+
+def _verified_fields(metrics: dict) -> dict:
+    """What the trainer recomputed from the noise it added, and where that noise came from."""
+    privacy = metrics.get("privacy") or {}
+    noise = str(privacy.get("noise", ""))
+    return {
+        "noise": noise,
+        "test_noise": is_test_noise(noise),
+        "epsilon_verified": _number(privacy.get("epsilon_verified")),
+    }
+
+
+def is_test_noise(noise: str) -> bool:
+    """A cell trained with the insecure test-only noise seed: it claims nothing."""
+    return str(noise).startswith("insecure")
+
+
+CURVE_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss"]
+DIAGNOSTIC_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "loss", "examples", "clipped_fraction"]
+
+
+def _stage_at(history: dict, step: int) -> float:
+    """The schedule's stage at ``step`` (1-based count of steps done), from the stage starts."""
+    starts = history.get("stage_starts") or []
+    return max((s for s, start in enumerate(starts) if start < step), default=math.nan)
+
+
+def curve_rows(metrics_file: str | Path) -> list[dict]:
+    """The test-loss points of one cell (none for zero-shot and ICL): the published curve."""
+    metrics = read_json_output(metrics_file)
+    history = metrics.get("history") or {}
+    cell = {"model": metrics["model"], "task": metrics["task"], "method": metrics["method"],
+            "eps": str(metrics["eps"]), "seed": int(metrics["seed"])}
+    return [
+        cell | {"step": int(step), "stage": _stage_at(history, int(step)), "test_loss": _number(loss)}
+        for step, loss in zip(history.get("test_step", []), history.get("test_loss", []))
+    ]
+
+
+def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None = None) -> list[dict]:
+    """The private diagnostics of one cell, one row per logged step (not covered by the guarantee)."""
+    record = read_json_output(diagnostics_file)
+    history = {"stage_starts": stage_starts or []}
+    cell = {"model": record["model"], "task": record["task"], "method": record["method"],
+            "eps": str(record["eps"]), "seed": int(record["seed"])}
+    steps = record.get("step", [])
+    columns = {key: record.get(key) or [math.nan] * len(steps) for key in ("loss", "examples", "clipped_fraction")}
+    return [
+        cell | {"step": int(step), "stage": _stage_at(history, int(step)),
+                **{key: _number(values[i]) for key, values in columns.items()}}
+        for i, step in enumerate(steps)
+    ]
+
+
+def write_diagnostics(diagnostics_files: Iterable[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """``results/private/diagnostics.csv`` from every cell's ``private_diagnostics.json``."""
+    rows = []
+    for path in diagnostics_files:
+        metrics_file = Path(path).with_name("metrics.json")
+        history = (read_json_output(metrics_file).get("history") or {}) if metrics_file.exists() else {}
+        rows += diagnostic_rows(path, history.get("stage_starts"))
+    table = pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)
+    write_csv(table, out_csv)
+    return table
+
+
+def load_cells(
+    metrics_files: Iterable[str | Path],
+    *,
+    models: Mapping[str, dict] | None = None,
+    methods: Mapping[str, dict] | None = None,
+    benchmarks: Iterable[str | Path | None] | None = None,
+) -> pd.DataFrame:
+    """One row per cell (see ``cell_row``)."""
+    files = list(metrics_files)
+    marks = list(benchmarks) if benchmarks is not None else [None] * len(files)
+    if len(marks) != len(files):
+        raise ValueError(f"{len(files)} metrics files but {len(marks)} benchmark paths")
+    return pd.DataFrame([cell_row(f, models=models, methods=methods, benchmark=b) for f, b in zip(files, marks)])
+
+
+def load_curves(metrics_files: Iterable[str | Path]) -> pd.DataFrame:
+    rows = [row for f in metrics_files for row in curve_rows(f)]
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def summarize(cells: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation (ddof 1) over seeds per (model, task, method, eps)."""
+    grouped = cells.groupby(GROUP, sort=False)
+    out = grouped.agg(
+        accuracy_mean=("accuracy", "mean"),
+        accuracy_std=("accuracy", "std"),
+        seeds=("seed", "count"),
+        task_metric=("task_metric", "first"),
+        sigma=("sigma", "mean"),
+        steps=("steps", "first"),
+        ms_per_step=("ms_per_step", "mean"),
+        train_seconds=("train_seconds", "mean"),
+        wall_seconds=("wall_seconds", "mean"),
+        memory_mb=("memory_mb", "mean"),
+        memory_kind=("memory_kind", "first"),
+        base_method=("base_method", "first"),
+        reference_model=("reference_model", "first"),
+        reference_task=("reference_task", "first"),
+        stand_in=("stand_in", "first"),
+        test_noise=("test_noise", "any"),
+        **{f"mask_{name}": (f"mask_{name}", "first") for name in MASK_FIELDS},
+    ).reset_index()
+    out["accuracy_std"] = out["accuracy_std"].fillna(0.0)  # one seed: no spread
+    out["accuracy"] = out.apply(lambda r: f"{r.accuracy_mean:.1f} ± {r.accuracy_std:.1f}", axis=1)
+    out = out.assign(_eps=eps_sort_key(out["eps"])).sort_values(["model", "task", "method", "_eps"]).drop(columns="_eps")
+    return out.reset_index(drop=True)
+
+
+def read_cells(path: str | Path) -> pd.DataFrame:
+    """``cells.csv`` / ``summary.csv`` with ε kept as the path string and empty text kept empty."""
+    text = [f"mask_{name}" for name in MASK_FIELDS if name != "ratio"]
+    text += ["memory_kind", "reference_model", "reference_task", "stage_starts", "calibrated_with", "mechanism", "accounting",
+             "noise"]
+    table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})
+    for column in text:
+        if column in table.columns:  # an all-empty column reads as float NaN
+            table[column] = table[column].astype(object).where(table[column].notna(), "").astype(str)
+    return table
+
+
+def write_csv(table: pd.DataFrame, out: str | Path) -> None:
+    with atomic_path(Path(out)) as tmp:
+        table.to_csv(tmp, index=False)  # full precision: rounding is for the rendered tables only
+
+
+def write_collection(
+    metrics_files: Iterable[str | Path],
+    out_cells: str | Path,
+    out_curves: str | Path,
+    *,
+    models: Mapping[str, dict] | None = None,
+    methods: Mapping[str, dict] | None = None,
+    benchmarks: Iterable[str | Path | None] | None = None,
+) -> pd.DataFrame:
+    files = list(metrics_files)
+    cells = load_cells(files, models=models, methods=methods, benchmarks=benchmarks)
+    curves = load_curves(files)
+    write_csv(cells, out_cells)
+    write_csv(curves, out_curves)
+    return cells
+
+
+def write_summary(cells_csv: str | Path, out_csv: str | Path) -> pd.DataFrame:
+    summary = summarize(read_cells(cells_csv))
+    write_csv(summary, out_csv)
+    return summary

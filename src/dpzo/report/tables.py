@@ -1,0 +1,350 @@
+"""The report's tables: accuracy per ε beside the published values, and the privacy of every cell.
+
+Each table exists twice: *tidy* (one row per record, full precision; written as CSV, the
+machine-readable one) and *rendered* (rounded text in the paper's layout; written as
+Markdown, LaTeX and HTML — the last is what the Snakemake report shows inline).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from dpzo.fileio import atomic_path
+from dpzo.methods import base_method
+from dpzo.report.reference import KEY
+from dpzo.report.collect import is_test_noise
+
+# Presentation order of the methods (the paper's: references first, then the private methods).
+METHOD_ORDER = (
+    "zero-shot", "icl", "mezo", "ft", "dp-sgd", "dp-prefix",
+    "dpzero", "dp-zo-gauss", "dp-zo-laplace", "dp-zoso", "dp-zopo",
+)
+MISSING = "–"
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    base = base_method(method)
+    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, method
+
+
+def order_methods(methods) -> list[str]:
+    return sorted(dict.fromkeys(methods), key=method_sort_key)
+
+
+@dataclass
+class Table:
+    """A rendered table: text cells, an optional group header per column, a title and notes."""
+
+    title: str
+    body: pd.DataFrame  # all cells are strings
+    groups: list[str] | None = None  # one label per column ("" where none)
+    notes: list[str] = field(default_factory=list)
+    text_columns: int = 2  # leading columns of text (left-aligned); the rest are numbers
+
+
+#: Marks a value computed with the insecure test-only noise seed (it claims no privacy).
+TEST_NOISE_MARK = " †"
+TEST_NOISE_NOTE = ("not private (test noise): trained with DPZO_INSECURE_TEST_NOISE_SEED set, so its noise and "
+                   "batches are predictable and the cell claims no privacy; a run without it recomputes the cell.")
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy per epsilon
+# --------------------------------------------------------------------------------------------
+def accuracy_table(summary: pd.DataFrame, published: pd.DataFrame, eps: str) -> pd.DataFrame:
+    """Tidy: every (model, task, method) at ``eps`` and the non-private ones, with the published value.
+
+    ``published`` is ``reference.preferred(...)``: one row per (reference model, reference
+    task, method, eps).  ``difference`` is ours minus published, in accuracy points.
+    """
+    rows = summary[(summary["eps"] == eps) | (summary["eps"] == "inf")].copy()
+    pub = published[[*KEY, "value", "error", "error_kind", "source", "published_name", "status", "notes", "metric"]]
+    merged = rows.merge(pub, how="left", on=KEY)
+    tidy = pd.DataFrame(
+        {
+            "model": merged["model"],
+            "task": merged["task"],
+            "method": merged["method"],
+            "eps": merged["eps"],
+            "accuracy_mean": merged["accuracy_mean"],
+            "accuracy_std": merged["accuracy_std"],
+            "seeds": merged["seeds"],
+            "published": merged["value"],
+            "published_error": merged["error"],
+            "published_error_kind": merged["error_kind"].fillna(""),
+            "difference": merged["accuracy_mean"] - merged["value"],
+            "reference_model": merged["reference_model"],
+            "reference_task": merged["reference_task"],
+            "stand_in": merged["stand_in"].astype(bool),
+            "test_noise": merged["test_noise"].astype(bool) if "test_noise" in merged else False,
+            "published_source": merged["source"].fillna(""),
+            "published_name": merged["published_name"].fillna(""),
+            "published_metric": merged["metric"].fillna(""),
+            "published_status": merged["status"].fillna(""),
+            "published_notes": merged["notes"].fillna(""),
+        }
+    )
+    tidy["_m"] = tidy["method"].map(method_sort_key)
+    tidy = tidy.sort_values(["model", "_m", "task"], kind="stable").drop(columns="_m")
+    return tidy.reset_index(drop=True)
+
+
+def _ours(mean: float, std: float, seeds: int) -> str:
+    if pd.isna(mean):
+        return MISSING
+    return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f}"
+
+
+def _signed(value: float) -> str:
+    """A difference with its sign; one that rounds to zero is written 0.0 (never -0.0)."""
+    if pd.isna(value):
+        return MISSING
+    rounded = round(float(value), 1)
+    return "0.0" if rounded == 0 else f"{rounded:+.1f}"
+
+
+def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> Table:
+    """Rows (model, method), three columns per task: ours, published, difference."""
+    notes: list[str] = []
+
+    def note_marker(row) -> str:
+        text = f"{row.published_source} ({row.published_name})"
+        if row.published_status == "suspect":
+            text += ", marked suspect"
+        if row.published_notes:
+            text += f": {row.published_notes}"
+        if text not in notes:
+            notes.append(text)
+        return f" [{notes.index(text) + 1}]"
+
+    tasks = list(dict.fromkeys(tidy["task"]))
+    task_refs = {t: tidy.loc[tidy.task == t, "reference_task"].iloc[0] for t in tasks}
+    keys = list(dict.fromkeys(zip(tidy["model"], tidy["method"], tidy["eps"])))
+    records, groups = [], ["", ""]
+    for t in tasks:
+        ref = f" ↔ {task_refs[t]}" if task_refs[t] and task_refs[t] != t else ""
+        groups += [f"{t}{ref}"] * 3
+    for model, method, row_eps in keys:
+        sub = tidy[(tidy.model == model) & (tidy.method == method) & (tidy.eps == row_eps)]
+        ref_model = sub["reference_model"].iloc[0]
+        label = model + (f" ↔ {ref_model}" if ref_model and ref_model != model else "")
+        record = [label, method if row_eps != "inf" else f"{method} (ε = ∞)"]
+        for t in tasks:
+            cell = sub[sub.task == t]
+            if cell.empty:
+                record += [MISSING, MISSING, MISSING]
+                continue
+            r = cell.iloc[0]
+            record.append(_ours(r.accuracy_mean, r.accuracy_std, int(r.seeds)) + (TEST_NOISE_MARK if r.test_noise else ""))
+            if pd.isna(r.published):
+                record += [MISSING, MISSING]
+            else:
+                record.append(f"{r.published:.1f}" + note_marker(r))
+                record.append(_signed(r.difference))
+        records.append(record)
+    columns = ["model", "method"] + [c for _ in tasks for c in ("ours", "published", "Δ")]
+    body = pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
+    delta_text = f", δ = {delta}" if delta else ""
+    title = f"Test accuracy (%) at ε = {eps}{delta_text}: ours (mean ± std over seeds), published, Δ = ours − published"
+    general = [
+        "Non-private methods (ε = ∞) are repeated in every ε table, as in the paper's figure.",
+        "↔ names the published model/task a cell is compared with; demo models and tasks are stand-ins "
+        "(generated data, 0.6 M parameters): the comparison shows where the published value sits, "
+        "not a number the demo should reach.",
+        "Published ε are not always the same guarantee as ours (δ = 1/n and PRV in the DP-ZOPO figure, "
+        "replace-one neighbours in DPZero); see config/reference/README.md.",
+    ]
+    if tidy.empty:
+        general.insert(0, "No cell of this run has this ε.")
+    if tidy["test_noise"].any():
+        general.insert(0, f"{TEST_NOISE_MARK.strip()} {TEST_NOISE_NOTE}")
+    return Table(title=title, body=body, groups=groups, notes=general + [f"[{i + 1}] {n}" for i, n in enumerate(notes)])
+
+
+# --------------------------------------------------------------------------------------------
+# privacy of every cell
+# --------------------------------------------------------------------------------------------
+PRIVACY_KEYS = [
+    "model", "task", "method", "eps", "epsilon_target", "n", "q", "ledger_steps", "directions", "compositions",
+    "clip", "sigma", "noise_std_on_sum", "delta", "mechanism", "calibrated_with", "accounting", "neighbouring", "noise",
+    "attempts",  # seeds whose result took more runs of the mechanism get their own row
+]
+
+
+def privacy_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Tidy: one row per private (model, task, method, ε) and ledger; the seeds that share it."""
+    private = cells[cells["private"].astype(bool)].copy()
+    achieved = sorted(c for c in cells.columns if c.startswith("epsilon_") and c != "epsilon_target")
+    keys = [k for k in PRIVACY_KEYS if k in private.columns] + achieved
+    columns = keys[:4] + ["seeds"] + keys[4:]
+    if private.empty:
+        return pd.DataFrame(columns=columns)
+    filled = private.copy()
+    filled[keys] = filled[keys].astype(object).where(filled[keys].notna(), "")  # NaN keys must group
+    out = (
+        filled.groupby(keys, sort=False, dropna=False)["seed"]
+        .apply(lambda s: ", ".join(str(int(x)) for x in sorted(s)))
+        .reset_index()
+        .rename(columns={"seed": "seeds"})
+    )
+    out = out[columns].replace("", math.nan)
+    out["_m"] = out["method"].map(method_sort_key)
+    out["_e"] = out["eps"].map(float)
+    out = out.sort_values(["model", "task", "_m", "_e"], kind="stable").drop(columns=["_m", "_e"])
+    return out.reset_index(drop=True)
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return MISSING
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _noise_text(noise) -> str:
+    if not isinstance(noise, str) or not noise:
+        return MISSING
+    return "NOT PRIVATE (test noise)" if is_test_noise(noise) else noise
+
+
+def render_privacy(tidy: pd.DataFrame) -> Table:
+    achieved = [c for c in tidy.columns if c.startswith("epsilon_") and c != "epsilon_target"]
+    records = []
+    for r in tidy.itertuples(index=False):
+        rd = r._asdict()
+        records.append(
+            [rd["model"], rd["task"], rd["method"], str(rd["eps"]), rd["seeds"], _fmt(rd.get("attempts"), ".0f"),
+             _fmt(rd["n"], ".0f"),
+             _fmt(rd["q"], ".4g"), _fmt(rd["ledger_steps"], ".0f"), _fmt(rd["directions"], ".0f"), _fmt(rd["clip"], "g"),
+             _fmt(rd["sigma"], ".4g"), _fmt(rd["delta"], ".0e") if rd["delta"] else "0",
+             *[_fmt(rd[c], ".3f") for c in achieved], rd["calibrated_with"] or MISSING, _noise_text(rd.get("noise"))]
+        )
+    columns = ["model", "task", "method", "target ε", "seeds", "attempts", "n", "q", "T", "P", "C", "σ", "δ",
+               *[f"ε {c.removeprefix('epsilon_').upper()}" for c in achieved], "calibrated with", "noise"]
+    body = pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
+    notes = [
+        "One row per private cell group (model, task, method, target ε); seeds with the same ledger share a row.",
+        "q = B/n is the Poisson sampling rate, T the steps, P the directions per step (T·P releases accounted), "
+        "C the clip, σ the noise multiplier (noise std C·σ on each clipped sum).",
+        "ε PLD / PRV / RDP: the ε that σ achieves under each accountant at δ (the calibrating one meets the target); "
+        "ε PURE: the Laplace variant's pure ε-DP (δ = 0). ε VERIFIED: recomputed by the trainer, before its first "
+        "step, from the noise it then added (the ledger is refused when this exceeds the target).",
+        "attempts: runs of the mechanism started from scratch behind each seed's result (1 normally; continuations "
+        "from a snapshot are not counted). The ledger accounts one run: more means earlier runs stopped (killed, or "
+        "failed and rerun with changed hyperparameters) and were discarded; see README. Seeds with different counts "
+        "have separate rows.",
+    ]
+    if "noise" in tidy and tidy["noise"].map(is_test_noise).any():
+        notes.insert(0, f"NOT PRIVATE rows: {TEST_NOISE_NOTE}")
+    if tidy.empty:
+        notes.insert(0, "This run has no private cell.")
+    return Table(title="Privacy of every private cell: target and achieved ε, δ, σ, q, T", body=body, notes=notes, text_columns=5)
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    header = list(table.body.columns)
+    if table.groups:
+        header = [f"{g} {h}".strip() if g else h for g, h in zip(table.groups, header)]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(_md_escape(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for row in table.body.itertuples(index=False):
+        lines.append("| " + " | ".join(_md_escape(c) for c in row) + " |")
+    lines.append("")
+    lines += [f"{n}  " for n in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_UNICODE = {"±": r"$\pm$", "↔": r"$\leftrightarrow$", "–": "--", "−": "$-$", "ε": r"$\varepsilon$",
+                  "∞": r"$\infty$", "Δ": r"$\Delta$", "σ": r"$\sigma$", "δ": r"$\delta$", "·": r"$\cdot$"}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return "".join(_LATEX_UNICODE.get(ch, ch) for ch in out)
+
+
+def to_latex(table: Table, label: str) -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); group headers span their columns."""
+    n = len(table.body.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\caption{" + latex_escape(table.title) + "}",
+             r"\label{" + label + "}", r"\begin{tabular}{" + "l" * min(n, table.text_columns) + "r" * max(n - table.text_columns, 0) + "}", r"\toprule"]
+    if table.groups and any(table.groups):
+        cells, rules, i = [], [], 0
+        while i < n:
+            g = table.groups[i]
+            j = i
+            while j + 1 < n and table.groups[j + 1] == g:
+                j += 1
+            span = j - i + 1
+            if g:
+                cells.append(r"\multicolumn{" + str(span) + "}{c}{" + latex_escape(g) + "}")
+                rules.append(r"\cmidrule(lr){" + f"{i + 1}-{j + 1}" + "}")
+            else:
+                cells += [""] * span
+            i = j + 1
+        lines.append(" & ".join(cells) + r" \\")
+        lines.append(" ".join(rules))
+    lines.append(" & ".join(latex_escape(c) for c in table.body.columns) + r" \\")
+    lines.append(r"\midrule")
+    for row in table.body.itertuples(index=False):
+        lines.append(" & ".join(latex_escape(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        lines.append(r"\par\smallskip\footnotesize")
+        lines += [latex_escape(note) + r"\\" for note in table.notes]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: Table) -> str:
+    """A self-contained page (the Snakemake report shows HTML results inline)."""
+    head = ""
+    if table.groups and any(table.groups):
+        cells, i, n = [], 0, len(table.groups)
+        while i < n:
+            j = i
+            while j + 1 < n and table.groups[j + 1] == table.groups[i]:
+                j += 1
+            cells.append(f'<th colspan="{j - i + 1}">{html.escape(table.groups[i])}</th>')
+            i = j + 1
+        head += "<tr>" + "".join(cells) + "</tr>"
+    head += "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in table.body.columns) + "</tr>"
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table.body.itertuples(index=False)
+    )
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in table.notes)
+    style = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+             "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee;text-align:center}"
+             f"td:nth-child(-n+{table.text_columns}){{text-align:left}}p{{font-size:12px;color:#333;max-width:60em}}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(table.title)}</title>'
+            f"<style>{style}</style></head><body><h3>{html.escape(table.title)}</h3>"
+            f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>{notes}</body></html>\n")
+
+
+def write_table(tidy: pd.DataFrame, table: Table, outputs: Mapping[str, str | Path], label: str) -> None:
+    """Write the tidy CSV and the Markdown, LaTeX and HTML renderings (each atomically)."""
+    texts = {"md": lambda: to_markdown(table), "tex": lambda: to_latex(table, label), "html": lambda: to_html(table)}
+    rendered = {kind: texts[kind]() for kind in outputs if kind != "csv"}  # render all before writing any
+    with atomic_path(Path(outputs["csv"])) as tmp:
+        tidy.to_csv(tmp, index=False)
+    for kind, text in rendered.items():
+        with atomic_path(Path(outputs[kind])) as tmp:
+            tmp.write_text(text, encoding="utf-8")

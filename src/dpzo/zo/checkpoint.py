@@ -1,0 +1,349 @@
+"""Resumable zeroth-order training: periodic, atomic snapshots of the training loop.
+
+A cell that is killed (SIGKILL, a lost node) or stopped (a SLURM time limit or pre-emption
+sends SIGTERM first) continues from its last snapshot on the next run and ends bit-identical to
+an uninterrupted run.
+
+Why a snapshot and not a replay log
+-----------------------------------
+Zeroth-order training has an exact log: each step's public seeds and privatized scalars replay
+theta_T from theta_0.  Replaying costs one full-size direction per step and direction, and
+would have to re-derive dynamic DP-ZOPO masks and proximal anchors on the way; a snapshot
+restores in one read and needs none of that, so that is what is stored:
+
+* theta (the master copy, or the restored weights when training in place), the current mask
+  with its scales, the proximal anchor;
+* the loop's bookkeeping: steps and releases done, the loss-curve history and the partial
+  sums since the last log point, training seconds so far, earlier resume points;
+* the public batch generator of MeZO;
+* the privacy generator's state, **only in insecure test mode**.  A secure generator's state
+  is secret and is never written: a resumed secure run continues with fresh OS-seeded draws.
+
+Privacy: every step is released once.  Steps a killed run computed after its last snapshot were
+never written anywhere; the resumed run computes them once, with fresh noise and fresh Poisson
+batches, so the ledger's T * P releases are exactly what the final weights depend on (the
+trainer counts the releases across resumes and checks the total against the ledger).  A run
+that *fails* on its own (a non-finite loss) is a data-dependent event: re-running it, from a
+snapshot or from scratch, is a retry the ledger does not account (the cell's attempt log refuses
+it, ``dpzo.pipeline.cellguard``).
+
+Identity: a snapshot records what it belongs to (method, hyperparameters, ledger, training data,
+model size and a digest of theta_0, whether noise is secure).  A snapshot whose identity differs
+from the run at hand (the cell's config or data changed) is ignored and later replaced.
+
+Integrity: a snapshot carries a SHA-256 digest of its tensors and of everything else in it
+(counters, history, generator states, identity); a file that loads but does not verify is
+ignored with a warning and the run starts from step 0.
+
+Writing: ``torch.save`` to a temporary file in the same folder, fsync, rename; a kill during the
+write leaves the previous snapshot intact.  A full disk (or quota) skips a periodic snapshot
+with a warning and training continues; at SIGTERM the run stops all the same, saying that its
+state could not be saved.  The workflow deletes the file once the cell's metrics are written.
+It lives outside the cell's declared outputs, so Snakemake never deletes it when it cleans up
+a failed or incomplete job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from dpzo.fileio import atomic_path
+
+if TYPE_CHECKING:  # annotations only: importing them here would be circular
+    from dpzo.privacy.secret import SecretRandom
+    from dpzo.zo.flat import FlatParameters
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dpzo-zo-train-state-v2"  # v2: carries a digest of its contents
+DIGEST_SAMPLES = 1 << 20  # coordinates of theta_0 hashed into the identity (all of them below this)
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Where a cell's snapshot lives and how often it is written.
+
+    A snapshot is written after a step when ``every_steps`` steps (0: never by count) or
+    ``every_seconds`` seconds (0: never by time) have passed since the last one, and always when
+    SIGTERM arrived.  Neither value changes results, so neither is a rule parameter.
+    """
+
+    path: Path
+    every_steps: int = 0
+    every_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.every_steps < 0 or not self.every_seconds >= 0:
+            raise ValueError(
+                f"checkpoint every_steps and every_seconds must be >= 0 (0 turns that trigger off); "
+                f"got {self.every_steps}, {self.every_seconds}"
+            )
+
+
+@dataclass
+class LoopState:
+    """What the training loop needs back to continue where a snapshot was taken."""
+
+    step: int  # steps completed
+    releases: int  # privatized releases completed (each accounted once)
+    anchor: torch.Tensor | None
+    history: dict
+    since_log: tuple[list, int, int]  # losses, examples, clipped since the last log point
+    train_seconds: float
+    resumed_from: list[int] = field(default_factory=list)
+    examples_sampled: int = 0  # examples the sampler drew, for the end-of-training ledger check
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM arrived: the run stops after saving its state (``saved``), to be resumed by the next run."""
+
+    def __init__(self, message: str, *, saved: bool = True):
+        super().__init__(message)
+        self.saved = saved
+        # what the cell's attempt log records for this run (``dpzo.pipeline.cellguard``)
+        self.attempt_outcome = "interrupted (snapshot saved)" if saved else "interrupted (state not saved: no space)"
+
+
+#: errno values of a full disk or an exhausted quota
+NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def digest(*arrays: torch.Tensor | np.ndarray) -> str:
+    """SHA-256 of the arrays' bytes (dtype and shape included), for identities and snapshots."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            # as raw bytes: numpy has no bfloat16 (the in-place weights of a 16-bit model)
+            t = a.detach().cpu().contiguous()
+            h.update(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def theta_digest(master: torch.Tensor) -> str:
+    """Digest of theta_0: every coordinate of small models, an even stride of large ones."""
+    stride = max(1, master.numel() // DIGEST_SAMPLES)
+    return digest(master[::stride])
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+#: The tensors of a snapshot; everything else in it is plain data (numbers, lists, dicts).
+SNAPSHOT_TENSORS = ("master", "mask", "perturb_scales", "update_scales", "anchor")
+
+
+def snapshot_digest(payload: dict) -> str:
+    """SHA-256 over a snapshot's tensors (dtype, shape, bytes) and, serialised canonically, all
+    its other entries (counters, history, generator states, identity); ``digest`` excluded."""
+    h = hashlib.sha256()
+    for key in SNAPSHOT_TENSORS:
+        value = payload.get(key)
+        h.update(f"{key}={'none' if value is None else digest(value)};".encode())
+    h.update(_canonical({k: v for k, v in payload.items() if k not in SNAPSHOT_TENSORS and k != "digest"}).encode())
+    return h.hexdigest()
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to("cpu", copy=True).contiguous()
+
+
+class TrainingCheckpoint:
+    """Snapshots of one cell's zeroth-order training loop (see the module docstring)."""
+
+    def __init__(self, policy: CheckpointPolicy, identity: dict):
+        self.policy = policy
+        self.identity = dict(identity)
+        self._last_save = time.monotonic()
+        self._last_step = 0
+        self._stop = threading.Event()
+
+    # -- SIGTERM: save at the end of the current step, then stop -----------------------------
+    @contextlib.contextmanager
+    def saving_on_sigterm(self) -> Iterator[None]:
+        """While active, SIGTERM makes the loop save after its current step and raise
+        :class:`TrainingInterrupted` (SLURM sends SIGTERM at a time limit or pre-emption and
+        SIGKILL only after its grace period).  Only the main thread can own a signal handler."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # -- resume ------------------------------------------------------------------------------
+    def resume(
+        self, flat: FlatParameters, *, public_rng: np.random.Generator, secret: SecretRandom | None = None
+    ) -> LoopState | None:
+        """Restore ``flat``, the generators and the loop state from the snapshot, if one for this
+        very run exists; otherwise return None (start at step 0).  Call before the first step:
+        the identity includes a digest of the weights as loaded (theta_0)."""
+        self.identity.update(
+            numel=int(flat.numel),
+            master_dtype=str(flat.master.dtype),
+            theta0=theta_digest(flat.master),
+            secure_noise=None if secret is None else bool(secret.is_secure),
+        )
+        path = self.policy.path
+        if not path.exists():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # written atomically, so only a foreign or older file gets here
+            log.warning("ignoring unreadable checkpoint %s (%s); starting from step 0", path, exc)
+            return None
+        if not isinstance(saved, dict) or saved.get("digest") != snapshot_digest(saved):
+            # a damaged or edited file (or one from before snapshots carried a digest): resuming
+            # it would publish weights the counted steps never produced
+            log.warning("ignoring checkpoint %s: it does not verify (its digest is %s); starting from step 0 "
+                        "(the file is replaced by the next snapshot)", path,
+                        "missing" if not isinstance(saved, dict) or "digest" not in saved else "not that of its contents")
+            return None
+        if saved.get("format") != FORMAT or _canonical(saved.get("identity")) != _canonical(self.identity):
+            log.warning("ignoring checkpoint %s: it belongs to another configuration of this cell; "
+                        "starting from step 0", path)
+            return None
+        with torch.no_grad():
+            flat.master.copy_(saved["master"].to(flat.device))
+            flat.work.copy_(flat.master)  # outside any mask work == theta, as in a run that never stopped
+            if saved["mask"] is None:
+                flat.set_mask(None)
+            else:
+                dev = dict(device=flat.device)
+                flat.set_mask(
+                    saved["mask"].to(**dev),
+                    perturb_scales=None if saved["perturb_scales"] is None else saved["perturb_scales"].to(**dev),
+                    update_scales=None if saved["update_scales"] is None else saved["update_scales"].to(**dev),
+                )
+        public_rng.bit_generator.state = saved["public_rng"]
+        if saved["secret_rng"] is not None:
+            secret.restore_insecure_state(saved["secret_rng"])
+        anchor = saved["anchor"]
+        self._last_step = int(saved["step"])
+        log.info("resuming from checkpoint %s after step %d", path, saved["step"])
+        return LoopState(
+            step=int(saved["step"]),
+            releases=int(saved["releases"]),
+            anchor=None if anchor is None else anchor.to(flat.device),
+            history=saved["history"],
+            since_log=tuple(saved["since_log"]),
+            train_seconds=float(saved["train_seconds"]),
+            resumed_from=list(saved["resumed_from"]),
+            examples_sampled=int(saved["examples_sampled"]),
+        )
+
+    # -- save --------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        p = self.policy
+        by_steps = p.every_steps > 0 and step - self._last_step >= p.every_steps
+        by_time = p.every_seconds > 0 and time.monotonic() - self._last_save >= p.every_seconds
+        return by_steps or by_time or self._stop.is_set()
+
+    def step_done(
+        self, step: int, state: Callable[[], LoopState], flat: FlatParameters, *,
+        public_rng: np.random.Generator, secret: SecretRandom | None = None,
+    ) -> None:
+        """Call after every completed step (``step`` steps done): saves when due, and stops the run
+        after saving if SIGTERM arrived.  ``state`` is only built when a snapshot is written."""
+        if not self.due(step):
+            return
+        current = state()
+        path = self.policy.path
+        try:
+            self.save(current, flat, public_rng=public_rng, secret=secret)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            # A periodic snapshot is optional: losing it costs recomputation after a kill, never
+            # correctness (the previous snapshot is intact).  The next try comes at the next
+            # interval, not after every step.
+            self._last_save, self._last_step = time.monotonic(), current.step
+            if self._stop.is_set():
+                message = (f"stopped by SIGTERM after step {current.step}, but the state could not be saved: no space "
+                           f"left for {path} ({exc}); the next run of this cell resumes from the previous snapshot "
+                           f"if there is one, else starts over; free space in {path.parent}")
+                log.error(message)
+                raise TrainingInterrupted(message, saved=False) from exc
+            log.warning("no space left to write checkpoint %s (%s): this snapshot is skipped and training continues; "
+                        "free space in %s, or an interrupted run restarts from an older snapshot or from step 0",
+                        path, exc, path.parent)
+            return
+        if self._stop.is_set():
+            message = (f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
+                       "and the next run of this cell resumes from it")
+            log.warning(message)  # the job's log file, next to the traceback Snakemake shows
+            raise TrainingInterrupted(message)
+
+    def save(
+        self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
+        secret: SecretRandom | None = None,
+    ) -> None:
+        # Restores are deferred: work still holds the last perturbation and, in place (where the
+        # master is work itself), the update not yet written.  A snapshot must hold theta itself;
+        # the run then continues from the restored weights (in place that splits one pass in two,
+        # which changes only the rounding).
+        flat.restore()
+        payload = {
+            "format": FORMAT,
+            "identity": self.identity,
+            "step": state.step,
+            "releases": state.releases,
+            "train_seconds": state.train_seconds,
+            "resumed_from": list(state.resumed_from),
+            "examples_sampled": state.examples_sampled,
+            "master": _cpu(flat.master),
+            "mask": _cpu(flat.mask),
+            "perturb_scales": _cpu(flat.perturb_scales),
+            "update_scales": _cpu(flat.update_scales),
+            "anchor": _cpu(state.anchor),
+            "history": state.history,
+            "since_log": list(state.since_log),
+            "public_rng": public_rng.bit_generator.state,
+            # test mode only: a secure generator refuses to export its state (see SecretRandom)
+            "secret_rng": secret.insecure_state() if secret is not None and not secret.is_secure else None,
+        }
+        payload["digest"] = snapshot_digest(payload)  # verified on resume
+        # Through a Python file, not a path: torch's own writer reports a full disk as an opaque
+        # RuntimeError, a Python file as OSError(ENOSPC), which step_done can tell apart.
+        with atomic_path(self.policy.path) as tmp, open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must never publish a file whose data is not on disk
+        self._last_save, self._last_step = time.monotonic(), state.step
+        log.info("checkpoint after step %d written to %s", state.step, self.policy.path)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a finished cell's snapshot (nothing happens when there is none)."""
+    Path(path).unlink(missing_ok=True)

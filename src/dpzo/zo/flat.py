@@ -1,0 +1,430 @@
+"""Zeroth-order (SPSA) machinery: flat parameters, seeded directions, and the DP-ZOSO schedule.
+
+One step of DP-ZOSO (stage s, learning rate eta_s, ZO scale beta_s, anchor theta_s):
+
+    for each of P directions p (each its own Poisson batch and its own accounted release):
+        z_p    = N(0, I) regenerated from a public seed (never stored)
+        d_i    = (loss_i(theta + beta z_p) - loss_i(theta - beta z_p)) / (2 beta)     per example
+        g_p    = (sum_i clip_C(d_i) + sigma C nu) / (q n)          nu ~ N(0,1) from a secret RNG
+    theta <- theta - eta_s * ( (1/P) sum_p g_p z_p + lam (theta - theta_s) )
+
+The proximal pull lam (theta - theta_s) is a real gradient step on (lam/2)||theta - theta_s||^2:
+it is not multiplied by z (the official code multiplies it by z and, through an aliased
+``state_dict()``, always computes it as zero).
+
+Design (where the time of a step goes, and how it is kept close to two forward passes):
+
+* Every trainable parameter is re-pointed into one flat working buffer (the model's dtype), so a
+  pass over the weights is a handful of large kernels instead of a few per tensor.
+* z is a pure function of (seed, flat index): a dedicated ``torch.Generator`` seeded with the
+  direction seed streams it in fixed blocks of ``DIRECTION_CHUNK`` elements, drawn into one
+  preallocated block buffer and consumed at once, so z is never materialised whole.  (A model
+  of at most one block keeps each z whole for the passes of its step instead: a few MB, drawn
+  once rather than once per pass.)  A masked run sees exactly the dense z at its coordinates.
+* Two ways to hold theta:
+  - with a master copy (``master_dtype``, float32 by default): a perturbation writes
+    ``work = master + s z``, so the restore is exact and free (the next perturbation overwrites
+    ``work`` anyway), and the update lands in the master's precision.  Use it when the model
+    computes in 16 bits: an fp16 in-place update loses most of eta g z.
+  - in place (``master_dtype=None``): theta lives in ``work`` itself, which costs no memory
+    beyond inference.  Restore, update and the next perturbation are merged into one pass
+    ``work += (beta - eta g) z_t + beta z_{t+1}``; as in the released code, a restore is exact
+    only up to rounding (float32: about 1e-7 of beta z per step).
+* Work is lazy: ``perturb`` replaces whatever perturbation is applied, an update is written
+  when the next pass runs, and ``restore`` is only needed before the weights are read for
+  something else (a stage boundary, a snapshot, evaluation).
+* The released scalar g may be a 0-d tensor on the device: the update reads it there, so a
+  step needs no host synchronisation.
+* Masks are sorted int64 flat indices; z on the mask is gathered once per direction and kept
+  for the passes of that step (``direction_cache_size`` directions), and masked passes work
+  through the mask in slices of ``DIRECTION_CHUNK``, so their temporaries stay small.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterator, Sequence, Union
+import numpy as np
+import torch
+from dpzo.methods.hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
+
+
+DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (part of z's definition)
+
+
+#: A coefficient of z: a Python number, or a 0-d tensor on the parameters' device (a released
+#: scalar that has not been copied to the host).
+Coefficient = Union[float, torch.Tensor]
+
+
+#: (seed, coefficient, per-coordinate scales on the mask or None): the move ``coefficient * z(seed)``.
+Term = tuple[int, Coefficient, Union[torch.Tensor, None]]
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def direction_seed(run_seed: int, step: int, direction: int) -> int:
+    """Public seed of z for (step, direction): a hash of the run seed, reproducible and spread out."""
+    state = np.random.SeedSequence([int(run_seed), int(step), int(direction)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def gaussian_chunks(seed: int, numel: int, *, dtype: torch.dtype, device: torch.device, chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (offset, z[offset:offset+len]) of a standard normal vector determined by ``seed``.
+
+    ``chunk`` defaults to ``DIRECTION_CHUNK``, read when called (the block size is part of the
+    definition of z, and ``FlatParameters`` reads the same value).
+    """
+    chunk = chunk or DIRECTION_CHUNK
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for start in range(0, numel, chunk):
+        n = min(chunk, numel - start)
+        yield start, torch.randn(n, generator=gen, dtype=dtype, device=device)
+
+
+def gaussian_direction(seed: int, numel: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", chunk: int | None = None) -> torch.Tensor:
+    """The whole direction z for a seed (for tests and small models)."""
+    out = torch.empty(numel, dtype=dtype, device=device)
+    for start, z in gaussian_chunks(seed, numel, dtype=dtype, device=torch.device(device), chunk=chunk):
+        out[start : start + z.numel()] = z
+    return out
+
+
+def _axpy(x: torch.Tensor, z: torch.Tensor, coef: Coefficient) -> None:
+    """x += coef * z, reading a tensor coefficient on the device (no host synchronisation)."""
+    if isinstance(coef, torch.Tensor):
+        x.addcmul_(z, coef)
+    else:
+        x.add_(z, alpha=coef)
+
+
+def _merge(terms: Sequence[Term]) -> list[Term]:
+    """Sum the coefficients of terms with the same seed and scales, so each z is drawn once."""
+    merged: dict[tuple[int, int], list] = {}
+    for seed, coef, scales in terms:
+        key = (seed, id(scales))
+        if key in merged:
+            merged[key][1] = merged[key][1] + coef
+        else:
+            merged[key] = [seed, coef, scales]
+    return [(s, c, sc) for s, c, sc in merged.values() if isinstance(c, torch.Tensor) or c != 0]
+
+
+def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Tensor | None:
+    """The buffer the parameters already view, in order and without gaps (a previous flattening).
+
+    Reusing it means a second ``FlatParameters`` on the same model costs neither a copy nor,
+    transiently, a second set of weights.
+    """
+    first = params[0][1]
+    if first.storage_offset() != 0:
+        return None
+    base, size = first.untyped_storage().data_ptr(), first.element_size()
+    offset = 0
+    for _, p in params:
+        if (p.dtype != first.dtype or not p.is_contiguous() or p.untyped_storage().data_ptr() != base
+                or p.data_ptr() != base + offset * size):
+            return None
+        offset += p.numel()
+    if first.untyped_storage().nbytes() != offset * size:
+        return None
+    return first.detach().as_strided((offset,), (1,), 0)
+
+
+class FlatParameters:
+    """The model's trainable parameters as views into one flat buffer, with theta held exactly.
+
+    ``work`` is what the model computes with (its own dtype).  ``master`` holds theta: a
+    separate copy in ``master_dtype`` (float32 by default, float64 in tests), or, with
+    ``master_dtype=None``, ``work`` itself (in place: no memory beyond the model's).  Tied
+    parameters appear once because ``named_parameters`` de-duplicates them.
+
+    ``work`` holds theta plus the perturbation last asked for; call :meth:`restore` before the
+    weights are read for anything else than the perturbed losses.
+    """
+
+    def __init__(self, model: torch.nn.Module, master_dtype: torch.dtype | None = torch.float32):
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no trainable parameters")
+        first = self.params[0][1]
+        self.device = first.device
+        self.numel = sum(p.numel() for _, p in self.params)
+        self.chunk = DIRECTION_CHUNK  # fixed for this object's lifetime: it defines z
+        adopted = _adopt_flat_buffer(self.params)
+        if adopted is not None:
+            self.work = adopted
+        else:
+            self.work = torch.empty(self.numel, dtype=first.dtype, device=self.device)
+            offset = 0
+            with torch.no_grad():
+                for _, p in self.params:
+                    n = p.numel()
+                    self.work[offset : offset + n].copy_(p.reshape(-1))
+                    p.data = self.work[offset : offset + n].view_as(p)
+                    offset += n
+        self.in_place = master_dtype is None
+        self.master = self.work if self.in_place else self.work.to(master_dtype, copy=True)
+        if not self.in_place and self.master.dtype != self.work.dtype:
+            # theta is the master: the model starts at the master's value of every coordinate, so
+            # a coordinate never trained reads the same as one restored from the master (and a run
+            # resumed from a saved master equals one that never stopped).
+            with torch.no_grad():
+                self.work.copy_(self.master)
+        # z in the master's precision; in place, 16-bit weights still get float32 z and
+        # float32 arithmetic, rounded once per pass (see _move_work).
+        self.z_dtype = torch.float32 if self.in_place and self.work.dtype in _SIXTEEN_BIT else self.master.dtype
+        self._applied: list[Term] = []  # what work holds on top of theta
+        self._pending: list[Term] = []  # in place: moves of theta not yet written to work
+        self._stale = False  # master mode: work lags behind master
+        self._generators: list[torch.Generator] = []
+        self._block: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
+        self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
+        self.direction_cache_size = 1  # masked z vectors kept alive (the trainer: one per direction)
+        self._mask_blocks: list[tuple[int, int, int, int]] = []
+
+    # -- the trainable support ------------------------------------------------------------
+    def set_mask(self, indices: torch.Tensor | None, perturb_scales: torch.Tensor | None = None, update_scales: torch.Tensor | None = None) -> None:
+        """Restrict perturbation and update to the flat coordinates ``indices`` (None: dense).
+
+        ``indices`` are sorted unique int64 flat indices; z at a masked coordinate is the dense
+        z at that coordinate, so a mask selects from the same direction a dense run would use.
+        Optional per-coordinate scales multiply the perturbation (``rank`` mode) and the update.
+        Coordinates outside the mask are never written: they stay bit-identical.
+        """
+        if indices is None:
+            self.restore()
+            self.mask = self.perturb_scales = self.update_scales = None
+            self._masked_z.clear()
+            return
+        indices = indices.to(device=self.device, dtype=torch.long)
+        if indices.numel() == 0 or bool((indices[1:] <= indices[:-1]).any()) or int(indices[0]) < 0 or int(indices[-1]) >= self.numel:
+            raise ValueError("mask indices must be non-empty, sorted, unique and inside the parameter vector")
+        self.restore()
+        self.mask = indices
+        to = dict(device=self.device, dtype=self.z_dtype)
+        self.perturb_scales = None if perturb_scales is None else perturb_scales.to(**to)
+        self.update_scales = None if update_scales is None else update_scales.to(**to)
+        self._masked_z.clear()
+        # Which masked coordinates fall in each block of z: found once here (one host sync),
+        # not in every pass.
+        starts = list(range(0, self.numel, self.chunk))
+        bounds = torch.searchsorted(indices, torch.tensor(starts + [self.numel], device=self.device)).tolist()
+        self._mask_blocks = [
+            (start, min(start + self.chunk, self.numel), bounds[i], bounds[i + 1]) for i, start in enumerate(starts)
+        ]
+
+    mask: torch.Tensor | None = None
+    perturb_scales: torch.Tensor | None = None
+    update_scales: torch.Tensor | None = None
+
+    # -- z ----------------------------------------------------------------------------------
+    def _generator(self, k: int) -> torch.Generator:
+        while len(self._generators) <= k:
+            self._generators.append(torch.Generator(device=self.device))
+        return self._generators[k]
+
+    def _block_buffer(self) -> torch.Tensor:
+        if self._block is None:
+            self._block = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
+        return self._block
+
+    def _sum_buffer(self) -> torch.Tensor:
+        if self._sum is None:
+            self._sum = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
+        return self._sum
+
+    def _blocks(self, seeds: Sequence[int]) -> Iterator[tuple[int, int, Callable[[int], torch.Tensor]]]:
+        """Yield (start, end, draw) per block; ``draw(k)`` returns z(seeds[k])[start:end].
+
+        Each seed streams from its own generator; all of them share one block buffer, so a
+        block of z(seeds[k]) is valid until the next ``draw``.  ``draw`` must be called once per
+        seed and block, in seed order (the streams advance in lockstep).
+        """
+        if self.numel <= self.chunk:
+            # One block: z of a seed is kept whole for the passes of its step (the model is
+            # small), so each direction is drawn once instead of once per pass.
+            whole = [self._whole_direction(seed) for seed in seeds]
+            yield 0, self.numel, lambda k: whole[k]
+            return
+        gens = [self._generator(k) for k in range(len(seeds))]
+        for gen, seed in zip(gens, seeds):
+            gen.manual_seed(int(seed))
+        buf = self._block_buffer()
+        for start in range(0, self.numel, self.chunk):
+            end = min(start + self.chunk, self.numel)
+            view = buf[: end - start]
+            # normal_ into a buffer draws exactly what torch.randn(n, generator=...) would
+            yield start, end, lambda k, view=view: view.normal_(generator=gens[k])
+
+    def _whole_direction(self, seed: int) -> torch.Tensor:
+        """z(seed) as one block, drawn exactly as :meth:`_blocks` would; kept for the passes of
+        a step: the current step's directions and the next one's first (whose pass merges them)."""
+        z = self._whole_z.get(seed)
+        if z is not None:
+            self._whole_z.move_to_end(seed)
+            return z
+        z = torch.empty(self.numel, dtype=self.z_dtype, device=self.device)
+        z.normal_(generator=self._generator(0).manual_seed(int(seed)))
+        self._whole_z[seed] = z
+        while len(self._whole_z) > max(self.direction_cache_size, 1) + 1:
+            self._whole_z.popitem(last=False)
+        return z
+
+    def direction(self, seed: int) -> torch.Tensor:
+        """z(seed) on the trainable support: the whole vector, or its masked coordinates.
+
+        The masked vector is cached for the passes of the current step; do not modify it.
+        """
+        if self.mask is None:
+            return gaussian_direction(seed, self.numel, dtype=self.z_dtype, device=self.device, chunk=self.chunk)
+        if seed in self._masked_z:
+            self._masked_z.move_to_end(seed)
+            return self._masked_z[seed]
+        out = torch.empty(self.mask.numel(), dtype=self.z_dtype, device=self.device)
+        for (start, _, lo, hi), (_, _, draw) in zip(self._mask_blocks, self._blocks([seed])):
+            z = draw(0)
+            if hi > lo:
+                torch.index_select(z, 0, self.mask[lo:hi] - start, out=out[lo:hi])
+        self._masked_z[seed] = out
+        while len(self._masked_z) > max(self.direction_cache_size, 1):
+            self._masked_z.popitem(last=False)
+        return out
+
+    def _mask_slices(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(a, b, mask[a:b]) over the mask in slices of at most ``chunk`` coordinates."""
+        for a in range(0, self.mask.numel(), self.chunk):
+            b = min(a + self.chunk, self.mask.numel())
+            yield a, b, self.mask[a:b]
+
+    @staticmethod
+    def _scaled(z: torch.Tensor, scales: torch.Tensor | None, a: int, b: int) -> torch.Tensor:
+        return z[a:b] if scales is None else z[a:b] * scales[a:b]
+
+    # -- the passes ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _move_work(self, terms: Sequence[Term]) -> None:
+        """In place: work += sum of the terms.
+
+        Dense: one pass over the weights; 16-bit weights get the terms' float32 sum, so they
+        are rounded once per pass.  Masked: term by term (one masked z alive at a time).
+        """
+        terms = _merge(terms)
+        if not terms:
+            return
+        if self.mask is not None:
+            for seed, coef, scales in terms:
+                z = self.direction(seed)
+                for a, b, idx in self._mask_slices():
+                    moved = self.work[idx].to(self.z_dtype)  # a fresh gather
+                    _axpy(moved, self._scaled(z, scales, a, b), coef)
+                    self.work.index_copy_(0, idx, moved.to(self.work.dtype))
+                del z  # let the cache drop it before the next direction is drawn
+            return
+        summed = len(terms) > 1 and self.work.dtype != self.z_dtype
+        for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
+            target = self.work[start:end]
+            if summed:
+                total = self._sum_buffer()[: end - start]
+                for k, (_, coef, _) in enumerate(terms):
+                    if k == 0:
+                        torch.mul(draw(k), coef, out=total)
+                    else:
+                        _axpy(total, draw(k), coef)
+                target.add_(total)
+            else:
+                for k, (_, coef, _) in enumerate(terms):
+                    _axpy(target, draw(k), coef)
+
+    @torch.no_grad()
+    def perturb(self, seed: int, scale: float) -> None:
+        """work <- theta + scale * z(seed) on the support (times the perturbation scales, if any)."""
+        term = (int(seed), scale, self.perturb_scales)
+        if self.in_place:
+            undo = [(s, -c, sc) for s, c, sc in self._applied]
+            self._move_work(undo + self._pending + [term])
+        elif self.mask is None:
+            for start, end, draw in self._blocks([seed]):
+                torch.add(self.master[start:end], draw(0), alpha=scale, out=self.work[start:end])
+        else:
+            z = self.direction(seed)
+            for a, b, idx in self._mask_slices():
+                moved = self.master[idx]  # a fresh gather
+                moved.add_(self._scaled(z, term[2], a, b), alpha=scale)
+                self.work.index_copy_(0, idx, moved.to(self.work.dtype))
+        self._applied, self._pending, self._stale = [term], [], False
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """work <- theta (bit-exact with a master copy).
+
+        With a mask only the masked coordinates can differ (nothing else is ever written), so
+        only those are copied: the restore costs O(mask), not O(parameters).
+        """
+        if self.in_place:
+            self._move_work([(s, -c, sc) for s, c, sc in self._applied] + self._pending)
+        elif self._applied or self._stale:
+            if self.mask is None:
+                self.work.copy_(self.master)
+            else:
+                for _, _, idx in self._mask_slices():
+                    self.work.index_copy_(0, idx, self.master[idx].to(self.work.dtype))
+        self._applied, self._pending, self._stale = [], [], False
+
+    @torch.no_grad()
+    def add_directions(self, moves: Sequence[tuple[int, Coefficient]]) -> None:
+        """theta <- theta + sum_k coef_k * z(seed_k) on the support (times the update scales).
+
+        With a master copy all directions are added in one pass over the master; in place the
+        move is merged into the next pass over ``work`` (restore + update + next perturbation).
+        """
+        terms = [(int(seed), coef, self.update_scales) for seed, coef in moves]
+        if self.in_place:
+            self._pending.extend(terms)
+            return
+        terms = _merge(terms)
+        if terms:
+            if self.mask is not None:
+                for seed, coef, scales in terms:
+                    z = self.direction(seed)
+                    for a, b, idx in self._mask_slices():
+                        zs = self._scaled(z, scales, a, b)
+                        if isinstance(coef, torch.Tensor):
+                            self.master.index_add_(0, idx, zs * coef)
+                        else:
+                            self.master.index_add_(0, idx, zs, alpha=coef)
+                    del z
+            else:
+                for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
+                    target = self.master[start:end]
+                    for k, (_, coef, _) in enumerate(terms):
+                        _axpy(target, draw(k), coef)
+        self._stale = True
+
+    def add_direction(self, seed: int, coef: Coefficient) -> None:
+        """master <- master + coef * z(seed) on the support (times the update scales, if any)."""
+        self.add_directions([(seed, coef)])
+
+    @torch.no_grad()
+    def snapshot(self) -> torch.Tensor:
+        """A real copy of theta on the support (the proximal anchor); never an alias."""
+        if self.in_place:
+            self.restore()
+        return self.master.clone() if self.mask is None else self.master[self.mask].clone()
+
+    @torch.no_grad()
+    def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
+        """theta <- theta - weight (theta - anchor) on the support."""
+        if self.in_place:
+            self.restore()  # the pull needs theta itself, not a perturbed copy
+        if self.mask is None:
+            # (1 - w) theta + w anchor  ==  theta - w (theta - anchor)
+            self.master.mul_(1.0 - weight).add_(anchor, alpha=weight)
+        else:
+            pulled = self.master[self.mask].mul_(1.0 - weight).add_(anchor, alpha=weight)
+            self.master.index_copy_(0, self.mask, pulled)
+        self._stale = not self.in_place

@@ -1,0 +1,52 @@
+"""The smallest zeroth-order scale the weights' precision can resolve."""
+
+from __future__ import annotations
+from dpzo.zo.flat import FlatParameters
+
+import math
+import torch
+from dpzo.methods.hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
+
+
+#: The smallest ZO scale accepted, in units in the last place of the typical trainable weight
+#: in the precision the forward pass sees: below about 4 ulp, theta +- beta z rounds back to
+#: theta for most coordinates and the finite difference is rounding noise.
+MIN_BETA_ULPS = 4.0
+
+
+#: float32 matmuls under TF32 round their inputs to a 10-bit mantissa, like float16.
+_TF32_EPS = 2.0**-10
+
+
+def compute_epsilon(dtype: torch.dtype, device: torch.device) -> float:
+    """Relative precision of the weights as the forward pass uses them (TF32 counts as 10 bits)."""
+    eps = torch.finfo(dtype).eps
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    if dtype == torch.float32 and device.type == "cuda" and tf32:
+        return max(eps, _TF32_EPS)
+    return eps
+
+
+@torch.no_grad()
+def smallest_resolvable_beta(flat: FlatParameters, *, sample: int = 1 << 20) -> float:
+    """``MIN_BETA_ULPS`` ulp of the median |theta| (over an evenly strided sample of the
+    trainable coordinates) in the precision the forward pass computes with."""
+    stride = max(1, flat.numel // sample)
+    typical = float(flat.work[::stride].abs().float().median())
+    if typical == 0.0:
+        return 0.0
+    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(flat.work.dtype, flat.device)
+    return MIN_BETA_ULPS * ulp
+
+
+def check_zo_scale(flat: FlatParameters, beta: float) -> None:
+    """Refuse a ZO scale that the weights' precision cannot represent (e.g. beta = 1e-6 on
+    float16 weights, or on float32 with TF32 matmuls: the perturbation rounds away)."""
+    floor = smallest_resolvable_beta(flat)
+    if beta < floor:
+        raise ValueError(
+            f"ZO scale beta={beta:g} is below {MIN_BETA_ULPS:g} ulp of the typical weight in "
+            f"{flat.work.dtype} ({floor:.3g}): theta +- beta z rounds back to theta and the finite "
+            f"differences are rounding noise. Use beta >= {floor:.2g} (MeZO and DPZero use 1e-3 "
+            "with 16-bit weights), or float32 weights without TF32 for a smaller beta."
+        )
