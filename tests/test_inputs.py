@@ -307,7 +307,7 @@ def accounting(method: str):
 
 def zo_ledger(method: str, params: dict, eps: str = "inf") -> dict:
     """The cell's own ledger (n = 16), as the account rule writes it."""
-    from dpzo.methods.hyperparameters import hyperparameters_for
+    from dpzo.methods import hyperparameters_for
     from dpzo.privacy.ledger import cell_ledger
 
     return cell_ledger(cell_for(method, eps), hyperparameters_for(method, params), n=16, settings=accounting(method))

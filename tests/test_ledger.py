@@ -11,7 +11,7 @@ import pytest
 
 from dpzo.privacy import accountants, records
 from dpzo.fileio import CorruptOutput, read_json_output
-from dpzo.methods.hyperparameters import hyperparameters_for
+from dpzo.methods import hyperparameters_for
 from dpzo.privacy.ledger import AccountingSettings, Cell, LedgerMismatch, cell_ledger, check_counts, verify_ledger
 
 # sigma well above 1 keeps every PLD evaluation well under a second (small sigma is slow)

@@ -590,7 +590,7 @@ def test_calibration_cache_returns_exactly_what_it_computed(tmp_path, monkeypatc
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")
 
-    monkeypatch.setattr(calibration, "calibrate_sigma", no_calibration)
+    monkeypatch.setattr(records, "calibrate_sigma", no_calibration)
     assert records.accounting_record(**dict(cell, clip=5.0), cache_dir=tmp_path) == dict(
         fresh, clip=5.0, sensitivity=5.0, noise_std_on_sum=fresh["sigma"] * 5.0)  # sigma does not depend on C
     for other in (dict(epsilon_target=2.5), dict(steps=51), dict(delta=2e-5), dict(batch_size=17)):

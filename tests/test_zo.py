@@ -12,7 +12,7 @@ from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.zo.loop import train_zo
-from dpzo.methods.hyperparameters import hyperparameters_for
+from dpzo.methods import hyperparameters_for
 from dpzo.zo.precision import MIN_BETA_ULPS, check_zo_scale
 from dpzo.zo.flat import FlatParameters, direction_seed, gaussian_direction
 from dpzo.methods.hyperparameters import StageSchedule

@@ -1,53 +1,67 @@
-"""The methods of the comparison and what distinguishes them (no heavy imports: the Snakefile reads it).
+"""The methods of the comparison: a registry of one module per method (torch-free: the Snakefile reads it).
 
-Zeroth-order methods share one training loop (``dpzo.zo.loop.train_zo``); they differ only in
-the properties below.  First-order methods (``dp-sgd``, ``dp-prefix``, ``ft``;
-``dpzo.baselines.firstorder``) backpropagate.
+Every module of this package that defines ``METHOD`` (or ``METHODS``, a tuple) is registered when
+the package is imported; :func:`register` adds a method defined elsewhere (a new method in a
+module of its own, see ``docs/architecture.md``).  What a method is and declares:
+:mod:`dpzo.methods.base`.  Zeroth-order methods share one training loop
+(``dpzo.zo.loop.train_zo``) and differ only in their class; first-order methods (``dp-sgd``,
+``dp-prefix``, ``ft``) backpropagate (``dpzo.baselines.firstorder``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import importlib
+import pkgutil
+from typing import Any
 
+from dpzo.methods.base import FirstOrderMethod, Method, ZOMethod
 
 ZERO_SHOT = "zero-shot"
-
-
 ICL = "icl"
 
-
-@dataclass(frozen=True)
-class ZOMethod:
-    """What a zeroth-order method does with the per-example finite differences."""
-
-    private: bool
-    mechanism: str | None = None  # "gaussian" | "laplace" (private methods)
-    clip_raw_difference: bool = False  # Tang et al.: clip l+ - l- before dividing by 2 beta
-    staged: bool = False  # stagewise lr / ZO-scale schedule and proximal anchor allowed
-    masked: bool = False  # trains only the coordinates of a data-free mask
+#: name -> method, in registration order
+REGISTRY: dict[str, Method] = {}
+#: the zeroth-order methods (a live view of the registry)
+ZO: dict[str, ZOMethod] = {}
+#: the first-order methods: name -> private?
+FIRST_ORDER: dict[str, bool] = {}
 
 
-ZO: dict[str, ZOMethod] = {
-    "mezo": ZOMethod(private=False),
-    "dp-zoso": ZOMethod(private=True, mechanism="gaussian", staged=True),
-    "dp-zopo": ZOMethod(private=True, mechanism="gaussian", staged=True, masked=True),
-    "dpzero": ZOMethod(private=True, mechanism="gaussian"),
-    "dp-zo-gauss": ZOMethod(private=True, mechanism="gaussian", clip_raw_difference=True),
-    "dp-zo-laplace": ZOMethod(private=True, mechanism="laplace", clip_raw_difference=True),
-}
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its name must be new); returns it."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register takes a Method instance (dpzo.methods.base), not {type(method).__name__}")
+    if "+" in method.name:
+        raise ValueError(f"method name {method.name!r}: '+' separates a method from its variant")
+    if method.name in REGISTRY:
+        raise ValueError(f"a method named {method.name!r} is already registered ({REGISTRY[method.name]!r})")
+    REGISTRY[method.name] = method
+    if isinstance(method, ZOMethod):
+        ZO[method.name] = method
+    elif isinstance(method, FirstOrderMethod):
+        FIRST_ORDER[method.name] = method.private
+    return method
 
 
-ZO_METHODS = tuple(ZO)
+def unregister(name: str) -> None:
+    """Remove a method added with :func:`register` (tests of a temporary method)."""
+    REGISTRY.pop(name, None)
+    ZO.pop(name, None)
+    FIRST_ORDER.pop(name, None)
 
 
-# First-order baselines (dpzo.baselines.firstorder): name -> private?
-FIRST_ORDER: dict[str, bool] = {"ft": False, "dp-sgd": True, "dp-prefix": True}
+def _discover() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in ("base", "hyperparameters"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found = getattr(module, "METHODS", None) or (getattr(module, "METHOD", None),)
+        for method in found:
+            if method is not None:
+                register(method)
 
 
-PRIVATE_METHODS = tuple(name for name, m in ZO.items() if m.private) + tuple(n for n, p in FIRST_ORDER.items() if p)
-
-
-METHODS = (ZERO_SHOT, ICL, *ZO_METHODS, *FIRST_ORDER)
+_discover()
 
 
 def base_method(name: str) -> str:
@@ -55,6 +69,25 @@ def base_method(name: str) -> str:
     return name.split("+", 1)[0]
 
 
+def get_method(name: str) -> Method:
+    """The method of a config name (a variant ``<method>+<variant>`` is its method)."""
+    method = REGISTRY.get(base_method(name))
+    if method is None:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order."""
+    return tuple(REGISTRY)
+
+
 def is_private(method: str) -> bool:
     """Private methods run at every configured epsilon; the others only at eps = inf."""
-    return base_method(method) in PRIVATE_METHODS
+    found = REGISTRY.get(base_method(method))
+    return found is not None and found.private
+
+
+def hyperparameters_for(method: str, params: dict) -> Any:
+    """The typed hyperparameters of a method's config block (None for a method without any)."""
+    return get_method(method).hyperparameters_from(params)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, ZO_METHODS, base_method
 from dpzo.masks.settings import MaskSettings
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -182,27 +181,3 @@ class ICLHyperparameters:
         if unknown:
             raise ValueError(f"unknown icl hyperparameter(s) {unknown}; allowed: ['demonstrations']")
         return cls(**params)
-
-
-def hyperparameters_for(method: str, params: dict):
-    """The typed hyperparameters of a method's config block (None for zero-shot)."""
-    method = base_method(method)
-    if method == ZERO_SHOT:
-        if params:
-            raise ValueError(f"zero-shot takes no hyperparameters; got {sorted(params)}")
-        return None
-    if method in ZO_METHODS:
-        hp = ZOHyperparameters.from_config(params)
-        if ZO[method].masked != (hp.mask is not None):
-            raise ValueError(f"{method}: a 'mask' block is {'required' if ZO[method].masked else 'not allowed'}")
-        if not ZO[method].staged and (hp.stages > 1 or hp.lam or hp.beta_start != hp.beta_end):
-            raise ValueError(
-                f"{method} has a constant schedule: 'stages', 'lam' and beta_start != beta_end are "
-                "DP-ZOSO/DP-ZOPO settings (remove them, or use dp-zoso)"
-            )
-        return hp
-    if method == ICL:
-        return ICLHyperparameters.from_config(params)
-    if method in FIRST_ORDER:
-        return FirstOrderHyperparameters.from_config(params)
-    raise ValueError(f"unknown method {method!r}")

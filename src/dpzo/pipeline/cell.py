@@ -8,8 +8,9 @@ import logging
 import time
 from typing import Callable
 import torch
-from dpzo.methods.hyperparameters import ZOHyperparameters, hyperparameters_for
-from dpzo.methods import FIRST_ORDER, ICL, PRIVATE_METHODS, ZERO_SHOT, ZO, base_method
+from dpzo.methods import hyperparameters_for
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, is_private
 from dpzo.masks.prune import Mask
 from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, file_digest
 from dpzo.models.classifier import PromptClassifier
@@ -111,7 +112,8 @@ def run_cell(
     train_examples = load_split(Path(split_dir) / "train.jsonl")
     # before the model is even loaded: a ledger that is not this cell's stops the run here
     verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=ledger_path)
-    secret = SecretRandom.from_environment() if base in PRIVATE_METHODS else None
+    private = is_private(base)
+    secret = SecretRandom.from_environment() if private else None
     torch.manual_seed(seed)
     lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
     clf = make_scorer(lm, tokenizer, family, task)
@@ -165,7 +167,7 @@ def run_cell(
                     curve=test_curve,
                     on_start=started,
                 )
-        if base in PRIVATE_METHODS:
+        if private:
             check_ledger_after(ledger, history)
     else:
         started(None)  # zero-shot: evaluation only
@@ -192,7 +194,7 @@ def run_cell(
         "releases": history.get("releases", 0),
         "resumed_from": resumed_from,  # steps after which an interrupted run was continued
         # what the trainer itself recomputed from the noise it added (not the ledger's claim)
-        "privacy": {"noise": accounting.noise if base in PRIVATE_METHODS else NO_NOISE,
+        "privacy": {"noise": accounting.noise if private else NO_NOISE,
                     "epsilon_verified": verified.epsilon, "verified_with": verified.accountant},
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),

@@ -189,8 +189,8 @@ def _hyperparameter_problems(methods: dict) -> list[str]:
     stagewise settings on a constant-schedule method), found before any job starts."""
     import math
 
-    from dpzo.methods.hyperparameters import ZOHyperparameters, hyperparameters_for
-    from dpzo.methods import is_private
+    from dpzo.methods import hyperparameters_for, is_private
+    from dpzo.methods.hyperparameters import ZOHyperparameters
 
     problems = []
     for method, params in methods.items():

@@ -158,7 +158,7 @@ def _accounting(snakemake, noise: str):
 
 def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
-    from dpzo.methods.hyperparameters import hyperparameters_for
+    from dpzo.methods import hyperparameters_for
     from dpzo.privacy.ledger import cell_ledger, count_examples
 
     _setup(snakemake)

@@ -5,7 +5,7 @@ What is audited
 The release sequence of the zeroth-order trainer for one cell, exactly as its privacy ledger
 specifies it: ``T * P`` releases, each a fresh Poisson batch drawn at rate ``q`` by
 ``SecretRandom.poisson_batch``, the per-example values clipped, summed and noised by
-:func:`dpzo.zo.loop.release_direction` (the trainer's own function, with the ledger's
+the method's own release rule (:meth:`dpzo.methods.base.PrivateZOMethod.release`, the one the trainer calls, with the ledger's
 :class:`~dpzo.privacy.mechanisms.NoisySum`), then divided by the public expected batch size.  Only the
 per-example values are synthetic: the audit chooses them, as the DP definition allows an
 adversary to choose the whole dataset.
@@ -188,7 +188,6 @@ def run_mechanism(
     import torch
 
     from dpzo.methods import ZO, base_method
-    from dpzo.zo.loop import release_direction
 
     spec = ZO[base_method(mech.method)]
     values = dirac_canary(mech.releases, mech.clip) if canary_values is None else np.asarray(canary_values, dtype=float)
@@ -203,7 +202,7 @@ def run_mechanism(
         d = torch.zeros(len(index), dtype=torch.float64)
         if len(index) and index[0] == 0:
             d[0] = example0[t]
-        out[t], _ = release_direction(d, spec=spec, clip=mech.clip, beta=AUDIT_BETA, noise=noise, secret=secret)
+        out[t], _ = spec.release(d, clip=mech.clip, beta=AUDIT_BETA, noise=noise, secret=secret)
     return out
 
 
@@ -394,7 +393,7 @@ def audit(
         },
         "audited": (
             "the trainer's release sequence (Poisson sampling from SecretRandom, clipping, the ledger's "
-            "noise via train.release_direction) with a canary of clipped value +C at every release and "
+            "noise via the method's release rule, the trainer's own) with a canary of clipped value +C at every release and "
             "a background contributing 0; the attacker sees every released scalar"
         ),
         "attack": "likelihood-ratio test on the released transcript (Neyman-Pearson optimal for this pair of worlds)",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpzo.methods import ZO, base_method, is_private
+from dpzo.methods import base_method, get_method, is_private
 from dpzo.privacy.accountants import DEFAULT_PLD_DISCRETIZATION, epsilon, laplace_epsilon, opacus_epsilon
 from dpzo.privacy.records import DPZERO_DELTA, method_ledger
 from dpzo.privacy.secret import SECURE_NOISE, noise_source
@@ -109,9 +109,9 @@ def count_examples(jsonl: str | Path) -> int:
 
 def _expected_delta(method: str, convention: str, delta: float | str, n: int) -> float:
     base = base_method(method)
-    if ZO.get(base) is not None and ZO[base].mechanism == "laplace":
+    if get_method(base).mechanism == "laplace":
         return 0.0  # pure ε-DP
-    if base == "dpzero" and convention == "published":
+    if get_method(base).published_accounting == "dpzero" and convention == "published":
         return DPZERO_DELTA
     return resolve_delta(delta, n)
 
@@ -216,9 +216,9 @@ def verify_ledger(
         raise LedgerMismatch(path, "delta", ledger.get("delta"), delta)
     q, releases = hp.batch_size / n, hp.steps * hp.directions
     base = base_method(cell.method)
-    if ZO.get(base) is not None and ZO[base].mechanism == "laplace":
+    if get_method(base).mechanism == "laplace":
         return _verify_laplace(ledger, path, hp, q, releases, target)
-    published_dpzero = base == "dpzero" and settings.convention == "published"
+    published_dpzero = get_method(base).published_accounting == "dpzero" and settings.convention == "published"
     return _verify_gaussian(ledger, path, hp, q, releases, target, delta, settings.accountant, published_dpzero=published_dpzero)
 
 

@@ -227,7 +227,7 @@ def method_ledger(
     method's own published accounting where it differs (DPZero: opacus RDP, replace-one,
     delta = 1e-5).  The Laplace variant is pure epsilon-DP under either convention.
     """
-    from dpzo.methods import ZO, base_method, is_private
+    from dpzo.methods import base_method, get_method, is_private
 
     base = base_method(method)  # a variant ("dpzero+c50") is accounted like its method
     if convention not in ("common", "published"):
@@ -236,9 +236,9 @@ def method_ledger(
     if not is_private(method):
         record = {"private": False, "epsilon_target": "inf", "n": n, "steps": steps,
                   "neighbouring": "none: this method makes no privacy claim"}
-    elif ZO.get(base) is not None and ZO[base].mechanism == "laplace":
+    elif get_method(base).mechanism == "laplace":
         record = laplace_record(directions=directions, **common)
-    elif base == "dpzero" and convention == "published":
+    elif get_method(base).published_accounting == "dpzero" and convention == "published":
         if directions != 1:
             raise ValueError("DPZero's published accounting has one direction per step")
         record = dpzero_published_record(**common)

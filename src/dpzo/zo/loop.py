@@ -31,8 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 from dpzo.methods.hyperparameters import ZOHyperparameters
-from dpzo.methods import ZO, ZO_METHODS, base_method
-from dpzo.methods import ZOMethod
+from dpzo.methods import ZO, base_method
 from dpzo.masks.prune import Mask
 from dpzo.zo.checkpoint import LoopState, TrainingCheckpoint
 from dpzo.models.evaluate import TestLossCurve
@@ -40,30 +39,11 @@ from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.progress import Progress
 from dpzo.zo.flat import FlatParameters, direction_seed
-from dpzo.zo.step import apply_update, clip_differences, spsa_differences
+from dpzo.zo.step import apply_update, spsa_differences
 from dpzo.zo.precision import check_zo_scale
 
 
 log = logging.getLogger(__name__)
-
-
-def release_direction(
-    d: torch.Tensor, *, spec: ZOMethod, clip: float, beta: float, noise: NoisySum, secret: SecretRandom
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The private release of one direction: clip each example's value, sum, add the ledger's noise.
-
-    ``d`` holds the finite-difference quotients of the sampled examples.  The clipped value is
-    the quotient itself or, for Tang et al.'s DP-ZO, the raw difference ``2 beta d`` (the
-    division by the public ``2 beta`` then happens after the noise).  Returns the released
-    scalar and how many examples the clip changed, both as 0-d tensors on ``d``'s device (the
-    trainer reads them at its log lines only, so the host never waits for the GPU mid-step).
-    """
-    value = d * (2.0 * beta) if spec.clip_raw_difference else d
-    clipped = (value.abs() > clip).sum()
-    g = noise.release(clip_differences(value, clip).sum(), secret)
-    if spec.clip_raw_difference:
-        g = g / (2.0 * beta)
-    return g, clipped
 
 
 def _check_finite_weights(flat: FlatParameters, step: int) -> None:
@@ -106,9 +86,9 @@ def train_zo(
     run (``dpzo.pipeline.cellguard``).
     """
     method = base_method(method)
-    if method not in ZO_METHODS:
-        raise ValueError(f"train_zo runs {ZO_METHODS}, not {method!r}")
-    spec = ZO[method]
+    spec = ZO.get(method)
+    if spec is None:
+        raise ValueError(f"train_zo runs the zeroth-order methods {tuple(ZO)}, not {method!r}")
     if spec.masked != (masks is not None):
         raise ValueError(f"{method}: masks are {'required' if spec.masked else 'not used'}")
     private = spec.private
@@ -200,14 +180,12 @@ def train_zo(
                 d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta, restore=False)
                 first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(d).all(), step, first_nonfinite)
                 losses_since_log.append(0.5 * (loss_plus + loss_minus).mean())
+            g, clipped = spec.release(d, clip=hp.clip, beta=beta, noise=noise, secret=secret)
             if private:
-                g, clipped = release_direction(d, spec=spec, clip=hp.clip, beta=beta, noise=noise, secret=secret)
                 clipped_since_log += clipped
                 releases += 1
                 if record_releases:
                     released.append(g)
-            else:
-                g = clip_differences(d, hp.clip).mean() if len(d) else torch.zeros((), dtype=torch.float64, device=device)
             seeds.append(seed)
             grads.append(g)
             examples_since_log += len(index)

@@ -202,13 +202,12 @@ def official_style_train(
                     logits, labels = logits_and_labels(index)
                     loss2 = _losses_one_by_one(logits, labels)
                     zo.perturb(seed, 1, beta)
-                    # Tang et al. clip the raw difference, the others the quotient
-                    values = [(a - b) if spec.clip_raw_difference else (a - b) / (2 * beta) for a, b in zip(loss1, loss2)]
+                    values = [(a - b) / (2 * beta) for a, b in zip(loss1, loss2)]
+                    if private:  # what the method clips: the quotient, or the raw difference (Tang et al.)
+                        values = [float(spec.clipped_value(v, beta)) for v in values]
                 clipped = [v / max(1.0, abs(v) / hp.clip) for v in values]
                 if private:
-                    g = noise.release(sum(clipped), secret)
-                    if spec.clip_raw_difference:
-                        g /= 2 * beta
+                    g = spec.gradient_from(noise.release(sum(clipped), secret), beta)
                 else:
                     g = sum(clipped) / len(clipped)
             else:  # MeZO: batch-mean losses, one .item() per forward

@@ -1,0 +1,140 @@
+"""What a method is: one small class per family, one module per method (``dpzo.methods.*``).
+
+A method declares, in one place, everything the pipeline needs to know about it:
+
+* ``name`` and the schema block its config follows (``config_block``, a ``$defs`` entry of
+  ``workflow/schemas/config.schema.yaml``; a test checks the two agree);
+* its hyperparameters dataclass (``hyperparameters``) and the checks specific to the method
+  (:meth:`Method.check`);
+* for a private method, what it releases and how that is accounted: the mechanism
+  (``gaussian`` or ``laplace``), the neighbouring relation, the sensitivity of one release
+  (the clip C) and the number of compositions (releases per run);
+* for a zeroth-order method, its release rule (:meth:`ZOMethod.release`): what the trainer
+  does with the per-example finite differences of one direction.
+
+This module imports nothing heavy: the Snakefile reads the registry.  Release rules work on
+tensors through their methods only (``abs``, ``clamp``, ``sum``, ``mean``), so they need no
+torch import either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from dpzo.methods.hyperparameters import FirstOrderHyperparameters, ZOHyperparameters
+
+#: The neighbouring relation of every private method of this project (Poisson sampling).
+ADD_REMOVE = "add/remove one example"
+
+
+class Method:
+    """A method of the comparison: what one block under ``methods:`` of the config runs."""
+
+    name: ClassVar[str]
+    #: the ``$defs`` entry of the config schema that a block of this method follows
+    config_block: ClassVar[str]
+    #: the typed hyperparameters of a config block (None: the method takes none)
+    hyperparameters: ClassVar[type | None] = None
+    private: ClassVar[bool] = False
+    #: "gaussian" | "laplace" (private methods)
+    mechanism: ClassVar[str | None] = None
+    neighbouring: ClassVar[str] = ADD_REMOVE
+    #: the method's own published accounting, where it differs from the common one
+    #: (``accounting: published`` in the config); None: accounted the common way
+    published_accounting: ClassVar[str | None] = None
+
+    def hyperparameters_from(self, params: dict) -> Any:
+        """The typed hyperparameters of a config block, checked for this method."""
+        if self.hyperparameters is None:
+            if params:
+                raise ValueError(f"{self.name} takes no hyperparameters; got {sorted(params)}")
+            return None
+        hp = self.hyperparameters.from_config(params)
+        self.check(hp)
+        return hp
+
+    def check(self, hp: Any) -> None:
+        """Refuse settings this method does not use (the message names them and the fix)."""
+
+    def sensitivity(self, hp: Any) -> float:
+        """How far one example can move one release (before the noise): the clip C."""
+        return float(hp.clip)
+
+    def compositions(self, hp: Any) -> int:
+        """How many releases a run makes (each its own Poisson batch): T per direction."""
+        return int(hp.steps) * int(hp.directions)
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+class ZOMethod(Method):
+    """A zeroth-order method: trained by :func:`dpzo.zo.loop.train_zo` from two forward passes."""
+
+    config_block = "zo_constant"
+    hyperparameters = ZOHyperparameters
+    #: a stagewise learning-rate / ZO-scale schedule and the proximal anchor are allowed
+    staged: ClassVar[bool] = False
+    #: trains only the coordinates of a data-free mask (needs a ``mask`` block)
+    masked: ClassVar[bool] = False
+
+    def check(self, hp: Any) -> None:
+        if self.masked != (hp.mask is not None):
+            raise ValueError(f"{self.name}: a 'mask' block is {'required' if self.masked else 'not allowed'}")
+        if not self.staged and (hp.stages > 1 or hp.lam or hp.beta_start != hp.beta_end):
+            raise ValueError(
+                f"{self.name} has a constant schedule: 'stages', 'lam' and beta_start != beta_end are "
+                "DP-ZOSO/DP-ZOPO settings (remove them, or use dp-zoso)"
+            )
+
+    def release(self, d: Any, *, clip: float, beta: float, noise: Any = None, secret: Any = None) -> tuple[Any, Any]:
+        """The scalar this direction contributes, and how many examples the clip changed.
+
+        ``d`` holds the per-example finite-difference quotients of the batch (float64, on the
+        model's device).  Non-private (MeZO): the mean of the clipped quotients, nothing
+        noised.  Both results stay on the device as 0-d tensors.
+        """
+        clipped = (d.abs() > clip).sum()
+        if len(d) == 0:
+            return d.sum(), clipped  # an empty batch contributes 0
+        return d.clamp(-clip, clip).mean() if clip != float("inf") else d.mean(), clipped
+
+
+class PrivateZOMethod(ZOMethod):
+    """A private zeroth-order method: per direction, one accounted release of a noisy clipped sum.
+
+    Each release is ``(sum_i clip_C(v_i) + noise) / (q n)`` over a fresh Poisson batch; ``v_i``
+    is what :meth:`clipped_value` says (the quotient itself here), the noise is the ledger's
+    (``dpzo.privacy.mechanisms.NoisySum``, drawn from the secret RNG), and the division by the
+    public expected batch size is post-processing.
+    """
+
+    private = True
+    mechanism = "gaussian"
+
+    def clipped_value(self, d: Any, beta: float) -> Any:
+        """What is clipped per example: the finite-difference quotient ``d``."""
+        return d
+
+    def gradient_from(self, released: Any, beta: float) -> Any:
+        """The projected gradient from the released scalar (public post-processing)."""
+        return released
+
+    def release(self, d: Any, *, clip: float, beta: float, noise: Any = None, secret: Any = None) -> tuple[Any, Any]:
+        """Clip each example's value to [-C, C], sum, add the ledger's noise (``noise.release``)."""
+        if noise is None or secret is None:
+            raise ValueError(f"{self.name} releases through the ledger's noise and the secret RNG")
+        value = self.clipped_value(d, beta)
+        clipped = (value.abs() > clip).sum()
+        released = noise.release(value.clamp(-clip, clip).sum(), secret)
+        return self.gradient_from(released, beta), clipped
+
+
+class FirstOrderMethod(Method):
+    """A backpropagation baseline (``dpzo.baselines.firstorder``): one release per step."""
+
+    config_block = "first_order"
+    hyperparameters = FirstOrderHyperparameters
+
+    def compositions(self, hp: Any) -> int:
+        return int(hp.steps)

@@ -1,0 +1,14 @@
+"""MeZO (Malladi et al. 2023): the non-private zeroth-order reference.
+
+A fixed-size batch drawn uniformly without replacement each step (public seed), the mean of the
+raw per-example differences, a constant learning rate and ZO scale.  No privacy claim.
+"""
+
+from dpzo.methods.base import ZOMethod
+
+
+class MeZO(ZOMethod):
+    name = "mezo"
+
+
+METHOD = MeZO()
