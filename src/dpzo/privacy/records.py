@@ -1,6 +1,7 @@
 """Privacy records: what a cell's ledger holds for each accounting convention (calibrated σ, achieved ε, the counts)."""
 
 from __future__ import annotations
+from dpzo.methods.base import ADD_REMOVE
 from dpzo.privacy.accountants import ACCOUNTANTS, DEFAULT_PLD_DISCRETIZATION, check_accountant, check_delta, check_pld_discretization, check_sigma, distribution_version, epsilon, epsilon_unchecked, laplace_epsilon, library_versions
 from dpzo.privacy.calibration import calibrate_sigma, laplace_step_epsilon, memoized, opacus_noise_multiplier
 
@@ -135,7 +136,7 @@ def accounting_record(
         "compositions": compositions,
         "clip": _json_float(clip),
         "sampler": "poisson",
-        "neighbouring": "add/remove one example",
+        "neighbouring": ADD_REMOVE,
         "sensitivity": _json_float(clip),
         "mechanism": "gaussian",
         # The trainer adds exactly this: N(0, noise_std_on_sum^2) on each clipped sum.
@@ -236,6 +237,11 @@ def method_ledger(
     if not is_private(method):
         record = {"private": False, "epsilon_target": "inf", "n": n, "steps": steps,
                   "neighbouring": "none: this method makes no privacy claim"}
+    elif get_method(base).neighbouring != ADD_REMOVE:
+        raise ValueError(
+            f"{method} declares the neighbouring relation {get_method(base).neighbouring!r}; the accountants "
+            f"here cover Poisson sampling under {ADD_REMOVE!r} (or a method's own published accounting)"
+        )
     elif get_method(base).mechanism == "laplace":
         record = laplace_record(directions=directions, **common)
     elif get_method(base).published_accounting == "dpzero" and convention == "published":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from dpzo.methods import ZO, base_method
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.masks.prune import Mask
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.zo.flat import direction_seed, gaussian_direction
+
+if TYPE_CHECKING:  # annotations only: the masks sit above the zeroth-order core
+    from dpzo.masks.prune import Mask
 
 
 class OfficialZ:
