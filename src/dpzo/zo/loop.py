@@ -102,9 +102,8 @@ def train_zo(
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
-    flat = FlatParameters(model, master_dtype=master_dtype)
+    flat = FlatParameters(model, master_dtype=master_dtype, direction_cache_size=hp.directions)
     check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
-    flat.direction_cache_size = hp.directions  # a masked z is gathered once per step
     device = flat.device
     anchor = None
 
