@@ -54,7 +54,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -97,7 +97,8 @@ class CheckpointPolicy:
 
 @dataclass
 class LoopState:
-    """What the training loop needs back to continue where a snapshot was taken."""
+    """What the training loop needs back to continue where a snapshot was taken: the proximal
+    anchor, and the monitor's state (``dpzo.zo.monitor.TrainingMonitor.state_dict``)."""
 
     step: int  # steps completed
     releases: int  # privatized releases completed (each accounted once)
@@ -107,6 +108,10 @@ class LoopState:
     train_seconds: float
     resumed_from: list[int] = field(default_factory=list)
     examples_sampled: int = 0  # examples the sampler drew, for the end-of-training ledger check
+
+    def monitor_state(self) -> dict:
+        """Everything but the anchor: what ``TrainingMonitor.load_state_dict`` takes."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "anchor"}
 
 
 class TrainingInterrupted(RuntimeError):
