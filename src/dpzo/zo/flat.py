@@ -46,7 +46,6 @@ from collections import OrderedDict
 from typing import Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
-from dpzo.methods.hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
 
 
 DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (part of z's definition)
