@@ -54,7 +54,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -62,10 +62,10 @@ import numpy as np
 import torch
 
 from dpzo.fileio import atomic_path
+from dpzo.zo.flat import FlatParameters
 
-if TYPE_CHECKING:  # annotations only: importing them here would be circular
+if TYPE_CHECKING:  # annotations only
     from dpzo.privacy.secret import SecretRandom
-    from dpzo.zo.flat import FlatParameters
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,21 @@ class CheckpointPolicy:
 
 @dataclass
 class LoopState:
-    """What the training loop needs back to continue where a snapshot was taken."""
+    """What the training loop needs back to continue where a snapshot was taken: the proximal
+    anchor, and the monitor's state (``dpzo.zo.monitor.TrainingMonitor.state_dict``)."""
 
     step: int  # steps completed
     releases: int  # privatized releases completed (each accounted once)
     anchor: torch.Tensor | None
     history: dict
-    since_log: tuple[list, int, int]  # losses, examples, clipped since the last log point
+    since_log: tuple[list, int, float]  # losses, examples, clipped since the last log point
     train_seconds: float
     resumed_from: list[int] = field(default_factory=list)
     examples_sampled: int = 0  # examples the sampler drew, for the end-of-training ledger check
+
+    def monitor_state(self) -> dict:
+        """Everything but the anchor: what ``TrainingMonitor.load_state_dict`` takes."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "anchor"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -158,8 +163,9 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-#: The tensors of a snapshot; everything else in it is plain data (numbers, lists, dicts).
-SNAPSHOT_TENSORS = ("master", "mask", "perturb_scales", "update_scales", "anchor")
+#: The tensors of a snapshot (``FlatParameters.state_dict`` and the proximal anchor); everything
+#: else in it is plain data (numbers, lists, dicts).
+SNAPSHOT_TENSORS = FlatParameters.STATE_KEYS + ("anchor",)
 
 
 def snapshot_digest(payload: dict) -> str:
@@ -234,18 +240,7 @@ class TrainingCheckpoint:
             log.warning("ignoring checkpoint %s: it belongs to another configuration of this cell; "
                         "starting from step 0", path)
             return None
-        with torch.no_grad():
-            flat.master.copy_(saved["master"].to(flat.device))
-            flat.work.copy_(flat.master)  # outside any mask work == theta, as in a run that never stopped
-            if saved["mask"] is None:
-                flat.set_mask(None)
-            else:
-                dev = dict(device=flat.device)
-                flat.set_mask(
-                    saved["mask"].to(**dev),
-                    perturb_scales=None if saved["perturb_scales"] is None else saved["perturb_scales"].to(**dev),
-                    update_scales=None if saved["update_scales"] is None else saved["update_scales"].to(**dev),
-                )
+        flat.load_state_dict({key: saved[key] for key in FlatParameters.STATE_KEYS})
         public_rng.bit_generator.state = saved["public_rng"]
         if saved["secret_rng"] is not None:
             secret.restore_insecure_state(saved["secret_rng"])
@@ -309,11 +304,6 @@ class TrainingCheckpoint:
         self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
     ) -> None:
-        # Restores are deferred: work still holds the last perturbation and, in place (where the
-        # master is work itself), the update not yet written.  A snapshot must hold theta itself;
-        # the run then continues from the restored weights (in place that splits one pass in two,
-        # which changes only the rounding).
-        flat.restore()
         payload = {
             "format": FORMAT,
             "identity": self.identity,
@@ -322,10 +312,7 @@ class TrainingCheckpoint:
             "train_seconds": state.train_seconds,
             "resumed_from": list(state.resumed_from),
             "examples_sampled": state.examples_sampled,
-            "master": _cpu(flat.master),
-            "mask": _cpu(flat.mask),
-            "perturb_scales": _cpu(flat.perturb_scales),
-            "update_scales": _cpu(flat.update_scales),
+            **flat.state_dict(),  # theta itself (restored), the mask and its scales
             "anchor": _cpu(state.anchor),
             "history": state.history,
             "since_log": list(state.since_log),

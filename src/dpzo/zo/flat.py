@@ -46,7 +46,6 @@ from collections import OrderedDict
 from typing import Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
-from dpzo.methods.hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
 
 
 DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (part of z's definition)
@@ -143,9 +142,17 @@ class FlatParameters:
 
     ``work`` holds theta plus the perturbation last asked for; call :meth:`restore` before the
     weights are read for anything else than the perturbed losses.
+
+    ``direction_cache_size`` is how many directions' z stay cached for the passes of a step
+    (masked z on the mask, or whole z of a small model): a trainer with P directions per step
+    passes P, so each z is drawn once per step.
     """
 
-    def __init__(self, model: torch.nn.Module, master_dtype: torch.dtype | None = torch.float32):
+    #: the entries of :meth:`state_dict` (all tensors or None)
+    STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
+
+    def __init__(self, model: torch.nn.Module, master_dtype: torch.dtype | None = torch.float32, *,
+                 direction_cache_size: int = 1):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters")
@@ -184,7 +191,7 @@ class FlatParameters:
         self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
         self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
-        self.direction_cache_size = 1  # masked z vectors kept alive (the trainer: one per direction)
+        self.direction_cache_size = int(direction_cache_size)
         self._mask_blocks: list[tuple[int, int, int, int]] = []
 
     # -- the trainable support ------------------------------------------------------------
@@ -408,6 +415,44 @@ class FlatParameters:
     def add_direction(self, seed: int, coef: Coefficient) -> None:
         """master <- master + coef * z(seed) on the support (times the update scales, if any)."""
         self.add_directions([(seed, coef)])
+
+    # -- snapshots of the whole state -------------------------------------------------------
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """theta and the trainable support, as CPU copies (safe to keep while training goes on).
+
+        ``master`` is theta itself: the master copy, or in place the weights.  Restores are
+        deferred, so ``work`` first gets theta back (and in place the update not yet written);
+        the next pass then starts from the restored weights, which in place splits one pass in
+        two and so changes only the rounding.
+        """
+        self.restore()
+        state = {"master": self.master, "mask": self.mask, "perturb_scales": self.perturb_scales,
+                 "update_scales": self.update_scales}
+        return {k: None if t is None else t.detach().to("cpu", copy=True).contiguous() for k, t in state.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Continue from :meth:`state_dict`: theta, and the support with its scales.
+
+        Outside the mask ``work`` gets theta too, as in a run that never stopped.
+        """
+        master = state["master"]
+        if master.numel() != self.numel:
+            raise ValueError(f"a state of {master.numel()} parameters does not fit {self.numel}")
+        self.master.copy_(master.to(self.device))
+        if not self.in_place:
+            self.work.copy_(self.master)
+        self._applied, self._pending, self._stale = [], [], False  # work == theta now
+        if state["mask"] is None:
+            self.set_mask(None)
+        else:
+            dev = dict(device=self.device)
+            self.set_mask(
+                state["mask"].to(**dev),
+                perturb_scales=None if state["perturb_scales"] is None else state["perturb_scales"].to(**dev),
+                update_scales=None if state["update_scales"] is None else state["update_scales"].to(**dev),
+            )
 
     @torch.no_grad()
     def snapshot(self) -> torch.Tensor:

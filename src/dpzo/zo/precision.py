@@ -5,7 +5,6 @@ from dpzo.zo.flat import FlatParameters
 
 import math
 import torch
-from dpzo.methods.hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
 
 
 #: The smallest ZO scale accepted, in units in the last place of the typical trainable weight

@@ -1,12 +1,29 @@
-"""The pieces of one zeroth-order step: two-point differences, the clip, the update."""
+"""One zeroth-order step (:func:`zo_step`) and its pieces: two-point differences, the clip, the update.
+
+A step of a method with P directions, at learning rate eta and ZO scale beta::
+
+    for each direction p (its own batch, its own release):
+        B_p = a batch                 Poisson(q = B/n) from the secret RNG; MeZO: B of n, public
+        d_i = (l_i(theta + beta z_p) - l_i(theta - beta z_p)) / (2 beta)          i in B_p
+        g_p = release(d)              the method's rule, e.g. (sum_i clip_C(d_i) + noise) / (q n)
+    theta <- theta - eta ( (1/P) sum_p g_p z_p + lam (theta - theta_s) )
+"""
 
 from __future__ import annotations
-from dpzo.zo.flat import Coefficient, FlatParameters
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
 import torch
-from dpzo.methods.hyperparameters import StageSchedule  # noqa: F401 (the schedule of a ZO run; lives with the settings)
+
+from dpzo.zo.flat import Coefficient, FlatParameters
+
+if TYPE_CHECKING:  # annotations only
+    from dpzo.methods.base import ZOMethod
+    from dpzo.privacy.mechanisms import NoisySum
+    from dpzo.privacy.secret import SecretRandom
 
 
 @torch.no_grad()
@@ -63,3 +80,73 @@ def apply_update(
     )
     if restore:
         flat.restore()
+
+
+def batch_sampler(
+    spec: ZOMethod, n: int, batch_size: int, *, secret: SecretRandom | None, public_rng: np.random.Generator
+) -> Callable[[], np.ndarray]:
+    """How the method ``spec`` draws a batch of ``range(n)``: ``sample()`` returns its indices.
+
+    A private method samples each example with probability q = batch_size / n from the secret
+    RNG (Poisson sampling: what the accountant assumes, so the size is random and may be 0).
+    MeZO, with no privacy claim, draws ``batch_size`` examples without replacement from the
+    public generator.
+    """
+    if spec.private:
+        q = batch_size / n
+        return lambda: secret.poisson_batch(n, q)
+    return lambda: public_rng.choice(n, size=batch_size, replace=False)
+
+
+@dataclass
+class StepResult:
+    """What one step did, per direction, for the monitor; tensors stay on the device."""
+
+    seeds: list[int] = field(default_factory=list)
+    grads: list[Coefficient] = field(default_factory=list)  # the released scalars g_p
+    differences: list[torch.Tensor] = field(default_factory=list)  # the per-example quotients d
+    losses: list[torch.Tensor] = field(default_factory=list)  # mean of l+ and l- (non-empty batches only)
+    examples: list[int] = field(default_factory=list)  # batch sizes
+    clipped: list[Any] = field(default_factory=list)  # examples the clip changed
+
+
+def zo_step(
+    spec: ZOMethod,
+    flat: FlatParameters,
+    per_example_loss: Callable[[np.ndarray], torch.Tensor],
+    sample: Callable[[], np.ndarray],
+    seeds: Sequence[int],
+    *,
+    lr: float,
+    beta: float,
+    clip: float,
+    lam: float = 0.0,
+    anchor: torch.Tensor | None = None,
+    noise: NoisySum | None = None,
+    secret: SecretRandom | None = None,
+) -> StepResult:
+    """One step of the method ``spec``, one direction z(seed) per seed (the module docstring).
+
+    For each seed: a batch (``sample()``, see :func:`batch_sampler`), its per-example two-point
+    differences along z(seed) (:func:`spsa_differences`), their release (``spec.release``:
+    clip, sum, the ledger's ``noise`` from ``secret``, / q n; MeZO: the mean); then the update
+    with the pull toward ``anchor`` (:func:`apply_update`).  No value is read on the host, and
+    the perturbed weights are left for the next pass to overwrite (``flat.restore()`` before
+    reading them).
+    """
+    done = StepResult()
+    for seed in seeds:
+        index = sample()
+        if len(index) == 0:  # a Poisson batch may be empty: its release is the noise alone
+            d = torch.zeros(0, dtype=torch.float64, device=flat.device)
+        else:
+            d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta, restore=False)
+            done.losses.append(0.5 * (loss_plus + loss_minus).mean())
+        g, clipped = spec.release(d, clip=clip, beta=beta, noise=noise, secret=secret)
+        done.seeds.append(seed)
+        done.grads.append(g)
+        done.differences.append(d)
+        done.examples.append(len(index))
+        done.clipped.append(clipped)
+    apply_update(flat, done.seeds, done.grads, lr=lr, lam=lam, anchor=anchor, restore=False)
+    return done
