@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from dpzo.masks.prune import Mask
 from dpzo.methods import ZO, base_method
 from dpzo.methods.base import ZOMethod
 from dpzo.methods.hyperparameters import ZOHyperparameters
@@ -49,6 +48,9 @@ from dpzo.zo.flat import FlatParameters, direction_seed
 from dpzo.zo.monitor import TrainingMonitor
 from dpzo.zo.precision import check_zo_scale
 from dpzo.zo.step import batch_sampler, zo_step
+
+if TYPE_CHECKING:  # annotations only: masks are built above this layer and passed in
+    from dpzo.masks.prune import Mask
 
 
 log = logging.getLogger(__name__)
