@@ -314,11 +314,10 @@ def zo_ledger(method: str, params: dict, eps: str = "inf") -> dict:
 
 
 def run(model_dir, split_dir, method: str, params: dict, ledger: dict, eps: str = "inf") -> dict:
-    from dpzo.pipeline.cell import run_cell
+    from dpzo.pipeline.cell import CellRun, run_cell
 
-    return run_cell(cell_for(method, eps), model_path=str(model_dir), family="auto", dtype="float32",
-                    split_dir=str(split_dir), method_params=params, ledger=ledger, accounting=accounting(method),
-                    eval_batch_size=8)
+    return run_cell(CellRun(cell_for(method, eps), model_path=str(model_dir), split_dir=str(split_dir),
+                            method_params=params, ledger=ledger, accounting=accounting(method), eval_batch_size=8))
 
 
 VOLATILE = {"ms_per_step", "train_seconds", "wall_seconds", "memory"}

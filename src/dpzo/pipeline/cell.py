@@ -4,6 +4,7 @@ from __future__ import annotations
 from dpzo.zo.loop import train_zo
 
 import contextlib
+from dataclasses import dataclass
 import logging
 import time
 from typing import Callable
@@ -55,33 +56,40 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def run_cell(
-    cell: Cell,
-    *,
-    model_path: str,
-    family: str,
-    dtype: str,
-    split_dir: str,
-    method_params: dict,
-    ledger: dict,
-    accounting: AccountingSettings,
-    ledger_path: str | None = None,
-    eval_batch_size: int = 128,
-    device: str = "cpu",
-    mask_files: list[str] | None = None,
-    checkpoint: CheckpointPolicy | None = None,
-    curve: CurveSettings | None = None,
-    on_start: Callable[[dict, int | None], None] | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class CellRun:
+    """Everything one cell's run reads: what the cell is, its inputs, and how to run it.
+
+    ``ledger`` is the cell's ``privacy.json`` as read from ``ledger_path``; ``accounting`` the
+    config's accounting with this process's noise source (the ledger must have been made for
+    it).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
+    order (``dpzo.masks.settings.MaskSettings``).  ``checkpoint``: where and how often
+    zeroth-order training snapshots itself, and resumes from.  ``curve``: the test-loss points
+    recorded during training (the only training curve that is published).
+    """
+
+    cell: Cell
+    model_path: str
+    split_dir: str
+    method_params: dict
+    ledger: dict
+    accounting: AccountingSettings
+    ledger_path: str | None = None
+    family: str = "auto"
+    dtype: str = "float32"
+    eval_batch_size: int = 128
+    device: str = "cpu"
+    mask_files: tuple[str, ...] = ()
+    checkpoint: CheckpointPolicy | None = None
+    curve: CurveSettings | None = None
+
+
+def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | None = None) -> dict:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
     Before anything else the ledger is verified against the cell (``ledger.verify_ledger``:
     its identity, the config's ``accounting``, and that its noise certifies the cell's ε); the
-    noise added is the verified one.  ``mask_files`` (DP-ZOPO): the precomputed mask of each
-    stage's starting ratio, in stage order (see ``prune.MaskSettings``).  ``checkpoint``: where
-    and how often zeroth-order training snapshots itself, and resumes from.  ``curve``: the
-    test-loss points recorded during training (the only training curve that is published).
-    ``on_start(identity, step)`` is called once before training (evaluation for zero-shot) with
+    noise added is the verified one.  ``on_start(identity, step)`` is called once before training (evaluation for zero-shot) with
     what the run is and the step a snapshot resumed after (None: from scratch); it may raise to
     refuse the run (``dpzo.pipeline.cellguard.Attempt.start``).
 
@@ -102,31 +110,32 @@ def run_cell(
     from dpzo.data.tasks import get_task
 
     wall_start = time.perf_counter()
-    method, seed = cell.method, cell.seed
+    cell, ledger, accounting = run.cell, run.ledger, run.accounting
+    method, seed, split_dir = cell.method, cell.seed, Path(run.split_dir)
     task = get_task(cell.task)
     problem = method_problem(task, method) if isinstance(task, HFTask) else None
     if problem:
         raise ValueError(problem)
     base = base_method(method)
-    hp = hyperparameters_for(method, method_params)
-    train_examples = load_split(Path(split_dir) / "train.jsonl")
+    hp = hyperparameters_for(method, run.method_params)
+    train_examples = load_split(split_dir / "train.jsonl")
     # before the model is even loaded: a ledger that is not this cell's stops the run here
-    verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=ledger_path)
+    verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=run.ledger_path)
     private = is_private(base)
     secret = SecretRandom.from_environment() if private else None
     torch.manual_seed(seed)
-    lm, tokenizer, family = load_model(model_path, family=family, dtype=dtype, device=device)
+    lm, tokenizer, family = load_model(run.model_path, family=run.family, dtype=run.dtype, device=run.device)
     clf = make_scorer(lm, tokenizer, family, task)
-    test_examples = load_split(Path(split_dir) / "test.jsonl")
+    test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)
     test_set = clf.encode(test_examples)
 
     # everything the run depends on: a snapshot of any other run is never resumed, and a retry
     # of a failed run is recognised as the same run
     identity = dict(
-        model_path=model_path, dtype=dtype, task=cell.task, method=method, seed=seed, method_params=method_params,
-        ledger=ledger, train_data=file_digest(Path(split_dir) / "train.jsonl"),
-        masks=[file_digest(f) for f in mask_files or []],
+        model_path=run.model_path, dtype=run.dtype, task=cell.task, method=method, seed=seed, method_params=run.method_params,
+        ledger=ledger, train_data=file_digest(split_dir / "train.jsonl"),
+        masks=[file_digest(f) for f in run.mask_files],
     )
 
     def started(resumed_after: int | None) -> None:
@@ -141,7 +150,7 @@ def run_cell(
         demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
         test_set = encode_with_demonstrations(clf, test_examples, demos)
     elif base != ZERO_SHOT:
-        test_curve = TestLossCurve(clf, test_set, steps=hp.steps, settings=curve or CurveSettings(), batch_size=eval_batch_size)
+        test_curve = TestLossCurve(clf, test_set, steps=hp.steps, settings=run.curve or CurveSettings(), batch_size=run.eval_batch_size)
         if base in FIRST_ORDER:
             from dpzo.baselines.firstorder import train_first_order
 
@@ -150,8 +159,8 @@ def run_cell(
                                         secret=secret, curve=test_curve)
         else:
             snapshots = None
-            if checkpoint is not None:
-                snapshots = TrainingCheckpoint(checkpoint, identity=identity)
+            if run.checkpoint is not None:
+                snapshots = TrainingCheckpoint(run.checkpoint, identity=identity)
             with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
                 history = train_zo(
                     lm,
@@ -162,7 +171,7 @@ def run_cell(
                     run_seed=seed,
                     noise=verified.release,
                     secret=secret,
-                    masks=stage_masks(hp, clf, mask_files) if ZO[base].masked else None,
+                    masks=stage_masks(hp, clf, list(run.mask_files)) if ZO[base].masked else None,
                     checkpoint=snapshots,
                     curve=test_curve,
                     on_start=started,
@@ -171,7 +180,7 @@ def run_cell(
             check_ledger_after(ledger, history)
     else:
         started(None)  # zero-shot: evaluation only
-    result = evaluate(clf, test_set, batch_size=eval_batch_size)
+    result = evaluate(clf, test_set, batch_size=run.eval_batch_size)
     resumed_from = history.pop("resumed_from", [])
     curves = {k: v for k, v in history.items() if isinstance(v, list)}
     return {

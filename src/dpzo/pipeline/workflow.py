@@ -199,7 +199,7 @@ def train(snakemake) -> None:
     from dpzo.fileio import read_json_output
     from dpzo.privacy.ledger import cell_noise
     from dpzo.methods import is_private
-    from dpzo.pipeline.cell import run_cell
+    from dpzo.pipeline.cell import CellRun, run_cell
 
     _setup(snakemake)
     cell = _cell(snakemake)
@@ -210,24 +210,24 @@ def train(snakemake) -> None:
     with CellLock(folder / "train.lock"):
         attempts = AttemptLog(folder / "attempts.jsonl")
         with attempts.attempt(private=is_private(cell.method)) as attempt:
-            metrics = run_cell(
+            run = CellRun(
                 cell,
                 model_path=str(snakemake.params.model_path),
-                family=model_cfg.get("family", "auto"),
-                dtype=model_cfg.get("dtype", "float32"),
                 split_dir=str(Path(snakemake.input.train).parent),
                 method_params=dict(snakemake.params.method_params),
                 ledger=ledger,
                 # this process's own noise source: the ledger must have been made for it
                 accounting=_accounting(snakemake, cell_noise(cell.method)),
                 ledger_path=str(snakemake.input.ledger),
+                family=model_cfg.get("family", "auto"),
+                dtype=model_cfg.get("dtype", "float32"),
                 eval_batch_size=int(snakemake.params.eval_batch_size),
                 device=snakemake.params.device,
-                mask_files=list(snakemake.input.masks),
+                mask_files=tuple(snakemake.input.masks),
                 checkpoint=policy,
                 curve=curve_settings(snakemake.config.get("curves")),
-                on_start=attempt.start,
             )
+            metrics = run_cell(run, on_start=attempt.start)
         metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
         metrics.update(attempts.summary())
         # measured on private batches, not covered by the guarantee: a file of its own, never
