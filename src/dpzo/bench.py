@@ -92,10 +92,12 @@ class BenchModel:
 
     @property
     def family(self) -> str:
+        """``mlm`` for RoBERTa, ``causal`` for OPT (the family :class:`PromptClassifier` expects)."""
         return "mlm" if self.arch == "roberta" else "causal"
 
     @property
     def max_seq_len(self) -> int:
+        """Longest input the model's position embeddings allow."""
         # RoBERTa's positions start after the padding index
         offset = self.config["pad_token_id"] + 1 if self.arch == "roberta" else 0
         return self.config["max_position_embeddings"] - offset

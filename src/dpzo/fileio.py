@@ -39,11 +39,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` as JSON lines (UTF-8, non-ASCII kept as is), atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:

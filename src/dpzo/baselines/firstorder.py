@@ -277,6 +277,7 @@ class PrefixKV(nn.Module):
 
     @property
     def tokens(self) -> int:
+        """Number of prefix positions P."""
         return int(self.key.shape[1])
 
 
@@ -364,6 +365,7 @@ def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Linear,
 
 
 def prefix_modules(model: nn.Module) -> list[PrefixKV]:
+    """The :class:`PrefixKV` modules installed in ``model`` (empty when it has no prefix)."""
     return [m for m in model.modules() if isinstance(m, PrefixKV)]
 
 

@@ -71,6 +71,7 @@ class HFTask:
 
     @property
     def metric(self) -> str:
+        """``f1`` for a generation (QA) task, ``accuracy`` otherwise."""
         return "f1" if self.generation else "accuracy"
 
     @property
@@ -80,10 +81,12 @@ class HFTask:
 
     @property
     def labels(self) -> tuple[str, ...]:
+        """The fixed candidates in label order (``Example.label`` indexes them); () when given per example."""
         return self.candidates
 
     @property
     def hf_id(self) -> str:
+        """The dataset as messages name it: ``dataset`` or ``dataset/config``."""
         return self.dataset if self.config is None else f"{self.dataset}/{self.config}"
 
 

@@ -32,6 +32,8 @@ TEST_SUBSAMPLE_SEED = 42
 
 @dataclass
 class Example:
+    """One example of a split: its text columns, its gold label and, for MeZO tasks, candidates and answers."""
+
     texts: list[str]
     label: int  # index into task.labels (or into ``candidates``; the teacher-forced answer)
     candidates: list[str] | None = None  # per-example candidates (COPA choices, ReCoRD entities)
@@ -161,10 +163,12 @@ def _row(ex: Example) -> dict:
 
 
 def save_split(path: Path, examples: list[Example]) -> None:
+    """Write ``examples`` to ``path`` as JSON lines, atomically (fields that are None are left out)."""
     write_jsonl_atomic(path, [_row(ex) for ex in examples])
 
 
 def load_split(path: Path) -> list[Example]:
+    """Read a split written by :func:`save_split`."""
     with open(path, encoding="utf-8") as fh:
         return [Example(**json.loads(line)) for line in fh if line.strip()]
 

@@ -47,10 +47,12 @@ class TaskSpec:
 
     @property
     def labels(self) -> tuple[str, ...]:
+        """The label values (as written in the file) in label order: ``Example.label`` indexes them."""
         return tuple(self.label_words)
 
     @property
     def num_classes(self) -> int:
+        """Number of labels K."""
         return len(self.label_words)
 
     @property
@@ -143,6 +145,8 @@ def get_task(name: str) -> TaskSpec:
 
 @dataclass(frozen=True)
 class TemplatePart:
+    """One part of a parsed LM-BFF template (the syntax is in the module docstring)."""
+
     kind: str  # "cls" | "sep" | "mask" | "text" | "sent"
     text: str = ""
     sent_index: int = 0
@@ -211,6 +215,8 @@ def render_template(template: str, texts: Sequence[str], *, cls: str, sep: str, 
 
 @dataclass
 class EncodedPrompt:
+    """A tokenized prompt and the position whose logits score the label words."""
+
     input_ids: list[int]
     score_position: int  # index whose next-token / mask logits are scored
     truncated: bool = False

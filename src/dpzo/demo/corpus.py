@@ -652,6 +652,7 @@ def _review_document(rng: random.Random) -> str:
 
 
 def question(rng: random.Random, label: int | None = None) -> tuple[str, int]:
+    """A generated question and its type; ``label`` fixes the type, else it is drawn by ``TREC_CLASS_WEIGHTS``."""
     if label is None:
         label = rng.choices(range(len(TREC_CLASS_WEIGHTS)), weights=TREC_CLASS_WEIGHTS)[0]
     return _fill(_pick(rng, QUESTION_TEMPLATES[label]), rng), label

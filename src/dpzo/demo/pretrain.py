@@ -73,6 +73,7 @@ SLOT_WORDS = frozenset(
 
 
 def read_corpus(corpus_path: Path) -> list[str]:
+    """The corpus's documents, one per non-blank line."""
     with open(corpus_path, encoding="utf-8") as handle:
         return [line.rstrip("\n") for line in handle if line.strip()]
 

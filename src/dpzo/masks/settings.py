@@ -63,6 +63,7 @@ class MaskSettings:
 
     @classmethod
     def from_config(cls, params: dict) -> "MaskSettings":
+        """Build from a config's ``mask`` block; raises ValueError naming any unknown key."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:

@@ -79,6 +79,8 @@ class ZOMethod(Method):
     masked: ClassVar[bool] = False
 
     def check(self, hp: Any) -> None:
+        """Refuse a ``mask`` block on an unmasked method (or its absence on a masked one), and a stagewise
+        schedule or proximal term on a method whose schedule is constant."""
         if self.masked != (hp.mask is not None):
             raise ValueError(f"{self.name}: a 'mask' block is {'required' if self.masked else 'not allowed'}")
         if not self.staged and (hp.stages > 1 or hp.lam or hp.beta_start != hp.beta_end):
@@ -137,4 +139,5 @@ class FirstOrderMethod(Method):
     hyperparameters = FirstOrderHyperparameters
 
     def compositions(self, hp: Any) -> int:
+        """One release per step: T."""
         return int(hp.steps)

@@ -4,6 +4,8 @@ from dpzo.methods.dp_sgd import DPSGD
 
 
 class DPPrefix(DPSGD):
+    """DP-SGD on the prefix parameters only, the model frozen; accounted as DP-SGD."""
+
     name = "dp-prefix"
 
 

@@ -5,6 +5,8 @@ from dpzo.methods.base import FirstOrderMethod
 
 
 class DPSGD(FirstOrderMethod):
+    """DP-SGD on every trainable weight: one Poisson-subsampled Gaussian release per step."""
+
     name = "dp-sgd"
     private = True
     mechanism = "gaussian"

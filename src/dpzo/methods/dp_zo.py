@@ -11,6 +11,8 @@ from dpzo.methods.base import PrivateZOMethod
 
 
 class DPZOGauss(PrivateZOMethod):
+    """DP-ZO with Gaussian noise: the raw loss difference ``2 β d`` is clipped, noised, then divided by ``2 β``."""
+
     name = "dp-zo-gauss"
 
     def clipped_value(self, d: Any, beta: float) -> Any:
@@ -23,6 +25,8 @@ class DPZOGauss(PrivateZOMethod):
 
 
 class DPZOLaplace(DPZOGauss):
+    """DP-ZO with Laplace noise on the clipped sum (pure ε-DP)."""
+
     name = "dp-zo-laplace"
     mechanism = "laplace"
 

@@ -8,6 +8,8 @@ from dpzo.methods.dp_zoso import DPZOSO
 
 
 class DPZOPO(DPZOSO):
+    """DP-ZOSO on the coordinates of a data-free mask only (needs a ``mask`` block)."""
+
     name = "dp-zopo"
     config_block = "zopo"
     masked = True

@@ -10,6 +10,8 @@ from dpzo.methods.base import PrivateZOMethod
 
 
 class DPZOSO(PrivateZOMethod):
+    """DP zeroth-order with a stagewise learning-rate / ZO-scale schedule and a proximal anchor."""
+
     name = "dp-zoso"
     config_block = "zo"
     staged = True

@@ -9,6 +9,8 @@ from dpzo.methods.base import PrivateZOMethod
 
 
 class DPZero(PrivateZOMethod):
+    """DP zeroth-order with a constant schedule; ``accounting: published`` accounts it as its paper does."""
+
     name = "dpzero"
     published_accounting = "dpzero"
 

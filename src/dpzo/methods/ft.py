@@ -4,6 +4,8 @@ from dpzo.methods.base import FirstOrderMethod
 
 
 class FineTuning(FirstOrderMethod):
+    """Non-private fine-tuning of every trainable weight with backprop (no privacy claim)."""
+
     name = "ft"
 
 

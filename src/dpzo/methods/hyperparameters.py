@@ -60,13 +60,16 @@ class StageSchedule:
         return starts
 
     def stage_of(self, step: int) -> int:
+        """The stage that step ``step`` (counted from 0) belongs to."""
         starts = self.stage_starts()
         return max(s for s, start in enumerate(starts) if start <= step)
 
     def lr_at(self, stage: int) -> float:
+        """Learning rate of stage ``stage``: ``lr * lr_decay**stage``."""
         return self.lr * self.lr_decay**stage
 
     def beta_at(self, stage: int) -> float:
+        """ZO scale of stage ``stage``, geometric from ``beta_start`` (stage 0) to ``beta_end`` (the last)."""
         if self.stages == 1:
             return self.beta_start
         frac = stage / (self.stages - 1)
@@ -76,6 +79,14 @@ class StageSchedule:
 
 @dataclass(frozen=True)
 class ZOHyperparameters:
+    """The hyperparameters of a zeroth-order config block (MeZO, DPZero, DP-ZO, DP-ZOSO, DP-ZOPO).
+
+    ``clip`` is the per-example clip C (inf: none); ``directions`` is P, the perturbation directions per
+    step, each with its own batch and release; ``beta_start``/``beta_end`` are the ZO scale; ``stages``,
+    ``stage_steps`` and ``lr_decay`` the stagewise schedule (:class:`StageSchedule`) and ``lam`` the
+    weight of the proximal term.
+    """
+
     steps: int
     batch_size: int
     lr: float
@@ -107,6 +118,7 @@ class ZOHyperparameters:
         return cls(**params)
 
     def schedule(self) -> StageSchedule:
+        """The :class:`StageSchedule` these settings describe."""
         return StageSchedule(
             steps=self.steps,
             stages=self.stages,
@@ -120,6 +132,13 @@ class ZOHyperparameters:
 
 @dataclass(frozen=True)
 class FirstOrderHyperparameters:
+    """The hyperparameters of a first-order config block (DP-SGD, DP prefix, fine-tuning).
+
+    ``batch_size`` is B (the expected size of a Poisson batch for the private methods, the fixed
+    minibatch size for ``ft``); ``physical_batch_size`` is how many examples one per-example-gradient
+    pass holds (memory only); ``prefix_tokens`` is read by DP prefix tuning only.
+    """
+
     steps: int
     batch_size: int
     lr: float
@@ -173,10 +192,13 @@ class FirstOrderHyperparameters:
 
 @dataclass(frozen=True)
 class ICLHyperparameters:
+    """The hyperparameters of an ICL config block: the number of demonstrations in each test prompt."""
+
     demonstrations: int = 8
 
     @classmethod
     def from_config(cls, params: dict) -> "ICLHyperparameters":
+        """Build from the config block; raises ValueError naming any unknown key."""
         unknown = sorted(set(params) - {"demonstrations"})
         if unknown:
             raise ValueError(f"unknown icl hyperparameter(s) {unknown}; allowed: ['demonstrations']")

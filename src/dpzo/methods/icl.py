@@ -8,6 +8,8 @@ from dpzo.methods.hyperparameters import ICLHyperparameters
 
 
 class ICL(Method):
+    """In-context learning: training examples as demonstrations, nothing trained (no privacy claim)."""
+
     name = "icl"
     config_block = "icl"
     hyperparameters = ICLHyperparameters

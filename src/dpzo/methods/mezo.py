@@ -8,6 +8,8 @@ from dpzo.methods.base import ZOMethod
 
 
 class MeZO(ZOMethod):
+    """Non-private zeroth-order fine-tuning: the mean of the (clipped) per-example quotients, no noise."""
+
     name = "mezo"
 
 

@@ -4,6 +4,8 @@ from dpzo.methods.base import Method
 
 
 class ZeroShot(Method):
+    """The pretrained model evaluated as it is: no hyperparameters, nothing trained."""
+
     name = "zero-shot"
     config_block = "none"
 

@@ -44,6 +44,8 @@ HEAD_CHUNK = 2048  # LM-head rows per chunk: bounds the [positions, vocabulary] 
 
 @dataclass
 class Candidate:
+    """One candidate continuation of an encoded example: the input it is read from and its tokens."""
+
     row: int  # which of the example's distinct inputs the candidate is read from
     start: int  # position whose next-token distribution predicts targets[0]
     targets: list[int]  # the candidate's tokens
@@ -51,6 +53,8 @@ class Candidate:
 
 @dataclass
 class EncodedExample:
+    """A tokenized MeZO example: its distinct model inputs and the candidates scored on them."""
+
     rows: list[list[int]]  # distinct model inputs
     candidates: list[Candidate]
     label: int  # the gold candidate (the teacher-forcing target)
@@ -77,6 +81,12 @@ class CandidateSet:
         return len(self.examples)
 
     def batch(self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu", *, gold_only: bool | None = None) -> dict:
+        """The tensors for the examples ``index``, on ``device``.
+
+        The padded distinct inputs (``input_ids``, ``attention_mask``); per candidate token its input row,
+        position, id and candidate (``target_*``); per candidate its example, slot and length (``cand_*``);
+        the examples' ``labels``.  ``gold_only`` (default: the set's) keeps only each gold candidate.
+        """
         gold_only = self.gold_only if gold_only is None else gold_only
         rows: list[list[int]] = []
         t_row, t_pos, t_ids, t_cand = [], [], [], []
@@ -156,11 +166,13 @@ class CandidateScorer:
         return ids[:1] + ids[len(ids) - (limit - 1):] if keep_bos else ids[len(ids) - limit:]
 
     def candidate_strings(self, ex: Example) -> list[str]:
+        """The continuations of ``ex``: the gold answer for a generation task, else its own or the task's candidates."""
         if self.task.generation:
             return [ex.answers[ex.label]]
         return list(ex.candidates) if ex.candidates is not None else list(self.task.candidates)
 
     def encode_example(self, ex: Example) -> EncodedExample:
+        """Tokenize ``ex`` as MeZO does; raises ValueError when a candidate adds no token or does not fit."""
         prompt_len = len(self._ids(render_prompt(self.task, ex.texts)))
         rows: dict[tuple[int, ...], int] = {}
         candidates = []
@@ -189,6 +201,7 @@ class CandidateScorer:
         )
 
     def encode(self, examples: list[Example]) -> CandidateSet:
+        """Tokenize ``examples``; a teacher-forced task's set batches only the gold candidates by default."""
         return CandidateSet(
             [self.encode_example(ex) for ex in examples], self.pad_id, gold_only=not self.task.train_as_classification
         )

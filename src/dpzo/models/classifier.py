@@ -86,6 +86,8 @@ class EncodedSet:
         return int(self.labels.numel())
 
     def batch(self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu") -> dict:
+        """The examples ``index`` on ``device``, cut to their longest: ``input_ids``, ``attention_mask``,
+        ``score_pos`` and ``labels``."""
         index = torch.as_tensor(index, dtype=torch.long)
         width = int(self.lengths[index].max()) if index.numel() else 1
         ids = self.input_ids[index, :width]
@@ -126,10 +128,12 @@ def stack_prompts(prompts: list[EncodedPrompt], labels: list[int], pad_id: int) 
 
 
 def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id (0 when it has none)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def template_for(task: TaskSpec, family: str) -> str:
+    """The task's prompt template for a model family (``causal`` or ``mlm``)."""
     return task.causal_template if family == "causal" else task.template
 
 
@@ -160,6 +164,7 @@ class PromptClassifier:
             raise ValueError(f"{type(model).__name__} has no lm_head; an MLM with an LM-BFF style head is needed")
 
     def encode(self, examples: list[Example]) -> EncodedSet:
+        """Tokenize ``examples`` with the task's template for this model's family."""
         return encode_examples(examples, self.task, self.tokenizer, family=self.family, max_length=self.max_length)
 
     def label_logits(self, batch: dict) -> torch.Tensor:

@@ -17,6 +17,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower-cased, no ASCII punctuation, no articles, whitespace collapsed."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = _ARTICLES.sub(" ", text)
@@ -24,6 +25,7 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when the normalized prediction equals a normalized gold answer, else 0.0."""
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(g) for g in golds))
 
@@ -38,6 +40,7 @@ def _f1(prediction_tokens: list[str], gold_tokens: list[str]) -> float:
 
 
 def f1_score(prediction: str, golds: Sequence[str]) -> float:
+    """The best token F1 of ``prediction`` over ``golds``; raises ValueError when there is no gold answer."""
     if not golds:
         raise ValueError("F1 needs at least one gold answer")
     pred = normalize_answer(prediction).split()

@@ -152,6 +152,7 @@ class AttemptLog:
         self.path = Path(path)
 
     def records(self) -> list[dict]:
+        """The log's records, oldest first (none when there is no log); torn lines are skipped with a warning."""
         if not self.path.exists():
             return []
         out = []
@@ -257,5 +258,6 @@ class Attempt:
         self.identity = digest
 
     def end(self, outcome: str, *, data_dependent: bool = False) -> None:
+        """Append this run's ``end`` line: its outcome and whether the failure depended on the data."""
         self.log.append({"event": "end", "time": _now(), "pid": os.getpid(), "identity": self.identity,
                          "outcome": outcome, "data_dependent": data_dependent})

@@ -13,6 +13,7 @@ import yaml
 
 
 class ConfigError(ValueError):
+    """The config breaks the schema; the message lists every problem, each with its key."""
     pass
 
 

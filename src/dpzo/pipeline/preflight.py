@@ -22,6 +22,7 @@ class MissingInputs(SystemExit):
 
 
 def hub_cache_dir() -> str:
+    """The local Hugging Face hub cache, where model ids are looked up."""
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)

@@ -54,6 +54,7 @@ _PRV_DELTA_ERROR_FRACTION = 1e-3  # delta_error = delta / 1000
 
 
 def check_q(q: float) -> float:
+    """``q`` as a float; raises ValueError unless 0 < q <= 1."""
     q = float(q)
     if not (0.0 < q <= 1.0):  # also rejects NaN
         raise ValueError(f"q (Poisson sampling rate) must satisfy 0 < q <= 1; got {q!r}")
@@ -61,6 +62,7 @@ def check_q(q: float) -> float:
 
 
 def check_compositions(compositions: int) -> int:
+    """``compositions`` as an int; raises ValueError unless it is an integer >= 1."""
     try:
         c = operator.index(compositions)
     except TypeError:
@@ -73,6 +75,7 @@ def check_compositions(compositions: int) -> int:
 
 
 def check_delta(delta: float) -> float:
+    """``delta`` as a float; raises ValueError unless 0 < δ < 1."""
     delta = float(delta)
     if not (0.0 < delta < 1.0):
         raise ValueError(f"delta must satisfy 0 < delta < 1; got {delta!r}")
@@ -80,6 +83,7 @@ def check_delta(delta: float) -> float:
 
 
 def check_accountant(accountant: str) -> str:
+    """``accountant`` unchanged; raises ValueError unless it is one of :data:`ACCOUNTANTS`."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(
             f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))}; got {accountant!r}"
@@ -88,6 +92,7 @@ def check_accountant(accountant: str) -> str:
 
 
 def check_sigma(sigma: float) -> float:
+    """``sigma`` as a float; raises ValueError when it is negative or NaN (inf is allowed)."""
     sigma = float(sigma)
     if math.isnan(sigma) or sigma < 0:
         raise ValueError(f"sigma (noise multiplier) must be >= 0 (inf allowed); got {sigma!r}")
@@ -95,6 +100,7 @@ def check_sigma(sigma: float) -> float:
 
 
 def check_pld_discretization(d: float) -> float:
+    """``d`` as a float; raises ValueError unless 0 < d < 1."""
     d = float(d)
     if not (0.0 < d < 1.0):
         raise ValueError(f"pld_discretization must satisfy 0 < pld_discretization < 1; got {d!r}")
@@ -102,6 +108,7 @@ def check_pld_discretization(d: float) -> float:
 
 
 def dp_event(sigma: float, q: float, compositions: int) -> Any:
+    """The ``dp_accounting`` event of a run: ``compositions`` copies of PoissonSampled(q, Gaussian(sigma))."""
     from dp_accounting import dp_event
 
     return dp_event.SelfComposedDpEvent(
@@ -110,6 +117,7 @@ def dp_event(sigma: float, q: float, compositions: int) -> Any:
 
 
 def pld_accountant(pld_discretization: float) -> Any:
+    """A fresh ``dp_accounting`` PLD accountant with value discretization ``pld_discretization``."""
     from dp_accounting.pld import pld_privacy_accountant
 
     return pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_discretization)
@@ -252,6 +260,7 @@ def laplace_epsilon(eps0: float, q: float, compositions: int) -> float:
 
 
 def distribution_version(dist: str) -> str:
+    """The installed version of the distribution ``dist``, or ``"not installed"``."""
     from importlib import metadata
 
     try:

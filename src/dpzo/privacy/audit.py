@@ -165,6 +165,7 @@ class AuditedMechanism:
 
     @property
     def noise(self) -> "NoisySum":
+        """The :class:`NoisySum` the trainer releases this mechanism's values through."""
         from dpzo.privacy.mechanisms import NoisySum
 
         return NoisySum(self.mechanism, self.noise_scale, self.divisor)

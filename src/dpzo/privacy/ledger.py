@@ -50,9 +50,11 @@ class Cell:
 
     @property
     def epsilon(self) -> float:
+        """The target ε as a number (inf for the path component ``inf``)."""
         return math.inf if self.eps == "inf" else float(self.eps)
 
     def as_dict(self) -> dict[str, Any]:
+        """The cell as a JSON-ready dict."""
         return {"model": self.model, "task": self.task, "method": self.method, "eps": self.eps, "seed": int(self.seed)}
 
 

@@ -56,6 +56,10 @@ class NoisySum:
 
     @classmethod
     def from_ledger(cls, ledger: dict[str, Any]) -> "NoisySum":
+        """The release a ledger accounts: its mechanism, noise scale on the sum and expected batch size.
+
+        A non-private ledger records no noise, so its release adds none.
+        """
         mechanism = ledger.get("mechanism", "gaussian")
         scale = ledger["laplace_scale_on_sum"] if mechanism == "laplace" and ledger["private"] else ledger["noise_std_on_sum"]
         return cls(mechanism, float(scale or 0.0), float(ledger["expected_batch_size"]))

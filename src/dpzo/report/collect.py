@@ -29,6 +29,7 @@ MASK_FIELDS = ("strategy", "scorer", "ratio", "selection", "scope", "mode")
 
 
 def eps_sort_key(eps: pd.Series) -> pd.Series:
+    """ε path strings as numbers, for sorting (``inf`` last)."""
     return eps.map(lambda e: float("inf") if e == "inf" else float(e))
 
 
@@ -227,6 +228,7 @@ def load_cells(
 
 
 def load_curves(metrics_files: Iterable[str | Path]) -> pd.DataFrame:
+    """The test-loss points of every cell, one row per point (the columns of ``curves.csv``)."""
     rows = [row for f in metrics_files for row in curve_rows(f)]
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
@@ -272,6 +274,7 @@ def read_cells(path: str | Path) -> pd.DataFrame:
 
 
 def write_csv(table: pd.DataFrame, out: str | Path) -> None:
+    """Write ``table`` to ``out`` atomically, at full precision."""
     with atomic_path(Path(out)) as tmp:
         table.to_csv(tmp, index=False)  # full precision: rounding is for the rendered tables only
 
@@ -285,6 +288,7 @@ def write_collection(
     methods: Mapping[str, dict] | None = None,
     benchmarks: Iterable[str | Path | None] | None = None,
 ) -> pd.DataFrame:
+    """Read every cell once and write ``cells.csv`` and ``curves.csv``; returns the cells table."""
     files = list(metrics_files)
     cells = load_cells(files, models=models, methods=methods, benchmarks=benchmarks)
     curves = load_curves(files)
@@ -294,6 +298,7 @@ def write_collection(
 
 
 def write_summary(cells_csv: str | Path, out_csv: str | Path) -> pd.DataFrame:
+    """Write the summary over seeds (:func:`summarize`) of ``cells.csv`` to ``out_csv``; returns it."""
     summary = summarize(read_cells(cells_csv))
     write_csv(summary, out_csv)
     return summary

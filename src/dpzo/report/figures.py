@@ -120,6 +120,7 @@ def _ref_label(model: str, ref: str, stand_in: bool) -> str:
 # 1. accuracy bars per epsilon
 # --------------------------------------------------------------------------------------------
 def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+    """Figure 1: test accuracy per task and method, one panel per (model, ε), published values as markers."""
     from dpzo.report.tables import accuracy_table
 
     plt = _pyplot()
@@ -222,6 +223,7 @@ def _short(value: float) -> str:
 # 3. privacy-utility curves
 # --------------------------------------------------------------------------------------------
 def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+    """Figure 3: accuracy against ε per (model, task), published curves dotted, non-private methods as lines."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -351,6 +353,7 @@ ABLATION_HINT = ("No DP-ZOPO cells in this run.\nThe ablation overlay produces t
 
 
 def ablation_label(row: Any) -> str:
+    """The label of one DP-ZOPO variant: its method, then strategy · scorer · ratio · selection."""
     ratio = float(row.mask_ratio) if str(row.mask_ratio) not in ("", "nan") else math.nan
     ratio_text = f"{100 * ratio:g} %" if not math.isnan(ratio) else "?"
     return f"{row.method}\n{row.mask_strategy} · {row.mask_scorer} · {ratio_text} · {row.mask_selection}"

@@ -29,12 +29,14 @@ MISSING = "–"
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
+    """Report order of a method: its base method's place in ``METHOD_ORDER`` (unknown last), then the name."""
     base = base_method(method)
     rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
     return rank, method
 
 
 def order_methods(methods) -> list[str]:
+    """The distinct methods in report order (:func:`method_sort_key`)."""
     return sorted(dict.fromkeys(methods), key=method_sort_key)
 
 
@@ -217,6 +219,8 @@ def _noise_text(noise) -> str:
 
 
 def render_privacy(tidy: pd.DataFrame) -> Table:
+    """The privacy table: one row per private cell group, its ledger (n, q, T, P, C, σ, δ) and the ε it
+    achieves under each accountant."""
     achieved = [c for c in tidy.columns if c.startswith("epsilon_") and c != "epsilon_target"]
     records = []
     for r in tidy.itertuples(index=False):
@@ -258,6 +262,7 @@ def _md_escape(text: str) -> str:
 
 
 def to_markdown(table: Table) -> str:
+    """The table as Markdown: the title in bold, a pipe table (group labels before the headers), the notes."""
     header = list(table.body.columns)
     if table.groups:
         header = [f"{g} {h}".strip() if g else h for g, h in zip(table.groups, header)]
@@ -277,6 +282,7 @@ _LATEX_UNICODE = {"±": r"$\pm$", "↔": r"$\leftrightarrow$", "–": "--", "−
 
 
 def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped and the report's Unicode symbols in LaTeX."""
     out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
     return "".join(_LATEX_UNICODE.get(ch, ch) for ch in out)
 

@@ -260,6 +260,7 @@ class TrainingCheckpoint:
 
     # -- save --------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
+        """Whether a snapshot is due after ``step`` steps: by step count, by elapsed time, or for SIGTERM."""
         p = self.policy
         by_steps = p.every_steps > 0 and step - self._last_step >= p.every_steps
         by_time = p.every_seconds > 0 and time.monotonic() - self._last_save >= p.every_seconds
@@ -304,6 +305,10 @@ class TrainingCheckpoint:
         self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
     ) -> None:
+        """Write a snapshot of the loop atomically, with a digest that resume verifies.
+
+        The secret RNG's state is saved in test mode only: a secure generator refuses to export it.
+        """
         payload = {
             "format": FORMAT,
             "identity": self.identity,

@@ -43,12 +43,15 @@ class OfficialZ:
     process), then ``torch.normal`` per tensor, in the parameter's dtype."""
 
     def start(self, seed: int) -> None:
+        """Re-seed every generator of the process with ``seed``, as the released code does."""
         torch.manual_seed(seed)
 
     def dense(self, offset: int, p: torch.Tensor) -> torch.Tensor:
+        """A fresh N(0, 1) draw shaped like ``p`` (``offset`` unused: the draws follow the tensors' order)."""
         return torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
 
     def masked(self, offset: int, local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """A fresh N(0, 1) draw for the masked coordinates ``local`` of ``p`` (``offset`` unused)."""
         return torch.normal(mean=0, std=1, size=(local.numel(),), device=p.device, dtype=p.dtype)
 
 
@@ -62,13 +65,16 @@ class FlatZ:
         self._z: torch.Tensor | None = None
 
     def start(self, seed: int) -> None:
+        """Draw z for ``seed``, kept while the seed stays the same."""
         if seed != self._seed:
             self._seed, self._z = seed, gaussian_direction(seed, self.numel, dtype=self.dtype, device=self.device)
 
     def dense(self, offset: int, p: torch.Tensor) -> torch.Tensor:
+        """The coordinates of z that belong to ``p`` (starting at flat ``offset``), shaped like ``p``."""
         return self._z[offset : offset + p.numel()].view(p.shape)
 
     def masked(self, offset: int, local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The coordinates of z at the masked local indices ``local`` of ``p``."""
         return self._z[offset + local]
 
 
@@ -141,6 +147,7 @@ class OfficialStyleZO:
                     flat[local] -= lr * g * z / len(seeds)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every trained tensor by name (the proximal anchor of a stage)."""
         return {name: p.detach().clone() for name, p in self.params}
 
 
