@@ -52,8 +52,9 @@ def assert_same(actual, expected, where: str, *, exact: bool) -> None:
         for i, (a, e) in enumerate(zip(actual, expected)):
             assert_same(a, e, f"{where}[{i}]", exact=exact)
     elif isinstance(expected, float) and not exact:
-        assert isinstance(actual, float) and (math.isnan(actual) and math.isnan(expected)
-                                              or actual == pytest.approx(expected, rel=1e-6, abs=1e-12)), where
+        assert isinstance(actual, float) and (
+            math.isnan(actual) and math.isnan(expected) or actual == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        ), where
     else:
         assert actual == expected and type(actual) is type(expected), (where, actual, expected)
 

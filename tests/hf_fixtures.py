@@ -16,8 +16,10 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("the man woman dog cat city river house car book film song team game water tree "
-         "old new big small red quick happy sad runs sleeps reads plays wins loses sees finds").split()
+WORDS = (
+    "the man woman dog cat city river house car book film song team game water tree "
+    "old new big small red quick happy sad runs sleeps reads plays wins loses sees finds"
+).split()
 
 
 def _sentence(rng: random.Random, n: int = 6) -> str:
@@ -36,33 +38,89 @@ def _rows(dataset: str, config: str | None, split: str, n: int, seed: int) -> li
         elif config in ("rte", "cb"):
             rows.append({"premise": s1, "hypothesis": s2, "idx": i, "label": i % (2 if config == "rte" else 3)})
         elif dataset == "boolq":
-            rows.append({"question": f"is the {rng.choice(WORDS)} {rng.choice(WORDS)}", "answer": bool(i % 2), "passage": s1})
+            rows.append(
+                {"question": f"is the {rng.choice(WORDS)} {rng.choice(WORDS)}", "answer": bool(i % 2), "passage": s1}
+            )
         elif config == "wsc.fixed":
-            rows.append({"text": s1, "span1_index": 0, "span2_index": 3, "span1_text": "The dog", "span2_text": "It",
-                         "idx": i, "label": i % 2})
+            rows.append(
+                {
+                    "text": s1,
+                    "span1_index": 0,
+                    "span2_index": 3,
+                    "span1_text": "The dog",
+                    "span2_text": "It",
+                    "idx": i,
+                    "label": i % 2,
+                }
+            )
         elif config == "wic":
-            rows.append({"word": rng.choice(WORDS), "sentence1": s1, "sentence2": s2, "start1": 0, "start2": 0, "end1": 1,
-                         "end2": 1, "idx": i, "label": i % 2})
+            rows.append(
+                {
+                    "word": rng.choice(WORDS),
+                    "sentence1": s1,
+                    "sentence2": s2,
+                    "start1": 0,
+                    "start2": 0,
+                    "end1": 1,
+                    "end2": 1,
+                    "idx": i,
+                    "label": i % 2,
+                }
+            )
         elif config == "multirc":
-            rows.append({"paragraph": s1, "question": s2[:-1] + "?", "answer": rng.choice(WORDS),
-                         "idx": {"paragraph": i, "question": 0, "answer": 0}, "label": i % 2})
+            rows.append(
+                {
+                    "paragraph": s1,
+                    "question": s2[:-1] + "?",
+                    "answer": rng.choice(WORDS),
+                    "idx": {"paragraph": i, "question": 0, "answer": 0},
+                    "label": i % 2,
+                }
+            )
         elif config == "copa":
-            rows.append({"premise": s1, "choice1": _sentence(rng, 3), "choice2": _sentence(rng, 5),
-                         "question": ("cause", "effect")[i % 2], "idx": i, "label": (i // 2) % 2})
+            rows.append(
+                {
+                    "premise": s1,
+                    "choice1": _sentence(rng, 3),
+                    "choice2": _sentence(rng, 5),
+                    "question": ("cause", "effect")[i % 2],
+                    "idx": i,
+                    "label": (i // 2) % 2,
+                }
+            )
         elif config == "record":
             entities = sorted({rng.choice(["Paris", "Anna", "Red River", "Big Team", "Old Town"]) for _ in range(4)})
-            rows.append({"passage": f"{s1}\n@highlight\n{s2}", "query": f"@placeholder {rng.choice(WORDS)} the city.",
-                         "entities": entities, "entity_spans": {"text": entities, "start": [0] * len(entities),
-                                                                "end": [1] * len(entities)},
-                         "answers": [entities[i % len(entities)]], "idx": {"passage": i, "query": 0}})
+            rows.append(
+                {
+                    "passage": f"{s1}\n@highlight\n{s2}",
+                    "query": f"@placeholder {rng.choice(WORDS)} the city.",
+                    "entities": entities,
+                    "entity_spans": {"text": entities, "start": [0] * len(entities), "end": [1] * len(entities)},
+                    "answers": [entities[i % len(entities)]],
+                    "idx": {"passage": i, "query": 0},
+                }
+            )
         elif dataset == "squad":
             answer = rng.choice(WORDS)
-            rows.append({"id": str(i), "title": "Topic", "context": f"{s1} The answer is {answer}.",
-                         "question": f"What is the answer {i}?", "answers": {"text": [answer, f"the {answer}"],
-                                                                          "answer_start": [0, 0]}})
+            rows.append(
+                {
+                    "id": str(i),
+                    "title": "Topic",
+                    "context": f"{s1} The answer is {answer}.",
+                    "question": f"What is the answer {i}?",
+                    "answers": {"text": [answer, f"the {answer}"], "answer_start": [0, 0]},
+                }
+            )
         elif dataset == "drop":
-            rows.append({"section_id": "s", "query_id": str(i), "passage": f"{s1} {s2}", "question": "How many?",
-                         "answers_spans": {"spans": [str(i % 5)], "types": ["number"]}})
+            rows.append(
+                {
+                    "section_id": "s",
+                    "query_id": str(i),
+                    "passage": f"{s1} {s2}",
+                    "question": "How many?",
+                    "answers_spans": {"spans": [str(i % 5)], "types": ["number"]},
+                }
+            )
         else:
             raise ValueError((dataset, config))
     return rows
@@ -97,7 +155,9 @@ def write_repository(root: Path, dataset: str, sizes: dict[str, int], configs: l
     return repo
 
 
-def fill_cache(cache_dir: Path, work: Path, sizes: dict[str, int], only: dict[str, list[str]] | None = None) -> dict[str, Path]:
+def fill_cache(
+    cache_dir: Path, work: Path, sizes: dict[str, int], only: dict[str, list[str]] | None = None
+) -> dict[str, Path]:
     """Put the fake datasets (``only``: dataset -> configs; default all) into ``cache_dir`` as a
     download would; returns each dataset's repository folder (its JSON Lines are the raw rows)."""
     import datasets
@@ -121,9 +181,18 @@ def tiny_opt(out_dir: Path, texts: list[str], *, seed: int = 0, hidden: int = 32
     tokenizer = make_hf_tokenizer("opt", vocab, merges)
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, ffn_dim=2 * hidden,
-        word_embed_proj_dim=hidden, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=2 * hidden,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=512,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = OPTForCausalLM(config)
     model.save_pretrained(out_dir)
@@ -138,7 +207,7 @@ def corpus() -> list[str]:
     rng = random.Random(0)
     out = []
     for _ in range(200):
-        out.append(f"{_sentence(rng)}\nDoes this mean that \"{_sentence(rng, 3)}\" is true? Yes or No?\nYes")
+        out.append(f'{_sentence(rng)}\nDoes this mean that "{_sentence(rng, 3)}" is true? Yes or No?\nYes')
         out.append(f"Title: Topic\nContext: {_sentence(rng)}\nQuestion: What is it?\nAnswer: {rng.choice(WORDS)}\n")
     for task in MEZO_TASKS.values():
         out += [" ".join(task.candidates)] * 5

@@ -12,32 +12,50 @@ import pytest
 import torch
 from scipy import stats
 
-from dpzo.privacy import audit as A
 from dpzo.cli import main as cli_main
-from dpzo.privacy.mechanisms import NoisySum
-from dpzo.privacy.secret import SecretRandom
-from dpzo.privacy.records import accounting_record, method_ledger
 from dpzo.methods.hyperparameters import ZOHyperparameters
-from dpzo.zo.loop import train_zo
+from dpzo.privacy import audit as A
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.records import accounting_record, method_ledger
+from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.flat import direction_seed, gaussian_direction
+from dpzo.zo.loop import train_zo
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ledger(method, n, batch_size, steps, directions, clip, eps, delta, convention):
-    return method_ledger(method, n=n, batch_size=batch_size, steps=steps, directions=directions, clip=clip,
-                         epsilon_target=eps, delta=delta, convention=convention)
+    return method_ledger(
+        method,
+        n=n,
+        batch_size=batch_size,
+        steps=steps,
+        directions=directions,
+        clip=clip,
+        epsilon_target=eps,
+        delta=delta,
+        convention=convention,
+    )
 
 
-def ledger(method="dp-zoso", *, n=16, batch_size=8, steps=3, directions=1, clip=1.0, eps=8.0, delta=1e-5,
-           convention="common"):
+def ledger(
+    method="dp-zoso", *, n=16, batch_size=8, steps=3, directions=1, clip=1.0, eps=8.0, delta=1e-5, convention="common"
+):
     """A cell's ledger as the account rule writes it (cached: calibration takes a moment)."""
     return copy.deepcopy(_ledger(method, n, batch_size, steps, directions, clip, eps, delta, convention))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _given_sigma(sigma, n, batch_size, steps, directions, clip, delta):
-    rec = accounting_record(n=n, batch_size=batch_size, steps=steps, directions=directions, clip=clip,
-                            epsilon_target=math.inf, delta=delta, sigma=sigma)
+    rec = accounting_record(
+        n=n,
+        batch_size=batch_size,
+        steps=steps,
+        directions=directions,
+        clip=clip,
+        epsilon_target=math.inf,
+        delta=delta,
+        sigma=sigma,
+    )
     return rec | {"method": "dp-zoso"}
 
 
@@ -116,11 +134,26 @@ def test_mechanism_is_the_trainers_release_sequence_bit_for_bit():
 
     hp = ZOHyperparameters(steps=steps, batch_size=6, lr=1e-3, clip=clip, directions=directions)
     rec = given_sigma(1.3, n=n, batch_size=6, steps=steps, directions=directions, clip=clip)
-    history = train_zo(model, per_example_loss, n, hp, method="dp-zoso", run_seed=3, noise=NoisySum.from_ledger(rec),
-                       secret=SecretRandom(insecure_test_seed=11), master_dtype=torch.float64, record_releases=True)
+    history = train_zo(
+        model,
+        per_example_loss,
+        n,
+        hp,
+        method="dp-zoso",
+        run_seed=3,
+        noise=NoisySum.from_ledger(rec),
+        secret=SecretRandom(insecure_test_seed=11),
+        master_dtype=torch.float64,
+        record_releases=True,
+    )
     # the auditor knows the canary's clipped value at every release from the public directions
-    z0 = np.array([float(gaussian_direction(direction_seed(3, t, p), 5, dtype=torch.float64)[0])
-                   for t in range(steps) for p in range(directions)])
+    z0 = np.array(
+        [
+            float(gaussian_direction(direction_seed(3, t, p), 5, dtype=torch.float64)[0])
+            for t in range(steps)
+            for p in range(directions)
+        ]
+    )
     assert np.abs(z0).min() > 1e-6  # |slope * z| >> C: the clip sets the canary to exactly +-C
     mech = A.AuditedMechanism.from_ledger(rec)
     audited = A.run_mechanism(mech, True, SecretRandom(insecure_test_seed=11), np.sign(z0) * A.CANARY_SCALE * clip)
@@ -145,9 +178,21 @@ def test_raw_difference_clipping_releases_the_same_sum_up_to_the_public_two_beta
 
     rec = ledger("dp-zo-laplace", n=n, batch_size=4, steps=steps, clip=clip, eps=8.0)
     hp = ZOHyperparameters(steps=steps, batch_size=4, lr=1e-3, beta_start=beta, beta_end=beta, clip=clip)
-    history = train_zo(model, loss, n, hp, method="dp-zo-laplace", run_seed=1, noise=NoisySum.from_ledger(rec),
-                       secret=SecretRandom(insecure_test_seed=2), master_dtype=torch.float64, record_releases=True)
-    signs = np.sign([float(gaussian_direction(direction_seed(1, t, 0), 1, dtype=torch.float64)[0]) for t in range(steps)])
+    history = train_zo(
+        model,
+        loss,
+        n,
+        hp,
+        method="dp-zo-laplace",
+        run_seed=1,
+        noise=NoisySum.from_ledger(rec),
+        secret=SecretRandom(insecure_test_seed=2),
+        master_dtype=torch.float64,
+        record_releases=True,
+    )
+    signs = np.sign(
+        [float(gaussian_direction(direction_seed(1, t, 0), 1, dtype=torch.float64)[0]) for t in range(steps)]
+    )
     mech = A.AuditedMechanism.from_ledger(rec)
     assert mech.mechanism == "laplace" and mech.delta == 0.0
     audited = A.run_mechanism(mech, True, SecretRandom(insecure_test_seed=2), signs * A.CANARY_SCALE * clip)
@@ -190,8 +235,9 @@ def test_likelihood_ratio_matches_the_mixture_densities_in_float64():
     # replace-one: the out-world holds an example of value -C instead of nothing
     swapped = A.AuditedMechanism(**{**mech.__dict__, "neighbouring": "replace-one"})
     density_out = (1 - q) * stats.norm.pdf(x, 0, s) + q * stats.norm.pdf(x, -1, s)
-    np.testing.assert_allclose(A.likelihood_ratio_scores(released, swapped),
-                               np.log(density_in / density_out).sum(axis=1), rtol=1e-10)
+    np.testing.assert_allclose(
+        A.likelihood_ratio_scores(released, swapped), np.log(density_in / density_out).sum(axis=1), rtol=1e-10
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
@@ -263,8 +309,23 @@ def test_too_few_trials_are_refused():
 def test_cli_audit_prints_the_record_and_writes_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DPZO_INSECURE_TEST_NOISE_SEED", "3")
     out = tmp_path / "audit.json"
-    argv = ["audit", "--n", "16", "--batch-size", "8", "--steps", "3", "--epsilon", "8", "--delta", "1e-5",
-            "--trials", "200", "--out", str(out)]
+    argv = [
+        "audit",
+        "--n",
+        "16",
+        "--batch-size",
+        "8",
+        "--steps",
+        "3",
+        "--epsilon",
+        "8",
+        "--delta",
+        "1e-5",
+        "--trials",
+        "200",
+        "--out",
+        str(out),
+    ]
     with pytest.warns(RuntimeWarning, match="NO privacy"):
         assert cli_main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -294,8 +355,27 @@ def _bad_ledger_files(tmp_path):
         (["--ledger", "{tmp}/mezo.json", "--n", "10"], "not allowed with --n"),
         (["--n", "16", "--batch-size", "8", "--epsilon", "2", "--delta", "1e-5"], "--steps"),
         (["--n", "8", "--batch-size", "16", "--steps", "3", "--epsilon", "2", "--delta", "1e-5"], "--batch-size"),
-        (["--n", "16", "--batch-size", "8", "--steps", "3", "--epsilon", "2", "--delta", "1e-5", "--trials", "3"], "--trials"),
-        (["--n", "16", "--batch-size", "8", "--steps", "3", "--epsilon", "2", "--delta", "1e-5", "--confidence", "1.5"], "--confidence"),
+        (
+            ["--n", "16", "--batch-size", "8", "--steps", "3", "--epsilon", "2", "--delta", "1e-5", "--trials", "3"],
+            "--trials",
+        ),
+        (
+            [
+                "--n",
+                "16",
+                "--batch-size",
+                "8",
+                "--steps",
+                "3",
+                "--epsilon",
+                "2",
+                "--delta",
+                "1e-5",
+                "--confidence",
+                "1.5",
+            ],
+            "--confidence",
+        ),
         (["--n", "16", "--batch-size", "8", "--steps", "3", "--epsilon", "-2", "--delta", "1e-5"], "--epsilon"),
     ],
 )

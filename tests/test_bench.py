@@ -17,17 +17,17 @@ import math
 import pytest
 import torch
 
-from dpzo.zo import flat as flat_module
-from dpzo.zo.step import apply_update
 from dpzo import cli
-from dpzo.zo.official import FlatZ, official_style_train
+from dpzo.masks.prune import Mask
 from dpzo.masks.settings import MaskSettings
+from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.masks.prune import Mask
-from dpzo.methods.hyperparameters import ZOHyperparameters
-from dpzo.zo.loop import train_zo
+from dpzo.zo import flat as flat_module
 from dpzo.zo.flat import FlatParameters
+from dpzo.zo.loop import train_zo
+from dpzo.zo.official import FlatZ, official_style_train
+from dpzo.zo.step import apply_update
 
 from .tiny import examples, make_clf
 
@@ -71,11 +71,27 @@ def run_both(tokenizer, family, dtype, method, hp, *, master_dtype, masks=None, 
 
     def privacy():
         # the same insecure seed on both sides: the same Poisson batches and the same noise
-        return dict(noise=NoisySum("gaussian", noise_scale, N * hp.batch_size / N), secret=SecretRandom(insecure_test_seed=7)) if private else {}
+        return (
+            dict(
+                noise=NoisySum("gaussian", noise_scale, N * hp.batch_size / N),
+                secret=SecretRandom(insecure_test_seed=7),
+            )
+            if private
+            else {}
+        )
 
     mask_fn = (lambda stage: masks[stage]) if masks is not None else None
-    train_zo(clf.model, lambda index: clf.per_example_loss(data.batch(index)), N, hp, method=method, run_seed=5,
-             master_dtype=master_dtype, masks=mask_fn, **privacy())
+    train_zo(
+        clf.model,
+        lambda index: clf.per_example_loss(data.batch(index)),
+        N,
+        hp,
+        method=method,
+        run_seed=5,
+        master_dtype=master_dtype,
+        masks=mask_fn,
+        **privacy(),
+    )
 
     def logits_and_labels(index):
         batch = data.batch(index)
@@ -83,12 +99,23 @@ def run_both(tokenizer, family, dtype, method, hp, *, master_dtype, masks=None, 
 
     numel = theta0.numel()
     z_dtype = master_dtype or dtype
-    official_style_train(ref_clf.model, logits_and_labels, N, hp, method=method, run_seed=5, masks=mask_fn,
-                         z=FlatZ(numel, dtype=z_dtype, device=torch.device("cpu")), **privacy())
+    official_style_train(
+        ref_clf.model,
+        logits_and_labels,
+        N,
+        hp,
+        method=method,
+        run_seed=5,
+        masks=mask_fn,
+        z=FlatZ(numel, dtype=z_dtype, device=torch.device("cpu")),
+        **privacy(),
+    )
     return trainable(clf.model), trainable(ref_clf.model), theta0
 
 
-STAGED = dict(steps=16, batch_size=6, lr=2e-2, stages=3, stage_steps=2, beta_start=1e-2, beta_end=1e-4, clip=1.0, log_every=3)
+STAGED = dict(
+    steps=16, batch_size=6, lr=2e-2, stages=3, stage_steps=2, beta_start=1e-2, beta_end=1e-4, clip=1.0, log_every=3
+)
 
 
 @pytest.mark.parametrize("family", ["mlm", "causal"])
@@ -110,7 +137,9 @@ def test_masked_dpzopo_equals_the_official_style_step_float64(tokenizer, family,
     )
     numel = sum(p.numel() for p in make_clf(tokenizer, family).model.parameters())
     masks = random_masks(numel, 3, scaled=scaled)
-    ours, ref, theta0 = run_both(tokenizer, family, torch.float64, "dp-zopo", hp, master_dtype=master_dtype, masks=masks)
+    ours, ref, theta0 = run_both(
+        tokenizer, family, torch.float64, "dp-zopo", hp, master_dtype=master_dtype, masks=masks
+    )
     assert (ours - ref).abs().max() <= 1e-12
     ever_masked = torch.zeros(numel, dtype=torch.bool)
     for m in masks.values():
@@ -126,7 +155,9 @@ def test_other_methods_equal_the_official_style_step_float64(tokenizer, method, 
     if method == "dp-zo-gauss":
         settings["clip"] = 0.02  # Tang et al. clip the raw loss difference
     hp = ZOHyperparameters(**settings)
-    ours, ref, theta0 = run_both(tokenizer, "mlm", torch.float64, method, hp, master_dtype=master_dtype, noise_scale=0.01)
+    ours, ref, theta0 = run_both(
+        tokenizer, "mlm", torch.float64, method, hp, master_dtype=master_dtype, noise_scale=0.01
+    )
     assert (ref - theta0).abs().max() > 1e-4
     assert (ours - ref).abs().max() <= 1e-12
 
@@ -149,8 +180,17 @@ def test_fused_in_place_step_equals_the_master_copy_step(tokenizer):
     results = []
     for master_dtype in (torch.float64, None):
         clf, data = setup(tokenizer, "causal", torch.float64)
-        train_zo(clf.model, lambda index: clf.per_example_loss(data.batch(index)), N, hp, method="dp-zoso", run_seed=1,
-                 master_dtype=master_dtype, noise=NoisySum("gaussian", 0.5, 6.0), secret=SecretRandom(insecure_test_seed=2))
+        train_zo(
+            clf.model,
+            lambda index: clf.per_example_loss(data.batch(index)),
+            N,
+            hp,
+            method="dp-zoso",
+            run_seed=1,
+            master_dtype=master_dtype,
+            noise=NoisySum("gaussian", 0.5, 6.0),
+            secret=SecretRandom(insecure_test_seed=2),
+        )
         results.append(trainable(clf.model))
     assert (results[0] - results[1]).abs().max() <= 1e-12
 
@@ -179,12 +219,21 @@ def test_passes_and_z_draws_per_step(tokenizer, monkeypatch, master_dtype, maske
     monkeypatch.setattr(FlatParameters, "_blocks", counting)
     numel = sum(p.numel() for p in clf.model.parameters())
     mask = random_masks(numel, 1, scaled=False)[0] if masked else None
-    hp = ZOHyperparameters(steps=6, batch_size=6, lr=1e-2, clip=1.0, log_every=6,
-                           mask=MaskSettings() if masked else None)
-    train_zo(clf.model, lambda index: clf.per_example_loss(data.batch(index)), N, hp,
-             method="dp-zopo" if masked else "dp-zoso", run_seed=0, master_dtype=master_dtype,
-             noise=NoisySum("gaussian", 0.5, 6.0), secret=SecretRandom(insecure_test_seed=4),
-             masks=(lambda stage: mask) if masked else None)
+    hp = ZOHyperparameters(
+        steps=6, batch_size=6, lr=1e-2, clip=1.0, log_every=6, mask=MaskSettings() if masked else None
+    )
+    train_zo(
+        clf.model,
+        lambda index: clf.per_example_loss(data.batch(index)),
+        N,
+        hp,
+        method="dp-zopo" if masked else "dp-zoso",
+        run_seed=0,
+        master_dtype=master_dtype,
+        noise=NoisySum("gaussian", 0.5, 6.0),
+        secret=SecretRandom(insecure_test_seed=4),
+        masks=(lambda stage: mask) if masked else None,
+    )
     steps = hp.steps
     if passes is not None:
         # the final restore is one more pass in place (it undoes the last perturbation)
@@ -234,7 +283,10 @@ def test_device_scalars_and_floats_give_the_same_update(tokenizer):
     clf, _ = setup(tokenizer, "mlm", torch.float64)
     other = copy.deepcopy(clf.model)
     a, b = FlatParameters(clf.model, master_dtype=None), FlatParameters(other, master_dtype=None)
-    for flat, grads in ((a, [0.3, -0.2]), (b, [torch.tensor(0.3, dtype=torch.float64), torch.tensor(-0.2, dtype=torch.float64)])):
+    for flat, grads in (
+        (a, [0.3, -0.2]),
+        (b, [torch.tensor(0.3, dtype=torch.float64), torch.tensor(-0.2, dtype=torch.float64)]),
+    ):
         flat.perturb(9, -1e-3)  # what the last forward saw; the update below undoes it in the same pass
         apply_update(flat, [9, 10], grads, lr=0.1)
     assert (a.work - b.work).abs().max() <= 1e-15
@@ -259,8 +311,25 @@ def test_non_finite_difference_is_reported_with_its_step(tokenizer):
 # ------------------------------------------------------------------------------------------
 def test_bench_cli_tiny_mode_writes_the_expected_json(tmp_path, capsys):
     out = tmp_path / "bench" / "tiny.json"
-    code = cli.main(["bench", "--device", "cpu", "--models", "tiny-roberta,tiny-opt", "--steps", "2", "--warmup", "0",
-                     "--batch-size", "4", "--seq-len", "12", "--out", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--models",
+            "tiny-roberta,tiny-opt",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     record = json.loads(out.read_text())
@@ -276,7 +345,13 @@ def test_bench_cli_tiny_mode_writes_the_expected_json(tmp_path, capsys):
         assert seen == {(m, i) for m in ("dp-zoso", "dp-zopo", "mezo") for i in ("official-style", "dpzo")}
         official = {r["method"]: r["ms_per_step"] for r in model["runs"] if r["impl"] == "official-style"}
         for r in model["runs"]:
-            assert set(r) >= {"ms_per_step", "ratio_to_two_forwards", "speedup_vs_official", "peak_mb", "peak_over_inference"}
+            assert set(r) >= {
+                "ms_per_step",
+                "ratio_to_two_forwards",
+                "speedup_vs_official",
+                "peak_mb",
+                "peak_over_inference",
+            }
             assert r["ms_per_step"] > 0
             assert r["ratio_to_two_forwards"] == pytest.approx(r["ms_per_step"] / (2 * fwd))
             assert r["speedup_vs_official"] == pytest.approx(official[r["method"]] / r["ms_per_step"])

@@ -16,14 +16,13 @@ import pytest
 import torch
 
 import dpzo
-from dpzo.report import collect as report
-from dpzo.report import tables
-from dpzo.pipeline import cell
-from dpzo.pipeline import workflow
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.pipeline import cell, workflow
 from dpzo.pipeline.cellguard import Attempt, AttemptLog, CellBusy, CellLock, RetryRefused
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.report import collect as report
+from dpzo.report import tables
 from dpzo.zo.loop import train_zo
 
 from .test_checkpoint import Killed, snapshots
@@ -47,8 +46,12 @@ with CellLock(sys.argv[1]):
 
 def hold_lock(path: Path) -> subprocess.Popen:
     """A second process holding the cell's lock (a training job left behind by a dead Snakemake)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": SRC})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     assert proc.stdout.readline().strip() == b"locked"
     return proc
 
@@ -91,8 +94,16 @@ def test_a_lock_file_left_by_a_killed_process_does_not_block(tmp_path):
 N = 40
 
 
-def train(log: AttemptLog | None, *, lr=1e-2, poisoned=False, method="dp-zoso", checkpoint=None, attempt=None,
-          die_after_calls=None):
+def train(
+    log: AttemptLog | None,
+    *,
+    lr=1e-2,
+    poisoned=False,
+    method="dp-zoso",
+    checkpoint=None,
+    attempt=None,
+    die_after_calls=None,
+):
     """A private (or mezo) training run recorded in ``log``; ``poisoned``: example 0 has an infinite
     target, so the run fails with a non-finite loss once the sampler draws it (data-dependent)."""
     quad = Quadratic(n=N)
@@ -112,10 +123,18 @@ def train(log: AttemptLog | None, *, lr=1e-2, poisoned=False, method="dp-zoso", 
     identity = {"method": method, "lr": lr, "data": "poisoned" if poisoned else "clean"}
 
     def run(current: Attempt) -> dict:
-        return train_zo(model, loss, N, hp, method=method, run_seed=13, checkpoint=checkpoint,
-                        noise=NoisySum("gaussian", 2.0, 8.0) if private else None,
-                        secret=SecretRandom(insecure_test_seed=5) if private else None,
-                        on_start=lambda step: current.start(identity, step))
+        return train_zo(
+            model,
+            loss,
+            N,
+            hp,
+            method=method,
+            run_seed=13,
+            checkpoint=checkpoint,
+            noise=NoisySum("gaussian", 2.0, 8.0) if private else None,
+            secret=SecretRandom(insecure_test_seed=5) if private else None,
+            on_start=lambda step: current.start(identity, step),
+        )
 
     if attempt is not None:  # outside ``log.attempt``: a kill records no outcome
         return run(attempt)
@@ -134,8 +153,13 @@ def test_a_private_cell_that_failed_on_its_data_is_not_retried_unchanged(tmp_pat
     with pytest.raises(RetryRefused) as refused:
         train(log, poisoned=True)
     message = str(refused.value)
-    for part in ("depended on the private data", "second run of the mechanism", "does not account",
-                 "Change the cell's hyperparameters", f"delete {log.path}"):
+    for part in (
+        "depended on the private data",
+        "second run of the mechanism",
+        "does not account",
+        "Change the cell's hyperparameters",
+        f"delete {log.path}",
+    ):
         assert part in message
     assert len(log.records()) == 2
     # changed hyperparameters: allowed, and counted as a second run of the mechanism
@@ -202,13 +226,26 @@ def fake_job(tmp_path: Path, *, private: bool = True) -> SimpleNamespace:
     cell = tmp_path / "results"
     return SimpleNamespace(
         input=SimpleNamespace(ledger=str(ledger), train=str(tmp_path / "data" / "train.jsonl"), masks=[]),
-        output=SimpleNamespace(metrics=str(cell / "runs" / "cell" / "metrics.json"),
-                               diagnostics=str(cell / "runs" / "cell" / "private_diagnostics.json")),
-        params=SimpleNamespace(checkpoint=str(cell / "checkpoints" / "cell" / "train_state.pt"), model_cfg={},
-                               model_path="model", method_params={"lr": 1.0}, eval_batch_size=8, device="cpu",
-                               delta=1e-5, accountant="pld", convention="common", noise="secure"),
+        output=SimpleNamespace(
+            metrics=str(cell / "runs" / "cell" / "metrics.json"),
+            diagnostics=str(cell / "runs" / "cell" / "private_diagnostics.json"),
+        ),
+        params=SimpleNamespace(
+            checkpoint=str(cell / "checkpoints" / "cell" / "train_state.pt"),
+            model_cfg={},
+            model_path="model",
+            method_params={"lr": 1.0},
+            eval_batch_size=8,
+            device="cpu",
+            delta=1e-5,
+            accountant="pld",
+            convention="common",
+            noise="secure",
+        ),
         wildcards=SimpleNamespace(model="m", task="t", method="dp-zoso", seed="13", eps="8"),
-        config={}, log=[], threads=1,
+        config={},
+        log=[],
+        threads=1,
     )
 
 
@@ -239,7 +276,9 @@ def test_the_train_job_locks_the_cell_counts_attempts_and_refuses_an_unchanged_r
     metrics = json.loads(Path(job.output.metrics).read_text())
     assert (metrics["attempts"], metrics["resumes"]) == (2, 0)
     assert [r.get("outcome", "").split(":")[0] for r in metrics["attempt_log"] if r["event"] == "end"] == [
-        "data-dependent failure", "completed"]
+        "data-dependent failure",
+        "completed",
+    ]
     # once the metrics are written the log is closed: a forced rerun counts from 1
     assert sorted(p.name.split(".")[0] for p in folder.iterdir()) == ["attempts"]
     assert not (folder / "attempts.jsonl").exists() and not (folder / "train.lock").exists()
@@ -261,8 +300,13 @@ def test_the_train_job_refuses_a_cell_another_process_trains(tmp_path, monkeypat
     assert not (Path(job.params.checkpoint).parent / "attempts.jsonl").exists()  # nothing started
 
 
-def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(model_dir, split_dir, tmp_path, one_thread,
-                                                                    monkeypatch):
+def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(
+    model_dir,
+    split_dir,
+    tmp_path,
+    one_thread,
+    monkeypatch,
+):
     """The real adapter and trainer, as SLURM's `retries: 2` would run them after a non-finite update."""
     monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)
     monkeypatch.delenv("DPZO_INSECURE_TEST_NOISE_SEED", raising=False)
@@ -272,13 +316,24 @@ def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(model_dir, sp
     (tmp_path / "privacy.json").write_text(json.dumps(ledger))
     out = tmp_path / "run" / "metrics.json"
     job = SimpleNamespace(
-        log=[], threads=1, config={},
+        log=[],
+        threads=1,
+        config={},
         input=SimpleNamespace(ledger=str(tmp_path / "privacy.json"), train=str(split_dir / "train.jsonl"), masks=[]),
         output=SimpleNamespace(metrics=str(out), diagnostics=str(out.with_name("private_diagnostics.json"))),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="dp-zoso", eps="2", seed="13"),
-        params=SimpleNamespace(model_path=str(model_dir), model_cfg={}, eval_batch_size=8, device="cpu",
-                               method_params=params, checkpoint=str(tmp_path / "checkpoint" / "train_state.pt"),
-                               delta=1e-5, accountant="pld", convention="common", noise="secure"),
+        params=SimpleNamespace(
+            model_path=str(model_dir),
+            model_cfg={},
+            eval_batch_size=8,
+            device="cpu",
+            method_params=params,
+            checkpoint=str(tmp_path / "checkpoint" / "train_state.pt"),
+            delta=1e-5,
+            accountant="pld",
+            convention="common",
+            noise="secure",
+        ),
     )
     with pytest.raises(FloatingPointError, match="non-finite"):
         workflow.train(job)
@@ -290,7 +345,10 @@ def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(model_dir, sp
     metrics = json.loads(out.read_text())
     assert (metrics["attempts"], metrics["resumes"], metrics["releases"]) == (2, 0, 2)
     outcomes = [r["outcome"] for r in metrics["attempt_log"] if r["event"] == "end"]
-    assert outcomes[0].startswith("data-dependent failure: FloatingPointError: non-finite update") and outcomes[1] == "completed"
+    assert (
+        outcomes[0].startswith("data-dependent failure: FloatingPointError: non-finite update")
+        and outcomes[1] == "completed"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import errno
 import logging
 import os
 import signal
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.zo import checkpoint as checkpoint_module
-from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
+from dpzo.masks.prune import Mask
 from dpzo.masks.settings import MaskSettings
+from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.masks.prune import Mask
-from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.zo import checkpoint as checkpoint_module
+from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
 from dpzo.zo.loop import train_zo
 
 from .test_zo import Quadratic, TwoTensorModel
@@ -45,17 +44,49 @@ def top_magnitude_masks(model: TwoTensorModel):
 
 CASES = {
     # stages, proximal anchor and two releases per step: every piece of loop state is exercised
-    "dp-zoso": dict(hp=dict(steps=13, batch_size=8, lr=1e-2, stages=3, stage_steps=2, beta_start=1e-4,
-                            beta_end=1e-2, lam=0.3, clip=3.0, directions=2, log_every=2), private=True),
+    "dp-zoso": dict(
+        hp=dict(
+            steps=13,
+            batch_size=8,
+            lr=1e-2,
+            stages=3,
+            stage_steps=2,
+            beta_start=1e-4,
+            beta_end=1e-2,
+            lam=0.3,
+            clip=3.0,
+            directions=2,
+            log_every=2,
+        ),
+        private=True,
+    ),
     "mezo": dict(hp=dict(steps=11, batch_size=8, lr=1e-2, log_every=3), private=False),
-    "dp-zopo": dict(hp=dict(steps=12, batch_size=8, lr=1e-2, stages=2, stage_steps=3, clip=3.0, log_every=1,
-                            mask=MaskSettings(scorer="magnitude", ratio=0.5, strategy="dynamic", mode="rank",
-                                              rank_update=True)), private=True),
+    "dp-zopo": dict(
+        hp=dict(
+            steps=12,
+            batch_size=8,
+            lr=1e-2,
+            stages=2,
+            stage_steps=3,
+            clip=3.0,
+            log_every=1,
+            mask=MaskSettings(scorer="magnitude", ratio=0.5, strategy="dynamic", mode="rank", rank_update=True),
+        ),
+        private=True,
+    ),
 }
 
 
-def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=None, on_call=None,
-        master_dtype=torch.float32):
+def run(
+    method,
+    *,
+    checkpoint=None,
+    die_after_calls=None,
+    noise_seed=5,
+    secret=None,
+    on_call=None,
+    master_dtype=torch.float32,
+):
     """One trainer run in a fresh 'process': new model, new generators; returns (model, history, calls).
 
     ``master_dtype=None`` trains in place (theta lives in the float64 model weights)."""
@@ -76,9 +107,16 @@ def run(method, *, checkpoint=None, die_after_calls=None, noise_seed=5, secret=N
     if case["private"] and secret is None:
         secret = SecretRandom(insecure_test_seed=noise_seed)
     history = train_zo(
-        model, loss, N, ZOHyperparameters(**case["hp"]), method=method, run_seed=13,
-        noise=NoisySum("gaussian", 2.0, 8.0) if case["private"] else None, secret=secret,
-        masks=top_magnitude_masks(model) if method == "dp-zopo" else None, checkpoint=checkpoint,
+        model,
+        loss,
+        N,
+        ZOHyperparameters(**case["hp"]),
+        method=method,
+        run_seed=13,
+        noise=NoisySum("gaussian", 2.0, 8.0) if case["private"] else None,
+        secret=secret,
+        masks=top_magnitude_masks(model) if method == "dp-zopo" else None,
+        checkpoint=checkpoint,
         master_dtype=master_dtype,
     )
     return model, history, calls
@@ -106,7 +144,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert history["resumed_from"] == [saved["step"]]
     assert len(calls) < len(ref_calls)  # it continued; it did not start over
     if CASES[method]["private"]:
-        assert history["releases"] == ref_history["releases"] == CASES[method]["hp"]["steps"] * CASES[method]["hp"].get("directions", 1)
+        assert (
+            history["releases"]
+            == ref_history["releases"]
+            == CASES[method]["hp"]["steps"] * CASES[method]["hp"].get("directions", 1)
+        )
 
 
 def assert_same_run(got, want, *, in_place):
@@ -129,7 +171,9 @@ def test_resume_equals_the_uninterrupted_run_with_and_without_a_master_copy(tmp_
     in_place = master_dtype is None
     ref_model, ref_history, ref_calls = run(method, master_dtype=master_dtype)
     # writing snapshots does not change what the run computes
-    model, history, _ = run(method, master_dtype=master_dtype, checkpoint=snapshots(tmp_path / "every.pt", every_steps=1))
+    model, history, _ = run(
+        method, master_dtype=master_dtype, checkpoint=snapshots(tmp_path / "every.pt", every_steps=1)
+    )
     assert_same_run((model, history), (ref_model, ref_history), in_place=in_place)
     # killed mid-step after a snapshot, then resumed in a fresh model, FlatParameters and checkpoint
     path = tmp_path / "state.pt"

@@ -10,22 +10,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
-import transformers
 from scipy import stats
 
 from dpzo.baselines import firstorder as fo
-from dpzo.data.splits import Example
-from dpzo.models.evaluate import evaluate
-from dpzo.models.classifier import PromptClassifier
-from dpzo.privacy.secret import SecretRandom
 from dpzo.data.tasks import TASKS  # noqa: F401
+from dpzo.models.evaluate import evaluate
+from dpzo.privacy.secret import SecretRandom
 
 from .tiny import FAMILIES, examples, make_clf  # noqa: F401 (tokenizer fixture: conftest)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads(one_thread):
@@ -67,7 +64,15 @@ def test_hyperparameters_fit_the_ledger_check():
     from dpzo.privacy.ledger import LedgerMismatch, check_counts
 
     hp = fo.FirstOrderHyperparameters(steps=7, batch_size=2, lr=1e-3, clip=0.5)
-    ledger = {"n": 8, "steps": 7, "directions": 1, "compositions": 7, "expected_batch_size": 2.0, "clip": 0.5, "q": 0.25}
+    ledger = {
+        "n": 8,
+        "steps": 7,
+        "directions": 1,
+        "compositions": 7,
+        "expected_batch_size": 2.0,
+        "clip": 0.5,
+        "q": 0.25,
+    }
     check_counts(ledger, n=8, hp=hp)
     with pytest.raises(LedgerMismatch, match="steps"):
         check_counts({**ledger, "steps": 8}, n=8, hp=hp)
@@ -81,11 +86,25 @@ def test_argument_checks(tokenizer):
         with pytest.raises(ValueError, match="secret RNG"):
             fo.train_first_order(clf, data, hp, method=method, run_seed=0, sigma=1.0)
     with pytest.raises(ValueError, match="larger than the training set"):
-        fo.train_first_order(clf, data, dataclasses.replace(hp, batch_size=9), method="dp-sgd", run_seed=0,
-                             sigma=1.0, secret=SecretRandom(insecure_test_seed=0))
+        fo.train_first_order(
+            clf,
+            data,
+            dataclasses.replace(hp, batch_size=9),
+            method="dp-sgd",
+            run_seed=0,
+            sigma=1.0,
+            secret=SecretRandom(insecure_test_seed=0),
+        )
     with pytest.raises(ValueError, match="finite clip"):
-        fo.train_first_order(clf, data, dataclasses.replace(hp, clip=math.inf), method="dp-sgd", run_seed=0,
-                             sigma=1.0, secret=SecretRandom(insecure_test_seed=0))
+        fo.train_first_order(
+            clf,
+            data,
+            dataclasses.replace(hp, clip=math.inf),
+            method="dp-sgd",
+            run_seed=0,
+            sigma=1.0,
+            secret=SecretRandom(insecure_test_seed=0),
+        )
     with pytest.raises(ValueError, match="clip must be inf"):
         fo.train_first_order(clf, data, hp, method="ft", run_seed=0)
     with pytest.raises(ValueError, match="runs"):
@@ -159,8 +178,9 @@ def test_clipped_sum_on_prefix_parameters_equals_loop(tokenizer, family):
 def test_noise_has_std_sigma_c_and_independent_coordinates():
     sigma, clip, expected = 1.7, 0.3, 4.0
     sums = {"a": torch.zeros(300, 200, dtype=torch.float64), "b": torch.zeros(60_000, dtype=torch.float64)}
-    out = fo.privatize_gradients(sums, sigma=sigma, clip=clip, expected_batch_size=expected,
-                                 secret=SecretRandom(insecure_test_seed=11))
+    out = fo.privatize_gradients(
+        sums, sigma=sigma, clip=clip, expected_batch_size=expected, secret=SecretRandom(insecure_test_seed=11)
+    )
     z = torch.cat([out["a"].reshape(-1), out["b"]]).numpy() * expected / (sigma * clip)
     n = z.size
     assert abs(z.mean()) < 4 / math.sqrt(n)
@@ -172,11 +192,13 @@ def test_noise_has_std_sigma_c_and_independent_coordinates():
     r = np.corrcoef(out["a"].reshape(-1)[:60_000].numpy(), out["b"].numpy())[0, 1]
     assert abs(r) < 4 / math.sqrt(60_000)
     # the same seed gives the same noise, another seed another one
-    again = fo.privatize_gradients(sums, sigma=sigma, clip=clip, expected_batch_size=expected,
-                                   secret=SecretRandom(insecure_test_seed=11))
+    again = fo.privatize_gradients(
+        sums, sigma=sigma, clip=clip, expected_batch_size=expected, secret=SecretRandom(insecure_test_seed=11)
+    )
     assert torch.equal(again["b"], out["b"])
-    other = fo.privatize_gradients(sums, sigma=sigma, clip=clip, expected_batch_size=expected,
-                                   secret=SecretRandom(insecure_test_seed=12))
+    other = fo.privatize_gradients(
+        sums, sigma=sigma, clip=clip, expected_batch_size=expected, secret=SecretRandom(insecure_test_seed=12)
+    )
     assert not torch.equal(other["b"], out["b"])
 
 
@@ -206,8 +228,10 @@ def _seed_with_first_batch(n, q, empty):
     raise AssertionError("no seed found")
 
 
-@pytest.mark.parametrize("family,method,empty", [("mlm", "dp-sgd", False), ("causal", "dp-sgd", False),
-                                                 ("causal", "dp-prefix", False), ("mlm", "dp-sgd", True)])
+@pytest.mark.parametrize(
+    "family,method,empty",
+    [("mlm", "dp-sgd", False), ("causal", "dp-sgd", False), ("causal", "dp-prefix", False), ("mlm", "dp-sgd", True)],
+)
 def test_private_step_replays_poisson_batch_clipping_and_noise(tokenizer, family, method, empty):
     """One SGD step (lr 1) moves theta by exactly -(clipped sum + sigma C z) / (q n).
 
@@ -219,11 +243,13 @@ def test_private_step_replays_poisson_batch_clipping_and_noise(tokenizer, family
     seed = _seed_with_first_batch(n, batch_size / n, empty)
     clf = make_clf(tokenizer, family)
     data = clf.encode(examples(n))
-    hp = fo.FirstOrderHyperparameters(steps=1, batch_size=batch_size, lr=1.0, clip=clip, optimizer="sgd",
-                                      physical_batch_size=2, prefix_tokens=2)
+    hp = fo.FirstOrderHyperparameters(
+        steps=1, batch_size=batch_size, lr=1.0, clip=clip, optimizer="sgd", physical_batch_size=2, prefix_tokens=2
+    )
     reference = copy.deepcopy(clf)  # model, tokenizer and head of the untouched copy
-    fo.train_first_order(clf, data, hp, method=method, run_seed=3, sigma=sigma,
-                         secret=SecretRandom(insecure_test_seed=seed))
+    fo.train_first_order(
+        clf, data, hp, method=method, run_seed=3, sigma=sigma, secret=SecretRandom(insecure_test_seed=seed)
+    )
 
     replay = SecretRandom(insecure_test_seed=seed)
     index = replay.poisson_batch(n, batch_size / n)
@@ -245,10 +271,12 @@ def test_poisson_inclusion_rate_matches_q(tokenizer):
     n, batch_size, steps = 16, 4, 40
     clf = make_clf(tokenizer, "causal", dtype=torch.float32)
     data = clf.encode(examples(n))
-    hp = fo.FirstOrderHyperparameters(steps=steps, batch_size=batch_size, lr=1e-3, clip=1.0, log_every=1,
-                                      prefix_tokens=1)
-    history = fo.train_first_order(clf, data, hp, method="dp-prefix", run_seed=0, sigma=1.0,
-                                   secret=SecretRandom(insecure_test_seed=2024))
+    hp = fo.FirstOrderHyperparameters(
+        steps=steps, batch_size=batch_size, lr=1e-3, clip=1.0, log_every=1, prefix_tokens=1
+    )
+    history = fo.train_first_order(
+        clf, data, hp, method="dp-prefix", run_seed=0, sigma=1.0, secret=SecretRandom(insecure_test_seed=2024)
+    )
     sizes = np.array(history["examples"])
     q = batch_size / n
     # Binomial(n, q) per step: mean q n, variance n q (1 - q); the sizes vary (not fixed-size).
@@ -301,7 +329,8 @@ def test_prefix_matches_transformers_cache_reference(tokenizer, family, attn):
             positions = base.embeddings.create_position_ids_from_input_ids(ids, clf.model.config.pad_token_id)
             visible = torch.cat([torch.ones(b, p, dtype=torch.bool), mask.bool()], dim=1)
             additive = torch.zeros(b, 1, s, s + p, dtype=plain.dtype).masked_fill(
-                ~visible[:, None, None, :], torch.finfo(plain.dtype).min)
+                ~visible[:, None, None, :], torch.finfo(plain.dtype).min
+            )
             ref = base(input_ids=ids, attention_mask=additive, past_key_values=cache, position_ids=positions)
     real = mask.bool()
     torch.testing.assert_close(with_prefix[real], ref.last_hidden_state[real], rtol=1e-12, atol=1e-12)
@@ -338,8 +367,9 @@ def test_dp_prefix_keeps_model_weights_bit_identical_and_changes_outputs(tokeniz
     with torch.no_grad():
         logits_before = clf.label_logits(data.batch(np.arange(8)))
     hp = fo.FirstOrderHyperparameters(steps=3, batch_size=4, lr=0.05, clip=1.0, prefix_tokens=2)
-    history = fo.train_first_order(clf, data, hp, method="dp-prefix", run_seed=1, sigma=1.0,
-                                   secret=SecretRandom(insecure_test_seed=3))
+    history = fo.train_first_order(
+        clf, data, hp, method="dp-prefix", run_seed=1, sigma=1.0, secret=SecretRandom(insecure_test_seed=3)
+    )
     after = clf.model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
@@ -352,8 +382,9 @@ def test_dp_prefix_keeps_model_weights_bit_identical_and_changes_outputs(tokeniz
     # random-init weights (std 0.02) make the prefix's effect small but far above float32 noise
     assert float((logits_after - logits_before).abs().max()) > 1e-6
     with pytest.raises(RuntimeError, match="already has a prefix"):
-        fo.train_first_order(clf, data, hp, method="dp-prefix", run_seed=1, sigma=1.0,
-                             secret=SecretRandom(insecure_test_seed=3))
+        fo.train_first_order(
+            clf, data, hp, method="dp-prefix", run_seed=1, sigma=1.0, secret=SecretRandom(insecure_test_seed=3)
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -384,8 +415,9 @@ def test_exactly_steps_updates_and_history_shape(tokenizer, method):
     clf = make_clf(tokenizer, "causal", dtype=torch.float32)
     data = clf.encode(examples(8))
     private = method != "ft"
-    hp = fo.FirstOrderHyperparameters(steps=7, batch_size=2, lr=1e-3, clip=1.0 if private else math.inf,
-                                      log_every=3, prefix_tokens=1)
+    hp = fo.FirstOrderHyperparameters(
+        steps=7, batch_size=2, lr=1e-3, clip=1.0 if private else math.inf, log_every=3, prefix_tokens=1
+    )
     kw = dict(sigma=0.5, secret=SecretRandom(insecure_test_seed=4)) if private else {}
     calls = []
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(1))

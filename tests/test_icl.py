@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dpzo.data.splits import Example
 from dpzo.baselines.icl import choose_demonstrations, encode_with_demonstrations
+from dpzo.data.splits import Example
 
 from .tiny import make_clf
 
@@ -32,9 +32,14 @@ def test_causal_prompt_is_bos_demos_with_labels_then_query(tokenizer):
     # causal template "*cls**sent_0*_It_was" + label word for each demonstration, query last
     expected = (
         [tokenizer.bos_token_id]
-        + ids(tokenizer, "fun film") + ids(tokenizer, " It was") + ids(tokenizer, " good")
-        + ids(tokenizer, "dull plot") + ids(tokenizer, " It was") + ids(tokenizer, " bad")
-        + ids(tokenizer, "a movie") + ids(tokenizer, " It was")
+        + ids(tokenizer, "fun film")
+        + ids(tokenizer, " It was")
+        + ids(tokenizer, " good")
+        + ids(tokenizer, "dull plot")
+        + ids(tokenizer, " It was")
+        + ids(tokenizer, " bad")
+        + ids(tokenizer, "a movie")
+        + ids(tokenizer, " It was")
     )
     assert seq == expected
     assert int(enc.score_pos[0]) == len(seq) - 1
@@ -44,7 +49,13 @@ def test_masked_prompt_is_query_then_demos_with_the_label_in_place_of_the_mask(t
     clf = make_clf(tokenizer, "mlm")
     enc = encode_with_demonstrations(clf, [Example(["a movie"], 0)], [Example(["fun film"], 1)])
     seq = enc.input_ids[0, : int(enc.lengths[0])].tolist()
-    query = [tokenizer.cls_token_id] + ids(tokenizer, "a movie It was") + [tokenizer.mask_token_id] + ids(tokenizer, ".") + [tokenizer.sep_token_id]
+    query = (
+        [tokenizer.cls_token_id]
+        + ids(tokenizer, "a movie It was")
+        + [tokenizer.mask_token_id]
+        + ids(tokenizer, ".")
+        + [tokenizer.sep_token_id]
+    )
     demo = ids(tokenizer, "fun film It was good .") + [tokenizer.sep_token_id]
     assert seq == query + demo
     assert seq[int(enc.score_pos[0])] == tokenizer.mask_token_id

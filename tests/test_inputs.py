@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -19,10 +18,10 @@ import pytest
 import yaml
 
 from dpzo.cli import main as cli_main
-from dpzo.pipeline.config import ConfigError, check_config
-from dpzo.data.splits import make_k_shot
 from dpzo.data.inputs import ModelDirError, model_dir_problems
+from dpzo.data.splits import make_k_shot
 from dpzo.data.tasks import TASKS
+from dpzo.pipeline.config import ConfigError, check_config
 
 from .tiny import WORDS, examples, make_clf, word_tokenizer
 
@@ -51,13 +50,22 @@ BAD_FILES = {  # case: (content of train.tsv, the problem, the fix)
     "empty": (b"", "is empty", "Restore it from the LM-BFF data"),
     "whitespace only": (b"\n  \n", "is empty", "Restore it from the LM-BFF data"),
     "header only": (SST2_HEADER.encode(), "has no examples", "one example per row"),
-    "wrong columns": (b"text\tlabel\nfine\t1\n", "missing column(s) ['sentence']",
-                      "header line naming the columns sentence, label"),
-    "label outside the label words": ((SST2_HEADER + "fine\t1\nodd\t7\n").encode(),
-                                      "row 2: label '7' is not one of ['0', '1']", "fix the row"),
+    "wrong columns": (
+        b"text\tlabel\nfine\t1\n",
+        "missing column(s) ['sentence']",
+        "header line naming the columns sentence, label",
+    ),
+    "label outside the label words": (
+        (SST2_HEADER + "fine\t1\nodd\t7\n").encode(),
+        "row 2: label '7' is not one of ['0', '1']",
+        "fix the row",
+    ),
     "not UTF-8": ((SST2_HEADER + "caf\u00e9\t1\n").encode("latin-1"), "is not UTF-8 text", "Convert it to UTF-8"),
-    "malformed row": ((SST2_HEADER + "fine\t1\nx\t1\textra\n").encode(), "could not be parsed",
-                      "expected a tab-separated file"),
+    "malformed row": (
+        (SST2_HEADER + "fine\t1\nx\t1\textra\n").encode(),
+        "could not be parsed",
+        "expected a tab-separated file",
+    ),
 }
 
 
@@ -226,8 +234,9 @@ def test_cli_without_a_valid_subcommand_exits_2(argv, needle, capsys):
 
 def test_cli_module_exit_code_reaches_the_shell():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-m", "dpzo", "calibrate", "--n", "0"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpzo", "calibrate", "--n", "0"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 2 and proc.stdout == "" and "--n" in proc.stderr
 
 
@@ -238,16 +247,33 @@ def test_cli_module_exit_code_reaches_the_shell():
 
 def snakemake(workdir: Path, config: dict, *targets: str) -> subprocess.CompletedProcess:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "1", *targets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "1",
+        *targets,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def real_task_config(data_dir: Path, models: dict | None = None) -> dict:
     return demo_config(
-        data_dir=str(data_dir), tasks=["SST-2"], models=models or {"demo-roberta": {"demo": "roberta"}}, k=1,
-        seeds=[13], epsilons=["8"], methods={"zero-shot": {}},
+        data_dir=str(data_dir),
+        tasks=["SST-2"],
+        models=models or {"demo-roberta": {"demo": "roberta"}},
+        k=1,
+        seeds=[13],
+        epsilons=["8"],
+        methods={"zero-shot": {}},
     )
 
 
@@ -316,8 +342,17 @@ def zo_ledger(method: str, params: dict, eps: str = "inf") -> dict:
 def run(model_dir, split_dir, method: str, params: dict, ledger: dict, eps: str = "inf") -> dict:
     from dpzo.pipeline.cell import CellRun, run_cell
 
-    return run_cell(CellRun(cell_for(method, eps), model_path=str(model_dir), split_dir=str(split_dir),
-                            method_params=params, ledger=ledger, accounting=accounting(method), eval_batch_size=8))
+    return run_cell(
+        CellRun(
+            cell_for(method, eps),
+            model_path=str(model_dir),
+            split_dir=str(split_dir),
+            method_params=params,
+            ledger=ledger,
+            accounting=accounting(method),
+            eval_batch_size=8,
+        )
+    )
 
 
 VOLATILE = {"ms_per_step", "train_seconds", "wall_seconds", "memory"}
@@ -334,7 +369,9 @@ def test_same_cell_twice_gives_identical_metrics_without_noise(model_dir, split_
     assert stable(first) == stable(second) and first["steps"] == 3
 
 
-def test_same_cell_twice_gives_identical_metrics_with_the_test_noise_seed(model_dir, split_dir, one_thread, monkeypatch):
+def test_same_cell_twice_gives_identical_metrics_with_the_test_noise_seed(
+    model_dir, split_dir, one_thread, monkeypatch
+):
     monkeypatch.setenv("DPZO_INSECURE_TEST_NOISE_SEED", "5")
     params = {"steps": 3, "batch_size": 4, "lr": 1e-2, "clip": 1.0, "log_every": 1}
     ledger = zo_ledger("dp-zoso", params, eps="2")
@@ -358,14 +395,23 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
 
     out = tmp_path / "run" / "metrics.json"
     job = SimpleNamespace(
-        log=[str(tmp_path / "train.log")], threads=1,
+        log=[str(tmp_path / "train.log")],
+        threads=1,
         input=SimpleNamespace(ledger=str(tmp_path / "privacy.json"), train=str(split_dir / "train.jsonl"), masks=[]),
         output=SimpleNamespace(metrics=str(out), diagnostics=str(out.with_name("private_diagnostics.json"))),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="mezo", eps="inf", seed="13"),
-        params=SimpleNamespace(model_path=str(model_dir), model_cfg={}, eval_batch_size=8, device="cpu",
-                               method_params={"steps": 2, "batch_size": 4, "lr": 1e300},
-                               checkpoint=str(tmp_path / "checkpoint" / "train_state.pt"),
-                               delta=1e-5, accountant="pld", convention="common", noise="none (no privacy claim)"),
+        params=SimpleNamespace(
+            model_path=str(model_dir),
+            model_cfg={},
+            eval_batch_size=8,
+            device="cpu",
+            method_params={"steps": 2, "batch_size": 4, "lr": 1e300},
+            checkpoint=str(tmp_path / "checkpoint" / "train_state.pt"),
+            delta=1e-5,
+            accountant="pld",
+            convention="common",
+            noise="none (no privacy claim)",
+        ),
         config={},
     )
     (tmp_path / "privacy.json").write_text(json.dumps(zo_ledger("mezo", {"steps": 2, "batch_size": 4, "lr": 1e300})))

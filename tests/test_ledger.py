@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from dpzo.privacy import accountants, records
 from dpzo.fileio import CorruptOutput, read_json_output
 from dpzo.methods import hyperparameters_for
+from dpzo.privacy import accountants, records
 from dpzo.privacy.ledger import AccountingSettings, Cell, LedgerMismatch, cell_ledger, check_counts, verify_ledger
 
 # sigma well above 1 keeps every PLD evaluation well under a second (small sigma is slow)
@@ -28,15 +28,21 @@ def ledger_for(c: Cell, params=ZOSO, settings=SETTINGS) -> dict:
     return json.loads(_ledger(c, json.dumps(params, sort_keys=True), settings))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ledger(c: Cell, params: str, settings: AccountingSettings) -> str:
     """Each distinct ledger is calibrated once per session (a copy is returned: tests edit them)."""
     return json.dumps(cell_ledger(c, hyperparameters_for(c.method, json.loads(params)), n=N, settings=settings))
 
 
 def verify(ledger, c: Cell, params=ZOSO, settings=SETTINGS, n=N):
-    return verify_ledger(ledger, cell=c, hp=hyperparameters_for(c.method, dict(params)), n=n, settings=settings,
-                         path="results/runs/x/privacy.json")
+    return verify_ledger(
+        ledger,
+        cell=c,
+        hp=hyperparameters_for(c.method, dict(params)),
+        n=n,
+        settings=settings,
+        path="results/runs/x/privacy.json",
+    )
 
 
 @pytest.fixture
@@ -69,7 +75,9 @@ def test_a_smaller_sigma_that_does_not_buy_the_target_is_refused(own):
     sigma = own["sigma"] * 0.9
     err = refused(own | {"sigma": sigma, "noise_std_on_sum": sigma * ZOSO["clip"]}, cell(), "epsilon of its noise")
     assert err.in_ledger > 4.0  # the recomputed epsilon, not the ledger's claim
-    assert accountants.epsilon(sigma, ZOSO["batch_size"] / N, ZOSO["steps"], 1e-5) == pytest.approx(err.in_ledger, rel=1e-12)
+    assert accountants.epsilon(sigma, ZOSO["batch_size"] / N, ZOSO["steps"], 1e-5) == pytest.approx(
+        err.in_ledger, rel=1e-12
+    )
 
 
 def test_another_cells_ledger_is_refused_even_when_its_labels_are_rewritten(own):
@@ -138,13 +146,24 @@ def test_dpzero_published_accounting_is_recomputed_with_opacus():
     assert verified.accountant == "opacus-rdp" and verified.epsilon <= 4.0 * (1 + 1e-9)
     assert verified.release.scale == pytest.approx(2 * own["sigma"] * 2.0)  # replace-one: 2 sigma C
     sigma = own["sigma"] * 0.8
-    refused(own | {"sigma": sigma, "noise_std_on_sum": 2 * sigma * 2.0}, c, "epsilon of its noise", params=params, settings=published)
+    refused(
+        own | {"sigma": sigma, "noise_std_on_sum": 2 * sigma * 2.0},
+        c,
+        "epsilon of its noise",
+        params=params,
+        settings=published,
+    )
 
 
 def test_non_private_cells_check_their_identity_only():
     c = cell(method="mezo", eps="inf")
     params = {"steps": 2, "batch_size": 4, "lr": 1e-3}
-    own = cell_ledger(c, hyperparameters_for("mezo", params), n=N, settings=AccountingSettings(delta=1e-5, noise="none (no privacy claim)"))
+    own = cell_ledger(
+        c,
+        hyperparameters_for("mezo", params),
+        n=N,
+        settings=AccountingSettings(delta=1e-5, noise="none (no privacy claim)"),
+    )
     settings = AccountingSettings(delta=1e-5, noise="none (no privacy claim)")
     assert verify(own, c, params, settings).release is None
     refused(own, cell(method="mezo", eps="inf", seed=1), "cell.seed", params=params, settings=settings)
@@ -152,7 +171,15 @@ def test_non_private_cells_check_their_identity_only():
 
 def test_count_check_names_the_field():
     hp = hyperparameters_for("dp-sgd", {"steps": 7, "batch_size": 2, "lr": 1e-3, "clip": 0.5})
-    ledger = {"n": 8, "steps": 7, "directions": 1, "compositions": 7, "expected_batch_size": 2.0, "clip": 0.5, "q": 0.25}
+    ledger = {
+        "n": 8,
+        "steps": 7,
+        "directions": 1,
+        "compositions": 7,
+        "expected_batch_size": 2.0,
+        "clip": 0.5,
+        "q": 0.25,
+    }
     check_counts(ledger, n=8, hp=hp)
     with pytest.raises(LedgerMismatch, match="steps is 8 in the ledger but 7"):
         check_counts(ledger | {"steps": 8}, n=8, hp=hp)
@@ -161,6 +188,7 @@ def test_count_check_names_the_field():
 # ---------------------------------------------------------------------------------------------
 # the calibration cache and damaged files
 # ---------------------------------------------------------------------------------------------
+
 
 def test_a_poisoned_calibration_cache_entry_is_recomputed(tmp_path):
     args = dict(n=N, batch_size=8, steps=40, clip=2.0, epsilon_target=2.0, delta=1e-5)

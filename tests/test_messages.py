@@ -15,22 +15,28 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from dpzo.privacy import accountants, records
-from dpzo.pipeline import workflow
 from dpzo.cli import main as cli_main
+from dpzo.pipeline import workflow
 from dpzo.pipeline.config import ConfigError, check_config
+from dpzo.privacy import accountants, records
 from dpzo.progress import Progress, clock
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
-BASE = {"models": {"d": {"demo": "roberta"}}, "tasks": ["demo-sst2"], "seeds": [1], "epsilons": ["2"],
-        "methods": {"zero-shot": {}}, "k": 16}
+BASE = {
+    "models": {"d": {"demo": "roberta"}},
+    "tasks": ["demo-sst2"],
+    "seeds": [1],
+    "epsilons": ["2"],
+    "methods": {"zero-shot": {}},
+    "k": 16,
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # the job's log file
 # ---------------------------------------------------------------------------------------------
-JOB = '''
+JOB = """
 import sys, warnings
 from types import SimpleNamespace
 from dpzo.pipeline import workflow
@@ -42,7 +48,7 @@ def adapter(snakemake):
     raise ValueError("the bad value, and its fix")
 
 workflow.run_job(adapter, SimpleNamespace(log=[sys.argv[1]], threads=1))
-'''
+"""
 
 
 def test_a_failing_jobs_log_holds_its_output_warnings_and_traceback(tmp_path):
@@ -61,7 +67,9 @@ def test_run_job_restores_the_streams_and_works_without_a_log(tmp_path, monkeypa
     monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)
     before = sys.stdout, sys.stderr
     with pytest.raises(RuntimeError):
-        workflow.run_job(lambda s: (_ for _ in ()).throw(RuntimeError("x")), SimpleNamespace(log=[str(tmp_path / "a.log")]))
+        workflow.run_job(
+            lambda s: (_ for _ in ()).throw(RuntimeError("x")), SimpleNamespace(log=[str(tmp_path / "a.log")])
+        )
     assert (sys.stdout, sys.stderr) == before and "RuntimeError: x" in (tmp_path / "a.log").read_text()
     seen = []
     workflow.run_job(seen.append, SimpleNamespace(log=[]))

@@ -16,7 +16,7 @@ from dpzo import methods
 from dpzo.masks import settings as mask_settings
 from dpzo.methods import hyperparameters_for, register, unregister
 from dpzo.methods.base import PrivateZOMethod, ZOMethod
-from dpzo.privacy.ledger import AccountingSettings, Cell, check_ledger_after, cell_ledger, verify_ledger
+from dpzo.privacy.ledger import AccountingSettings, Cell, cell_ledger, check_ledger_after, verify_ledger
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.loop import train_zo
 
@@ -29,7 +29,9 @@ METHOD_BLOCKS = SCHEMA["properties"]["methods"]
 
 def block_entry(name: str) -> dict:
     """The schema entry a config block of ``name`` (or ``name+variant``) must follow."""
-    matching = [entry for pattern, entry in METHOD_BLOCKS["patternProperties"].items() if re.match(pattern, name + "+v")]
+    matching = [
+        entry for pattern, entry in METHOD_BLOCKS["patternProperties"].items() if re.match(pattern, name + "+v")
+    ]
     assert len(matching) == 1, (name, matching)
     return matching[0]
 
@@ -81,9 +83,13 @@ def test_each_method_block_follows_its_declared_schema_block(name):
 def test_mask_block_allows_exactly_the_mask_settings():
     mask = DEFS["zopo"]["properties"]["mask"]["properties"]
     assert set(mask) == {f.name for f in dataclasses.fields(mask_settings.MaskSettings)}
-    for key, allowed in (("scorer", mask_settings.SCORERS), ("selection", mask_settings.SELECTIONS),
-                         ("scope", mask_settings.SCOPES), ("mode", mask_settings.MODES),
-                         ("strategy", mask_settings.STRATEGIES)):
+    for key, allowed in (
+        ("scorer", mask_settings.SCORERS),
+        ("selection", mask_settings.SELECTIONS),
+        ("scope", mask_settings.SCOPES),
+        ("mode", mask_settings.MODES),
+        ("strategy", mask_settings.STRATEGIES),
+    ):
         assert tuple(mask[key]["enum"]) == allowed, key
 
 
@@ -132,15 +138,25 @@ def toy_method(tmp_path, monkeypatch):
 
 def run(method: str, clip: float, settings: AccountingSettings, n: int = 16):
     """Account a cell of ``method``, verify its ledger, train on a quadratic, check the counts."""
-    hp = hyperparameters_for(method, {"steps": 4, "batch_size": 8, "lr": 0.05, "beta": 1e-3, "clip": clip,
-                                      "directions": 2, "log_every": 1})
+    hp = hyperparameters_for(
+        method, {"steps": 4, "batch_size": 8, "lr": 0.05, "beta": 1e-3, "clip": clip, "directions": 2, "log_every": 1}
+    )
     cell = Cell(model="quadratic", task="SST-2", method=method, eps="4", seed=0)
     ledger = cell_ledger(cell, hp, n=n, settings=settings)
     verified = verify_ledger(ledger, cell=cell, hp=hp, n=n, settings=settings)
     model = TwoTensorModel(seed=2)
-    history = train_zo(model, Quadratic(n=n, dim=10).loss_fn(model), n, hp, method=method, run_seed=5,
-                       noise=verified.release, secret=SecretRandom(insecure_test_seed=11),
-                       master_dtype=torch.float64, record_releases=True)
+    history = train_zo(
+        model,
+        Quadratic(n=n, dim=10).loss_fn(model),
+        n,
+        hp,
+        method=method,
+        run_seed=5,
+        noise=verified.release,
+        secret=SecretRandom(insecure_test_seed=11),
+        master_dtype=torch.float64,
+        record_releases=True,
+    )
     check_ledger_after(ledger, history)
     return ledger, history, model.theta().detach()
 

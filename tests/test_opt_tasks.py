@@ -20,13 +20,13 @@ import pytest
 import torch
 import yaml
 
-from dpzo.models.candidates import CandidateScorer, make_scorer
-from dpzo.data.splits import Example, load_split, save_split
 from dpzo.data.hf_data import DatasetUnavailableError, convert_rows, load_hf_split, make_hf_splits
 from dpzo.data.hf_tasks import MEZO_TASKS, method_problem, render_full, render_prompt
+from dpzo.data.splits import Example, load_split, save_split
+from dpzo.data.tasks import TASKS, get_task
+from dpzo.models.candidates import CandidateScorer, make_scorer
 from dpzo.models.classifier import load_model
 from dpzo.models.qa_metrics import exact_match, f1_score, normalize_answer
-from dpzo.data.tasks import TASKS, get_task
 
 from . import hf_fixtures as fx
 
@@ -67,40 +67,82 @@ def tiny(tmp_path_factory, one_thread):
 
 PREMISE, HYPOTHESIS = "A man sleeps.", "Nobody sleeps"
 RENDERED = [
-    ("mezo-sst2", ["a gripping film "], "great",
-     "a gripping film It was", "a gripping film It was great"),
-    ("mezo-rte", [PREMISE, HYPOTHESIS], "No",
-     'A man sleeps.\nDoes this mean that "Nobody sleeps" is true? Yes or No?\n',
-     'A man sleeps.\nDoes this mean that "Nobody sleeps" is true? Yes or No?\nNo'),
-    ("mezo-cb", [PREMISE, HYPOTHESIS], "Maybe",
-     'Suppose A man sleeps. Can we infer that "Nobody sleeps"? Yes, No, or Maybe?\n',
-     'Suppose A man sleeps. Can we infer that "Nobody sleeps"? Yes, No, or Maybe?\nMaybe'),
-    ("mezo-boolq", ["Water boils at 100 C.", "does water boil"], "Yes",
-     "Water boils at 100 C. Does water boil?\n", "Water boils at 100 C. Does water boil?\nYes"),
-    ("mezo-wsc", ["The dog chased the cat because it was hungry.", "The dog", "It"], "Yes",
-     'The dog chased the cat because it was hungry.\nIn the previous sentence, does the pronoun "it" refer to '
-     "The dog? Yes or No?\n",
-     'The dog chased the cat because it was hungry.\nIn the previous sentence, does the pronoun "it" refer to '
-     "The dog? Yes or No?\nYes"),
-    ("mezo-wic", ["bank", "He sat on the bank.", "The bank was closed."], "No",
-     'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nHe sat on the bank.\n'
-     "The bank was closed.\n",
-     'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nHe sat on the bank.\n'
-     "The bank was closed.\nNo"),
-    ("mezo-multirc", ["Anna ran home.", "Who ran?", "Anna"], "Yes",
-     'Anna ran home.\nQuestion: Who ran?\nI found this answer "Anna". Is that correct? Yes or No?\n',
-     'Anna ran home.\nQuestion: Who ran?\nI found this answer "Anna". Is that correct? Yes or No?\nYes'),
-    ("mezo-copa", ["The man broke his toe. ", "cause"], "He dropped a hammer on his foot.",
-     "The man broke his toe because", "The man broke his toe because he dropped a hammer on his foot."),
-    ("mezo-copa", ["The sun rose.", "effect"], "I woke up.",
-     "The sun rose so", "The sun rose so I woke up."),
-    ("mezo-record", ["Anna won.\n@highlight\nA big win", "@placeholder won the race."], "Anna",
-     "Anna won.\n- A big win\n-", "Anna won.\n- A big win\n- Anna won the race."),
-    ("mezo-squad", ["Topic", "Paris is big.", " What is big? "], "Paris",
-     "Title: Topic\nContext: Paris is big.\nQuestion: What is big?\nAnswer:",
-     "Title: Topic\nContext: Paris is big.\nQuestion: What is big?\nAnswer: Paris\n"),
-    ("mezo-drop", ["Two cats.", "How many cats?"], "2",
-     "Passage: Two cats.\nQuestion: How many cats?\nAnswer:", "Passage: Two cats.\nQuestion: How many cats?\nAnswer: 2\n"),
+    ("mezo-sst2", ["a gripping film "], "great", "a gripping film It was", "a gripping film It was great"),
+    (
+        "mezo-rte",
+        [PREMISE, HYPOTHESIS],
+        "No",
+        'A man sleeps.\nDoes this mean that "Nobody sleeps" is true? Yes or No?\n',
+        'A man sleeps.\nDoes this mean that "Nobody sleeps" is true? Yes or No?\nNo',
+    ),
+    (
+        "mezo-cb",
+        [PREMISE, HYPOTHESIS],
+        "Maybe",
+        'Suppose A man sleeps. Can we infer that "Nobody sleeps"? Yes, No, or Maybe?\n',
+        'Suppose A man sleeps. Can we infer that "Nobody sleeps"? Yes, No, or Maybe?\nMaybe',
+    ),
+    (
+        "mezo-boolq",
+        ["Water boils at 100 C.", "does water boil"],
+        "Yes",
+        "Water boils at 100 C. Does water boil?\n",
+        "Water boils at 100 C. Does water boil?\nYes",
+    ),
+    (
+        "mezo-wsc",
+        ["The dog chased the cat because it was hungry.", "The dog", "It"],
+        "Yes",
+        'The dog chased the cat because it was hungry.\nIn the previous sentence, does the pronoun "it" refer to '
+        "The dog? Yes or No?\n",
+        'The dog chased the cat because it was hungry.\nIn the previous sentence, does the pronoun "it" refer to '
+        "The dog? Yes or No?\nYes",
+    ),
+    (
+        "mezo-wic",
+        ["bank", "He sat on the bank.", "The bank was closed."],
+        "No",
+        'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nHe sat on the bank.\n'
+        "The bank was closed.\n",
+        'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nHe sat on the bank.\n'
+        "The bank was closed.\nNo",
+    ),
+    (
+        "mezo-multirc",
+        ["Anna ran home.", "Who ran?", "Anna"],
+        "Yes",
+        'Anna ran home.\nQuestion: Who ran?\nI found this answer "Anna". Is that correct? Yes or No?\n',
+        'Anna ran home.\nQuestion: Who ran?\nI found this answer "Anna". Is that correct? Yes or No?\nYes',
+    ),
+    (
+        "mezo-copa",
+        ["The man broke his toe. ", "cause"],
+        "He dropped a hammer on his foot.",
+        "The man broke his toe because",
+        "The man broke his toe because he dropped a hammer on his foot.",
+    ),
+    ("mezo-copa", ["The sun rose.", "effect"], "I woke up.", "The sun rose so", "The sun rose so I woke up."),
+    (
+        "mezo-record",
+        ["Anna won.\n@highlight\nA big win", "@placeholder won the race."],
+        "Anna",
+        "Anna won.\n- A big win\n-",
+        "Anna won.\n- A big win\n- Anna won the race.",
+    ),
+    (
+        "mezo-squad",
+        ["Topic", "Paris is big.", " What is big? "],
+        "Paris",
+        "Title: Topic\nContext: Paris is big.\nQuestion: What is big?\nAnswer:",
+        "Title: Topic\nContext: Paris is big.\nQuestion: What is big?\nAnswer: Paris\n",
+    ),
+    (
+        "mezo-drop",
+        ["Two cats.", "How many cats?"],
+        "2",
+        "Passage: Two cats.\nQuestion: How many cats?\nAnswer:",
+        "Passage: Two cats.\nQuestion: How many cats?\nAnswer: 2\n",
+    ),
 ]
 
 
@@ -118,7 +160,11 @@ def test_task_names_are_separate_from_lmbff_and_every_mezo_task_is_registered():
     assert set(TASKS) == set(schema["properties"]["tasks"]["items"]["enum"])
     # MeZO's mezo.sh: classification off for COPA, ReCoRD, SQuAD, DROP; 100 dev for CB and COPA
     assert {n for n, t in MEZO_TASKS.items() if not t.train_as_classification} == {
-        "mezo-copa", "mezo-record", "mezo-squad", "mezo-drop"}
+        "mezo-copa",
+        "mezo-record",
+        "mezo-squad",
+        "mezo-drop",
+    }
     assert MEZO_TASKS["mezo-cb"].dev_size == MEZO_TASKS["mezo-copa"].dev_size == 100
     assert MEZO_TASKS["mezo-rte"].candidates == ("Yes", "No") and MEZO_TASKS["mezo-wic"].candidates == ("No", "Yes")
 
@@ -160,7 +206,9 @@ def test_rows_become_examples(hf_cache):
     examples = convert_rows(get_task("mezo-boolq"), boolq, range(4))
     assert [ex.texts for ex in examples] == [[r["passage"], r["question"]] for r in rows[:4]]
     assert [ex.label for ex in examples] == [0 if r["answer"] else 1 for r in rows[:4]]  # Yes, No
-    record = convert_rows(get_task("mezo-record"), load_hf_split(get_task("mezo-record"), "validation", cache_dir=cache), [3])[0]
+    record = convert_rows(
+        get_task("mezo-record"), load_hf_split(get_task("mezo-record"), "validation", cache_dir=cache), [3]
+    )[0]
     raw = raw_rows(repos, "super_glue", "record", "validation")[3]
     assert record.candidates == raw["entities"] and record.answers == raw["answers"]
     assert record.candidates[record.label] == raw["answers"][0]
@@ -168,7 +216,9 @@ def test_rows_become_examples(hf_cache):
     raw = raw_rows(repos, "super_glue", "copa", "train")[2]
     assert copa.candidates == [raw["choice1"], raw["choice2"]] and copa.label == raw["label"]
     assert copa.texts == [raw["premise"], raw["question"]]
-    squad = convert_rows(get_task("mezo-squad"), load_hf_split(get_task("mezo-squad"), "train", cache_dir=cache), [0])[0]
+    squad = convert_rows(get_task("mezo-squad"), load_hf_split(get_task("mezo-squad"), "train", cache_dir=cache), [0])[
+        0
+    ]
     assert squad.answers == raw_rows(repos, "squad", "plain_text", "train")[0]["answers"]["text"] and squad.label == 0
     drop = convert_rows(get_task("mezo-drop"), load_hf_split(get_task("mezo-drop"), "train", cache_dir=cache), [1])[0]
     assert drop.answers == raw_rows(repos, "drop", "default", "train")[1]["answers_spans"]["spans"]
@@ -187,7 +237,11 @@ def test_splits_follow_mezo_sampling_and_are_deterministic(hf_cache, tmp_path):
     drawn = np.random.permutation(len(train_rows))[:28]
     np.random.seed(29)
     test = np.random.permutation(len(valid_rows))[:25]
-    for name, index, rows in (("train", drawn[:20], train_rows), ("dev", drawn[20:], train_rows), ("test", test, valid_rows)):
+    for name, index, rows in (
+        ("train", drawn[:20], train_rows),
+        ("dev", drawn[20:], train_rows),
+        ("test", test, valid_rows),
+    ):
         got = load_split(tmp_path / "a" / f"{name}.jsonl")
         assert [ex.texts for ex in got] == [[rows[i]["premise"], rows[i]["hypothesis"]] for i in index]
         assert [ex.label for ex in got] == [rows[i]["label"] for i in index]
@@ -211,7 +265,10 @@ def test_small_datasets_keep_dev_and_train_what_is_left(hf_cache, tmp_path):
     cache, _ = hf_cache
     # 40 training rows, 30 drawn for dev: 10 left to train on (MeZO gives dev priority)
     assert make_hf_splits(get_task("mezo-cb"), tmp_path / "s", seed=0, num_dev=30, num_test=5, cache_dir=cache) == {
-        "train": 10, "dev": 30, "test": 5}
+        "train": 10,
+        "dev": 30,
+        "test": 5,
+    }
     with pytest.raises(ValueError, match=r"mezo-cb.*40 examples.*100 dev.*hf_datasets.dev"):
         make_hf_splits(get_task("mezo-cb"), tmp_path / "t", seed=0, num_test=5, cache_dir=cache)  # CB's dev = 100
     assert not (tmp_path / "t").exists()
@@ -231,14 +288,23 @@ def test_unexpected_columns_are_named(tmp_path, offline):
     (repo / "sst2").mkdir(parents=True)
     for split in ("train", "validation"):
         (repo / "sst2" / f"{split}.jsonl").write_text(json.dumps({"text": "fine", "label": 1}) + "\n")
-    (repo / "README.md").write_text("---\nconfigs:\n- config_name: sst2\n  data_files:\n  - split: train\n    path: "
-                                    "sst2/train.jsonl\n  - split: validation\n    path: sst2/validation.jsonl\n---\n")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: sst2\n  data_files:\n  - split: train\n    path: "
+        "sst2/train.jsonl\n  - split: validation\n    path: sst2/validation.jsonl\n---\n"
+    )
     import datasets
 
     datasets.load_dataset(str(repo), "sst2", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"mezo-sst2.*lacks column\(s\) \['sentence'\].*found \['text', 'label'\]"):
-        make_hf_splits(get_task("mezo-sst2"), tmp_path / "out", seed=0, num_train=1, num_dev=0, num_test=1,
-                       cache_dir=tmp_path / "cache")
+        make_hf_splits(
+            get_task("mezo-sst2"),
+            tmp_path / "out",
+            seed=0,
+            num_train=1,
+            num_dev=0,
+            num_test=1,
+            cache_dir=tmp_path / "cache",
+        )
 
 
 def test_optional_example_fields_round_trip(tmp_path):
@@ -267,8 +333,11 @@ def reference_score(model, tokenizer, task, texts, candidate) -> float:
 
 def copa_examples():
     return [
-        Example(texts=["The man broke his toe.", "cause"], label=0,
-                candidates=["He dropped a hammer on his foot.", "He got a hole in his sock."]),
+        Example(
+            texts=["The man broke his toe.", "cause"],
+            label=0,
+            candidates=["He dropped a hammer on his foot.", "He got a hole in his sock."],
+        ),
         Example(texts=["The sun rose.", "effect"], label=1, candidates=["Dogs ran.", "I woke up early today."]),
     ]
 
@@ -277,10 +346,24 @@ def test_candidate_scores_equal_a_plain_forward(tiny):
     model, tokenizer = tiny
     for name, examples in (
         ("mezo-copa", copa_examples()),
-        ("mezo-cb", [Example(texts=["A man sleeps.", "Nobody sleeps"], label=2),
-                     Example(texts=["The red car wins the big game today.", "It loses"], label=1)]),
-        ("mezo-record", [Example(texts=["Anna won.\n@highlight\nA big win", "@placeholder won the race."], label=1,
-                                 candidates=["Paris", "Anna", "Red River"], answers=["Anna"])]),
+        (
+            "mezo-cb",
+            [
+                Example(texts=["A man sleeps.", "Nobody sleeps"], label=2),
+                Example(texts=["The red car wins the big game today.", "It loses"], label=1),
+            ],
+        ),
+        (
+            "mezo-record",
+            [
+                Example(
+                    texts=["Anna won.\n@highlight\nA big win", "@placeholder won the race."],
+                    label=1,
+                    candidates=["Paris", "Anna", "Red River"],
+                    answers=["Anna"],
+                )
+            ],
+        ),
     ):
         task = get_task(name)
         scorer = make_scorer(model, tokenizer, "causal", task)
@@ -291,7 +374,9 @@ def test_candidate_scores_equal_a_plain_forward(tiny):
             loss = scorer.per_example_loss(data.batch(range(len(examples))))
         for b, ex in enumerate(examples):
             cands = ex.candidates or list(task.candidates)
-            ref = torch.tensor([reference_score(model, tokenizer, task, ex.texts, c) for c in cands], dtype=torch.float64)
+            ref = torch.tensor(
+                [reference_score(model, tokenizer, task, ex.texts, c) for c in cands], dtype=torch.float64
+            )
             assert torch.allclose(matrix[b, : len(cands)], ref, atol=1e-5), name
             if task.train_as_classification:  # cross-entropy over the candidates' scores
                 expected = -torch.log_softmax(ref, dim=0)[ex.label]
@@ -321,7 +406,9 @@ def test_evaluation_counts_every_correct_record_entity(tiny):
     entities = ["Paris", "Anna", "Red River"]
     ref = [reference_score(model, tokenizer, scorer.task, texts, e) for e in entities]
     best = int(np.argmax(ref))
-    right = Example(texts=texts, label=(best + 1) % 3, candidates=entities, answers=[entities[(best + 1) % 3], entities[best]])
+    right = Example(
+        texts=texts, label=(best + 1) % 3, candidates=entities, answers=[entities[(best + 1) % 3], entities[best]]
+    )
     wrong = Example(texts=texts, label=(best + 1) % 3, candidates=entities, answers=[entities[(best + 1) % 3]])
     result = scorer.evaluate(scorer.encode([right, wrong]), batch_size=2)
     assert result["accuracy"] == 0.5 and result["n"] == 2 and result["metric"] == "accuracy"
@@ -350,9 +437,14 @@ def greedy_by_hand(model, tokenizer, prompt: list[int], stops: list[int], max_ne
 def test_greedy_generation_equals_a_step_by_step_loop(tiny):
     model, tokenizer = tiny
     scorer = CandidateScorer(model, tokenizer, get_task("mezo-squad"))
-    examples = [Example(texts=["Topic", "Paris is big.", "What is big?"], label=0, answers=["Paris"]),
-                Example(texts=["Topic", "The old red house by the river is small.", "What is small?"], label=0,
-                        answers=["the house"])]
+    examples = [
+        Example(texts=["Topic", "Paris is big.", "What is big?"], label=0, answers=["Paris"]),
+        Example(
+            texts=["Topic", "The old red house by the river is small.", "What is small?"],
+            label=0,
+            answers=["the house"],
+        ),
+    ]
     data = scorer.encode(examples)
     prompts = [ex.prompt for ex in data.examples]
     assert len(prompts[0]) != len(prompts[1])  # left padding in the batch
@@ -379,8 +471,13 @@ def test_generation_stops_at_a_newline(tiny):
             decoder.final_layer_norm.bias.copy_(10 * model.get_output_embeddings().weight[newline])
         scorer = CandidateScorer(model, tokenizer, get_task("mezo-drop"))
         prompt = scorer.encode([Example(texts=["Two cats.", "How many?"], label=0, answers=["2"])]).examples[0].prompt
-        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=50, do_sample=False,
-                             eos_token_id=scorer.stop_ids, pad_token_id=scorer.pad_id)
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=50,
+            do_sample=False,
+            eos_token_id=scorer.stop_ids,
+            pad_token_id=scorer.pad_id,
+        )
         assert out.shape[1] == len(prompt) + 1 and int(out[0, -1]) == newline
         assert scorer.generate([prompt]) == [""]
     finally:
@@ -414,8 +511,20 @@ def test_mezo_tasks_need_a_causal_lm(tiny):
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
     env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
@@ -424,9 +533,16 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 
 def test_dag_refuses_methods_a_mezo_task_cannot_run(tmp_path):
-    config = {"models": {"m": {"path": "facebook/opt-1.3b"}}, "tasks": ["mezo-squad"], "seeds": [0], "epsilons": ["2"],
-              "methods": {"icl": {"demonstrations": 2}, "dp-zopo": {"steps": 1, "batch_size": 1, "lr": 1.0, "clip": 1.0,
-                                                                   "mask": {"ratio": 0.1}}}}
+    config = {
+        "models": {"m": {"path": "facebook/opt-1.3b"}},
+        "tasks": ["mezo-squad"],
+        "seeds": [0],
+        "epsilons": ["2"],
+        "methods": {
+            "icl": {"demonstrations": 2},
+            "dp-zopo": {"steps": 1, "batch_size": 1, "lr": 1.0, "clip": 1.0, "mask": {"ratio": 0.1}},
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(tmp_path, "-n", check=False)
     text = proc.stdout + proc.stderr
@@ -437,8 +553,7 @@ def test_dag_refuses_methods_a_mezo_task_cannot_run(tmp_path):
 @pytest.mark.slow
 def test_candidate_and_generation_cells_run_through_the_dag(tmp_path, offline):
     """A tiny random OPT by path, the fake datasets in a cache: DP-ZOSO trains and evaluates."""
-    fx.fill_cache(tmp_path / "cache", tmp_path / "repos", SIZES,
-                  only={"super_glue": ["copa"], "squad": ["plain_text"]})
+    fx.fill_cache(tmp_path / "cache", tmp_path / "repos", SIZES, only={"super_glue": ["copa"], "squad": ["plain_text"]})
     fx.tiny_opt(tmp_path / "tiny-opt", fx.corpus())
     config = {
         "models": {"tiny-opt": {"path": str(tmp_path / "tiny-opt")}},

@@ -4,15 +4,14 @@ tokenizer, label words), the device, k against the class sizes, relative model p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from dpzo.pipeline import preflight
 from dpzo.data.inputs import model_dir_problems, model_files_in, weights_problems
+from dpzo.pipeline import preflight
 
 from .tiny import WORDS, make_clf, word_tokenizer
 
@@ -80,15 +79,21 @@ def test_a_pytorch_bin_must_be_a_readable_archive(tmp_path):
 
 
 def test_label_words_must_be_single_tokens(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
     import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     # a WordPiece vocabulary that spells "great" as two pieces
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "terrible", "gr", "##eat"])}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(tmp_path)
     (problem,) = preflight.label_word_problems("m", str(tmp_path), ["SST-2"])
     assert "'great'" in problem and "2 tokens" in problem and "model 'm'" in problem

@@ -36,8 +36,8 @@ try:  # run from a checkout without `pip install -e .`
 except ImportError:
     sys.path.insert(0, str(SRC))
 
-from dpzo.privacy import accountants, calibration, mechanisms, records, secret
 from dpzo.cli import main as cli_main  # noqa: E402
+from dpzo.privacy import accountants, calibration, mechanisms, records, secret  # noqa: E402
 
 Q = 64 / 1024
 D1024 = 1 / 1024
@@ -59,7 +59,7 @@ OPACUS_SIGMA = 13.5156
 EXACT_PLD = 1e-4  # discretization that the published PLD column used
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def calibrated(eps: float, steps: int, delta: float, accountant: str, disc: float = 1e-3) -> float:
     """Calibrations are the expensive part; share them between tests."""
     return calibration.calibrate_sigma(eps, delta, Q, steps, accountant, pld_discretization=disc)
@@ -144,6 +144,7 @@ def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
     Balle & Wang (2018), Thm 8: delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu).
     T-fold composition of noise multiplier sigma is the case mu = sqrt(T)/sigma.
     """
+
     def delta_of(eps: float) -> float:
         return stats.norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * stats.norm.cdf(-mu / 2 - eps / mu)
 
@@ -387,9 +388,25 @@ def test_privatize_sum():
 # --------------------------------------------------------------------------------------
 
 RECORD_KEYS = {
-    "private", "epsilon_target", "delta", "sigma", "noise_multiplier", "q", "n", "expected_batch_size",
-    "steps", "directions", "compositions", "clip", "sampler", "neighbouring", "sensitivity",
-    "calibrated_with", "pld_discretization", "epsilon_achieved", "library_versions",
+    "private",
+    "epsilon_target",
+    "delta",
+    "sigma",
+    "noise_multiplier",
+    "q",
+    "n",
+    "expected_batch_size",
+    "steps",
+    "directions",
+    "compositions",
+    "clip",
+    "sampler",
+    "neighbouring",
+    "sensitivity",
+    "calibrated_with",
+    "pld_discretization",
+    "epsilon_achieved",
+    "library_versions",
 }
 
 
@@ -422,8 +439,15 @@ def test_accounting_record_non_private_and_given_sigma():
     assert rec["epsilon_achieved"] == {"pld": "inf", "prv": "inf", "rdp": "inf"}
 
     rec = records.accounting_record(
-        n=1024, batch_size=64, steps=6000, directions=1, clip=1.0, epsilon_target=4.0, delta=D1024,
-        accountant="rdp", sigma=4.143,
+        n=1024,
+        batch_size=64,
+        steps=6000,
+        directions=1,
+        clip=1.0,
+        epsilon_target=4.0,
+        delta=D1024,
+        accountant="rdp",
+        sigma=4.143,
     )
     assert rec["sigma"] == 4.143 and rec["calibrated_with"] is None
     assert rec["epsilon_achieved"]["rdp"] == pytest.approx(PUBLISHED_EPS_AT_4143["rdp"], abs=2e-4)
@@ -434,8 +458,10 @@ def test_accounting_record_non_private_and_given_sigma():
     [(dict(batch_size=200), r"batch_size must satisfy 1 <= batch_size <= n"), (dict(n=0), r"n .*>= 1")],
 )
 def test_accounting_record_rejects_bad_sizes(kwargs, match):
-    args = dict(n=100, batch_size=10, steps=5, directions=1, clip=1.0, epsilon_target=1.0, delta=1e-5,
-                accountant="rdp") | kwargs
+    args = (
+        dict(n=100, batch_size=10, steps=5, directions=1, clip=1.0, epsilon_target=1.0, delta=1e-5, accountant="rdp")
+        | kwargs
+    )
     with pytest.raises(ValueError, match=match):
         records.accounting_record(**args)
 
@@ -469,15 +495,29 @@ def test_cli_calibrate_prints_one_json_object():
 
 
 def test_cli_bad_input_exit_code_2():
-    proc = _run_cli("calibrate", "--n", "1024", "--batch-size", "2000", "--steps", "10", "--epsilon", "2",
-                    "--delta", "1e-5")
+    proc = _run_cli(
+        "calibrate", "--n", "1024", "--batch-size", "2000", "--steps", "10", "--epsilon", "2", "--delta", "1e-5"
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "--batch-size" in proc.stderr and "--n" in proc.stderr
 
 
-BASE = ["calibrate", "--n", "1024", "--batch-size", "64", "--steps", "1000", "--epsilon", "2", "--delta", "1e-5",
-        "--accountant", "rdp"]
+BASE = [
+    "calibrate",
+    "--n",
+    "1024",
+    "--batch-size",
+    "64",
+    "--steps",
+    "1000",
+    "--epsilon",
+    "2",
+    "--delta",
+    "1e-5",
+    "--accountant",
+    "rdp",
+]
 
 
 def _with(flag: str, value: str | None) -> list[str]:
@@ -499,8 +539,24 @@ def _with(flag: str, value: str | None) -> list[str]:
         (_with("--steps", None), "--steps"),
         (_with("--accountant", "gdp"), "--accountant"),
         (_with("--batch-size", "4096"), "--batch-size"),
-        (["calibrate", "--n", "10", "--batch-size", "10", "--steps", "1000000", "--epsilon", "0.0001",
-          "--delta", "1e-5", "--accountant", "rdp"], "unreachable"),
+        (
+            [
+                "calibrate",
+                "--n",
+                "10",
+                "--batch-size",
+                "10",
+                "--steps",
+                "1000000",
+                "--epsilon",
+                "0.0001",
+                "--delta",
+                "1e-5",
+                "--accountant",
+                "rdp",
+            ],
+            "unreachable",
+        ),
     ],
 )
 def test_cli_bad_input_in_process(argv, needle, capsys):
@@ -565,8 +621,17 @@ def test_a_cross_check_that_cannot_be_evaluated_is_recorded_not_fatal():
 @pytest.mark.parametrize("method", ["dp-zo-laplace", "dp-zo-laplace+c0.1", "dpzero", "dpzero+c50"])
 def test_a_method_variant_is_accounted_like_its_method(method):
     """`<method>+<variant>` names a hyperparameter variant; its mechanism and accounting are the method's."""
-    common = dict(n=512, batch_size=32, steps=20, directions=1, clip=1.0, epsilon_target=4.0, delta=1e-5,
-                  accountant="rdp", convention="published")
+    common = dict(
+        n=512,
+        batch_size=32,
+        steps=20,
+        directions=1,
+        clip=1.0,
+        epsilon_target=4.0,
+        delta=1e-5,
+        accountant="rdp",
+        convention="published",
+    )
     rec = records.method_ledger(method, **common)
     plain = records.method_ledger(method.split("+")[0], **common)
     assert rec["method"] == method
@@ -592,7 +657,8 @@ def test_calibration_cache_returns_exactly_what_it_computed(tmp_path, monkeypatc
 
     monkeypatch.setattr(records, "calibrate_sigma", no_calibration)
     assert records.accounting_record(**dict(cell, clip=5.0), cache_dir=tmp_path) == dict(
-        fresh, clip=5.0, sensitivity=5.0, noise_std_on_sum=fresh["sigma"] * 5.0)  # sigma does not depend on C
+        fresh, clip=5.0, sensitivity=5.0, noise_std_on_sum=fresh["sigma"] * 5.0
+    )  # sigma does not depend on C
     for other in (dict(epsilon_target=2.5), dict(steps=51), dict(delta=2e-5), dict(batch_size=17)):
         with pytest.raises(AssertionError, match="calibrated again"):
             records.accounting_record(**dict(cell, **other), cache_dir=tmp_path)

@@ -9,7 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.masks.prune import Mask, compute_scores, flat_parameter_names, linearized_objective, rank_correlation, scorer_agreement, scoring_context, select_mask, synflow_objective, theta_hg_exact, theta_hg_zo, top_overlap
+from dpzo.masks.prune import (
+    Mask,
+    compute_scores,
+    flat_parameter_names,
+    linearized_objective,
+    rank_correlation,
+    scorer_agreement,
+    scoring_context,
+    select_mask,
+    synflow_objective,
+    theta_hg_exact,
+    theta_hg_zo,
+    top_overlap,
+)
 from dpzo.zo.flat import FlatParameters
 
 F64 = torch.float64
@@ -23,7 +36,10 @@ def mlp_params(seed: int = 0, dims=(4, 6, 6, 2)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     params = []
     for a, b in zip(dims[:-1], dims[1:]):
-        params += [torch.randn(b, a, generator=g, dtype=F64) / math.sqrt(a), 0.1 * torch.randn(b, generator=g, dtype=F64)]
+        params += [
+            torch.randn(b, a, generator=g, dtype=F64) / math.sqrt(a),
+            0.1 * torch.randn(b, generator=g, dtype=F64),
+        ]
     return [p.abs() for p in params]
 
 
@@ -146,18 +162,37 @@ def tiny_model(family: str, seed: int = 0):
         from transformers import RobertaConfig, RobertaForMaskedLM
 
         config = RobertaConfig(
-            vocab_size=48, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=18,
-            type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            vocab_size=48,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1,
+            max_position_embeddings=18,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
         )
         model = RobertaForMaskedLM(config)
     else:
         from transformers import OPTConfig, OPTForCausalLM
 
         config = OPTConfig(
-            vocab_size=48, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
-            word_embed_proj_dim=16, max_position_embeddings=16, dropout=0.1, attention_dropout=0.0,
-            activation_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+            vocab_size=48,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=32,
+            word_embed_proj_dim=16,
+            max_position_embeddings=16,
+            dropout=0.1,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
         )
         model = OPTForCausalLM(config)
     # Pretrained-like weights: no exact zeros (HF zero-initialises biases and the pad row).
@@ -188,7 +223,9 @@ def plain_autograd_scores(model, family) -> torch.Tensor:
         value = synflow_objective(ref, LABELS, family)
         grads = torch.autograd.grad(value, params, create_graph=True)
         live = [g for g in grads if g.requires_grad]  # a constant gradient (e.g. a bias) adds nothing
-        hg = torch.autograd.grad(live, params, grad_outputs=[g.detach() for g in live], allow_unused=True, materialize_grads=True)
+        hg = torch.autograd.grad(
+            live, params, grad_outputs=[g.detach() for g in live], allow_unused=True, materialize_grads=True
+        )
     return torch.cat([(p.detach() * h).reshape(-1) for p, h in zip(params, hg)])
 
 
@@ -311,7 +348,9 @@ def test_global_selection_counts_and_directions():
     assert small.meta["selection"] == "smallest" and small.meta["count"] == 3
 
 
-@pytest.mark.parametrize("ratio,n,expected", [(0.29, 100, 29), (0.01, 737_488, 7375), (0.5, 3, 2), (0.15, 10, 2), (1.0, 7, 7), (1e-9, 50, 1)])
+@pytest.mark.parametrize(
+    "ratio,n,expected", [(0.29, 100, 29), (0.01, 737_488, 7375), (0.5, 3, 2), (0.15, 10, 2), (1.0, 7, 7), (1e-9, 50, 1)]
+)
 def test_global_count_is_round_half_up_at_least_one(ratio, n, expected):
     scores = torch.arange(n, dtype=torch.float32)
     assert len(select_mask(scores, ratio)) == expected

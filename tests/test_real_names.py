@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from dpzo.data.tasks import TASKS
 from dpzo.pipeline.config import grid_cells
 from dpzo.pipeline.preflight import missing_inputs
-from dpzo.data.tasks import TASKS
 
 from .test_workflow import ROOT, job_counts, snakemake
 from .tiny import examples, make_clf, word_tokenizer
@@ -64,7 +64,9 @@ def test_stand_ins_under_the_real_names_run(tmp_path):
     snakemake(tmp_path, env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     for model in CONFIG["models"]:
         for cell in ("zero-shot/epsinf", "dp-zoso/eps8"):
-            metrics = json.loads((tmp_path / "results/runs" / model / "SST-2" / cell / "seed13/metrics.json").read_text())
+            metrics = json.loads(
+                (tmp_path / "results/runs" / model / "SST-2" / cell / "seed13/metrics.json").read_text()
+            )
             assert metrics["test_n"] == 24 and metrics["n_train"] == 16 and metrics["metric"] == "accuracy"
     ledger = json.loads((tmp_path / "results/runs/roberta-large/SST-2/dp-zoso/eps8/seed13/privacy.json").read_text())
     assert ledger["n"] == 16 and ledger["q"] == pytest.approx(4 / 16)
@@ -85,8 +87,14 @@ def test_nothing_present_fails_before_any_job_with_the_list(tmp_path):
 def test_local_model_directories_are_checked(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
-    config = {"models": {"a": {"path": str(tmp_path / "half")}, "b": {"path": str(tmp_path / "absent")}, "c": {"demo": "opt"}},
-              "tasks": ["demo-sst2"]}
+    config = {
+        "models": {
+            "a": {"path": str(tmp_path / "half")},
+            "b": {"path": str(tmp_path / "absent")},
+            "c": {"demo": "opt"},
+        },
+        "tasks": ["demo-sst2"],
+    }
     problems = missing_inputs(config)
     assert len(problems) == 2
     assert "models.a.path" in problems[0] and "has no weights" in problems[0] and "no tokenizer files" in problems[0]
@@ -117,7 +125,8 @@ def test_dpzero_config_dry_run(tmp_path):
     counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
     # Per model: zero-shot and MeZO once per (task, seed), DPZero at each epsilon.
     expected = sum(
-        len(m["grid"]["tasks"]) * len(m["grid"]["seeds"]) * (2 + len(dpzero["epsilons"])) for m in dpzero["models"].values()
+        len(m["grid"]["tasks"]) * len(m["grid"]["seeds"]) * (2 + len(dpzero["epsilons"]))
+        for m in dpzero["models"].values()
     )
     assert counts["train"] == expected == 6 * 3 * 4 + 3 * 4 * 3 * 4
     assert dpzero["accounting"] == "published" and dpzero["delta"] == 1e-5
@@ -127,10 +136,18 @@ def test_missing_hugging_face_dataset_is_listed_with_the_fetch_command(tmp_path,
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    problems = missing_inputs({"models": {"d": {"demo": "opt"}}, "tasks": ["mezo-rte", "demo-sst2"],
-                               "hf_datasets": {"cache_dir": str(tmp_path / "datasets")}})
+    problems = missing_inputs(
+        {
+            "models": {"d": {"demo": "opt"}},
+            "tasks": ["mezo-rte", "demo-sst2"],
+            "hf_datasets": {"cache_dir": str(tmp_path / "datasets")},
+        }
+    )
     assert len(problems) == 1
     assert "'super_glue/rte' is not in the datasets cache" in problems[0]
     assert "datasets.load_dataset('super_glue', 'rte')" in problems[0]
     (tmp_path / "datasets" / "super_glue" / "rte").mkdir(parents=True)  # what load_dataset leaves behind
-    assert missing_inputs({"models": {}, "tasks": ["mezo-rte"], "hf_datasets": {"cache_dir": str(tmp_path / "datasets")}}) == []
+    assert (
+        missing_inputs({"models": {}, "tasks": ["mezo-rte"], "hf_datasets": {"cache_dir": str(tmp_path / "datasets")}})
+        == []
+    )

@@ -16,10 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpzo.report import figures
-from dpzo.report import reference
 from dpzo.report import collect as report
-from dpzo.report import tables
+from dpzo.report import figures, reference, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY_CSV = ROOT / "config" / "reference" / "accuracy.csv"
@@ -39,7 +37,9 @@ GRID = {
     ("demo-roberta", "demo-sst2", "zero-shot", "inf"): {13: 0.732},
 }
 METHOD_PARAMS = {
-    "dp-zopo+static-r0.05": {"mask": {"scorer": "synflow-exact", "ratio": 0.05, "selection": "largest", "strategy": "static"}},
+    "dp-zopo+static-r0.05": {
+        "mask": {"scorer": "synflow-exact", "ratio": 0.05, "selection": "largest", "strategy": "static"}
+    },
     "dp-zopo+dynamic-r0.01": {"mask": {"scorer": "magnitude", "ratio": 0.01, "strategy": "dynamic"}},
 }
 
@@ -55,24 +55,56 @@ def write_cell(root: Path, model: str, task: str, method: str, eps: str, seed: i
     steps = 0 if method == "zero-shot" else 40
     history = {}
     if steps:
-        history = {"step": [10, 20, 30, 40], "stage": [0, 0, 1, 1], "test_step": [10, 20, 30, 40],
-                   "test_loss": [0.7 - 0.01 * seed / 13, 0.5, 0.4, 0.35],
-                   "stage_starts": [0, 20] if method.startswith("dp-zo") else [0]}
+        history = {
+            "step": [10, 20, 30, 40],
+            "stage": [0, 0, 1, 1],
+            "test_step": [10, 20, 30, 40],
+            "test_loss": [0.7 - 0.01 * seed / 13, 0.5, 0.4, 0.35],
+            "stage_starts": [0, 20] if method.startswith("dp-zo") else [0],
+        }
     metrics = {
-        "model": model, "task": task, "method": method, "seed": seed, "eps": eps, "accuracy": acc,
-        "test_n": 1000, "n_train": 1024, "n_params": 355_000_000, "steps": steps, "releases": steps if private else 0,
-        "ms_per_step": 20.0 + seed if steps else None, "train_seconds": 0.02 * steps, "wall_seconds": 5.0 + seed,
-        "memory": {"cpu_max_rss_mb": 400.0 + seed}, "device": "cpu", "history": history,
-        "privacy": {"noise": "secure" if private else "none (no privacy claim)",
-                    "epsilon_verified": float(eps) - 0.001 if private else None},
+        "model": model,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "eps": eps,
+        "accuracy": acc,
+        "test_n": 1000,
+        "n_train": 1024,
+        "n_params": 355_000_000,
+        "steps": steps,
+        "releases": steps if private else 0,
+        "ms_per_step": 20.0 + seed if steps else None,
+        "train_seconds": 0.02 * steps,
+        "wall_seconds": 5.0 + seed,
+        "memory": {"cpu_max_rss_mb": 400.0 + seed},
+        "device": "cpu",
+        "history": history,
+        "privacy": {
+            "noise": "secure" if private else "none (no privacy claim)",
+            "epsilon_verified": float(eps) - 0.001 if private else None,
+        },
     }
     (cell / "metrics.json").write_text(json.dumps(metrics))
     if private:
-        ledger = {"private": True, "epsilon_target": float(eps), "delta": 1e-5, "sigma": _sigma(eps, task), "q": 64 / 1024,
-                  "n": 1024, "steps": steps, "directions": 1, "compositions": steps, "clip": 5.0,
-                  "noise_std_on_sum": 5.0 * _sigma(eps, task), "mechanism": "gaussian", "accounting": "common",
-                  "neighbouring": "add/remove one example", "calibrated_with": "pld",
-                  "epsilon_achieved": {"pld": float(eps) - 0.001, "prv": float(eps) + 0.01, "rdp": float(eps) * 1.2}}
+        ledger = {
+            "private": True,
+            "epsilon_target": float(eps),
+            "delta": 1e-5,
+            "sigma": _sigma(eps, task),
+            "q": 64 / 1024,
+            "n": 1024,
+            "steps": steps,
+            "directions": 1,
+            "compositions": steps,
+            "clip": 5.0,
+            "noise_std_on_sum": 5.0 * _sigma(eps, task),
+            "mechanism": "gaussian",
+            "accounting": "common",
+            "neighbouring": "add/remove one example",
+            "calibrated_with": "pld",
+            "epsilon_achieved": {"pld": float(eps) - 0.001, "prv": float(eps) + 0.01, "rdp": float(eps) * 1.2},
+        }
     else:
         ledger = {"private": False, "epsilon_target": "inf", "n": 1024, "steps": steps, "neighbouring": "none"}
     (cell / "privacy.json").write_text(json.dumps(ledger))
@@ -84,7 +116,9 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     files = [write_cell(root, *key, seed, acc) for key, seeds in GRID.items() for seed, acc in seeds.items()]
     tables_dir = root / "results" / "tables"
-    cells = report.write_collection(files, tables_dir / "cells.csv", tables_dir / "curves.csv", models=MODELS, methods=METHOD_PARAMS)
+    cells = report.write_collection(
+        files, tables_dir / "cells.csv", tables_dir / "curves.csv", models=MODELS, methods=METHOD_PARAMS
+    )
     summary = report.write_summary(tables_dir / "cells.csv", tables_dir / "summary.csv")
     return root, cells, summary
 
@@ -147,7 +181,10 @@ def test_preferred_value_skips_suspect_rows_and_follows_source_order():
         ("dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4.0,accuracy,92.6,0.2,d,ok,fig,", "eps must be written"),
         ("dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4,accuracy,high,0.2,d,ok,fig,", "must be a number"),
         ("dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4,accuracy,192.6,0.2,d,ok,fig,", "outside"),
-        ("dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4,accuracy,92.6,0.2,d,maybe,fig,", "status must be one of"),
+        (
+            "dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4,accuracy,92.6,0.2,d,maybe,fig,",
+            "status must be one of",
+        ),
         ("dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4,accuracy,92.6,0.2,d,ok,,", "provenance is empty"),
     ],
 )
@@ -200,7 +237,11 @@ def _table(run, eps):
 def _published(model_ref, task_ref, method, eps):
     """The value the table should show, chosen here by the rule written in config/reference/README.md."""
     order = ["dpzopo-fig-acc", "mezo-zero-shot", "dpzero-table2", "dpzero-table4"]
-    rows = [r for r in published_rows() if (r["model"], r["task"], r["method"], r["eps"]) == (model_ref, task_ref, method, eps)]
+    rows = [
+        r
+        for r in published_rows()
+        if (r["model"], r["task"], r["method"], r["eps"]) == (model_ref, task_ref, method, eps)
+    ]
     rows.sort(key=lambda r: (r["status"] != "ok", order.index(r["source"])))
     return float(rows[0]["value"]) if rows else None
 
@@ -222,7 +263,9 @@ def test_accuracy_table_cells_equal_recomputed_values(run):
             assert r.published == pub and r.difference == pytest.approx(mean - pub)
     # spot checks against the paper's numbers: DP-ZOSO SST-2 at eps 2 is 92.9 in the figure
     row = table[(table.model == "roberta-large") & (table.task == "SST-2") & (table.method == "dp-zoso")].iloc[0]
-    assert row.published == 92.9 and row.difference == pytest.approx(expected(("roberta-large", "SST-2", "dp-zoso", "2"))[0] - 92.9)
+    assert row.published == 92.9 and row.difference == pytest.approx(
+        expected(("roberta-large", "SST-2", "dp-zoso", "2"))[0] - 92.9
+    )
     # rendered: the Markdown holds the same rounded numbers
     md = out["md"].read_text()
     mean, std, _ = expected(("roberta-large", "SST-2", "dp-zoso", "2"))
@@ -258,7 +301,11 @@ def test_privacy_table_equals_the_ledgers(run):
         assert r.seeds == ", ".join(str(s) for s in sorted(private[key]))
         eps = float(key[3])
         assert r.sigma == pytest.approx(_sigma(key[3], r.task))
-        assert (r.epsilon_pld, r.epsilon_prv, r.epsilon_rdp) == (pytest.approx(eps - 0.001), pytest.approx(eps + 0.01), pytest.approx(eps * 1.2))
+        assert (r.epsilon_pld, r.epsilon_prv, r.epsilon_rdp) == (
+            pytest.approx(eps - 0.001),
+            pytest.approx(eps + 0.01),
+            pytest.approx(eps * 1.2),
+        )
         assert (r.delta, r.q, r.ledger_steps, r.compositions) == (1e-5, 64 / 1024, 40, 40)
     rendered = tables.render_privacy(tidy)
     assert list(rendered.body.columns)[-6:] == ["ε PLD", "ε PRV", "ε RDP", "ε VERIFIED", "calibrated with", "noise"]
@@ -281,7 +328,11 @@ def test_privacy_table_without_private_cells_is_valid(tmp_path):
 def test_every_figure_renders_with_and_without_data(run, tmp_path):
     root, _, _ = run
     d = root / "results" / "tables"
-    summary, cells, curves = report.read_cells(d / "summary.csv"), report.read_cells(d / "cells.csv"), report.read_cells(d / "curves.csv")
+    summary, cells, curves = (
+        report.read_cells(d / "summary.csv"),
+        report.read_cells(d / "cells.csv"),
+        report.read_cells(d / "curves.csv"),
+    )
     published = reference.preferred(reference.load_accuracy(ACCURACY_CSV))
     memory = reference.load_memory(MEMORY_CSV)
     calls = {
@@ -322,8 +373,26 @@ def test_cells_trained_with_test_noise_are_marked_not_private(tmp_path):
     private = cells[cells.method == "dp-zoso"].set_index("seed")
     assert private.loc[42, "test_noise"] and not private.loc[13, "test_noise"]
     summary = report.write_summary(out / "cells.csv", out / "summary.csv")
-    acc = tables.render_accuracy(tables.accuracy_table(report.read_cells(out / "summary.csv"), pd.DataFrame(
-        columns=[*reference.KEY, "value", "error", "error_kind", "source", "published_name", "status", "notes", "metric"]), "2"), "2")
+    acc = tables.render_accuracy(
+        tables.accuracy_table(
+            report.read_cells(out / "summary.csv"),
+            pd.DataFrame(
+                columns=[
+                    *reference.KEY,
+                    "value",
+                    "error",
+                    "error_kind",
+                    "source",
+                    "published_name",
+                    "status",
+                    "notes",
+                    "metric",
+                ]
+            ),
+            "2",
+        ),
+        "2",
+    )
     row = acc.body[acc.body.method == "dp-zoso"].iloc[0]
     assert row["ours"].endswith("†") and "not private (test noise)" in acc.notes[0]
     zero = acc.body[acc.body.method.str.startswith("zero-shot")].iloc[0]
@@ -343,9 +412,22 @@ def test_published_curves_hold_the_test_loss_and_no_private_diagnostics(run, tmp
     # the private diagnostics are collected only from their own files, into results/private
     cell = tmp_path / "runs" / "c"
     cell.mkdir(parents=True)
-    (cell / "private_diagnostics.json").write_text(json.dumps({
-        "note": "not covered", "model": "m", "task": "t", "method": "dp-zoso", "eps": "2", "seed": 1,
-        "step": [5, 10], "loss": [0.6, 0.5], "examples": [40, 41], "clipped_fraction": [0.1, 0.0]}))
+    (cell / "private_diagnostics.json").write_text(
+        json.dumps(
+            {
+                "note": "not covered",
+                "model": "m",
+                "task": "t",
+                "method": "dp-zoso",
+                "eps": "2",
+                "seed": 1,
+                "step": [5, 10],
+                "loss": [0.6, 0.5],
+                "examples": [40, 41],
+                "clipped_fraction": [0.1, 0.0],
+            }
+        )
+    )
     (cell / "metrics.json").write_text(json.dumps({"history": {"stage_starts": [0, 6]}}))
     table = report.write_diagnostics([cell / "private_diagnostics.json"], tmp_path / "private" / "diagnostics.csv")
     assert table.loss.tolist() == [0.6, 0.5] and table.examples.tolist() == [40, 41] and table.stage.tolist() == [0, 1]

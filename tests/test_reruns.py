@@ -109,9 +109,13 @@ def test_only_covered_quantities_are_published(grid):
     metrics = json.loads(cell(grid, PRIVATE).read_text())
     history = metrics["history"]
     assert not {"loss", "examples", "clipped_fraction"} & set(history)
-    assert history["test_step"][-1] == CONFIG["methods"]["dp-zoso"]["steps"] and len(history["test_loss"]) == len(history["test_step"])
+    assert history["test_step"][-1] == CONFIG["methods"]["dp-zoso"]["steps"] and len(history["test_loss"]) == len(
+        history["test_step"]
+    )
     private = json.loads(cell(grid, PRIVATE, "private_diagnostics.json").read_text())
-    assert "NOT covered" in private["note"] and len(private["loss"]) == len(private["step"]) == len(private["clipped_fraction"])
+    assert "NOT covered" in private["note"] and len(private["loss"]) == len(private["step"]) == len(
+        private["clipped_fraction"]
+    )
     curves = (grid / "results/tables/curves.csv").read_text().splitlines()[0].split(",")
     assert "test_loss" in curves and "loss" not in curves
     assert not (grid / "results/private").exists()
@@ -144,11 +148,17 @@ def test_replacing_a_models_weights_reruns_its_cells(grid, tmp_path):
     assert job_counts(snakemake(grid, "-n", *args).stdout) == {"train": 1}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"device": "gpu"}, "config key 'device'"),
-    ({"methods": {"dp-zoso": {k: v for k, v in CONFIG["methods"]["dp-zoso"].items() if k != "clip"}}}, "clip"),
-    ({"methods": {"dp-zoso": dict(CONFIG["methods"]["dp-zoso"], batch_size=999)}}, "is larger than the training set"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"device": "gpu"}, "config key 'device'"),
+        ({"methods": {"dp-zoso": {k: v for k, v in CONFIG["methods"]["dp-zoso"].items() if k != "clip"}}}, "clip"),
+        (
+            {"methods": {"dp-zoso": dict(CONFIG["methods"]["dp-zoso"], batch_size=999)}},
+            "is larger than the training set",
+        ),
+    ],
+)
 def test_bad_values_stop_before_any_job(tmp_path, change, message):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(CONFIG, **change)))
     proc = snakemake(tmp_path, "-n", check=False)

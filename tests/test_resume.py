@@ -23,7 +23,9 @@ CELL = "demo-roberta/demo-sst2/dp-zoso/eps8/seed13"
 STEPS, DIRECTIONS = 40, 2
 CONFIG = dict(
     TINY,
-    methods={"dp-zoso": dict(TINY["methods"]["dp-zoso"], steps=STEPS, directions=DIRECTIONS, stage_steps=10, log_every=5)},
+    methods={
+        "dp-zoso": dict(TINY["methods"]["dp-zoso"], steps=STEPS, directions=DIRECTIONS, stage_steps=10, log_every=5)
+    },
     checkpoint={"every_steps": 8, "every_seconds": 0},
 )
 
@@ -39,9 +41,21 @@ def workdir(tiny_run, tmp_path):
 
 
 def start(workdir: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--rerun-incomplete",
-           f"results/runs/{CELL}/metrics.json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        "--rerun-incomplete",
+        f"results/runs/{CELL}/metrics.json",
+    ]
     env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7"}
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -95,7 +109,9 @@ def test_killed_and_terminated_cell_resumes_to_the_uninterrupted_result(workdir,
     # 2. the next run resumes; SIGTERM to the job alone (a SLURM time limit) makes it save after
     # its current step and stop; Snakemake records the failed job
     run = start(workdir, logs / "term.log")
-    wait_until(lambda: train_log.exists() and "resuming from checkpoint" in train_log.read_text(), run, logs / "term.log")
+    wait_until(
+        lambda: train_log.exists() and "resuming from checkpoint" in train_log.read_text(), run, logs / "term.log"
+    )
     os.kill(training_pid(workdir), signal.SIGTERM)
     assert run.wait(timeout=300) != 0
     assert "stopped by SIGTERM" in train_log.read_text() and not metrics_file.exists()

@@ -62,8 +62,11 @@ def why_not_runnable() -> str | None:
 
 # decided at collection, before the (session-wide) local tiny run would be set up for nothing
 NOT_RUNNABLE = why_not_runnable()
-pytestmark = [pytest.mark.slurm, pytest.mark.slow,
-              pytest.mark.skipif(NOT_RUNNABLE is not None, reason=str(NOT_RUNNABLE))]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(NOT_RUNNABLE is not None, reason=str(NOT_RUNNABLE)),
+]
 
 
 def free_ports(count: int) -> list[int]:
@@ -91,7 +94,9 @@ def machine_lock(timeout: float = 1200.0):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"another local SLURM cluster test held the machine for {timeout:.0f} s")
+                    raise AssertionError(
+                        f"another local SLURM cluster test held the machine for {timeout:.0f} s"
+                    ) from None
                 time.sleep(2)
         try:
             yield
@@ -110,14 +115,22 @@ def _cluster():
     directory = tempfile.mkdtemp(prefix="dpzo-slurm-", dir="/tmp")
     ctld, slurmd = free_ports(2)
     settings = {
-        "LOCAL_SLURM_DIR": directory, "LOCAL_SLURM_CTLD_PORT": ctld, "LOCAL_SLURM_SLURMD_PORT": slurmd,
+        "LOCAL_SLURM_DIR": directory,
+        "LOCAL_SLURM_CTLD_PORT": ctld,
+        "LOCAL_SLURM_SLURMD_PORT": slurmd,
         # room for the profile's requests (32 GB per cell) on a small machine
-        "LOCAL_SLURM_CPUS": 4, "LOCAL_SLURM_MEMORY": 128000, "PATH": f"{SYSTEM_PATH}:{os.environ.get('PATH', '')}",
+        "LOCAL_SLURM_CPUS": 4,
+        "LOCAL_SLURM_MEMORY": 128000,
+        "PATH": f"{SYSTEM_PATH}:{os.environ.get('PATH', '')}",
     }
     as_root = [*_privilege(), "env", *(f"{k}={v}" for k, v in settings.items()), "bash"]
     try:
-        start = subprocess.run([*as_root, str(SCRIPTS / "start-local-slurm.sh"), "--fake-gpus", "1"],
-                               capture_output=True, text=True, timeout=900)  # apt-get included
+        start = subprocess.run(
+            [*as_root, str(SCRIPTS / "start-local-slurm.sh"), "--fake-gpus", "1"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )  # apt-get included
         assert start.returncode == 0, f"the local SLURM cluster did not start:\n{start.stdout}\n{start.stderr}"
         yield
     finally:
@@ -126,11 +139,26 @@ def _cluster():
 
 def on_slurm(workdir: Path, *args: str) -> str:
     """Run snakemake in ``workdir`` through profiles/slurm; returns its output."""
-    cmd = ["timeout", "-k", "30", "600", sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-           "--workflow-profile", str(ROOT / "profiles" / "slurm"),
-           "--slurm-init-seconds-before-status-checks", "5",  # tiny jobs: poll sooner than the profile's 40 s
-           *args]
+    cmd = [
+        "timeout",
+        "-k",
+        "30",
+        "600",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--workflow-profile",
+        str(ROOT / "profiles" / "slurm"),
+        "--slurm-init-seconds-before-status-checks",
+        "5",  # tiny jobs: poll sooner than the profile's 40 s
+        *args,
+    ]
     env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7", "PATH": f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=700)
     out = proc.stdout + proc.stderr
@@ -145,15 +173,24 @@ def executed_jobs(out: str) -> list[dict]:
     for local, rule, body in re.findall(r"^(local)?rule (\w+):\n((?:    .*\n)+)", out, re.M):
         jobid = re.search(r"^    jobid: (\d+)", body, re.M).group(1)
         output = re.search(r"^    output: ([^,\n]+)", body, re.M)
-        jobs.append(dict(rule=rule, local=bool(local), output=output.group(1) if output else None,
-                         slurm_id=submitted.get(jobid)))
+        jobs.append(
+            dict(
+                rule=rule, local=bool(local), output=output.group(1) if output else None, slurm_id=submitted.get(jobid)
+            )
+        )
     return jobs
 
 
 def slurm_jobs() -> dict[str, dict]:
     """squeue's view of every job the cluster still remembers (MinJobAge keeps finished ones)."""
-    out = subprocess.run(["squeue", "-t", "all", "-h", "-o", "%i|%T|%m|%l|%k"], capture_output=True, text=True,
-                         timeout=60, check=True, env={**os.environ, "PATH": SYSTEM_PATH}).stdout
+    out = subprocess.run(
+        ["squeue", "-t", "all", "-h", "-o", "%i|%T|%m|%l|%k"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PATH": SYSTEM_PATH},
+    ).stdout
     jobs = {}
     for line in out.splitlines():
         jobid, state, memory, limit, comment = line.split("|", 4)
@@ -162,8 +199,14 @@ def slurm_jobs() -> dict[str, dict]:
 
 
 def gpus_requested(jobid: str) -> str:
-    out = subprocess.run(["squeue", "-t", "all", "-h", "-j", jobid, "-O", "tres-per-job"], capture_output=True,
-                         text=True, timeout=60, check=True, env={**os.environ, "PATH": SYSTEM_PATH}).stdout
+    out = subprocess.run(
+        ["squeue", "-t", "all", "-h", "-j", jobid, "-O", "tres-per-job"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PATH": SYSTEM_PATH},
+    ).stdout
     return out.strip()
 
 
@@ -196,7 +239,9 @@ def test_tiny_grid_on_slurm_matches_the_local_run(cluster, tiny_run, tmp_path):
         train = next(j for j in remote if j["output"] == f"results/runs/{cell}/metrics.json")
         assert metrics["slurm_job_id"] == train["slurm_id"] and local["slurm_job_id"] is None
         assert same_result(metrics, local), cell  # the cluster computes exactly what a local run does
-        ledgers = [json.loads((d / "results" / "runs" / cell / "privacy.json").read_text()) for d in (tmp_path, tiny_run)]
+        ledgers = [
+            json.loads((d / "results" / "runs" / cell / "privacy.json").read_text()) for d in (tmp_path, tiny_run)
+        ]
         assert ledgers[0] == ledgers[1], cell
 
     # one cell, forced: exactly one job, here with a GPU (the cluster advertises a fake one)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.data.splits import make_k_shot, read_split, sample_k_shot, Example, load_split
+from dpzo.data.splits import Example, load_split, make_k_shot, read_split, sample_k_shot
 from dpzo.data.tasks import TASKS, encode_prompt, get_task, parse_template, render_template
 
 SPECIAL = dict(cls="<s>", sep="</s>", mask="<mask>")
@@ -21,9 +21,14 @@ def test_sst2_template_renders_like_lmbff():
 
 
 def test_trec_and_nli_templates_render_like_lmbff():
-    assert render_template(TASKS["trec"].template, ["Who wrote Hamlet?"], **SPECIAL) == "<s><mask>: Who wrote Hamlet?</s>"
+    assert (
+        render_template(TASKS["trec"].template, ["Who wrote Hamlet?"], **SPECIAL) == "<s><mask>: Who wrote Hamlet?</s>"
+    )
     nli = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
-    assert render_template(nli, ["A man sleeps.", "Nobody sleeps"], **SPECIAL) == "<s>A man sleeps?<mask>, nobody sleeps</s>"
+    assert (
+        render_template(nli, ["A man sleeps.", "Nobody sleeps"], **SPECIAL)
+        == "<s>A man sleeps?<mask>, nobody sleeps</s>"
+    )
 
 
 def test_causal_template_is_the_prefix_before_the_label_word():
@@ -129,7 +134,22 @@ def test_make_k_shot_writes_jsonl_that_round_trips(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The LM-BFF task table: files, templates, label words, metrics
 # ---------------------------------------------------------------------------------------------
-LMBFF_TASKS = ["SST-2", "SST-5", "mr", "cr", "mpqa", "subj", "trec", "CoLA", "MNLI", "SNLI", "RTE", "QNLI", "MRPC", "QQP"]
+LMBFF_TASKS = [
+    "SST-2",
+    "SST-5",
+    "mr",
+    "cr",
+    "mpqa",
+    "subj",
+    "trec",
+    "CoLA",
+    "MNLI",
+    "SNLI",
+    "RTE",
+    "QNLI",
+    "MRPC",
+    "QQP",
+]
 
 
 def _write_lmbff(root, spec, rows_by_split):
@@ -214,8 +234,13 @@ def test_sentence_limits_cut_each_sentence_before_the_prompt(tokenizer):
     sentence = " ".join(["good"] * 30)
     full = encode_prompt("*cls**sent_0**mask**+sent_1*", [sentence, sentence], tokenizer, max_length=128, causal=False)
     cut = encode_prompt(
-        "*cls**sent_0**mask**+sent_1*", [sentence, sentence], tokenizer, max_length=128, causal=False,
-        first_sent_limit=5, other_sent_limit=3,
+        "*cls**sent_0**mask**+sent_1*",
+        [sentence, sentence],
+        tokenizer,
+        max_length=128,
+        causal=False,
+        first_sent_limit=5,
+        other_sent_limit=3,
     )
     assert len(full.input_ids) == 1 + 30 + 1 + 30
     assert len(cut.input_ids) == 1 + 5 + 1 + 3 and cut.score_position == 6
@@ -241,8 +266,9 @@ def test_task_metrics_from_confusion_against_closed_forms():
 
 
 def test_config_schema_lists_every_task():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     assert sorted(schema["properties"]["tasks"]["items"]["enum"]) == sorted(TASKS)

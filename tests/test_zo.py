@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from dpzo.methods import hyperparameters_for
+from dpzo.methods.hyperparameters import StageSchedule, ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.methods.hyperparameters import ZOHyperparameters
-from dpzo.zo.loop import train_zo
-from dpzo.methods import hyperparameters_for
-from dpzo.zo.precision import MIN_BETA_ULPS, check_zo_scale
 from dpzo.zo.flat import FlatParameters, direction_seed, gaussian_direction
-from dpzo.methods.hyperparameters import StageSchedule
+from dpzo.zo.loop import train_zo
+from dpzo.zo.precision import MIN_BETA_ULPS, check_zo_scale
 from dpzo.zo.step import apply_update, clip_differences, spsa_differences
 
 
@@ -176,7 +175,6 @@ def reference_dpzoso(quad, theta0, hp, *, run_seed, sigma, noise_seed, n):
         if t == starts[s]:
             anchor = theta.copy()
         lr = hp.lr * hp.lr_decay**s
-        beta = hp.beta_start * (hp.beta_end / hp.beta_start) ** (s / (hp.stages - 1))
         step = np.zeros_like(theta)
         for p in range(hp.directions):
             index = rng.poisson_batch(n, q)
@@ -192,14 +190,29 @@ def reference_dpzoso(quad, theta0, hp, *, run_seed, sigma, noise_seed, n):
 def test_dpzoso_trainer_matches_float64_reference(directions, lam):
     quad = Quadratic(n=40)
     hp = ZOHyperparameters(
-        steps=14, batch_size=8, lr=1e-2, stages=3, stage_steps=2, beta_start=1e-4, beta_end=1e-2,
-        lam=lam, clip=3.0, directions=directions, log_every=1,
+        steps=14,
+        batch_size=8,
+        lr=1e-2,
+        stages=3,
+        stage_steps=2,
+        beta_start=1e-4,
+        beta_end=1e-2,
+        lam=lam,
+        clip=3.0,
+        directions=directions,
+        log_every=1,
     )
     model = TwoTensorModel()
     theta0 = model.theta().detach().numpy().copy()
     history = train_zo(
-        model, quad.loss_fn(model), 40, hp, method="dp-zoso", run_seed=13,
-        noise=NoisySum("gaussian", 0.7 * 3.0, 8.0), secret=SecretRandom(insecure_test_seed=5),
+        model,
+        quad.loss_fn(model),
+        40,
+        hp,
+        method="dp-zoso",
+        run_seed=13,
+        noise=NoisySum("gaussian", 0.7 * 3.0, 8.0),
+        secret=SecretRandom(insecure_test_seed=5),
         master_dtype=torch.float64,
     )
     expected = reference_dpzoso(quad, theta0, hp, run_seed=13, sigma=0.7, noise_seed=5, n=40)
@@ -221,8 +234,14 @@ def test_trainer_runs_exactly_t_steps_with_two_forwards_per_release():
 
     hp = ZOHyperparameters(steps=9, batch_size=8, lr=1e-3, clip=1.0, directions=3)
     history = train_zo(
-        model, counting_loss, 40, hp, method="dp-zoso", run_seed=0,
-        noise=NoisySum("gaussian", 1.0, 8.0), secret=SecretRandom(insecure_test_seed=1),
+        model,
+        counting_loss,
+        40,
+        hp,
+        method="dp-zoso",
+        run_seed=0,
+        noise=NoisySum("gaussian", 1.0, 8.0),
+        secret=SecretRandom(insecure_test_seed=1),
     )
     nonempty = [c for c in calls if c > 0]
     assert history["releases"] == 27
@@ -334,8 +353,15 @@ def test_tang_dp_zo_clips_the_raw_difference(method):
     theta0 = model.theta().detach().numpy().copy()
     mech = "laplace" if method == "dp-zo-laplace" else "gaussian"
     history = train_zo(
-        model, quad.loss_fn(model), 40, hp, method=method, run_seed=2,
-        noise=NoisySum(mech, 0.03, 8.0), secret=SecretRandom(insecure_test_seed=9), master_dtype=torch.float64,
+        model,
+        quad.loss_fn(model),
+        40,
+        hp,
+        method=method,
+        run_seed=2,
+        noise=NoisySum(mech, 0.03, 8.0),
+        secret=SecretRandom(insecure_test_seed=9),
+        master_dtype=torch.float64,
     )
     kw = {"laplace_b": 0.03} if mech == "laplace" else {"gauss_std": 0.03}
     expected = reference_raw_difference_clipping(quad, theta0, hp, run_seed=2, noise_seed=9, n=40, **kw)
@@ -358,8 +384,16 @@ def test_private_method_needs_a_finite_clip():
     model = TwoTensorModel()
     hp = ZOHyperparameters(steps=1, batch_size=8, lr=1e-3)
     with pytest.raises(ValueError, match="finite clip"):
-        train_zo(model, quad.loss_fn(model), 40, hp, method="dpzero", run_seed=0,
-                 noise=NoisySum("gaussian", 1.0, 8.0), secret=SecretRandom(insecure_test_seed=1))
+        train_zo(
+            model,
+            quad.loss_fn(model),
+            40,
+            hp,
+            method="dpzero",
+            run_seed=0,
+            noise=NoisySum("gaussian", 1.0, 8.0),
+            secret=SecretRandom(insecure_test_seed=1),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,16 +404,33 @@ def test_private_method_needs_a_finite_clip():
 def _ledger(hp, n, sigma=2.0):
     from dpzo.privacy.records import accounting_record
 
-    rec = accounting_record(n=n, batch_size=hp.batch_size, steps=hp.steps, directions=hp.directions, clip=hp.clip,
-                            epsilon_target=math.inf, delta=1e-5, sigma=sigma)
+    rec = accounting_record(
+        n=n,
+        batch_size=hp.batch_size,
+        steps=hp.steps,
+        directions=hp.directions,
+        clip=hp.clip,
+        epsilon_target=math.inf,
+        delta=1e-5,
+        sigma=sigma,
+    )
     return rec | {"method": "dp-zoso"}
 
 
 def _run(hp, ledger, secret, n=40, **kw):
     quad = Quadratic(n=n)
     model = TwoTensorModel()
-    return train_zo(model, quad.loss_fn(model), n, hp, method="dp-zoso", run_seed=0, noise=NoisySum.from_ledger(ledger),
-                    secret=secret, **kw), model
+    return train_zo(
+        model,
+        quad.loss_fn(model),
+        n,
+        hp,
+        method="dp-zoso",
+        run_seed=0,
+        noise=NoisySum.from_ledger(ledger),
+        secret=secret,
+        **kw,
+    ), model
 
 
 def test_ledger_recheck_passes_for_what_ran_and_names_every_mismatch():
@@ -437,11 +488,21 @@ def test_non_finite_loss_stops_training_with_the_step():
         return torch.full((len(index),), float("nan"), dtype=torch.float64) * model.theta().sum()
 
     with pytest.raises(FloatingPointError, match="non-finite loss difference at step 0"):
-        train_zo(model, nan_loss, 40, hp, method="dp-zoso", run_seed=0, noise=NoisySum("gaussian", 1.0, 8.0),
-                 secret=SecretRandom(insecure_test_seed=1))
+        train_zo(
+            model,
+            nan_loss,
+            40,
+            hp,
+            method="dp-zoso",
+            run_seed=0,
+            noise=NoisySum("gaussian", 1.0, 8.0),
+            secret=SecretRandom(insecure_test_seed=1),
+        )
 
 
-@pytest.mark.parametrize("lr,needle", [(1e300, "non-finite update at step 0"), (1e307, "non-finite weights after step 0")])
+@pytest.mark.parametrize(
+    "lr,needle", [(1e300, "non-finite update at step 0"), (1e307, "non-finite weights after step 0")]
+)
 def test_non_finite_update_stops_training(lr, needle):
     quad = Quadratic(n=40)
     model = TwoTensorModel()
@@ -500,7 +561,9 @@ def test_trainer_refuses_a_zo_scale_the_weights_cannot_hold():
 
 
 @pytest.mark.parametrize("method", ["mezo", "dpzero", "dp-zo-gauss", "dp-zo-laplace"])
-@pytest.mark.parametrize("staged", [{"stages": 2, "stage_steps": 2}, {"lam": 0.1}, {"beta_start": 1e-3, "beta_end": 1e-2}])
+@pytest.mark.parametrize(
+    "staged", [{"stages": 2, "stage_steps": 2}, {"lam": 0.1}, {"beta_start": 1e-3, "beta_end": 1e-2}]
+)
 def test_constant_schedule_methods_refuse_stagewise_settings(method, staged):
     params = {"steps": 8, "batch_size": 4, "lr": 1e-3, "clip": 1.0, **staged}
     with pytest.raises(ValueError, match=f"{method} has a constant schedule"):

@@ -9,11 +9,33 @@ import torch
 import transformers
 
 from dpzo.data.splits import Example
-from dpzo.models.classifier import PromptClassifier
 from dpzo.data.tasks import TASKS
+from dpzo.models.classifier import PromptClassifier
 
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>", "It", "was", ".", "good", "bad", "film", "movie",
-         "very", "not", "a", "the", "plot", "acting", "fun", "dull", "terrible", "great"]
+WORDS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<mask>",
+    "It",
+    "was",
+    ".",
+    "good",
+    "bad",
+    "film",
+    "movie",
+    "very",
+    "not",
+    "a",
+    "the",
+    "plot",
+    "acting",
+    "fun",
+    "dull",
+    "terrible",
+    "great",
+]
 FAMILIES = ["mlm", "causal"]
 
 
@@ -21,12 +43,28 @@ def make_clf(tokenizer, family, *, dtype=torch.float64, seed=0, attn="sdpa"):
     torch.manual_seed(seed)
     special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "mlm":
-        cfg = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=32, max_position_embeddings=40, type_vocab_size=1, **special)
+        cfg = transformers.RobertaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=40,
+            type_vocab_size=1,
+            **special,
+        )
         model = transformers.RobertaForMaskedLM(cfg)
     else:
-        cfg = transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     ffn_dim=32, max_position_embeddings=40, word_embed_proj_dim=16, **special)
+        cfg = transformers.OPTConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=32,
+            max_position_embeddings=40,
+            word_embed_proj_dim=16,
+            **special,
+        )
         model = transformers.OPTForCausalLM(cfg)
     model.config._attn_implementation = attn
     model = model.to(dtype).eval()
@@ -51,6 +89,12 @@ def word_tokenizer(words=WORDS):
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
     )

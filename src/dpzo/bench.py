@@ -29,21 +29,22 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from dpzo.masks.prune import Mask
 from dpzo.methods import ZO, base_method
+from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
-from dpzo.zo.official import official_style_train
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.masks.prune import Mask
-from dpzo.methods.hyperparameters import ZOHyperparameters
-from dpzo.zo.loop import train_zo
 from dpzo.zo.flat import FlatParameters
+from dpzo.zo.loop import train_zo
+from dpzo.zo.official import official_style_train
 
 METHODS = ("dp-zoso", "dp-zopo", "mezo")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,29 +111,74 @@ MODELS: dict[str, BenchModel] = {
     # roberta-large: 24 layers, 1024 wide, tied MLM decoder (355M parameters)
     "roberta-large": BenchModel(
         "roberta",
-        dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-             max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, **_ROBERTA_SPECIAL),
-        "float32", 64, 128,
+        dict(
+            vocab_size=50265,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            **_ROBERTA_SPECIAL,
+        ),
+        "float32",
+        64,
+        128,
     ),
     # facebook/opt-2.7b: 32 layers, 2560 wide, tied output embedding (2.65B parameters)
     "opt-2.7b": BenchModel(
         "opt",
-        dict(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
-             max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True, **_OPT_SPECIAL),
-        "float16", 16, 256,
+        dict(
+            vocab_size=50272,
+            hidden_size=2560,
+            num_hidden_layers=32,
+            ffn_dim=10240,
+            num_attention_heads=32,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=2560,
+            do_layer_norm_before=True,
+            **_OPT_SPECIAL,
+        ),
+        "float16",
+        16,
+        256,
     ),
     # CPU-sized stand-ins with the same architectures, for CI
     "tiny-roberta": BenchModel(
         "roberta",
-        dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-             max_position_embeddings=130, type_vocab_size=1, **_ROBERTA_SPECIAL),
-        "float32", 8, 32, label_ids=(11, 12), mask_token_id=4,
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            **_ROBERTA_SPECIAL,
+        ),
+        "float32",
+        8,
+        32,
+        label_ids=(11, 12),
+        mask_token_id=4,
     ),
     "tiny-opt": BenchModel(
         "opt",
-        dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-             max_position_embeddings=128, word_embed_proj_dim=64, **_OPT_SPECIAL),
-        "float32", 8, 32, label_ids=(11, 12),
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            **_OPT_SPECIAL,
+        ),
+        "float32",
+        8,
+        32,
+        label_ids=(11, 12),
     ),
 }
 
@@ -237,8 +283,13 @@ class _Setup:
     def hyperparameters(self, method: str, steps: int) -> ZOHyperparameters:
         private = ZO[base_method(method)].private
         return ZOHyperparameters(
-            steps=steps, batch_size=self.batch_size, lr=LR, beta_start=BETA, beta_end=BETA,
-            clip=CLIP if private else math.inf, log_every=LOG_EVERY,
+            steps=steps,
+            batch_size=self.batch_size,
+            lr=LR,
+            beta_start=BETA,
+            beta_end=BETA,
+            clip=CLIP if private else math.inf,
+            log_every=LOG_EVERY,
         )
 
     def privacy(self, method: str) -> dict:
@@ -274,10 +325,20 @@ def time_official(setup: _Setup, method: str, *, steps: int, warmup: int) -> dic
     _reset_peak(setup.device)
     kw = dict(method=method, run_seed=0, masks=setup.masks(method), **setup.privacy(method))
     if warmup:
-        official_style_train(setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
-    timed = official_style_train(setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, steps), **kw)
-    return {"method": method, "impl": "official-style", "autocast": "none", "master": None,
-            "ms_per_step": timed["ms_per_step"], "peak_mb": _peak_mb(setup.device)}
+        official_style_train(
+            setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, warmup), **kw
+        )
+    timed = official_style_train(
+        setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, steps), **kw
+    )
+    return {
+        "method": method,
+        "impl": "official-style",
+        "autocast": "none",
+        "master": None,
+        "ms_per_step": timed["ms_per_step"],
+        "peak_mb": _peak_mb(setup.device),
+    }
 
 
 def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: int, warmup: int) -> dict:
@@ -289,13 +350,24 @@ def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: 
             return setup.clf.per_example_loss(rows(setup.batch, index))
 
     _reset_peak(setup.device)
-    kw = dict(method=method, run_seed=0, masks=setup.masks(method),
-              master_dtype=None if master == "none" else DTYPES[master], **setup.privacy(method))
+    kw = dict(
+        method=method,
+        run_seed=0,
+        masks=setup.masks(method),
+        master_dtype=None if master == "none" else DTYPES[master],
+        **setup.privacy(method),
+    )
     if warmup:
         train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
     history = train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), **kw)
-    return {"method": method, "impl": "dpzo", "autocast": autocast, "master": master,
-            "ms_per_step": history["ms_per_step"], "peak_mb": _peak_mb(setup.device)}
+    return {
+        "method": method,
+        "impl": "dpzo",
+        "autocast": autocast,
+        "master": master,
+        "ms_per_step": history["ms_per_step"],
+        "peak_mb": _peak_mb(setup.device),
+    }
 
 
 def _masters(method: str, master: str, dtype: torch.dtype) -> list[str]:
@@ -413,8 +485,12 @@ def bench_model(
 def _device_record(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": props.name, "memory_mb": props.total_memory / 2**20,
-                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "memory_mb": props.total_memory / 2**20,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        }
     return {"type": device.type, "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
@@ -446,10 +522,19 @@ def run_bench(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv[1:],
             "device": _device_record(device),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
-            "settings": {"beta": BETA, "lr": LR, "clip": CLIP, "sigma": SIGMA, "log_every": LOG_EVERY,
-                         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "settings": {
+                "beta": BETA,
+                "lr": LR,
+                "clip": CLIP,
+                "sigma": SIGMA,
+                "log_every": LOG_EVERY,
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+            },
             "models": {},
         }
         for name in models:
@@ -463,11 +548,15 @@ def summary_lines(record: dict) -> list[str]:
     """A plain-text table of the record, for people."""
     lines = [f"device: {record['device']['name']} ({record['device']['type']})"]
     for name, m in record["models"].items():
-        lines.append(f"\n{name}: {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, batch {m['batch_size']} x {m['seq_len']}")
+        lines.append(
+            f"\n{name}: {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, batch {m['batch_size']} x {m['seq_len']}"
+        )
         for ac, ms in m["forward_ms"].items():
             mem = m["inference_peak_mb"][ac]
             lines.append(f"  forward (autocast {ac}): {ms:.2f} ms" + (f", inference peak {mem:.0f} MiB" if mem else ""))
-        lines.append(f"  {'method':<8} {'impl':<15} {'autocast':<8} {'master':<8} {'ms/step':>9} {'/2 fwd':>7} {'speed-up':>9} {'peak/inf':>9}")
+        lines.append(
+            f"  {'method':<8} {'impl':<15} {'autocast':<8} {'master':<8} {'ms/step':>9} {'/2 fwd':>7} {'speed-up':>9} {'peak/inf':>9}"
+        )
         for r in m["runs"]:
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             lines.append(

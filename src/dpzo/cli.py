@@ -102,13 +102,27 @@ def _add_calibrate(subparsers: Any) -> None:
     p.add_argument("--n", type=_positive_int, required=True, help="number of training examples")
     p.add_argument("--batch-size", type=_positive_int, required=True, help="expected (Poisson) batch size B; q = B/n")
     p.add_argument("--steps", type=_positive_int, required=True, help="training steps T")
-    p.add_argument("--epsilon", type=_nonnegative_float_or_inf, required=True, help="target epsilon ('inf': non-private, sigma 0)")
+    p.add_argument(
+        "--epsilon", type=_nonnegative_float_or_inf, required=True, help="target epsilon ('inf': non-private, sigma 0)"
+    )
     p.add_argument("--delta", type=_open_unit_interval, required=True, help="target delta, in (0, 1)")
     p.add_argument("--directions", type=_positive_int, default=1, help="perturbation directions per step P (default 1)")
-    p.add_argument("--clip", type=_positive_float_or_inf, default=1.0, help="clipping threshold C (default 1.0; sigma does not depend on it)")
-    p.add_argument("--accountant", choices=("pld", "prv", "rdp"), default="pld", help="accountant used for calibration (default pld)")
     p.add_argument(
-        "--pld-discretization", type=_open_unit_interval, default=DEFAULT_PLD_DISCRETIZATION,
+        "--clip",
+        type=_positive_float_or_inf,
+        default=1.0,
+        help="clipping threshold C (default 1.0; sigma does not depend on it)",
+    )
+    p.add_argument(
+        "--accountant",
+        choices=("pld", "prv", "rdp"),
+        default="pld",
+        help="accountant used for calibration (default pld)",
+    )
+    p.add_argument(
+        "--pld-discretization",
+        type=_open_unit_interval,
+        default=DEFAULT_PLD_DISCRETIZATION,
         help=f"PLD value discretization (default {DEFAULT_PLD_DISCRETIZATION:g}, the pipeline's; smaller is tighter and slower)",
     )
     p.set_defaults(handler=_cmd_calibrate)
@@ -141,7 +155,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         return _fail(
             "calibrate",
             f"the {args.accountant} accountant failed at these settings ({type(err).__name__}: {err}); "
-            "try another accountant (" + ("--accountant rdp" if args.accountant == "pld" else "--accountant pld, the pipeline's default") + ")",
+            "try another accountant ("
+            + ("--accountant rdp" if args.accountant == "pld" else "--accountant pld, the pipeline's default")
+            + ")",
         )
     _print_json(record)
     return EXIT_OK
@@ -223,8 +239,14 @@ def _audit_ledger(args: argparse.Namespace) -> dict | str:
     clip = 1.0  # the bound does not depend on C: everything scales with it
     try:
         return method_ledger(
-            "dp-zoso", n=args.n, batch_size=args.batch_size, steps=args.steps, directions=args.directions,
-            clip=clip, epsilon_target=args.epsilon, delta=args.delta,
+            "dp-zoso",
+            n=args.n,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            directions=args.directions,
+            clip=clip,
+            epsilon_target=args.epsilon,
+            delta=args.delta,
         )
     except ValueError as err:  # e.g. an unreachable target
         return str(err)
@@ -284,25 +306,58 @@ def _add_bench(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
-    p.add_argument("--models", type=_names, default=None,
-                   help="comma-separated, from roberta-large, opt-2.7b, tiny-roberta, tiny-opt "
-                        "(default: the first two on cuda, the tiny ones on cpu)")
-    p.add_argument("--methods", type=_names, default=["dp-zoso", "dp-zopo", "mezo"],
-                   help="comma-separated, from dp-zoso, dp-zopo, mezo (default: all three)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weight dtype (auto: float32 for RoBERTa, float16 for OPT)")
-    p.add_argument("--autocast", type=_names, default=None,
-                   help="comma-separated, from none, bf16, fp16: autocast settings of dpzo's step on float32 "
-                        "weights (default: none,bf16 on cuda, none on cpu)")
-    p.add_argument("--master", choices=("auto", "none", "float32", "both"), default="auto",
-                   help="how dpzo holds theta: in place (none), a float32 master copy, both; auto: in place, plus "
-                        "a float32 master for dp-zoso on 16-bit weights")
-    p.add_argument("--steps", type=_positive_int, default=None, help="timed steps per run (default 20 on cuda, 3 on cpu)")
-    p.add_argument("--warmup", type=_nonnegative_int, default=None, help="untimed steps first (default 3 on cuda, 1 on cpu)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the model's: 64, 16, 8)")
+    p.add_argument(
+        "--models",
+        type=_names,
+        default=None,
+        help="comma-separated, from roberta-large, opt-2.7b, tiny-roberta, tiny-opt "
+        "(default: the first two on cuda, the tiny ones on cpu)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_names,
+        default=["dp-zoso", "dp-zopo", "mezo"],
+        help="comma-separated, from dp-zoso, dp-zopo, mezo (default: all three)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weight dtype (auto: float32 for RoBERTa, float16 for OPT)",
+    )
+    p.add_argument(
+        "--autocast",
+        type=_names,
+        default=None,
+        help="comma-separated, from none, bf16, fp16: autocast settings of dpzo's step on float32 "
+        "weights (default: none,bf16 on cuda, none on cpu)",
+    )
+    p.add_argument(
+        "--master",
+        choices=("auto", "none", "float32", "both"),
+        default="auto",
+        help="how dpzo holds theta: in place (none), a float32 master copy, both; auto: in place, plus "
+        "a float32 master for dp-zoso on 16-bit weights",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=None, help="timed steps per run (default 20 on cuda, 3 on cpu)"
+    )
+    p.add_argument(
+        "--warmup", type=_nonnegative_int, default=None, help="untimed steps first (default 3 on cuda, 1 on cpu)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="batch size (default: the model's: 64, 16, 8)"
+    )
     p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per example (default: 128, 256, 32)")
-    p.add_argument("--mask-ratio", type=_open_unit_interval, default=0.01, help="dp-zopo's fraction of trained coordinates (default 0.01)")
-    p.add_argument("--no-tf32", action="store_true", help="on cuda, run float32 matmuls in full float32 (default: TF32 allowed)")
+    p.add_argument(
+        "--mask-ratio",
+        type=_open_unit_interval,
+        default=0.01,
+        help="dp-zopo's fraction of trained coordinates (default 0.01)",
+    )
+    p.add_argument(
+        "--no-tf32", action="store_true", help="on cuda, run float32 matmuls in full float32 (default: TF32 allowed)"
+    )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.set_defaults(handler=_cmd_bench)
 
@@ -314,18 +369,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from dpzo.fileio import write_json_atomic
 
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = torch.device(
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if args.device == "auto"
+            else args.device
+        )
     except RuntimeError:
         return _fail("bench", f"argument --device: expected cpu, cuda, cuda:N or auto, got {args.device!r}")
     if device.type not in ("cpu", "cuda"):
         return _fail("bench", f"argument --device: expected cpu, cuda, cuda:N or auto, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        return _fail("bench", "argument --device: CUDA is not available on this machine; use --device cpu (tiny models)")
+        return _fail(
+            "bench", "argument --device: CUDA is not available on this machine; use --device cpu (tiny models)"
+        )
     gpu = device.type == "cuda"
     models = args.models or (["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"])
-    checks = [("--models", models, bench.MODELS), ("--methods", args.methods, bench.METHODS),
-              ("--autocast", args.autocast or [], bench.AUTOCAST)]
+    checks = [
+        ("--models", models, bench.MODELS),
+        ("--methods", args.methods, bench.METHODS),
+        ("--autocast", args.autocast or [], bench.AUTOCAST),
+    ]
     for flag, given, allowed in checks:
         unknown = [x for x in given if x not in allowed]
         if unknown:

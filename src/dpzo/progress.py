@@ -41,8 +41,10 @@ class Progress:
         pace = ran / max(done - self.first, 1)
         self._window_start, self._window_step = now, done
         where = f"step {done}/{self.total}" + (f" (stage {stage})" if stage is not None else "")
-        text = (f"{where}: {ms_per_step:.1f} ms/step, elapsed {clock(self.prior + ran)}, "
-                f"left ~{clock(pace * (self.total - done))}")
+        text = (
+            f"{where}: {ms_per_step:.1f} ms/step, elapsed {clock(self.prior + ran)}, "
+            f"left ~{clock(pace * (self.total - done))}"
+        )
         if loss is not None:
             text += f", training loss {loss:.4f} (private: for this log only)"
         return text

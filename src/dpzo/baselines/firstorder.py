@@ -69,16 +69,16 @@ import math
 import sys
 import time
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from dpzo.models.evaluate import TestLossCurve
-from dpzo.methods.hyperparameters import FirstOrderHyperparameters
 from dpzo.methods import FIRST_ORDER
+from dpzo.methods.hyperparameters import FirstOrderHyperparameters
 from dpzo.models.classifier import EncodedSet, PromptClassifier
+from dpzo.models.evaluate import TestLossCurve
 from dpzo.privacy.secret import SecretRandom
 from dpzo.progress import Progress
 
@@ -195,7 +195,9 @@ def _vmap_safe_masks() -> Iterator[None]:
         with warnings.catch_warnings():
             # sdpa's fused CPU/GPU kernels have no vmap batching rule: torch loops over the
             # examples for that one op (correct, just slower) and warns about it.
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+            warnings.filterwarnings(
+                "ignore", message="There is a performance drop because we have not yet implemented the batching rule"
+            )
             yield
     finally:
         for n, f in saved.items():
@@ -245,7 +247,9 @@ def clipped_grad_sum(
                 ) from err
             raise
     b = losses.shape[0]
-    acc_dtype = {n: (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for n, p in params.items()}
+    acc_dtype = {
+        n: (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for n, p in params.items()
+    }
     norm_dtype = torch.float64 if any(d == torch.float64 for d in acc_dtype.values()) else torch.float32
     sq = torch.zeros(b, dtype=norm_dtype, device=losses.device)
     for n in names:
@@ -271,7 +275,9 @@ class PrefixKV(nn.Module):
     def __init__(self, key: torch.Tensor, value: torch.Tensor):
         super().__init__()
         if key.shape != value.shape or key.dim() != 3:
-            raise ValueError(f"prefix key/value must both be [heads, P, head_dim]; got {tuple(key.shape)} and {tuple(value.shape)}")
+            raise ValueError(
+                f"prefix key/value must both be [heads, P, head_dim]; got {tuple(key.shape)} and {tuple(value.shape)}"
+            )
         self.key = nn.Parameter(key.detach().clone())
         self.value = nn.Parameter(value.detach().clone())
 
@@ -305,10 +311,14 @@ class _PrefixAttentionConfig:
         setattr(object.__getattribute__(self, "_dpzo_config"), name, value)
 
     def __repr__(self) -> str:
-        return f"_PrefixAttentionConfig({object.__getattribute__(self, '_dpzo_config')._attn_implementation!r} + prefix)"
+        return (
+            f"_PrefixAttentionConfig({object.__getattribute__(self, '_dpzo_config')._attn_implementation!r} + prefix)"
+        )
 
 
-def _extend_mask(mask: torch.Tensor | None, prefix: int, q_len: int, k_len: int, *, causal: bool, boolean: bool, dtype, device) -> torch.Tensor | None:
+def _extend_mask(
+    mask: torch.Tensor | None, prefix: int, q_len: int, k_len: int, *, causal: bool, boolean: bool, dtype, device
+) -> torch.Tensor | None:
     """The attention mask for ``[prefix; keys]``: P always-visible columns in front."""
     if mask is None:
         if not (causal and q_len > 1):
@@ -316,7 +326,11 @@ def _extend_mask(mask: torch.Tensor | None, prefix: int, q_len: int, k_len: int,
         # Causal without a materialised mask (sdpa's is_causal shortcut): build it, aligned to
         # the last key as sdpa/flash do when k_len > q_len.
         visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)[None, None]
-        mask = visible if boolean else torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+        mask = (
+            visible
+            if boolean
+            else torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+        )
     if mask.shape[-1] != k_len:
         raise RuntimeError(f"prefix attention: mask covers {mask.shape[-1]} keys but the layer has {k_len}")
     if mask.dtype == torch.bool:
@@ -357,9 +371,19 @@ def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Linear,
     for name, m in model.named_modules():
         if not hasattr(m, "config"):
             continue
-        if isinstance(getattr(m, "k_proj", None), nn.Linear) and isinstance(getattr(m, "v_proj", None), nn.Linear) and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+        if (
+            isinstance(getattr(m, "k_proj", None), nn.Linear)
+            and isinstance(getattr(m, "v_proj", None), nn.Linear)
+            and hasattr(m, "num_heads")
+            and hasattr(m, "head_dim")
+        ):
             layers.append((name, m, m.k_proj, m.v_proj, int(m.num_heads), int(m.head_dim)))  # OPT
-        elif isinstance(getattr(m, "key", None), nn.Linear) and isinstance(getattr(m, "value", None), nn.Linear) and hasattr(m, "num_attention_heads") and hasattr(m, "attention_head_size"):
+        elif (
+            isinstance(getattr(m, "key", None), nn.Linear)
+            and isinstance(getattr(m, "value", None), nn.Linear)
+            and hasattr(m, "num_attention_heads")
+            and hasattr(m, "attention_head_size")
+        ):
             layers.append((name, m, m.key, m.value, int(m.num_attention_heads), int(m.attention_head_size)))  # RoBERTa
     return layers
 
@@ -390,7 +414,9 @@ def install_prefix(model: nn.Module, tokens: int, *, seed: int) -> dict[str, nn.
         raise NotImplementedError(f"prefix tuning supports attn_implementation {_PREFIX_INNER}, not {impl!r}")
     layers = _attention_layers(model)
     if not layers:
-        raise NotImplementedError(f"no supported self-attention layers (OPT k_proj/v_proj, RoBERTa key/value) in {type(model).__name__}")
+        raise NotImplementedError(
+            f"no supported self-attention layers (OPT k_proj/v_proj, RoBERTa key/value) in {type(model).__name__}"
+        )
     for name, m, *_ in layers:
         if getattr(m, "is_cross_attention", False):
             raise NotImplementedError(f"{name} is a cross-attention layer; prefix tuning supports self-attention only")
@@ -402,7 +428,9 @@ def install_prefix(model: nn.Module, tokens: int, *, seed: int) -> dict[str, nn.
     hooks = []
     for i, (_, _, k_lin, v_lin, _, _) in enumerate(layers):
         hooks.append(k_lin.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(2 * i, out.detach())))
-        hooks.append(v_lin.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(2 * i + 1, out.detach())))
+        hooks.append(
+            v_lin.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(2 * i + 1, out.detach()))
+        )
     was_training = model.training
     model.eval()  # no dropout in the initialising activations
     try:
@@ -529,7 +557,12 @@ def train_first_order(
         optimizer.zero_grad(set_to_none=True)
         step_losses = []
         if private:
-            sums = {name: torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for name, p in params.items()}
+            sums = {
+                name: torch.zeros_like(
+                    p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+                )
+                for name, p in params.items()
+            }
             for chunk in chunks:
                 batch = train_set.batch(chunk, device)
                 chunk_sums, losses, norms = clipped_grad_sum(clf, params, batch, hp.clip)
@@ -540,7 +573,9 @@ def train_first_order(
                     sums[name].add_(chunk_sums[name])
                 step_losses.append(losses)
                 clipped_since_log += int((norms > hp.clip).sum())
-            noisy = privatize_gradients(sums, sigma=sigma, clip=hp.clip, expected_batch_size=expected_batch_size, secret=secret)
+            noisy = privatize_gradients(
+                sums, sigma=sigma, clip=hp.clip, expected_batch_size=expected_batch_size, secret=secret
+            )
             for name, p in params.items():
                 p.grad = noisy[name].to(p.dtype)
         else:

@@ -15,12 +15,11 @@ for them).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from dpzo.data.splits import Example
-from dpzo.models.classifier import EncodedSet, PromptClassifier, pad_token_id, stack_prompts, template_for
 from dpzo.data.tasks import EncodedPrompt, encode_prompt, label_word_ids
+from dpzo.models.classifier import EncodedSet, PromptClassifier, pad_token_id, stack_prompts, template_for
 
 SEPARATOR = "\n\n"
 
@@ -45,7 +44,14 @@ def choose_demonstrations(train: list[Example], k: int, num_classes: int, seed: 
 def _demonstration_ids(clf: PromptClassifier, demo: Example, label_ids: list[int]) -> list[int]:
     tok = clf.tokenizer
     causal = clf.family == "causal"
-    prompt = encode_prompt(template_for(clf.task, clf.family), demo.texts, tok, max_length=clf.max_length, causal=causal, **clf.task.sent_limits)
+    prompt = encode_prompt(
+        template_for(clf.task, clf.family),
+        demo.texts,
+        tok,
+        max_length=clf.max_length,
+        causal=causal,
+        **clf.task.sent_limits,
+    )
     ids = list(prompt.input_ids)
     first_special = tok.bos_token_id if causal else tok.cls_token_id
     if ids and ids[0] == first_special:
@@ -65,7 +71,14 @@ def encode_with_demonstrations(clf: PromptClassifier, queries: list[Example], de
     demo_ids = [_demonstration_ids(clf, d, label_ids) for d in demos]
     prompts = []
     for query in queries:
-        q = encode_prompt(template_for(clf.task, clf.family), query.texts, tok, max_length=clf.max_length, causal=causal, **clf.task.sent_limits)
+        q = encode_prompt(
+            template_for(clf.task, clf.family),
+            query.texts,
+            tok,
+            max_length=clf.max_length,
+            causal=causal,
+            **clf.task.sent_limits,
+        )
         budget = clf.max_length - len(q.input_ids)
         kept = []
         for ids in demo_ids:

@@ -20,13 +20,13 @@ its entities, say) stops the run only when it is drawn, as in MeZO.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from dpzo.data.splits import Example, save_split
 from dpzo.data.hf_tasks import HFTask
+from dpzo.data.splits import Example, save_split
 
 DEFAULT_TRAIN = 1000
 DEFAULT_TEST = 1000
@@ -76,7 +76,9 @@ def load_hf_split(task: HFTask, split: str, *, cache_dir: str | Path | None = No
         )
     except (ConnectionError, FileNotFoundError, ValueError) as err:
         where = cache_location(cache_dir)
-        offline = " (offline mode: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+        offline = (
+            " (offline mode: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+        )
         raise DatasetUnavailableError(
             f"task {task.name}: the Hugging Face dataset {task.hf_id!r} (split {split!r}) could not be "
             f"loaded from the datasets cache at {where}{offline}: {type(err).__name__}: {err}\n"
@@ -226,8 +228,12 @@ def make_hf_splits(
     test_pool = load_hf_split(task, task.test_split, cache_dir=cache_dir)
     try:
         index = mezo_indices(
-            len(train_pool), len(test_pool), seed=seed, num_train=num_train,
-            num_dev=task.dev_size if num_dev is None else num_dev, num_test=num_test,
+            len(train_pool),
+            len(test_pool),
+            seed=seed,
+            num_train=num_train,
+            num_dev=task.dev_size if num_dev is None else num_dev,
+            num_test=num_test,
         )
     except ValueError as err:
         raise ValueError(f"task {task.name} ({task.hf_id}): {err}") from None

@@ -43,8 +43,8 @@ Two facts from MeZO's code that differ from its paper's table: BoolQ uses the th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 Texts = Sequence[str]
 
@@ -207,24 +207,85 @@ MEZO_TASKS: dict[str, HFTask] = {
         HFTask("mezo-sst2", "glue", "sst2", "label", ("sentence",), _sst2, _after(" "), ("terrible", "great")),
         HFTask("mezo-rte", "super_glue", "rte", "label", ("premise", "hypothesis"), _rte, _after(""), _YES_NO),
         # CB (250 training examples) and COPA (400): MeZO's mezo.sh keeps only 100 for dev.
-        HFTask("mezo-cb", "super_glue", "cb", "label", ("premise", "hypothesis"), _cb, _after(""),
-               ("Yes", "No", "Maybe"), dev_size=100),
+        HFTask(
+            "mezo-cb",
+            "super_glue",
+            "cb",
+            "label",
+            ("premise", "hypothesis"),
+            _cb,
+            _after(""),
+            ("Yes", "No", "Maybe"),
+            dev_size=100,
+        ),
         HFTask("mezo-boolq", "boolq", None, "boolq", ("passage", "question"), _boolq, _after(""), _YES_NO),
         # WSC has 554 training examples; MeZO's script leaves dev at 500 (54 left to train on).
         # Dev is never used for selection here, so it gets 100 like CB and COPA.
-        HFTask("mezo-wsc", "super_glue", "wsc.fixed", "label", ("text", "span1_text", "span2_text"), _wsc,
-               _after(""), _NO_YES, dev_size=100),
+        HFTask(
+            "mezo-wsc",
+            "super_glue",
+            "wsc.fixed",
+            "label",
+            ("text", "span1_text", "span2_text"),
+            _wsc,
+            _after(""),
+            _NO_YES,
+            dev_size=100,
+        ),
         HFTask("mezo-wic", "super_glue", "wic", "label", ("word", "sentence1", "sentence2"), _wic, _after(""), _NO_YES),
-        HFTask("mezo-multirc", "super_glue", "multirc", "label", ("paragraph", "question", "answer"), _multirc,
-               _after(""), _NO_YES),
-        HFTask("mezo-copa", "super_glue", "copa", "copa", ("premise", "question"), _copa, _copa_choice,
-               train_as_classification=False, dev_size=100),
-        HFTask("mezo-record", "super_glue", "record", "record", ("passage", "query"), _record, _record_query,
-               train_as_classification=False),
-        HFTask("mezo-squad", "squad", None, "squad", ("title", "context", "question"), _squad, _answer_line,
-               generation=True, train_as_classification=False),
-        HFTask("mezo-drop", "drop", None, "drop", ("passage", "question"), _drop, _answer_line,
-               generation=True, train_as_classification=False),
+        HFTask(
+            "mezo-multirc",
+            "super_glue",
+            "multirc",
+            "label",
+            ("paragraph", "question", "answer"),
+            _multirc,
+            _after(""),
+            _NO_YES,
+        ),
+        HFTask(
+            "mezo-copa",
+            "super_glue",
+            "copa",
+            "copa",
+            ("premise", "question"),
+            _copa,
+            _copa_choice,
+            train_as_classification=False,
+            dev_size=100,
+        ),
+        HFTask(
+            "mezo-record",
+            "super_glue",
+            "record",
+            "record",
+            ("passage", "query"),
+            _record,
+            _record_query,
+            train_as_classification=False,
+        ),
+        HFTask(
+            "mezo-squad",
+            "squad",
+            None,
+            "squad",
+            ("title", "context", "question"),
+            _squad,
+            _answer_line,
+            generation=True,
+            train_as_classification=False,
+        ),
+        HFTask(
+            "mezo-drop",
+            "drop",
+            None,
+            "drop",
+            ("passage", "question"),
+            _drop,
+            _answer_line,
+            generation=True,
+            train_as_classification=False,
+        ),
     )
 }
 

@@ -14,9 +14,21 @@ from pathlib import Path
 from dpzo.data.tasks import TaskSpec
 
 #: One of these holds the weights of a ``save_pretrained`` directory (sharded: the index).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 #: One of these describes its tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 # A Hugging Face hub id: "name" or "organisation/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -53,7 +65,9 @@ def model_dir_problems(path: str | Path) -> list[str]:
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f"model directory {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
     if problems:
-        problems[-1] += f"; it is incomplete or damaged: {fix} (model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
+        problems[-1] += (
+            f"; it is incomplete or damaged: {fix} (model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
+        )
     return problems
 
 
@@ -80,8 +94,11 @@ def weights_problems(path: str | Path) -> list[str]:
             return [f"{path} is not a valid shard index ({type(err).__name__}: {err})"]
         out = []
         for shard in shards:
-            out += [f"{path.parent / shard} (a shard named by {path.name}) is missing"] if not (path.parent / shard).is_file() \
+            out += (
+                [f"{path.parent / shard} (a shard named by {path.name}) is missing"]
+                if not (path.parent / shard).is_file()
                 else weights_problems(path.parent / shard)
+            )
         return out
     if path.suffix == ".safetensors":
         return _safetensors_problems(path)
@@ -105,7 +122,9 @@ def _safetensors_problems(path: Path) -> list[str]:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         return [f"{path} is not a readable safetensors file ({err}); it is damaged or cut short: save the model again"]
     if 8 + length + end > size:
-        return [f"{path} is cut short: its tensors need {8 + length + end} bytes, the file has {size}; save or copy it again"]
+        return [
+            f"{path} is cut short: its tensors need {8 + length + end} bytes, the file has {size}; save or copy it again"
+        ]
     return []
 
 

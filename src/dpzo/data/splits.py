@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpzo.fileio import write_jsonl_atomic
 from dpzo.data.inputs import missing_task_file
 from dpzo.data.tasks import TaskSpec
+from dpzo.fileio import write_jsonl_atomic
 
 TEST_SUBSAMPLE_SEED = 42
 
@@ -55,8 +55,10 @@ def _layout(task: TaskSpec) -> str:
     if task.file_format == "glue-tsv":
         return f"a tab-separated file with a header line naming the columns {', '.join([*task.text_columns, task.label_column])}"
     if task.file_format == "tsv-noheader":
-        return (f"a header-less tab-separated file with the label in column {task.label_column} and the text in "
-                f"column(s) {', '.join(task.text_columns)} (counted from 0)")
+        return (
+            f"a header-less tab-separated file with the label in column {task.label_column} and the text in "
+            f"column(s) {', '.join(task.text_columns)} (counted from 0)"
+        )
     return f"a header-less CSV file whose rows are: label, {', '.join(task.text_columns)}"
 
 
@@ -81,7 +83,9 @@ def _parse(task: TaskSpec, path: Path, text: str) -> tuple[list[list[str]], list
             frame = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False)
         else:
             header = 0 if task.file_format == "glue-tsv" else None
-            frame = pd.read_csv(io.StringIO(text), sep="\t", header=header, quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(
+                io.StringIO(text), sep="\t", header=header, quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False
+            )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"{path} could not be parsed ({str(err).strip()}); expected {_layout(task)}.") from None
     if task.file_format == "glue-tsv":
@@ -129,7 +133,9 @@ def read_split(task: TaskSpec, data_dir: Path, which: str) -> list[Example]:
             )
         examples.append(Example(texts=[str(t) for t in text], label=index[label]))
     if not examples:
-        raise ValueError(f"{path} has no examples; expected {_layout(task)}, one example per row. Restore it from the LM-BFF data.")
+        raise ValueError(
+            f"{path} has no examples; expected {_layout(task)}, one example per row. Restore it from the LM-BFF data."
+        )
     return examples
 
 

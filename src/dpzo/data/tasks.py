@@ -20,8 +20,8 @@ generated demo data directory instead of the user's LM-BFF data directory.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -82,21 +82,54 @@ _NLI2 = {"not_entailment": "No", "entailment": "Yes"}
 _YES_NO = {"0": "No", "1": "Yes"}
 
 
-def _single_csv(name: str, folder: str, words: Mapping[str, str], template: str = _SENTIMENT, causal: str = _SENTIMENT_CAUSAL, **extra) -> TaskSpec:
+def _single_csv(
+    name: str,
+    folder: str,
+    words: Mapping[str, str],
+    template: str = _SENTIMENT,
+    causal: str = _SENTIMENT_CAUSAL,
+    **extra,
+) -> TaskSpec:
     """An LM-BFF single-sentence task stored as header-less ``label,sentence`` CSV files."""
     return TaskSpec(
-        name=name, lmbff_dir=folder, file_format="csv", train_file="train.csv", test_file="test.csv",
-        text_columns=("sentence",), label_column="label", label_words=words, template=template,
-        causal_template=causal, **extra,
+        name=name,
+        lmbff_dir=folder,
+        file_format="csv",
+        train_file="train.csv",
+        test_file="test.csv",
+        text_columns=("sentence",),
+        label_column="label",
+        label_words=words,
+        template=template,
+        causal_template=causal,
+        **extra,
     )
 
 
-def _glue(name: str, columns: tuple[str, ...], label: str, words: Mapping[str, str], template: str, causal: str, *, test_file: str = "dev.tsv", **extra) -> TaskSpec:
+def _glue(
+    name: str,
+    columns: tuple[str, ...],
+    label: str,
+    words: Mapping[str, str],
+    template: str,
+    causal: str,
+    *,
+    test_file: str = "dev.tsv",
+    **extra,
+) -> TaskSpec:
     """A GLUE-style task (TSV with a header); LM-BFF uses the GLUE dev set as the test set."""
     return TaskSpec(
-        name=name, lmbff_dir=name, file_format="glue-tsv", train_file="train.tsv", test_file=test_file,
-        text_columns=columns, label_column=label, label_words=words, template=template,
-        causal_template=causal, **extra,
+        name=name,
+        lmbff_dir=name,
+        file_format="glue-tsv",
+        train_file="train.tsv",
+        test_file=test_file,
+        text_columns=columns,
+        label_column=label,
+        label_words=words,
+        template=template,
+        causal_template=causal,
+        **extra,
     )
 
 
@@ -113,19 +146,42 @@ TASKS: dict[str, TaskSpec] = {
     "mpqa": _single_csv("mpqa", "mpqa", _BINARY_SENTIMENT),
     "subj": _single_csv("subj", "subj", {"0": "subjective", "1": "objective"}, _THIS_IS, _THIS_IS_CAUSAL),
     "trec": _single_csv(
-        "trec", "trec",
+        "trec",
+        "trec",
         {"0": "Description", "1": "Entity", "2": "Expression", "3": "Human", "4": "Location", "5": "Number"},
-        _QUESTION_TYPE, _QUESTION_TYPE_CAUSAL, first_sent_limit=110,
+        _QUESTION_TYPE,
+        _QUESTION_TYPE_CAUSAL,
+        first_sent_limit=110,
     ),
     # GLUE CoLA ships without a header: source, label, original label, sentence.
     "CoLA": TaskSpec(
-        name="CoLA", lmbff_dir="CoLA", file_format="tsv-noheader", train_file="train.tsv", test_file="dev.tsv",
-        text_columns=("3",), label_column="1", label_words={"0": "incorrect", "1": "correct"},
-        template=_THIS_IS, causal_template=_THIS_IS_CAUSAL, metric="mcc",
+        name="CoLA",
+        lmbff_dir="CoLA",
+        file_format="tsv-noheader",
+        train_file="train.tsv",
+        test_file="dev.tsv",
+        text_columns=("3",),
+        label_column="1",
+        label_words={"0": "incorrect", "1": "correct"},
+        template=_THIS_IS,
+        causal_template=_THIS_IS_CAUSAL,
+        metric="mcc",
     ),
-    "MNLI": _glue("MNLI", ("sentence1", "sentence2"), "gold_label", _NLI3, _NLI, _NLI_CAUSAL, test_file="dev_matched.tsv", first_sent_limit=240, **_PAIR),
+    "MNLI": _glue(
+        "MNLI",
+        ("sentence1", "sentence2"),
+        "gold_label",
+        _NLI3,
+        _NLI,
+        _NLI_CAUSAL,
+        test_file="dev_matched.tsv",
+        first_sent_limit=240,
+        **_PAIR,
+    ),
     # SNLI marks pairs whose annotators did not agree with gold label "-": they have no label.
-    "SNLI": _glue("SNLI", ("sentence1", "sentence2"), "gold_label", _NLI3, _NLI, _NLI_CAUSAL, unlabelled=("-",), **_PAIR),
+    "SNLI": _glue(
+        "SNLI", ("sentence1", "sentence2"), "gold_label", _NLI3, _NLI, _NLI_CAUSAL, unlabelled=("-",), **_PAIR
+    ),
     "RTE": _glue("RTE", ("sentence1", "sentence2"), "label", _NLI2, _NLI, _NLI_CAUSAL, first_sent_limit=240, **_PAIR),
     "QNLI": _glue("QNLI", ("question", "sentence"), "label", _NLI2, _NLI, _NLI_CAUSAL, **_PAIR),
     "MRPC": _glue("MRPC", ("#1 String", "#2 String"), "Quality", _YES_NO, _PARAPHRASE, _NLI_CAUSAL, metric="f1"),

@@ -1,7 +1,6 @@
 """The demo's tokenizer and tiny models, pretrained with backprop and saved with ``save_pretrained``."""
 
 from __future__ import annotations
-from dpzo.demo.corpus import ALL_LABEL_WORDS, NEGATIVE_VERDICTS, POSITIVE_VERDICTS, TYPE_WORDS
 
 import json
 import logging
@@ -10,7 +9,10 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
 import torch
+
+from dpzo.demo.corpus import ALL_LABEL_WORDS, NEGATIVE_VERDICTS, POSITIVE_VERDICTS, TYPE_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +69,7 @@ LEADING_SPACE_RATE = 0.5  # see module docstring (LM-BFF's "<s><mask>:" TREC tem
 
 
 # The MLM targets: the words that fill the prompts' slots (verdicts, answer types).
-SLOT_WORDS = frozenset(
-    POSITIVE_VERDICTS + NEGATIVE_VERDICTS + tuple(word for words in TYPE_WORDS for word in words)
-)
+SLOT_WORDS = frozenset(POSITIVE_VERDICTS + NEGATIVE_VERDICTS + tuple(word for words in TYPE_WORDS for word in words))
 
 
 def read_corpus(corpus_path: Path) -> list[str]:
@@ -84,7 +84,10 @@ def train_bpe(documents: Sequence[str], arch: str) -> tuple[dict[str, int], list
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(
-        documents, vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
+        documents,
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
         special_tokens=list(SPECIAL_TOKENS[arch]),
     )
     model = json.loads(bpe._tokenizer.to_str())["model"]
@@ -111,8 +114,13 @@ def make_hf_tokenizer(arch: str, vocab: dict[str, int], merges: list[tuple[str, 
 
         # OPT's tokenizer is GPT-2's BPE with </s> as BOS prepended to every input.
         tokenizer = GPT2Tokenizer(
-            vocab=dict(vocab), merges=list(merges), bos_token="</s>", eos_token="</s>",
-            unk_token="<unk>", pad_token="<pad>", add_bos_token=True,
+            vocab=dict(vocab),
+            merges=list(merges),
+            bos_token="</s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            add_bos_token=True,
         )
     tokenizer.model_max_length = MAX_POSITIONS
     return tokenizer
@@ -140,10 +148,14 @@ def make_model(arch: str, tokenizer) -> torch.nn.Module:
         from transformers import RobertaConfig, RobertaForMaskedLM
 
         config = RobertaConfig(
-            vocab_size=len(tokenizer), hidden_size=size["hidden"],
-            num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-            intermediate_size=size["ffn"], hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, type_vocab_size=1,
+            vocab_size=len(tokenizer),
+            hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"],
+            intermediate_size=size["ffn"],
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            type_vocab_size=1,
             max_position_embeddings=MAX_POSITIONS + 2,  # RoBERTa offsets positions by pad+1
             **special,
         )
@@ -151,10 +163,17 @@ def make_model(arch: str, tokenizer) -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=size["hidden"], num_hidden_layers=size["layers"],
-        num_attention_heads=size["heads"], ffn_dim=size["ffn"], word_embed_proj_dim=size["hidden"],
-        max_position_embeddings=MAX_POSITIONS, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, **special,
+        vocab_size=len(tokenizer),
+        hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        ffn_dim=size["ffn"],
+        word_embed_proj_dim=size["hidden"],
+        max_position_embeddings=MAX_POSITIONS,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        **special,
     )
     return OPTForCausalLM(config)
 
@@ -253,12 +272,8 @@ def pretrain(
     """AdamW pretraining for ``steps`` batches; returns the per-step losses."""
     rng = random.Random(f"demo-pretrain-{arch}-{seed}")
     usable = [i for i in range(len(ids)) if arch == "opt" or slots[i]]  # MLM needs a target
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=LEARNING_RATE[arch], weight_decay=WEIGHT_DECAY
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, steps, DECAY_FRACTION[arch])
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE[arch], weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, DECAY_FRACTION[arch]))
     batches = _length_bucketed_batches([len(row) for row in ids], usable, BATCH_SIZE, rng)
     model.train()
     losses = []
@@ -282,9 +297,7 @@ def pretrain(
     return losses
 
 
-def build_demo_model(
-    arch: str, corpus_path: Path, out_dir: Path, seed: int = 0, steps: int | None = None
-) -> dict:
+def build_demo_model(arch: str, corpus_path: Path, out_dir: Path, seed: int = 0, steps: int | None = None) -> dict:
     """Train tokenizer + tiny ``arch`` model on the corpus and save both into ``out_dir``.
 
     The directory is written under a temporary name next to ``out_dir`` and renamed at the

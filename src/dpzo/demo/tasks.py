@@ -1,7 +1,6 @@
 """The demo's labelled tasks, written in LM-BFF's on-disk layouts (SST-2 tsv, TREC csv)."""
 
 from __future__ import annotations
-from dpzo.demo.corpus import DEMO_TASKS, SST2_SIZES, TREC_CLASS_WEIGHTS, TREC_SIZES, graded_review, question
 
 import csv
 import logging
@@ -9,6 +8,8 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from dpzo.demo.corpus import DEMO_TASKS, SST2_SIZES, TREC_CLASS_WEIGHTS, TREC_SIZES, graded_review, question
 from dpzo.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,7 @@ def corpus_sentences(corpus_path: Path) -> set[str]:
     return sentences
 
 
-def _draw_unique(
-    draw: Callable[[int], str], labels: Sequence[int], exclude: set[str]
-) -> list[tuple[str, int]]:
+def _draw_unique(draw: Callable[[int], str], labels: Sequence[int], exclude: set[str]) -> list[tuple[str, int]]:
     """One example per entry of ``labels``, with texts pairwise distinct and not in ``exclude``.
 
     Labels are fixed first and texts redrawn within the label, so dropping seen texts never
@@ -57,9 +56,7 @@ def _draw_unique(
     return examples
 
 
-def _split(
-    examples: list[tuple[str, int]], sizes: dict[str, int]
-) -> dict[str, list[tuple[str, int]]]:
+def _split(examples: list[tuple[str, int]], sizes: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
     splits, start = {}, 0
     for split, size in sizes.items():
         splits[split] = examples[start : start + size]

@@ -93,20 +93,20 @@ Storage: :class:`Mask` holds sorted int64 flat indices (never sparse COO or bool
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dpzo.fileio import atomic_path
+from dpzo.masks.settings import MODES, SCOPES, SCORERS, SELECTIONS, MaskSettings  # noqa: F401 (re-exported)
 from dpzo.zo.flat import gaussian_direction
 
-from dpzo.masks.settings import MODES, SCOPES, SCORERS, SELECTIONS, MaskSettings  # noqa: F401 (re-exported)
 RANK_SCALE_FIRST = 1.2  # scale of the selected coordinate with the smallest |score|
 RANK_SCALE_LAST = 0.8  # ... and of the one with the largest |score|
 MASK_FORMAT = "dpzo-mask-v1"
@@ -161,7 +161,7 @@ class Mask:
             torch.save(payload, tmp)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Mask":
+    def load(cls, path: str | Path) -> Mask:
         """Read a mask written by :meth:`save`, validating dtype, sortedness and range."""
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != MASK_FORMAT:
@@ -197,7 +197,9 @@ def _validate_mask(indices: torch.Tensor, numel: int, scales: torch.Tensor | Non
     if not isinstance(indices, torch.Tensor) or indices.layout != torch.strided:
         raise ValueError("mask indices must be a dense tensor")
     if indices.dtype != torch.int64 or indices.dim() != 1:
-        raise ValueError(f"mask indices must be a 1-D int64 tensor, got {indices.dtype} with shape {tuple(indices.shape)}")
+        raise ValueError(
+            f"mask indices must be a 1-D int64 tensor, got {indices.dtype} with shape {tuple(indices.shape)}"
+        )
     if numel < 1:
         raise ValueError("numel must be positive")
     if indices.numel() == 0:
@@ -291,7 +293,9 @@ def _split(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # theta (.) H g, exact and zeroth-order
 # ---------------------------------------------------------------------------------------------
-def theta_hg_exact(params: Sequence[torch.Tensor], objective_fn: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+def theta_hg_exact(
+    params: Sequence[torch.Tensor], objective_fn: Callable[[list[torch.Tensor]], torch.Tensor]
+) -> torch.Tensor:
     """theta (.) H g of a scalar objective of a list of tensors, by autograd (flat, detached).
 
     ``Hg = grad_theta( grad R(theta) . stopgrad(grad R(theta)) )`` at ``theta = params`` (no
@@ -495,7 +499,9 @@ def _rank_scales(count: int) -> torch.Tensor:
     return (RANK_SCALE_FIRST + (RANK_SCALE_LAST - RANK_SCALE_FIRST) * steps).float()
 
 
-def _select_block(abs_scores: torch.Tensor, k: int, selection: str, rank: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _select_block(
+    abs_scores: torch.Tensor, k: int, selection: str, rank: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """k positions of one block (sorted) and, for rank mode, their scales aligned with them."""
     chosen = _order(abs_scores, selection)[:k]
     if not rank:
@@ -604,12 +610,18 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # Strategies: which mask each stage of DP-ZOPO trains
 # ---------------------------------------------------------------------------------------------
-def compute_mask(model: torch.nn.Module, label_ids: torch.Tensor, family: str, settings: MaskSettings, ratio: float) -> Mask:
+def compute_mask(
+    model: torch.nn.Module, label_ids: torch.Tensor, family: str, settings: MaskSettings, ratio: float
+) -> Mask:
     """Score the current weights with ``settings.scorer`` and select a ``ratio`` mask."""
     scores = compute_scores(model, label_ids, family, settings.scorer, seed=settings.seed)
     layout = flat_parameter_names(model)
     return select_mask(
-        scores, ratio, selection=settings.selection, scope=settings.scope, mode=settings.mode,
+        scores,
+        ratio,
+        selection=settings.selection,
+        scope=settings.scope,
+        mode=settings.mode,
         layout=layout if settings.scope == "per-layer" else None,
         meta={"scorer": settings.scorer, "seed": settings.seed},
     )
@@ -657,6 +669,14 @@ def scorer_agreement(
         return out
 
     for q in queries:
-        rows.append(row("synflow-zo", int(q), compute_scores(model, label_ids, family, "synflow-zo", seed=seed, queries=int(q))))
+        rows.append(
+            row("synflow-zo", int(q), compute_scores(model, label_ids, family, "synflow-zo", seed=seed, queries=int(q)))
+        )
     rows.append(row("magnitude", None, compute_scores(model, label_ids, family, "magnitude")))
-    return {"reference": "synflow-exact", "coordinates": int(exact.numel()), "seed": seed, "chance_overlap": {f"{r:g}": r for r in ratios}, "rows": rows}
+    return {
+        "reference": "synflow-exact",
+        "coordinates": int(exact.numel()),
+        "seed": seed,
+        "chance_overlap": {f"{r:g}": r for r in ratios},
+        "rows": rows,
+    }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-
 # --------------------------------------------------------------------------------------------
 # DP-ZOPO masks (the scorers themselves live in dpzo.masks.prune)
 # --------------------------------------------------------------------------------------------
@@ -53,8 +52,11 @@ class MaskSettings:
 
     def __post_init__(self) -> None:
         for value, allowed, name in (
-            (self.scorer, SCORERS, "scorer"), (self.selection, SELECTIONS, "selection"),
-            (self.scope, SCOPES, "scope"), (self.mode, MODES, "mode"), (self.strategy, STRATEGIES, "strategy"),
+            (self.scorer, SCORERS, "scorer"),
+            (self.selection, SELECTIONS, "selection"),
+            (self.scope, SCOPES, "scope"),
+            (self.mode, MODES, "mode"),
+            (self.strategy, STRATEGIES, "strategy"),
         ):
             if value not in allowed:
                 raise ValueError(f"mask {name} must be one of {allowed}, got {value!r}")
@@ -62,7 +64,7 @@ class MaskSettings:
             raise ValueError(f"mask ratio must be in (0, 1], got {self.ratio}")
 
     @classmethod
-    def from_config(cls, params: dict) -> "MaskSettings":
+    def from_config(cls, params: dict) -> MaskSettings:
         """Build from a config's ``mask`` block; raises ValueError naming any unknown key."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)

@@ -76,7 +76,6 @@ class StageSchedule:
         return self.beta_start * (self.beta_end / self.beta_start) ** frac
 
 
-
 @dataclass(frozen=True)
 class ZOHyperparameters:
     """The hyperparameters of a zeroth-order config block (MeZO, DPZero, DP-ZO, DP-ZOSO, DP-ZOPO).
@@ -102,7 +101,7 @@ class ZOHyperparameters:
     mask: MaskSettings | None = None  # DP-ZOPO only
 
     @classmethod
-    def from_config(cls, params: dict) -> "ZOHyperparameters":
+    def from_config(cls, params: dict) -> ZOHyperparameters:
         """Build from a method's config block (``beta`` is shorthand for a constant ZO scale)."""
         params = dict(params)
         if "mask" in params:
@@ -177,7 +176,7 @@ class FirstOrderHyperparameters:
         return 1
 
     @classmethod
-    def from_config(cls, params: dict) -> "FirstOrderHyperparameters":
+    def from_config(cls, params: dict) -> FirstOrderHyperparameters:
         """Build from a method's config block; unknown keys are refused (listing the allowed ones)."""
         params = dict(params)
         known = [f.name for f in fields(cls)]
@@ -197,7 +196,7 @@ class ICLHyperparameters:
     demonstrations: int = 8
 
     @classmethod
-    def from_config(cls, params: dict) -> "ICLHyperparameters":
+    def from_config(cls, params: dict) -> ICLHyperparameters:
         """Build from the config block; raises ValueError naming any unknown key."""
         unknown = sorted(set(params) - {"demonstrations"})
         if unknown:

@@ -26,14 +26,14 @@ the LM head is applied only at the positions that predict candidate tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dpzo.data.splits import Example
 from dpzo.data.hf_tasks import HFTask, render_full, render_prompt
+from dpzo.data.splits import Example
 from dpzo.models.classifier import pad_token_id
 from dpzo.models.qa_metrics import exact_match, f1_score
 
@@ -80,7 +80,9 @@ class CandidateSet:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def batch(self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu", *, gold_only: bool | None = None) -> dict:
+    def batch(
+        self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu", *, gold_only: bool | None = None
+    ) -> dict:
         """The tensors for the examples ``index``, on ``device``.
 
         The padded distinct inputs (``input_ids``, ``attention_mask``); per candidate token its input row,
@@ -163,7 +165,7 @@ class CandidateScorer:
         if len(ids) <= limit:
             return ids
         keep_bos = self.tokenizer.bos_token_id is not None
-        return ids[:1] + ids[len(ids) - (limit - 1):] if keep_bos else ids[len(ids) - limit:]
+        return ids[:1] + ids[len(ids) - (limit - 1) :] if keep_bos else ids[len(ids) - limit :]
 
     def candidate_strings(self, ex: Example) -> list[str]:
         """The continuations of ``ex``: the gold answer for a generation task, else its own or the task's candidates."""
@@ -184,10 +186,12 @@ class CandidateScorer:
                 raise ValueError(f"task {self.task.name}: candidate {text!r} adds no token to the prompt")
             full = self._truncate(full, self.max_length)
             if n > len(full) - 1:
-                raise ValueError(f"task {self.task.name}: candidate {text!r} ({n} tokens) does not fit max_length={self.max_length}")
+                raise ValueError(
+                    f"task {self.task.name}: candidate {text!r} ({n} tokens) does not fit max_length={self.max_length}"
+                )
             model_input = tuple(full[:-1])  # the last token is only ever a target
             row = rows.setdefault(model_input, len(rows))
-            candidates.append(Candidate(row=row, start=len(full) - 1 - n, targets=full[len(full) - n:]))
+            candidates.append(Candidate(row=row, start=len(full) - 1 - n, targets=full[len(full) - n :]))
         if ex.answers is not None and not self.task.generation:
             correct = tuple(k for k, text in enumerate(strings) if text in ex.answers)
         else:
@@ -196,8 +200,12 @@ class CandidateScorer:
         if self.task.generation:
             prompt = self._truncate(self._ids(render_prompt(self.task, ex.texts)), self.max_length - MAX_NEW_TOKENS)
         return EncodedExample(
-            rows=[list(r) for r in rows], candidates=candidates, label=ex.label, correct=correct,
-            prompt=prompt, answers=ex.answers,
+            rows=[list(r) for r in rows],
+            candidates=candidates,
+            label=ex.label,
+            correct=correct,
+            prompt=prompt,
+            answers=ex.answers,
         )
 
     def encode(self, examples: list[Example]) -> CandidateSet:
@@ -248,7 +256,9 @@ class CandidateScorer:
         ids = []
         for cand in self.encode_example(placeholder).candidates:
             if len(cand.targets) != 1:
-                raise ValueError(f"task {self.task.name}: a candidate is {len(cand.targets)} tokens; label words must be single tokens")
+                raise ValueError(
+                    f"task {self.task.name}: a candidate is {len(cand.targets)} tokens; label words must be single tokens"
+                )
             ids.append(cand.targets[0])
         return torch.tensor(ids, device=self.device)
 
@@ -264,12 +274,16 @@ class CandidateScorer:
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for r, p in enumerate(chunk):  # left padding: every prompt ends at the same column
-                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[r, width - len(p):] = 1
+                ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[r, width - len(p) :] = 1
             out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1,
-                eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
             )
             for row in out[:, width:].tolist():
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -294,14 +308,19 @@ class CandidateScorer:
         """Accuracy (candidates) or F1 / exact match (generation), and the mean training loss."""
         n = len(data)
         if self.task.generation:
-            losses = [self.per_example_loss(data.batch(g, self.device, gold_only=True))
-                      for g in self._groups(data, batch_size, True)]
+            losses = [
+                self.per_example_loss(data.batch(g, self.device, gold_only=True))
+                for g in self._groups(data, batch_size, True)
+            ]
             predictions = self.generate([ex.prompt for ex in data.examples], batch_size=batch_size)
             f1 = [f1_score(p, ex.answers) for p, ex in zip(predictions, data.examples)]
             em = [exact_match(p, ex.answers) for p, ex in zip(predictions, data.examples)]
             return {
-                "metric": "f1", "f1": sum(f1) / max(n, 1), "em": sum(em) / max(n, 1),
-                "loss": float(torch.cat(losses).sum()) / max(n, 1) if losses else 0.0, "n": n,
+                "metric": "f1",
+                "f1": sum(f1) / max(n, 1),
+                "em": sum(em) / max(n, 1),
+                "loss": float(torch.cat(losses).sum()) / max(n, 1) if losses else 0.0,
+                "n": n,
                 "predictions": predictions[:20],
             }
         k = self.task.num_classes
@@ -321,7 +340,10 @@ class CandidateScorer:
             if confusion is not None:
                 confusion += torch.bincount(batch["labels"].cpu() * k + pred, minlength=k * k).view(k, k)
         return {
-            "metric": "accuracy", "accuracy": correct / max(n, 1), "loss": total_loss / max(n, 1), "n": n,
+            "metric": "accuracy",
+            "accuracy": correct / max(n, 1),
+            "loss": total_loss / max(n, 1),
+            "n": n,
             "confusion": None if confusion is None else confusion.tolist(),
         }
 
@@ -330,7 +352,9 @@ def make_scorer(model, tokenizer, family: str, task):
     """The scorer of a task: a ``CandidateScorer`` for MeZO tasks, else a ``PromptClassifier``."""
     if isinstance(task, HFTask):
         if family != "causal":
-            raise ValueError(f"task {task.name} scores continuations with a causal LM; this model is a {family!r} model")
+            raise ValueError(
+                f"task {task.name} scores continuations with a causal LM; this model is a {family!r} model"
+            )
         return CandidateScorer(model, tokenizer, task)
     from dpzo.models.classifier import PromptClassifier
 

@@ -14,15 +14,15 @@ The head is applied only to the scored rows, so no ``B x S x V`` logits tensor i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dpzo.data.splits import Example
 from dpzo.data.inputs import ModelDirError, model_dir_problems
+from dpzo.data.splits import Example
 from dpzo.data.tasks import EncodedPrompt, TaskSpec, encode_prompt, label_word_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -141,14 +141,26 @@ def encode_examples(examples: list[Example], task: TaskSpec, tokenizer, *, famil
     """Tokenize every example once with the task's template for this model family."""
     causal = family == "causal"
     template = template_for(task, family)
-    encoded = [encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal, **task.sent_limits) for ex in examples]
+    encoded = [
+        encode_prompt(template, ex.texts, tokenizer, max_length=max_length, causal=causal, **task.sent_limits)
+        for ex in examples
+    ]
     return stack_prompts(encoded, [ex.label for ex in examples], pad_token_id(tokenizer))
 
 
 class PromptClassifier:
     """A language model used as a K-way classifier through its label-word logits."""
 
-    def __init__(self, model, tokenizer, family: str, task: TaskSpec | None, *, max_length: int | None = None, label_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        family: str,
+        task: TaskSpec | None,
+        *,
+        max_length: int | None = None,
+        label_ids: Sequence[int] | None = None,
+    ):
         """``label_ids`` overrides the task's label words (then tokenizer and task may be None:
         scoring already tokenized batches, as ``dpzo bench`` does)."""
         self.model = model

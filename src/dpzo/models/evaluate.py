@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -73,13 +73,17 @@ class CurveSettings:
 
     def __post_init__(self) -> None:
         if self.points < 0 or self.test_examples < 1:
-            raise ValueError(f"curve points must be >= 0 and test_examples >= 1; got {self.points}, {self.test_examples}")
+            raise ValueError(
+                f"curve points must be >= 0 and test_examples >= 1; got {self.points}, {self.test_examples}"
+            )
 
     def steps(self, total: int) -> list[int]:
         """The steps (1-based counts of steps done) at which the curve gets a point."""
         if total < 1 or self.points == 0:
             return []
-        return sorted({max(1, round(total * k / min(self.points, total))) for k in range(1, min(self.points, total) + 1)})
+        return sorted(
+            {max(1, round(total * k / min(self.points, total))) for k in range(1, min(self.points, total) + 1)}
+        )
 
 
 class TestLossCurve:

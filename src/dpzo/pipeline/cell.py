@@ -1,23 +1,24 @@
 """One cell of the grid: verify its ledger, load the model and data, train, evaluate."""
 
 from __future__ import annotations
-from dpzo.zo.loop import train_zo
 
 import contextlib
-from dataclasses import dataclass
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
-from dpzo.methods import hyperparameters_for
-from dpzo.methods.hyperparameters import ZOHyperparameters
-from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, is_private
+
 from dpzo.masks.prune import Mask
-from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, file_digest
+from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperparameters_for, is_private
+from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
 from dpzo.models.evaluate import CurveSettings
 from dpzo.privacy.ledger import NO_NOISE, AccountingSettings, Cell, check_ledger_after, verify_ledger
 from dpzo.privacy.secret import SecretRandom
+from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, file_digest
+from dpzo.zo.loop import train_zo
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,12 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
     """
     from pathlib import Path
 
-    from dpzo.models.candidates import make_scorer
-    from dpzo.data.splits import load_split
-    from dpzo.models.evaluate import TestLossCurve, evaluate
     from dpzo.data.hf_tasks import HFTask, method_problem
-    from dpzo.models.classifier import load_model
+    from dpzo.data.splits import load_split
     from dpzo.data.tasks import get_task
+    from dpzo.models.candidates import make_scorer
+    from dpzo.models.classifier import load_model
+    from dpzo.models.evaluate import TestLossCurve, evaluate
 
     wall_start = time.perf_counter()
     cell, ledger, accounting = run.cell, run.ledger, run.accounting
@@ -133,8 +134,14 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
     # everything the run depends on: a snapshot of any other run is never resumed, and a retry
     # of a failed run is recognised as the same run
     identity = dict(
-        model_path=run.model_path, dtype=run.dtype, task=cell.task, method=method, seed=seed, method_params=run.method_params,
-        ledger=ledger, train_data=file_digest(split_dir / "train.jsonl"),
+        model_path=run.model_path,
+        dtype=run.dtype,
+        task=cell.task,
+        method=method,
+        seed=seed,
+        method_params=run.method_params,
+        ledger=ledger,
+        train_data=file_digest(split_dir / "train.jsonl"),
         masks=[file_digest(f) for f in run.mask_files],
     )
 
@@ -150,13 +157,16 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
         demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
         test_set = encode_with_demonstrations(clf, test_examples, demos)
     elif base != ZERO_SHOT:
-        test_curve = TestLossCurve(clf, test_set, steps=hp.steps, settings=run.curve or CurveSettings(), batch_size=run.eval_batch_size)
+        test_curve = TestLossCurve(
+            clf, test_set, steps=hp.steps, settings=run.curve or CurveSettings(), batch_size=run.eval_batch_size
+        )
         if base in FIRST_ORDER:
             from dpzo.baselines.firstorder import train_first_order
 
             started(None)  # first-order training always starts from scratch
-            history = train_first_order(clf, train_set, hp, method=base, run_seed=seed, sigma=verified.sigma,
-                                        secret=secret, curve=test_curve)
+            history = train_first_order(
+                clf, train_set, hp, method=base, run_seed=seed, sigma=verified.sigma, secret=secret, curve=test_curve
+            )
         else:
             snapshots = None
             if run.checkpoint is not None:
@@ -203,8 +213,11 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
         "releases": history.get("releases", 0),
         "resumed_from": resumed_from,  # steps after which an interrupted run was continued
         # what the trainer itself recomputed from the noise it added (not the ledger's claim)
-        "privacy": {"noise": accounting.noise if private else NO_NOISE,
-                    "epsilon_verified": verified.epsilon, "verified_with": verified.accountant},
+        "privacy": {
+            "noise": accounting.noise if private else NO_NOISE,
+            "epsilon_verified": verified.epsilon,
+            "verified_with": verified.accountant,
+        },
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - wall_start,
@@ -215,5 +228,6 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
         "history_note": "step, stage, lr, beta, mask_size: the public schedule; grad: the released "
         "scalar; test_step/test_loss: loss on a fixed part of the test split. All covered by the "
         "guarantee (functions of the released values and public data).",
-        "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS} | {"step": curves.get("step", [])},
+        "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS}
+        | {"step": curves.get("step", [])},
     }

@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,12 @@ class CellLock:
                 os.close(fd)
                 if exc.errno not in _NO_LOCKS:
                     raise
-                log.warning("cannot lock %s (%s): this file system has no flock, so a second process training "
-                            "this cell would not be detected; make sure only one runs", self.path, exc)
+                log.warning(
+                    "cannot lock %s (%s): this file system has no flock, so a second process training "
+                    "this cell would not be detected; make sure only one runs",
+                    self.path,
+                    exc,
+                )
                 return self
             # The previous holder removes the file on exit: if it did so between our open and
             # our lock, we hold a lock on a file nobody else will open.  Lock the current file.
@@ -185,8 +190,11 @@ class AttemptLog:
         """Refuse to start a private run whose identical run failed for a data-dependent reason."""
         if not private:
             return
-        failed = [r for r in self.records() if r.get("event") == "end" and r.get("data_dependent")
-                  and r.get("identity") == identity]
+        failed = [
+            r
+            for r in self.records()
+            if r.get("event") == "end" and r.get("data_dependent") and r.get("identity") == identity
+        ]
         if failed:
             message = (
                 f"refusing to retry this private cell: its run with the same hyperparameters and data failed "
@@ -253,11 +261,28 @@ class Attempt:
         refused retry."""
         digest = identity_digest(identity)
         self.log.check_retry(digest, private=self.private)
-        self.log.append({"event": "start", "time": _now(), "host": socket.gethostname(), "pid": os.getpid(),
-                         "identity": digest, "method": identity.get("method"), "resumed_after_step": resumed_after_step})
+        self.log.append(
+            {
+                "event": "start",
+                "time": _now(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "identity": digest,
+                "method": identity.get("method"),
+                "resumed_after_step": resumed_after_step,
+            }
+        )
         self.identity = digest
 
     def end(self, outcome: str, *, data_dependent: bool = False) -> None:
         """Append this run's ``end`` line: its outcome and whether the failure depended on the data."""
-        self.log.append({"event": "end", "time": _now(), "pid": os.getpid(), "identity": self.identity,
-                         "outcome": outcome, "data_dependent": data_dependent})
+        self.log.append(
+            {
+                "event": "end",
+                "time": _now(),
+                "pid": os.getpid(),
+                "identity": self.identity,
+                "outcome": outcome,
+                "data_dependent": data_dependent,
+            }
+        )

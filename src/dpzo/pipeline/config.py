@@ -14,6 +14,7 @@ import yaml
 
 class ConfigError(ValueError):
     """The config breaks the schema; the message lists every problem, each with its key."""
+
     pass
 
 
@@ -97,7 +98,9 @@ def _delta_problems(config: dict) -> list[str]:
         return []
     if isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0.0 < float(delta) < 1.0:
         return []
-    return [f"config key 'delta': {config['delta']!r} is not allowed: δ must be a number in (0, 1) (e.g. 1e-5) or \"1/n\""]
+    return [
+        f"config key 'delta': {config['delta']!r} is not allowed: δ must be a number in (0, 1) (e.g. 1e-5) or \"1/n\""
+    ]
 
 
 GRID_AXES = ("tasks", "methods", "epsilons", "seeds")
@@ -118,7 +121,9 @@ def grid_cells(config: dict) -> list[dict]:
         for axis, values in cfg.get("grid", {}).items():
             unknown = [v for v in values if v not in config[axis]]
             if unknown:
-                problems.append(f"config key 'models.{model}.grid.{axis}': {unknown} not in the config's {axis} {list(config[axis])}")
+                problems.append(
+                    f"config key 'models.{model}.grid.{axis}': {unknown} not in the config's {axis} {list(config[axis])}"
+                )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     cells = []
@@ -175,7 +180,11 @@ def _cross_reference_problems(config: dict) -> list[str]:
     """Keys that must name something defined elsewhere in the config (the schema cannot say so)."""
     audit = config.get("audit") or {}
     problems = []
-    for key, pool, what in (("model", config["models"], "models"), ("task", config["tasks"], "tasks"), ("method", config["methods"], "methods")):
+    for key, pool, what in (
+        ("model", config["models"], "models"),
+        ("task", config["tasks"], "tasks"),
+        ("method", config["methods"], "methods"),
+    ):
         if key in audit and audit[key] not in pool:
             problems.append(
                 f"config key 'audit.{key}': {audit[key]!r} is not one of `{what}` ({', '.join(map(str, pool))}); "

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpzo.data.splits import missing_files
 from dpzo.data.inputs import WEIGHT_FILES, model_dir_problems, weights_problems
+from dpzo.data.splits import missing_files
 from dpzo.data.tasks import TASKS
 
 LMBFF_URL = "https://nlp.cs.princeton.edu/projects/lm-bff/datasets.tar"
@@ -44,8 +44,10 @@ def model_problem(key: str, path: str) -> str | None:
     if isinstance(config, str) and weights:
         damaged = weights_problems(weights[0])
         return f"model '{key}' (Hugging Face id '{path}' in the cache): " + "; ".join(damaged) if damaged else None
-    relative = "" if Path(path).is_absolute() else (
-        f"is not a directory (resolved against {Path.cwd()}: {Path(path).absolute()} does not exist) and "
+    relative = (
+        ""
+        if Path(path).is_absolute()
+        else (f"is not a directory (resolved against {Path.cwd()}: {Path(path).absolute()} does not exist) and ")
     )
     return (
         f"model '{key}': '{path}' {relative}is not a Hugging Face id in the local cache {hub_cache_dir()}. "
@@ -65,8 +67,10 @@ def label_word_problems(key: str, path: str, task_names: list[str]) -> list[str]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # transformers raises many types for a damaged tokenizer
-        return [f"model '{key}' (models.{key}.path): its tokenizer does not load from {path} "
-                f"({type(err).__name__}: {err}); save it again with tokenizer.save_pretrained"]
+        return [
+            f"model '{key}' (models.{key}.path): its tokenizer does not load from {path} "
+            f"({type(err).__name__}: {err}); save it again with tokenizer.save_pretrained"
+        ]
     problems = []
     for name in task_names:
         task = TASKS[name]
@@ -84,8 +88,8 @@ def k_shot_warnings(config: dict) -> list[str]:
     keeps every example of that class (as LM-BFF does) and has no dev examples of it."""
     from collections import Counter
 
-    from dpzo.data.splits import read_split
     from dpzo.data.hf_tasks import HFTask
+    from dpzo.data.splits import read_split
 
     k, out = int(config["k"]), []
     for name in config["tasks"]:
@@ -170,8 +174,10 @@ def device_problem(device: str) -> str | None:
         if index < count:
             return None
         found = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch build without CUDA)"
-        return (f"config key 'device': {device!r} but this machine has {found}; set device: cpu, or run where "
-                "the GPU is (on a cluster the check is left to the job's node)")
+        return (
+            f"config key 'device': {device!r} but this machine has {found}; set device: cpu, or run where "
+            "the GPU is (on a cluster the check is left to the job's node)"
+        )
     if device == "mps" and not torch.backends.mps.is_available():
         return "config key 'device': 'mps' but this machine has no MPS device; set device: cpu"
     return None
@@ -191,7 +197,8 @@ def require_inputs(config: dict, *, local: bool = True) -> None:
         problems.append(device)
     if problems:
         raise MissingInputs(
-            "missing or unusable inputs; nothing was run:\n  - " + "\n  - ".join(problems)
+            "missing or unusable inputs; nothing was run:\n  - "
+            + "\n  - ".join(problems)
             + "\nThe pipeline never downloads: fetch what is missing first (see README, 'Real models and data')."
         )
     for warning in k_shot_warnings(config):

@@ -33,8 +33,8 @@ import math
 import operator
 from collections.abc import Iterator
 from typing import Any
-import numpy as np
 
+import numpy as np
 
 #: Accountants understood by :func:`epsilon` and :func:`calibrate_sigma`.
 ACCOUNTANTS: tuple[str, ...] = ("pld", "prv", "rdp")
@@ -66,9 +66,7 @@ def check_compositions(compositions: int) -> int:
     try:
         c = operator.index(compositions)
     except TypeError:
-        raise ValueError(
-            f"compositions must be an integer >= 1; got {compositions!r}"
-        ) from None
+        raise ValueError(f"compositions must be an integer >= 1; got {compositions!r}") from None
     if c < 1:
         raise ValueError(f"compositions must be an integer >= 1; got {c}")
     return c
@@ -85,9 +83,7 @@ def check_delta(delta: float) -> float:
 def check_accountant(accountant: str) -> str:
     """``accountant`` unchanged; raises ValueError unless it is one of :data:`ACCOUNTANTS`."""
     if accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))}; got {accountant!r}"
-        )
+        raise ValueError(f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))}; got {accountant!r}")
     return accountant
 
 
@@ -175,9 +171,7 @@ def _epsilon_prv(sigma: float, q: float, compositions: int, delta: float) -> flo
             eps_error=_PRV_EPS_ERROR,
             delta_error=delta * _PRV_DELTA_ERROR_FRACTION,
         )
-        _low, _estimate, upper = accountant.compute_epsilon(
-            delta=delta, num_self_compositions=[compositions]
-        )
+        _low, _estimate, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[compositions])
     # The upper end of PRV's confidence interval is the conservative (reportable) value.
     return float(upper)
 
@@ -216,9 +210,7 @@ def epsilon(
     return epsilon_unchecked(sigma, q, compositions, delta, accountant, pld_discretization)
 
 
-def epsilon_unchecked(
-    sigma: float, q: float, compositions: int, delta: float, accountant: str, disc: float
-) -> float:
+def epsilon_unchecked(sigma: float, q: float, compositions: int, delta: float, accountant: str, disc: float) -> float:
     """:func:`epsilon` after validation (calibration calls this many times)."""
     if sigma == 0.0:
         return math.inf

@@ -120,7 +120,7 @@ class AuditedMechanism:
     delta: float
 
     @classmethod
-    def from_ledger(cls, ledger: dict[str, Any]) -> "AuditedMechanism":
+    def from_ledger(cls, ledger: dict[str, Any]) -> AuditedMechanism:
         """The mechanism a zeroth-order cell's ledger accounts (private, or the sigma = 0 run)."""
         from dpzo.methods import ZO, base_method
         from dpzo.privacy.mechanisms import NoisySum
@@ -151,20 +151,28 @@ class AuditedMechanism:
                 mechanism=noise.mechanism,
                 noise_scale=noise.scale,
                 divisor=noise.divisor,
-                neighbouring="replace-one" if str(ledger.get("neighbouring", "")).startswith("replace") else "add/remove",
+                neighbouring="replace-one"
+                if str(ledger.get("neighbouring", "")).startswith("replace")
+                else "add/remove",
                 epsilon_claimed=float(ledger["epsilon_target"]),
                 delta=float(ledger.get("delta") or 0.0),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise AuditError(f"the ledger has a missing or malformed value ({err}); re-create it with the account rule") from None
+            raise AuditError(
+                f"the ledger has a missing or malformed value ({err}); re-create it with the account rule"
+            ) from None
         if not (math.isfinite(clip) and clip > 0):
-            raise AuditError(f"the ledger's clip must be finite and > 0 to audit a bounded release; got {ledger['clip']!r}")
+            raise AuditError(
+                f"the ledger's clip must be finite and > 0 to audit a bounded release; got {ledger['clip']!r}"
+            )
         if not (mech.n >= 1 and 0.0 < mech.q <= 1.0 and mech.releases >= 1):
-            raise AuditError(f"the ledger needs n >= 1, 0 < q <= 1 and at least one release; got n={mech.n}, q={mech.q}, releases={mech.releases}")
+            raise AuditError(
+                f"the ledger needs n >= 1, 0 < q <= 1 and at least one release; got n={mech.n}, q={mech.q}, releases={mech.releases}"
+            )
         return mech
 
     @property
-    def noise(self) -> "NoisySum":
+    def noise(self) -> NoisySum:
         """The :class:`NoisySum` the trainer releases this mechanism's values through."""
         from dpzo.privacy.mechanisms import NoisySum
 
@@ -177,7 +185,7 @@ def dirac_canary(releases: int, clip: float) -> np.ndarray:
 
 
 def run_mechanism(
-    mech: AuditedMechanism, canary_in: bool, secret: "SecretRandom", canary_values: np.ndarray | None = None
+    mech: AuditedMechanism, canary_in: bool, secret: SecretRandom, canary_values: np.ndarray | None = None
 ) -> np.ndarray:
     """One run of the cell's release sequence; returns the ``mech.releases`` released scalars.
 
@@ -207,7 +215,9 @@ def run_mechanism(
     return out
 
 
-def likelihood_ratio_scores(released: np.ndarray, mech: AuditedMechanism, canary_values: np.ndarray | None = None) -> np.ndarray:
+def likelihood_ratio_scores(
+    released: np.ndarray, mech: AuditedMechanism, canary_values: np.ndarray | None = None
+) -> np.ndarray:
     """Log-likelihood ratio (in-world over out-world) of each run's transcript.
 
     ``released``: [runs, releases] scalars.  The auditor undoes the public normalisation
@@ -258,7 +268,9 @@ def _epsilon_from_rates(p_low: np.ndarray, q_high: np.ndarray, delta: float) -> 
         return np.where(gap > 0, np.log(np.maximum(gap, 1e-300)) - np.log(q_high), -np.inf)
 
 
-def _event_counts(scores_in: np.ndarray, scores_out: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _event_counts(
+    scores_in: np.ndarray, scores_out: np.ndarray, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """How many in-world and out-world scores are >= each threshold."""
     s_in, s_out = np.sort(scores_in), np.sort(scores_out)
     above_in = len(s_in) - np.searchsorted(s_in, thresholds, side="left")
@@ -276,7 +288,10 @@ def _bounds(above_in, above_out, n_in: int, n_out: int, alpha: float, delta: flo
     return {
         "in_high": _epsilon_from_rates(tpr_low, fpr_high, delta),  # event: score >= threshold
         "out_low": _epsilon_from_rates(tnr_low, fnr_high, delta),  # event: score < threshold
-        "tpr_low": tpr_low, "fpr_high": fpr_high, "tnr_low": tnr_low, "fnr_high": fnr_high,
+        "tpr_low": tpr_low,
+        "fpr_high": fpr_high,
+        "tnr_low": tnr_low,
+        "fnr_high": fnr_high,
     }
 
 
@@ -288,7 +303,9 @@ def largest_measurable_epsilon(trials_per_world: int, confidence: float, delta: 
     return float(max(math.log((p_low - delta) / q_high), 0.0)) if p_low > delta else 0.0
 
 
-def epsilon_lower_bound(scores_in: np.ndarray, scores_out: np.ndarray, *, delta: float, confidence: float = 0.95) -> dict[str, Any]:
+def epsilon_lower_bound(
+    scores_in: np.ndarray, scores_out: np.ndarray, *, delta: float, confidence: float = 0.95
+) -> dict[str, Any]:
     """Turn the scores of in-world and out-world runs into an epsilon lower bound.
 
     The first ``CALIBRATION_FRACTION`` of each world's runs chooses the threshold and the
@@ -353,7 +370,7 @@ def audit(
     *,
     trials: int,
     confidence: float = 0.95,
-    secret: "SecretRandom | None" = None,
+    secret: SecretRandom | None = None,
     canary_values: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Audit the cell that ``ledger`` accounts with ``trials`` runs (half with the canary).
@@ -389,8 +406,14 @@ def audit(
         "lower_bound_within_claim": bool(result["epsilon_lower_bound"] <= claimed),
         **result,
         "mechanism": {
-            "n": mech.n, "q": mech.q, "releases": mech.releases, "clip": mech.clip, "noise": mech.mechanism,
-            "noise_scale_on_sum": mech.noise_scale, "divisor": mech.divisor, "neighbouring": mech.neighbouring,
+            "n": mech.n,
+            "q": mech.q,
+            "releases": mech.releases,
+            "clip": mech.clip,
+            "noise": mech.mechanism,
+            "noise_scale_on_sum": mech.noise_scale,
+            "divisor": mech.divisor,
+            "neighbouring": mech.neighbouring,
         },
         "audited": (
             "the trainer's release sequence (Poisson sampling from SecretRandom, clipping, the ledger's "
@@ -431,7 +454,9 @@ def plot_audit(audit_files: list[str], out_png: str) -> None:
     for method, points in sorted(groups.items()):
         xs, ys = zip(*sorted(points))
         level = f"{100 * records[0]['confidence']:g}%"
-        ax.plot(xs, ys, marker="o", linestyle="none", markersize=8, label=f"{method}: ε lower bound ({level} confidence)")
+        ax.plot(
+            xs, ys, marker="o", linestyle="none", markersize=8, label=f"{method}: ε lower bound ({level} confidence)"
+        )
         for x, y in points:
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ticks = sorted(set(finite)) + [x_inf]

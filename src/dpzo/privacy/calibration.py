@@ -1,14 +1,25 @@
 """Calibration: the smallest noise multiplier whose achieved ε meets a target (kept apart from the accountants it queries)."""
 
 from __future__ import annotations
-from dpzo.privacy.accountants import DEFAULT_PLD_DISCRETIZATION, check_accountant, check_compositions, check_delta, check_pld_discretization, check_q, dp_event, epsilon_unchecked, pld_accountant
 
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 
+from dpzo.privacy.accountants import (
+    DEFAULT_PLD_DISCRETIZATION,
+    check_accountant,
+    check_compositions,
+    check_delta,
+    check_pld_discretization,
+    check_q,
+    dp_event,
+    epsilon_unchecked,
+    pld_accountant,
+)
 
 #: Calibration refuses to go beyond this noise multiplier (the target is then unreachable
 #: for any useful training run).
@@ -54,9 +65,7 @@ def _find_bracket(
         lo = hi
 
 
-def _solve_log_sigma(
-    eps_of: Callable[[float], float], target: float, lo: float, hi: float, rtol: float
-) -> float:
+def _solve_log_sigma(eps_of: Callable[[float], float], target: float, lo: float, hi: float, rtol: float) -> float:
     """Smallest feasible sigma in ``(lo, hi]`` to relative tolerance ``rtol``.
 
     Brent's method on ``log(sigma)`` (epsilon is close to a power law in sigma, so few
@@ -223,7 +232,9 @@ def opacus_noise_multiplier(epsilon: float, delta: float, q: float, steps: int) 
     """DPZero's sigma: ``opacus.accountants.utils.get_noise_multiplier`` (RDP, Poisson add/remove)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp"))
+    return float(
+        get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp")
+    )
 
 
 def laplace_step_epsilon(epsilon_total: float, q: float, compositions: int) -> tuple[float, float]:

@@ -29,9 +29,9 @@ from typing import Any
 
 from dpzo.methods import base_method, get_method, is_private
 from dpzo.privacy.accountants import DEFAULT_PLD_DISCRETIZATION, epsilon, laplace_epsilon, opacus_epsilon
+from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.records import DPZERO_DELTA, method_ledger
 from dpzo.privacy.secret import SECURE_NOISE, noise_source
-from dpzo.privacy.mechanisms import NoisySum
 
 #: A recomputed ε may exceed the target by this relative amount (floating-point reproducibility
 #: of the same library call), no more.
@@ -88,10 +88,13 @@ class LedgerMismatch(ValueError):
     def __init__(self, path: str | Path | None, field: str, in_ledger: Any, expected: Any, fix: str | None = None):
         self.path, self.field, self.in_ledger, self.expected = path, field, in_ledger, expected
         where = f"privacy ledger {path}" if path else "privacy ledger"
-        fix = fix or (f"delete {path or 'the ledger'} and run the cell again: the account rule then writes "
-                      "this cell's own ledger")
-        super().__init__(f"{where}: {field} is {in_ledger!r} in the ledger but {expected!r} for this cell; "
-                         f"nothing was trained. {fix}")
+        fix = fix or (
+            f"delete {path or 'the ledger'} and run the cell again: the account rule then writes this cell's own ledger"
+        )
+        super().__init__(
+            f"{where}: {field} is {in_ledger!r} in the ledger but {expected!r} for this cell; "
+            f"nothing was trained. {fix}"
+        )
 
 
 def resolve_delta(delta: float | str, n: int) -> float:
@@ -118,7 +121,9 @@ def _expected_delta(method: str, convention: str, delta: float | str, n: int) ->
     return resolve_delta(delta, n)
 
 
-def cell_ledger(cell: Cell, hp: Any, *, n: int, settings: AccountingSettings, cache_dir: str | Path | None = None) -> dict[str, Any]:
+def cell_ledger(
+    cell: Cell, hp: Any, *, n: int, settings: AccountingSettings, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
     """The ledger of ``cell``: calibrated noise for its method, hyperparameters ``hp`` and n.
 
     Besides what :func:`privacy.method_ledger` accounts, it records what the cell is (so the
@@ -138,8 +143,12 @@ def cell_ledger(cell: Cell, hp: Any, *, n: int, settings: AccountingSettings, ca
         convention=settings.convention,
         cache_dir=cache_dir,
     )
-    return record | {"cell": cell.as_dict(), "convention": settings.convention, "accountant": settings.accountant,
-                     "noise": settings.noise}
+    return record | {
+        "cell": cell.as_dict(),
+        "convention": settings.convention,
+        "accountant": settings.accountant,
+        "noise": settings.noise,
+    }
 
 
 def check_counts(ledger: dict, *, n: int, hp: Any, path: str | Path | None = None) -> None:
@@ -200,7 +209,9 @@ def verify_ledger(
     private = is_private(cell.method)
     target = cell.epsilon if private else math.inf
     if _number(ledger.get("epsilon_target")) != target:
-        raise LedgerMismatch(path, "epsilon_target", ledger.get("epsilon_target"), "inf" if math.isinf(target) else target)
+        raise LedgerMismatch(
+            path, "epsilon_target", ledger.get("epsilon_target"), "inf" if math.isinf(target) else target
+        )
     for key in ("convention", "accountant", "noise"):
         if ledger.get(key) != getattr(settings, key):
             raise LedgerMismatch(path, key, ledger.get(key), getattr(settings, key))
@@ -221,7 +232,9 @@ def verify_ledger(
     if get_method(base).mechanism == "laplace":
         return _verify_laplace(ledger, path, hp, q, releases, target)
     published_dpzero = get_method(base).published_accounting == "dpzero" and settings.convention == "published"
-    return _verify_gaussian(ledger, path, hp, q, releases, target, delta, settings.accountant, published_dpzero=published_dpzero)
+    return _verify_gaussian(
+        ledger, path, hp, q, releases, target, delta, settings.accountant, published_dpzero=published_dpzero
+    )
 
 
 def _require(ledger: dict, path, key: str, expected: Any) -> None:
@@ -232,13 +245,18 @@ def _require(ledger: dict, path, key: str, expected: Any) -> None:
 def _certifies(path, achieved: float, target: float, what: str) -> None:
     if not achieved <= target * (1.0 + EPSILON_RTOL):
         raise LedgerMismatch(
-            path, f"epsilon of its noise ({what})", achieved, f"<= {target}",
+            path,
+            f"epsilon of its noise ({what})",
+            achieved,
+            f"<= {target}",
             fix="its noise does not buy the cell's ε (an edited or foreign ledger); delete it and run the cell "
-                "again so that the account rule calibrates this cell's noise",
+            "again so that the account rule calibrates this cell's noise",
         )
 
 
-def _verify_gaussian(ledger, path, hp, q, releases, target, delta, accountant, *, published_dpzero: bool) -> VerifiedNoise:
+def _verify_gaussian(
+    ledger, path, hp, q, releases, target, delta, accountant, *, published_dpzero: bool
+) -> VerifiedNoise:
     _require(ledger, path, "mechanism", "gaussian")
     _require(ledger, path, "sampler", "poisson")
     sigma = _number(ledger.get("sigma"))
@@ -267,7 +285,9 @@ def _verify_laplace(ledger, path, hp, q, releases, target) -> VerifiedNoise:
     _require(ledger, path, "sampler", "poisson")
     scale = _number(ledger.get("laplace_scale_on_sum"))
     if not (math.isfinite(scale) and scale > 0):
-        raise LedgerMismatch(path, "laplace_scale_on_sum", ledger.get("laplace_scale_on_sum"), "a finite Laplace scale > 0")
+        raise LedgerMismatch(
+            path, "laplace_scale_on_sum", ledger.get("laplace_scale_on_sum"), "a finite Laplace scale > 0"
+        )
     achieved = laplace_epsilon(hp.clip / scale, q, releases)
     _certifies(path, achieved, target, "pure DP, basic composition")
     return VerifiedNoise(NoisySum("laplace", scale, float(hp.batch_size)), 0.0, achieved, "laplace-basic-composition")

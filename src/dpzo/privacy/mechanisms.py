@@ -1,13 +1,15 @@
 """The noise mechanisms: the noisy sum of clipped per-example values that every private release adds."""
 
 from __future__ import annotations
-from dpzo.privacy.secret import SecretRandom
-from dpzo.privacy.accountants import check_sigma
 
 import math
 from dataclasses import dataclass
 from typing import Any
+
 import numpy as np
+
+from dpzo.privacy.accountants import check_sigma
+from dpzo.privacy.secret import SecretRandom
 
 
 def privatize_sum(
@@ -55,13 +57,17 @@ class NoisySum:
             raise ValueError(f"divisor must be finite and > 0; got {self.divisor!r}")
 
     @classmethod
-    def from_ledger(cls, ledger: dict[str, Any]) -> "NoisySum":
+    def from_ledger(cls, ledger: dict[str, Any]) -> NoisySum:
         """The release a ledger accounts: its mechanism, noise scale on the sum and expected batch size.
 
         A non-private ledger records no noise, so its release adds none.
         """
         mechanism = ledger.get("mechanism", "gaussian")
-        scale = ledger["laplace_scale_on_sum"] if mechanism == "laplace" and ledger["private"] else ledger["noise_std_on_sum"]
+        scale = (
+            ledger["laplace_scale_on_sum"]
+            if mechanism == "laplace" and ledger["private"]
+            else ledger["noise_std_on_sum"]
+        )
         return cls(mechanism, float(scale or 0.0), float(ledger["expected_batch_size"]))
 
     def release(self, clipped_sum: Any, rng: SecretRandom) -> Any:

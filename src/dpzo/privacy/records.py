@@ -1,14 +1,27 @@
 """Privacy records: what a cell's ledger holds for each accounting convention (calibrated σ, achieved ε, the counts)."""
 
 from __future__ import annotations
-from dpzo.methods.base import ADD_REMOVE
-from dpzo.privacy.accountants import ACCOUNTANTS, DEFAULT_PLD_DISCRETIZATION, check_accountant, check_delta, check_pld_discretization, check_sigma, distribution_version, epsilon, epsilon_unchecked, laplace_epsilon, library_versions
-from dpzo.privacy.calibration import calibrate_sigma, laplace_step_epsilon, memoized, opacus_noise_multiplier
 
 import math
 import operator
 from pathlib import Path
 from typing import Any
+
+from dpzo.methods.base import ADD_REMOVE
+from dpzo.privacy.accountants import (
+    ACCOUNTANTS,
+    DEFAULT_PLD_DISCRETIZATION,
+    check_accountant,
+    check_delta,
+    check_pld_discretization,
+    check_sigma,
+    distribution_version,
+    epsilon,
+    epsilon_unchecked,
+    laplace_epsilon,
+    library_versions,
+)
+from dpzo.privacy.calibration import calibrate_sigma, laplace_step_epsilon, memoized, opacus_noise_multiplier
 
 
 def _json_float(x: float) -> float | str:
@@ -98,7 +111,9 @@ def accounting_record(
                 achieved[name] = "inf"
                 continue
             try:
-                achieved[name] = _json_float(epsilon(s, q, compositions, delta, name, pld_discretization=pld_discretization))
+                achieved[name] = _json_float(
+                    epsilon(s, q, compositions, delta, name, pld_discretization=pld_discretization)
+                )
             except (RuntimeError, ValueError, FloatingPointError) as err:
                 if name == calibrated_with:
                     raise
@@ -107,9 +122,16 @@ def accounting_record(
                 achieved[name] = f"not computed: {type(err).__name__}: {err}"
         return {"sigma": s, "epsilon_achieved": achieved}
 
-    key = dict(epsilon_target=_json_float(eps_target), delta=delta, q=q, compositions=compositions,
-               calibrated_with=calibrated_with, sigma=sigma, pld_discretization=pld_discretization,
-               library_versions=library_versions())
+    key = dict(
+        epsilon_target=_json_float(eps_target),
+        delta=delta,
+        q=q,
+        compositions=compositions,
+        calibrated_with=calibrated_with,
+        sigma=sigma,
+        pld_discretization=pld_discretization,
+        library_versions=library_versions(),
+    )
 
     def certifies(cached: dict[str, Any]) -> bool:
         """A cached sigma is used only if it still buys the target (one accountant evaluation)."""
@@ -117,7 +139,11 @@ def accounting_record(
             return True
         s = float(cached["sigma"])
         achieved = epsilon_unchecked(s, q, compositions, delta, calibrated_with, pld_discretization)
-        return s > 0 and achieved <= eps_target and cached["epsilon_achieved"].get(calibrated_with) == _json_float(achieved)
+        return (
+            s > 0
+            and achieved <= eps_target
+            and cached["epsilon_achieved"].get(calibrated_with) == _json_float(achieved)
+        )
 
     numbers = memoized(cache_dir, key, calibrate_and_check, verify=certifies)
     sigma, achieved = float(numbers["sigma"]), numbers["epsilon_achieved"]
@@ -152,7 +178,9 @@ def accounting_record(
 DPZERO_DELTA = 1e-5
 
 
-def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float, epsilon_target: float, delta: float = DPZERO_DELTA) -> dict[str, Any]:
+def dpzero_published_record(
+    *, n: int, batch_size: int, steps: int, clip: float, epsilon_target: float, delta: float = DPZERO_DELTA
+) -> dict[str, Any]:
     """DPZero's own accounting (Zhang et al. 2024, their code): replace-one neighbours.
 
     sigma comes from opacus' RDP calibration for a sensitivity-1 add/remove query; the noise
@@ -161,7 +189,9 @@ def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float,
     noise under this project's convention (add/remove, sensitivity C: multiplier 2 sigma).
     """
     q = batch_size / n
-    record = accounting_record(n=n, batch_size=batch_size, steps=steps, clip=clip, epsilon_target=epsilon_target, delta=delta, sigma=0.0)
+    record = accounting_record(
+        n=n, batch_size=batch_size, steps=steps, clip=clip, epsilon_target=epsilon_target, delta=delta, sigma=0.0
+    )
     if math.isinf(float(epsilon_target)):
         return record | {"accounting": "dpzero-published"}
     sigma = opacus_noise_multiplier(float(epsilon_target), delta, q, steps)
@@ -184,11 +214,22 @@ def dpzero_published_record(*, n: int, batch_size: int, steps: int, clip: float,
     }
 
 
-def laplace_record(*, n: int, batch_size: int, steps: int, directions: int, clip: float, epsilon_target: float) -> dict[str, Any]:
+def laplace_record(
+    *, n: int, batch_size: int, steps: int, directions: int, clip: float, epsilon_target: float
+) -> dict[str, Any]:
     """Pure epsilon-DP accounting of the Laplace variant of DP-ZO (Tang et al. 2024)."""
     q = batch_size / n
     compositions = steps * directions
-    record = accounting_record(n=n, batch_size=batch_size, steps=steps, directions=directions, clip=clip, epsilon_target=epsilon_target, delta=0.5, sigma=0.0)
+    record = accounting_record(
+        n=n,
+        batch_size=batch_size,
+        steps=steps,
+        directions=directions,
+        clip=clip,
+        epsilon_target=epsilon_target,
+        delta=0.5,
+        sigma=0.0,
+    )
     record.update(mechanism="laplace", delta=0.0, accounting="pure-dp: subsampling amplification + basic composition")
     if math.isinf(float(epsilon_target)):
         return record
@@ -235,8 +276,13 @@ def method_ledger(
         raise ValueError(f"accounting convention must be 'common' or 'published'; got {convention!r}")
     common = dict(n=n, batch_size=batch_size, steps=steps, clip=clip, epsilon_target=epsilon_target)
     if not is_private(method):
-        record = {"private": False, "epsilon_target": "inf", "n": n, "steps": steps,
-                  "neighbouring": "none: this method makes no privacy claim"}
+        record = {
+            "private": False,
+            "epsilon_target": "inf",
+            "n": n,
+            "steps": steps,
+            "neighbouring": "none: this method makes no privacy claim",
+        }
     elif get_method(base).neighbouring != ADD_REMOVE:
         raise ValueError(
             f"{method} declares the neighbouring relation {get_method(base).neighbouring!r}; the accountants "
@@ -249,7 +295,9 @@ def method_ledger(
             raise ValueError("DPZero's published accounting has one direction per step")
         record = dpzero_published_record(**common)
     else:
-        record = accounting_record(directions=directions, delta=delta, accountant=accountant, cache_dir=cache_dir, **common)
+        record = accounting_record(
+            directions=directions, delta=delta, accountant=accountant, cache_dir=cache_dir, **common
+        )
         record["accounting"] = "common"
     record["method"] = method
     return record

@@ -7,8 +7,8 @@ import os
 import secrets
 import warnings
 from typing import Any
-import numpy as np
 
+import numpy as np
 
 #: Environment variable holding an *insecure* integer seed for the privacy RNG (tests only).
 INSECURE_SEED_ENV = "DPZO_INSECURE_TEST_NOISE_SEED"

@@ -14,8 +14,8 @@ file when there is one) once, and writes two tables that every later table and f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import pandas as pd
 
@@ -177,8 +177,13 @@ def curve_rows(metrics_file: str | Path) -> list[dict]:
     """The test-loss points of one cell (none for zero-shot and ICL): the published curve."""
     metrics = read_json_output(metrics_file)
     history = metrics.get("history") or {}
-    cell = {"model": metrics["model"], "task": metrics["task"], "method": metrics["method"],
-            "eps": str(metrics["eps"]), "seed": int(metrics["seed"])}
+    cell = {
+        "model": metrics["model"],
+        "task": metrics["task"],
+        "method": metrics["method"],
+        "eps": str(metrics["eps"]),
+        "seed": int(metrics["seed"]),
+    }
     return [
         cell | {"step": int(step), "stage": _stage_at(history, int(step)), "test_loss": _number(loss)}
         for step, loss in zip(history.get("test_step", []), history.get("test_loss", []))
@@ -189,13 +194,22 @@ def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None
     """The private diagnostics of one cell, one row per logged step (not covered by the guarantee)."""
     record = read_json_output(diagnostics_file)
     history = {"stage_starts": stage_starts or []}
-    cell = {"model": record["model"], "task": record["task"], "method": record["method"],
-            "eps": str(record["eps"]), "seed": int(record["seed"])}
+    cell = {
+        "model": record["model"],
+        "task": record["task"],
+        "method": record["method"],
+        "eps": str(record["eps"]),
+        "seed": int(record["seed"]),
+    }
     steps = record.get("step", [])
     columns = {key: record.get(key) or [math.nan] * len(steps) for key in ("loss", "examples", "clipped_fraction")}
     return [
-        cell | {"step": int(step), "stage": _stage_at(history, int(step)),
-                **{key: _number(values[i]) for key, values in columns.items()}}
+        cell
+        | {
+            "step": int(step),
+            "stage": _stage_at(history, int(step)),
+            **{key: _number(values[i]) for key, values in columns.items()},
+        }
         for i, step in enumerate(steps)
     ]
 
@@ -257,15 +271,25 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     out["accuracy_std"] = out["accuracy_std"].fillna(0.0)  # one seed: no spread
     out["accuracy"] = out.apply(lambda r: f"{r.accuracy_mean:.1f} ± {r.accuracy_std:.1f}", axis=1)
-    out = out.assign(_eps=eps_sort_key(out["eps"])).sort_values(["model", "task", "method", "_eps"]).drop(columns="_eps")
+    out = (
+        out.assign(_eps=eps_sort_key(out["eps"])).sort_values(["model", "task", "method", "_eps"]).drop(columns="_eps")
+    )
     return out.reset_index(drop=True)
 
 
 def read_cells(path: str | Path) -> pd.DataFrame:
     """``cells.csv`` / ``summary.csv`` with ε kept as the path string and empty text kept empty."""
     text = [f"mask_{name}" for name in MASK_FIELDS if name != "ratio"]
-    text += ["memory_kind", "reference_model", "reference_task", "stage_starts", "calibrated_with", "mechanism", "accounting",
-             "noise"]
+    text += [
+        "memory_kind",
+        "reference_model",
+        "reference_task",
+        "stage_starts",
+        "calibrated_with",
+        "mechanism",
+        "accounting",
+        "noise",
+    ]
     table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})
     for column in text:
         if column in table.columns:  # an all-empty column reads as float NaN

@@ -15,8 +15,9 @@ PNG and PDF; legends sit outside the axes so that they never cover data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -43,8 +44,15 @@ def _pyplot():
 # Colour-blind palette (seaborn "colorblind") by base method: the paper's methods get the most
 # distinct hues; zero-shot is grey in every figure.
 _PALETTE_INDEX = {
-    "dp-zoso": 0, "mezo": 1, "dpzero": 2, "dp-zopo": 3, "dp-sgd": 4, "dp-prefix": 5,
-    "ft": 6, "icl": 8, "dp-zo-gauss": 9,
+    "dp-zoso": 0,
+    "mezo": 1,
+    "dpzero": 2,
+    "dp-zopo": 3,
+    "dp-sgd": 4,
+    "dp-prefix": 5,
+    "ft": 6,
+    "icl": 8,
+    "dp-zo-gauss": 9,
 }
 _EXTRA_COLOURS = {"zero-shot": ZERO_SHOT_GREY, "dp-zo-laplace": (0.15, 0.15, 0.15)}
 
@@ -101,7 +109,7 @@ def _panels(plt, cells: pd.DataFrame, width: float, height: float):
     nrows = max(1, math.ceil(len(pairs) / ncols))
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(width * ncols, height * nrows))
     flat = list(axes.flat)
-    for ax in flat[len(pairs):]:
+    for ax in flat[len(pairs) :]:
         ax.set_visible(False)
     return fig, list(zip(pairs, flat)), flat[0]
 
@@ -132,8 +140,13 @@ def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Pat
     epsilons = _private_eps(summary) or ["inf"]
     n_tasks = summary.groupby("model")["task"].nunique().max() if len(summary) else 1
     width_per_task = max(2.2, 0.45 * len(colours))
-    fig, axes = plt.subplots(len(models) or 1, len(epsilons), squeeze=False, sharey=True,
-                             figsize=(max(4.5, width_per_task * n_tasks) * len(epsilons), 3.6 * max(len(models), 1)))
+    fig, axes = plt.subplots(
+        len(models) or 1,
+        len(epsilons),
+        squeeze=False,
+        sharey=True,
+        figsize=(max(4.5, width_per_task * n_tasks) * len(epsilons), 3.6 * max(len(models), 1)),
+    )
     shown_methods = []
     for r, model in enumerate(models):
         for c, eps in enumerate(epsilons):
@@ -145,9 +158,26 @@ def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Pat
             for i, method in enumerate(methods):
                 rows = tidy[tidy.method == method].set_index("task").reindex(tasks)
                 x = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
-                ax.bar(x, rows["accuracy_mean"], width * 0.95, yerr=rows["accuracy_std"], color=colours[method],
-                       capsize=2, error_kw={"elinewidth": 0.8}, zorder=2)
-                ax.scatter(x, rows["published"], marker="D", s=22, facecolor="white", edgecolor="black", linewidth=1.0, zorder=3)
+                ax.bar(
+                    x,
+                    rows["accuracy_mean"],
+                    width * 0.95,
+                    yerr=rows["accuracy_std"],
+                    color=colours[method],
+                    capsize=2,
+                    error_kw={"elinewidth": 0.8},
+                    zorder=2,
+                )
+                ax.scatter(
+                    x,
+                    rows["published"],
+                    marker="D",
+                    s=22,
+                    facecolor="white",
+                    edgecolor="black",
+                    linewidth=1.0,
+                    zorder=3,
+                )
                 if method not in shown_methods:
                     shown_methods.append(method)
             labels = []
@@ -166,7 +196,11 @@ def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Pat
                 ax.set_ylabel("test accuracy (%)")
             ax.set_xlabel("task")
     handles = [Patch(color=colours[m], label=m) for m in order_methods(shown_methods)]
-    handles.append(Line2D([], [], marker="D", linestyle="", markerfacecolor="white", markeredgecolor="black", label="published value"))
+    handles.append(
+        Line2D(
+            [], [], marker="D", linestyle="", markerfacecolor="white", markeredgecolor="black", label="published value"
+        )
+    )
     fig.suptitle("Test accuracy per task and method (bars: ours, mean ± std over seeds; ◇: published)", y=1.0)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=min(len(handles), 6))
@@ -183,19 +217,39 @@ def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path,
     colours = method_colours(list(summary["method"]) + list(reference["method"]))
     panels = []  # (title, methods, memory, memory label, seconds, seconds label, tick labels)
     for model, sub in summary.groupby("model", sort=True):
-        agg = sub.groupby("method").agg(memory=("memory_mb", "mean"), seconds=("wall_seconds", "mean"), kind=("memory_kind", "first"))
+        agg = sub.groupby("method").agg(
+            memory=("memory_mb", "mean"), seconds=("wall_seconds", "mean"), kind=("memory_kind", "first")
+        )
         agg = agg.loc[order_methods(agg.index)]
         kind = next((k for k in agg["kind"] if k), "peak memory")
-        panels.append((f"ours: {model}", list(agg.index), agg["memory"], f"{kind} (MiB)",
-                       agg["seconds"], "wall time per cell (s)\nload + train + evaluate", list(agg.index)))
+        panels.append(
+            (
+                f"ours: {model}",
+                list(agg.index),
+                agg["memory"],
+                f"{kind} (MiB)",
+                agg["seconds"],
+                "wall time per cell (s)\nload + train + evaluate",
+                list(agg.index),
+            )
+        )
     for (source, model), sub in reference.groupby(["source", "model"], sort=False):
         sub = sub.set_index("method").loc[order_methods(sub["method"])]
         kind = sub["seconds_kind"].iloc[0]
         task = sub["task"].iloc[0]
         title = f"published: {model}{', ' + task if task else ''} ({SOURCE_TITLES.get(source, source)})"
         ticks = [m if name.lower() == m else f"{m}\n({name})" for m, name in zip(sub.index, sub["published_name"])]
-        panels.append((title, list(sub.index), sub["gpu_memory_mb"], "GPU memory (MB)", sub["seconds"],
-                       "time per step (s)" if kind == "per step" else "time per run (s)", ticks))
+        panels.append(
+            (
+                title,
+                list(sub.index),
+                sub["gpu_memory_mb"],
+                "GPU memory (MB)",
+                sub["seconds"],
+                "time per step (s)" if kind == "per step" else "time per run (s)",
+                ticks,
+            )
+        )
     most = max((len(p[1]) for p in panels), default=1)
     fig, axes = plt.subplots(len(panels), 2, squeeze=False, figsize=(max(11, 1.3 * most), 2.7 * len(panels)))
     rotation = 20 if most <= 6 else 40  # long method lists: steeper labels that do not overlap
@@ -241,22 +295,45 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
         plotted_published = False
         for method in order_methods(private["method"]):
             g = private[private.method == method].sort_values("epsilon")
-            h = ax.errorbar(g["epsilon"], g["accuracy_mean"], yerr=g["accuracy_std"], marker="o", capsize=3,
-                            color=colours[method], label=method)
+            h = ax.errorbar(
+                g["epsilon"],
+                g["accuracy_mean"],
+                yerr=g["accuracy_std"],
+                marker="o",
+                capsize=3,
+                color=colours[method],
+                label=method,
+            )
             legend.setdefault(method, h)
-            pub = published[(published.reference_model == ref_model) & (published.reference_task == ref_task)
-                            & (published.method == method) & (published.eps != "inf")]
+            pub = published[
+                (published.reference_model == ref_model)
+                & (published.reference_task == ref_task)
+                & (published.method == method)
+                & (published.eps != "inf")
+            ]
             if len(pub):
                 eps_pub = pub["eps"].astype(float)
-                ax.plot(eps_pub, pub["value"], linestyle=":", marker="D", markerfacecolor="white",
-                        color=colours[method], linewidth=1)
+                ax.plot(
+                    eps_pub,
+                    pub["value"],
+                    linestyle=":",
+                    marker="D",
+                    markerfacecolor="white",
+                    color=colours[method],
+                    linewidth=1,
+                )
                 ticks |= set(eps_pub)
                 plotted_published = True
         for method in order_methods(cell.loc[cell.eps == "inf", "method"]):
             row = cell[(cell.eps == "inf") & (cell.method == method)].iloc[0]
             name = f"{method} (ε = ∞)"
-            h = ax.axhline(row.accuracy_mean, linestyle=":" if method == "zero-shot" else "--", color=colours[method],
-                           linewidth=1.5, label=name)
+            h = ax.axhline(
+                row.accuracy_mean,
+                linestyle=":" if method == "zero-shot" else "--",
+                color=colours[method],
+                linewidth=1.5,
+                label=name,
+            )
             legend.setdefault(name, h)
         ax.set_xscale("log")
         if ticks:
@@ -271,7 +348,9 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
         if sub and not plotted_published:
             sub = f"{ref}: nothing published for these methods"
         ax.set_title(f"{model}, {task}" + (f"\n{sub}" if sub else ""), fontsize=10)
-    legend["published"] = Line2D([], [], linestyle=":", marker="D", markerfacecolor="white", color="black", label="published (same colour)")
+    legend["published"] = Line2D(
+        [], [], linestyle=":", marker="D", markerfacecolor="white", color="black", label="published (same colour)"
+    )
     fig.suptitle("Privacy-utility: accuracy against ε (mean ± std over seeds; δ fixed per run)", y=1.0)
     fig.tight_layout()
     _legend_below(fig, list(legend.values()), [h.get_label() for h in legend.values()], ncol=min(len(legend), 4))
@@ -285,19 +364,33 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, 
     """Mean test loss over seeds (band: ± std) per (method, ε); dotted verticals: stage starts.
 
     The published training curve: a function of the released iterates and of test data."""
-    _curves(curves, cells, png, pdf, value="test_loss",
-            ylabel="test loss (nats)\nmean CE on a fixed test subset",
-            title="Test loss against step (mean over seeds, band ± std; covered by the guarantee)")
+    _curves(
+        curves,
+        cells,
+        png,
+        pdf,
+        value="test_loss",
+        ylabel="test loss (nats)\nmean CE on a fixed test subset",
+        title="Test loss against step (mean over seeds, band ± std; covered by the guarantee)",
+    )
 
 
 def private_training_loss(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
     """The training loss on the private batches (``results/private/``): NOT covered by the guarantee."""
-    _curves(curves, cells, png, pdf, value="loss",
-            ylabel="training loss (nats)\nmean CE on the sampled batches",
-            title="Training loss on the private batches (NOT covered by the privacy guarantee)")
+    _curves(
+        curves,
+        cells,
+        png,
+        pdf,
+        value="loss",
+        ylabel="training loss (nats)\nmean CE on the sampled batches",
+        title="Training loss on the private batches (NOT covered by the privacy guarantee)",
+    )
 
 
-def _curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path, *, value: str, ylabel: str, title: str) -> None:
+def _curves(
+    curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path, *, value: str, ylabel: str, title: str
+) -> None:
     """One panel per (model, task): ``value`` against step per (method, ε), stage starts dotted."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -321,14 +414,26 @@ def _curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str
             colour = colours.get(method)
             # few logged points (short runs log at the last step only): markers keep them visible
             marker = "o" if len(stats) <= 5 else None
-            ax.plot(stats["step"], stats["mean"], color=colour, linestyle=eps_style[eps], linewidth=1.4, marker=marker, markersize=4)
+            ax.plot(
+                stats["step"],
+                stats["mean"],
+                color=colour,
+                linestyle=eps_style[eps],
+                linewidth=1.4,
+                marker=marker,
+                markersize=4,
+            )
             spread = stats["std"].fillna(0)
-            ax.fill_between(stats["step"], stats["mean"] - spread, stats["mean"] + spread, color=colour, alpha=0.15, linewidth=0)
+            ax.fill_between(
+                stats["step"], stats["mean"] - spread, stats["mean"] + spread, color=colour, alpha=0.15, linewidth=0
+            )
             if method not in used_methods:
                 used_methods.append(method)
         for method in order_methods(sub["method"]):
             starts = cells[(cells.model == model) & (cells.task == task) & (cells.method == method)]["stage_starts"]
-            bounds = sorted({int(s) for text in starts for s in str(text).split(";") if s.strip().isdigit() and int(s) > 0})
+            bounds = sorted(
+                {int(s) for text in starts for s in str(text).split(";") if s.strip().isdigit() and int(s) > 0}
+            )
             for b in bounds:
                 ax.axvline(b, color=colours.get(method), linestyle=(0, (1, 2)), linewidth=1.2, alpha=0.9)
                 any_stage = True
@@ -336,7 +441,10 @@ def _curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str
         ax.set_ylabel(ylabel)
         ax.set_title(f"{model}, {task}", fontsize=10)
     handles = [Line2D([], [], color=colours[m], linewidth=2, label=m) for m in order_methods(used_methods)]
-    handles += [Line2D([], [], color="black", linestyle=eps_style[e], label=f"ε = {'∞' if e == 'inf' else e}") for e in eps_values]
+    handles += [
+        Line2D([], [], color="black", linestyle=eps_style[e], label=f"ε = {'∞' if e == 'inf' else e}")
+        for e in eps_values
+    ]
     if any_stage:
         handles.append(Line2D([], [], color="black", linestyle=(0, (1, 2)), label="stage boundary (method's colour)"))
     fig.suptitle(title, y=1.0)
@@ -348,8 +456,10 @@ def _curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str
 # --------------------------------------------------------------------------------------------
 # 5. pruning ablation
 # --------------------------------------------------------------------------------------------
-ABLATION_HINT = ("No DP-ZOPO cells in this run.\nThe ablation overlay produces them:\n"
-                 "snakemake --cores 2 --configfile config/config.yaml config/ablation.yaml")
+ABLATION_HINT = (
+    "No DP-ZOPO cells in this run.\nThe ablation overlay produces them:\n"
+    "snakemake --cores 2 --configfile config/config.yaml config/ablation.yaml"
+)
 
 
 def ablation_label(row: Any) -> str:
@@ -375,21 +485,35 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
         _save(fig, png, pdf)
         return
     epsilons = _private_eps(zopo)
-    eps_colour = dict(zip(epsilons, sns.color_palette("colorblind", 10)[:len(epsilons)] if len(epsilons) <= 10 else sns.color_palette("viridis", len(epsilons))))
+    eps_colour = dict(
+        zip(
+            epsilons,
+            sns.color_palette("colorblind", 10)[: len(epsilons)]
+            if len(epsilons) <= 10
+            else sns.color_palette("viridis", len(epsilons)),
+        )
+    )
     n_variants = zopo["method"].nunique()
-    fig, axes = plt.subplots(len(groups), 1, squeeze=False, figsize=(8.5, 0.65 * n_variants * len(groups) + 1.6 * len(groups)))
+    fig, axes = plt.subplots(
+        len(groups), 1, squeeze=False, figsize=(8.5, 0.65 * n_variants * len(groups) + 1.6 * len(groups))
+    )
     for ax, (model, task) in zip(axes[:, 0], groups):
         sub = zopo[(zopo.model == model) & (zopo.task == task)].copy()
         sub["label"] = [ablation_label(r) for r in sub.itertuples()]
-        order = (sub.sort_values(["mask_strategy", "mask_scorer", "mask_ratio", "mask_selection", "method"])["label"]
-                 .drop_duplicates().tolist())
+        order = (
+            sub.sort_values(["mask_strategy", "mask_scorer", "mask_ratio", "mask_selection", "method"])["label"]
+            .drop_duplicates()
+            .tolist()
+        )
         y = {label: i for i, label in enumerate(order)}
         offset = 0.6 / max(len(epsilons), 1)
         for j, eps in enumerate(epsilons):
             g = sub[sub.eps == eps]
             ys = [y[label] + (j - (len(epsilons) - 1) / 2) * offset for label in g["label"]]
             ax.errorbar(g["accuracy_mean"], ys, xerr=g["accuracy_std"], fmt="o", color=eps_colour[eps], capsize=3)
-            dense = summary[(summary.model == model) & (summary.task == task) & (summary.method == "dp-zoso") & (summary.eps == eps)]
+            dense = summary[
+                (summary.model == model) & (summary.task == task) & (summary.method == "dp-zoso") & (summary.eps == eps)
+            ]
             if len(dense):
                 ax.axvline(dense["accuracy_mean"].iloc[0], color=eps_colour[eps], linestyle="--", linewidth=1.2)
         zero = summary[(summary.model == model) & (summary.task == task) & (summary.method == "zero-shot")]
@@ -399,8 +523,13 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
         ax.set_ylim(len(order) - 0.5, -0.5)
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(f"{model}, {task}", fontsize=10)
-    handles = [Line2D([], [], color=eps_colour[e], marker="o", linestyle="", label=f"DP-ZOPO variant, ε = {e}") for e in epsilons]
-    handles += [Line2D([], [], color=eps_colour[e], linestyle="--", label=f"dp-zoso (dense), ε = {e}") for e in epsilons]
+    handles = [
+        Line2D([], [], color=eps_colour[e], marker="o", linestyle="", label=f"DP-ZOPO variant, ε = {e}")
+        for e in epsilons
+    ]
+    handles += [
+        Line2D([], [], color=eps_colour[e], linestyle="--", label=f"dp-zoso (dense), ε = {e}") for e in epsilons
+    ]
     handles.append(Line2D([], [], color=ZERO_SHOT_GREY, linestyle=":", label="zero-shot"))
     fig.suptitle("DP-ZOPO pruning ablation: strategy · scorer · trainable fraction · selection", y=1.0)
     fig.tight_layout()

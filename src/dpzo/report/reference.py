@@ -22,12 +22,31 @@ from pathlib import Path
 import pandas as pd
 
 ACCURACY_COLUMNS = (
-    "source", "model", "task", "method", "published_name", "eps", "metric", "value",
-    "error", "error_kind", "status", "provenance", "notes",
+    "source",
+    "model",
+    "task",
+    "method",
+    "published_name",
+    "eps",
+    "metric",
+    "value",
+    "error",
+    "error_kind",
+    "status",
+    "provenance",
+    "notes",
 )
 MEMORY_COLUMNS = (
-    "source", "model", "task", "method", "published_name", "gpu_memory_mb", "seconds",
-    "seconds_kind", "provenance", "notes",
+    "source",
+    "model",
+    "task",
+    "method",
+    "published_name",
+    "gpu_memory_mb",
+    "seconds",
+    "seconds_kind",
+    "provenance",
+    "notes",
 )
 SOURCE_ORDER = ("dpzopo-fig-acc", "mezo-zero-shot", "dpzero-table2", "dpzero-table4")
 STATUSES = ("ok", "suspect")
@@ -58,11 +77,15 @@ def _read(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ReferenceError(f"{path}: missing column(s) {missing}; expected {list(columns)} (see config/reference/README.md)")
+        raise ReferenceError(
+            f"{path}: missing column(s) {missing}; expected {list(columns)} (see config/reference/README.md)"
+        )
     return table
 
 
-def _numbers(table: pd.DataFrame, path: Path, column: str, *, required: bool, low: float = 0.0, high: float = math.inf) -> pd.Series:
+def _numbers(
+    table: pd.DataFrame, path: Path, column: str, *, required: bool, low: float = 0.0, high: float = math.inf
+) -> pd.Series:
     """Parse one numeric column, naming the row (file line) of the first bad value."""
     out = []
     for i, raw in enumerate(table[column]):
@@ -89,7 +112,9 @@ def load_accuracy(path: str | Path) -> pd.DataFrame:
     for i, row in table.iterrows():
         line = i + 2
         if not _EPS.match(row["eps"]):
-            raise ReferenceError(f"{path} line {line}: eps must be written as in result paths ('2', '0.5', 'inf'), got {row['eps']!r}")
+            raise ReferenceError(
+                f"{path} line {line}: eps must be written as in result paths ('2', '0.5', 'inf'), got {row['eps']!r}"
+            )
         if row["status"] not in STATUSES:
             raise ReferenceError(f"{path} line {line}: status must be one of {STATUSES}, got {row['status']!r}")
         if row["metric"] not in METRICS:
@@ -119,8 +144,11 @@ def load_memory(path: str | Path) -> pd.DataFrame:
 def missing_paper_cells(reference: pd.DataFrame) -> list[tuple[str, str, str]]:
     """(task, method, ε) of the paper grid without a published RoBERTa-large value."""
     have = set(
-        zip(reference.loc[reference.model == PAPER_MODEL, "task"], reference.loc[reference.model == PAPER_MODEL, "method"],
-            reference.loc[reference.model == PAPER_MODEL, "eps"])
+        zip(
+            reference.loc[reference.model == PAPER_MODEL, "task"],
+            reference.loc[reference.model == PAPER_MODEL, "method"],
+            reference.loc[reference.model == PAPER_MODEL, "eps"],
+        )
     )
     missing = []
     for task in PAPER_TASKS:
@@ -144,9 +172,8 @@ def reference_model(model_cfg: dict) -> tuple[str, bool]:
 
 def reference_task(task: str) -> tuple[str, bool]:
     """(reference task name, is a demo stand-in) for a task of this pipeline."""
-    from dpzo.data.tasks import TASKS
-
     from dpzo.data.hf_tasks import HFTask
+    from dpzo.data.tasks import TASKS
 
     spec = TASKS.get(task)
     if spec is None:  # a task this version does not know: compare by name
@@ -163,5 +190,7 @@ def preferred(reference: pd.DataFrame) -> pd.DataFrame:
         _source=reference["source"].map(SOURCE_ORDER.index),
     ).sort_values(["_status", "_source"], kind="stable")
     best = ranked.drop_duplicates(["model", "task", "method", "eps"], keep="first")
-    best = best.drop(columns=["_status", "_source"]).rename(columns={"model": "reference_model", "task": "reference_task"})
+    best = best.drop(columns=["_status", "_source"]).rename(
+        columns={"model": "reference_model", "task": "reference_task"}
+    )
     return best.reset_index(drop=True)

@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 
 from dpzo.fileio import atomic_path
 from dpzo.methods import base_method
-from dpzo.report.reference import KEY
 from dpzo.report.collect import is_test_noise
+from dpzo.report.reference import KEY
 
 # Presentation order of the methods (the paper's: references first, then the private methods).
 METHOD_ORDER = (
-    "zero-shot", "icl", "mezo", "ft", "dp-sgd", "dp-prefix",
-    "dpzero", "dp-zo-gauss", "dp-zo-laplace", "dp-zoso", "dp-zopo",
+    "zero-shot",
+    "icl",
+    "mezo",
+    "ft",
+    "dp-sgd",
+    "dp-prefix",
+    "dpzero",
+    "dp-zo-gauss",
+    "dp-zo-laplace",
+    "dp-zoso",
+    "dp-zopo",
 )
 MISSING = "–"
 
@@ -53,8 +62,10 @@ class Table:
 
 #: Marks a value computed with the insecure test-only noise seed (it claims no privacy).
 TEST_NOISE_MARK = " †"
-TEST_NOISE_NOTE = ("not private (test noise): trained with DPZO_INSECURE_TEST_NOISE_SEED set, so its noise and "
-                   "batches are predictable and the cell claims no privacy; a run without it recomputes the cell.")
+TEST_NOISE_NOTE = (
+    "not private (test noise): trained with DPZO_INSECURE_TEST_NOISE_SEED set, so its noise and "
+    "batches are predictable and the cell claims no privacy; a run without it recomputes the cell."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +155,9 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
                 record += [MISSING, MISSING, MISSING]
                 continue
             r = cell.iloc[0]
-            record.append(_ours(r.accuracy_mean, r.accuracy_std, int(r.seeds)) + (TEST_NOISE_MARK if r.test_noise else ""))
+            record.append(
+                _ours(r.accuracy_mean, r.accuracy_std, int(r.seeds)) + (TEST_NOISE_MARK if r.test_noise else "")
+            )
             if pd.isna(r.published):
                 record += [MISSING, MISSING]
             else:
@@ -174,8 +187,25 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
 # privacy of every cell
 # --------------------------------------------------------------------------------------------
 PRIVACY_KEYS = [
-    "model", "task", "method", "eps", "epsilon_target", "n", "q", "ledger_steps", "directions", "compositions",
-    "clip", "sigma", "noise_std_on_sum", "delta", "mechanism", "calibrated_with", "accounting", "neighbouring", "noise",
+    "model",
+    "task",
+    "method",
+    "eps",
+    "epsilon_target",
+    "n",
+    "q",
+    "ledger_steps",
+    "directions",
+    "compositions",
+    "clip",
+    "sigma",
+    "noise_std_on_sum",
+    "delta",
+    "mechanism",
+    "calibrated_with",
+    "accounting",
+    "neighbouring",
+    "noise",
     "attempts",  # seeds whose result took more runs of the mechanism get their own row
 ]
 
@@ -226,14 +256,43 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
     for r in tidy.itertuples(index=False):
         rd = r._asdict()
         records.append(
-            [rd["model"], rd["task"], rd["method"], str(rd["eps"]), rd["seeds"], _fmt(rd.get("attempts"), ".0f"),
-             _fmt(rd["n"], ".0f"),
-             _fmt(rd["q"], ".4g"), _fmt(rd["ledger_steps"], ".0f"), _fmt(rd["directions"], ".0f"), _fmt(rd["clip"], "g"),
-             _fmt(rd["sigma"], ".4g"), _fmt(rd["delta"], ".0e") if rd["delta"] else "0",
-             *[_fmt(rd[c], ".3f") for c in achieved], rd["calibrated_with"] or MISSING, _noise_text(rd.get("noise"))]
+            [
+                rd["model"],
+                rd["task"],
+                rd["method"],
+                str(rd["eps"]),
+                rd["seeds"],
+                _fmt(rd.get("attempts"), ".0f"),
+                _fmt(rd["n"], ".0f"),
+                _fmt(rd["q"], ".4g"),
+                _fmt(rd["ledger_steps"], ".0f"),
+                _fmt(rd["directions"], ".0f"),
+                _fmt(rd["clip"], "g"),
+                _fmt(rd["sigma"], ".4g"),
+                _fmt(rd["delta"], ".0e") if rd["delta"] else "0",
+                *[_fmt(rd[c], ".3f") for c in achieved],
+                rd["calibrated_with"] or MISSING,
+                _noise_text(rd.get("noise")),
+            ]
         )
-    columns = ["model", "task", "method", "target ε", "seeds", "attempts", "n", "q", "T", "P", "C", "σ", "δ",
-               *[f"ε {c.removeprefix('epsilon_').upper()}" for c in achieved], "calibrated with", "noise"]
+    columns = [
+        "model",
+        "task",
+        "method",
+        "target ε",
+        "seeds",
+        "attempts",
+        "n",
+        "q",
+        "T",
+        "P",
+        "C",
+        "σ",
+        "δ",
+        *[f"ε {c.removeprefix('epsilon_').upper()}" for c in achieved],
+        "calibrated with",
+        "noise",
+    ]
     body = pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
     notes = [
         "One row per private cell group (model, task, method, target ε); seeds with the same ledger share a row.",
@@ -251,7 +310,9 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
         notes.insert(0, f"NOT PRIVATE rows: {TEST_NOISE_NOTE}")
     if tidy.empty:
         notes.insert(0, "This run has no private cell.")
-    return Table(title="Privacy of every private cell: target and achieved ε, δ, σ, q, T", body=body, notes=notes, text_columns=5)
+    return Table(
+        title="Privacy of every private cell: target and achieved ε, δ, σ, q, T", body=body, notes=notes, text_columns=5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +327,12 @@ def to_markdown(table: Table) -> str:
     header = list(table.body.columns)
     if table.groups:
         header = [f"{g} {h}".strip() if g else h for g, h in zip(table.groups, header)]
-    lines = [f"**{table.title}**", "", "| " + " | ".join(_md_escape(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        f"**{table.title}**",
+        "",
+        "| " + " | ".join(_md_escape(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for row in table.body.itertuples(index=False):
         lines.append("| " + " | ".join(_md_escape(c) for c in row) + " |")
     lines.append("")
@@ -275,10 +340,30 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_LATEX_UNICODE = {"±": r"$\pm$", "↔": r"$\leftrightarrow$", "–": "--", "−": "$-$", "ε": r"$\varepsilon$",
-                  "∞": r"$\infty$", "Δ": r"$\Delta$", "σ": r"$\sigma$", "δ": r"$\delta$", "·": r"$\cdot$"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_UNICODE = {
+    "±": r"$\pm$",
+    "↔": r"$\leftrightarrow$",
+    "–": "--",
+    "−": "$-$",
+    "ε": r"$\varepsilon$",
+    "∞": r"$\infty$",
+    "Δ": r"$\Delta$",
+    "σ": r"$\sigma$",
+    "δ": r"$\delta$",
+    "·": r"$\cdot$",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -290,8 +375,15 @@ def latex_escape(text: str) -> str:
 def to_latex(table: Table, label: str) -> str:
     """A booktabs table (needs \\usepackage{booktabs}); group headers span their columns."""
     n = len(table.body.columns)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\caption{" + latex_escape(table.title) + "}",
-             r"\label{" + label + "}", r"\begin{tabular}{" + "l" * min(n, table.text_columns) + "r" * max(n - table.text_columns, 0) + "}", r"\toprule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\caption{" + latex_escape(table.title) + "}",
+        r"\label{" + label + "}",
+        r"\begin{tabular}{" + "l" * min(n, table.text_columns) + "r" * max(n - table.text_columns, 0) + "}",
+        r"\toprule",
+    ]
     if table.groups and any(table.groups):
         cells, rules, i = [], [], 0
         while i < n:
@@ -334,15 +426,20 @@ def to_html(table: Table) -> str:
         head += "<tr>" + "".join(cells) + "</tr>"
     head += "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in table.body.columns) + "</tr>"
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table.body.itertuples(index=False)
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+        for row in table.body.itertuples(index=False)
     )
     notes = "".join(f"<p>{html.escape(n)}</p>" for n in table.notes)
-    style = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
-             "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee;text-align:center}"
-             f"td:nth-child(-n+{table.text_columns}){{text-align:left}}p{{font-size:12px;color:#333;max-width:60em}}")
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(table.title)}</title>'
-            f"<style>{style}</style></head><body><h3>{html.escape(table.title)}</h3>"
-            f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>{notes}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+        "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee;text-align:center}"
+        f"td:nth-child(-n+{table.text_columns}){{text-align:left}}p{{font-size:12px;color:#333;max-width:60em}}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(table.title)}</title>'
+        f"<style>{style}</style></head><body><h3>{html.escape(table.title)}</h3>"
+        f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>{notes}</body></html>\n"
+    )
 
 
 def write_table(tidy: pd.DataFrame, table: Table, outputs: Mapping[str, str | Path], label: str) -> None:

@@ -54,9 +54,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -232,13 +233,17 @@ class TrainingCheckpoint:
         if not isinstance(saved, dict) or saved.get("digest") != snapshot_digest(saved):
             # a damaged or edited file (or one from before snapshots carried a digest): resuming
             # it would publish weights the counted steps never produced
-            log.warning("ignoring checkpoint %s: it does not verify (its digest is %s); starting from step 0 "
-                        "(the file is replaced by the next snapshot)", path,
-                        "missing" if not isinstance(saved, dict) or "digest" not in saved else "not that of its contents")
+            log.warning(
+                "ignoring checkpoint %s: it does not verify (its digest is %s); starting from step 0 "
+                "(the file is replaced by the next snapshot)",
+                path,
+                "missing" if not isinstance(saved, dict) or "digest" not in saved else "not that of its contents",
+            )
             return None
         if saved.get("format") != FORMAT or _canonical(saved.get("identity")) != _canonical(self.identity):
-            log.warning("ignoring checkpoint %s: it belongs to another configuration of this cell; "
-                        "starting from step 0", path)
+            log.warning(
+                "ignoring checkpoint %s: it belongs to another configuration of this cell; starting from step 0", path
+            )
             return None
         flat.load_state_dict({key: saved[key] for key in FlatParameters.STATE_KEYS})
         public_rng.bit_generator.state = saved["public_rng"]
@@ -267,8 +272,13 @@ class TrainingCheckpoint:
         return by_steps or by_time or self._stop.is_set()
 
     def step_done(
-        self, step: int, state: Callable[[], LoopState], flat: FlatParameters, *,
-        public_rng: np.random.Generator, secret: SecretRandom | None = None,
+        self,
+        step: int,
+        state: Callable[[], LoopState],
+        flat: FlatParameters,
+        *,
+        public_rng: np.random.Generator,
+        secret: SecretRandom | None = None,
     ) -> None:
         """Call after every completed step (``step`` steps done): saves when due, and stops the run
         after saving if SIGTERM arrived.  ``state`` is only built when a snapshot is written."""
@@ -286,23 +296,35 @@ class TrainingCheckpoint:
             # interval, not after every step.
             self._last_save, self._last_step = time.monotonic(), current.step
             if self._stop.is_set():
-                message = (f"stopped by SIGTERM after step {current.step}, but the state could not be saved: no space "
-                           f"left for {path} ({exc}); the next run of this cell resumes from the previous snapshot "
-                           f"if there is one, else starts over; free space in {path.parent}")
+                message = (
+                    f"stopped by SIGTERM after step {current.step}, but the state could not be saved: no space "
+                    f"left for {path} ({exc}); the next run of this cell resumes from the previous snapshot "
+                    f"if there is one, else starts over; free space in {path.parent}"
+                )
                 log.error(message)
                 raise TrainingInterrupted(message, saved=False) from exc
-            log.warning("no space left to write checkpoint %s (%s): this snapshot is skipped and training continues; "
-                        "free space in %s, or an interrupted run restarts from an older snapshot or from step 0",
-                        path, exc, path.parent)
+            log.warning(
+                "no space left to write checkpoint %s (%s): this snapshot is skipped and training continues; "
+                "free space in %s, or an interrupted run restarts from an older snapshot or from step 0",
+                path,
+                exc,
+                path.parent,
+            )
             return
         if self._stop.is_set():
-            message = (f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
-                       "and the next run of this cell resumes from it")
+            message = (
+                f"stopped by SIGTERM after step {current.step}; the state is saved in {self.policy.path} "
+                "and the next run of this cell resumes from it"
+            )
             log.warning(message)  # the job's log file, next to the traceback Snakemake shows
             raise TrainingInterrupted(message)
 
     def save(
-        self, state: LoopState, flat: FlatParameters, *, public_rng: np.random.Generator,
+        self,
+        state: LoopState,
+        flat: FlatParameters,
+        *,
+        public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
     ) -> None:
         """Write a snapshot of the loop atomically, with a digest that resume verifies.

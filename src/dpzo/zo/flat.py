@@ -43,21 +43,21 @@ Design (where the time of a step goes, and how it is kept close to two forward p
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
+
 import numpy as np
 import torch
-
 
 DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (part of z's definition)
 
 
 #: A coefficient of z: a Python number, or a 0-d tensor on the parameters' device (a released
 #: scalar that has not been copied to the host).
-Coefficient = Union[float, torch.Tensor]
+Coefficient = float | torch.Tensor
 
 
 #: (seed, coefficient, per-coordinate scales on the mask or None): the move ``coefficient * z(seed)``.
-Term = tuple[int, Coefficient, Union[torch.Tensor, None]]
+Term = tuple[int, Coefficient, torch.Tensor | None]
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -69,7 +69,9 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
-def gaussian_chunks(seed: int, numel: int, *, dtype: torch.dtype, device: torch.device, chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def gaussian_chunks(
+    seed: int, numel: int, *, dtype: torch.dtype, device: torch.device, chunk: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (offset, z[offset:offset+len]) of a standard normal vector determined by ``seed``.
 
     ``chunk`` defaults to ``DIRECTION_CHUNK``, read when called (the block size is part of the
@@ -83,7 +85,14 @@ def gaussian_chunks(seed: int, numel: int, *, dtype: torch.dtype, device: torch.
         yield start, torch.randn(n, generator=gen, dtype=dtype, device=device)
 
 
-def gaussian_direction(seed: int, numel: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", chunk: int | None = None) -> torch.Tensor:
+def gaussian_direction(
+    seed: int,
+    numel: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    chunk: int | None = None,
+) -> torch.Tensor:
     """The whole direction z for a seed (for tests and small models)."""
     out = torch.empty(numel, dtype=dtype, device=device)
     for start, z in gaussian_chunks(seed, numel, dtype=dtype, device=torch.device(device), chunk=chunk):
@@ -123,8 +132,12 @@ def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Te
     base, size = first.untyped_storage().data_ptr(), first.element_size()
     offset = 0
     for _, p in params:
-        if (p.dtype != first.dtype or not p.is_contiguous() or p.untyped_storage().data_ptr() != base
-                or p.data_ptr() != base + offset * size):
+        if (
+            p.dtype != first.dtype
+            or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != base
+            or p.data_ptr() != base + offset * size
+        ):
             return None
         offset += p.numel()
     if first.untyped_storage().nbytes() != offset * size:
@@ -151,8 +164,9 @@ class FlatParameters:
     #: the entries of :meth:`state_dict` (all tensors or None)
     STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
 
-    def __init__(self, model: torch.nn.Module, master_dtype: torch.dtype | None = torch.float32, *,
-                 direction_cache_size: int = 1):
+    def __init__(
+        self, model: torch.nn.Module, master_dtype: torch.dtype | None = torch.float32, *, direction_cache_size: int = 1
+    ):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters")
@@ -195,7 +209,12 @@ class FlatParameters:
         self._mask_blocks: list[tuple[int, int, int, int]] = []
 
     # -- the trainable support ------------------------------------------------------------
-    def set_mask(self, indices: torch.Tensor | None, perturb_scales: torch.Tensor | None = None, update_scales: torch.Tensor | None = None) -> None:
+    def set_mask(
+        self,
+        indices: torch.Tensor | None,
+        perturb_scales: torch.Tensor | None = None,
+        update_scales: torch.Tensor | None = None,
+    ) -> None:
         """Restrict perturbation and update to the flat coordinates ``indices`` (None: dense).
 
         ``indices`` are sorted unique int64 flat indices; z at a masked coordinate is the dense
@@ -209,7 +228,12 @@ class FlatParameters:
             self._masked_z.clear()
             return
         indices = indices.to(device=self.device, dtype=torch.long)
-        if indices.numel() == 0 or bool((indices[1:] <= indices[:-1]).any()) or int(indices[0]) < 0 or int(indices[-1]) >= self.numel:
+        if (
+            indices.numel() == 0
+            or bool((indices[1:] <= indices[:-1]).any())
+            or int(indices[0]) < 0
+            or int(indices[-1]) >= self.numel
+        ):
             raise ValueError("mask indices must be non-empty, sorted, unique and inside the parameter vector")
         self.restore()
         self.mask = indices
@@ -427,8 +451,12 @@ class FlatParameters:
         two and so changes only the rounding.
         """
         self.restore()
-        state = {"master": self.master, "mask": self.mask, "perturb_scales": self.perturb_scales,
-                 "update_scales": self.update_scales}
+        state = {
+            "master": self.master,
+            "mask": self.mask,
+            "perturb_scales": self.perturb_scales,
+            "update_scales": self.update_scales,
+        }
         return {k: None if t is None else t.detach().to("cpu", copy=True).contiguous() for k, t in state.items()}
 
     @torch.no_grad()

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -95,8 +96,15 @@ def train_zo(
     check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     sample = batch_sampler(spec, n, hp.batch_size, secret=secret, public_rng=public_rng)
-    monitor = TrainingMonitor(schedule, flat, steps=hp.steps, log_every=hp.log_every, private=spec.private,
-                              record_releases=record_releases, log=log)
+    monitor = TrainingMonitor(
+        schedule,
+        flat,
+        steps=hp.steps,
+        log_every=hp.log_every,
+        private=spec.private,
+        record_releases=record_releases,
+        log=log,
+    )
     anchor = None
     resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret) if checkpoint is not None else None
     if resumed is not None:
@@ -114,22 +122,44 @@ def train_zo(
             if hp.lam:
                 anchor = flat.snapshot()  # theta_s: a real copy taken at the start of each stage
         seeds = [direction_seed(run_seed, step, p) for p in range(hp.directions)]
-        result = zo_step(spec, flat, per_example_loss, sample, seeds, lr=schedule.lr_at(stage),
-                         beta=schedule.beta_at(stage), clip=hp.clip, lam=hp.lam, anchor=anchor, noise=noise, secret=secret)
+        result = zo_step(
+            spec,
+            flat,
+            per_example_loss,
+            sample,
+            seeds,
+            lr=schedule.lr_at(stage),
+            beta=schedule.beta_at(stage),
+            clip=hp.clip,
+            lam=hp.lam,
+            anchor=anchor,
+            noise=noise,
+            secret=secret,
+        )
         monitor.after_step(step, stage, result)
         if curve is not None:
             curve.after_step(step + 1, monitor.history, prepare=flat.restore)
         if checkpoint is not None:
-            checkpoint.step_done(step + 1, lambda: LoopState(anchor=anchor, **monitor.state_dict()), flat,
-                                 public_rng=public_rng, secret=secret)
+            checkpoint.step_done(
+                step + 1,
+                lambda: LoopState(anchor=anchor, **monitor.state_dict()),  # noqa: B023 (called within this step)
+                flat,
+                public_rng=public_rng,
+                secret=secret,
+            )
     flat.restore()
     private = spec.private  # the noise the ledger certified; MeZO divides by its batch size
-    return monitor.finish(n=n, sampling_rate=hp.batch_size / n, noise_scale_on_sum=noise.scale if private else 0.0,
-                          noise_divisor=noise.divisor if private else float(hp.batch_size))
+    return monitor.finish(
+        n=n,
+        sampling_rate=hp.batch_size / n,
+        noise_scale_on_sum=noise.scale if private else 0.0,
+        noise_divisor=noise.divisor if private else float(hp.batch_size),
+    )
 
 
-def _checked_method(method: str, n: int, hp: ZOHyperparameters, *, noise: NoisySum | None,
-                    secret: SecretRandom | None, masked: bool) -> ZOMethod:
+def _checked_method(
+    method: str, n: int, hp: ZOHyperparameters, *, noise: NoisySum | None, secret: SecretRandom | None, masked: bool
+) -> ZOMethod:
     """The zeroth-order method ``method`` names, after refusing settings it cannot run with."""
     method = base_method(method)
     spec = ZO.get(method)

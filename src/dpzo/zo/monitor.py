@@ -23,7 +23,6 @@ from dpzo.progress import Progress
 from dpzo.zo.flat import FlatParameters
 from dpzo.zo.step import StepResult
 
-
 #: the rows of the history, one entry per log line (``mask_size``: one per stage)
 HISTORY_KEYS = ("step", "stage", "lr", "beta", "loss", "examples", "clipped_fraction", "grad", "mask_size")
 
@@ -106,7 +105,9 @@ class TrainingMonitor:
             loss = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
         self.raise_on_flags()
         self._check_finite_weights(step)
-        mean_grad = torch.stack([torch.as_tensor(g, dtype=torch.float64, device=self.device) for g in result.grads]).mean()
+        mean_grad = torch.stack(
+            [torch.as_tensor(g, dtype=torch.float64, device=self.device) for g in result.grads]
+        ).mean()
         loss, clipped, mean_grad = torch.stack([loss, self._clipped, mean_grad]).tolist()
         row = self.history
         row["step"].append(step + 1)

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dpzo.methods import ZO, base_method
+from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.zo.flat import direction_seed, gaussian_direction
 
 if TYPE_CHECKING:  # annotations only: the masks sit above the zeroth-order core
@@ -93,7 +94,12 @@ class OfficialStyleZO:
         self.z = z
         self.local: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] | None = None
 
-    def set_mask(self, indices: torch.Tensor | None, perturb_scales: torch.Tensor | None = None, update_scales: torch.Tensor | None = None) -> None:
+    def set_mask(
+        self,
+        indices: torch.Tensor | None,
+        perturb_scales: torch.Tensor | None = None,
+        update_scales: torch.Tensor | None = None,
+    ) -> None:
         """Split flat mask indices into per-tensor local indices (and scales)."""
         if indices is None:
             self.local = None
@@ -122,7 +128,9 @@ class OfficialStyleZO:
                 flat[local] += scaling_factor * z * eps
 
     @torch.no_grad()
-    def update(self, seeds: Sequence[int], grads: Sequence[float], *, lr: float, lam: float = 0.0, anchor: dict | None = None) -> None:
+    def update(
+        self, seeds: Sequence[int], grads: Sequence[float], *, lr: float, lam: float = 0.0, anchor: dict | None = None
+    ) -> None:
         """theta -= lr * (mean_p g_p z_p + lam (theta - anchor)), tensor by tensor."""
         if lam:
             for i, (name, p) in enumerate(self.params):

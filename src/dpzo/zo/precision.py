@@ -1,11 +1,12 @@
 """The smallest zeroth-order scale the weights' precision can resolve."""
 
 from __future__ import annotations
-from dpzo.zo.flat import FlatParameters
 
 import math
+
 import torch
 
+from dpzo.zo.flat import FlatParameters
 
 #: The smallest ZO scale accepted, in units in the last place of the typical trainable weight
 #: in the precision the forward pass sees: below about 4 ulp, theta +- beta z rounds back to

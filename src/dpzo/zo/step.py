@@ -12,8 +12,9 @@ A step of a method with P directions, at learning rate eta and ZO scale beta::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -140,7 +141,8 @@ def zo_step(
         if len(index) == 0:  # a Poisson batch may be empty: its release is the noise alone
             d = torch.zeros(0, dtype=torch.float64, device=flat.device)
         else:
-            d, loss_plus, loss_minus = spsa_differences(lambda: per_example_loss(index), flat, seed, beta, restore=False)
+            losses = lambda: per_example_loss(index)  # noqa: B023, E731 (called within this iteration)
+            d, loss_plus, loss_minus = spsa_differences(losses, flat, seed, beta, restore=False)
             done.losses.append(0.5 * (loss_plus + loss_minus).mean())
         g, clipped = spec.release(d, clip=clip, beta=beta, noise=noise, secret=secret)
         done.seeds.append(seed)
