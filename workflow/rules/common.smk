@@ -4,14 +4,15 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from dpzo.config import check_config, grid_cells
-from dpzo.inputs import model_files_in
-from dpzo.ledger import cell_noise
-from dpzo.privacy import noise_source
-from dpzo.hf_tasks import HFTask
-from dpzo.methods import ZO, MaskSettings, base_method, ratio_label
-from dpzo.preflight import require_inputs
-from dpzo.tasks import TASKS
+from dpzo.data.hf_tasks import HFTask
+from dpzo.data.inputs import model_files_in
+from dpzo.data.tasks import TASKS
+from dpzo.masks.settings import MaskSettings, ratio_label
+from dpzo.methods import ZO, base_method
+from dpzo.pipeline.config import check_config, grid_cells
+from dpzo.pipeline.preflight import require_inputs
+from dpzo.privacy.ledger import cell_noise
+from dpzo.privacy.secret import noise_source
 
 SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
 check_config(config, SCHEMA)  # every problem at once, phrased for a person

@@ -1,3 +1,3 @@
-from dpzo.workflow import account, run_job
+from dpzo.pipeline.workflow import account, run_job
 
 run_job(account, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import agreement_table, run_job
+from dpzo.pipeline.workflow import agreement_table, run_job
 
 run_job(agreement_table, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import audit, run_job
+from dpzo.pipeline.workflow import audit, run_job
 
 run_job(audit, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import fewshot, run_job
+from dpzo.pipeline.workflow import fewshot, run_job
 
 run_job(fewshot, snakemake)  # noqa: F821 (injected by Snakemake)

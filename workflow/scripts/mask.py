@@ -1,3 +1,3 @@
-from dpzo.workflow import mask, run_job
+from dpzo.pipeline.workflow import mask, run_job
 
 run_job(mask, snakemake)  # noqa: F821 (injected by Snakemake)

@@ -1,3 +1,3 @@
-from dpzo.workflow import plot_audit, run_job
+from dpzo.pipeline.workflow import plot_audit, run_job
 
 run_job(plot_audit, snakemake)  # noqa: F821 (injected by Snakemake)

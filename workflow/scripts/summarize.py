@@ -1,3 +1,3 @@
-from dpzo.workflow import summarize, run_job
+from dpzo.pipeline.workflow import summarize, run_job
 
 run_job(summarize, snakemake)  # noqa: F821 (injected by Snakemake)
