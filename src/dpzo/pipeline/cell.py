@@ -6,7 +6,8 @@ from dpzo.zo.loop import train_zo
 import contextlib
 import logging
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 import torch
 from dpzo.methods import hyperparameters_for
 from dpzo.methods.hyperparameters import ZOHyperparameters
@@ -92,8 +93,6 @@ def run_cell(
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
     """
-    from pathlib import Path
-
     from dpzo.models.candidates import make_scorer
     from dpzo.data.splits import load_split
     from dpzo.models.evaluate import TestLossCurve, evaluate
@@ -208,3 +207,83 @@ def run_cell(
         "guarantee (functions of the released values and public data).",
         "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS} | {"step": curves.get("step", [])},
     }
+
+
+def checkpoint_policy(path: str | Path, settings: dict | None) -> CheckpointPolicy:
+    """The config's ``checkpoint`` block (read from the config, not from rule params, because the
+    snapshot frequency never changes a result and so must not make Snakemake rerun cells)."""
+    settings = settings or {}
+    return CheckpointPolicy(
+        Path(path), every_steps=int(settings.get("every_steps", 0)), every_seconds=float(settings.get("every_seconds", 600))
+    )
+
+
+def curve_settings(settings: dict | None) -> CurveSettings:
+    """The config's ``curves`` block (read from the config, not from rule params: the curve's
+    points never change a cell's model or accuracy, so they must not make Snakemake rerun cells)."""
+    settings = settings or {}
+    return CurveSettings(points=int(settings.get("points", 12)), test_examples=int(settings.get("test_examples", 128)))
+
+
+def train_cell(
+    cell: Cell,
+    *,
+    ledger_path: str | Path,
+    metrics_path: str | Path,
+    diagnostics_path: str | Path,
+    split_dir: str | Path,
+    checkpoint_path: str | Path,
+    checkpoint_settings: dict | None,
+    curves: dict | None,
+    delta: float | str,
+    accountant: str,
+    convention: str,
+    **run: Any,
+) -> dict:
+    """Train and evaluate one cell, holding its lock and recording the attempt (``dpzo.pipeline.cellguard``).
+
+    Writes ``metrics.json`` and, apart from it, ``private_diagnostics.json`` (measured on private
+    batches, not covered by the guarantee: never published unless the config asks).  ``run``:
+    the rest of :func:`run_cell`'s keywords (model, method parameters, device, masks).
+    """
+    import os
+
+    from dpzo.fileio import read_json_output, write_json_atomic
+    from dpzo.pipeline.cellguard import AttemptLog, CellLock
+    from dpzo.privacy.ledger import cell_noise
+    from dpzo.zo.checkpoint import remove_checkpoint
+
+    ledger = read_json_output(ledger_path)
+    policy = checkpoint_policy(checkpoint_path, checkpoint_settings)
+    folder = policy.path.parent  # the cell's checkpoint folder: not an output, so Snakemake keeps it
+    with CellLock(folder / "train.lock"):
+        attempts = AttemptLog(folder / "attempts.jsonl")
+        with attempts.attempt(private=is_private(cell.method)) as attempt:
+            metrics = run_cell(
+                cell,
+                split_dir=str(split_dir),
+                ledger=ledger,
+                # this process's own noise source: the ledger must have been made for it
+                accounting=AccountingSettings(delta=delta, accountant=accountant, convention=convention,
+                                              noise=cell_noise(cell.method)),
+                ledger_path=str(ledger_path),
+                checkpoint=policy,
+                curve=curve_settings(curves),
+                on_start=attempt.start,
+                **run,
+            )
+        metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
+        metrics.update(attempts.summary())
+        # measured on private batches, not covered by the guarantee: a file of its own, never
+        # published unless the config asks (report.private_diagnostics)
+        write_json_atomic(Path(diagnostics_path), {
+            "note": "computed on the private training batches; NOT covered by the differential-privacy guarantee",
+            **{k: metrics[k] for k in ("model", "task", "method", "eps", "seed")},
+            **metrics.pop("private_diagnostics"),
+        })
+        write_json_atomic(Path(metrics_path), metrics)
+        remove_checkpoint(policy.path)  # only once the metrics are safely in place
+        attempts.close()  # likewise: a later forced rerun counts anew
+    log.info("%s %.4f after %s steps (attempt %d, %d resumes)", metrics["metric"], metrics["score"],
+             metrics["steps"], metrics["attempts"], metrics["resumes"])
+    return metrics
