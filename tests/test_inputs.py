@@ -340,15 +340,19 @@ def zo_ledger(method: str, params: dict, eps: str = "inf") -> dict:
 
 
 def run(model_dir, split_dir, method: str, params: dict, ledger: dict, eps: str = "inf") -> dict:
+    import tempfile
+
     from dpzo.pipeline.cell import CellRun, run_cell
 
+    ledger_path = Path(tempfile.mkdtemp()) / "privacy.json"
+    ledger_path.write_text(json.dumps(ledger))
     return run_cell(
         CellRun(
             cell_for(method, eps),
             model_path=str(model_dir),
             split_dir=str(split_dir),
             method_params=params,
-            ledger=ledger,
+            ledger_path=str(ledger_path),
             accounting=accounting(method),
             eval_batch_size=8,
         )

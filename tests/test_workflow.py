@@ -35,8 +35,17 @@ TINY = {
         "zero-shot": {},
         "mezo": {"steps": 4, "batch_size": 8, "lr": 1.0e-4, "beta": 1.0e-3},
         "dp-zoso": {
-            "steps": 6, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2,
-            "beta_start": 1.0e-3, "beta_end": 1.0e-2, "lam": 0.01, "clip": 5.0, "directions": 2, "log_every": 1,
+            "steps": 6,
+            "batch_size": 8,
+            "lr": 1.0e-4,
+            "stages": 2,
+            "stage_steps": 2,
+            "beta_start": 1.0e-3,
+            "beta_end": 1.0e-2,
+            "lam": 0.01,
+            "clip": 5.0,
+            "directions": 2,
+            "log_every": 1,
         },
     },
 }
@@ -44,11 +53,21 @@ TINY = {
 ALL_METHODS = {
     "icl": {"demonstrations": 2},
     "dp-zopo": {
-        "steps": 4, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2, "clip": 5.0,
+        "steps": 4,
+        "batch_size": 8,
+        "lr": 1.0e-4,
+        "stages": 2,
+        "stage_steps": 2,
+        "clip": 5.0,
         "mask": {"scorer": "synflow-exact", "ratio": 0.05, "selection": "largest", "strategy": "incremental"},
     },
     "dp-zopo+dynamic": {
-        "steps": 4, "batch_size": 8, "lr": 1.0e-4, "stages": 2, "stage_steps": 2, "clip": 5.0,
+        "steps": 4,
+        "batch_size": 8,
+        "lr": 1.0e-4,
+        "stages": 2,
+        "stage_steps": 2,
+        "clip": 5.0,
         "mask": {"scorer": "magnitude", "ratio": 0.05, "strategy": "dynamic", "mode": "rank"},
     },
     "dpzero": {"steps": 3, "batch_size": 8, "lr": 1.0e-4, "clip": 5.0},
@@ -61,8 +80,14 @@ ALL_METHODS = {
 FIGURES = ("accuracy-bars", "memory-time", "privacy-utility", "training-curves", "ablation")
 TABLES = ("accuracy-eps8", "privacy")
 # what reruns whenever any cell changes: the collection of cells, its tables and figures
-AGGREGATES = {"collect", "summarize", "accuracy_table", "privacy_table", "all",
-              *(f"figure_{name.replace('-', '_')}" for name in FIGURES)}
+AGGREGATES = {
+    "collect",
+    "summarize",
+    "accuracy_table",
+    "privacy_table",
+    "all",
+    *(f"figure_{name.replace('-', '_')}" for name in FIGURES),
+}
 CELLS = [
     "demo-roberta/demo-sst2/zero-shot/epsinf/seed13",
     "demo-roberta/demo-sst2/mezo/epsinf/seed13",
@@ -71,8 +96,20 @@ CELLS = [
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
     env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
@@ -137,7 +174,9 @@ def test_private_cell_ledger_matches_what_ran(tiny_run):
     assert achieved["rdp"] >= achieved["pld"] and abs(achieved["prv"] - achieved["pld"]) < 0.3
     # stage boundaries of the schedule were logged: stage 0 then stage 1
     assert metrics["history"]["stage"] == [0, 0, 1, 1, 1, 1]
-    assert metrics["history"]["beta"][0] == pytest.approx(1e-3) and metrics["history"]["beta"][-1] == pytest.approx(1e-2)
+    assert metrics["history"]["beta"][0] == pytest.approx(1e-3) and metrics["history"]["beta"][-1] == pytest.approx(
+        1e-2
+    )
 
 
 @pytest.mark.slow
@@ -154,7 +193,9 @@ def test_single_cell_rerun_runs_exactly_that_cell(tiny_run):
     # with the test-only noise seed the private cell is deterministic: the same metrics again
     again = json.loads((tiny_run / target).read_text())
     volatile = {"ms_per_step", "train_seconds", "wall_seconds", "memory", "attempt_log"}  # log: times, pid
-    assert {k: v for k, v in again.items() if k not in volatile} == {k: v for k, v in first.items() if k not in volatile}
+    assert {k: v for k, v in again.items() if k not in volatile} == {
+        k: v for k, v in first.items() if k not in volatile
+    }
     # the next full run re-aggregates and nothing else
     assert job_counts(snakemake(tiny_run, "-n").stdout) == dict.fromkeys(AGGREGATES, 1)
 
@@ -225,7 +266,9 @@ def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path):
 
 
 def test_lint_is_clean():
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -246,8 +289,8 @@ def test_default_config_grid_dry_run(tmp_path):
 def test_paper_grid_plans_one_gpu_job_per_cell(tmp_path):
     """config/paper.yaml: every cell is one training job with one GPU (device: cuda); only the
     model jobs ask for a GPU (the grid's size is checked in test_real_names)."""
-    from dpzo.pipeline.config import grid_cells
     from dpzo.methods import base_method
+    from dpzo.pipeline.config import grid_cells
 
     config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -327,7 +370,7 @@ def test_audit_target_measures_a_bound_per_epsilon(tiny_run):
 def report_results(html: str) -> dict:
     """The results the Snakemake HTML report embeds: path -> {name, caption, mime_type, data_uri, ...}."""
     start = html.index('<script id="results">') + len('<script id="results">')
-    body = html[start:html.index("</script>", start)].strip()
+    body = html[start : html.index("</script>", start)].strip()
     assert body.startswith("var results = ")
     return json.loads(body.removeprefix("var results = ").rstrip().rstrip(";"))
 
@@ -365,14 +408,22 @@ def test_report_contains_every_figure_and_table(tiny_run):
     # demo-sst2 stands in for SST-2 on RoBERTa-large: DP-ZOSO at eps 8 is 93.2 in the paper's figure
     zoso = table[table.method == "dp-zoso"].iloc[0]
     assert (zoso.reference_task, zoso.published) == ("SST-2", 93.2)
-    assert zoso.difference == pytest.approx(statistics.fmean(groups[("demo-roberta", "demo-sst2", "dp-zoso", "8")]) - 93.2)
+    assert zoso.difference == pytest.approx(
+        statistics.fmean(groups[("demo-roberta", "demo-sst2", "dp-zoso", "8")]) - 93.2
+    )
     # the privacy table is the ledger of every private cell
     privacy = pd.read_csv(tiny_run / "results" / "tables" / "privacy.csv", dtype={"eps": str})
     for r in privacy.itertuples():
-        ledger = json.loads((tiny_run / "results" / "runs" / r.model / r.task / r.method / f"eps{r.eps}" / "seed13" / "privacy.json").read_text())
+        ledger = json.loads(
+            (
+                tiny_run / "results" / "runs" / r.model / r.task / r.method / f"eps{r.eps}" / "seed13" / "privacy.json"
+            ).read_text()
+        )
         if ledger.get("sigma") is None:  # the Laplace variant: pure eps-DP, no Gaussian sigma
             assert math.isnan(r.sigma) and r.epsilon_pure == pytest.approx(ledger["epsilon_achieved"]["pure"])
         else:
-            assert r.sigma == pytest.approx(ledger["sigma"]) and r.epsilon_pld == pytest.approx(ledger["epsilon_achieved"]["pld"])
+            assert r.sigma == pytest.approx(ledger["sigma"]) and r.epsilon_pld == pytest.approx(
+                ledger["epsilon_achieved"]["pld"]
+            )
         assert r.q == pytest.approx(ledger["q"]) and r.ledger_steps == ledger["steps"]
     assert len(privacy) == sum(1 for k in groups if k[3] != "inf")

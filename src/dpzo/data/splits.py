@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import pandas as pd
 from dpzo.data.inputs import missing_task_file
 from dpzo.data.tasks import TaskSpec
 from dpzo.fileio import write_jsonl_atomic
+
+logger = logging.getLogger(__name__)
 
 TEST_SUBSAMPLE_SEED = 42
 
@@ -187,3 +190,38 @@ def make_k_shot(task: TaskSpec, data_dir: Path, out_dir: Path, *, k: int, seed: 
     for name, examples in splits.items():
         save_split(Path(out_dir) / f"{name}.jsonl", examples)
     return {name: len(examples) for name, examples in splits.items()}
+
+
+def make_cell_splits(
+    task_name: str,
+    out_dir: Path,
+    *,
+    seed: int,
+    k: int,
+    data_dir: str | Path,
+    max_test: int,
+    hf_datasets: dict | None = None,
+) -> dict[str, int]:
+    """The train/dev/test splits of a cell's data seed: LM-BFF k-shot, or MeZO's sampling for
+    the Hugging Face tasks (where k is not used: the sizes come from ``hf_datasets``)."""
+    from dpzo.data.hf_tasks import HFTask
+    from dpzo.data.tasks import get_task
+
+    task = get_task(task_name)
+    if isinstance(task, HFTask):
+        from dpzo.data.hf_data import make_hf_splits
+
+        hf = hf_datasets or {}
+        sizes = make_hf_splits(
+            task,
+            Path(out_dir),
+            seed=int(seed),
+            num_train=int(hf["train"]),
+            num_dev=hf.get("dev"),
+            num_test=int(max_test),
+            cache_dir=hf.get("cache_dir"),
+        )
+    else:
+        sizes = make_k_shot(task, Path(data_dir), Path(out_dir), k=int(k), seed=int(seed), max_test=int(max_test))
+    logger.info("split sizes: %s", sizes)
+    return sizes

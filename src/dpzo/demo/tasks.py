@@ -99,3 +99,14 @@ def write_demo_task(task: str, data_dir: Path, corpus_path: Path, seed: int = 1)
     writer = _write_sst2 if task == "demo-sst2" else _write_trec
     writer(Path(data_dir), rng, exclude)
     logger.info("wrote %s to %s", task, data_dir)
+
+
+def write_demo_tasks(tasks: Sequence[str], outputs: Sequence[str | Path], corpus_path: Path, seed: int = 1) -> None:
+    """Write every demo task of ``tasks`` where the rule's ``outputs`` are.
+
+    The outputs follow LM-BFF's layout, ``<data_dir>/original/<TASK>/<file>``: the data root is
+    three levels above any of them.
+    """
+    data_dir = Path(outputs[0]).parents[2]
+    for task in tasks:
+        write_demo_task(task, data_dir, Path(corpus_path), seed=seed)

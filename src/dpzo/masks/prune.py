@@ -680,3 +680,46 @@ def scorer_agreement(
         "chance_overlap": {f"{r:g}": r for r in ratios},
         "rows": rows,
     }
+
+
+def load_scorer(model_path: str, model_cfg: dict, *, device: str, task: str):
+    """The model of a mask job and its task's label words (no training data is read)."""
+    from dpzo.data.tasks import get_task
+    from dpzo.models.candidates import make_scorer
+    from dpzo.models.classifier import load_model
+
+    lm, tokenizer, family = load_model(
+        str(model_path), family=model_cfg.get("family", "auto"), dtype=model_cfg.get("dtype", "float32"), device=device
+    )
+    return make_scorer(lm, tokenizer, family, get_task(task))
+
+
+def write_mask(
+    path: str | Path, settings: MaskSettings, *, model_path: str, model_cfg: dict, device: str, task: str
+) -> Mask:
+    """Compute one data-free DP-ZOPO mask of the model at ``settings.ratio`` and save it to ``path``."""
+    import logging
+
+    clf = load_scorer(model_path, model_cfg, device=device, task=task)
+    result = compute_mask(clf.model, clf.label_ids, clf.family, settings, float(settings.ratio))
+    result.save(Path(path))
+    logging.getLogger(__name__).info("mask: %d of %d coordinates (%s)", len(result), result.numel, settings)
+    return result
+
+
+def write_scorer_agreement(
+    path: str | Path, *, model: str, task: str, model_path: str, model_cfg: dict, device: str
+) -> dict:
+    """How much of the exact SynFlow ranking the zeroth-order estimate recovers on one model
+    (:func:`scorer_agreement`), written as JSON to ``path``."""
+    import logging
+
+    from dpzo.fileio import write_json_atomic
+
+    clf = load_scorer(model_path, model_cfg, device=device, task=task)
+    result = scorer_agreement(clf.model, clf.label_ids, clf.family)
+    result.update(model=model, task=task)
+    write_json_atomic(Path(path), result)
+    for row in result["rows"]:
+        logging.getLogger(__name__).info("%s", row)
+    return result

@@ -7,9 +7,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from dpzo.fileio import read_json_output, write_json_atomic
 from dpzo.masks.prune import Mask
 from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperparameters_for, is_private
 from dpzo.methods.hyperparameters import ZOHyperparameters
@@ -61,7 +63,7 @@ def peak_memory_mb(device: torch.device) -> dict:
 class CellRun:
     """Everything one cell's run reads: what the cell is, its inputs, and how to run it.
 
-    ``ledger`` is the cell's ``privacy.json`` as read from ``ledger_path``; ``accounting`` the
+    ``ledger_path`` is the cell's ``privacy.json`` (read by :func:`run_cell`); ``accounting`` the
     config's accounting with this process's noise source (the ledger must have been made for
     it).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
     order (``dpzo.masks.settings.MaskSettings``).  ``checkpoint``: where and how often
@@ -73,9 +75,8 @@ class CellRun:
     model_path: str
     split_dir: str
     method_params: dict
-    ledger: dict
+    ledger_path: str
     accounting: AccountingSettings
-    ledger_path: str | None = None
     family: str = "auto"
     dtype: str = "float32"
     eval_batch_size: int = 128
@@ -111,7 +112,7 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
     from dpzo.models.evaluate import TestLossCurve, evaluate
 
     wall_start = time.perf_counter()
-    cell, ledger, accounting = run.cell, run.ledger, run.accounting
+    cell, ledger, accounting = run.cell, read_json_output(run.ledger_path), run.accounting
     method, seed, split_dir = cell.method, cell.seed, Path(run.split_dir)
     task = get_task(cell.task)
     problem = method_problem(task, method) if isinstance(task, HFTask) else None
@@ -231,3 +232,63 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
         "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS}
         | {"step": curves.get("step", [])},
     }
+
+
+def checkpoint_policy(path: str | Path, settings: dict | None) -> CheckpointPolicy:
+    """The config's ``checkpoint`` block (read from the config, not from rule params, because the
+    snapshot frequency never changes a result and so must not make Snakemake rerun cells)."""
+    settings = settings or {}
+    return CheckpointPolicy(
+        Path(path),
+        every_steps=int(settings.get("every_steps", 0)),
+        every_seconds=float(settings.get("every_seconds", 600)),
+    )
+
+
+def curve_settings(settings: dict | None) -> CurveSettings:
+    """The config's ``curves`` block (read from the config, not from rule params: the curve's
+    points never change a cell's model or accuracy, so they must not make Snakemake rerun cells)."""
+    settings = settings or {}
+    return CurveSettings(points=int(settings.get("points", 12)), test_examples=int(settings.get("test_examples", 128)))
+
+
+def train_cell(run: CellRun, *, metrics_path: str | Path, diagnostics_path: str | Path) -> dict:
+    """Train and evaluate one cell, holding its lock and recording the attempt (``dpzo.pipeline.cellguard``).
+
+    The lock and the attempt log live in the folder of the cell's snapshot (``run.checkpoint``,
+    not an output, so Snakemake keeps it).  Writes ``metrics.json`` and, apart from it,
+    ``private_diagnostics.json`` (measured on private batches, not covered by the guarantee:
+    never published unless the config asks).
+    """
+    import os
+
+    from dpzo.pipeline.cellguard import AttemptLog, CellLock
+    from dpzo.zo.checkpoint import remove_checkpoint
+
+    folder = run.checkpoint.path.parent
+    with CellLock(folder / "train.lock"):
+        attempts = AttemptLog(folder / "attempts.jsonl")
+        with attempts.attempt(private=is_private(run.cell.method)) as attempt:
+            metrics = run_cell(run, on_start=attempt.start)
+        metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
+        metrics.update(attempts.summary())
+        write_json_atomic(
+            Path(diagnostics_path),
+            {
+                "note": "computed on the private training batches; NOT covered by the differential-privacy guarantee",
+                **{k: metrics[k] for k in ("model", "task", "method", "eps", "seed")},
+                **metrics.pop("private_diagnostics"),
+            },
+        )
+        write_json_atomic(Path(metrics_path), metrics)
+        remove_checkpoint(run.checkpoint.path)  # only once the metrics are safely in place
+        attempts.close()  # likewise: a later forced rerun counts anew
+    log.info(
+        "%s %.4f after %s steps (attempt %d, %d resumes)",
+        metrics["metric"],
+        metrics["score"],
+        metrics["steps"],
+        metrics["attempts"],
+        metrics["resumes"],
+    )
+    return metrics

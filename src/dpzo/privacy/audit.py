@@ -427,6 +427,27 @@ def audit(
     }
 
 
+def write_audit(
+    ledger_path: str, path: str, *, trials: int, confidence: float, labels: dict[str, Any]
+) -> dict[str, Any]:
+    """Audit the cell whose ledger is at ``ledger_path`` and write its record (``labels`` first) to ``path``."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from dpzo.fileio import write_json_atomic
+
+    ledger = json.loads(Path(ledger_path).read_text())
+    record = {**labels, **audit(ledger, trials=int(trials), confidence=float(confidence))}
+    write_json_atomic(Path(path), record)
+    log = logging.getLogger(__name__)
+    log.info("audit: epsilon lower bound %.3f (claimed %s)", record["epsilon_lower_bound"], record["epsilon_claimed"])
+    if not record["lower_bound_within_claim"]:
+        # At 95% confidence this happens by chance in 1 audit in 20 at most; repeated, it is a bug.
+        log.warning("the measured lower bound exceeds the claimed epsilon")
+    return record
+
+
 def plot_audit(audit_files: list[str], out_png: str) -> None:
     """The lower bound against the claimed epsilon, with y = x; sigma = 0 runs at the right edge."""
     import json

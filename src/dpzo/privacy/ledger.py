@@ -22,12 +22,14 @@ No heavy imports: the accounting rule uses this module without torch.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpzo.methods import base_method, get_method, is_private
+from dpzo.fileio import write_json_atomic
+from dpzo.methods import base_method, get_method, hyperparameters_for, is_private
 from dpzo.privacy.accountants import DEFAULT_PLD_DISCRETIZATION, epsilon, laplace_epsilon, opacus_epsilon
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.records import DPZERO_DELTA, method_ledger
@@ -149,6 +151,27 @@ def cell_ledger(
         "accountant": settings.accountant,
         "noise": settings.noise,
     }
+
+
+def write_cell_ledger(
+    cell: Cell,
+    method_params: dict,
+    *,
+    train_file: str | Path,
+    settings: AccountingSettings,
+    path: str | Path,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the cell's ledger (calibrated noise) to ``path``, before any training can start.
+
+    ``settings.noise`` is the noise source the trainer must use, as the run that planned this
+    cell saw it; ``cache_dir`` holds the calibrations shared by cells with the same accounting.
+    """
+    hp = hyperparameters_for(cell.method, dict(method_params))
+    record = cell_ledger(cell, hp, n=count_examples(train_file), settings=settings, cache_dir=cache_dir)
+    write_json_atomic(Path(path), record)
+    logging.getLogger(__name__).info("ledger: %s", record)
+    return record
 
 
 def check_counts(ledger: dict, *, n: int, hp: Any, path: str | Path | None = None) -> None:

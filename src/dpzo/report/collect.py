@@ -13,6 +13,7 @@ file when there is one) once, and writes two tables that every later table and f
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from dpzo.fileio import atomic_path, read_json_output
 from dpzo.masks.settings import MaskSettings
 from dpzo.methods import base_method
 from dpzo.report.reference import reference_model, reference_task
+
+log = logging.getLogger(__name__)
 
 GROUP = ["model", "task", "method", "eps"]
 MASK_FIELDS = ("strategy", "scorer", "ratio", "selection", "scope", "mode")
@@ -223,6 +226,7 @@ def write_diagnostics(diagnostics_files: Iterable[str | Path], out_csv: str | Pa
         rows += diagnostic_rows(path, history.get("stage_starts"))
     table = pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)
     write_csv(table, out_csv)
+    log.info("collected %d diagnostic rows", len(table))
     return table
 
 
@@ -318,6 +322,7 @@ def write_collection(
     curves = load_curves(files)
     write_csv(cells, out_cells)
     write_csv(curves, out_curves)
+    log.info("collected %d cells", len(cells))
     return cells
 
 
@@ -326,3 +331,17 @@ def write_summary(cells_csv: str | Path, out_csv: str | Path) -> pd.DataFrame:
     summary = summarize(read_cells(cells_csv))
     write_csv(summary, out_csv)
     return summary
+
+
+def write_agreement_table(agreement_files: Iterable[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """``synflow_agreement.csv``: one row per (model, task, scorer, queries) from the agreement files."""
+    import json
+
+    rows = []
+    for path in agreement_files:
+        result = json.loads(Path(path).read_text())
+        rows += [{"model": result["model"], "task": result["task"], **row} for row in result["rows"]]
+    table = pd.DataFrame(rows)
+    with atomic_path(Path(out_csv)) as tmp:
+        table.to_csv(tmp, index=False)
+    return table

@@ -15,7 +15,7 @@ PNG and PDF; legends sit outside the axes so that they never cover data.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -547,3 +547,22 @@ FIGURES = {
     "private_training_loss": (private_training_loss, ("curves", "cells")),
     "ablation": (ablation, ("summary",)),
 }
+
+
+def draw_figure(name: str, inputs: Mapping[str, str | Path], png: str | Path, pdf: str | Path) -> None:
+    """Draw figure ``name`` of :data:`FIGURES` from the files it needs (``inputs``: ``summary``,
+    ``reference``, ``curves``, ``cells``, as the figure's rule names them)."""
+    from dpzo.report.collect import read_cells
+    from dpzo.report.reference import load_accuracy, load_memory, preferred
+
+    read = {
+        "summary": lambda: read_cells(inputs["summary"]),
+        "accuracy": lambda: preferred(load_accuracy(inputs["reference"])),
+        "memory": lambda: load_memory(inputs["reference"]),
+        "curves": lambda: read_cells(inputs["curves"]),
+        "cells": lambda: read_cells(inputs["cells"]),
+    }
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    draw, needs = FIGURES[name]
+    draw(*(read[what]() for what in needs), png, pdf)

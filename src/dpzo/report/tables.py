@@ -451,3 +451,29 @@ def write_table(tidy: pd.DataFrame, table: Table, outputs: Mapping[str, str | Pa
     for kind, text in rendered.items():
         with atomic_path(Path(outputs[kind])) as tmp:
             tmp.write_text(text, encoding="utf-8")
+
+
+def delta_text(delta) -> str:
+    """The config's delta as the table's note shows it ("1/n" stays as written)."""
+    return str(delta) if isinstance(delta, str) else f"{float(delta):g}"
+
+
+def write_accuracy_table(
+    summary_csv: str | Path, reference_csv: str | Path, eps: str, delta, outputs: Mapping[str, str | Path]
+) -> pd.DataFrame:
+    """Accuracy at one epsilon beside the published values (CSV, Markdown, LaTeX, HTML)."""
+    from dpzo.report.collect import read_cells
+    from dpzo.report.reference import load_accuracy, preferred
+
+    tidy = accuracy_table(read_cells(summary_csv), preferred(load_accuracy(reference_csv)), eps)
+    write_table(tidy, render_accuracy(tidy, eps, delta_text(delta)), outputs, label=f"tab:accuracy-eps{eps}")
+    return tidy
+
+
+def write_privacy_table(cells_csv: str | Path, outputs: Mapping[str, str | Path]) -> pd.DataFrame:
+    """Every private cell's ledger (CSV, Markdown, LaTeX, HTML)."""
+    from dpzo.report.collect import read_cells
+
+    tidy = privacy_table(read_cells(cells_csv))
+    write_table(tidy, render_privacy(tidy), outputs, label="tab:privacy")
+    return tidy
