@@ -79,10 +79,10 @@ localrules:
 # Every cell's outputs are targets themselves, not only through the tables made from them: a
 # cell whose metrics went missing (a killed -f run) is rebuilt by a plain run.
 rule all:
+    default_target: True
     input:
         all_metrics(),
         all_ledgers(),
         report_targets(),
         private_report_targets(),
         agreement_tables(),
-    default_target: True

@@ -8,16 +8,16 @@ rule audit:
         ledger=f"results/runs/{{model}}/{{task}}/{{method}}/eps{{eps}}/seed{config['seeds'][0]}/privacy.json",
     output:
         audit=AUDIT,
-    params:
-        trials=audit_cfg("trials"),
-        confidence=audit_cfg("confidence"),
-    threads: 1
     log:
         "logs/audit/{model}/{task}/{method}/eps{eps}.log",
     benchmark:
         "benchmarks/audit/{model}/{task}/{method}/eps{eps}.tsv"
     conda:
         "../../envs/dpzo.yaml"
+    threads: 1
+    params:
+        trials=audit_cfg("trials"),
+        confidence=audit_cfg("confidence"),
     script:
         "../scripts/audit.py"
 

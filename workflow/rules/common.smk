@@ -188,7 +188,9 @@ def masked_pairs():
     The score is data-free, so a task changes it only through its label words: the model's
     first such task stands for all of them.
     """
-    pairs = sorted({(c["model"], c["task"]) for c in cells() if is_masked(c["method"]) and "demo" in config["models"][c["model"]]})
+    pairs = sorted(
+        {(c["model"], c["task"]) for c in cells() if is_masked(c["method"]) and "demo" in config["models"][c["model"]]}
+    )
     first = {}
     for model, task in pairs:
         first.setdefault(model, task)
@@ -213,8 +215,14 @@ def mask_files(wildcards):
     ratios = dict.fromkeys(settings.stage_ratios(params.get("stages", 1)))
     return [
         MASK.format(
-            model=wildcards.model, task=wildcards.task, scorer=settings.scorer, selection=settings.selection,
-            scope=settings.scope, mode=settings.mode, mseed=settings.seed, ratio=ratio_label(r),
+            model=wildcards.model,
+            task=wildcards.task,
+            scorer=settings.scorer,
+            selection=settings.selection,
+            scope=settings.scope,
+            mode=settings.mode,
+            mseed=settings.seed,
+            ratio=ratio_label(r),
         )
         for r in ratios
     ]

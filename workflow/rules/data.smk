@@ -9,13 +9,13 @@ rule fewshot:
         train="results/data/{task}/k{k}-seed{seed}/train.jsonl",
         dev="results/data/{task}/k{k}-seed{seed}/dev.jsonl",
         test="results/data/{task}/k{k}-seed{seed}/test.jsonl",
-    params:
-        data_dir=task_data_dir,
-        max_test=config["max_test"],
-        hf_datasets=config["hf_datasets"],
     log:
         "logs/fewshot/{task}/k{k}-seed{seed}.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        data_dir=task_data_dir,
+        max_test=config["max_test"],
+        hf_datasets=config["hf_datasets"],
     script:
         "../scripts/fewshot.py"

@@ -5,12 +5,12 @@
 rule demo_corpus:
     output:
         corpus=f"{DEMO_DIR}/corpus.txt",
-    params:
-        seed=config["demo"]["seed"],
     log:
         "logs/demo/corpus.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        seed=config["demo"]["seed"],
     script:
         "../scripts/demo_corpus.py"
 
@@ -20,13 +20,13 @@ rule demo_data:
         corpus=rules.demo_corpus.output.corpus,
     output:
         demo_task_files(),
-    params:
-        tasks=[name for name, spec in TASKS.items() if spec.demo],
-        seed=config["demo"]["task_seed"],
     log:
         "logs/demo/data.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        tasks=[name for name, spec in TASKS.items() if spec.demo],
+        seed=config["demo"]["task_seed"],
     script:
         "../scripts/demo_data.py"
 
@@ -36,18 +36,18 @@ rule demo_model:
         corpus=rules.demo_corpus.output.corpus,
     output:
         model_dir=directory(f"{DEMO_DIR}/models/{{model}}"),
-    params:
-        arch=demo_arch,
-        seed=config["demo"]["seed"],
-        steps=config["demo"]["pretrain_steps"],
-    threads: 1
-    # every model job waits for this one: start the models first, not after the cheap jobs
-    priority: 10
     log:
         "logs/demo/model_{model}.log",
     benchmark:
         "benchmarks/demo/model_{model}.tsv"
+    # every model job waits for this one: start the models first, not after the cheap jobs
+    priority: 10
     conda:
         "../../envs/dpzo.yaml"
+    threads: 1
+    params:
+        arch=demo_arch,
+        seed=config["demo"]["seed"],
+        steps=config["demo"]["pretrain_steps"],
     script:
         "../scripts/demo_model.py"

@@ -8,19 +8,19 @@ rule mask:
         model=model_input,
     output:
         mask=MASK,
-    params:
-        model_path=model_path,
-        model_cfg=model_cfg,
-        device=config["device"],
-    threads: config["threads"]
-    resources:
-        gpu=cuda_gpus,
     log:
         "logs/mask/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.log",
     benchmark:
         "benchmarks/mask/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.tsv"
     conda:
         "../../envs/dpzo.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=cuda_gpus,
+    params:
+        model_path=model_path,
+        model_cfg=model_cfg,
+        device=config["device"],
     script:
         "../scripts/mask.py"
 
@@ -32,17 +32,17 @@ rule synflow_agreement:
         model=model_input,
     output:
         agreement="results/masks/{model}/{task}/synflow-agreement.json",
-    params:
-        model_path=model_path,
-        model_cfg=model_cfg,
-        device=config["device"],
-    threads: config["threads"]
     log:
         "logs/mask/{model}/{task}/synflow-agreement.log",
     benchmark:
         "benchmarks/mask/{model}/{task}/synflow-agreement.tsv"
     conda:
         "../../envs/dpzo.yaml"
+    threads: config["threads"]
+    params:
+        model_path=model_path,
+        model_cfg=model_cfg,
+        device=config["device"],
     script:
         "../scripts/synflow_agreement.py"
 

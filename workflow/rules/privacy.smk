@@ -6,6 +6,10 @@ rule account:
         train=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/train.jsonl",
     output:
         ledger=f"results/runs/{RUN}/privacy.json",
+    log:
+        f"logs/account/{RUN}.log",
+    conda:
+        "../../envs/dpzo.yaml"
     params:
         method_params=method_params,
         delta=config["delta"],
@@ -17,9 +21,5 @@ rule account:
         # sigma and the achieved epsilons, shared by every cell with the same (eps, delta, q,
         # T*P, accountant): a grid's ledgers need only a few calibrations
         calibrations="results/privacy/calibrations",
-    log:
-        f"logs/account/{RUN}.log",
-    conda:
-        "../../envs/dpzo.yaml"
     script:
         "../scripts/account.py"

@@ -14,14 +14,14 @@ rule collect:
             category="Data",
         ),
         curves="results/tables/curves.csv",
-    params:
-        models=config["models"],
-        methods=config["methods"],
-        benchmarks=all_benchmarks(),
     log:
         "logs/report/collect.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        models=config["models"],
+        methods=config["methods"],
+        benchmarks=all_benchmarks(),
     script:
         "../scripts/collect.py"
 
@@ -57,12 +57,12 @@ rule accuracy_table:
             category="Tables",
             labels={"table": "accuracy", "epsilon": "{eps}"},
         ),
-    params:
-        delta=config["delta"],
     log:
         "logs/report/accuracy_table-eps{eps}.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        delta=config["delta"],
     script:
         "../scripts/accuracy_table.py"
 
@@ -100,12 +100,12 @@ rule figure_accuracy_bars:
             labels={"figure": "1 accuracy bars"},
         ),
         pdf="results/figures/accuracy-bars.pdf",
-    params:
-        figure="accuracy_bars",
     log:
         "logs/report/figure_accuracy_bars.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        figure="accuracy_bars",
     script:
         "../scripts/figure.py"
 
@@ -122,12 +122,12 @@ rule figure_memory_time:
             labels={"figure": "2 memory and time"},
         ),
         pdf="results/figures/memory-time.pdf",
-    params:
-        figure="memory_time",
     log:
         "logs/report/figure_memory_time.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        figure="memory_time",
     script:
         "../scripts/figure.py"
 
@@ -144,12 +144,12 @@ rule figure_privacy_utility:
             labels={"figure": "3 privacy-utility"},
         ),
         pdf="results/figures/privacy-utility.pdf",
-    params:
-        figure="privacy_utility",
     log:
         "logs/report/figure_privacy_utility.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        figure="privacy_utility",
     script:
         "../scripts/figure.py"
 
@@ -166,12 +166,12 @@ rule figure_training_curves:
             labels={"figure": "4 training curves"},
         ),
         pdf="results/figures/training-curves.pdf",
-    params:
-        figure="training_curves",
     log:
         "logs/report/figure_training_curves.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        figure="training_curves",
     script:
         "../scripts/figure.py"
 
@@ -206,12 +206,12 @@ rule figure_private_diagnostics:
             category="Private diagnostics (not covered by the guarantee)",
         ),
         pdf="results/private/training-loss.pdf",
-    params:
-        figure="private_training_loss",
     log:
         "logs/report/figure_private_training_loss.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        figure="private_training_loss",
     script:
         "../scripts/figure.py"
 
@@ -227,11 +227,11 @@ rule figure_ablation:
             labels={"figure": "5 pruning ablation"},
         ),
         pdf="results/figures/ablation.pdf",
-    params:
-        figure="ablation",
     log:
         "logs/report/figure_ablation.log",
     conda:
         "../../envs/dpzo.yaml"
+    params:
+        figure="ablation",
     script:
         "../scripts/figure.py"

@@ -15,6 +15,15 @@ rule train:
         # training loss, batch sizes and clipped fractions: measured on private batches, not
         # covered by the guarantee, so never in metrics.json (see report.private_diagnostics)
         diagnostics=f"results/runs/{RUN}/private_diagnostics.json",
+    log:
+        f"logs/train/{RUN}.log",
+    benchmark:
+        f"benchmarks/train/{RUN}.tsv"
+    conda:
+        "../../envs/dpzo.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=cuda_gpus,
     params:
         model_path=model_path,
         model_cfg=model_cfg,
@@ -29,14 +38,5 @@ rule train:
         # resumable training state of an interrupted run; not an output, so Snakemake keeps it
         # when it cleans up after a failed or killed job (deleted once metrics.json is written)
         checkpoint=f"results/checkpoints/{RUN}/train_state.pt",
-    threads: config["threads"]
-    resources:
-        gpu=cuda_gpus,
-    log:
-        f"logs/train/{RUN}.log",
-    benchmark:
-        f"benchmarks/train/{RUN}.tsv"
-    conda:
-        "../../envs/dpzo.yaml"
     script:
         "../scripts/train.py"
