@@ -30,7 +30,8 @@ def tiny_run(tmp_path_factory):
     its config must only add cells (the 3 original ones stay as they are)."""
     import yaml
 
-    from .test_workflow import TINY, snakemake
+    from .pipeline import snakemake
+    from .test_workflow import TINY
 
     workdir = tmp_path_factory.mktemp("pipeline")
     (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))

@@ -23,9 +23,10 @@ from dpzo.data.splits import make_k_shot
 from dpzo.data.tasks import TASKS
 from dpzo.pipeline.config import ConfigError, check_config
 
+from .pipeline import ROOT
+from .pipeline import snakemake as run_pipeline
 from .tiny import WORDS, examples, make_clf, word_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 SST2_HEADER = "sentence\tlabel\n"
 
@@ -247,22 +248,8 @@ def test_cli_module_exit_code_reaches_the_shell():
 
 def snakemake(workdir: Path, config: dict, *targets: str) -> subprocess.CompletedProcess:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "1",
-        *targets,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    return run_pipeline(workdir, *targets, check=False, env=env, cores=1, timeout=600)
 
 
 def real_task_config(data_dir: Path, models: dict | None = None) -> dict:

@@ -9,9 +9,7 @@ sampling recipe (global numpy seed, permutation) applied to the raw fixture rows
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,9 @@ from dpzo.models.classifier import load_model
 from dpzo.models.qa_metrics import exact_match, f1_score, normalize_answer
 
 from . import hf_fixtures as fx
+from .pipeline import ROOT
+from .pipeline import snakemake as run_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 40, "validation": 30}
 
 
@@ -511,25 +510,7 @@ def test_mezo_tasks_need_a_causal_lm(tiny):
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
+    return run_pipeline(workdir, *args, check=check, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
 
 
 def test_dag_refuses_methods_a_mezo_task_cannot_run(tmp_path):

@@ -14,7 +14,8 @@ from dpzo.data.tasks import TASKS
 from dpzo.pipeline.config import grid_cells
 from dpzo.pipeline.preflight import missing_inputs
 
-from .test_workflow import ROOT, job_counts, snakemake
+from .pipeline import ROOT, snakemake
+from .test_workflow import job_counts
 from .tiny import examples, make_clf, word_tokenizer
 
 SNAPSHOT = "0" * 40

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_workflow import AGGREGATES, TINY, job_counts, snakemake
+from .pipeline import snakemake
+from .test_workflow import AGGREGATES, TINY, job_counts
 
 PRIVATE = "demo-roberta/demo-sst2/dp-zoso/eps8/seed13"
 PUBLIC = "demo-roberta/demo-sst2/zero-shot/epsinf/seed13"

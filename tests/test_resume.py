@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from .test_workflow import ROOT, TINY, snakemake
+from .pipeline import TEST_ENV, snakemake, snakemake_command
+from .test_workflow import TINY
 
 CELL = "demo-roberta/demo-sst2/dp-zoso/eps8/seed13"
 STEPS, DIRECTIONS = 40, 2
@@ -41,22 +41,8 @@ def workdir(tiny_run, tmp_path):
 
 
 def start(workdir: Path, log: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        "--rerun-incomplete",
-        f"results/runs/{CELL}/metrics.json",
-    ]
-    env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7"}
+    cmd = snakemake_command(workdir, "--rerun-incomplete", f"results/runs/{CELL}/metrics.json")
+    env = {**os.environ, **TEST_ENV}
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_workflow import AGGREGATES, CELLS, ROOT, TINY
+from .pipeline import ROOT, TEST_ENV, snakemake_command
+from .test_workflow import AGGREGATES, CELLS, TINY
 
 SCRIPTS = ROOT / "scripts" / "slurm"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -139,27 +139,11 @@ def _cluster():
 
 def on_slurm(workdir: Path, *args: str) -> str:
     """Run snakemake in ``workdir`` through profiles/slurm; returns its output."""
-    cmd = [
-        "timeout",
-        "-k",
-        "30",
-        "600",
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--workflow-profile",
-        str(ROOT / "profiles" / "slurm"),
-        "--slurm-init-seconds-before-status-checks",
-        "5",  # tiny jobs: poll sooner than the profile's 40 s
-        *args,
-    ]
-    env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7", "PATH": f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}"}
+    profile = ["--workflow-profile", str(ROOT / "profiles" / "slurm")]
+    # tiny jobs: poll sooner than the profile's 40 s
+    poll = ["--slurm-init-seconds-before-status-checks", "5"]
+    cmd = ["timeout", "-k", "30", "600", *snakemake_command(workdir, *profile, *poll, *args, cores=None)]
+    env = {**os.environ, **TEST_ENV, "PATH": f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=700)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"snakemake on SLURM failed (rc {proc.returncode}):\n{out[-8000:]}"

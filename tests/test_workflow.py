@@ -6,7 +6,6 @@ import base64
 import copy
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -18,8 +17,7 @@ import pytest
 import yaml
 
 from . import golden
-
-ROOT = Path(__file__).resolve().parents[1]
+from .pipeline import ROOT, snakemake
 
 TINY = {
     "demo": {"seed": 0, "task_seed": 1, "pretrain_steps": 40},
@@ -93,28 +91,6 @@ CELLS = [
     "demo-roberta/demo-sst2/mezo/epsinf/seed13",
     "demo-roberta/demo-sst2/dp-zoso/eps8/seed13",
 ]
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    env = {**os.environ, "DPZO_INSECURE_TEST_NOISE_SEED": "7", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
 
 
 def job_counts(output: str) -> dict[str, int]:

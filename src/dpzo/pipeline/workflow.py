@@ -88,6 +88,7 @@ def _setup(snakemake) -> None:
 
 
 def demo_corpus(snakemake) -> None:
+    """The demo's pretraining corpus (generated English-like text, seeded)."""
     from dpzo.demo.corpus import write_pretraining_corpus
 
     _setup(snakemake)
@@ -95,6 +96,7 @@ def demo_corpus(snakemake) -> None:
 
 
 def demo_data(snakemake) -> None:
+    """The demo tasks, written in the on-disk layout the real loaders read (LM-BFF's)."""
     from dpzo.demo.tasks import write_demo_tasks
 
     _setup(snakemake)
@@ -104,6 +106,7 @@ def demo_data(snakemake) -> None:
 
 
 def demo_model(snakemake) -> None:
+    """Pretrain one demo model on the corpus and save it with ``save_pretrained``."""
     from dpzo.demo.pretrain import build_demo_model
 
     _setup(snakemake)
@@ -265,6 +268,7 @@ def private_diagnostics(snakemake) -> None:
 
 
 def summarize(snakemake) -> None:
+    """summary.csv: mean and standard deviation over seeds per (model, task, method, ε)."""
     from dpzo.report.collect import write_summary
 
     _setup(snakemake)
@@ -290,6 +294,7 @@ def accuracy_table(snakemake) -> None:
 
 
 def privacy_table(snakemake) -> None:
+    """The privacy table: per private cell, target and achieved ε, δ, σ, q, T (four formats)."""
     from dpzo.report.tables import write_privacy_table
 
     _setup(snakemake)
@@ -320,6 +325,7 @@ def audit(snakemake) -> None:
 
 
 def plot_audit(snakemake) -> None:
+    """The audit figure: each audited cell's empirical lower bound on ε against its claimed ε."""
     from dpzo.privacy.audit import plot_audit as plot
 
     _setup(snakemake)
