@@ -211,16 +211,27 @@ class TrainingCheckpoint:
 
     # -- resume ------------------------------------------------------------------------------
     def resume(
-        self, flat: FlatParameters, *, public_rng: np.random.Generator, secret: SecretRandom | None = None
+        self,
+        flat: FlatParameters,
+        *,
+        public_rng: np.random.Generator,
+        secret: SecretRandom | None = None,
+        secure_noise: bool | None = None,
     ) -> LoopState | None:
         """Restore ``flat``, the generators and the loop state from the snapshot, if one for this
         very run exists; otherwise return None (start at step 0).  Call before the first step:
-        the identity includes a digest of the weights as loaded (theta_0)."""
+        the identity includes a digest of the weights as loaded (theta_0).
+
+        ``secure_noise`` (part of the identity) defaults to ``secret``'s mode; a replica without
+        the secret RNG passes rank 0's (``dpzo.zo.replicas``), and skips the secret's state.
+        """
+        if secret is not None:
+            secure_noise = bool(secret.is_secure)
         self.identity.update(
             numel=int(flat.numel),
             master_dtype=str(flat.master.dtype),
             theta0=theta_digest(flat.master),
-            secure_noise=None if secret is None else bool(secret.is_secure),
+            secure_noise=secure_noise,
         )
         path = self.policy.path
         if not path.exists():
@@ -247,7 +258,7 @@ class TrainingCheckpoint:
             return None
         flat.load_state_dict({key: saved[key] for key in FlatParameters.STATE_KEYS})
         public_rng.bit_generator.state = saved["public_rng"]
-        if saved["secret_rng"] is not None:
+        if saved["secret_rng"] is not None and secret is not None:
             secret.restore_insecure_state(saved["secret_rng"])
         anchor = saved["anchor"]
         self._last_step = int(saved["step"])

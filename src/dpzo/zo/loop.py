@@ -48,7 +48,8 @@ from dpzo.zo.checkpoint import LoopState, TrainingCheckpoint
 from dpzo.zo.flat import FlatParameters, direction_seed
 from dpzo.zo.monitor import TrainingMonitor
 from dpzo.zo.precision import check_zo_scale
-from dpzo.zo.step import batch_sampler, zo_step
+from dpzo.zo.replicas import SingleProcess
+from dpzo.zo.step import SINGLE_PROCESS, batch_sampler, zo_step
 
 if TYPE_CHECKING:  # annotations only: masks are built above this layer and passed in
     from dpzo.masks.prune import Mask
@@ -73,6 +74,7 @@ def train_zo(
     checkpoint: TrainingCheckpoint | None = None,
     curve: TestLossCurve | None = None,
     on_start: Callable[[int | None], None] | None = None,
+    team: SingleProcess = SINGLE_PROCESS,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -88,8 +90,13 @@ def train_zo(
     history (``evaluate.TestLossCurve``).  ``on_start(step)`` is called once before the first
     step, with the step a snapshot resumed after (None: from step 0); it may raise to refuse the
     run (``dpzo.pipeline.cellguard``).
+
+    ``team``: the replicas of a data-parallel run (``dpzo.zo.replicas.Replicas``).  Rank 0
+    holds ``secret``, draws the batches and releases; every rank computes its share of each
+    batch and applies the same update.  Every rank resumes from the snapshot; rank 0 alone
+    writes them.  A rank that stops answering ends the run with ``ReplicaLost``.
     """
-    spec = _checked_method(method, n, hp, noise=noise, secret=secret, masked=masks is not None)
+    spec = _checked_method(method, n, hp, noise=noise, secret=secret, masked=masks is not None, main=team.is_main)
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
     flat = FlatParameters(model, master_dtype=master_dtype, direction_cache_size=hp.directions)
@@ -106,7 +113,7 @@ def train_zo(
         log=log,
     )
     anchor = None
-    resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret) if checkpoint is not None else None
+    resumed = _resume(checkpoint, flat, public_rng=public_rng, secret=secret, team=team)
     if resumed is not None:
         anchor = resumed.anchor
         monitor.load_state_dict(resumed.monitor_state())
@@ -135,11 +142,12 @@ def train_zo(
             anchor=anchor,
             noise=noise,
             secret=secret,
+            team=team,
         )
         monitor.after_step(step, stage, result)
         if curve is not None:
             curve.after_step(step + 1, monitor.history, prepare=flat.restore)
-        if checkpoint is not None:
+        if checkpoint is not None and team.is_main:  # rank 0 writes the snapshots
             checkpoint.step_done(
                 step + 1,
                 lambda: LoopState(anchor=anchor, **monitor.state_dict()),  # noqa: B023 (called within this step)
@@ -157,8 +165,36 @@ def train_zo(
     )
 
 
+def _resume(
+    checkpoint: TrainingCheckpoint | None,
+    flat: FlatParameters,
+    *,
+    public_rng: np.random.Generator,
+    secret: SecretRandom | None,
+    team: SingleProcess,
+) -> LoopState | None:
+    """The snapshot this run continues from (None: from step 0), the same on every rank.
+
+    Rank 0's secret RNG decides whether the run is in test mode (part of the snapshot's
+    identity); the ranks then check that they resumed after the same step.
+    """
+    if checkpoint is None:
+        return None
+    secure = team.broadcast_flag(None if secret is None else secret.is_secure)
+    resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+    team.agree(-1 if resumed is None else resumed.step)
+    return resumed
+
+
 def _checked_method(
-    method: str, n: int, hp: ZOHyperparameters, *, noise: NoisySum | None, secret: SecretRandom | None, masked: bool
+    method: str,
+    n: int,
+    hp: ZOHyperparameters,
+    *,
+    noise: NoisySum | None,
+    secret: SecretRandom | None,
+    masked: bool,
+    main: bool = True,
 ) -> ZOMethod:
     """The zeroth-order method ``method`` names, after refusing settings it cannot run with."""
     method = base_method(method)
@@ -169,8 +205,8 @@ def _checked_method(
         raise ValueError(f"{method}: masks are {'required' if spec.masked else 'not used'}")
     if hp.batch_size > n:
         raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
-    if spec.private and (secret is None or noise is None):
-        raise ValueError("a private method needs the secret RNG and the ledger's noise")
+    if spec.private and (noise is None or (main and secret is None)):
+        raise ValueError("a private method needs the ledger's noise, and its rank 0 the secret RNG")
     if spec.private and math.isinf(hp.clip):
         raise ValueError(f"{method} needs a finite clip")
     return spec

@@ -20,11 +20,15 @@ import numpy as np
 import torch
 
 from dpzo.zo.flat import Coefficient, FlatParameters
+from dpzo.zo.replicas import SingleProcess
 
 if TYPE_CHECKING:  # annotations only
     from dpzo.methods.base import ZOMethod
     from dpzo.privacy.mechanisms import NoisySum
     from dpzo.privacy.secret import SecretRandom
+
+
+SINGLE_PROCESS = SingleProcess()
 
 
 @torch.no_grad()
@@ -45,6 +49,15 @@ def spsa_differences(
     if restore:
         flat.restore()
     return (loss_plus.double() - loss_minus.double()) / (2.0 * beta), loss_plus, loss_minus
+
+
+def _losses_of(
+    per_example_loss: Callable[[np.ndarray], torch.Tensor], index: np.ndarray, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """The losses of this replica's share; a share may be empty when the batch is smaller than the ranks."""
+    if len(index) == 0:
+        return lambda: torch.zeros(0, dtype=torch.float64, device=device)
+    return lambda: per_example_loss(index)
 
 
 def clip_differences(d: torch.Tensor, clip: float) -> torch.Tensor:
@@ -125,6 +138,7 @@ def zo_step(
     anchor: torch.Tensor | None = None,
     noise: NoisySum | None = None,
     secret: SecretRandom | None = None,
+    team: SingleProcess = SINGLE_PROCESS,
 ) -> StepResult:
     """One step of the method ``spec``, one direction z(seed) per seed (the module docstring).
 
@@ -133,22 +147,26 @@ def zo_step(
     clip, sum, the ledger's ``noise`` from ``secret``, / q n; MeZO: the mean); then the update
     with the pull toward ``anchor`` (:func:`apply_update`).  No value is read on the host, and
     the perturbed weights are left for the next pass to overwrite (``flat.restore()`` before
-    reading them).
+    reading them).  ``team``: the replicas of a data-parallel run (``dpzo.zo.replicas``): rank 0
+    draws the batch and releases, every rank computes its share's differences and updates.
     """
     done = StepResult()
     for seed in seeds:
-        index = sample()
-        if len(index) == 0:  # a Poisson batch may be empty: its release is the noise alone
+        index, batch_size = team.draw(sample)  # rank 0 draws the batch; each replica takes its share
+        if batch_size == 0:  # a Poisson batch may be empty: its release is the noise alone
             d = torch.zeros(0, dtype=torch.float64, device=flat.device)
         else:
-            losses = lambda: per_example_loss(index)  # noqa: B023, E731 (called within this iteration)
-            d, loss_plus, loss_minus = spsa_differences(losses, flat, seed, beta, restore=False)
-            done.losses.append(0.5 * (loss_plus + loss_minus).mean())
-        g, clipped = spec.release(d, clip=clip, beta=beta, noise=noise, secret=secret)
+            losses = _losses_of(per_example_loss, index, flat.device)
+            d_share, loss_plus, loss_minus = spsa_differences(losses, flat, seed, beta, restore=False)
+            # the whole batch's quotients (and l+ + l- for the log), in batch order
+            d, loss_sums = team.gather(d_share, loss_plus + loss_minus, batch_size)
+            done.losses.append(0.5 * loss_sums.mean())
+        release = lambda: spec.release(d, clip=clip, beta=beta, noise=noise, secret=secret)  # noqa: B023, E731
+        g, clipped = team.from_main(release)  # the rank holding the secret RNG releases
         done.seeds.append(seed)
         done.grads.append(g)
         done.differences.append(d)
-        done.examples.append(len(index))
+        done.examples.append(batch_size)
         done.clipped.append(clipped)
     apply_update(flat, done.seeds, done.grads, lr=lr, lam=lam, anchor=anchor, restore=False)
     return done
