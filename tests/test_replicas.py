@@ -119,3 +119,39 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_error_and_resume_completes_i
     for got in results(out, 2):
         assert got["history"]["resumed_from"] == [saved["step"]]
         assert_same_trajectory(got, single_process["dp-zoso"])
+
+
+# ---------------------------------------------------------------------------------------------
+# through the pipeline: `models.<key>.ranks: 2` trains a cell on two torchrun processes
+# ---------------------------------------------------------------------------------------------
+
+PIPELINE_CELL = "demo-roberta/demo-sst2/dp-zoso/eps8/seed13"
+
+
+def test_a_two_rank_cell_through_the_pipeline_matches_the_one_process_cell(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    import yaml
+
+    from .pipeline import snakemake
+    from .test_workflow import TINY
+
+    for part in ("results/demo", "results/data"):
+        shutil.copytree(tiny_run / part, tmp_path / part, copy_function=shutil.copy2)
+    config = {**TINY, "models": {"demo-roberta": {"demo": "roberta", "ranks": 2}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, f"results/runs/{PIPELINE_CELL}/metrics.json")
+    one = json.loads((tiny_run / "results/runs" / PIPELINE_CELL / "metrics.json").read_text())
+    two = json.loads((tmp_path / "results/runs" / PIPELINE_CELL / "metrics.json").read_text())
+    log = (tmp_path / "logs/train" / f"{PIPELINE_CELL}.log").read_text()
+    assert "training on 2 ranks" in log and "[rank 1]" in log
+    assert two["ranks"] == 2 and "ranks" not in one
+    # the same ledger, the same number of releases, the same public schedule
+    assert (tmp_path / "results/runs" / PIPELINE_CELL / "privacy.json").read_text() == (
+        tiny_run / "results/runs" / PIPELINE_CELL / "privacy.json"
+    ).read_text()
+    assert two["releases"] == one["releases"] and two["steps"] == one["steps"]
+    # float32: the shares' smaller batched forwards round differently, nothing more
+    assert two["history"]["grad"] == pytest.approx(one["history"]["grad"], rel=1e-3, abs=1e-6)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)

@@ -170,6 +170,26 @@ def cuda_gpus(wildcards):
     return 1 if str(config["device"]).startswith("cuda") else 0
 
 
+def cell_ranks(wildcards):
+    """Data-parallel processes of a cell: the model's `ranks` for a zeroth-order method, else 1."""
+    return config["models"][wildcards.model].get("ranks", 1) if base_method(wildcards.method) in ZO else 1
+
+
+def train_threads(wildcards):
+    """Cores a train job holds: `threads` per rank."""
+    return config["threads"] * cell_ranks(wildcards)
+
+
+def train_gpus(wildcards):
+    """GPUs a train job asks for: one per rank on CUDA, none on CPU."""
+    return cuda_gpus(wildcards) * cell_ranks(wildcards)
+
+
+def slurm_tasks(wildcards):
+    """SLURM tasks of a train job: one per rank (a GPU job gets one task per GPU instead)."""
+    return cell_ranks(wildcards) if not cuda_gpus(wildcards) else 1
+
+
 def method_params(wildcards):
     return config["methods"][wildcards.method]
 

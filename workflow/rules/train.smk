@@ -21,9 +21,12 @@ rule train:
         f"benchmarks/train/{RUN}.tsv"
     conda:
         "../../envs/dpzo.yaml"
-    threads: config["threads"]
+    # `threads` per rank; a model with `ranks` > 1 trains its zeroth-order cells on that many
+    # processes (torchrun here, srun in a SLURM job: one task per rank)
+    threads: train_threads
     resources:
-        gpu=cuda_gpus,
+        gpu=train_gpus,
+        tasks=slurm_tasks,
     params:
         model_path=model_path,
         model_cfg=model_cfg,

@@ -21,6 +21,7 @@ from dpzo.privacy.ledger import NO_NOISE, AccountingSettings, Cell, check_ledger
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, file_digest
 from dpzo.zo.loop import train_zo
+from dpzo.zo.replicas import SingleProcess
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ class CellRun:
     curve: CurveSettings | None = None
 
 
-def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | None = None) -> dict:
+def run_cell(
+    run: CellRun, *, on_start: Callable[[dict, int | None], None] | None = None, team: SingleProcess | None = None
+) -> dict | None:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
     Before anything else the ledger is verified against the cell (``ledger.verify_ledger``:
@@ -101,6 +104,10 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
 
     Evaluation reports the final iterate on the test split; no dev-based model selection is
     done, because choosing among iterates on private data would spend unaccounted privacy.
+
+    ``team``: the replicas of a data-parallel zeroth-order run (``dpzo.zo.replicas``).  Only
+    rank 0 holds the secret RNG, evaluates and returns the metrics; the other ranks train their
+    share of every batch and return None.
     """
     from pathlib import Path
 
@@ -124,7 +131,11 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
     # before the model is even loaded: a ledger that is not this cell's stops the run here
     verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=run.ledger_path)
     private = is_private(base)
-    secret = SecretRandom.from_environment() if private else None
+    team = team or SingleProcess()
+    if team.world_size > 1 and base not in ZO:
+        raise ValueError(f"{method} runs in one process; ranks > 1 are for the zeroth-order methods {tuple(ZO)}")
+    # the secret RNG exists in one process only: the one that samples the batches and adds the noise
+    secret = SecretRandom.from_environment() if private and team.is_main else None
     torch.manual_seed(seed)
     lm, tokenizer, family = load_model(run.model_path, family=run.family, dtype=run.dtype, device=run.device)
     clf = make_scorer(lm, tokenizer, family, task)
@@ -161,6 +172,8 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
         test_curve = TestLossCurve(
             clf, test_set, steps=hp.steps, settings=run.curve or CurveSettings(), batch_size=run.eval_batch_size
         )
+        if not team.is_main:
+            test_curve = None  # published by rank 0 only
         if base in FIRST_ORDER:
             from dpzo.baselines.firstorder import train_first_order
 
@@ -172,7 +185,8 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
             snapshots = None
             if run.checkpoint is not None:
                 snapshots = TrainingCheckpoint(run.checkpoint, identity=identity)
-            with snapshots.saving_on_sigterm() if snapshots else contextlib.nullcontext():
+            on_sigterm = snapshots.saving_on_sigterm() if snapshots and team.is_main else contextlib.nullcontext()
+            with on_sigterm:
                 history = train_zo(
                     lm,
                     lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
@@ -186,7 +200,10 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
                     checkpoint=snapshots,
                     curve=test_curve,
                     on_start=started,
+                    team=team,
                 )
+        if not team.is_main:
+            return None  # rank 0 evaluates and writes the outputs
         if private:
             check_ledger_after(ledger, history)
     else:
@@ -219,6 +236,7 @@ def run_cell(run: CellRun, *, on_start: Callable[[dict, int | None], None] | Non
             "epsilon_verified": verified.epsilon,
             "verified_with": verified.accountant,
         },
+        **({"ranks": team.world_size} if team.world_size > 1 else {}),  # data-parallel replicas
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - wall_start,
@@ -252,24 +270,41 @@ def curve_settings(settings: dict | None) -> CurveSettings:
     return CurveSettings(points=int(settings.get("points", 12)), test_examples=int(settings.get("test_examples", 128)))
 
 
-def train_cell(run: CellRun, *, metrics_path: str | Path, diagnostics_path: str | Path) -> dict:
+def train_cell(
+    run: CellRun,
+    *,
+    metrics_path: str | Path,
+    diagnostics_path: str | Path,
+    ranks: int = 1,
+    team: SingleProcess | None = None,
+) -> dict:
     """Train and evaluate one cell, holding its lock and recording the attempt (``dpzo.pipeline.cellguard``).
 
     The lock and the attempt log live in the folder of the cell's snapshot (``run.checkpoint``,
     not an output, so Snakemake keeps it).  Writes ``metrics.json`` and, apart from it,
     ``private_diagnostics.json`` (measured on private batches, not covered by the guarantee:
     never published unless the config asks).
+
+    ``ranks`` > 1 starts that many data-parallel processes (``dpzo.pipeline.ranks``), whose
+    rank 0 comes back here with its ``team``; the other methods (zero-shot, first-order, ICL)
+    run in this process.
     """
     import os
 
     from dpzo.pipeline.cellguard import AttemptLog, CellLock
     from dpzo.zo.checkpoint import remove_checkpoint
 
+    if ranks > 1 and team is None and base_method(run.cell.method) in ZO:
+        from dpzo.pipeline.ranks import train_cell_on_ranks
+
+        train_cell_on_ranks(run, ranks, metrics_path=metrics_path, diagnostics_path=diagnostics_path)
+        return read_json_output(metrics_path)
+
     folder = run.checkpoint.path.parent
     with CellLock(folder / "train.lock"):
         attempts = AttemptLog(folder / "attempts.jsonl")
         with attempts.attempt(private=is_private(run.cell.method)) as attempt:
-            metrics = run_cell(run, on_start=attempt.start)
+            metrics = run_cell(run, on_start=attempt.start, team=team)
         metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
         metrics.update(attempts.summary())
         write_json_atomic(

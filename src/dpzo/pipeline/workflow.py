@@ -186,7 +186,12 @@ def train(snakemake) -> None:
         checkpoint=checkpoint_policy(p.checkpoint, snakemake.config.get("checkpoint")),
         curve=curve_settings(snakemake.config.get("curves")),
     )
-    train_cell(run, metrics_path=snakemake.output.metrics, diagnostics_path=snakemake.output.diagnostics)
+    train_cell(
+        run,
+        metrics_path=snakemake.output.metrics,
+        diagnostics_path=snakemake.output.diagnostics,
+        ranks=int(p.model_cfg.get("ranks", 1)),
+    )
 
 
 def _mask_settings(snakemake):
