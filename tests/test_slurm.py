@@ -237,3 +237,35 @@ def test_tiny_grid_on_slurm_matches_the_local_run(cluster, tiny_run, tmp_path):
     assert gpus_requested(jobs[0]["slurm_id"]) == "gres:gpu:1"
     after = json.loads((tmp_path / target).read_text())
     assert after["slurm_job_id"] == jobs[0]["slurm_id"] != before["slurm_job_id"] and same_result(after, before)
+
+
+def test_a_two_rank_cell_runs_as_one_sbatch_job_with_two_srun_tasks(cluster, tiny_run, tmp_path):
+    """`ranks: 2`: one SLURM job of two tasks, the ranks one srun step; the result is the local
+    single-process cell's (up to the float32 rounding of smaller batched forwards)."""
+    for part in ("results/demo", "results/data"):
+        shutil.copytree(tiny_run / part, tmp_path / part, copy_function=shutil.copy2)
+    config = {**TINY, "models": {"demo-roberta": {"demo": "roberta", "ranks": 2}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cell = CELLS[2]  # dp-zoso
+    target = f"results/runs/{cell}/metrics.json"
+    jobs = executed_jobs(on_slurm(tmp_path, target))
+    train = [j for j in jobs if j["rule"] == "train"]
+    assert len(train) == 1 and train[0]["slurm_id"] and not train[0]["local"]
+    assert slurm_jobs()[train[0]["slurm_id"]]["state"] == "COMPLETED"
+    tasks = subprocess.run(
+        ["squeue", "-t", "all", "-h", "-j", train[0]["slurm_id"], "-O", "NumTasks"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PATH": SYSTEM_PATH},
+    ).stdout.strip()
+    assert tasks == "2"
+    log = (tmp_path / "logs" / "train" / f"{cell}.log").read_text()
+    assert "training on 2 ranks: srun" in log and "[rank 1]" in log
+    two = json.loads((tmp_path / target).read_text())
+    one = json.loads((tiny_run / target).read_text())
+    assert two["ranks"] == 2 and two["slurm_job_id"] == train[0]["slurm_id"]
+    assert two["releases"] == one["releases"] and two["steps"] == one["steps"]
+    assert two["history"]["grad"] == pytest.approx(one["history"]["grad"], rel=1e-3, abs=1e-6)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)

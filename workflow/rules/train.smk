@@ -27,6 +27,7 @@ rule train:
     resources:
         gpu=train_gpus,
         tasks=slurm_tasks,
+        cpus_per_task=config["threads"],
     params:
         model_path=model_path,
         model_cfg=model_cfg,

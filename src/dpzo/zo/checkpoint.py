@@ -229,7 +229,7 @@ class TrainingCheckpoint:
             secure_noise = bool(secret.is_secure)
         self.identity.update(
             numel=int(flat.numel),
-            master_dtype=str(flat.master.dtype),
+            master_dtype=str(flat.master_dtype),
             theta0=theta_digest(flat.master),
             secure_noise=secure_noise,
         )

@@ -16,9 +16,11 @@ Design (where the time of a step goes, and how it is kept close to two forward p
 
 * Every trainable parameter is re-pointed into one flat working buffer (the model's dtype), so a
   pass over the weights is a handful of large kernels instead of a few per tensor.
-* z is a pure function of (seed, flat index): a dedicated ``torch.Generator`` seeded with the
-  direction seed streams it in fixed blocks of ``DIRECTION_CHUNK`` elements, drawn into one
-  preallocated block buffer and consumed at once, so z is never materialised whole.  (A model
+* z is a pure function of (seed, flat index): block b of ``DIRECTION_CHUNK`` elements is drawn
+  by a ``torch.Generator`` seeded with ``block_seed(seed, b)`` (the seed itself for block 0), into
+  one preallocated block buffer and consumed at once, so z is never materialised whole, and a
+  part of the parameters (one device's, ``dpzo.zo.placed``) draws its own blocks without the
+  others: the trajectory does not depend on how the parameters are split.  (A model
   of at most one block keeps each z whole for the passes of its step instead: a few MB, drawn
   once rather than once per pass.)  A masked run sees exactly the dense z at its coordinates.
 * Two ways to hold theta:
@@ -69,6 +71,20 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
+_U64 = (1 << 64) - 1
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The generator seed of block ``block`` of z(seed): ``seed`` itself for block 0 (so a model
+    of one block draws z exactly as ``torch.randn(numel)`` does), a SplitMix64 hash of both after."""
+    if block == 0:
+        return int(seed)
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(block) * 0xD1B54A32D192ED03) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: any torch generator takes it
+
+
 def gaussian_chunks(
     seed: int, numel: int, *, dtype: torch.dtype, device: torch.device, chunk: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -79,10 +95,9 @@ def gaussian_chunks(
     """
     chunk = chunk or DIRECTION_CHUNK
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    for start in range(0, numel, chunk):
+    for block, start in enumerate(range(0, numel, chunk)):
         n = min(chunk, numel - start)
-        yield start, torch.randn(n, generator=gen, dtype=dtype, device=device)
+        yield start, torch.randn(n, generator=gen.manual_seed(block_seed(seed, block)), dtype=dtype, device=device)
 
 
 def gaussian_direction(
@@ -118,6 +133,11 @@ def _merge(terms: Sequence[Term]) -> list[Term]:
         else:
             merged[key] = [seed, coef, scales]
     return [(s, c, sc) for s, c, sc in merged.values() if isinstance(c, torch.Tensor) or c != 0]
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The model's trainable parameters in the order that defines the flat vector (tied ones once)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Tensor | None:
@@ -165,15 +185,27 @@ class FlatParameters:
     STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
 
     def __init__(
-        self, model: torch.nn.Module, master_dtype: torch.dtype | None = torch.float32, *, direction_cache_size: int = 1
+        self,
+        model: torch.nn.Module | None,
+        master_dtype: torch.dtype | None = torch.float32,
+        *,
+        direction_cache_size: int = 1,
+        parameters: list[tuple[str, torch.nn.Parameter]] | None = None,
+        offset: int = 0,
+        total: int | None = None,
     ):
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # ``parameters``, ``offset`` and ``total``: one part of a model's trainable vector, its
+        # coordinates [offset, offset + numel) of ``total`` (``dpzo.zo.placed``)
+        self.params = parameters if parameters is not None else trainable_parameters(model)
         if not self.params:
             raise ValueError("model has no trainable parameters")
         first = self.params[0][1]
         self.device = first.device
         self.numel = sum(p.numel() for _, p in self.params)
+        self.offset = int(offset)
+        self.total = self.numel if total is None else int(total)
         self.chunk = DIRECTION_CHUNK  # fixed for this object's lifetime: it defines z
+        self._ranges = self._block_ranges()
         adopted = _adopt_flat_buffer(self.params)
         if adopted is not None:
             self.work = adopted
@@ -207,6 +239,27 @@ class FlatParameters:
         self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
         self.direction_cache_size = int(direction_cache_size)
         self._mask_blocks: list[tuple[int, int, int, int]] = []
+
+    def _block_ranges(self) -> list[tuple[int, int, int, int]]:
+        """(local start, local end, block, its first element there) per block of z this part
+        spans: the blocks are the whole vector's, so a part draws exactly its coordinates of z."""
+        ranges = []
+        for block in range(self.offset // self.chunk, (self.offset + self.numel - 1) // self.chunk + 1):
+            lo, hi = max(block * self.chunk, self.offset), min((block + 1) * self.chunk, self.offset + self.numel)
+            ranges.append((lo - self.offset, hi - self.offset, block, lo - block * self.chunk))
+        return ranges
+
+    def _block_length(self, block: int) -> int:
+        return min(self.chunk, self.total - block * self.chunk)
+
+    @property
+    def _whole(self) -> bool:
+        """A small part keeps each z whole for the passes of its step (drawn once, not per pass)."""
+        return self.numel <= self.chunk
+
+    def _pass_ranges(self) -> list[tuple[int, int]]:
+        """The local ranges a pass over z visits, in order (what :meth:`_blocks` yields)."""
+        return [(0, self.numel)] if self._whole else [(lo, hi) for lo, hi, _, _ in self._ranges]
 
     # -- the trainable support ------------------------------------------------------------
     def set_mask(
@@ -243,15 +296,29 @@ class FlatParameters:
         self._masked_z.clear()
         # Which masked coordinates fall in each block of z: found once here (one host sync),
         # not in every pass.
-        starts = list(range(0, self.numel, self.chunk))
-        bounds = torch.searchsorted(indices, torch.tensor(starts + [self.numel], device=self.device)).tolist()
-        self._mask_blocks = [
-            (start, min(start + self.chunk, self.numel), bounds[i], bounds[i + 1]) for i, start in enumerate(starts)
-        ]
+        ranges = self._pass_ranges()
+        edges = [lo for lo, _ in ranges] + [self.numel]
+        bounds = torch.searchsorted(indices, torch.tensor(edges, device=self.device)).tolist()
+        self._mask_blocks = [(lo, hi, bounds[i], bounds[i + 1]) for i, (lo, hi) in enumerate(ranges)]
 
     mask: torch.Tensor | None = None
     perturb_scales: torch.Tensor | None = None
     update_scales: torch.Tensor | None = None
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        """The dtype theta is held in (the model's own in place)."""
+        return self.master.dtype
+
+    @property
+    def parts(self) -> list[FlatParameters]:
+        """The buffers theta lives in: this one (a placed model has one per device)."""
+        return [self]
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every coordinate of theta is finite (one host read)."""
+        return bool(torch.isfinite(self.master).all())
 
     # -- z ----------------------------------------------------------------------------------
     def _generator(self, k: int) -> torch.Generator:
@@ -261,7 +328,7 @@ class FlatParameters:
 
     def _block_buffer(self) -> torch.Tensor:
         if self._block is None:
-            self._block = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
+            self._block = torch.empty(min(self.chunk, self.total), dtype=self.z_dtype, device=self.device)
         return self._block
 
     def _sum_buffer(self) -> torch.Tensor:
@@ -276,31 +343,42 @@ class FlatParameters:
         block of z(seeds[k]) is valid until the next ``draw``.  ``draw`` must be called once per
         seed and block, in seed order (the streams advance in lockstep).
         """
-        if self.numel <= self.chunk:
-            # One block: z of a seed is kept whole for the passes of its step (the model is
-            # small), so each direction is drawn once instead of once per pass.
+        if self._whole:
+            # A small part: z of a seed is kept whole for the passes of its step, so each
+            # direction is drawn once instead of once per pass.
             whole = [self._whole_direction(seed) for seed in seeds]
             yield 0, self.numel, lambda k: whole[k]
             return
         gens = [self._generator(k) for k in range(len(seeds))]
-        for gen, seed in zip(gens, seeds):
-            gen.manual_seed(int(seed))
         buf = self._block_buffer()
-        for start in range(0, self.numel, self.chunk):
-            end = min(start + self.chunk, self.numel)
-            view = buf[: end - start]
-            # normal_ into a buffer draws exactly what torch.randn(n, generator=...) would
-            yield start, end, lambda k, view=view: view.normal_(generator=gens[k])
+        for lo, hi, block, first in self._ranges:
+            drawn = buf[: self._block_length(block)]
+            view = drawn[first : first + hi - lo]
+
+            def draw(k: int, drawn=drawn, view=view, block=block) -> torch.Tensor:
+                # normal_ into a buffer draws exactly what torch.randn(n, generator=...) would
+                drawn.normal_(generator=gens[k].manual_seed(block_seed(int(seeds[k]), block)))
+                return view
+
+            yield lo, hi, draw
 
     def _whole_direction(self, seed: int) -> torch.Tensor:
-        """z(seed) as one block, drawn exactly as :meth:`_blocks` would; kept for the passes of
-        a step: the current step's directions and the next one's first (whose pass merges them)."""
+        """This part's z(seed), drawn block by block as :meth:`_blocks` would; kept for the passes
+        of a step: the current step's directions and the next one's first (whose pass merges them)."""
         z = self._whole_z.get(seed)
         if z is not None:
             self._whole_z.move_to_end(seed)
             return z
         z = torch.empty(self.numel, dtype=self.z_dtype, device=self.device)
-        z.normal_(generator=self._generator(0).manual_seed(int(seed)))
+        gen = self._generator(0)
+        for lo, hi, block, first in self._ranges:
+            length = self._block_length(block)
+            if first == 0 and hi - lo == length:  # the whole block: drawn in place
+                z[lo:hi].normal_(generator=gen.manual_seed(block_seed(int(seed), block)))
+            else:
+                part = torch.empty(length, dtype=self.z_dtype, device=self.device)
+                part.normal_(generator=gen.manual_seed(block_seed(int(seed), block)))
+                z[lo:hi] = part[first : first + hi - lo]
         self._whole_z[seed] = z
         while len(self._whole_z) > max(self.direction_cache_size, 1) + 1:
             self._whole_z.popitem(last=False)
@@ -312,7 +390,10 @@ class FlatParameters:
         The masked vector is cached for the passes of the current step; do not modify it.
         """
         if self.mask is None:
-            return gaussian_direction(seed, self.numel, dtype=self.z_dtype, device=self.device, chunk=self.chunk)
+            out = torch.empty(self.numel, dtype=self.z_dtype, device=self.device)
+            for start, end, draw in self._blocks([seed]):
+                out[start:end] = draw(0)
+            return out
         if seed in self._masked_z:
             self._masked_z.move_to_end(seed)
             return self._masked_z[seed]

@@ -47,6 +47,7 @@ from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.checkpoint import LoopState, TrainingCheckpoint
 from dpzo.zo.flat import FlatParameters, direction_seed
 from dpzo.zo.monitor import TrainingMonitor
+from dpzo.zo.placed import flat_parameters
 from dpzo.zo.precision import check_zo_scale
 from dpzo.zo.replicas import SingleProcess
 from dpzo.zo.step import SINGLE_PROCESS, batch_sampler, zo_step
@@ -75,6 +76,7 @@ def train_zo(
     curve: TestLossCurve | None = None,
     on_start: Callable[[int | None], None] | None = None,
     team: SingleProcess = SINGLE_PROCESS,
+    parts: list[list[str]] | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -95,11 +97,14 @@ def train_zo(
     holds ``secret``, draws the batches and releases; every rank computes its share of each
     batch and applies the same update.  Every rank resumes from the snapshot; rank 0 alone
     writes them.  A rank that stops answering ends the run with ``ReplicaLost``.
+
+    A model placed over several devices trains one buffer per device (``dpzo.zo.placed``);
+    ``parts`` (lists of parameter names) cuts the vector by hand instead, as the tests do.
     """
     spec = _checked_method(method, n, hp, noise=noise, secret=secret, masked=masks is not None, main=team.is_main)
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
-    flat = FlatParameters(model, master_dtype=master_dtype, direction_cache_size=hp.directions)
+    flat = flat_parameters(model, master_dtype, direction_cache_size=hp.directions, parts=parts)
     check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     sample = batch_sampler(spec, n, hp.batch_size, secret=secret, public_rng=public_rng)

@@ -61,7 +61,7 @@ class TrainingMonitor:
         self._clipped = torch.zeros((), dtype=torch.float64, device=device)
         self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
         self._first_bad_update = torch.full((), -1, dtype=torch.long, device=device)
-        self._largest_move = torch.finfo(flat.master.dtype).max
+        self._largest_move = torch.finfo(flat.master_dtype).max
 
     # -- a run --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,7 +139,7 @@ class TrainingMonitor:
             )
 
     def _check_finite_weights(self, step: int) -> None:
-        if not bool(torch.isfinite(self.flat.master).all()):
+        if not self.flat.weights_finite():
             raise FloatingPointError(
                 f"non-finite weights after step {step}; lower the learning rate (no metrics are written for this run)"
             )

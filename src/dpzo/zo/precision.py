@@ -32,10 +32,12 @@ def smallest_resolvable_beta(flat: FlatParameters, *, sample: int = 1 << 20) -> 
     """``MIN_BETA_ULPS`` ulp of the median |theta| (over an evenly strided sample of the
     trainable coordinates) in the precision the forward pass computes with."""
     stride = max(1, flat.numel // sample)
-    typical = float(flat.work[::stride].abs().float().median())
+    # a placed model's parts (one per device) are sampled alike, each where it lives
+    typical = float(torch.cat([part.work[::stride].abs().float().cpu() for part in flat.parts]).median())
     if typical == 0.0:
         return 0.0
-    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(flat.work.dtype, flat.device)
+    first = flat.parts[0].work
+    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(first.dtype, first.device)
     return MIN_BETA_ULPS * ulp
 
 
@@ -46,7 +48,7 @@ def check_zo_scale(flat: FlatParameters, beta: float) -> None:
     if beta < floor:
         raise ValueError(
             f"ZO scale beta={beta:g} is below {MIN_BETA_ULPS:g} ulp of the typical weight in "
-            f"{flat.work.dtype} ({floor:.3g}): theta +- beta z rounds back to theta and the finite "
+            f"{flat.parts[0].work.dtype} ({floor:.3g}): theta +- beta z rounds back to theta and the finite "
             f"differences are rounding noise. Use beta >= {floor:.2g} (MeZO and DPZero use 1e-3 "
             "with 16-bit weights), or float32 weights without TF32 for a smaller beta."
         )
