@@ -157,3 +157,28 @@ def test_a_transformer_in_three_parts_trains_as_one(tokenizer, monkeypatch, mask
 
 def test_flat_parameters_of_an_unplaced_model_is_one_buffer():
     assert type(flat_parameters(TwoTensorModel())) is FlatParameters
+
+
+@pytest.mark.parametrize("placement", ["auto", {"": "cpu"}], ids=["auto", "module-map"])
+def test_a_model_loaded_through_a_device_map_trains_and_scores_as_the_plain_one(tmp_path, placement):
+    """Loading through accelerate's device map on the CPU (all a CPU machine has: transformers
+    resolves it to the one device) gives the same losses, trajectory and candidate scores; the
+    several-device machinery itself is tested above with parts cut by hand."""
+    from dpzo.data.tasks import get_task
+    from dpzo.models.candidates import make_scorer
+    from dpzo.models.classifier import load_model
+
+    from .hf_fixtures import corpus, tiny_opt
+
+    path = tiny_opt(tmp_path / "opt", corpus())
+    task = get_task("mezo-sst2")  # candidate scoring: multi-token label words through the head
+    runs = []
+    for how in (None, placement):
+        lm, tokenizer, family = load_model(path, placement=how)
+        clf = make_scorer(lm, tokenizer, family, task)
+        data = clf.encode(examples(16, seed=3))
+        hp = ZOHyperparameters(steps=4, batch_size=8, lr=1e-3, clip=2.0, log_every=1)
+        history = _train_clf(clf, data, hp)
+        runs.append((_trainable(lm), comparable(history), clf.per_example_loss(data.batch(range(16), clf.device))))
+    assert torch.equal(runs[1][0], runs[0][0]) and runs[1][1] == runs[0][1]
+    assert torch.equal(runs[1][2], runs[0][2])

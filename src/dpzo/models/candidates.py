@@ -221,14 +221,20 @@ class CandidateScorer:
         hidden = self.model.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
-        rows = hidden[batch["target_row"], batch["target_pos"]]
+        # a placed model's last layer and head may sit on other devices than its inputs: the
+        # scored rows go to the head, the scores come back to the inputs' device
+        head_device = next(self.head.parameters()).device
+        rows = hidden[batch["target_row"].to(hidden.device), batch["target_pos"].to(hidden.device)].to(head_device)
+        target_ids = batch["target_ids"].to(head_device)
         picked = []
         for start in range(0, rows.shape[0], HEAD_CHUNK):
             logits = self.head(rows[start : start + HEAD_CHUNK]).float()
-            targets = batch["target_ids"][start : start + HEAD_CHUNK]
-            picked.append(logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1))
-        token_logprobs = torch.cat(picked) if picked else rows.new_zeros(0, dtype=torch.float32)
-        sums = torch.zeros(batch["cand_len"].shape[0], dtype=torch.float32, device=rows.device)
+            targets = target_ids[start : start + HEAD_CHUNK]
+            picked.append(logits.log_softmax(dim=-1).gather(1, targets[:, None].to(logits.device)).squeeze(1))
+        token_logprobs = (
+            torch.cat(picked).to(self.device) if picked else torch.zeros(0, dtype=torch.float32, device=self.device)
+        )
+        sums = torch.zeros(batch["cand_len"].shape[0], dtype=torch.float32, device=self.device)
         sums.index_add_(0, batch["target_cand"], token_logprobs)
         return sums / batch["cand_len"].float()
 

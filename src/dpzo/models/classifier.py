@@ -40,12 +40,26 @@ def detect_family(config) -> str:
     return "causal"
 
 
-def load_model(path: str | Path, *, family: str = "auto", dtype: str = "float32", device: str = "cpu"):
+def load_model(
+    path: str | Path,
+    *,
+    family: str = "auto",
+    dtype: str = "float32",
+    device: str = "cpu",
+    placement: str | dict | None = None,
+    max_memory: dict | None = None,
+):
     """Load tokenizer and model with the Auto classes; returns (model, tokenizer, family).
 
     ``path`` is a directory or a Hugging Face id already in the local cache: nothing is ever
     downloaded here (see :mod:`dpzo.pipeline.preflight`).  Raises :class:`ModelDirError` for a missing or
     incomplete model directory, or an id that is not in the cache, before anything is trained.
+
+    ``placement`` spreads the model over the visible devices with accelerate's device map
+    instead of moving it to ``device``: ``"auto"`` (fill the GPUs in order), ``"balanced"``
+    (even shares), or ``{module name: device}``; ``max_memory`` caps each device
+    (``{0: "70GiB", "cpu": "200GiB"}``).  Training then keeps one flat buffer per device
+    (``dpzo.zo.placed``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -59,13 +73,15 @@ def load_model(path: str | Path, *, family: str = "auto", dtype: str = "float32"
             family = detect_family(config)
         cls = AutoModelForMaskedLM if family == "mlm" else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(path, **offline)
-        model = cls.from_pretrained(path, dtype=DTYPES[dtype], **offline)
+        placed = {} if placement is None else {"device_map": placement, "max_memory": max_memory}
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], **placed, **offline)
     except OSError as err:  # transformers' "not found in the cache" errors
         raise ModelDirError(
             f"model {path} could not be loaded ({str(err).splitlines()[0]}); give a directory written by "
             "save_pretrained, or a hub id that is in the local Hugging Face cache (nothing is downloaded)"
         ) from None
-    model.to(device)
+    if placement is None:
+        model.to(device)
     # Zeroth-order training runs in eval mode: dropout would make the two perturbed losses
     # differ by more than the perturbation itself.
     model.eval()
@@ -188,14 +204,19 @@ class PromptClassifier:
         hidden = self.model.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
-        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["score_pos"]]
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["score_pos"].to(hidden.device)]
+        # a placed model's last layer and head may sit on other devices than its inputs: the
+        # few scored rows go to the head, the logits come back (no-ops on one device)
+        head_device = next(self.head.parameters()).device
+        label_ids, rows = self.label_ids.to(head_device), rows.to(head_device)
         if self.family == "causal":
             # Only the K label-word rows of the output embedding are needed.
-            logits = rows @ self.head.weight[self.label_ids].T
+            logits = rows @ self.head.weight[label_ids].T
             if getattr(self.head, "bias", None) is not None:
-                logits = logits + self.head.bias[self.label_ids]
+                logits = logits + self.head.bias[label_ids]
         else:
-            logits = self.head(rows)[:, self.label_ids]
+            logits = self.head(rows)[:, label_ids.to(rows.device)]
+        logits = logits.to(self.device)
         # 16-bit logits go to float32 for the loss; a float64 model keeps float64 (the
         # reference tests compare trajectories to 1e-12).
         return logits if logits.dtype == torch.float64 else logits.float()

@@ -66,7 +66,8 @@ class CellRun:
 
     ``ledger_path`` is the cell's ``privacy.json`` (read by :func:`run_cell`); ``accounting`` the
     config's accounting with this process's noise source (the ledger must have been made for
-    it).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
+    it).  ``placement`` / ``max_memory``: the model's device map (``models.load_model``) instead
+    of ``device``.  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
     order (``dpzo.masks.settings.MaskSettings``).  ``checkpoint``: where and how often
     zeroth-order training snapshots itself, and resumes from.  ``curve``: the test-loss points
     recorded during training (the only training curve that is published).
@@ -82,6 +83,8 @@ class CellRun:
     dtype: str = "float32"
     eval_batch_size: int = 128
     device: str = "cpu"
+    placement: str | dict | None = None
+    max_memory: dict | None = None
     mask_files: tuple[str, ...] = ()
     checkpoint: CheckpointPolicy | None = None
     curve: CurveSettings | None = None
@@ -137,7 +140,14 @@ def run_cell(
     # the secret RNG exists in one process only: the one that samples the batches and adds the noise
     secret = SecretRandom.from_environment() if private and team.is_main else None
     torch.manual_seed(seed)
-    lm, tokenizer, family = load_model(run.model_path, family=run.family, dtype=run.dtype, device=run.device)
+    lm, tokenizer, family = load_model(
+        run.model_path,
+        family=run.family,
+        dtype=run.dtype,
+        device=run.device,
+        placement=run.placement,
+        max_memory=run.max_memory,
+    )
     clf = make_scorer(lm, tokenizer, family, task)
     test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)

@@ -181,6 +181,8 @@ def train(snakemake) -> None:
         dtype=p.model_cfg.get("dtype", "float32"),
         eval_batch_size=int(p.eval_batch_size),
         device=p.device,
+        placement=p.model_cfg.get("placement"),
+        max_memory=p.model_cfg.get("max_memory"),
         mask_files=tuple(snakemake.input.masks),
         # read from the config, not from rule params: they never change a result
         checkpoint=checkpoint_policy(p.checkpoint, snakemake.config.get("checkpoint")),

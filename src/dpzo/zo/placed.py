@@ -196,9 +196,7 @@ class PlacedParameters:
         if master.numel() != self.numel:
             raise ValueError(f"a state of {master.numel()} parameters does not fit {self.numel}")
         for part, (lo, hi) in zip(self.parts, self._spans()):
-            part.load_state_dict(
-                {"master": master[lo:hi], "mask": None, "perturb_scales": None, "update_scales": None}
-            )
+            part.load_state_dict({"master": master[lo:hi], "mask": None, "perturb_scales": None, "update_scales": None})
         if state["mask"] is not None:
             self.set_mask(state["mask"], state["perturb_scales"], state["update_scales"])
         else:
