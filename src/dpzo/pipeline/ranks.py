@@ -54,7 +54,7 @@ def launch_command(ranks: int, args: list[str], *, slurm: bool) -> tuple[list[st
     worker = [sys.executable, "-m", "dpzo.pipeline.ranks", *args]
     if slurm:
         env = {"MASTER_ADDR": socket.gethostname(), "MASTER_PORT": str(_free_port())}
-        return ["srun", "--overlap", f"--ntasks={ranks}", "--nodes=1-", "--kill-on-bad-exit=1", *worker], env
+        return ["srun", "--overlap", f"--ntasks={ranks}", "--kill-on-bad-exit=1", *worker], env
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     return [*torchrun, "--max-restarts=0", "-m", "dpzo.pipeline.ranks", *args], {}
 
