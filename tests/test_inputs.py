@@ -206,6 +206,19 @@ def test_stages_that_never_start_are_refused_before_any_job():
     check_config(demo_config(), SCHEMA)  # the demo config itself passes
 
 
+def test_placement_ranks_and_master_keys_are_checked():
+    config = demo_config(models={"big": {"path": "facebook/opt-13b", "gpus_per_rank": 2, "ranks": 4}})
+    text = config_error(config)
+    assert "models.big.gpus_per_rank" in text and "need 'models.big.placement'" in text
+    config["models"]["big"]["placement"] = "everywhere"
+    assert "models.big.placement" in config_error(config)
+    config["models"]["big"].update(placement="balanced", master="float16", ranks=0)
+    text = config_error(config)
+    assert "models.big.master" in text and "models.big.ranks" in text
+    config["models"]["big"].update(master="none", ranks=4, max_memory={0: "70GiB", "cpu": "200GiB"})
+    check_config(config, SCHEMA)
+
+
 def test_wrong_type_names_the_key_and_the_expected_type():
     text = config_error(demo_config(k="many"))
     assert "config key 'k'" in text and "expected integer" in text

@@ -152,3 +152,24 @@ def test_missing_hugging_face_dataset_is_listed_with_the_fetch_command(tmp_path,
         missing_inputs({"models": {}, "tasks": ["mezo-rte"], "hf_datasets": {"cache_dir": str(tmp_path / "datasets")}})
         == []
     )
+
+
+def test_scale_config_dry_run_asks_for_the_gpus_and_ranks_of_each_model(tmp_path):
+    """config/scale.yaml: the large-model grid plans without any model present, every train
+    job of a model asking for its ranks x GPUs per rank (the whole 8-GPU node)."""
+    import re
+
+    scale = yaml.safe_load((ROOT / "config/scale.yaml").read_text())
+    (tmp_path / "config.yaml").write_text((ROOT / "config/scale.yaml").read_text())
+    out = snakemake(tmp_path, "-n", "--resources", "gpu=8").stdout  # the machine's 8 GPUs (the default profile: 1)
+    counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
+    expected = sum(
+        len(m["grid"]["tasks"]) * (1 + len(scale["epsilons"])) for m in scale["models"].values()
+    )  # zero-shot once, the private method at each epsilon
+    assert counts["train"] == expected == len(grid_cells(scale)) == 3 * 4 + 2 * 8
+    for model, cfg in scale["models"].items():
+        assert cfg["ranks"] * cfg["gpus_per_rank"] == 8
+        private = re.findall(
+            rf"output: results/runs/{model}/[^/]+/dp-[^/]+/eps\d/seed0/metrics.json.*?resources: ([^\n]*)", out, re.S
+        )
+        assert private and all("gpu=8" in r and "tasks=1" in r for r in private), (model, private[:1])

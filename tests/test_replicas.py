@@ -128,7 +128,7 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_error_and_resume_completes_i
 PIPELINE_CELL = "demo-roberta/demo-sst2/dp-zoso/eps8/seed13"
 
 
-def test_a_two_rank_cell_through_the_pipeline_matches_the_one_process_cell(tiny_run, tmp_path):
+def test_a_two_rank_in_place_cell_through_the_pipeline_matches_the_one_process_cell(tiny_run, tmp_path):
     import json
     import shutil
 
@@ -139,7 +139,8 @@ def test_a_two_rank_cell_through_the_pipeline_matches_the_one_process_cell(tiny_
 
     for part in ("results/demo", "results/data"):
         shutil.copytree(tiny_run / part, tmp_path / part, copy_function=shutil.copy2)
-    config = {**TINY, "models": {"demo-roberta": {"demo": "roberta", "ranks": 2}}}
+    # in place on both ranks (no master copy): the memory of inference per replica
+    config = {**TINY, "models": {"demo-roberta": {"demo": "roberta", "ranks": 2, "master": "none"}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(tmp_path, f"results/runs/{PIPELINE_CELL}/metrics.json")
     one = json.loads((tiny_run / "results/runs" / PIPELINE_CELL / "metrics.json").read_text())
@@ -152,6 +153,15 @@ def test_a_two_rank_cell_through_the_pipeline_matches_the_one_process_cell(tiny_
         tiny_run / "results/runs" / PIPELINE_CELL / "privacy.json"
     ).read_text()
     assert two["releases"] == one["releases"] and two["steps"] == one["steps"]
-    # float32: the shares' smaller batched forwards round differently, nothing more
+    # float32: the shares' smaller batched forwards and the in-place updates round differently, nothing more
     assert two["history"]["grad"] == pytest.approx(one["history"]["grad"], rel=1e-3, abs=1e-6)
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+
+
+def test_each_rank_gets_its_own_gpus():
+    from dpzo.pipeline.ranks import rank_devices
+
+    assert rank_devices(4, [str(i) for i in range(8)]) == "0,1;2,3;4,5;6,7"
+    assert rank_devices(2, ["3", "5"]) == "3;5"
+    with pytest.raises(RuntimeError, match="2 ranks need at least 2 GPUs"):
+        rank_devices(2, ["0"])

@@ -181,8 +181,9 @@ def train_threads(wildcards):
 
 
 def train_gpus(wildcards):
-    """GPUs a train job asks for: one per rank on CUDA, none on CPU."""
-    return cuda_gpus(wildcards) * cell_ranks(wildcards)
+    """GPUs a train job asks for: `gpus_per_rank` per rank on CUDA, none on CPU."""
+    per_rank = config["models"][wildcards.model].get("gpus_per_rank", 1)
+    return cuda_gpus(wildcards) * per_rank * cell_ranks(wildcards)
 
 
 def slurm_tasks(wildcards):

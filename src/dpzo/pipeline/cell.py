@@ -67,7 +67,7 @@ class CellRun:
     ``ledger_path`` is the cell's ``privacy.json`` (read by :func:`run_cell`); ``accounting`` the
     config's accounting with this process's noise source (the ledger must have been made for
     it).  ``placement`` / ``max_memory``: the model's device map (``models.load_model``) instead
-    of ``device``.  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
+    of ``device``; ``master``: ``float32`` or ``none`` (in place, ``dpzo.zo.flat``).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
     order (``dpzo.masks.settings.MaskSettings``).  ``checkpoint``: where and how often
     zeroth-order training snapshots itself, and resumes from.  ``curve``: the test-loss points
     recorded during training (the only training curve that is published).
@@ -85,6 +85,7 @@ class CellRun:
     device: str = "cpu"
     placement: str | dict | None = None
     max_memory: dict | None = None
+    master: str = "float32"
     mask_files: tuple[str, ...] = ()
     checkpoint: CheckpointPolicy | None = None
     curve: CurveSettings | None = None
@@ -207,6 +208,7 @@ def run_cell(
                     noise=verified.release,
                     secret=secret,
                     masks=stage_masks(hp, clf, list(run.mask_files)) if ZO[base].masked else None,
+                    master_dtype=None if run.master == "none" else torch.float32,
                     checkpoint=snapshots,
                     curve=test_curve,
                     on_start=started,

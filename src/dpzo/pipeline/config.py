@@ -191,7 +191,18 @@ def _cross_reference_problems(config: dict) -> list[str]:
                 f"add it to `{what}` or pick one of those"
             )
     problems += _hyperparameter_problems(config["methods"])
+    problems += _placement_problems(config)
     return problems
+
+
+def _placement_problems(config: dict) -> list[str]:
+    """A replica on several GPUs must be placed over them (otherwise it would use one)."""
+    return [
+        f"config key 'models.{key}.gpus_per_rank': {cfg['gpus_per_rank']} GPUs per replica need "
+        f"'models.{key}.placement' (auto or balanced) to spread the model over them; add it, or set gpus_per_rank: 1"
+        for key, cfg in config["models"].items()
+        if cfg.get("gpus_per_rank", 1) > 1 and not cfg.get("placement")
+    ]
 
 
 def _hyperparameter_problems(methods: dict) -> list[str]:

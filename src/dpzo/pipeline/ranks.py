@@ -59,6 +59,23 @@ def launch_command(ranks: int, args: list[str], *, slurm: bool) -> tuple[list[st
     return [*torchrun, "--max-restarts=0", "-m", "dpzo.pipeline.ranks", *args], {}
 
 
+def rank_devices(ranks: int, visible: list[str]) -> str:
+    """Each rank's GPUs, ``"0,1;2,3"``: consecutive equal slices of the visible ones."""
+    if len(visible) < ranks:
+        raise RuntimeError(f"{ranks} ranks need at least {ranks} GPUs; this job sees {len(visible)} ({visible})")
+    per_rank = len(visible) // ranks
+    return ";".join(",".join(visible[r * per_rank : (r + 1) * per_rank]) for r in range(ranks))
+
+
+def _visible_gpus() -> list[str]:
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [d for d in listed.split(",") if d]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def train_cell_on_ranks(run: CellRun, ranks: int, *, metrics_path: str | Path, diagnostics_path: str | Path) -> None:
     """Train one cell on ``ranks`` processes; rank 0 writes ``metrics_path`` and ``diagnostics_path``.
 
@@ -70,6 +87,8 @@ def train_cell_on_ranks(run: CellRun, ranks: int, *, metrics_path: str | Path, d
     run_file = folder / "cell_run.pkl"
     run_file.write_bytes(pickle.dumps(run))
     cmd, extra = launch_command(ranks, [str(run_file), str(metrics_path), str(diagnostics_path)], slurm=in_slurm_job())
+    if run.device.startswith("cuda"):
+        extra["DPZO_RANK_GPUS"] = rank_devices(ranks, _visible_gpus())  # each rank's own GPUs
     log.info("training on %d ranks: %s", ranks, " ".join(cmd))
     proc = subprocess.Popen(
         cmd, env={**os.environ, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -87,11 +106,14 @@ def train_cell_on_ranks(run: CellRun, ranks: int, *, metrics_path: str | Path, d
 
 
 def _rank_environment() -> None:
-    """torch.distributed's variables from SLURM's, for ranks started by ``srun``."""
+    """torch.distributed's variables from SLURM's, for ranks started by ``srun``; this rank's
+    GPUs made the only visible ones (before CUDA starts), so a placement spreads over them."""
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if env.get("DPZO_RANK_GPUS"):
+        env["CUDA_VISIBLE_DEVICES"] = env["DPZO_RANK_GPUS"].split(";")[int(env.get("LOCAL_RANK", "0"))]
 
 
 def main(argv: list[str]) -> None:
@@ -105,8 +127,8 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s %(message)s")
     with open(run_file, "rb") as f:
         run = pickle.load(f)  # written by train_cell_on_ranks for this very job
-    if run.device.startswith("cuda") and ":" not in run.device:
-        run = dataclasses.replace(run, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")  # one GPU per rank
+    if run.device.startswith("cuda"):
+        run = dataclasses.replace(run, device="cuda:0")  # the first of this rank's own GPUs
     team = Replicas.from_environment(device=run.device if run.device.startswith("cuda") else "cpu")
     if team.is_main:
         train_cell(run, metrics_path=metrics_path, diagnostics_path=diagnostics_path, team=team)
