@@ -317,7 +317,7 @@ def test_bench_cli_tiny_mode_writes_the_expected_json(tmp_path, capsys):
             "--device",
             "cpu",
             "--models",
-            "tiny-roberta,tiny-opt",
+            "tiny-roberta,tiny-opt,tiny-llama",
             "--steps",
             "2",
             "--warmup",
@@ -335,7 +335,7 @@ def test_bench_cli_tiny_mode_writes_the_expected_json(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert json.loads(captured.out) == record  # stdout and the file agree
     assert record["device"]["type"] == "cpu" and record["settings"]["steps"] == 2
-    assert set(record["models"]) == {"tiny-roberta", "tiny-opt"}
+    assert set(record["models"]) == {"tiny-roberta", "tiny-opt", "tiny-llama"}
     for model in record["models"].values():
         assert model["batch_size"] == 4 and model["seq_len"] == 12 and model["parameters"] > 0
         assert 0 < model["mask_size"] < model["parameters"]

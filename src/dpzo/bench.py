@@ -83,7 +83,7 @@ TARGETS: dict[str, list[tuple[str, str, str, float]]] = {
 class BenchModel:
     """A model to benchmark: its transformers config and the default batch shape and dtype."""
 
-    arch: str  # "roberta" (masked LM) or "opt" (causal LM)
+    arch: str  # "roberta" (masked LM), "opt" or "llama" (causal LMs)
     config: dict
     dtype: str
     batch_size: int
@@ -93,7 +93,7 @@ class BenchModel:
 
     @property
     def family(self) -> str:
-        """``mlm`` for RoBERTa, ``causal`` for OPT (the family :class:`PromptClassifier` expects)."""
+        """``mlm`` for RoBERTa, ``causal`` for OPT and Llama (the family :class:`PromptClassifier` expects)."""
         return "mlm" if self.arch == "roberta" else "causal"
 
     @property
@@ -144,6 +144,46 @@ MODELS: dict[str, BenchModel] = {
         16,
         256,
     ),
+    # facebook/opt-13b: 40 layers, 5120 wide (12.9B parameters): the large-model grid's smallest
+    "opt-13b": BenchModel(
+        "opt",
+        dict(
+            vocab_size=50272,
+            hidden_size=5120,
+            num_hidden_layers=40,
+            ffn_dim=20480,
+            num_attention_heads=40,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=5120,
+            do_layer_norm_before=True,
+            **_OPT_SPECIAL,
+        ),
+        "float16",
+        16,
+        256,
+    ),
+    # a Llama-2-7B architecture: 32 layers, 4096 wide, SwiGLU 11008, untied head (6.7B parameters)
+    "llama-7b": BenchModel(
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "bfloat16",
+        16,
+        256,
+        label_ids=(1781, 2107),
+    ),
     # CPU-sized stand-ins with the same architectures, for CI
     "tiny-roberta": BenchModel(
         "roberta",
@@ -180,6 +220,26 @@ MODELS: dict[str, BenchModel] = {
         32,
         label_ids=(11, 12),
     ),
+    "tiny-llama": BenchModel(
+        "llama",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "float32",
+        8,
+        32,
+        label_ids=(11, 12),
+    ),
 }
 
 
@@ -189,6 +249,8 @@ def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -
 
     if spec.arch == "roberta":
         config, cls = transformers.RobertaConfig(**spec.config), transformers.RobertaForMaskedLM
+    elif spec.arch == "llama":
+        config, cls = transformers.LlamaConfig(**spec.config), transformers.LlamaForCausalLM
     else:
         config, cls = transformers.OPTConfig(**spec.config), transformers.OPTForCausalLM
     config._attn_implementation = "sdpa"
