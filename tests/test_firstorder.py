@@ -73,9 +73,9 @@ def test_hyperparameters_fit_the_ledger_check():
         "clip": 0.5,
         "q": 0.25,
     }
-    check_counts(ledger, n=8, hp=hp)
+    check_counts(ledger, n=8, hp=hp, method="dp-sgd")
     with pytest.raises(LedgerMismatch, match="steps"):
-        check_counts({**ledger, "steps": 8}, n=8, hp=hp)
+        check_counts({**ledger, "steps": 8}, n=8, hp=hp, method="dp-sgd")
 
 
 def test_argument_checks(tokenizer):

@@ -180,9 +180,9 @@ def test_count_check_names_the_field():
         "clip": 0.5,
         "q": 0.25,
     }
-    check_counts(ledger, n=8, hp=hp)
+    check_counts(ledger, n=8, hp=hp, method="dp-sgd")
     with pytest.raises(LedgerMismatch, match="steps is 8 in the ledger but 7"):
-        check_counts(ledger | {"steps": 8}, n=8, hp=hp)
+        check_counts(ledger | {"steps": 8}, n=8, hp=hp, method="dp-sgd")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Each rank is a separate Python process started the way ``torchrun`` starts one (
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so the real environment handshake runs.
 Rank 0 alone holds the (test-seeded) secret RNG; the trajectory must equal the single-process
 run's to 1e-12 in float64, for DP-ZOSO (stages, proximal anchor, two directions per step),
-DP-ZOPO (dynamic masks) and MeZO.
+DP-ZOPO (dynamic masks), MeZO and DP-AggZO (a vector release).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dpzo.zo.replicas import SingleProcess
 from .replica_worker import HF_CASE, run_case
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["dp-zoso", "dp-zopo", "mezo"]
+CASES = ["dp-zoso", "dp-zopo", "mezo", "dp-aggzo"]
 TRAJECTORY = ("loss", "grad", "examples", "clipped_fraction", "mask_size", "step", "lr", "beta")
 
 

@@ -60,9 +60,13 @@ class Method:
         """How far one example can move one release (before the noise): the clip C."""
         return float(hp.clip)
 
+    def releases_per_step(self, directions: int) -> int:
+        """Accounted releases per step, each on its own Poisson batch: one per direction here."""
+        return int(directions)
+
     def compositions(self, hp: Any) -> int:
-        """How many releases a run makes (each its own Poisson batch): T per direction."""
-        return int(hp.steps) * int(hp.directions)
+        """How many releases a run makes: T times :meth:`releases_per_step`."""
+        return int(hp.steps) * self.releases_per_step(int(getattr(hp, "directions", 1)))
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
@@ -77,6 +81,18 @@ class ZOMethod(Method):
     staged: ClassVar[bool] = False
     #: trains only the coordinates of a data-free mask (needs a ``mask`` block)
     masked: ClassVar[bool] = False
+
+    def release_groups(self, seeds: list[int]) -> list[list[int]]:
+        """How a step's directions share batches and releases: here each its own (one Poisson
+        batch and one scalar release per direction); DP-AggZO releases all of them at once."""
+        return [[seed] for seed in seeds]
+
+    def release_group(self, ds: list[Any], **kwargs: Any) -> tuple[list[Any], Any]:
+        """The scalars of one group's directions (``ds``: their per-example quotients on the
+        group's batch) and how many examples the clip changed: here :meth:`release` of the one."""
+        (d,) = ds
+        g, clipped = self.release(d, **kwargs)
+        return [g], clipped
 
     def check(self, hp: Any) -> None:
         """Refuse a ``mask`` block on an unmasked method (or its absence on a masked one), and a stagewise

@@ -174,13 +174,13 @@ def write_cell_ledger(
     return record
 
 
-def check_counts(ledger: dict, *, n: int, hp: Any, path: str | Path | None = None) -> None:
-    """The ledger accounts exactly the run ``hp`` describes on ``n`` examples (n, T, P, B, C, q)."""
+def check_counts(ledger: dict, *, n: int, hp: Any, method: str, path: str | Path | None = None) -> None:
+    """The ledger accounts exactly the run ``hp`` of ``method`` describes on ``n`` examples (n, T, P, B, C, q)."""
     expected = {
         "n": n,
         "steps": hp.steps,
         "directions": hp.directions,
-        "compositions": hp.steps * hp.directions,
+        "compositions": get_method(base_method(method)).compositions(hp),
         "expected_batch_size": hp.batch_size,
         "clip": hp.clip,
         "q": hp.batch_size / n,
@@ -239,7 +239,7 @@ def verify_ledger(
         if ledger.get(key) != getattr(settings, key):
             raise LedgerMismatch(path, key, ledger.get(key), getattr(settings, key))
     if private:
-        check_counts(ledger, n=n, hp=hp, path=path)
+        check_counts(ledger, n=n, hp=hp, method=cell.method, path=path)
     if math.isinf(target):  # no claim: no noise
         if ledger.get("private") is not False or _number(ledger.get("noise_std_on_sum") or 0.0) != 0.0:
             raise LedgerMismatch(path, "private", ledger.get("private"), False)
@@ -250,8 +250,8 @@ def verify_ledger(
     delta = _expected_delta(cell.method, settings.convention, settings.delta, n)
     if not math.isclose(_number(ledger.get("delta")), delta, rel_tol=1e-12, abs_tol=0.0):
         raise LedgerMismatch(path, "delta", ledger.get("delta"), delta)
-    q, releases = hp.batch_size / n, hp.steps * hp.directions
     base = base_method(cell.method)
+    q, releases = hp.batch_size / n, get_method(base).compositions(hp)
     if get_method(base).mechanism == "laplace":
         return _verify_laplace(ledger, path, hp, q, releases, target)
     published_dpzero = get_method(base).published_accounting == "dpzero" and settings.convention == "published"

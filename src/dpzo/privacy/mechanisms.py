@@ -73,11 +73,19 @@ class NoisySum:
     def release(self, clipped_sum: Any, rng: SecretRandom) -> Any:
         """(clipped_sum + noise) / divisor, the noise drawn on the host from ``rng``.
 
-        ``clipped_sum`` is a number, or a 0-d float64 tensor that stays on its device (so
-        the trainer need not wait for the GPU); the arithmetic is float64 either way.
+        ``clipped_sum`` is a number, or a float64 tensor that stays on its device (so the
+        trainer need not wait for the GPU); the arithmetic is float64 either way.  A tensor of
+        K > 1 entries (a K-dimensional release, DP-AggZO) gets K independent draws:
+        N(0, scale² I_K), whose L2 sensitivity is that of one scalar (the same PLD).
         """
         noisy = float(clipped_sum) if isinstance(clipped_sum, (int, float, np.floating, np.integer)) else clipped_sum
         if self.scale > 0:
-            draw = rng.standard_normal() if self.mechanism == "gaussian" else rng.standard_laplace()
+            if getattr(noisy, "ndim", 0) > 0:
+                if self.mechanism != "gaussian":
+                    raise ValueError("a vector release is Gaussian (its L2 sensitivity is the clip); got laplace")
+                draw = rng.standard_normal_array(noisy.numel())
+                draw = noisy.new_tensor(draw)
+            else:
+                draw = rng.standard_normal() if self.mechanism == "gaussian" else rng.standard_laplace()
             noisy = noisy + self.scale * draw  # not +=: never modify a caller's tensor
         return noisy / self.divisor

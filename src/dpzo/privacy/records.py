@@ -295,9 +295,12 @@ def method_ledger(
             raise ValueError("DPZero's published accounting has one direction per step")
         record = dpzero_published_record(**common)
     else:
+        # the method says how many of its releases a step makes (DP-AggZO: one for K directions)
+        per_step = get_method(base).releases_per_step(directions)
         record = accounting_record(
-            directions=directions, delta=delta, accountant=accountant, cache_dir=cache_dir, **common
+            directions=per_step, delta=delta, accountant=accountant, cache_dir=cache_dir, **common
         )
+        record["directions"] = directions
         record["accounting"] = "common"
     record["method"] = method
     return record

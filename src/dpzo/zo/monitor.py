@@ -82,7 +82,7 @@ class TrainingMonitor:
         if self.private:
             for clipped in result.clipped:
                 self._clipped += clipped
-            self.releases += len(result.grads)
+            self.releases += len(result.examples)  # one release per batch (DP-AggZO: K scalars at once)
             if self.record_releases:
                 self.released.extend(result.grads)
         self._examples += sum(result.examples)

@@ -56,8 +56,8 @@ class SingleProcess:
         """The whole batch's differences and per-example ``l+ + l-``, from this rank's share."""
         return d_share, loss_sums
 
-    def from_main(self, release: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
-        """(released scalar, clipped count), computed by the rank that holds the secret RNG."""
+    def from_main(self, release: Callable[[], tuple[list[Any], Any]]) -> tuple[list[Any], Any]:
+        """(released scalars, clipped count), computed by the rank that holds the secret RNG."""
         return release()
 
     def agree(self, value: int) -> int:
@@ -152,16 +152,26 @@ class Replicas(SingleProcess):
         whole = torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(d_share.device)
         return whole[:, 0].contiguous(), whole[:, 1].contiguous()
 
-    def from_main(self, release: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
-        """Rank 0 releases (its secret RNG draws the noise); the others receive the same values."""
-        packed = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def from_main(self, release: Callable[[], tuple[list[Any], Any]]) -> tuple[list[Any], Any]:
+        """Rank 0 releases (its secret RNG draws the noise); the others receive the same values.
+
+        ``release()`` returns (the group's released scalars, the clipped count); its size, one
+        scalar per direction of the group, is known to every rank.
+        """
         if self.is_main:
-            g, clipped = release()
-            packed[0], packed[1] = torch.as_tensor(g, dtype=torch.float64), torch.as_tensor(clipped).double()
+            grads, clipped = release()
+            packed = torch.stack([torch.as_tensor(g, dtype=torch.float64).to(self.device) for g in grads])
+            packed = torch.cat([packed, torch.as_tensor(clipped).double().reshape(1).to(self.device)])
+            size = torch.tensor([packed.numel()], dtype=torch.long, device=self.device)
+        else:
+            size = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._collective("sharing the released value", lambda: self._dist.broadcast(size, 0, group=self.group))
+        if not self.is_main:
+            packed = torch.empty(int(size[0]), dtype=torch.float64, device=self.device)
         self._collective("sharing the released value", lambda: self._dist.broadcast(packed, 0, group=self.group))
         if self.is_main:
-            return g, clipped
-        return packed[0].clone(), packed[1].long()
+            return grads, clipped
+        return list(packed[:-1].clone().unbind()), packed[-1].long()
 
     def agree(self, value: int) -> int:
         """Every rank's ``value`` must be rank 0's (raises otherwise)."""

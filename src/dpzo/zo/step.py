@@ -117,11 +117,11 @@ class StepResult:
     """What one step did, per direction, for the monitor; tensors stay on the device."""
 
     seeds: list[int] = field(default_factory=list)
-    grads: list[Coefficient] = field(default_factory=list)  # the released scalars g_p
-    differences: list[torch.Tensor] = field(default_factory=list)  # the per-example quotients d
+    grads: list[Coefficient] = field(default_factory=list)  # the released scalars g_p, one per direction
+    differences: list[torch.Tensor] = field(default_factory=list)  # the per-example quotients d, per direction
     losses: list[torch.Tensor] = field(default_factory=list)  # mean of l+ and l- (non-empty batches only)
-    examples: list[int] = field(default_factory=list)  # batch sizes
-    clipped: list[Any] = field(default_factory=list)  # examples the clip changed
+    examples: list[int] = field(default_factory=list)  # batch sizes, one per release
+    clipped: list[Any] = field(default_factory=list)  # examples the clip changed, per release
 
 
 def zo_step(
@@ -142,30 +142,35 @@ def zo_step(
 ) -> StepResult:
     """One step of the method ``spec``, one direction z(seed) per seed (the module docstring).
 
-    For each seed: a batch (``sample()``, see :func:`batch_sampler`), its per-example two-point
-    differences along z(seed) (:func:`spsa_differences`), their release (``spec.release``:
-    clip, sum, the ledger's ``noise`` from ``secret``, / q n; MeZO: the mean); then the update
+    For each group of directions (``spec.release_groups``: each direction alone, or all of them
+    for DP-AggZO): a batch (``sample()``, see :func:`batch_sampler`), the per-example two-point
+    differences along each z(seed) (:func:`spsa_differences`), their release
+    (``spec.release_group``: clip, sum, the ledger's ``noise`` from ``secret``, / q n; MeZO: the
+    mean); then the update
     with the pull toward ``anchor`` (:func:`apply_update`).  No value is read on the host, and
     the perturbed weights are left for the next pass to overwrite (``flat.restore()`` before
     reading them).  ``team``: the replicas of a data-parallel run (``dpzo.zo.replicas``): rank 0
     draws the batch and releases, every rank computes its share's differences and updates.
     """
     done = StepResult()
-    for seed in seeds:
+    for group in spec.release_groups(list(seeds)):  # one batch and one release per group
         index, batch_size = team.draw(sample)  # rank 0 draws the batch; each replica takes its share
-        if batch_size == 0:  # a Poisson batch may be empty: its release is the noise alone
-            d = torch.zeros(0, dtype=torch.float64, device=flat.device)
-        else:
+        ds = []
+        for seed in group:
+            if batch_size == 0:  # a Poisson batch may be empty: its release is the noise alone
+                ds.append(torch.zeros(0, dtype=torch.float64, device=flat.device))
+                continue
             losses = _losses_of(per_example_loss, index, flat.device)
             d_share, loss_plus, loss_minus = spsa_differences(losses, flat, seed, beta, restore=False)
             # the whole batch's quotients (and l+ + l- for the log), in batch order
             d, loss_sums = team.gather(d_share, loss_plus + loss_minus, batch_size)
             done.losses.append(0.5 * loss_sums.mean())
-        release = lambda: spec.release(d, clip=clip, beta=beta, noise=noise, secret=secret)  # noqa: B023, E731
-        g, clipped = team.from_main(release)  # the rank holding the secret RNG releases
-        done.seeds.append(seed)
-        done.grads.append(g)
-        done.differences.append(d)
+            ds.append(d)
+        release = lambda: spec.release_group(ds, clip=clip, beta=beta, noise=noise, secret=secret)  # noqa: B023, E731
+        grads, clipped = team.from_main(release)  # the rank holding the secret RNG releases
+        done.seeds.extend(group)
+        done.grads.extend(grads)
+        done.differences.extend(ds)
         done.examples.append(batch_size)
         done.clipped.append(clipped)
     apply_update(flat, done.seeds, done.grads, lr=lr, lam=lam, anchor=anchor, restore=False)
