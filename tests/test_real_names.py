@@ -110,7 +110,7 @@ def test_paper_config_dry_run_lists_the_whole_grid(tmp_path):
     counts = job_counts(proc.stdout)
     # Independent count: RoBERTa-large runs every task x its methods x (3 eps if private) x 3 seeds;
     # each OPT model runs SST-2 x its methods x (eps 4 if private) x seed 42.
-    private = {"dp-sgd", "dp-prefix", "dpzero", "dp-zoso", "dp-zopo"}
+    private = {"dp-sgd", "dp-prefix", "dpzero", "dp-zoso", "dp-zopo", "dp-aggzo"}
     roberta = paper["models"]["roberta-large"]["grid"]["methods"]
     expected = len(paper["tasks"]) * sum(3 if m in private else 1 for m in roberta) * len(paper["seeds"])
     opt = paper["models"]["opt-1.3b"]["grid"]["methods"]

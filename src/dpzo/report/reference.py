@@ -48,7 +48,7 @@ MEMORY_COLUMNS = (
     "provenance",
     "notes",
 )
-SOURCE_ORDER = ("dpzopo-fig-acc", "mezo-zero-shot", "dpzero-table2", "dpzero-table4")
+SOURCE_ORDER = ("dpzopo-fig-acc", "mezo-zero-shot", "dpzero-table2", "dpzero-table4", "dpaggzo-table1")
 STATUSES = ("ok", "suspect")
 METRICS = ("accuracy", "f1")
 
