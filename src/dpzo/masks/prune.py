@@ -105,6 +105,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dpzo.fileio import atomic_path
 from dpzo.masks.settings import MODES, SCOPES, SCORERS, SELECTIONS, MaskSettings  # noqa: F401 (re-exported)
+from dpzo.models.classifier import output_head
 from dpzo.zo.flat import gaussian_direction
 
 RANK_SCALE_FIRST = 1.2  # scale of the selected coordinate with the smallest |score|
@@ -235,15 +236,9 @@ def flat_parameter_names(model: torch.nn.Module) -> Layout:
 
 
 def _label_head(model: torch.nn.Module, family: str):
-    if family == "causal":
-        head = model.get_output_embeddings()
-    elif family == "mlm":
-        head = getattr(model, "lm_head", None)
-    else:
+    if family not in ("mlm", "causal"):
         raise ValueError(f"family must be 'mlm' or 'causal', got {family!r}")
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output head for family {family!r}")
-    return head
+    return output_head(model, family)
 
 
 def synflow_objective(model: torch.nn.Module, label_ids: torch.Tensor, family: str) -> torch.Tensor:

@@ -56,6 +56,12 @@ class Method:
     def check(self, hp: Any) -> None:
         """Refuse settings this method does not use (the message names them and the fix)."""
 
+    def architecture_problem(self, model_type: str) -> str | None:
+        """Why this method cannot train a model of ``model_type`` (a transformers config's
+        ``model_type``), or None: every zeroth-order and full-parameter method trains any
+        language model; a method tied to certain layers says so (read before any job)."""
+        return None
+
     def sensitivity(self, hp: Any) -> float:
         """How far one example can move one release (before the noise): the clip C."""
         return float(hp.clip)

@@ -7,6 +7,17 @@ class DPPrefix(DPSGD):
     """DP-SGD on the prefix parameters only, the model frozen; accounted as DP-SGD."""
 
     name = "dp-prefix"
+    #: the attention layouts the prefix is installed in (OPT k_proj/v_proj, RoBERTa key/value)
+    model_types = ("opt", "roberta")
+
+    def architecture_problem(self, model_type: str) -> str | None:
+        """The prefix extends the key/value sequence of OPT and RoBERTa attention only."""
+        if model_type in self.model_types:
+            return None
+        return (
+            f"dp-prefix installs its key/value prefix in OPT and RoBERTa attention layers; a {model_type!r} "
+            "model has neither. Remove dp-prefix from this model's methods (models.<key>.grid.methods)"
+        )
 
 
 METHOD = DPPrefix()

@@ -88,6 +88,29 @@ def load_model(
     return model, tokenizer, family
 
 
+def output_head(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    """The module that turns the base model's last hidden states into vocabulary logits.
+
+    Found through transformers' own API, for any family: the output embeddings
+    (``get_output_embeddings``) for a causal LM (its final norm is part of the base model); for
+    a masked LM the whole prediction head around them (transform, norm, decoder: RoBERTa's
+    ``lm_head``, BERT's and DeBERTa-v2's ``cls``), the child of the model that holds them.
+    """
+    out = model.get_output_embeddings()
+    if out is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None): a language "
+            "model with a vocabulary head is needed (a *ForMaskedLM or *ForCausalLM class)"
+        )
+    if family == "causal":
+        return out
+    base = model.base_model
+    for child in model.children():
+        if child is not base and any(m is out for m in child.modules()):
+            return child
+    return out
+
+
 @dataclass
 class EncodedSet:
     """A tokenized split: ragged ids stored as a padded tensor plus lengths, ready to batch."""
@@ -187,9 +210,7 @@ class PromptClassifier:
         self.device = next(model.parameters()).device
         ids = list(label_ids) if label_ids is not None else label_word_ids(task, tokenizer)
         self.label_ids = torch.tensor(ids, device=self.device)
-        self.head = model.get_output_embeddings() if family == "causal" else getattr(model, "lm_head", None)
-        if self.head is None:
-            raise ValueError(f"{type(model).__name__} has no lm_head; an MLM with an LM-BFF style head is needed")
+        self.head = output_head(model, family)
 
     def encode(self, examples: list[Example]) -> EncodedSet:
         """Tokenize ``examples`` with the task's template for this model's family."""

@@ -134,6 +134,38 @@ def task_problems(name: str, data_dir: str | Path, hf_cache_dir: str | Path | No
     return [f"task '{name}': {', '.join(map(str, missing))} not found{hint}"]
 
 
+def model_type_of(path: str) -> str | None:
+    """The ``model_type`` of a model directory or cached hub id (its config.json), or None."""
+    import json
+
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def architecture_problems(key: str, model_type: str | None, methods: list[str]) -> list[str]:
+    """The methods of model ``key`` that its architecture cannot serve, each named with the family."""
+    from dpzo.methods import base_method, get_method
+
+    if model_type is None:
+        return []
+    problems = []
+    for method in methods:
+        problem = get_method(base_method(method)).architecture_problem(model_type)
+        if problem:
+            problems.append(f"model '{key}' ({model_type}), method '{method}': {problem}")
+    return problems
+
+
 def missing_inputs(config: dict) -> list[str]:
     """Every configured model and task that is not on disk (empty when the run can start)."""
     problems = []
@@ -145,6 +177,8 @@ def missing_inputs(config: dict) -> list[str]:
             else:
                 tasks = cfg.get("grid", {}).get("tasks", config["tasks"])
                 problems += label_word_problems(key, str(cfg["path"]), list(tasks))
+                methods = cfg.get("grid", {}).get("methods", list(config["methods"]))
+                problems += architecture_problems(key, model_type_of(str(cfg["path"])), list(methods))
     from dpzo.data.hf_tasks import HFTask
 
     data_dir = config.get("data_dir", "data/lm-bff")
