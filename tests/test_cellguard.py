@@ -253,7 +253,7 @@ def test_the_train_job_locks_the_cell_counts_attempts_and_refuses_an_unchanged_r
     monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)  # keep pytest's logging
     calls = []
 
-    def run_cell(run, *, on_start):
+    def run_cell(run, *, on_start, team=None):  # one process: no replicas
         cell, method_params = run.cell, run.method_params
         calls.append(method_params["lr"])
         lock = tmp_path / "results" / "checkpoints" / "cell" / "train.lock"
