@@ -203,14 +203,15 @@ def test_new_families_through_the_pipeline(models, tmp_path):
         "seeds": [13],
         "epsilons": ["8"],
         "max_test": 16,
-        "methods": {"zero-shot": {}, "dp-zoso": dict(METHODS["dp-zoso"])},
+        # the private path of each family is the cell test above; here the DAG (no calibration)
+        "methods": {"zero-shot": {}, "mezo": dict(METHODS["mezo"])},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(tmp_path)
     for model in config["models"]:
-        for run in ("zero-shot/epsinf", "dp-zoso/eps8"):
+        for run in ("zero-shot/epsinf", "mezo/epsinf"):
             metrics = json.loads(
                 (tmp_path / "results/runs" / model / "SST-2" / run / "seed13/metrics.json").read_text()
             )
             assert metrics["test_n"] == 16 and metrics["n_train"] == 16
-    assert (tmp_path / "results/tables/accuracy-eps8.csv").exists()
+    assert (tmp_path / "results/tables/summary.csv").exists()
