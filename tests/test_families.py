@@ -56,6 +56,9 @@ METHODS = {
     "dp-sgd": dict(STEPS, clip=1.0),
     "ft": dict(STEPS),
     "dp-prefix": dict(STEPS, lr=1e-2, clip=1.0, prefix_tokens=2),
+    # LoRA adapters from peft, on the architecture's default target modules
+    "dp-zoso+lora": dict(STEPS, clip=1.0, tuning={"kind": "lora", "rank": 2}),
+    "dp-sgd+lora": dict(STEPS, clip=1.0, tuning="lora"),
 }
 #: what each family's architecture cannot serve (the rest must run)
 REFUSED = {"dp-prefix": {"bert", "deberta-v2", "gpt2", "llama", "qwen2", "mistral"}}
@@ -163,6 +166,8 @@ def test_every_method_runs_on_every_family(models, split_dir, ledger_json, tmp_p
         if is_private(method):
             accounted = get_method(method).compositions(hyperparameters_for(method, params))
             assert metrics["releases"] == accounted == json.loads(ledger_json(method))["compositions"], method
+        if "+lora" in method:  # the adapters are all that trained
+            assert metrics["tuning"] == "lora" and 0 < metrics["trainable_params"] < metrics["n_params"] / 10, method
         ran[method] = metrics["accuracy"]
     assert set(ran) == {m for m in METHODS if family not in REFUSED.get(m, ())}
 

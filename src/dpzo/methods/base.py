@@ -105,6 +105,11 @@ class ZOMethod(Method):
         schedule or proximal term on a method whose schedule is constant."""
         if self.masked != (hp.mask is not None):
             raise ValueError(f"{self.name}: a 'mask' block is {'required' if self.masked else 'not allowed'}")
+        if self.masked and hp.tuning.kind != "full":
+            raise ValueError(
+                f"{self.name}: its data-free mask selects coordinates of the full model; with tuning: "
+                f"{hp.tuning.kind} there are none to select (use dp-zoso with LoRA, or tuning: full)"
+            )
         if not self.staged and (hp.stages > 1 or hp.lam or hp.beta_start != hp.beta_end):
             raise ValueError(
                 f"{self.name} has a constant schedule: 'stages', 'lam' and beta_start != beta_end are "

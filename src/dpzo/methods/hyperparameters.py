@@ -76,6 +76,46 @@ class StageSchedule:
         return self.beta_start * (self.beta_end / self.beta_start) ** frac
 
 
+TUNING_KINDS = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class TuningSettings:
+    """Which parameters a method trains: ``full`` (every weight) or ``lora`` adapters.
+
+    ``lora``: low-rank adapters from the ``peft`` library (rank ``rank``, scaling
+    ``alpha / rank``) on ``target_modules`` (None: peft's default modules for the model's
+    architecture, e.g. query/value of RoBERTa, q_proj/v_proj of OPT and Llama); the model's
+    own weights are frozen and the flat parameters hold the adapters only.
+    """
+
+    kind: str = "full"
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TUNING_KINDS:
+            raise ValueError(f"tuning.kind must be one of {TUNING_KINDS}; got {self.kind!r}")
+        if self.rank < 1 or not self.alpha > 0:
+            raise ValueError(f"tuning: rank must be >= 1 and alpha > 0; got rank {self.rank}, alpha {self.alpha}")
+
+    @classmethod
+    def from_config(cls, block: dict | str | None) -> TuningSettings:
+        """From a method's ``tuning`` block (``full``, ``lora``, or ``{kind: lora, rank: 8, ...}``)."""
+        if block is None:
+            return cls()
+        if isinstance(block, str):
+            return cls(kind=block)
+        block = dict(block)
+        unknown = sorted(set(block) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown tuning key(s) {unknown}; allowed: {[f.name for f in fields(cls)]}")
+        if block.get("target_modules") is not None:
+            block["target_modules"] = tuple(block["target_modules"])
+        return cls(**block)
+
+
 @dataclass(frozen=True)
 class ZOHyperparameters:
     """The hyperparameters of a zeroth-order config block (MeZO, DPZero, DP-ZO, DP-ZOSO, DP-ZOPO).
@@ -99,6 +139,7 @@ class ZOHyperparameters:
     directions: int = 1
     log_every: int = 10
     mask: MaskSettings | None = None  # DP-ZOPO only
+    tuning: TuningSettings = TuningSettings()
 
     @classmethod
     def from_config(cls, params: dict) -> ZOHyperparameters:
@@ -106,6 +147,8 @@ class ZOHyperparameters:
         params = dict(params)
         if "mask" in params:
             params["mask"] = MaskSettings.from_config(params["mask"])
+        if "tuning" in params:
+            params["tuning"] = TuningSettings.from_config(params["tuning"])
         if "beta" in params:
             beta = params.pop("beta")
             params.setdefault("beta_start", beta)
@@ -147,6 +190,7 @@ class FirstOrderHyperparameters:
     physical_batch_size: int = 8
     prefix_tokens: int = 5
     log_every: int = 10
+    tuning: TuningSettings = TuningSettings()
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -186,6 +230,8 @@ class FirstOrderHyperparameters:
         for name in ("lr", "clip", "weight_decay"):
             if name in params and isinstance(params[name], str):  # "inf" as written in JSON
                 params[name] = float(params[name])
+        if "tuning" in params:
+            params["tuning"] = TuningSettings.from_config(params["tuning"])
         return cls(**params)
 
 

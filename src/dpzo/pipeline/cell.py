@@ -118,6 +118,7 @@ def run_cell(
     from dpzo.data.hf_tasks import HFTask, method_problem
     from dpzo.data.splits import load_split
     from dpzo.data.tasks import get_task
+    from dpzo.models.adapters import apply_tuning
     from dpzo.models.candidates import make_scorer
     from dpzo.models.classifier import load_model
     from dpzo.models.evaluate import TestLossCurve, evaluate
@@ -149,6 +150,8 @@ def run_cell(
         placement=run.placement,
         max_memory=run.max_memory,
     )
+    tuning = getattr(hp, "tuning", None)
+    trainable = apply_tuning(lm, tuning) if tuning is not None else 0  # LoRA: adapters only (peft)
     clf = make_scorer(lm, tokenizer, family, task)
     test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)
@@ -239,6 +242,11 @@ def run_cell(
         "confusion": result.get("confusion"),
         "n_train": len(train_set),
         "n_params": sum(p.numel() for p in lm.parameters()),
+        **(
+            {"trainable_params": trainable, "tuning": tuning.kind}
+            if tuning is not None and tuning.kind != "full"
+            else {}
+        ),
         "steps": history.get("steps_run", 0),
         "releases": history.get("releases", 0),
         "resumed_from": resumed_from,  # steps after which an interrupted run was continued
