@@ -135,6 +135,17 @@ def _merge(terms: Sequence[Term]) -> list[Term]:
     return [(s, c, sc) for s, c, sc in merged.values() if isinstance(c, torch.Tensor) or c != 0]
 
 
+def check_mask_indices(indices: torch.Tensor, numel: int) -> None:
+    """A mask is non-empty, sorted, unique int64 flat indices inside a vector of ``numel``."""
+    if (
+        indices.numel() == 0
+        or bool((indices[1:] <= indices[:-1]).any())
+        or int(indices[0]) < 0
+        or int(indices[-1]) >= numel
+    ):
+        raise ValueError("mask indices must be non-empty, sorted, unique and inside the parameter vector")
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The model's trainable parameters in the order that defines the flat vector (tied ones once)."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -281,13 +292,7 @@ class FlatParameters:
             self._masked_z.clear()
             return
         indices = indices.to(device=self.device, dtype=torch.long)
-        if (
-            indices.numel() == 0
-            or bool((indices[1:] <= indices[:-1]).any())
-            or int(indices[0]) < 0
-            or int(indices[-1]) >= self.numel
-        ):
-            raise ValueError("mask indices must be non-empty, sorted, unique and inside the parameter vector")
+        check_mask_indices(indices, self.numel)
         self.restore()
         self.mask = indices
         to = dict(device=self.device, dtype=self.z_dtype)

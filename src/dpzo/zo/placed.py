@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dpzo.zo.flat import Coefficient, FlatParameters, trainable_parameters
+from dpzo.zo.flat import Coefficient, FlatParameters, check_mask_indices, trainable_parameters
 
 
 def device_runs(params: list[tuple[str, torch.nn.Parameter]]) -> list[list[tuple[str, torch.nn.Parameter]]]:
@@ -132,13 +132,7 @@ class PlacedParameters:
             self._active, self.mask = list(self.parts), None
             return
         indices = indices.to("cpu", torch.long)
-        if (
-            indices.numel() == 0
-            or bool((indices[1:] <= indices[:-1]).any())
-            or int(indices[0]) < 0
-            or int(indices[-1]) >= self.numel
-        ):
-            raise ValueError("mask indices must be non-empty, sorted, unique and inside the parameter vector")
+        check_mask_indices(indices, self.numel)
         self._active = []
         for part, (lo, hi) in zip(self.parts, self._spans()):
             a, b = (int(x) for x in torch.searchsorted(indices, torch.tensor([lo, hi])))
