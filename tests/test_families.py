@@ -59,9 +59,15 @@ METHODS = {
     # LoRA adapters from peft, on the architecture's default target modules
     "dp-zoso+lora": dict(STEPS, clip=1.0, tuning={"kind": "lora", "rank": 2}),
     "dp-sgd+lora": dict(STEPS, clip=1.0, tuning="lora"),
+    # key/value prefixes in every attention layer (dpzo.models.prefix)
+    "mezo+prefix": dict(STEPS, lr=1e-2, beta=1e-1, tuning={"kind": "prefix", "tokens": 2}),
+    "dp-zoso+prefix": dict(STEPS, lr=1e-2, beta=1e-1, clip=1.0, tuning={"kind": "prefix", "tokens": 2}),
+    "dp-sgd+prefix": dict(STEPS, lr=1e-2, clip=1.0, tuning={"kind": "prefix", "tokens": 2}),
 }
-#: what each family's architecture cannot serve (the rest must run)
-REFUSED = {"dp-prefix": {"bert", "deberta-v2", "gpt2", "llama", "qwen2", "mistral"}}
+#: what each family's architecture cannot serve (the rest must run): DeBERTa-v2's disentangled
+#: attention and GPT-2's fused c_attn take no key/value prefix
+NO_PREFIX = {"deberta-v2", "gpt2"}
+REFUSED = {method: NO_PREFIX for method in METHODS if "prefix" in method}
 
 
 def byte_level_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -168,6 +174,12 @@ def test_every_method_runs_on_every_family(models, split_dir, ledger_json, tmp_p
             assert metrics["releases"] == accounted == json.loads(ledger_json(method))["compositions"], method
         if "+lora" in method:  # the adapters are all that trained
             assert metrics["tuning"] == "lora" and 0 < metrics["trainable_params"] < metrics["n_params"] / 10, method
+        if "+prefix" in method:  # 2 positions x (key, value) x layers x key/value heads x head_dim
+            cfg = transformers.AutoConfig.from_pretrained(model_dir)
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            assert metrics["tuning"] == "prefix", method
+            assert metrics["trainable_params"] == 2 * 2 * cfg.num_hidden_layers * kv_heads * head_dim, method
         ran[method] = metrics["accuracy"]
     assert set(ran) == {m for m in METHODS if family not in REFUSED.get(m, ())}
 
@@ -178,19 +190,21 @@ def test_a_method_a_family_cannot_serve_is_refused_before_any_job(models, tmp_pa
     from .pipeline import snakemake
 
     config = {
-        "models": {"tiny-llama": {"path": str(models["llama"])}, "tiny-opt": {"path": str(models["opt"])}},
+        "models": {"tiny-gpt2": {"path": str(models["gpt2"])}, "tiny-llama": {"path": str(models["llama"])}},
         "tasks": ["SST-2"],
         "data_dir": str(tmp_path / "lm-bff"),
         "seeds": [13],
         "epsilons": ["8"],
-        "methods": {"zero-shot": {}, "dp-prefix": METHODS["dp-prefix"]},
+        "methods": {m: METHODS[m] for m in ("zero-shot", "dp-prefix", "dp-zoso+prefix", "dp-zoso+lora")},
     }
-    problems = [p for p in missing_inputs(config) if "dp-prefix" in p]
-    assert len(problems) == 1  # the OPT model can take a prefix, the Llama one cannot
-    assert "model 'tiny-llama' (llama), method 'dp-prefix'" in problems[0] and "Remove dp-prefix" in problems[0]
+    problems = [p for p in missing_inputs(config) if "prefix" in p]
+    assert len(problems) == 2  # the Llama model can take a prefix, the GPT-2 one cannot (LoRA it can)
+    for method in ("dp-prefix", "dp-zoso+prefix"):
+        named = [p for p in problems if f"model 'tiny-gpt2' (gpt2), method '{method}'" in p]
+        assert len(named) == 1 and f"Remove {method}" in named[0]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(tmp_path, check=False)
-    assert proc.returncode != 0 and "model 'tiny-llama' (llama), method 'dp-prefix'" in proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "model 'tiny-gpt2' (gpt2), method 'dp-zoso+prefix'" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
 
 

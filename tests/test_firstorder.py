@@ -19,6 +19,7 @@ from scipy import stats
 from dpzo.baselines import firstorder as fo
 from dpzo.data.tasks import TASKS  # noqa: F401
 from dpzo.models.evaluate import evaluate
+from dpzo.models.prefix import _attention_layers, install_prefix, prefix_modules, remove_prefix
 from dpzo.privacy.secret import SecretRandom
 
 from .tiny import FAMILIES, examples, make_clf  # noqa: F401 (tokenizer fixture: conftest)
@@ -159,7 +160,7 @@ def test_clipped_sum_equals_loop_over_examples(tokenizer, family, clipping):
 def test_clipped_sum_on_prefix_parameters_equals_loop(tokenizer, family):
     clf = make_clf(tokenizer, family)
     data = clf.encode(examples(8))
-    prefix = fo.install_prefix(clf.model, 3, seed=0)
+    prefix = install_prefix(clf.model, 3, seed=0)
     for name, p in clf.model.named_parameters():
         p.requires_grad_(name in prefix)
     index = np.array([1, 2, 6])
@@ -255,7 +256,7 @@ def test_private_step_replays_poisson_batch_clipping_and_noise(tokenizer, family
     index = replay.poisson_batch(n, batch_size / n)
     assert (len(index) == 0) == empty
     if method == "dp-prefix":
-        fo.install_prefix(reference.model, hp.prefix_tokens, seed=3)  # same public initialisation
+        install_prefix(reference.model, hp.prefix_tokens, seed=3)  # same public initialisation
         for name, p in reference.model.named_parameters():
             p.requires_grad_(".dpzo_prefix." in name)
     params = fo.trainable_parameters(reference.model)
@@ -310,11 +311,11 @@ def test_prefix_matches_transformers_cache_reference(tokenizer, family, attn):
     base = clf.model.base_model
     with torch.no_grad():
         plain = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        prefix = fo.install_prefix(clf.model, 3, seed=1)
+        prefix = install_prefix(clf.model, 3, seed=1)
         assert len(prefix) == 2 * 2  # key and value in each of the 2 layers
         with_prefix = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        kv = [(m.key.clone(), m.value.clone()) for m in fo.prefix_modules(clf.model)]
-        fo.remove_prefix(clf.model)
+        kv = [(m.key.clone(), m.value.clone()) for m in prefix_modules(clf.model)]
+        remove_prefix(clf.model)
         assert torch.equal(base(input_ids=ids, attention_mask=mask).last_hidden_state, plain)
 
         b, s, p = ids.shape[0], ids.shape[1], 3
@@ -341,17 +342,17 @@ def test_prefix_matches_transformers_cache_reference(tokenizer, family, attn):
 def test_prefix_initialised_from_real_activations_and_padding_invariant(tokenizer, family):
     clf = make_clf(tokenizer, family)
     captured = {}
-    layers = fo._attention_layers(clf.model)
+    layers = _attention_layers(clf.model)
     k_lin = layers[1][2]
     handle = k_lin.register_forward_hook(lambda m, i, o: captured.setdefault("k", o.detach()))
     ids = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         clf.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
     handle.remove()
-    fo.install_prefix(clf.model, 4, seed=9)
+    install_prefix(clf.model, 4, seed=9)
     heads, head_dim = layers[1][4], layers[1][5]
     expected = captured["k"].reshape(4, heads, head_dim).transpose(0, 1)
-    assert torch.equal(fo.prefix_modules(clf.model)[1].key.detach(), expected)
+    assert torch.equal(prefix_modules(clf.model)[1].key.detach(), expected)
     data = clf.encode(examples(6))
     with torch.no_grad():
         together = clf.label_logits(data.batch(np.arange(6)))

@@ -56,11 +56,12 @@ class Method:
     def check(self, hp: Any) -> None:
         """Refuse settings this method does not use (the message names them and the fix)."""
 
-    def architecture_problem(self, model_type: str) -> str | None:
-        """Why this method cannot train a model of ``model_type`` (a transformers config's
-        ``model_type``), or None: every zeroth-order and full-parameter method trains any
-        language model; a method tied to certain layers says so (read before any job)."""
-        return None
+    def architecture_problem(self, model_type: str, hp: Any = None) -> str | None:
+        """Why this method, with the hyperparameters ``hp``, cannot train a model of ``model_type`` (a
+        transformers config's ``model_type``), or None: every zeroth-order and full-parameter method
+        trains any language model; a prefix needs attention layers it knows (read before any job)."""
+        tuning = getattr(hp, "tuning", None)
+        return tuning.architecture_problem(model_type) if tuning is not None else None
 
     def sensitivity(self, hp: Any) -> float:
         """How far one example can move one release (before the noise): the clip C."""

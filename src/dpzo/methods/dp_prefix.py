@@ -3,28 +3,23 @@
 from typing import Any
 
 from dpzo.methods.dp_sgd import DPSGD
+from dpzo.methods.hyperparameters import TuningSettings
 
 
 class DPPrefix(DPSGD):
-    """DP-SGD on the prefix parameters only, the model frozen; accounted as DP-SGD."""
+    """DP-SGD on the prefix parameters only, the model frozen; accounted as DP-SGD (the paper's
+    "FT-prefix"; ``dp-sgd`` with ``tuning: prefix`` is the same mechanism)."""
 
     name = "dp-prefix"
-    #: the attention layouts the prefix is installed in (OPT k_proj/v_proj, RoBERTa key/value)
-    model_types = ("opt", "roberta")
 
     def check(self, hp: Any) -> None:
         """The prefix is the whole of what it trains: a LoRA on top is refused."""
         if hp.tuning.kind != "full":
-            raise ValueError("dp-prefix trains its own prefix only; tuning: lora belongs on dp-sgd or a ZO method")
+            raise ValueError("dp-prefix trains its own prefix only; tuning belongs on dp-sgd or a ZO method")
 
-    def architecture_problem(self, model_type: str) -> str | None:
-        """The prefix extends the key/value sequence of OPT and RoBERTa attention only."""
-        if model_type in self.model_types:
-            return None
-        return (
-            f"dp-prefix installs its key/value prefix in OPT and RoBERTa attention layers; a {model_type!r} "
-            "model has neither. Remove dp-prefix from this model's methods (models.<key>.grid.methods)"
-        )
+    def architecture_problem(self, model_type: str, hp: Any = None) -> str | None:
+        """The prefix extends the key/value sequence of the attention layers it knows."""
+        return TuningSettings(kind="prefix").architecture_problem(model_type)
 
 
 METHOD = DPPrefix()

@@ -76,29 +76,46 @@ class StageSchedule:
         return self.beta_start * (self.beta_end / self.beta_start) ** frac
 
 
-TUNING_KINDS = ("full", "lora")
+TUNING_KINDS = ("full", "lora", "prefix")
+
+#: model types whose self-attention layers take a key/value prefix (``dpzo.models.prefix``)
+PREFIX_MODEL_TYPES = ("opt", "roberta", "bert", "llama", "qwen2", "mistral")
 
 
 @dataclass(frozen=True)
 class TuningSettings:
-    """Which parameters a method trains: ``full`` (every weight) or ``lora`` adapters.
+    """Which parameters a method trains: ``full`` (every weight), ``lora`` adapters or a ``prefix``.
 
     ``lora``: low-rank adapters from the ``peft`` library (rank ``rank``, scaling
     ``alpha / rank``) on ``target_modules`` (None: peft's default modules for the model's
     architecture, e.g. query/value of RoBERTa, q_proj/v_proj of OPT and Llama); the model's
     own weights are frozen and the flat parameters hold the adapters only.
+    ``prefix``: ``tokens`` trainable key/value positions in every self-attention layer, as
+    MeZO's prefix baseline (``dpzo.models.prefix``: why not peft's); the model is frozen.
     """
 
     kind: str = "full"
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] | None = None
+    tokens: int = 5
 
     def __post_init__(self) -> None:
         if self.kind not in TUNING_KINDS:
             raise ValueError(f"tuning.kind must be one of {TUNING_KINDS}; got {self.kind!r}")
         if self.rank < 1 or not self.alpha > 0:
             raise ValueError(f"tuning: rank must be >= 1 and alpha > 0; got rank {self.rank}, alpha {self.alpha}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"tuning: tokens (prefix positions) must be an integer >= 1; got {self.tokens!r}")
+
+    def architecture_problem(self, model_type: str) -> str | None:
+        """Why a model of ``model_type`` cannot be tuned this way (None: it can)."""
+        if self.kind == "prefix" and model_type not in PREFIX_MODEL_TYPES:
+            return (
+                f"tuning: prefix installs key/value positions in the self-attention layers of "
+                f"{', '.join(PREFIX_MODEL_TYPES)}; a {model_type!r} model is not one of them"
+            )
+        return None
 
     @classmethod
     def from_config(cls, block: dict | str | None) -> TuningSettings:

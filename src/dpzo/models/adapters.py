@@ -5,6 +5,10 @@ the model's own weights are frozen, the adapters are its only trainable paramete
 zeroth-order flat parameters (``dpzo.zo.flat``) and DP-SGD's per-example gradients hold the
 adapters alone.  The adapters start as peft initialises them (B = 0): the tuned model starts
 exactly at the pretrained one.
+
+``prefix`` installs ``tokens`` trainable key/value positions in every self-attention layer
+(``dpzo.models.prefix``, initialised from the activations of random tokens drawn with the run
+seed) and freezes every other weight.
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ import torch
 from dpzo.methods.hyperparameters import TuningSettings
 
 
-def apply_tuning(model: torch.nn.Module, tuning: TuningSettings) -> int:
-    """Make ``model`` train what ``tuning`` says; returns the number of trainable parameters."""
+def apply_tuning(model: torch.nn.Module, tuning: TuningSettings, *, seed: int = 0) -> int:
+    """Make ``model`` train what ``tuning`` says; returns the number of trainable parameters.
+
+    ``seed``: the public seed of a prefix's initialising tokens (the run seed)."""
+    if tuning.kind == "prefix":
+        from dpzo.models.prefix import install_prefix
+
+        prefix = install_prefix(model, tuning.tokens, seed=seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in prefix)
+        model.eval()
     if tuning.kind == "lora":
         import peft
 

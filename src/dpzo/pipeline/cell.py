@@ -151,7 +151,7 @@ def run_cell(
         max_memory=run.max_memory,
     )
     tuning = getattr(hp, "tuning", None)
-    trainable = apply_tuning(lm, tuning) if tuning is not None else 0  # LoRA: adapters only (peft)
+    trainable = apply_tuning(lm, tuning, seed=seed) if tuning is not None else 0  # LoRA, prefix: those only
     clf = make_scorer(lm, tokenizer, family, task)
     test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)

@@ -152,17 +152,28 @@ def model_type_of(path: str) -> str | None:
         return None
 
 
-def architecture_problems(key: str, model_type: str | None, methods: list[str]) -> list[str]:
-    """The methods of model ``key`` that its architecture cannot serve, each named with the family."""
-    from dpzo.methods import base_method, get_method
+def architecture_problems(
+    key: str, model_type: str | None, methods: list[str], method_params: dict | None = None
+) -> list[str]:
+    """The methods of model ``key`` that its architecture cannot serve, each named with the family
+    and the fix.  ``method_params``: the config's ``methods`` blocks (a block's ``tuning`` counts)."""
+    from dpzo.methods import base_method, get_method, hyperparameters_for
 
     if model_type is None:
         return []
     problems = []
     for method in methods:
-        problem = get_method(base_method(method)).architecture_problem(model_type)
+        base = base_method(method)
+        try:
+            hp = hyperparameters_for(base, dict((method_params or {}).get(method) or {}))
+        except (TypeError, ValueError):
+            hp = None  # the config check names a bad block
+        problem = get_method(base).architecture_problem(model_type, hp)
         if problem:
-            problems.append(f"model '{key}' ({model_type}), method '{method}': {problem}")
+            problems.append(
+                f"model '{key}' ({model_type}), method '{method}': {problem}. Remove {method} from this "
+                "model's methods (models.<key>.grid.methods)"
+            )
     return problems
 
 
@@ -178,7 +189,9 @@ def missing_inputs(config: dict) -> list[str]:
                 tasks = cfg.get("grid", {}).get("tasks", config["tasks"])
                 problems += label_word_problems(key, str(cfg["path"]), list(tasks))
                 methods = cfg.get("grid", {}).get("methods", list(config["methods"]))
-                problems += architecture_problems(key, model_type_of(str(cfg["path"])), list(methods))
+                problems += architecture_problems(
+                    key, model_type_of(str(cfg["path"])), list(methods), config.get("methods", {})
+                )
     from dpzo.data.hf_tasks import HFTask
 
     data_dir = config.get("data_dir", "data/lm-bff")
