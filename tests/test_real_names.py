@@ -124,12 +124,17 @@ def test_dpzero_config_dry_run(tmp_path):
     dpzero = yaml.safe_load((ROOT / "config/dpzero.yaml").read_text())
     (tmp_path / "config.yaml").write_text((ROOT / "config/dpzero.yaml").read_text())
     counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
-    # Per model: zero-shot and MeZO once per (task, seed), DPZero at each epsilon.
+    # Per model: non-private methods once per (task, seed), private ones at each epsilon.
+    private = {"dpzero", "dpzero+opt", "dp-sgd", "dp-sgd+lora"}
     expected = sum(
-        len(m["grid"]["tasks"]) * len(m["grid"]["seeds"]) * (2 + len(dpzero["epsilons"]))
+        len(m["grid"]["tasks"])
+        * len(m["grid"]["seeds"])
+        * sum(len(dpzero["epsilons"]) if method in private else 1 for method in m["grid"]["methods"])
         for m in dpzero["models"].values()
     )
-    assert counts["train"] == expected == 6 * 3 * 4 + 3 * 4 * 3 * 4
+    # RoBERTa: 4 non-private + 3 private x 2 eps; each OPT model: 2 + 1 x 2
+    assert counts["train"] == expected == 6 * 3 * 10 + 3 * 4 * 3 * 4
+    assert dpzero["methods"]["dp-sgd+lora"]["tuning"] == {"kind": "lora", "rank": 8, "alpha": 16}
     assert dpzero["accounting"] == "published" and dpzero["delta"] == 1e-5
 
 

@@ -173,6 +173,9 @@ def test_preferred_value_skips_suspect_rows_and_follows_source_order():
     assert best.loc[("roberta-large", "SST-2", "dpzero", "2"), "value"] == 93.1
     # only DPZero has eps 6
     assert best.loc[("roberta-large", "SST-2", "dpzero", "6"), "source"] == "dpzero-table2"
+    # DPZero's LoRA rows belong to the variants that reproduce them (tuning: lora)
+    assert best.loc[("roberta-large", "MNLI", "dp-sgd+lora", "2"), "value"] == 65.7
+    assert best.loc[("roberta-large", "TREC", "ft+lora", "inf"), "value"] == 94.6
 
 
 @pytest.mark.parametrize(
@@ -186,6 +189,7 @@ def test_preferred_value_skips_suspect_rows_and_follows_source_order():
             "status must be one of",
         ),
         ("dpzopo-fig-acc,roberta-large,SST-2,dp-zoso,DP-ZOSO,4,accuracy,92.6,0.2,d,ok,,", "provenance is empty"),
+        ("dpzero-table2,roberta-large,SST-2,dp-lora,DP-LoRA,2,accuracy,90.2,1.2,s.e.,ok,t2,", "not a method"),
     ],
 )
 def test_bad_reference_file_names_the_line_and_the_fix(tmp_path, line, message):

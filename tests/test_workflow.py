@@ -279,6 +279,25 @@ def test_paper_grid_plans_one_gpu_job_per_cell(tmp_path):
         assert (gpus.group(1) if gpus else None) == ("1" if rule in ("train", "mask") else None), rule
 
 
+def test_all_methods_overlay_plans_every_method_and_tuning(tmp_path):
+    """config/all-methods.yaml on the demo: every registered method and the LoRA / prefix variants
+    of the zeroth-order methods and DP-SGD, each a cell per model x task x seed (x eps if private)."""
+    from dpzo.methods import REGISTRY, base_method, is_private
+
+    files = [str(ROOT / "config" / "config.yaml"), str(ROOT / "config" / "all-methods.yaml")]
+    (tmp_path / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
+    counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules", "--configfile", *files).stdout)
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    overlay = yaml.safe_load((ROOT / "config" / "all-methods.yaml").read_text())
+    methods = {**base["methods"], **overlay["methods"]}
+    assert {base_method(m) for m in methods} == set(REGISTRY)
+    tunings = {m: (b.get("tuning") or {"kind": "full"})["kind"] for m, b in methods.items()}
+    assert {"mezo+lora", "dp-zoso+lora", "dp-sgd+lora"} <= {m for m, k in tunings.items() if k == "lora"}
+    assert {"mezo+prefix", "dp-zoso+prefix"} <= {m for m, k in tunings.items() if k == "prefix"}
+    per_group = sum(len(base["epsilons"]) if is_private(m) else 1 for m in methods)
+    assert counts["train"] == len(base["models"]) * len(base["tasks"]) * len(base["seeds"]) * per_group
+
+
 @pytest.mark.slow
 def test_every_method_runs_through_the_dag(tiny_run):
     """Reuse the tiny run's demo model and data; add every other method and run the grid."""

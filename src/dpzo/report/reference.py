@@ -105,6 +105,20 @@ def _numbers(
     return pd.Series(out, index=table.index, dtype=float)
 
 
+def _check_method(path: Path, line: int, method: str) -> None:
+    """A reference row names a method of this pipeline, or a variant of one (``dp-sgd+lora``).
+
+    A variant row is matched to the cells of the variant of that name: the name says which
+    variant (its config block, e.g. ``tuning: lora``) reproduces the published setting."""
+    from dpzo.methods import REGISTRY, base_method
+
+    if base_method(method) not in REGISTRY:
+        raise ReferenceError(
+            f"{path} line {line}: method {method!r} is not a method of this pipeline; use one of "
+            f"{', '.join(REGISTRY)} or a variant '<method>+<variant>' named as in the configs"
+        )
+
+
 def load_accuracy(path: str | Path) -> pd.DataFrame:
     """The published accuracies, checked: numeric values in [0, 100], ε as in result paths."""
     path = Path(path)
@@ -123,6 +137,7 @@ def load_accuracy(path: str | Path) -> pd.DataFrame:
             raise ReferenceError(f"{path} line {line}: unknown source {row['source']!r}; known: {SOURCE_ORDER}")
         if not row["provenance"].strip():
             raise ReferenceError(f"{path} line {line}: provenance is empty; say where the value comes from")
+        _check_method(path, line, row["method"])
     table["value"] = _numbers(table, path, "value", required=True, high=100.0)
     table["error"] = _numbers(table, path, "error", required=False)
     duplicated = table.duplicated(["source", "model", "task", "method", "eps"], keep=False)
@@ -136,6 +151,8 @@ def load_memory(path: str | Path) -> pd.DataFrame:
     """The published GPU memory and time, checked."""
     path = Path(path)
     table = _read(path, MEMORY_COLUMNS)
+    for i, method in enumerate(table["method"]):
+        _check_method(path, i + 2, method)
     table["gpu_memory_mb"] = _numbers(table, path, "gpu_memory_mb", required=True)
     table["seconds"] = _numbers(table, path, "seconds", required=True)
     return table
