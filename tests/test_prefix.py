@@ -71,3 +71,29 @@ def test_prefix_equals_peft_prefix_tuning_with_positions_shifted(family):
     torch.testing.assert_close(shifted, reference_logits, rtol=0, atol=1e-12)
     # our prefix leaves the real tokens at their own positions, peft's does not
     assert float((unshifted - reference_logits).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_prefix_under_cached_generation_equals_uncached(family):
+    """Generation (SQuAD, DROP) decodes with a key/value cache that holds the real tokens' keys
+    only; the prefix is put in front at every step, so cached decoding scores every new token
+    exactly as recomputing the whole sequence does."""
+    model = _tiny(family)
+    install_prefix(model, P, seed=2)
+    ids = torch.randint(3, 50, (2, N), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for cached in (True, False):
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                do_sample=False,
+                use_cache=cached,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        runs[cached] = out
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    torch.testing.assert_close(torch.stack(runs[True].logits), torch.stack(runs[False].logits), rtol=0, atol=1e-12)

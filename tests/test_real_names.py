@@ -138,6 +138,23 @@ def test_dpzero_config_dry_run(tmp_path):
     assert dpzero["accounting"] == "published" and dpzero["delta"] == 1e-5
 
 
+def test_llama_config_dry_run(tmp_path):
+    """config/llama.yaml: a Llama causal LM on the MeZO tasks, full / LoRA / prefix tuning."""
+    from dpzo.methods import is_private
+    from dpzo.methods.hyperparameters import TuningSettings
+
+    llama = yaml.safe_load((ROOT / "config/llama.yaml").read_text())
+    (tmp_path / "config.yaml").write_text((ROOT / "config/llama.yaml").read_text())
+    counts = job_counts(snakemake(tmp_path, "-n", "--quiet", "rules").stdout)
+    per_cell_group = sum(len(llama["epsilons"]) if is_private(m) else 1 for m in llama["methods"])
+    expected = len(llama["models"]) * len(llama["tasks"]) * len(llama["seeds"]) * per_cell_group
+    assert counts["train"] == expected == len(grid_cells(llama)) == 2 * 4 * 3 * (4 + 5 * 2)
+    assert all(str(m["path"]).startswith("meta-llama/") for m in llama["models"].values())
+    kinds = {TuningSettings.from_config(block.get("tuning")).kind for block in llama["methods"].values()}
+    assert kinds == {"full", "lora", "prefix"}
+    assert not TuningSettings(kind="prefix").architecture_problem("llama")
+
+
 def test_missing_hugging_face_dataset_is_listed_with_the_fetch_command(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
