@@ -176,8 +176,8 @@ def reference_dpzoso(quad, theta0, hp, *, run_seed, sigma, noise_seed, n):
             anchor = theta.copy()
         lr = hp.lr * hp.lr_decay**s
         step = np.zeros_like(theta)
-        for p in range(hp.directions):
-            index = rng.poisson_batch(n, q)
+        batches = [rng.poisson_batch(n, q) for _ in range(hp.directions)]  # every batch before any noise
+        for p, index in enumerate(batches):
             z = gaussian_direction(direction_seed(run_seed, t, p), theta.size, dtype=torch.float64).numpy()
             d = quad.directional_np(theta, z, index)  # exact on a quadratic, for any beta
             g = (np.clip(d, -hp.clip, hp.clip).sum() + sigma * hp.clip * rng.standard_normal()) / (q * n)

@@ -230,13 +230,9 @@ class PromptClassifier:
         # few scored rows go to the head, the logits come back (no-ops on one device)
         head_device = next(self.head.parameters()).device
         label_ids, rows = self.label_ids.to(head_device), rows.to(head_device)
-        if self.family == "causal":
-            # Only the K label-word rows of the output embedding are needed.
-            logits = rows @ self.head.weight[label_ids].T
-            if getattr(self.head, "bias", None) is not None:
-                logits = logits + self.head.bias[label_ids]
-        else:
-            logits = self.head(rows)[:, label_ids.to(rows.device)]
+        # The head runs as a module on the scored rows only (one per example), so that a streamed
+        # model (``dpzo.zo.streamed``) can perturb it per group of rows.
+        logits = self.head(rows)[:, label_ids.to(rows.device)]
         logits = logits.to(self.device)
         # 16-bit logits go to float32 for the loss; a float64 model keeps float64 (the
         # reference tests compare trajectories to 1e-12).

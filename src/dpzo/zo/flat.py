@@ -526,6 +526,35 @@ class FlatParameters:
         """master <- master + coef * z(seed) on the support (times the update scales, if any)."""
         self.add_directions([(seed, coef)])
 
+    # -- where theta lives ---------------------------------------------------------------------
+    @torch.no_grad()
+    def rebind(self, work: torch.Tensor, master: torch.Tensor) -> None:
+        """Hold theta in ``master`` and compute with ``work`` from now on (another device, or host
+        memory between a streamed block's uploads: ``dpzo.zo.streamed``).  The parameters view
+        ``work``; the mask, its scales and the generators follow ``master``'s device.  The part
+        must be restored (``work`` equal to theta), so nothing pending is lost.
+        """
+        if self._applied or self._pending or self._stale:
+            raise RuntimeError("restore the parameters before moving them")
+        if work.numel() != self.numel or master.numel() != self.numel:
+            raise ValueError(f"buffers of {work.numel()} and {master.numel()} elements do not hold {self.numel}")
+        self.work, self.master = work, master
+        offset = 0
+        for _, p in self.params:
+            n = p.numel()
+            p.data = work[offset : offset + n].view(p.shape)
+            offset += n
+        self.device = master.device
+        self._generators, self._block, self._sum = [], None, None
+        self._masked_z.clear()
+        self._whole_z.clear()
+        if self.mask is not None:
+            self.mask = self.mask.to(self.device, non_blocking=True)
+            for name in ("perturb_scales", "update_scales"):
+                scales = getattr(self, name)
+                if scales is not None:
+                    setattr(self, name, scales.to(self.device, non_blocking=True))
+
     # -- snapshots of the whole state -------------------------------------------------------
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor | None]:

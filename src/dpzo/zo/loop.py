@@ -77,6 +77,7 @@ def train_zo(
     on_start: Callable[[int | None], None] | None = None,
     team: SingleProcess = SINGLE_PROCESS,
     parts: list[list[str]] | None = None,
+    flat: FlatParameters | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -100,11 +101,14 @@ def train_zo(
 
     A model placed over several devices trains one buffer per device (``dpzo.zo.placed``);
     ``parts`` (lists of parameter names) cuts the vector by hand instead, as the tests do.
+    ``flat``: the trainable vector when the caller built it (a streamed model's,
+    ``dpzo.zo.streamed.StreamedParameters``, which is built before the model is used at all).
     """
     spec = _checked_method(method, n, hp, noise=noise, secret=secret, masked=masks is not None, main=team.is_main)
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
-    flat = flat_parameters(model, master_dtype, direction_cache_size=hp.directions, parts=parts)
+    if flat is None:
+        flat = flat_parameters(model, master_dtype, direction_cache_size=hp.directions, parts=parts)
     check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     sample = batch_sampler(spec, n, hp.batch_size, secret=secret, public_rng=public_rng)

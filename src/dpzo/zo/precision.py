@@ -32,12 +32,12 @@ def smallest_resolvable_beta(flat: FlatParameters, *, sample: int = 1 << 20) -> 
     """``MIN_BETA_ULPS`` ulp of the median |theta| (over an evenly strided sample of the
     trainable coordinates) in the precision the forward pass computes with."""
     stride = max(1, flat.numel // sample)
-    # a placed model's parts (one per device) are sampled alike, each where it lives
-    typical = float(torch.cat([part.work[::stride].abs().float().cpu() for part in flat.parts]).median())
+    # a placed model's parts (one per device) are sampled alike, each where it lives; theta is
+    # read from the master (a streamed block's working weights exist only while it is uploaded)
+    typical = float(torch.cat([part.master[::stride].abs().float().cpu() for part in flat.parts]).median())
     if typical == 0.0:
         return 0.0
-    first = flat.parts[0].work
-    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(first.dtype, first.device)
+    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(flat.parts[0].work.dtype, flat.device)
     return MIN_BETA_ULPS * ulp
 
 

@@ -60,6 +60,22 @@ def _losses_of(
     return lambda: per_example_loss(index)
 
 
+def _two_point_losses(
+    flat: FlatParameters,
+    per_example_loss: Callable[[np.ndarray], torch.Tensor],
+    passes: Sequence[tuple[np.ndarray, int]],
+    beta: float,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(d, l+, l-) for each (batch share, seed): one streamed pass for all of them, or two
+    forwards each on a resident model."""
+    if hasattr(flat, "two_point_losses"):  # dpzo.zo.streamed.StreamedParameters
+        return flat.two_point_losses(per_example_loss, passes, beta)
+    return [
+        spsa_differences(_losses_of(per_example_loss, index, flat.device), flat, seed, beta, restore=False)
+        for index, seed in passes
+    ]
+
+
 def clip_differences(d: torch.Tensor, clip: float) -> torch.Tensor:
     """Clip each per-example scalar to [-C, C] (C = inf: no clipping)."""
     if math.isinf(clip):
@@ -153,15 +169,19 @@ def zo_step(
     draws the batch and releases, every rank computes its share's differences and updates.
     """
     done = StepResult()
-    for group in spec.release_groups(list(seeds)):  # one batch and one release per group
-        index, batch_size = team.draw(sample)  # rank 0 draws the batch; each replica takes its share
+    groups = spec.release_groups(list(seeds))  # one batch and one release per group
+    # Every batch of the step is drawn before any noise: a streamed model (``dpzo.zo.streamed``)
+    # computes all of the step's differences in one pass, and the resident one draws alike.
+    batches = [team.draw(sample) for _ in groups]  # rank 0 draws; each replica takes its share
+    passes = [(index, seed) for (index, size), group in zip(batches, groups) if size for seed in group]
+    computed = iter(_two_point_losses(flat, per_example_loss, passes, beta))
+    for group, (_, batch_size) in zip(groups, batches):
         ds = []
-        for seed in group:
+        for _ in group:
             if batch_size == 0:  # a Poisson batch may be empty: its release is the noise alone
                 ds.append(torch.zeros(0, dtype=torch.float64, device=flat.device))
                 continue
-            losses = _losses_of(per_example_loss, index, flat.device)
-            d_share, loss_plus, loss_minus = spsa_differences(losses, flat, seed, beta, restore=False)
+            d_share, loss_plus, loss_minus = next(computed)
             # the whole batch's quotients (and l+ + l- for the log), in batch order
             d, loss_sums = team.gather(d_share, loss_plus + loss_minus, batch_size)
             done.losses.append(0.5 * loss_sums.mean())
