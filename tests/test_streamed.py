@@ -178,3 +178,53 @@ def test_streamed_refuses_a_forward_that_splits_the_step(tokenizer):
 
     with pytest.raises(RuntimeError, match="one forward per step"):
         flat.two_point_losses(two_forwards, [(np.arange(4), 9)], 1e-3)
+
+
+def test_offload_config_is_checked_before_any_job():
+    from dpzo.pipeline.config import _offload_problems
+
+    config = {
+        "models": {
+            "big": {"path": "x", "offload": "streamed", "placement": "auto", "ranks": 2},
+            "small": {"path": "y"},
+        },
+        "methods": {
+            "dp-zoso": {},
+            "dp-sgd": {},
+            "dp-zopo": {"mask": {"strategy": "dynamic"}},
+            "dp-zopo+static": {"mask": {"strategy": "static"}},
+        },
+    }
+    problems = _offload_problems(config)
+    assert len(problems) == 4, problems
+    assert any("remove 'models.big.placement'" in p for p in problems)
+    assert any("set ranks and gpus_per_rank to 1" in p for p in problems)
+    assert any("dp-sgd backpropagates" in p for p in problems)
+    assert any("dp-zopo rescores its mask" in p for p in problems)
+    config["models"]["big"] = {"path": "x", "offload": "streamed", "grid": {"methods": ["dp-zoso", "dp-zopo+static"]}}
+    assert _offload_problems(config) == []
+
+
+@pytest.mark.slow
+def test_streamed_cells_through_the_dag_equal_resident_ones(tiny_run, tmp_path):
+    """models.<key>.offload: streamed on the tiny grid: the zeroth-order cells rerun streamed and
+    give the resident run's results (float32 model: equal up to rounding)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from .pipeline import snakemake
+    from .test_workflow import TINY
+
+    workdir = tmp_path / "streamed"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    config = dict(TINY, models={"demo-roberta": {"demo": "roberta", "offload": "streamed"}})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir)
+    for cell in ("mezo/epsinf/seed13", "dp-zoso/eps8/seed13"):
+        resident = json.loads((tiny_run / "results/runs/demo-roberta/demo-sst2" / cell / "metrics.json").read_text())
+        streamed = json.loads((workdir / "results/runs/demo-roberta/demo-sst2" / cell / "metrics.json").read_text())
+        assert streamed["accuracy"] == resident["accuracy"], cell
+        assert streamed["test_loss"] == pytest.approx(resident["test_loss"], rel=1e-4), cell
+        assert streamed["releases"] == resident["releases"], cell

@@ -67,7 +67,8 @@ class CellRun:
     ``ledger_path`` is the cell's ``privacy.json`` (read by :func:`run_cell`); ``accounting`` the
     config's accounting with this process's noise source (the ledger must have been made for
     it).  ``placement`` / ``max_memory``: the model's device map (``models.load_model``) instead
-    of ``device``; ``master``: ``float32`` or ``none`` (in place, ``dpzo.zo.flat``).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
+    of ``device``; ``master``: ``float32`` or ``none`` (in place, ``dpzo.zo.flat``); ``offload``:
+    ``streamed`` keeps the blocks in host memory (``dpzo.zo.streamed``).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
     order (``dpzo.masks.settings.MaskSettings``).  ``checkpoint``: where and how often
     zeroth-order training snapshots itself, and resumes from.  ``curve``: the test-loss points
     recorded during training (the only training curve that is published).
@@ -86,6 +87,7 @@ class CellRun:
     placement: str | dict | None = None
     max_memory: dict | None = None
     master: str = "float32"
+    offload: str = "none"
     mask_files: tuple[str, ...] = ()
     checkpoint: CheckpointPolicy | None = None
     curve: CurveSettings | None = None
@@ -142,16 +144,24 @@ def run_cell(
     # the secret RNG exists in one process only: the one that samples the batches and adds the noise
     secret = SecretRandom.from_environment() if private and team.is_main else None
     torch.manual_seed(seed)
+    streamed = run.offload == "streamed"
+    master_dtype = None if run.master == "none" else torch.float32
     lm, tokenizer, family = load_model(
         run.model_path,
         family=run.family,
         dtype=run.dtype,
-        device=run.device,
+        device="cpu" if streamed else run.device,  # streamed: the blocks stay in host memory
         placement=run.placement,
         max_memory=run.max_memory,
     )
     tuning = getattr(hp, "tuning", None)
     trainable = apply_tuning(lm, tuning, seed=seed) if tuning is not None else 0  # LoRA, prefix: those only
+    flat = None
+    if streamed:
+        from dpzo.zo.streamed import StreamedParameters
+
+        directions = getattr(hp, "directions", 1)
+        flat = StreamedParameters(lm, master_dtype, device=run.device, direction_cache_size=directions)
     clf = make_scorer(lm, tokenizer, family, task)
     test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)
@@ -211,11 +221,12 @@ def run_cell(
                     noise=verified.release,
                     secret=secret,
                     masks=stage_masks(hp, clf, list(run.mask_files)) if ZO[base].masked else None,
-                    master_dtype=None if run.master == "none" else torch.float32,
+                    master_dtype=master_dtype,
                     checkpoint=snapshots,
                     curve=test_curve,
                     on_start=started,
                     team=team,
+                    flat=flat,
                 )
         if not team.is_main:
             return None  # rank 0 evaluates and writes the outputs

@@ -192,6 +192,37 @@ def _cross_reference_problems(config: dict) -> list[str]:
             )
     problems += _hyperparameter_problems(config["methods"])
     problems += _placement_problems(config)
+    problems += _offload_problems(config)
+    return problems
+
+
+def _offload_problems(config: dict) -> list[str]:
+    """What a streamed model (``offload: streamed``) cannot run: backprop, other placements,
+    several ranks, masks rescored from weights that live in host memory."""
+    from dpzo.methods import FIRST_ORDER, base_method
+
+    problems = []
+    for key, cfg in config["models"].items():
+        if cfg.get("offload", "none") != "streamed":
+            continue
+        where = f"config key 'models.{key}.offload': streamed"
+        for other in ("placement", "max_memory"):
+            if cfg.get(other):
+                problems.append(f"{where} moves the blocks itself; remove 'models.{key}.{other}'")
+        if cfg.get("ranks", 1) > 1 or cfg.get("gpus_per_rank", 1) > 1:
+            problems.append(f"{where} runs one process on one device; set ranks and gpus_per_rank to 1")
+        for method in (cfg.get("grid") or {}).get("methods", list(config["methods"])):
+            block = config["methods"].get(method) or {}
+            if base_method(method) in FIRST_ORDER:
+                problems.append(
+                    f"{where} serves forward-only methods; {method} backpropagates: remove it from "
+                    f"models.{key}.grid.methods or the offload"
+                )
+            elif (block.get("mask") or {}).get("strategy") == "dynamic":
+                problems.append(
+                    f"{where}: {method} rescores its mask from the weights at each stage (strategy: dynamic), "
+                    "which live in host memory; use strategy static or incremental"
+                )
     return problems
 
 

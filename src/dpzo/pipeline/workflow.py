@@ -184,6 +184,7 @@ def train(snakemake) -> None:
         placement=p.model_cfg.get("placement"),
         max_memory=p.model_cfg.get("max_memory"),
         master=p.model_cfg.get("master", "float32"),
+        offload=p.model_cfg.get("offload", "none"),
         mask_files=tuple(snakemake.input.masks),
         # read from the config, not from rule params: they never change a result
         checkpoint=checkpoint_policy(p.checkpoint, snakemake.config.get("checkpoint")),
