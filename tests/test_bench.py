@@ -360,9 +360,24 @@ def test_bench_cli_tiny_mode_writes_the_expected_json(tmp_path, capsys):
     assert "tiny-opt" in captured.err and "ms/step" in captured.err  # the table for people
 
 
+def test_bench_times_the_streamed_step_beside_the_resident_one(tmp_path, capsys):
+    out = tmp_path / "streamed.json"
+    args = ["bench", "--device", "cpu", "--models", "tiny-opt", "--methods", "dp-zoso,mezo", "--out", str(out)]
+    code = cli.main([*args, "--offload", "none,streamed", "--steps", "2", "--warmup", "1"])
+    assert code == 0, capsys.readouterr().err
+    runs = json.loads(out.read_text())["models"]["tiny-opt"]["runs"]
+    resident = {r["method"]: r for r in runs if r["impl"] == "dpzo" and r["master"] == "none"}
+    streamed = {r["method"]: r for r in runs if r["impl"] == "dpzo-streamed"}
+    assert set(streamed) == {"dp-zoso", "mezo"}
+    for method, r in streamed.items():
+        assert r["uploads_per_block"] == 2 + 1  # each timed step, and the flush of the last update
+        assert r["streamed_over_resident"] == pytest.approx(r["ms_per_step"] / resident[method]["ms_per_step"])
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
+        (["--offload", "disk"], "argument --offload: unknown ['disk']"),
         (["--models", "gpt-5"], "argument --models: unknown ['gpt-5']"),
         (["--methods", "dp-sgd"], "argument --methods: unknown ['dp-sgd']"),
         (["--autocast", "int8"], "argument --autocast: unknown ['int8']"),

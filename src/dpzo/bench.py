@@ -17,6 +17,11 @@ the official style and the peak GPU memory over the inference peak.
 
 Both compute the same mathematics (see :mod:`dpzo.zo.official`), so only the mechanics differ.
 
+With ``offload`` including ``streamed``, the model is then moved to host memory and the same
+methods run streamed (``dpzo.zo.streamed``: blocks uploaded once per step, in place), reported
+as ``impl: dpzo-streamed`` beside the resident in-place run: the step-time ratio and the peak
+GPU memory against 3 blocks + the resident modules + the activations.
+
 Every batch is the same: n equals the batch size, so Poisson sampling at q = 1 takes every
 example each step (and MeZO's sampling without replacement a permutation of them).
 """
@@ -67,6 +72,14 @@ TARGETS: dict[str, list[tuple[str, str, str, float]]] = {
         ("peak memory / inference peak, dp-zoso (lambda = 0)", "memory_dense", "<=", 1.05),
         ("peak memory / inference peak, dp-zopo (1 %)", "memory_masked", "<=", 1.10),
         ("SST-2-sized cell, 6000 steps at B = 64 (minutes of steps)", "sst2_minutes", "<=", 8.0),
+    ],
+    "opt-6.7b": [
+        ("streamed / resident dp-zoso step time (in place)", "streamed_ratio", "<=", 1.3),
+        ("streamed peak / (3 blocks + resident modules + activations)", "streamed_memory", "<=", 1.0),
+    ],
+    "opt-30b": [
+        ("streamed / resident dp-zoso step time (in place)", "streamed_ratio", "<=", 1.3),
+        ("streamed peak / (3 blocks + resident modules + activations)", "streamed_memory", "<=", 1.0),
     ],
     "opt-2.7b": [
         ("dp-zoso speed-up over the official style (fp16)", "speedup_fp32", ">=", 2.0),
@@ -155,6 +168,42 @@ MODELS: dict[str, BenchModel] = {
             num_attention_heads=40,
             max_position_embeddings=2048,
             word_embed_proj_dim=5120,
+            do_layer_norm_before=True,
+            **_OPT_SPECIAL,
+        ),
+        "float16",
+        16,
+        256,
+    ),
+    # facebook/opt-6.7b: 32 layers, 4096 wide (6.7B parameters): streamed against resident
+    "opt-6.7b": BenchModel(
+        "opt",
+        dict(
+            vocab_size=50272,
+            hidden_size=4096,
+            num_hidden_layers=32,
+            ffn_dim=16384,
+            num_attention_heads=32,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=4096,
+            do_layer_norm_before=True,
+            **_OPT_SPECIAL,
+        ),
+        "float16",
+        16,
+        256,
+    ),
+    # facebook/opt-30b: 48 layers, 7168 wide (30B parameters, 60 GB in fp16): streamed against resident
+    "opt-30b": BenchModel(
+        "opt",
+        dict(
+            vocab_size=50272,
+            hidden_size=7168,
+            num_hidden_layers=48,
+            ffn_dim=28672,
+            num_attention_heads=56,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=7168,
             do_layer_norm_before=True,
             **_OPT_SPECIAL,
         ),
@@ -255,8 +304,13 @@ def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -
         config, cls = transformers.OPTConfig(**spec.config), transformers.OPTForCausalLM
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: no host copy of a 2.7B model
-        model = cls(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the weights' dtype: no float32 copy of a 30B model
+    try:
+        with torch.device(device):  # initialise on the device: no host copy of a 2.7B model
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -337,6 +391,7 @@ class _Setup:
     mask: Mask | None = None
     numel: int = 0
     extra: dict = field(default_factory=dict)
+    streamed: Any = None  # the StreamedParameters once the blocks went to host memory
 
     @property
     def batch_size(self) -> int:
@@ -432,6 +487,53 @@ def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: 
     }
 
 
+def stream(setup: _Setup) -> dict:
+    """Move the model's blocks to host memory for streamed runs (in place: ZO2's setting);
+    returns the bytes the limit on the streamed peak is made of."""
+    from dpzo.zo.streamed import StreamedParameters, find_blocks
+
+    blocks = find_blocks(setup.model)
+    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    all_bytes = sum(p.numel() * p.element_size() for p in setup.model.parameters())
+    in_blocks = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
+    setup.model.to("cpu")
+    _reset_peak(setup.device)
+    setup.streamed = StreamedParameters(setup.model, None, device=setup.device)
+    return {"block_bytes": block_bytes, "resident_bytes": all_bytes - in_blocks, "weight_bytes": all_bytes}
+
+
+def time_streamed(setup: _Setup, method: str, *, steps: int, warmup: int) -> dict:
+    """:func:`dpzo.zo.loop.train_zo` on the streamed model (in place), on the same batch."""
+
+    def per_example_loss(index):
+        return setup.clf.per_example_loss(rows(setup.batch, index))
+
+    _reset_peak(setup.device)
+    kw = dict(method=method, run_seed=0, masks=setup.masks(method), master_dtype=None, **setup.privacy(method))
+    if warmup:
+        train_zo(
+            setup.model,
+            per_example_loss,
+            setup.batch_size,
+            setup.hyperparameters(method, warmup),
+            flat=setup.streamed,
+            **kw,
+        )
+    before = setup.streamed.uploads[0]
+    history = train_zo(
+        setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), flat=setup.streamed, **kw
+    )
+    return {
+        "method": method,
+        "impl": "dpzo-streamed",
+        "autocast": "none",
+        "master": "none",
+        "ms_per_step": history["ms_per_step"],
+        "peak_mb": _peak_mb(setup.device),
+        "uploads_per_block": setup.streamed.uploads[0] - before,  # the steps, and the final flush
+    }
+
+
 def _masters(method: str, master: str, dtype: torch.dtype) -> list[str]:
     """Which ways of holding theta to time: in place always; a float32 master where the weights
     are 16-bit (there it is what precision asks for), for dp-zoso."""
@@ -444,7 +546,14 @@ def _annotate(runs: list[dict], forward_ms: dict, inference_mb: dict) -> None:
     """Ratio to two forwards (same autocast), speed-up over the official style (same method),
     peak over the inference peak (same autocast)."""
     official = {r["method"]: r["ms_per_step"] for r in runs if r["impl"] == "official-style"}
+    resident = {
+        r["method"]: r["ms_per_step"]
+        for r in runs
+        if r["impl"] == "dpzo" and r["autocast"] == "none" and r["master"] == "none"
+    }
     for r in runs:
+        if r["impl"] == "dpzo-streamed":
+            r["streamed_over_resident"] = r["ms_per_step"] / resident[r["method"]] if r["method"] in resident else None
         r["ratio_to_two_forwards"] = r["ms_per_step"] / (2.0 * forward_ms[r["autocast"]])
         r["speedup_vs_official"] = official[r["method"]] / r["ms_per_step"] if r["method"] in official else None
         base = inference_mb.get(r["autocast"])
@@ -464,6 +573,8 @@ def evaluate_targets(name: str, record: dict) -> list[dict]:
     fp = _pick(runs, method="dp-zoso", autocast="none", master="none")
     bf = _pick(runs, method="dp-zoso", autocast="bf16", master="none")
     masked = _pick(runs, method="dp-zopo", autocast="none", master="none")
+    streamed = next((r for r in runs if r["impl"] == "dpzo-streamed" and r["method"] == "dp-zoso"), None)
+    limit_mb = record.get("streamed_limit_mb")
     dense_runs = [r for r in runs if r["impl"] == "dpzo" and r["method"] == "dp-zoso"]
     fastest = min(dense_runs, key=lambda r: r["ms_per_step"]) if dense_runs else None
     values = {
@@ -472,6 +583,8 @@ def evaluate_targets(name: str, record: dict) -> list[dict]:
         "speedup_bf16": bf and bf["speedup_vs_official"],
         "memory_dense": fp and fp["peak_over_inference"],
         "memory_masked": masked and masked["peak_over_inference"],
+        "streamed_ratio": streamed and streamed["streamed_over_resident"],
+        "streamed_memory": streamed and streamed["peak_mb"] and limit_mb and streamed["peak_mb"] / limit_mb,
         "sst2_minutes": fastest and (fastest["ms_per_step"] * 6000 / 60000.0 if record["batch_size"] == 64 else None),
     }
     out = []
@@ -495,6 +608,7 @@ def bench_model(
     steps: int = 20,
     warmup: int = 3,
     mask_ratio: float = 0.01,
+    offload: Sequence[str] = ("none",),
     progress: Callable[[str], None] = lambda line: None,
 ) -> dict:
     """Measure one model; returns its record (see :func:`run_bench`)."""
@@ -524,6 +638,12 @@ def bench_model(
             for m in _masters(method, master, torch_dtype):
                 runs.append(time_dpzo(setup, method, autocast=ac, master=m, steps=steps, warmup=warmup))
                 progress(f"{name}: {method} dpzo (autocast {ac}, master {m}) {runs[-1]['ms_per_step']:.2f} ms/step")
+    sizes = None
+    if "streamed" in offload:  # last: it moves the blocks to host memory
+        sizes = stream(setup)
+        for method in methods:
+            runs.append(time_streamed(setup, method, steps=steps, warmup=warmup))
+            progress(f"{name}: {method} dpzo streamed (in place) {runs[-1]['ms_per_step']:.2f} ms/step")
     _annotate(runs, forward_ms, inference_mb)
     record = {
         "family": spec.family,
@@ -537,6 +657,12 @@ def bench_model(
         "inference_peak_mb": inference_mb,
         "runs": runs,
     }
+    if sizes is not None and inference_mb.get("none"):
+        # activations of the inference peak (the peak less the weights), then 3 blocks and the
+        # resident modules: what the streamed peak may hold
+        activations = inference_mb["none"] - sizes["weight_bytes"] / 2**20
+        record["streamed_limit_mb"] = (3 * sizes["block_bytes"] + sizes["resident_bytes"]) / 2**20 + activations
+        record["block_mb"] = sizes["block_bytes"] / 2**20
     defaults = b == spec.batch_size and s == spec.seq_len and torch_dtype == DTYPES[spec.dtype]
     record["targets"] = evaluate_targets(name, record) if device.type == "cuda" and defaults else []
     del setup, clf, model

@@ -356,6 +356,13 @@ def _add_bench(subparsers: Any) -> None:
         help="dp-zopo's fraction of trained coordinates (default 0.01)",
     )
     p.add_argument(
+        "--offload",
+        type=_names,
+        default=["none"],
+        help="comma-separated, from none, streamed: also time the methods with the blocks streamed from "
+        "host memory (in place), after the resident runs (default: none)",
+    )
+    p.add_argument(
         "--no-tf32", action="store_true", help="on cuda, run float32 matmuls in full float32 (default: TF32 allowed)"
     )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -390,6 +397,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ("--models", models, bench.MODELS),
         ("--methods", args.methods, bench.METHODS),
         ("--autocast", args.autocast or [], bench.AUTOCAST),
+        ("--offload", args.offload, ("none", "streamed")),
     ]
     for flag, given, allowed in checks:
         unknown = [x for x in given if x not in allowed]
@@ -412,6 +420,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             steps=args.steps or (20 if gpu else 3),
             warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
             mask_ratio=args.mask_ratio,
+            offload=args.offload,
         )
     except ValueError as err:  # e.g. a sequence longer than the model's positions
         return _fail("bench", str(err))
