@@ -118,6 +118,9 @@ class AuditedMechanism:
     neighbouring: str  # "add/remove" | "replace-one"
     epsilon_claimed: float
     delta: float
+    #: releases (each with its own batch) per training step: the trainer draws a step's batches
+    #: before any of its noise
+    releases_per_step: int = 1
 
     @classmethod
     def from_ledger(cls, ledger: dict[str, Any]) -> AuditedMechanism:
@@ -156,6 +159,7 @@ class AuditedMechanism:
                 else "add/remove",
                 epsilon_claimed=float(ledger["epsilon_target"]),
                 delta=float(ledger.get("delta") or 0.0),
+                releases_per_step=max(1, int(ledger["compositions"]) // max(1, int(ledger["steps"]))),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise AuditError(
@@ -206,12 +210,16 @@ def run_mechanism(
         example0 = -values if mech.neighbouring == "replace-one" else np.zeros_like(values)
     noise = mech.noise
     out = np.empty(mech.releases)
-    for t in range(mech.releases):
-        index = secret.poisson_batch(mech.n, mech.q)  # sorted: the canary, if sampled, comes first
-        d = torch.zeros(len(index), dtype=torch.float64)
-        if len(index) and index[0] == 0:
-            d[0] = example0[t]
-        out[t], _ = spec.release(d, clip=mech.clip, beta=AUDIT_BETA, noise=noise, secret=secret)
+    per_step = mech.releases_per_step
+    for first in range(0, mech.releases, per_step):
+        # as the trainer: every batch of the step, then each release's noise
+        releases = range(first, min(first + per_step, mech.releases))
+        batches = [secret.poisson_batch(mech.n, mech.q) for _ in releases]  # sorted: the canary comes first
+        for t, index in zip(releases, batches):
+            d = torch.zeros(len(index), dtype=torch.float64)
+            if len(index) and index[0] == 0:
+                d[0] = example0[t]
+            out[t], _ = spec.release(d, clip=mech.clip, beta=AUDIT_BETA, noise=noise, secret=secret)
     return out
 
 

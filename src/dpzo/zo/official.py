@@ -206,8 +206,13 @@ def official_style_train(
             if hp.lam:
                 anchor = zo.snapshot()
         seeds, grads = [], []
-        for p in range(hp.directions):
-            index = secret.poisson_batch(n, q) if private else public_rng.choice(n, size=hp.batch_size, replace=False)
+        # every batch of the step before any noise, as dpzo's trainer draws them (one draw per
+        # direction: the released code has one direction per step, where the orders agree)
+        batches = [
+            secret.poisson_batch(n, q) if private else public_rng.choice(n, size=hp.batch_size, replace=False)
+            for _ in range(hp.directions)
+        ]
+        for p, index in enumerate(batches):
             seed = direction_seed(run_seed, step, p)
             if private or not math.isinf(hp.clip):
                 values = []
