@@ -120,6 +120,41 @@ def sorted_parameters(model, flat):
     return [(str(i), part.master) for i, part in enumerate(flat.parts)]
 
 
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_streamed_adapters_equal_resident(tokenizer, family, kind):
+    """tuning: lora / prefix: the frozen weights of a block travel with it, the adapters are its parts."""
+    from dpzo.methods.hyperparameters import TuningSettings
+    from dpzo.models.adapters import apply_tuning
+
+    hp = ZOHyperparameters(steps=4, batch_size=6, lr=5e-2, clip=2.0, directions=2, log_every=1)
+    results = []
+    for streamed in (False, True):
+        clf = make(tokenizer, family)
+        apply_tuning(clf.model, TuningSettings(kind=kind, rank=2, tokens=2), seed=1)
+        clf.model.to(torch.float64)
+        data = clf.encode(examples(24, seed=2))
+        with torch.no_grad():
+            before = clf.label_logits(data.batch(np.arange(len(data)), clf.device))
+        flat = StreamedParameters(clf.model, torch.float64, device="cpu", direction_cache_size=2) if streamed else None
+        train_zo(
+            clf.model,
+            lambda index: clf.per_example_loss(data.batch(index, clf.device)),  # noqa: B023
+            len(data),
+            hp,
+            method="dp-zoso",
+            run_seed=11,
+            noise=NoisySum("gaussian", 1.0, hp.batch_size),
+            secret=SecretRandom(insecure_test_seed=7),
+            master_dtype=torch.float64,
+            flat=flat,
+        )
+        with torch.no_grad():
+            results.append(clf.label_logits(data.batch(np.arange(len(data)), clf.device)))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-12)
+    assert float((results[0] - before).abs().max()) > 1e-6  # the adapters trained
+
+
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch, one_thread):
     monkeypatch.setattr(flat_module, "DIRECTION_CHUNK", 1000)  # z in several blocks, parts cut inside them
@@ -165,6 +200,7 @@ def test_one_upload_per_block_per_step(tokenizer):
     # between uploads a block's working weights are a zero-stride placeholder: theta lives on the host
     weight = blocks[0].self_attn.k_proj.weight
     assert weight.stride() == (0, 0) and not any(flat._pending)
+    assert not flat._fetched  # every block fetched ahead (the next one, during a block's compute) was used
 
 
 def test_streamed_refuses_a_forward_that_splits_the_step(tokenizer):
@@ -228,3 +264,46 @@ def test_streamed_cells_through_the_dag_equal_resident_ones(tiny_run, tmp_path):
         assert streamed["accuracy"] == resident["accuracy"], cell
         assert streamed["test_loss"] == pytest.approx(resident["test_loss"], rel=1e-4), cell
         assert streamed["releases"] == resident["releases"], cell
+
+
+def test_a_streamed_run_resumes_from_its_snapshot_to_the_uninterrupted_result(tokenizer, tmp_path):
+    from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint
+
+    path = tmp_path / "state.pt"
+    hp = ZOHyperparameters(**SETTINGS["dp-zoso-2"], log_every=1)
+
+    def run(checkpoint=None, die_after=None):
+        clf = make(tokenizer, "llama")
+        data = clf.encode(examples(24, seed=2))
+        flat = StreamedParameters(clf.model, torch.float64, device="cpu", direction_cache_size=hp.directions)
+        calls = []
+
+        def loss(index):
+            calls.append(1)
+            if die_after is not None and len(calls) > die_after:
+                raise KeyboardInterrupt
+            return clf.per_example_loss(data.batch(index, clf.device))
+
+        history = train_zo(
+            clf.model,
+            loss,
+            len(data),
+            hp,
+            method="dp-zoso",
+            run_seed=11,
+            noise=NoisySum("gaussian", 0.5 * hp.clip, hp.batch_size),
+            secret=SecretRandom(insecure_test_seed=7),
+            master_dtype=torch.float64,
+            flat=flat,
+            checkpoint=checkpoint,
+        )
+        return torch.cat([part.master for part in flat.parts]), history
+
+    snapshots = lambda: TrainingCheckpoint(CheckpointPolicy(path, every_steps=2, every_seconds=0), {"cell": 1})  # noqa: E731
+    theta, history = run()
+    with pytest.raises(KeyboardInterrupt):
+        run(snapshots(), die_after=3)  # dies in step 3, after the snapshot of step 2
+    resumed, resumed_history = run(snapshots())
+    assert resumed_history["resumed_from"]
+    torch.testing.assert_close(resumed, theta, rtol=0, atol=1e-12)
+    assert resumed_history["releases"] == history["releases"]

@@ -29,13 +29,15 @@ resident trainer's (``tests/test_streamed.py``: float64, to 1e-12).  The sampler
 batch of a step before any noise (``dpzo.zo.step``), as the resident trainer does.
 
 Host memory holds per block theta in the master's precision (pinned when the device is a GPU);
-with a master copy the block's 16-bit working weights exist only while it is uploaded.  Device
-memory holds the resident modules, the block being computed, and the activations of the 2P
-groups.
+with a master copy the block's 16-bit working weights exist only while it is uploaded.  While a
+block computes, the next one is copied up on a separate CUDA stream (:meth:`_fetch`); the copy
+home is synchronous.  Device memory holds the resident modules, the block being computed, the
+next one, and the activations of the 2P groups.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,6 +148,8 @@ class StreamedParameters(PlacedParameters):
         self._frozen = [self._frozen_tensors(block) for block in self.blocks]
         self._pending: list[list[Callable[[], None]]] = [[] for _ in self.blocks]
         self._uploaded = [True] * len(self.blocks)  # built where they were loaded: sent home below
+        self._fetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], Any]] = {}  # copies under way
+        self._stream: torch.cuda.Stream | None = None
         self.uploads = [0] * len(self.blocks)
         self._groups: list[tuple[int, int, float]] | None = None
         for i in range(len(self.blocks)):
@@ -170,16 +174,41 @@ class StreamedParameters(PlacedParameters):
         return host.pin_memory() if self.device.type == "cuda" else host
 
     @torch.no_grad()
+    def _fetch(self, i: int) -> None:
+        """Start copying block i to the device (on a copy stream on a GPU, so that it overlaps
+        the compute of the block before it); :meth:`_upload` waits for it."""
+        if self._uploaded[i] or i in self._fetched:
+            return
+        stream = self._copy_stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            masters = [part.master.to(self.device, copy=True, non_blocking=True) for part in self._block_parts[i]]
+            frozen = [host.to(self.device, copy=True, non_blocking=True) for _, _, _, host in self._frozen[i]]
+            done = stream.record_event() if stream is not None else None
+        self._fetched[i] = (masters, frozen, done)
+
+    def _copy_stream(self) -> torch.cuda.Stream | None:
+        if self.device.type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    @torch.no_grad()
     def _upload(self, i: int) -> None:
-        """Block i onto the device, with what is pending for it applied."""
+        """Block i onto the device (fetched, or fetched now), with what is pending for it applied."""
         if self._uploaded[i]:
             return
-        for part in self._block_parts[i]:
-            master = part.master.to(self.device, copy=True, non_blocking=True)
+        self._fetch(i)
+        masters, frozen, done = self._fetched.pop(i)
+        if done is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            for t in (*masters, *frozen):  # made on the copy stream, used and freed on this one
+                t.record_stream(compute)
+        for part, master in zip(self._block_parts[i], masters):
             work = master if part.in_place else master.to(self._work_dtype[id(part)], copy=True)
             part.rebind(work, master)
-        for owner, name, is_param, host in self._frozen[i]:
-            moved = host.to(self.device, copy=True, non_blocking=True)
+        for (owner, name, is_param, _), moved in zip(self._frozen[i], frozen):
             if is_param:
                 owner._parameters[name].data = moved
             else:
@@ -237,6 +266,8 @@ class StreamedParameters(PlacedParameters):
     def _block_forward(self, i: int, forward: Callable) -> Callable:
         def streamed(*args, **kwargs):
             self._upload(i)
+            if i + 1 < len(self.blocks):
+                self._fetch(i + 1)  # the next block's copy overlaps this block's compute
             try:
                 return self._grouped(self._perturbed(self._block_parts[i]), forward, args, kwargs)
             finally:
@@ -350,6 +381,7 @@ class StreamedParameters(PlacedParameters):
         if master.numel() != self.numel:
             raise ValueError(f"a state of {master.numel()} parameters does not fit {self.numel}")
         self._pending = [[] for _ in self.blocks]
+        self._fetched.clear()  # copies of the old theta
         self.set_mask(None)
         for part, (lo, hi) in zip(self.parts, self._spans()):
             if id(part) in self._home:  # at home: theta is the host master
