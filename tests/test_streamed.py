@@ -29,7 +29,7 @@ from dpzo.zo.streamed import StreamedParameters, find_blocks
 
 from .tiny import examples, make_clf
 
-FAMILIES = ["opt", "llama", "roberta"]
+FAMILIES = ["opt", "llama", "roberta", "gpt2"]
 SETTINGS = {
     # stages (beta moves, lr halves), the proximal anchor, two directions per step
     "dp-zoso": dict(
@@ -50,9 +50,23 @@ SETTINGS = {
 
 
 def make(tokenizer, family: str, seed: int = 4) -> PromptClassifier:
-    if family != "llama":
+    if family in ("opt", "roberta"):
         return make_clf(tokenizer, "mlm" if family == "roberta" else "causal", seed=seed)
     torch.manual_seed(seed)
+    task = dataclasses.replace(TASKS["SST-2"], label_words={"0": "bad", "1": "good"})
+    if family == "gpt2":  # fused c_attn (Conv1D), learned positions, tied head
+        cfg = transformers.GPT2Config(
+            vocab_size=50,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=40,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+        return PromptClassifier(model, tokenizer, "causal", task)
     cfg = transformers.LlamaConfig(
         vocab_size=50,
         hidden_size=16,
@@ -66,7 +80,6 @@ def make(tokenizer, family: str, seed: int = 4) -> PromptClassifier:
         eos_token_id=2,
     )
     model = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
-    task = dataclasses.replace(TASKS["SST-2"], label_words={"0": "bad", "1": "good"})
     return PromptClassifier(model, tokenizer, "causal", task)
 
 

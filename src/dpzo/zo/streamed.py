@@ -89,15 +89,27 @@ def _has_batch(value: Any, total: int) -> bool:
     return False
 
 
-def _join(outputs: list[Any], sizes: list[int]) -> Any:
-    """The groups' outputs put back together along the batch (other values: the first group's)."""
+def _join(outputs: list[Any], sizes: list[int], *, broadcast: bool = False) -> Any:
+    """The groups' outputs put back together along the batch (other values: the first group's).
+
+    ``broadcast``: the module saw no rows (e.g. GPT-2's position embedding of [1, L] positions),
+    so each group's [1, ...] output is repeated for the group's rows: a sum with the batch then
+    adds to each row its own group's value."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
+        if broadcast:
+            if first.dim() < 2 or any(o.shape[0] != 1 for o in outputs):
+                raise RuntimeError(
+                    "streamed forward: a module that holds trained weights was called without the step's rows and "
+                    "returned no [1, ...] tensor to broadcast; offload: streamed needs one forward per step over "
+                    "the whole batch"
+                )
+            return torch.cat([o.expand(n, *o.shape[1:]) for o, n in zip(outputs, sizes)])
         if first.dim() >= 2 and all(o.shape[0] == n for o, n in zip(outputs, sizes)):
             return torch.cat(outputs)
         return first
     if isinstance(first, tuple | list):
-        return type(first)(_join([o[k] for o in outputs], sizes) for k in range(len(first)))
+        return type(first)(_join([o[k] for o in outputs], sizes, broadcast=broadcast) for k in range(len(first)))
     return first
 
 
@@ -293,21 +305,20 @@ class StreamedParameters(PlacedParameters):
                 part.restore()
             return forward(*args, **kwargs)
         total = sum(rows for rows, _, _ in groups)
-        if not _has_batch((args, kwargs), total):
-            raise RuntimeError(
-                f"streamed forward: a module was called without the step's {total} rows; offload: streamed "
-                "needs one forward per step over the whole batch"
-            )
+        batched = _has_batch((args, kwargs), total)
         outputs, start = [], 0
         for rows, seed, scale in groups:
             for part in parts:
                 part.perturb(seed, scale)
             cut = slice(start, start + rows)
-            outputs.append(forward(*_take(args, cut, total), **_take(kwargs, cut, total)))
+            if batched:
+                outputs.append(forward(*_take(args, cut, total), **_take(kwargs, cut, total)))
+            else:  # no rows in (positions): the group's output, broadcast to its rows below
+                outputs.append(forward(*args, **kwargs))
             start += rows
         for part in parts:
             part.restore()
-        return _join(outputs, [rows for rows, _, _ in groups])
+        return _join(outputs, [rows for rows, _, _ in groups], broadcast=not batched)
 
     def two_point_losses(
         self,
