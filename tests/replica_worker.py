@@ -81,8 +81,11 @@ def main() -> None:
     checkpoint_path = sys.argv[3] if len(sys.argv) > 3 else None
     team = Replicas.from_environment(timeout_s=60)
     die = os.environ.get("DIE_AFTER_LOSS_CALLS")
-    result = run_case(case, team, checkpoint_path, int(die) if die and team.rank == 1 else None)
-    torch.save(result, f"{out}.rank{team.rank}")
+    try:
+        result = run_case(case, team, checkpoint_path, int(die) if die and team.rank == 1 else None)
+        torch.save(result, f"{out}.rank{team.rank}")
+    finally:
+        team.close()
 
 
 if __name__ == "__main__":

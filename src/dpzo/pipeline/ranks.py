@@ -130,10 +130,13 @@ def main(argv: list[str]) -> None:
     if run.device.startswith("cuda"):
         run = dataclasses.replace(run, device="cuda:0")  # the first of this rank's own GPUs
     team = Replicas.from_environment(device=run.device if run.device.startswith("cuda") else "cpu")
-    if team.is_main:
-        train_cell(run, metrics_path=metrics_path, diagnostics_path=diagnostics_path, team=team)
-    else:
-        run_cell(run, team=team)  # then exit: rank 0 evaluates alone, with no collective left
+    try:
+        if team.is_main:
+            train_cell(run, metrics_path=metrics_path, diagnostics_path=diagnostics_path, team=team)
+        else:
+            run_cell(run, team=team)  # then exit: rank 0 evaluates alone, with no collective left
+    finally:
+        team.close()
 
 
 if __name__ == "__main__":

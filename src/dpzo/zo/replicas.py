@@ -71,6 +71,9 @@ class SingleProcess:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def close(self) -> None:
+        """Leave the process group (nothing to leave in one process)."""
+
 
 class Replicas(SingleProcess):
     """R processes of one ``torch.distributed`` group (gloo on CPU, NCCL on GPUs).
@@ -192,3 +195,10 @@ class Replicas(SingleProcess):
     def barrier(self) -> None:
         """Wait for every rank."""
         self._collective("waiting for every rank", lambda: self._dist.barrier(group=self.group))
+
+    def close(self) -> None:
+        """Leave the process group before the process exits: a gloo group torn down by the
+        interpreter's exit can abort the process (``terminate called without an active
+        exception``), which the launcher would report as a failed rank."""
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
