@@ -374,6 +374,15 @@ def test_bench_times_the_streamed_step_beside_the_resident_one(tmp_path, capsys)
         assert r["streamed_over_resident"] == pytest.approx(r["ms_per_step"] / resident[method]["ms_per_step"])
 
 
+def test_bench_quick_mode_times_the_issue_grid(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--models", "tiny-opt", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["settings"]["steps"] == 10 and record["settings"]["warmup"] == 2
+    assert {r["method"] for r in record["models"]["tiny-opt"]["runs"]} == {"dp-zoso", "dp-zopo"}
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -500,17 +500,27 @@ def test_non_finite_loss_stops_training_with_the_step():
         )
 
 
-@pytest.mark.parametrize(
-    "lr,needle", [(1e300, "non-finite update at step 0"), (1e307, "non-finite weights after step 0")]
-)
-def test_non_finite_update_stops_training(lr, needle):
+def _first_mezo_step(quad: Quadratic, model: TwoTensorModel, run_seed: int) -> tuple[float, np.ndarray]:
+    """MeZO's released scalar at step 0 (batch 8 of 40) and its z, computed independently."""
+    index = np.random.default_rng([run_seed, 1]).choice(40, size=8, replace=False)
+    z = gaussian_direction(direction_seed(run_seed, 0, 0), 10, dtype=torch.float64).numpy()
+    return float(quad.directional_np(model.theta().detach().numpy(), z, index).mean()), z
+
+
+@pytest.mark.parametrize("overflow", ["update", "weights"])
+def test_non_finite_update_stops_training(overflow):
     quad = Quadratic(n=40)
     model = TwoTensorModel()
+    # update: lr * g does not fit in float32 weights; weights: lr * g fits in float64 (half its
+    # largest number) but theta - lr g z overflows (some |z_i| > 2)
+    g, z = _first_mezo_step(quad, model, run_seed=6)
+    assert np.abs(z).max() > 1.5  # so that lr g fits and lr g z does not
+    lr = 1e300 if overflow == "update" else 0.5 * torch.finfo(torch.float64).max / abs(g)
+    needle = "non-finite update at step 0" if overflow == "update" else "non-finite weights after step 0"
     hp = ZOHyperparameters(steps=1, batch_size=8, lr=lr)
-    # 1e300: lr * g does not fit in float32 weights; 1e307: it fits in float64 but theta overflows
-    master = torch.float32 if lr == 1e300 else torch.float64
+    master = torch.float32 if overflow == "update" else torch.float64
     with pytest.raises(FloatingPointError, match=needle):
-        train_zo(model, quad.loss_fn(model), 40, hp, method="mezo", run_seed=0, master_dtype=master)
+        train_zo(model, quad.loss_fn(model), 40, hp, method="mezo", run_seed=6, master_dtype=master)
 
 
 def test_same_public_seed_different_noise_unless_the_test_seed_is_set():

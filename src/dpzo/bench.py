@@ -47,7 +47,7 @@ from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.zo.flat import FlatParameters
+from dpzo.zo.flat import FlatParameters, fused_passes
 from dpzo.zo.loop import train_zo
 from dpzo.zo.official import official_style_train
 
@@ -458,8 +458,30 @@ def time_official(setup: _Setup, method: str, *, steps: int, warmup: int) -> dic
     }
 
 
-def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: int, warmup: int) -> dict:
-    """:func:`dpzo.zo.loop.train_zo` on the same batch (a warm-up call, then a timed call)."""
+@contextlib.contextmanager
+def _passes(fused: bool):
+    """The block-buffer passes (``fused`` False: ``DPZO_FUSED=0``) or the default ones."""
+    import os
+
+    previous = os.environ.get("DPZO_FUSED")
+    if not fused:
+        os.environ["DPZO_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DPZO_FUSED", None)
+        else:
+            os.environ["DPZO_FUSED"] = previous
+
+
+def time_dpzo(
+    setup: _Setup, method: str, *, autocast: str, master: str, steps: int, warmup: int, fused: bool = True
+) -> dict:
+    """:func:`dpzo.zo.loop.train_zo` on the same batch (a warm-up call, then a timed call).
+
+    ``fused`` False times the block-buffer passes where the fused Triton ones are the default
+    (``impl: dpzo-blocks``)."""
     ctx = lambda: _autocast(setup.device, autocast)  # noqa: E731
 
     def per_example_loss(index):
@@ -474,12 +496,13 @@ def time_dpzo(setup: _Setup, method: str, *, autocast: str, master: str, steps: 
         master_dtype=None if master == "none" else DTYPES[master],
         **setup.privacy(method),
     )
-    if warmup:
-        train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
-    history = train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), **kw)
+    with _passes(fused):
+        if warmup:
+            train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
+        history = train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), **kw)
     return {
         "method": method,
-        "impl": "dpzo",
+        "impl": "dpzo" if fused else "dpzo-blocks",
         "autocast": autocast,
         "master": master,
         "ms_per_step": history["ms_per_step"],
@@ -638,6 +661,11 @@ def bench_model(
             for m in _masters(method, master, torch_dtype):
                 runs.append(time_dpzo(setup, method, autocast=ac, master=m, steps=steps, warmup=warmup))
                 progress(f"{name}: {method} dpzo (autocast {ac}, master {m}) {runs[-1]['ms_per_step']:.2f} ms/step")
+                if fused_passes(device):  # the fused kernels are the default here: the block-buffer row beside them
+                    runs.append(
+                        time_dpzo(setup, method, autocast=ac, master=m, steps=steps, warmup=warmup, fused=False)
+                    )
+                    progress(f"{name}: {method} dpzo-blocks (autocast {ac}, master {m}) {runs[-1]['ms_per_step']:.2f}")
     sizes = None
     if "streamed" in offload:  # last: it moves the blocks to host memory
         sizes = stream(setup)

@@ -356,6 +356,12 @@ def _add_bench(subparsers: Any) -> None:
         help="dp-zopo's fraction of trained coordinates (default 0.01)",
     )
     p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the issue's GPU check in a few minutes: roberta-large (fp32/TF32 and bf16 autocast) and "
+        "opt-2.7b (fp16, in place and with the float32 master), dp-zoso and dp-zopo at 1 %%, 10 timed steps",
+    )
+    p.add_argument(
         "--offload",
         type=_names,
         default=["none"],
@@ -392,6 +398,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             "bench", "argument --device: CUDA is not available on this machine; use --device cpu (tiny models)"
         )
     gpu = device.type == "cuda"
+    if args.quick:  # what the command line leaves unset
+        args.models = args.models or (["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"])
+        args.methods = [m for m in args.methods if m != "mezo"] or args.methods
+        args.steps, args.warmup = args.steps or 10, 2 if args.warmup is None else args.warmup
     models = args.models or (["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"])
     checks = [
         ("--models", models, bench.MODELS),

@@ -16,13 +16,15 @@ Design (where the time of a step goes, and how it is kept close to two forward p
 
 * Every trainable parameter is re-pointed into one flat working buffer (the model's dtype), so a
   pass over the weights is a handful of large kernels instead of a few per tensor.
-* z is a pure function of (seed, flat index): block b of ``DIRECTION_CHUNK`` elements is drawn
-  by a ``torch.Generator`` seeded with ``block_seed(seed, b)`` (the seed itself for block 0), into
-  one preallocated block buffer and consumed at once, so z is never materialised whole, and a
-  part of the parameters (one device's, ``dpzo.zo.placed``) draws its own blocks without the
-  others: the trajectory does not depend on how the parameters are split.  (A model
-  of at most one block keeps each z whole for the passes of its step instead: a few MB, drawn
-  once rather than once per pass.)  A masked run sees exactly the dense z at its coordinates.
+* z is a pure function of (seed, flat index): coordinate i is the counter-based Philox normal
+  of (seed, i) (``dpzo.zo.philox``, Triton's ``tl.randn``), the same on every device and for any
+  cut of the vector.  A pass draws it in blocks of ``DIRECTION_CHUNK`` elements into one
+  preallocated buffer and consumes each at once, so z is never materialised whole, and a part of
+  the parameters (one device's, ``dpzo.zo.placed``; one streamed block, ``dpzo.zo.streamed``)
+  draws exactly its coordinates without the others: the trajectory does not depend on how the
+  parameters are split.  (A model of at most one block keeps each z whole for the passes of its
+  step instead: a few MB, drawn once rather than once per pass.)  A masked run sees exactly the
+  dense z at its coordinates.
 * Two ways to hold theta:
   - with a master copy (``master_dtype``, float32 by default): a perturbation writes
     ``work = master + s z``, so the restore is exact and free (the next perturbation overwrites
@@ -50,7 +52,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (part of z's definition)
+from dpzo.zo import philox
+
+DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (memory only: z does not depend on it)
 
 
 #: A coefficient of z: a Python number, or a 0-d tensor on the parameters' device (a released
@@ -71,33 +75,15 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
-_U64 = (1 << 64) - 1
-
-
-def block_seed(seed: int, block: int) -> int:
-    """The generator seed of block ``block`` of z(seed): ``seed`` itself for block 0 (so a model
-    of one block draws z exactly as ``torch.randn(numel)`` does), a SplitMix64 hash of both after."""
-    if block == 0:
-        return int(seed)
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(block) * 0xD1B54A32D192ED03) & _U64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
-    return (x ^ (x >> 31)) >> 1  # 63 bits: any torch generator takes it
-
-
 def gaussian_chunks(
     seed: int, numel: int, *, dtype: torch.dtype, device: torch.device, chunk: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (offset, z[offset:offset+len]) of a standard normal vector determined by ``seed``.
-
-    ``chunk`` defaults to ``DIRECTION_CHUNK``, read when called (the block size is part of the
-    definition of z, and ``FlatParameters`` reads the same value).
-    """
+    """Yield (offset, z[offset:offset+len]) of the standard normal vector z(seed) of ``numel``
+    coordinates, ``chunk`` (default ``DIRECTION_CHUNK``) at a time."""
     chunk = chunk or DIRECTION_CHUNK
-    gen = torch.Generator(device=device)
-    for block, start in enumerate(range(0, numel, chunk)):
+    for start in range(0, numel, chunk):
         n = min(chunk, numel - start)
-        yield start, torch.randn(n, generator=gen.manual_seed(block_seed(seed, block)), dtype=dtype, device=device)
+        yield start, philox.normal_(torch.empty(n, dtype=dtype, device=device), seed, start)
 
 
 def gaussian_direction(
@@ -133,6 +119,31 @@ def _merge(terms: Sequence[Term]) -> list[Term]:
         else:
             merged[key] = [seed, coef, scales]
     return [(s, c, sc) for s, c, sc in merged.values() if isinstance(c, torch.Tensor) or c != 0]
+
+
+def fused_passes(device: torch.device) -> bool:
+    """Whether the passes run as fused Triton kernels (``dpzo.zo.kernels``): on a GPU when Triton
+    is installed.  ``DPZO_FUSED=0`` turns them off; ``DPZO_FUSED=force`` uses them on any device
+    (the CPU tests, under ``TRITON_INTERPRET=1``)."""
+    import importlib.util
+    import os
+
+    choice = os.environ.get("DPZO_FUSED", "")
+    if choice == "0":
+        return False
+    if choice == "force":
+        return True
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def _groups_by_scales(terms: Sequence[Term]) -> list[tuple[torch.Tensor | None, list[int], list[Coefficient]]]:
+    """The terms grouped by their per-coordinate scales (one fused masked pass per group)."""
+    groups: dict[int, tuple[torch.Tensor | None, list[int], list[Coefficient]]] = {}
+    for seed, coef, scales in terms:
+        group = groups.setdefault(id(scales), (scales, [], []))
+        group[1].append(seed)
+        group[2].append(coef)
+    return list(groups.values())
 
 
 def check_mask_indices(indices: torch.Tensor, numel: int) -> None:
@@ -230,6 +241,7 @@ class FlatParameters:
                     p.data = self.work[offset : offset + n].view_as(p)
                     offset += n
         self.in_place = master_dtype is None
+        self.fused = fused_passes(self.device)  # z drawn inside the passes' kernels (dpzo.zo.kernels)
         self.master = self.work if self.in_place else self.work.to(master_dtype, copy=True)
         if not self.in_place and self.master.dtype != self.work.dtype:
             # theta is the master: the model starts at the master's value of every coordinate, so
@@ -243,7 +255,6 @@ class FlatParameters:
         self._applied: list[Term] = []  # what work holds on top of theta
         self._pending: list[Term] = []  # in place: moves of theta not yet written to work
         self._stale = False  # master mode: work lags behind master
-        self._generators: list[torch.Generator] = []
         self._block: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
         self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -259,9 +270,6 @@ class FlatParameters:
             lo, hi = max(block * self.chunk, self.offset), min((block + 1) * self.chunk, self.offset + self.numel)
             ranges.append((lo - self.offset, hi - self.offset, block, lo - block * self.chunk))
         return ranges
-
-    def _block_length(self, block: int) -> int:
-        return min(self.chunk, self.total - block * self.chunk)
 
     @property
     def _whole(self) -> bool:
@@ -326,11 +334,6 @@ class FlatParameters:
         return bool(torch.isfinite(self.master).all())
 
     # -- z ----------------------------------------------------------------------------------
-    def _generator(self, k: int) -> torch.Generator:
-        while len(self._generators) <= k:
-            self._generators.append(torch.Generator(device=self.device))
-        return self._generators[k]
-
     def _block_buffer(self) -> torch.Tensor:
         if self._block is None:
             self._block = torch.empty(min(self.chunk, self.total), dtype=self.z_dtype, device=self.device)
@@ -354,16 +357,12 @@ class FlatParameters:
             whole = [self._whole_direction(seed) for seed in seeds]
             yield 0, self.numel, lambda k: whole[k]
             return
-        gens = [self._generator(k) for k in range(len(seeds))]
         buf = self._block_buffer()
-        for lo, hi, block, first in self._ranges:
-            drawn = buf[: self._block_length(block)]
-            view = drawn[first : first + hi - lo]
+        for lo, hi, _, _ in self._ranges:
+            view = buf[: hi - lo]
 
-            def draw(k: int, drawn=drawn, view=view, block=block) -> torch.Tensor:
-                # normal_ into a buffer draws exactly what torch.randn(n, generator=...) would
-                drawn.normal_(generator=gens[k].manual_seed(block_seed(int(seeds[k]), block)))
-                return view
+            def draw(k: int, view=view, lo=lo) -> torch.Tensor:
+                return philox.normal_(view, int(seeds[k]), self.offset + lo)
 
             yield lo, hi, draw
 
@@ -374,16 +373,7 @@ class FlatParameters:
         if z is not None:
             self._whole_z.move_to_end(seed)
             return z
-        z = torch.empty(self.numel, dtype=self.z_dtype, device=self.device)
-        gen = self._generator(0)
-        for lo, hi, block, first in self._ranges:
-            length = self._block_length(block)
-            if first == 0 and hi - lo == length:  # the whole block: drawn in place
-                z[lo:hi].normal_(generator=gen.manual_seed(block_seed(int(seed), block)))
-            else:
-                part = torch.empty(length, dtype=self.z_dtype, device=self.device)
-                part.normal_(generator=gen.manual_seed(block_seed(int(seed), block)))
-                z[lo:hi] = part[first : first + hi - lo]
+        z = philox.normal_(torch.empty(self.numel, dtype=self.z_dtype, device=self.device), int(seed), self.offset)
         self._whole_z[seed] = z
         while len(self._whole_z) > max(self.direction_cache_size, 1) + 1:
             self._whole_z.popitem(last=False)
@@ -433,6 +423,17 @@ class FlatParameters:
         terms = _merge(terms)
         if not terms:
             return
+        if self.fused:
+            from dpzo.zo import kernels
+
+            for scales, seeds, coefs in _groups_by_scales(terms):
+                if self.mask is None:
+                    kernels.dense_pass(self.work, self.work, seeds, coefs, offset=self.offset)
+                else:
+                    kernels.masked_pass(
+                        self.work, self.work, self.mask, seeds, coefs, offset=self.offset, scales=scales
+                    )
+            return
         if self.mask is not None:
             for seed, coef, scales in terms:
                 z = self.direction(seed)
@@ -464,6 +465,15 @@ class FlatParameters:
         if self.in_place:
             undo = [(s, -c, sc) for s, c, sc in self._applied]
             self._move_work(undo + self._pending + [term])
+        elif self.fused:
+            from dpzo.zo import kernels
+
+            if self.mask is None:
+                kernels.dense_pass(self.work, self.master, [seed], [scale], offset=self.offset)
+            else:
+                kernels.masked_pass(
+                    self.work, self.master, self.mask, [seed], [scale], offset=self.offset, scales=term[2]
+                )
         elif self.mask is None:
             for start, end, draw in self._blocks([seed]):
                 torch.add(self.master[start:end], draw(0), alpha=scale, out=self.work[start:end])
@@ -504,7 +514,17 @@ class FlatParameters:
             self._pending.extend(terms)
             return
         terms = _merge(terms)
-        if terms:
+        if terms and self.fused:
+            from dpzo.zo import kernels
+
+            for scales, seeds, coefs in _groups_by_scales(terms):
+                if self.mask is None:
+                    kernels.dense_pass(self.master, self.master, seeds, coefs, offset=self.offset)
+                else:
+                    kernels.masked_pass(
+                        self.master, self.master, self.mask, seeds, coefs, offset=self.offset, scales=scales
+                    )
+        elif terms:
             if self.mask is not None:
                 for seed, coef, scales in terms:
                     z = self.direction(seed)
@@ -531,7 +551,7 @@ class FlatParameters:
     def rebind(self, work: torch.Tensor, master: torch.Tensor) -> None:
         """Hold theta in ``master`` and compute with ``work`` from now on (another device, or host
         memory between a streamed block's uploads: ``dpzo.zo.streamed``).  The parameters view
-        ``work``; the mask, its scales and the generators follow ``master``'s device.  The part
+        ``work``; the mask, its scales and the z buffers follow ``master``'s device.  The part
         must be restored (``work`` equal to theta), so nothing pending is lost.
         """
         if self._applied or self._pending or self._stale:
@@ -545,7 +565,8 @@ class FlatParameters:
             p.data = work[offset : offset + n].view(p.shape)
             offset += n
         self.device = master.device
-        self._generators, self._block, self._sum = [], None, None
+        self.fused = fused_passes(self.device)
+        self._block, self._sum = None, None
         self._masked_z.clear()
         self._whole_z.clear()
         if self.mask is not None:

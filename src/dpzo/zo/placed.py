@@ -5,7 +5,7 @@ its layers on several GPUs (or GPUs and the CPU).  :class:`PlacedParameters` cut
 vector, in its usual order, into *parts*: maximal runs of consecutive parameters on one device.
 Each part is a :class:`~dpzo.zo.flat.FlatParameters` of its own (its buffer, its master copy,
 its mask) that knows where it sits in the whole vector, so it draws exactly its coordinates of
-z(seed) (blocks of z are seeded by their index, ``flat.block_seed``).  Every pass runs part by
+z(seed) (z is a function of the flat index, ``dpzo.zo.philox``).  Every pass runs part by
 part, each on its own device; the released scalar, a 0-d tensor on the loss's device, is
 copied to each part's device without a host synchronisation.
 

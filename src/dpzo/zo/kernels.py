@@ -1,0 +1,136 @@
+"""Fused Triton kernels of the zeroth-order passes: z drawn in registers, never stored.
+
+Every pass over the weights is ``out = base + sum_k c_k z(seed_k)`` on a part's coordinates (a
+perturbation ``work = master + s z``; in place, restore + update + next perturbation; the
+update of a master copy), dense or through sorted int64 mask indices with optional
+per-coordinate scales.  z(seed) at global flat index i is ``tl.randn(seed, i)``, the stream
+``dpzo.zo.philox`` computes in torch: a kernel reads ``base`` and writes ``out`` once (the
+block-buffer path also writes and reads z), and the terms are summed in float32 (float64 for a
+float64 part) before one rounding to ``out``'s dtype, as the 16-bit in-place pass does.
+
+The coefficients are read from a device tensor, so a released scalar that never went to the
+host can be one.  Imported only where used (``FlatParameters`` on a GPU with Triton, or the
+tests under ``TRITON_INTERPRET=1``): ``import dpzo`` does not import Triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _dense_pass(
+    out_ptr, base_ptr, seeds_ptr, coefs_ptr, n_terms, offset, n, ACC: tl.constexpr, BLOCK_SIZE: tl.constexpr
+):
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    inside = local < n
+    acc = tl.load(base_ptr + local, mask=inside, other=0.0).to(ACC)
+    total = tl.zeros((BLOCK_SIZE,), dtype=ACC)
+    for k in range(n_terms):
+        seed = tl.load(seeds_ptr + k)
+        coef = tl.load(coefs_ptr + k).to(ACC)
+        total += coef * tl.randn(seed, offset + local).to(ACC)
+    tl.store(out_ptr + local, (acc + total).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _masked_pass(
+    out_ptr,
+    base_ptr,
+    index_ptr,
+    scales_ptr,
+    seeds_ptr,
+    coefs_ptr,
+    n_terms,
+    offset,
+    n,
+    SCALED: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    j = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    inside = j < n
+    index = tl.load(index_ptr + j, mask=inside, other=0)
+    acc = tl.load(base_ptr + index, mask=inside, other=0.0).to(ACC)
+    total = tl.zeros((BLOCK_SIZE,), dtype=ACC)
+    for k in range(n_terms):
+        seed = tl.load(seeds_ptr + k)
+        coef = tl.load(coefs_ptr + k).to(ACC)
+        total += coef * tl.randn(seed, offset + index).to(ACC)
+    if SCALED:
+        total = total * tl.load(scales_ptr + j, mask=inside, other=0.0).to(ACC)
+    tl.store(out_ptr + index, (acc + total).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _terms(seeds: Sequence[int], coefs: Sequence[float | torch.Tensor], device: torch.device, dtype: torch.dtype):
+    seeds_t = torch.tensor([int(s) for s in seeds], dtype=torch.int64).to(device, non_blocking=True)
+    coefs_t = torch.stack([torch.as_tensor(c, dtype=dtype, device=device).reshape(()) for c in coefs])
+    return seeds_t, coefs_t
+
+
+def _wide(out: torch.Tensor, base: torch.Tensor) -> bool:
+    """Sum in float64 when either side is float64 (a float64 master perturbing float32 weights)."""
+    return torch.float64 in (out.dtype, base.dtype)
+
+
+def dense_pass(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    seeds: Sequence[int],
+    coefs: Sequence[float | torch.Tensor],
+    *,
+    offset: int,
+) -> None:
+    """``out = base + sum_k coefs[k] z(seeds[k])`` at the global indices ``offset + arange(len(out))``."""
+    n = out.numel()
+    if n == 0 or not seeds:
+        if out.data_ptr() != base.data_ptr():
+            out.copy_(base)
+        return
+    wide = _wide(out, base)
+    seeds_t, coefs_t = _terms(seeds, coefs, out.device, torch.float64 if wide else torch.float32)
+    grid = (triton.cdiv(n, BLOCK),)
+    acc = tl.float64 if wide else tl.float32
+    _dense_pass[grid](out, base, seeds_t, coefs_t, len(seeds), int(offset), n, ACC=acc, BLOCK_SIZE=BLOCK)
+
+
+def masked_pass(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    index: torch.Tensor,
+    seeds: Sequence[int],
+    coefs: Sequence[float | torch.Tensor],
+    *,
+    offset: int,
+    scales: torch.Tensor | None = None,
+) -> None:
+    """``out[index] = base[index] + scales * sum_k coefs[k] z(seeds[k])[index]`` (global indices
+    ``offset + index``); coordinates outside ``index`` are not touched."""
+    n = index.numel()
+    if n == 0 or not seeds:
+        return
+    wide = _wide(out, base)
+    seeds_t, coefs_t = _terms(seeds, coefs, out.device, torch.float64 if wide else torch.float32)
+    grid = (triton.cdiv(n, BLOCK),)
+    _masked_pass[grid](
+        out,
+        base,
+        index,
+        index if scales is None else scales,
+        seeds_t,
+        coefs_t,
+        len(seeds),
+        int(offset),
+        n,
+        SCALED=scales is not None,
+        ACC=tl.float64 if wide else tl.float32,
+        BLOCK_SIZE=BLOCK,
+    )

@@ -1,0 +1,90 @@
+"""The perturbation direction z as a pure function of (seed, flat index): counter-based Philox.
+
+Coordinate i of z(seed) is Triton's ``tl.randn(seed, i)``: Philox4x32 with 10 rounds on the
+counter (low and high 32 bits of i, 0, 0) under the key (low and high 32 bits of the seed); the
+first two 32-bit outputs become uniforms in [0, 1) (``uint_to_uniform_float``) and the first
+Box-Muller normal of the pair is z_i, in float32.  Nothing depends on how the vector is cut
+into blocks, on the launch grid or on the device: a part of a placed or streamed model, a
+resumed run on another GPU type and the CPU draw the same z, up to an ulp of ``log``, ``cos``
+and ``sqrt`` (the integer stream is exact everywhere).
+
+:func:`normal_` is the pure-torch implementation (any device, int64 arithmetic with explicit
+32-bit wrap-around); ``dpzo.zo.kernels`` computes the same stream inside fused Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+# Philox4x32 constants (Salmon et al. 2011; Triton's philox_impl)
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
+ROUNDS = 10
+UNIFORM_SCALE = 4.6566127342e-10  # 2**-31, Triton's uint_to_uniform_float for 32-bit draws
+TWO_PI = 6.283185307179586
+MIN_UNIFORM = 1.0e-7
+
+#: coordinates computed at a time on the CPU (the temporaries stay in cache)
+CPU_SLICE = 1 << 14
+
+
+def philox_keys(seed: int) -> list[tuple[int, int]]:
+    """The round keys of ``seed`` (key (low, high) 32 bits, bumped by the Weyl constants)."""
+    seed = int(seed) & ((1 << 64) - 1)
+    k0, k1 = seed & MASK32, seed >> 32
+    keys = []
+    for _ in range(ROUNDS):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return keys
+
+
+def _to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit draw (held in int64) as a float32 uniform in [0, 1), as Triton converts it."""
+    folded = torch.where(x >= 1 << 31, MASK32 - x, x)  # int32 bitcast; negatives as ~x
+    return folded.to(torch.float32).mul_(torch.tensor(UNIFORM_SCALE, dtype=torch.float32))
+
+
+@torch.no_grad()
+def philox4x32(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, keys: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Philox4x32 rounds on 32-bit counters held in int64 tensors (modified in place)."""
+    pa, pb = torch.empty_like(c0), torch.empty_like(c0)
+    for k0, k1 in keys:
+        # 32 x 32 -> 64-bit products: int64 multiplication wraps modulo 2**64, which keeps both halves
+        torch.mul(c2, ROUND_B, out=pb)
+        torch.mul(c0, ROUND_A, out=pa)
+        torch.bitwise_right_shift(pb, 32, out=c0).bitwise_and_(MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        torch.bitwise_right_shift(pa, 32, out=c2).bitwise_and_(MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        torch.bitwise_and(pb, MASK32, out=c1)
+        torch.bitwise_and(pa, MASK32, out=c3)
+    return c0, c1, c2, c3
+
+
+@torch.no_grad()
+def _slice(keys: list[tuple[int, int]], start: int, n: int, device: torch.device) -> torch.Tensor:
+    """z at the flat indices [start, start + n), float32."""
+    c0 = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    c1 = c0 >> 32
+    c0.bitwise_and_(MASK32)
+    x0, x1, _, _ = philox4x32(c0, c1, torch.zeros_like(c0), torch.zeros_like(c0), keys)
+    u1 = _to_uniform(x0).clamp_(min=MIN_UNIFORM)
+    u2 = _to_uniform(x1)
+    radius = u1.log_().mul_(-2.0).sqrt_()
+    return u2.mul_(TWO_PI).cos_().mul_(radius)
+
+
+@torch.no_grad()
+def normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
+    """Fill the 1-D ``out`` with z(seed) at the flat indices [start, start + len(out)); returns it."""
+    if out.dim() != 1:
+        raise ValueError(f"out must be 1-D, got shape {tuple(out.shape)}")
+    keys = philox_keys(seed)
+    n = out.numel()
+    step = CPU_SLICE if out.device.type == "cpu" else max(n, 1)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        out[a:b] = _slice(keys, int(start) + a, b - a, out.device)
+    return out

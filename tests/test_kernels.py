@@ -1,0 +1,121 @@
+"""The fused Triton passes (``dpzo.zo.kernels``) under ``TRITON_INTERPRET=1`` on the CPU: the same
+numbers as the torch passes over the counter-based z (``dpzo.zo.philox``), whatever the grid."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from dpzo.zo import philox
+
+if "dpzo.zo.kernels" not in sys.modules:  # the interpreter must be chosen before the kernels are defined
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the kernels were imported without the interpreter", allow_module_level=True)
+from dpzo.zo import kernels  # noqa: E402
+
+# z from numpy's float32 log/cos (the interpreter) and torch's agree to a few ulp
+Z_TOL = dict(rtol=2e-6, atol=2e-6)
+
+
+def reference(base, seeds, coefs, offset, index=None, scales=None):
+    total = torch.zeros(base.numel(), dtype=torch.float64)
+    for seed, coef in zip(seeds, coefs):
+        total += float(coef) * philox.normal_(torch.empty(base.numel(), dtype=torch.float64), seed, offset)
+    out = base.double().clone()
+    if index is None:
+        return out + total
+    moved = total[index] * (1.0 if scales is None else scales.double())
+    out[index] += moved
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("offset", [0, 2**32 - 100])
+def test_dense_pass_equals_the_torch_pass(dtype, offset):
+    n = 3000
+    base = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seeds, coefs = [11, 2**62 + 5, 7], [0.5, torch.tensor(-1.25), 2.0]
+    out = torch.empty_like(base)
+    kernels.dense_pass(out, base, seeds, coefs, offset=offset)
+    expected = reference(base, seeds, coefs, offset)
+    tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float16 else Z_TOL
+    torch.testing.assert_close(out.double(), expected, **tol)
+    # in place (out is base), and the grid does not matter
+    again = base.clone()
+    kernels.BLOCK, old = 128, kernels.BLOCK
+    try:
+        kernels.dense_pass(again, again, seeds, coefs, offset=offset)
+    finally:
+        kernels.BLOCK = old
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_masked_pass_touches_only_the_mask(scaled):
+    n = 2000
+    base = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:300].sort().values
+    scales = torch.linspace(1.2, 0.8, 300, dtype=torch.float64) if scaled else None
+    seeds, coefs = [5, 6], [0.1, -0.3]
+    out = base.clone()
+    kernels.masked_pass(out, out, index, seeds, coefs, offset=17, scales=scales)
+    expected = reference(base, seeds, coefs, 17, index, scales)
+    torch.testing.assert_close(out, expected, **Z_TOL)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[index] = False
+    assert torch.equal(out[outside], base[outside])
+
+
+@pytest.mark.parametrize(
+    "method,master_dtype",
+    [("dp-zoso", torch.float64), ("dp-zoso", None), ("dp-zopo", torch.float64), ("dp-zopo", None)],
+    ids=["dense-master", "dense-in-place", "masked-master", "masked-in-place"],
+)
+def test_training_with_the_fused_passes_equals_the_torch_passes(monkeypatch, method, master_dtype):
+    """train_zo with every pass a fused kernel (forced on the CPU) follows the torch passes."""
+    from dpzo.masks.prune import Mask
+    from dpzo.masks.settings import MaskSettings
+    from dpzo.methods.hyperparameters import ZOHyperparameters
+    from dpzo.privacy.mechanisms import NoisySum
+    from dpzo.privacy.secret import SecretRandom
+    from dpzo.zo.loop import train_zo
+
+    from .test_zo import Quadratic, TwoTensorModel
+
+    mask = None
+    if method == "dp-zopo":
+        mask = MaskSettings(scorer="magnitude", ratio=0.5, mode="rank", rank_update=True)
+    hp = ZOHyperparameters(
+        steps=6, batch_size=8, lr=1e-2, stages=2, stage_steps=2, lam=0.2, clip=3.0, directions=2, log_every=2, mask=mask
+    )
+    index = torch.tensor([0, 2, 3, 5, 8])
+    calls = []
+    for name in ("dense_pass", "masked_pass"):
+        inner = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, inner=inner, **k: calls.append(1) or inner(*a, **k))
+    results = []
+    for fused in ("0", "force"):
+        monkeypatch.setenv("DPZO_FUSED", fused)
+        quad, model = Quadratic(n=40), TwoTensorModel()
+        history = train_zo(
+            model,
+            quad.loss_fn(model),
+            40,
+            hp,
+            method=method,
+            run_seed=3,
+            noise=NoisySum("gaussian", 1.5, 8.0),
+            secret=SecretRandom(insecure_test_seed=9),
+            master_dtype=master_dtype,
+            masks=(lambda stage: Mask(index, 10, scales=torch.linspace(1.2, 0.8, 5))) if mask else None,
+        )
+        results.append((model.theta().detach().clone(), history["loss"]))
+        assert bool(calls) == (fused == "force")  # every pass of the forced run was a kernel
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(results[1][1]), torch.tensor(results[0][1]), rtol=1e-5, atol=1e-6)
+    assert float((results[0][0] - TwoTensorModel().theta().detach()).abs().max()) > 1e-3
