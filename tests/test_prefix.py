@@ -16,37 +16,15 @@ import transformers
 
 from dpzo.models.prefix import install_prefix, prefix_modules
 
+from .tiny import make_clf, tiny_llama, word_tokenizer
+
 P, N = 3, 7
 
 
 def _tiny(family: str) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "opt":
-        cfg = transformers.OPTConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            ffn_dim=32,
-            max_position_embeddings=40,
-            word_embed_proj_dim=16,
-            **special,
-        )
-        model = transformers.OPTForCausalLM(cfg)
-    else:  # grouped-query attention: 4 query heads share 2 key/value heads
-        cfg = transformers.LlamaConfig(
-            vocab_size=50,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=40,
-            **special,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    return model.double().eval()
+    if family == "llama":
+        return tiny_llama()
+    return make_clf(word_tokenizer(), "causal").model
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

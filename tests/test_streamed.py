@@ -27,7 +27,7 @@ from dpzo.zo import flat as flat_module
 from dpzo.zo.loop import train_zo
 from dpzo.zo.streamed import StreamedParameters, find_blocks
 
-from .tiny import examples, make_clf
+from .tiny import examples, make_clf, tiny_llama
 
 FAMILIES = ["opt", "llama", "roberta", "gpt2"]
 SETTINGS = {
@@ -67,19 +67,7 @@ def make(tokenizer, family: str, seed: int = 4) -> PromptClassifier:
         )
         model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
         return PromptClassifier(model, tokenizer, "causal", task)
-    cfg = transformers.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=40,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+    model = tiny_llama(seed=seed, layers=3, hidden=16)
     return PromptClassifier(model, tokenizer, "causal", task)
 
 

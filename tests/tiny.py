@@ -72,6 +72,24 @@ def make_clf(tokenizer, family, *, dtype=torch.float64, seed=0, attn="sdpa"):
     return PromptClassifier(model, tokenizer, family, task)
 
 
+def tiny_llama(*, seed: int = 0, layers: int = 2, hidden: int = 32) -> transformers.LlamaForCausalLM:
+    """A tiny random Llama causal LM in float64, with grouped-query attention (4 heads, 2 key/value heads)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=40,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+
+
 def examples(n=16, seed=0):
     """Separable: label 1 sentences contain 'fun', label 0 ones 'dull'; lengths vary (padding)."""
     rng = random.Random(seed)

@@ -25,6 +25,17 @@ BLOCK = 1024
 
 
 @triton.jit
+def _sum_of_terms(seeds_ptr, coefs_ptr, n_terms, index, ACC: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """sum_k coef_k z(seed_k) at the global indices ``index``, z drawn here (Philox, tl.randn)."""
+    total = tl.zeros((BLOCK_SIZE,), dtype=ACC)
+    for k in range(n_terms):
+        seed = tl.load(seeds_ptr + k)
+        coef = tl.load(coefs_ptr + k).to(ACC)
+        total += coef * tl.randn(seed, index).to(ACC)
+    return total
+
+
+@triton.jit
 def _dense_pass(
     out_ptr, base_ptr, seeds_ptr, coefs_ptr, n_terms, offset, n, ACC: tl.constexpr, BLOCK_SIZE: tl.constexpr
 ):
@@ -32,11 +43,7 @@ def _dense_pass(
     local = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     inside = local < n
     acc = tl.load(base_ptr + local, mask=inside, other=0.0).to(ACC)
-    total = tl.zeros((BLOCK_SIZE,), dtype=ACC)
-    for k in range(n_terms):
-        seed = tl.load(seeds_ptr + k)
-        coef = tl.load(coefs_ptr + k).to(ACC)
-        total += coef * tl.randn(seed, offset + local).to(ACC)
+    total = _sum_of_terms(seeds_ptr, coefs_ptr, n_terms, offset + local, ACC, BLOCK_SIZE)
     tl.store(out_ptr + local, (acc + total).to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -60,11 +67,7 @@ def _masked_pass(
     inside = j < n
     index = tl.load(index_ptr + j, mask=inside, other=0)
     acc = tl.load(base_ptr + index, mask=inside, other=0.0).to(ACC)
-    total = tl.zeros((BLOCK_SIZE,), dtype=ACC)
-    for k in range(n_terms):
-        seed = tl.load(seeds_ptr + k)
-        coef = tl.load(coefs_ptr + k).to(ACC)
-        total += coef * tl.randn(seed, offset + index).to(ACC)
+    total = _sum_of_terms(seeds_ptr, coefs_ptr, n_terms, offset + index, ACC, BLOCK_SIZE)
     if SCALED:
         total = total * tl.load(scales_ptr + j, mask=inside, other=0.0).to(ACC)
     tl.store(out_ptr + index, (acc + total).to(out_ptr.dtype.element_ty), mask=inside)
