@@ -161,7 +161,8 @@ def run_cell(
         from dpzo.zo.streamed import StreamedParameters
 
         directions = getattr(hp, "directions", 1)
-        flat = StreamedParameters(lm, master_dtype, device=run.device, direction_cache_size=directions)
+        master = master_dtype if base in ZO else None  # an evaluation-only cell needs no master copy
+        flat = StreamedParameters(lm, master, device=run.device, direction_cache_size=directions)
     clf = make_scorer(lm, tokenizer, family, task)
     test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)
