@@ -120,6 +120,23 @@ class BenchModel:
 _ROBERTA_SPECIAL = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
 _OPT_SPECIAL = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2)
 
+
+def _opt(hidden: int, layers: int, heads: int) -> BenchModel:
+    """An OPT architecture of the released sizes (ffn 4 x hidden, 2048 positions), fp16, 16 x 256."""
+    config = dict(
+        vocab_size=50272,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=4 * hidden,
+        num_attention_heads=heads,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=hidden,
+        do_layer_norm_before=True,
+        **_OPT_SPECIAL,
+    )
+    return BenchModel("opt", config, "float16", 16, 256)
+
+
 MODELS: dict[str, BenchModel] = {
     # roberta-large: 24 layers, 1024 wide, tied MLM decoder (355M parameters)
     "roberta-large": BenchModel(
@@ -140,77 +157,13 @@ MODELS: dict[str, BenchModel] = {
         128,
     ),
     # facebook/opt-2.7b: 32 layers, 2560 wide, tied output embedding (2.65B parameters)
-    "opt-2.7b": BenchModel(
-        "opt",
-        dict(
-            vocab_size=50272,
-            hidden_size=2560,
-            num_hidden_layers=32,
-            ffn_dim=10240,
-            num_attention_heads=32,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=2560,
-            do_layer_norm_before=True,
-            **_OPT_SPECIAL,
-        ),
-        "float16",
-        16,
-        256,
-    ),
+    "opt-2.7b": _opt(2560, 32, 32),
     # facebook/opt-13b: 40 layers, 5120 wide (12.9B parameters): the large-model grid's smallest
-    "opt-13b": BenchModel(
-        "opt",
-        dict(
-            vocab_size=50272,
-            hidden_size=5120,
-            num_hidden_layers=40,
-            ffn_dim=20480,
-            num_attention_heads=40,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=5120,
-            do_layer_norm_before=True,
-            **_OPT_SPECIAL,
-        ),
-        "float16",
-        16,
-        256,
-    ),
+    "opt-13b": _opt(5120, 40, 40),
     # facebook/opt-6.7b: 32 layers, 4096 wide (6.7B parameters): streamed against resident
-    "opt-6.7b": BenchModel(
-        "opt",
-        dict(
-            vocab_size=50272,
-            hidden_size=4096,
-            num_hidden_layers=32,
-            ffn_dim=16384,
-            num_attention_heads=32,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=4096,
-            do_layer_norm_before=True,
-            **_OPT_SPECIAL,
-        ),
-        "float16",
-        16,
-        256,
-    ),
+    "opt-6.7b": _opt(4096, 32, 32),
     # facebook/opt-30b: 48 layers, 7168 wide (30B parameters, 60 GB in fp16): streamed against resident
-    "opt-30b": BenchModel(
-        "opt",
-        dict(
-            vocab_size=50272,
-            hidden_size=7168,
-            num_hidden_layers=48,
-            ffn_dim=28672,
-            num_attention_heads=56,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=7168,
-            do_layer_norm_before=True,
-            **_OPT_SPECIAL,
-        ),
-        "float16",
-        16,
-        256,
-    ),
+    "opt-30b": _opt(7168, 48, 56),
     # a Llama-2-7B architecture: 32 layers, 4096 wide, SwiGLU 11008, untied head (6.7B parameters)
     "llama-7b": BenchModel(
         "llama",

@@ -46,6 +46,9 @@ Design (where the time of a step goes, and how it is kept close to two forward p
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -121,19 +124,21 @@ def _merge(terms: Sequence[Term]) -> list[Term]:
     return [(s, c, sc) for s, c, sc in merged.values() if isinstance(c, torch.Tensor) or c != 0]
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def fused_passes(device: torch.device) -> bool:
     """Whether the passes run as fused Triton kernels (``dpzo.zo.kernels``): on a GPU when Triton
     is installed.  ``DPZO_FUSED=0`` turns them off; ``DPZO_FUSED=force`` uses them on any device
     (the CPU tests, under ``TRITON_INTERPRET=1``)."""
-    import importlib.util
-    import os
-
     choice = os.environ.get("DPZO_FUSED", "")
     if choice == "0":
         return False
     if choice == "force":
         return True
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and _triton_installed()
 
 
 def _groups_by_scales(terms: Sequence[Term]) -> list[tuple[torch.Tensor | None, list[int], list[Coefficient]]]:
@@ -214,10 +219,9 @@ class FlatParameters:
         direction_cache_size: int = 1,
         parameters: list[tuple[str, torch.nn.Parameter]] | None = None,
         offset: int = 0,
-        total: int | None = None,
     ):
-        # ``parameters``, ``offset`` and ``total``: one part of a model's trainable vector, its
-        # coordinates [offset, offset + numel) of ``total`` (``dpzo.zo.placed``)
+        # ``parameters`` and ``offset``: one part of a model's trainable vector, its coordinates
+        # [offset, offset + numel) (``dpzo.zo.placed``, ``dpzo.zo.streamed``)
         self.params = parameters if parameters is not None else trainable_parameters(model)
         if not self.params:
             raise ValueError("model has no trainable parameters")
@@ -225,7 +229,6 @@ class FlatParameters:
         self.device = first.device
         self.numel = sum(p.numel() for _, p in self.params)
         self.offset = int(offset)
-        self.total = self.numel if total is None else int(total)
         self.chunk = DIRECTION_CHUNK  # fixed for this object's lifetime: it defines z
         self._ranges = self._block_ranges()
         adopted = _adopt_flat_buffer(self.params)
@@ -262,14 +265,10 @@ class FlatParameters:
         self.direction_cache_size = int(direction_cache_size)
         self._mask_blocks: list[tuple[int, int, int, int]] = []
 
-    def _block_ranges(self) -> list[tuple[int, int, int, int]]:
-        """(local start, local end, block, its first element there) per block of z this part
-        spans: the blocks are the whole vector's, so a part draws exactly its coordinates of z."""
-        ranges = []
-        for block in range(self.offset // self.chunk, (self.offset + self.numel - 1) // self.chunk + 1):
-            lo, hi = max(block * self.chunk, self.offset), min((block + 1) * self.chunk, self.offset + self.numel)
-            ranges.append((lo - self.offset, hi - self.offset, block, lo - block * self.chunk))
-        return ranges
+    def _block_ranges(self) -> list[tuple[int, int]]:
+        """(local start, local end) of each block of at most ``chunk`` coordinates a pass draws z
+        for at a time (z depends on the global index only, not on where the blocks start)."""
+        return [(lo, min(lo + self.chunk, self.numel)) for lo in range(0, self.numel, self.chunk)]
 
     @property
     def _whole(self) -> bool:
@@ -278,7 +277,7 @@ class FlatParameters:
 
     def _pass_ranges(self) -> list[tuple[int, int]]:
         """The local ranges a pass over z visits, in order (what :meth:`_blocks` yields)."""
-        return [(0, self.numel)] if self._whole else [(lo, hi) for lo, hi, _, _ in self._ranges]
+        return [(0, self.numel)] if self._whole else self._ranges
 
     # -- the trainable support ------------------------------------------------------------
     def set_mask(
@@ -336,7 +335,7 @@ class FlatParameters:
     # -- z ----------------------------------------------------------------------------------
     def _block_buffer(self) -> torch.Tensor:
         if self._block is None:
-            self._block = torch.empty(min(self.chunk, self.total), dtype=self.z_dtype, device=self.device)
+            self._block = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
         return self._block
 
     def _sum_buffer(self) -> torch.Tensor:
@@ -358,7 +357,7 @@ class FlatParameters:
             yield 0, self.numel, lambda k: whole[k]
             return
         buf = self._block_buffer()
-        for lo, hi, _, _ in self._ranges:
+        for lo, hi in self._ranges:
             view = buf[: hi - lo]
 
             def draw(k: int, view=view, lo=lo) -> torch.Tensor:
@@ -413,6 +412,17 @@ class FlatParameters:
         return z[a:b] if scales is None else z[a:b] * scales[a:b]
 
     # -- the passes ---------------------------------------------------------------------------
+    def _fused_pass(self, out: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
+        """``out = base + sum of the terms`` on the support, z drawn inside Triton kernels (one
+        kernel per distinct scales: a masked pass may mix perturbation and update scales)."""
+        from dpzo.zo import kernels
+
+        for scales, seeds, coefs in _groups_by_scales(terms):
+            if self.mask is None:
+                kernels.dense_pass(out, base, seeds, coefs, offset=self.offset)
+            else:
+                kernels.masked_pass(out, base, self.mask, seeds, coefs, offset=self.offset, scales=scales)
+
     @torch.no_grad()
     def _move_work(self, terms: Sequence[Term]) -> None:
         """In place: work += sum of the terms.
@@ -424,15 +434,7 @@ class FlatParameters:
         if not terms:
             return
         if self.fused:
-            from dpzo.zo import kernels
-
-            for scales, seeds, coefs in _groups_by_scales(terms):
-                if self.mask is None:
-                    kernels.dense_pass(self.work, self.work, seeds, coefs, offset=self.offset)
-                else:
-                    kernels.masked_pass(
-                        self.work, self.work, self.mask, seeds, coefs, offset=self.offset, scales=scales
-                    )
+            self._fused_pass(self.work, self.work, terms)
             return
         if self.mask is not None:
             for seed, coef, scales in terms:
@@ -466,14 +468,7 @@ class FlatParameters:
             undo = [(s, -c, sc) for s, c, sc in self._applied]
             self._move_work(undo + self._pending + [term])
         elif self.fused:
-            from dpzo.zo import kernels
-
-            if self.mask is None:
-                kernels.dense_pass(self.work, self.master, [seed], [scale], offset=self.offset)
-            else:
-                kernels.masked_pass(
-                    self.work, self.master, self.mask, [seed], [scale], offset=self.offset, scales=term[2]
-                )
+            self._fused_pass(self.work, self.master, [term])
         elif self.mask is None:
             for start, end, draw in self._blocks([seed]):
                 torch.add(self.master[start:end], draw(0), alpha=scale, out=self.work[start:end])
@@ -515,15 +510,7 @@ class FlatParameters:
             return
         terms = _merge(terms)
         if terms and self.fused:
-            from dpzo.zo import kernels
-
-            for scales, seeds, coefs in _groups_by_scales(terms):
-                if self.mask is None:
-                    kernels.dense_pass(self.master, self.master, seeds, coefs, offset=self.offset)
-                else:
-                    kernels.masked_pass(
-                        self.master, self.master, self.mask, seeds, coefs, offset=self.offset, scales=scales
-                    )
+            self._fused_pass(self.master, self.master, terms)
         elif terms:
             if self.mask is not None:
                 for seed, coef, scales in terms:

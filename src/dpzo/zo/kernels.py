@@ -74,14 +74,27 @@ def _masked_pass(
 
 
 def _terms(seeds: Sequence[int], coefs: Sequence[float | torch.Tensor], device: torch.device, dtype: torch.dtype):
-    seeds_t = torch.tensor([int(s) for s in seeds], dtype=torch.int64).to(device, non_blocking=True)
-    coefs_t = torch.stack([torch.as_tensor(c, dtype=dtype, device=device).reshape(()) for c in coefs])
+    """The seeds and coefficients as device vectors, without a host-to-device copy (a copy from
+    pageable memory would wait for the stream): numbers are written by fill kernels, released
+    scalars are already on the device."""
+    seeds_t = torch.stack([torch.full((), int(s), dtype=torch.int64, device=device) for s in seeds])
+    coefs_t = torch.stack(
+        [
+            c.to(device=device, dtype=dtype).reshape(())
+            if isinstance(c, torch.Tensor)
+            else torch.full((), float(c), dtype=dtype, device=device)
+            for c in coefs
+        ]
+    )
     return seeds_t, coefs_t
 
 
-def _wide(out: torch.Tensor, base: torch.Tensor) -> bool:
-    """Sum in float64 when either side is float64 (a float64 master perturbing float32 weights)."""
-    return torch.float64 in (out.dtype, base.dtype)
+def _launch_terms(out: torch.Tensor, base: torch.Tensor, seeds: Sequence[int], coefs: Sequence[float | torch.Tensor]):
+    """(seeds, coefficients, accumulator type) of a pass: the sum is float64 when either side is
+    float64 (a float64 master perturbing float32 weights), float32 otherwise."""
+    wide = torch.float64 in (out.dtype, base.dtype)
+    seeds_t, coefs_t = _terms(seeds, coefs, out.device, torch.float64 if wide else torch.float32)
+    return seeds_t, coefs_t, tl.float64 if wide else tl.float32
 
 
 def dense_pass(
@@ -98,10 +111,8 @@ def dense_pass(
         if out.data_ptr() != base.data_ptr():
             out.copy_(base)
         return
-    wide = _wide(out, base)
-    seeds_t, coefs_t = _terms(seeds, coefs, out.device, torch.float64 if wide else torch.float32)
+    seeds_t, coefs_t, acc = _launch_terms(out, base, seeds, coefs)
     grid = (triton.cdiv(n, BLOCK),)
-    acc = tl.float64 if wide else tl.float32
     _dense_pass[grid](out, base, seeds_t, coefs_t, len(seeds), int(offset), n, ACC=acc, BLOCK_SIZE=BLOCK)
 
 
@@ -120,8 +131,7 @@ def masked_pass(
     n = index.numel()
     if n == 0 or not seeds:
         return
-    wide = _wide(out, base)
-    seeds_t, coefs_t = _terms(seeds, coefs, out.device, torch.float64 if wide else torch.float32)
+    seeds_t, coefs_t, acc = _launch_terms(out, base, seeds, coefs)
     grid = (triton.cdiv(n, BLOCK),)
     _masked_pass[grid](
         out,
@@ -134,6 +144,6 @@ def masked_pass(
         int(offset),
         n,
         SCALED=scales is not None,
-        ACC=tl.float64 if wide else tl.float32,
+        ACC=acc,
         BLOCK_SIZE=BLOCK,
     )

@@ -17,7 +17,7 @@ loop, the monitor and the checkpoint take either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -88,7 +88,6 @@ class PlacedParameters:
                 direction_cache_size=direction_cache_size,
                 parameters=run,
                 offset=offset,
-                total=total,
             )
             self.parts.append(part)
             offset += part.numel
@@ -162,10 +161,14 @@ class PlacedParameters:
         for part in self.parts:
             part.restore()
 
+    def _move(self, part: FlatParameters, move: Callable[[FlatParameters], None]) -> None:
+        """Apply a move of theta to one part (a streamed model defers it to the part's next upload)."""
+        move(part)
+
     def add_directions(self, moves: Sequence[tuple[int, Coefficient]]) -> None:
         """theta <- theta + sum_k coef_k z(seed_k) on the support; each coefficient goes to each part's device."""
         for part in self._active:
-            part.add_directions([(seed, _to(coef, part.device)) for seed, coef in moves])
+            self._move(part, lambda part: part.add_directions([(seed, _to(coef, part.device)) for seed, coef in moves]))
 
     def add_direction(self, seed: int, coef: Coefficient) -> None:
         """theta <- theta + coef * z(seed) on the support."""
@@ -205,5 +208,6 @@ class PlacedParameters:
         start = 0
         for part in self._active:
             size = part.numel if part.mask is None else part.mask.numel()
-            part.pull_toward(anchor[start : start + size].to(part.device), weight)
+            piece = anchor[start : start + size]
+            self._move(part, lambda part, piece=piece: part.pull_toward(piece.to(part.device), weight))
             start += size

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dpzo.zo.flat import Coefficient, FlatParameters, trainable_parameters
-from dpzo.zo.placed import PlacedParameters, _to
+from dpzo.zo.flat import FlatParameters, trainable_parameters
+from dpzo.zo.placed import PlacedParameters
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -157,7 +157,8 @@ class StreamedParameters(PlacedParameters):
         self._block_parts = [[p for p, u in zip(self.parts, units) if u == i] for i in range(len(self.blocks))]
         self._work_dtype = {id(part): part.work.dtype for part in self.parts}
         self._host_master: dict[int, torch.Tensor] = {}
-        self._frozen = [self._frozen_tensors(block) for block in self.blocks]
+        trainable = {id(p) for part in self.parts for _, p in part.params}
+        self._frozen = [self._frozen_tensors(block, trainable) for block in self.blocks]
         self._pending: list[list[Callable[[], None]]] = [[] for _ in self.blocks]
         self._uploaded = [True] * len(self.blocks)  # built where they were loaded: sent home below
         self._fetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], Any]] = {}  # copies under way
@@ -169,9 +170,8 @@ class StreamedParameters(PlacedParameters):
         self._route(model)
 
     # -- residency -------------------------------------------------------------------------
-    def _frozen_tensors(self, block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    def _frozen_tensors(self, block: nn.Module, trainable: set[int]) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
         """(owner, name, is a parameter, its host copy) of the block's frozen weights and buffers."""
-        trainable = {id(p) for part in self.parts for _, p in part.params}
         out = []
         for m in block.modules():
             for name, p in m.named_parameters(recurse=False):
@@ -357,29 +357,13 @@ class StreamedParameters(PlacedParameters):
         for part in self.parts:
             part.restore()
 
-    def add_directions(self, moves: Sequence[tuple[int, Coefficient]]) -> None:
-        """theta <- theta + sum_k coef_k z(seed_k): now for resident parts, at the next upload for blocks."""
-        for part in self._active:
-            if id(part) in self._home:
-                self._pending[self._home[id(part)]].append(
-                    lambda part=part: part.add_directions([(seed, _to(coef, part.device)) for seed, coef in moves])
-                )
-            else:
-                part.add_directions([(seed, _to(coef, part.device)) for seed, coef in moves])
-
-    def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
-        """theta <- theta - weight (theta - anchor): now for resident parts, at the next upload for blocks."""
-        start = 0
-        for part in self._active:
-            size = part.numel if part.mask is None else part.mask.numel()
-            piece = anchor[start : start + size]
-            if id(part) in self._home:
-                self._pending[self._home[id(part)]].append(
-                    lambda part=part, piece=piece: part.pull_toward(piece.to(part.device), weight)
-                )
-            else:
-                part.pull_toward(piece.to(part.device), weight)
-            start += size
+    def _move(self, part: FlatParameters, move: Callable[[FlatParameters], None]) -> None:
+        """Resident parts move now; a block's part at its next upload (the step's scalars exist
+        only after its last block)."""
+        if id(part) in self._home:
+            self._pending[self._home[id(part)]].append(lambda: move(part))
+        else:
+            move(part)
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """theta and the support (every pending update applied first)."""
