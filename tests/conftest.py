@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from .tiny import word_tokenizer
+
+# This test session's installation key (and the records kept beside it), inherited by every
+# Snakemake and job process the tests start: tests never touch the user's own key.
+os.environ["DPZO_KEY_FILE"] = os.path.join(tempfile.mkdtemp(prefix="dpzo-test-key-"), "installation.key")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 import dpzo
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.pipeline import cell, workflow
-from dpzo.pipeline.cellguard import Attempt, AttemptLog, CellBusy, CellLock, RetryRefused
+from dpzo.pipeline.cellguard import Attempt, AttemptLog, AttemptLogInvalid, CellBusy, CellLock, RetryRefused
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.report import collect as report
@@ -158,7 +158,7 @@ def test_a_private_cell_that_failed_on_its_data_is_not_retried_unchanged(tmp_pat
         "second run of the mechanism",
         "does not account",
         "Change the cell's hyperparameters",
-        f"delete {log.path}",
+        f"dpzo accept-retry {log.path.parent}",
     ):
         assert part in message
     assert len(log.records()) == 2
@@ -168,6 +168,82 @@ def test_a_private_cell_that_failed_on_its_data_is_not_retried_unchanged(tmp_pat
     summary = log.summary()
     assert (summary["attempts"], summary["resumes"]) == (2, 0)
     assert [r.get("outcome") for r in summary["attempt_log"] if r["event"] == "end"][-1] == "completed"
+
+
+def cell_log(tmp_path, eps="8") -> AttemptLog:
+    """The attempt log of a cell, in its checkpoint folder (results/checkpoints/<cell>)."""
+    return AttemptLog(
+        tmp_path / "results" / "checkpoints" / "m" / "t" / "dp-zoso" / f"eps{eps}" / "seed13" / "attempts.jsonl"
+    )
+
+
+def edit_lines(log: AttemptLog, change) -> None:
+    lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+    log.path.write_text("".join(json.dumps(change(r)) + "\n" for r in lines))
+
+
+def test_an_edited_attempt_log_is_refused_and_nothing_starts(tmp_path):
+    log = cell_log(tmp_path)
+    with pytest.raises(FloatingPointError):
+        train(log, poisoned=True)
+    edit_lines(log, lambda r: {**r, "data_dependent": False} if r["event"] == "end" else r)
+    with pytest.raises(AttemptLogInvalid, match="does not verify at line 2") as refused:
+        train(log, poisoned=True)
+    assert f"dpzo accept-retry {log.path.parent}" in str(refused.value)
+    assert [json.loads(line)["event"] for line in log.path.read_text().splitlines()] == ["start", "end"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "cut short", "copied from another cell"])
+def test_a_deleted_cut_or_foreign_attempt_log_is_refused(tmp_path, how):
+    log = cell_log(tmp_path)
+    with pytest.raises(FloatingPointError):
+        train(log, poisoned=True)
+    if how == "deleted":
+        log.path.unlink()
+        match = "is missing, but this installation recorded 2 line"
+    elif how == "cut short":
+        log.path.write_text(log.path.read_text().splitlines()[0] + "\n")  # the failure removed
+        match = "was cut short or replaced"
+    else:
+        other = cell_log(tmp_path, eps="2")
+        train(other)  # a clean run of another cell
+        log.path.write_bytes(other.path.read_bytes())
+        match = "does not verify at line 1"
+    with pytest.raises(AttemptLogInvalid, match=match):
+        train(log, poisoned=True)
+
+
+def test_accept_retry_is_the_recorded_way_past_a_refusal(tmp_path, capsys):
+    from dpzo.cli import main
+
+    log = cell_log(tmp_path)
+    assert main(["accept-retry", str(log.path.parent), "--reason", "x"]) == 2  # nothing refused yet
+    assert "nothing to accept" in capsys.readouterr().err
+    with pytest.raises(FloatingPointError):
+        train(log, poisoned=True)
+    runs = str(log.path.parent).replace("checkpoints", "runs")  # the folder of the cell's metrics.json
+    assert main(["accept-retry", runs + "/metrics.json", "--reason", "   "]) == 2
+    assert main(["accept-retry", runs, "--reason", "the sampler's overflow bug, fixed in 1a2b3c"]) == 0
+    assert json.loads(capsys.readouterr().out)["event"] == "accepted"
+    with pytest.raises(FloatingPointError):  # no longer refused: it runs (and fails) again
+        train(log, poisoned=True)
+    with pytest.raises(RetryRefused):  # the new failure is refused again
+        train(log, poisoned=True)
+    summary = log.summary()
+    assert summary["attempts"] == 2
+    assert [(a["event"], a["reason"]) for a in summary["accepted"]] == [
+        ("accepted", "the sampler's overflow bug, fixed in 1a2b3c")
+    ]
+    # a deleted log: the acknowledgement starts a new one, and says what was lost
+    log.path.unlink()
+    with pytest.raises(AttemptLogInvalid):
+        train(log)
+    assert main(["accept-retry", runs, "--reason", "disk lost"]) == 0
+    history = train(log)
+    assert history["steps_run"] == 12
+    summary = log.summary()
+    assert [a["event"] for a in summary["accepted"]] == ["reset"] and summary["attempts"] == 1
+    assert "is missing" in summary["attempt_log"][0]["why"]
 
 
 def test_a_non_private_cell_that_failed_is_retried(tmp_path):
@@ -253,7 +329,7 @@ def test_the_train_job_locks_the_cell_counts_attempts_and_refuses_an_unchanged_r
     monkeypatch.setattr(workflow, "_setup", lambda snakemake: None)  # keep pytest's logging
     calls = []
 
-    def run_cell(run, *, on_start, team=None):  # one process: no replicas
+    def run_cell(run, *, on_start, team=None, record=None):  # one process: no replicas
         cell, method_params = run.cell, run.method_params
         calls.append(method_params["lr"])
         lock = tmp_path / "results" / "checkpoints" / "cell" / "train.lock"

@@ -20,6 +20,7 @@ from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo import checkpoint as checkpoint_module
 from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainingInterrupted
+from dpzo.zo.flat import FlatParameters
 from dpzo.zo.loop import train_zo
 
 from .test_zo import Quadratic, TwoTensorModel
@@ -237,10 +238,90 @@ def test_a_snapshot_that_does_not_verify_is_ignored_and_the_run_starts_over(tmp_
     torch.save(saved, path)  # loads fine, keeps the old digest
     with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
         resumed, history, calls = run("dp-zoso", checkpoint=snapshots(path))
-    assert f"ignoring checkpoint {path}: it does not verify" in caplog.text
+    assert f"ignoring checkpoint {path}: its MAC does not verify" in caplog.text
     assert history["resumed_from"] == [] and len(calls) == len(ref_calls)  # started over
     assert torch.equal(resumed.theta(), reference.theta())
     assert comparable(history) == comparable(ref_history)
+
+
+def killed_snapshot(tmp_path, identity=None, fraction=2 / 3):
+    """The snapshot a dp-zoso run killed after ``fraction`` of its work left behind: (path, contents)."""
+    _, _, ref_calls = run("dp-zoso")
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=snapshots(path, identity), die_after_calls=int(len(ref_calls) * fraction))
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_snapshot_whose_digest_was_recomputed_after_an_edit_is_ignored(tmp_path, caplog):
+    """Counters rolled back and the plain SHA-256 recomputed, as anyone can: the weights would carry
+    more releases than the counters say.  Only the installation key makes a MAC that verifies."""
+    from dpzo.zo.checkpoint import snapshot_digest
+
+    path, saved = killed_snapshot(tmp_path)
+    saved["step"] -= 3
+    saved["releases"] -= 6
+    saved["digest"] = snapshot_digest(saved)
+    torch.save(saved, path)
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
+        _, history, _ = run("dp-zoso", checkpoint=snapshots(path))
+    assert "its MAC does not verify" in caplog.text and history["resumed_from"] == []
+
+
+def test_a_snapshot_copied_from_another_cell_with_its_identity_rewritten_is_ignored(tmp_path, caplog):
+    """The ε = 8 cell's snapshot copied into the ε = 2 cell, identity and digest made to match."""
+    from dpzo.zo.checkpoint import snapshot_digest
+
+    path, saved = killed_snapshot(tmp_path, identity={"cell": "eps8"})
+    target = snapshots(path, {"cell": "eps2"})
+    target.resume(FlatParameters(TwoTensorModel()), public_rng=np.random.default_rng(0))  # completes the identity
+    saved["identity"] = target.identity
+    saved["digest"] = snapshot_digest(saved)
+    torch.save(saved, path)
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
+        _, history, _ = run("dp-zoso", checkpoint=snapshots(path, {"cell": "eps2"}))
+    assert "its MAC does not verify" in caplog.text and history["resumed_from"] == []
+
+
+def test_a_snapshot_of_another_installation_is_ignored(tmp_path, caplog, monkeypatch):
+    path, _ = killed_snapshot(tmp_path)
+    monkeypatch.setenv("DPZO_KEY_FILE", str(tmp_path / "other" / "installation.key"))  # a new key is made
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
+        _, history, _ = run("dp-zoso", checkpoint=snapshots(path))
+    assert "its MAC does not verify" in caplog.text and history["resumed_from"] == []
+
+
+def test_only_the_last_snapshot_the_attempt_log_records_is_resumed(tmp_path, caplog):
+    """An older (genuine) snapshot put back after a later one was written: resuming it would
+    publish weights whose releases the cell's record already counted once."""
+    from dpzo.pipeline.cellguard import AttemptLog
+
+    folder = tmp_path / "m" / "t" / "dp-zoso" / "eps8" / "seed13"
+    log = AttemptLog(folder / "attempts.jsonl")
+    path = folder / "state.pt"
+
+    def recorded():
+        return TrainingCheckpoint(CheckpointPolicy(path, every_steps=3, every_seconds=0), {"cell": 1}, record=log)
+
+    _, _, ref_calls = run("dp-zoso")
+    with pytest.raises(Killed):
+        run("dp-zoso", checkpoint=recorded(), die_after_calls=len(ref_calls) // 3)
+    older = path.read_bytes()
+    first = torch.load(path, weights_only=True)["step"]
+    with pytest.raises(Killed):  # resumed, then killed again after a later snapshot
+        run("dp-zoso", checkpoint=recorded(), die_after_calls=len(ref_calls) // 3)
+    later = torch.load(path, weights_only=True)["step"]
+    assert later > first
+    assert [r["step"] for r in log.records() if r["event"] == "snapshot"][-1] == later
+    path.write_bytes(older)  # put the older one back
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
+        _, history, _ = run("dp-zoso", checkpoint=recorded())
+    assert "not the last snapshot the cell's attempt log records" in caplog.text
+    assert history["resumed_from"] == []  # started over (a new attempt, which the log counts)
+    # the last snapshot that run wrote is the one the log records last: it resumes
+    step = torch.load(path, weights_only=True)["step"]
+    _, history, _ = run("dp-zoso", checkpoint=recorded())
+    assert history["resumed_from"] == [step]
 
 
 def test_a_snapshot_of_16_bit_weights_trained_in_place_verifies(tmp_path):
@@ -360,3 +441,53 @@ def test_no_space_for_the_sigterm_snapshot_stops_the_run_and_says_so(tmp_path, m
         run("dp-zoso", checkpoint=never, on_call=terminate)
     assert not stopped.value.saved and str(path) in str(stopped.value)
     assert list(tmp_path.iterdir()) == []  # neither a snapshot nor a temporary file
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs: the kernel itself runs out of space in the middle of a snapshot."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot make a tiny file system")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a 64 KiB tmpfs here (needs root): {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_disk_that_fills_in_the_middle_of_a_snapshot_skips_it_and_training_continues(tiny_filesystem, caplog):
+    """torch's writer meets ENOSPC in the middle of the file and raises its own RuntimeError (the
+    OSError only in its context); the run must still skip the snapshot, not die."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 128, dtype=torch.float64)  # 130 KB of theta: no snapshot fits
+    inputs = torch.randn(N, 128, dtype=torch.float64)
+
+    def loss(index):
+        out = model(inputs[torch.as_tensor(np.asarray(index), dtype=torch.long)])
+        return 0.5 * (out**2).sum(dim=1) / 128
+
+    hp = ZOHyperparameters(steps=6, batch_size=8, lr=1e-3, clip=3.0, log_every=2)
+    path = tiny_filesystem / "train_state.pt"
+    with caplog.at_level(logging.WARNING, logger="dpzo.zo.checkpoint"):
+        history = train_zo(
+            model,
+            loss,
+            N,
+            hp,
+            method="dp-zoso",
+            run_seed=13,
+            noise=NoisySum("gaussian", 2.0, 8.0),
+            secret=SecretRandom(insecure_test_seed=5),
+            checkpoint=snapshots(path, every_steps=2),
+        )
+    assert history["steps_run"] == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("no space left to write checkpoint" in w for w in warnings)
+    assert list(tiny_filesystem.iterdir()) == []  # no partial snapshot or temporary file left

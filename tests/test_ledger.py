@@ -217,3 +217,88 @@ def test_a_truncated_output_is_moved_aside_and_named(tmp_path):
 
 def test_epsilon_of_the_cell_path():
     assert cell(eps="inf").epsilon == math.inf and cell(eps="0.5").epsilon == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# every recomputed ε counts what the trainer releases; absurd noise is refused cheaply
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dpzero_published_accounting_counts_every_direction():
+    """A forged ledger claiming P = 2 under DPZero's published accounting (whose account rule
+    allows only P = 1): the trainer would release T·P scalars, so ε is recomputed over all of them."""
+    params = {"steps": 40, "batch_size": 8, "lr": 1e-3, "clip": 2.0}
+    c = cell(method="dpzero")
+    published = AccountingSettings(delta=1e-5, convention="published")
+    own = ledger_for(c, params, published)
+    forged = own | {"directions": 2, "compositions": 80}
+    err = refused(forged, c, "epsilon of its noise", params=params | {"directions": 2}, settings=published)
+    assert err.in_ledger == pytest.approx(accountants.opacus_epsilon(own["sigma"], 1e-5, 8 / N, 80), rel=1e-12)
+    assert err.in_ledger > 4.0 >= accountants.opacus_epsilon(own["sigma"], 1e-5, 8 / N, 40) * (1 - 1e-9)
+
+
+def no_accountant(monkeypatch):
+    """Make every accountant evaluation fail: what passes ran on the cheap bound alone."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the accountant ran on a noise the cheap bound refuses")
+
+    for name in ("_epsilon_pld", "_epsilon_prv", "_epsilon_rdp", "opacus_epsilon"):
+        monkeypatch.setattr(accountants, name, boom)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "prv", "rdp", "dpzero-published"])
+def test_an_absurd_sigma_is_refused_by_the_cheap_bound_without_the_accountant(monkeypatch, accountant):
+    method = "dpzero" if accountant == "dpzero-published" else "dp-zoso"
+    settings = (
+        AccountingSettings(delta=1e-5, convention="published")
+        if method == "dpzero"
+        else AccountingSettings(delta=1e-5, accountant=accountant, convention="common", noise="secure")
+    )
+    c = cell(method=method, eps="8")
+    # a PLD-calibrated ledger relabelled (PRV's own calibration cannot be made at every setting)
+    own = ledger_for(c, ZOSO, settings if method == "dpzero" else SETTINGS)
+    if method != "dpzero":
+        own |= {"accountant": accountant, "calibrated_with": accountant}
+    factor = 2.0 if method == "dpzero" else 1.0
+    forged = own | {"sigma": 0.01, "noise_std_on_sum": factor * 0.01 * ZOSO["clip"]}
+    no_accountant(monkeypatch)
+    err = refused(forged, c, "epsilon of its noise (already its first release alone)", params=ZOSO, settings=settings)
+    bound = float(err.in_ledger.removeprefix("at least "))
+    assert bound > 100 and bound == pytest.approx(accountants.single_release_epsilon(0.01, 8 / N, 1e-5), rel=1e-5)
+
+
+def test_an_absurd_sigma_in_the_calibration_cache_is_refused_without_the_accountant(tmp_path, monkeypatch):
+    args = dict(n=N, batch_size=8, steps=40, clip=2.0, epsilon_target=2.0, delta=1e-5)
+    fresh = records.accounting_record(**args, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.json")
+    stored = json.loads(entry.read_text())
+    stored["value"]["sigma"] = 0.01
+    entry.write_text(json.dumps(stored))
+    real = accountants._epsilon_pld
+
+    def pld(sigma, *args):
+        assert sigma > 0.1, "the PLD accountant ran on the cache's absurd sigma"
+        return real(sigma, *args)
+
+    monkeypatch.setattr(accountants, "_epsilon_pld", pld)
+    assert records.accounting_record(**args, cache_dir=tmp_path)["sigma"] == fresh["sigma"]
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.7, 1.5, 4.0])
+@pytest.mark.parametrize("eps", [0.1, 1.0, 3.0])
+def test_one_release_without_subsampling_has_the_gaussian_mechanisms_closed_form(sigma, eps):
+    """q = 1: the analytic Gaussian mechanism (Balle & Wang 2018, Theorem 8),
+    δ(ε) = Φ(1/(2σ) - εσ) - e^ε Φ(-1/(2σ) - εσ)."""
+    from scipy.stats import norm
+
+    expected = norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * norm.cdf(-1 / (2 * sigma) - eps * sigma)
+    assert accountants.single_release_delta(sigma, 1.0, eps) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize(("sigma", "q"), [(0.6, 0.01), (1.0, 0.05), (0.8, 1.0), (2.0, 0.25), (5.0, 0.1)])
+def test_the_one_release_bound_is_the_pld_accountants_value_for_one_release_and_below_it_for_many(sigma, q):
+    bound = accountants.single_release_epsilon(sigma, q, 1e-5)
+    one = accountants.epsilon(sigma, q, 1, 1e-5, "pld")
+    assert bound <= one and bound == pytest.approx(one, rel=2e-3)  # PLD is a pessimistic bound of the same ε
+    assert bound <= accountants.epsilon(sigma, q, 20, 1e-5, "rdp")

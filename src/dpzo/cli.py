@@ -442,10 +442,63 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# dpzo accept-retry
+# --------------------------------------------------------------------------------------
+
+
+def _add_accept_retry(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "accept-retry",
+        help="accept, on the record, a run of a private cell that its attempt log refuses",
+        description=(
+            "A private cell refuses to start again unchanged after a failure that depended on its data, and "
+            "refuses an attempt log that was edited, cut short or deleted. This appends a signed acknowledgement "
+            "(time, user, host, reason) to the cell's attempt log; the next run then starts, and its metrics.json "
+            "and the privacy table show the acknowledgement. An unverifiable log is moved aside "
+            "(attempts.rejected.<time>.jsonl) and a new one starts with the acknowledgement."
+        ),
+    )
+    p.add_argument(
+        "cell",
+        help="the cell: results/runs/<model>/<task>/<method>/eps<e>/seed<s> (or its metrics.json), or its "
+        "results/checkpoints/... folder",
+    )
+    p.add_argument("--reason", required=True, help="why the unaccounted run is accepted (published with the result)")
+    p.set_defaults(handler=_cmd_accept_retry)
+
+
+def _cmd_accept_retry(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dpzo.pipeline.cellguard import AttemptLog, NothingToAccept
+
+    path = Path(args.cell)
+    if path.name in ("metrics.json", "attempts.jsonl", "privacy.json"):
+        path = path.parent
+    parts = list(path.parts)
+    if len(parts) < 6 or parts[-6] not in ("runs", "checkpoints"):
+        return _fail(
+            "accept-retry",
+            f"argument cell: {args.cell!r} is not a cell folder; give results/runs/<model>/<task>/<method>/eps<e>/"
+            "seed<s> (the folder of the cell's metrics.json) or its results/checkpoints/... folder",
+        )
+    parts[-6] = "checkpoints"  # the attempt log lives beside the cell's snapshot
+    log = AttemptLog(Path(*parts) / "attempts.jsonl")
+    try:
+        record = log.accept(args.reason)
+    except NothingToAccept as err:
+        return _fail("accept-retry", str(err))
+    except ValueError as err:
+        return _fail("accept-retry", f"argument --reason: {err}")
+    _print_json({"attempt_log": str(log.path), **record})
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate, _add_audit, _add_bench]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate, _add_audit, _add_bench, _add_accept_retry]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from dpzo.models.classifier import PromptClassifier
 from dpzo.models.evaluate import CurveSettings
 from dpzo.privacy.ledger import NO_NOISE, AccountingSettings, Cell, check_ledger_after, verify_ledger
 from dpzo.privacy.secret import SecretRandom
-from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint, file_digest
+from dpzo.zo.checkpoint import CheckpointPolicy, SnapshotRecord, TrainingCheckpoint, file_digest
 from dpzo.zo.loop import train_zo
 from dpzo.zo.replicas import SingleProcess
 
@@ -94,7 +94,11 @@ class CellRun:
 
 
 def run_cell(
-    run: CellRun, *, on_start: Callable[[dict, int | None], None] | None = None, team: SingleProcess | None = None
+    run: CellRun,
+    *,
+    on_start: Callable[[dict, int | None], None] | None = None,
+    team: SingleProcess | None = None,
+    record: SnapshotRecord | None = None,
 ) -> dict | None:
     """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
 
@@ -113,7 +117,8 @@ def run_cell(
 
     ``team``: the replicas of a data-parallel zeroth-order run (``dpzo.zo.replicas``).  Only
     rank 0 holds the secret RNG, evaluates and returns the metrics; the other ranks train their
-    share of every batch and return None.
+    share of every batch and return None.  ``record``: the cell's record of the snapshots written
+    (its attempt log), which a snapshot must match to be resumed.
     """
     from pathlib import Path
 
@@ -209,7 +214,7 @@ def run_cell(
         else:
             snapshots = None
             if run.checkpoint is not None:
-                snapshots = TrainingCheckpoint(run.checkpoint, identity=identity)
+                snapshots = TrainingCheckpoint(run.checkpoint, identity=identity, record=record)
             on_sigterm = snapshots.saving_on_sigterm() if snapshots and team.is_main else contextlib.nullcontext()
             with on_sigterm:
                 history = train_zo(
@@ -336,7 +341,7 @@ def train_cell(
     with CellLock(folder / "train.lock"):
         attempts = AttemptLog(folder / "attempts.jsonl")
         with attempts.attempt(private=is_private(run.cell.method)) as attempt:
-            metrics = run_cell(run, on_start=attempt.start, team=team)
+            metrics = run_cell(run, on_start=attempt.start, team=team, record=attempts)
         metrics["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")  # provenance on a cluster, None locally
         metrics.update(attempts.summary())
         write_json_atomic(

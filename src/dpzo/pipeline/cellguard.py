@@ -4,12 +4,14 @@
   the Snakemake that started it (its own process group, or a SLURM job); a second Snakemake
   would start the same cell again, and both would write the same snapshot and publish the same
   metrics from two runs of the mechanism.
-* :class:`AttemptLog`: every start of the cell and how it ended.  A private cell started from
-  scratch again after a failure is a second run of the mechanism on the same data; the count is
-  published in the cell's metrics and the privacy table.  A retry after a *data-dependent*
-  failure (a non-finite loss: whether it happens depends on the private examples) is refused,
-  because repeating a mechanism until its output passes a test of the data is a release the
-  ledger does not account.
+* :class:`AttemptLog`: every start of the cell, how it ended, and every snapshot written.  A
+  private cell started from scratch again after a failure is a second run of the mechanism on
+  the same data; the count is published in the cell's metrics and the privacy table.  A retry
+  after a *data-dependent* failure (a non-finite loss: whether it happens depends on the private
+  examples) is refused, because repeating a mechanism until its output passes a test of the data
+  is a release the ledger does not account; ``dpzo accept-retry`` is the explicit, published way
+  past that refusal.  The log is signed with the installation key, so editing or deleting it is
+  not a way past it.
 
 Both files live outside the train rule's outputs, so Snakemake never deletes them when it cleans
 up a failed job.  Torch-free: the workflow adapter uses this before any model is loaded.
@@ -29,6 +31,9 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from dpzo import integrity
+from dpzo.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +135,19 @@ class RetryRefused(RuntimeError):
     """A private cell that failed for a data-dependent reason was started again unchanged."""
 
 
+class AttemptLogInvalid(RuntimeError):
+    """The attempt log was edited, cut short or deleted: what ran before cannot be known, so
+    nothing starts until the loss of that record is acknowledged (``dpzo accept-retry``)."""
+
+
+class NothingToAccept(ValueError):
+    """``dpzo accept-retry`` on a cell whose next run is not refused."""
+
+
 DATA_DEPENDENT = "data-dependent failure"
+
+#: the events that acknowledge an unaccounted run explicitly (``dpzo accept-retry``)
+ACKNOWLEDGEMENTS = ("accepted", "reset")
 
 
 def outcome_of(exc: BaseException) -> tuple[str, bool]:
@@ -144,10 +161,23 @@ def outcome_of(exc: BaseException) -> tuple[str, bool]:
     return f"failed: {type(exc).__name__}: {exc}", False
 
 
+def _canonical(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, default=str)
+
+
 class AttemptLog:
-    """Append-only log of a cell's runs (JSON lines): one ``start`` line per start (time, host,
-    pid, identity digest, the step a snapshot was resumed after or null) and one ``end`` line per
-    outcome; a killed run leaves no ``end`` line.
+    """Append-only, signed log of a cell's runs (JSON lines): one ``start`` line per start (time,
+    host, pid, identity digest, the step a snapshot was resumed after or null), one ``end`` line
+    per outcome (a killed run leaves none), one ``snapshot`` line per snapshot written (its step,
+    releases and MAC: the record a snapshot is checked against on resume), and the explicit
+    acknowledgements of :meth:`accept`.
+
+    Every line carries a MAC under the installation key (:mod:`dpzo.integrity`) chained to the
+    line before it (the first to the cell: the last five parts of the log's folder,
+    ``<model>/<task>/<method>/eps<ε>/seed<seed>``), so a line cannot be edited, removed from the
+    middle, or the log copied from another cell.  The head of the chain is also kept outside
+    ``results/`` (beside the key), so a log cut short or deleted is noticed too.  Such a log is
+    refused (:class:`AttemptLogInvalid`) until :meth:`accept` records that its history is lost.
 
     It covers the runs since the cell last completed: :meth:`close` moves it aside once the
     metrics are written, so a forced rerun counts anew.
@@ -156,24 +186,79 @@ class AttemptLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def records(self) -> list[dict]:
-        """The log's records, oldest first (none when there is no log); torn lines are skipped with a warning."""
+    # -- the chain -----------------------------------------------------------------------------
+    def _genesis(self) -> str:
+        return integrity.sign("attempt-log", "/".join(self.path.parent.parts[-5:]))
+
+    @staticmethod
+    def _line_mac(previous: str, record: dict) -> str:
+        return integrity.sign("attempt-log-line", previous, _canonical(record))
+
+    def _anchor_path(self) -> Path:
+        where = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:32]
+        return integrity.state_dir() / "attempt-logs" / f"{where}.json"
+
+    def _anchor(self) -> dict | None:
+        try:
+            return json.loads(self._anchor_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _invalid(self, what: str) -> AttemptLogInvalid:
+        message = (
+            f"the attempt log {self.path} {what}. It is the cell's record of the runs of the mechanism "
+            "(and of a retry refused after a failure that depended on the private data), so nothing was started. "
+            f"If its history is lost, acknowledge it: `dpzo accept-retry {self.path.parent} --reason '...'` "
+            "(recorded in the cell's metrics and shown in the privacy table), then run again"
+        )
+        log.error(message)
+        return AttemptLogInvalid(message)
+
+    def _verified(self) -> list[tuple[dict, str]]:
+        """(record, its MAC) of every line, oldest first, after checking the chain and the anchor."""
+        anchor = self._anchor()
         if not self.path.exists():
+            if anchor is not None:
+                raise self._invalid(
+                    f"is missing, but this installation recorded {anchor.get('lines')} line(s) of it "
+                    f"(the last at {anchor.get('time')}): it was deleted or moved"
+                )
             return []
-        out = []
+        out, previous = [], self._genesis()
         for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 # Only a kill in the middle of a write tears a line, and each line is written
                 # before the work it records: a torn start never trained, a torn end is a kill.
                 log.warning("%s line %d is torn (a write was interrupted); skipped", self.path, number)
+                continue
+            mac = record.pop("mac", None) if isinstance(record, dict) else None
+            if not integrity.verifies(mac, "attempt-log-line", previous, _canonical(record)):
+                raise self._invalid(
+                    f"does not verify at line {number} (edited, reordered, lines removed before it, copied from "
+                    "another cell, or written by another installation)"
+                )
+            out.append((record, mac))
+            previous = mac
+        if anchor is not None and anchor.get("head") not in {mac for _, mac in out}:
+            raise self._invalid(
+                f"was cut short or replaced: this installation recorded {anchor.get('lines')} line(s) ending at "
+                f"{anchor.get('time')}, which it no longer holds"
+            )
         return out
 
+    def records(self) -> list[dict]:
+        """The log's records, oldest first (none when there is no log); raises
+        :class:`AttemptLogInvalid` for a log that does not verify.  Torn lines are skipped."""
+        return [record for record, _ in self._verified()]
+
     def append(self, record: dict) -> None:
-        """Append one line, durably (it must be on disk before the work it records starts)."""
+        """Append one signed line, durably (it must be on disk before the work it records starts)."""
+        lines = self._verified()
+        mac = self._line_mac(lines[-1][1] if lines else self._genesis(), record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
@@ -182,19 +267,25 @@ class AttemptLog:
                 torn = fh.read(1) != b"\n"  # a torn last line must not swallow this one
             else:
                 torn = False
-            fh.write((("\n" if torn else "") + json.dumps(record, default=str) + "\n").encode())
+            fh.write((("\n" if torn else "") + json.dumps({**record, "mac": mac}, default=str) + "\n").encode())
             fh.flush()
             os.fsync(fh.fileno())
+        anchor = {"log": str(self.path.resolve()), "head": mac, "lines": len(lines) + 1, "time": _now()}
+        write_json_atomic(self._anchor_path(), anchor)
 
+    # -- what the log decides --------------------------------------------------------------------
     def check_retry(self, identity: str, *, private: bool) -> None:
-        """Refuse to start a private run whose identical run failed for a data-dependent reason."""
+        """Refuse to start a private run whose identical run failed for a data-dependent reason
+        (unless that failure was acknowledged since, :meth:`accept`)."""
+        records = self.records()
         if not private:
             return
-        failed = [
-            r
-            for r in self.records()
-            if r.get("event") == "end" and r.get("data_dependent") and r.get("identity") == identity
-        ]
+        failed = []
+        for r in records:
+            if r.get("event") == "end" and r.get("data_dependent") and r.get("identity") == identity:
+                failed.append(r)
+            elif r.get("event") in ACKNOWLEDGEMENTS:
+                failed = []  # acknowledged: the retry that follows is on the record
         if failed:
             message = (
                 f"refusing to retry this private cell: its run with the same hyperparameters and data failed "
@@ -202,20 +293,83 @@ class AttemptLog:
                 f"({failed[-1].get('outcome')}). A retry is a second run of the mechanism, chosen because "
                 "of what the data did, which the privacy ledger does not account. Change the cell's "
                 "hyperparameters (the new run is then counted as one more attempt and shown in metrics.json "
-                f"and the privacy table), or delete {self.path} to accept the unaccounted extra run explicitly "
-                "(the count then restarts at 1)."
+                f"and the privacy table), or accept the unaccounted extra run explicitly with `dpzo accept-retry "
+                f"{self.path.parent} --reason '...'` (recorded in metrics.json and shown in the privacy table)."
             )
             log.error(message)
             raise RetryRefused(message)
 
+    def accept(self, reason: str) -> dict:
+        """Acknowledge, on the record, what the log would refuse: a retry after a data-dependent
+        failure, or (for a log that does not verify) the loss of its history, which is then moved
+        aside to ``attempts.rejected.<time>.jsonl`` and replaced by a new log that starts with the
+        acknowledgement.  Returns the line written."""
+        import getpass
+
+        if not reason.strip():
+            raise ValueError("say why the unaccounted run is accepted (--reason); it is published with the result")
+        base = {"time": _now(), "user": getpass.getuser(), "host": socket.gethostname(), "reason": reason}
+        try:
+            records = self.records()
+        except AttemptLogInvalid as invalid:
+            aside = None
+            if self.path.exists():
+                aside = self.path.with_name(f"{self.path.stem}.rejected.{_stamp()}{self.path.suffix}")
+                os.replace(self.path, aside)
+            self._anchor_path().unlink(missing_ok=True)
+            record = {"event": "reset", **base, "why": str(invalid).split(". It is the cell's")[0]}
+            record["previous_log"] = aside.name if aside else None
+            self.append(record)
+            return record
+        refused = []
+        for r in records:
+            if r.get("event") == "end" and r.get("data_dependent"):
+                refused.append(r.get("outcome"))
+            elif r.get("event") in ACKNOWLEDGEMENTS:
+                refused = []
+        if not refused:
+            raise NothingToAccept(
+                f"nothing to accept: the attempt log {self.path} verifies and holds no failure that depended on the "
+                "data since the last acknowledgement, so the cell's next run is not refused"
+            )
+        record = {"event": "accepted", **base, "failures": refused}
+        self.append(record)
+        return record
+
+    def latest_snapshot(self, identity: str) -> dict | None:
+        """The last snapshot recorded for the run ``identity`` (``zo.checkpoint.SnapshotRecord``)."""
+        for r in reversed(self.records()):
+            if r.get("event") == "snapshot" and r.get("identity") == identity:
+                return r
+        return None
+
+    def snapshot_written(self, identity: str, *, step: int, releases: int, mac: str) -> None:
+        """Record a snapshot, after its file is on disk and before it is renamed into place."""
+        self.append(
+            {
+                "event": "snapshot",
+                "time": _now(),
+                "identity": identity,
+                "step": step,
+                "releases": releases,
+                "snapshot_mac": mac,
+            }
+        )
+
     def summary(self) -> dict:
         """``attempts``: starts from scratch (runs of the mechanism behind the result, this one
-        included); ``resumes``: continuations from a snapshot; ``attempt_log``: the records."""
+        included); ``resumes``: continuations from a snapshot; ``accepted``: the explicit
+        acknowledgements of unaccounted runs (``dpzo accept-retry``); ``attempt_log``: the records."""
         records = self.records()
         starts = [r for r in records if r.get("event") == "start"]
         return {
             "attempts": sum(r.get("resumed_after_step") is None for r in starts),
             "resumes": sum(r.get("resumed_after_step") is not None for r in starts),
+            "accepted": [
+                {k: r.get(k) for k in ("event", "time", "user", "reason")}
+                for r in records
+                if r.get("event") in ACKNOWLEDGEMENTS
+            ],
             "attempt_log": records,
         }
 
@@ -224,9 +378,9 @@ class AttemptLog:
         history and never read again): a later forced rerun starts counting at 1."""
         if not self.path.exists():
             return None
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        done = self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}")
+        done = self.path.with_name(f"{self.path.stem}.{_stamp()}{self.path.suffix}")
         os.replace(self.path, done)
+        self._anchor_path().unlink(missing_ok=True)  # closed: a missing log is expected now
         return done
 
     @contextlib.contextmanager
@@ -246,6 +400,10 @@ class AttemptLog:
             raise
         if current.identity is not None:
             current.end("completed")
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 class Attempt:

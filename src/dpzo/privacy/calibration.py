@@ -19,6 +19,7 @@ from dpzo.privacy.accountants import (
     dp_event,
     epsilon_unchecked,
     pld_accountant,
+    single_release_epsilon,
 )
 
 #: Calibration refuses to go beyond this noise multiplier (the target is then unreachable
@@ -140,7 +141,13 @@ def calibrate_sigma(
         def f(s: float) -> float:
             key = (name, s)
             if key not in cache:
-                cache[key] = epsilon_unchecked(s, q, compositions, delta, name, pld_discretization)
+                # where one release alone already exceeds the target, that bound decides (only the
+                # side of the target matters to the search) without the accountant's cost at small σ
+                bound = single_release_epsilon(s, q, delta) if name != "rdp" else 0.0
+                exceeds = bound > target * (1.0 + 1e-6)
+                cache[key] = (
+                    bound if exceeds else epsilon_unchecked(s, q, compositions, delta, name, pld_discretization)
+                )
             return cache[key]
 
         return f

@@ -20,6 +20,7 @@ from dpzo.privacy.accountants import (
     epsilon_unchecked,
     laplace_epsilon,
     library_versions,
+    single_release_epsilon,
 )
 from dpzo.privacy.calibration import calibrate_sigma, laplace_step_epsilon, memoized, opacus_noise_multiplier
 
@@ -138,6 +139,8 @@ def accounting_record(
         if calibrated_with is None or not private:
             return True
         s = float(cached["sigma"])
+        if not s > 0 or single_release_epsilon(s, q, delta) > eps_target:
+            return False  # an absurd σ: refused by the cheap bound, before the accountant's grid
         achieved = epsilon_unchecked(s, q, compositions, delta, calibrated_with, pld_discretization)
         return (
             s > 0

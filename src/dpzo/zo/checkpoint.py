@@ -31,9 +31,15 @@ Identity: a snapshot records what it belongs to (method, hyperparameters, ledger
 model size and a digest of theta_0, whether noise is secure).  A snapshot whose identity differs
 from the run at hand (the cell's config or data changed) is ignored and later replaced.
 
-Integrity: a snapshot carries a SHA-256 digest of its tensors and of everything else in it
-(counters, history, generator states, identity); a file that loads but does not verify is
-ignored with a warning and the run starts from step 0.
+Integrity: a snapshot carries a MAC (HMAC-SHA256 under this installation's key,
+:mod:`dpzo.integrity`) of its tensors and of everything else in it (counters, history, generator
+states, identity, which names the cell's ledger), so only a trainer of this installation can
+write one that verifies: a file edited, copied from another cell or another installation is
+ignored with a warning and the run starts from step 0 (which the cell's attempt log counts as
+another run of the mechanism).  Each snapshot written is also recorded in the cell's
+append-only, signed attempt log (:class:`SnapshotRecord`); a snapshot whose release count is
+behind that record (an older snapshot copied back) is ignored the same way, so the weights never
+carry releases the counters do not.
 
 Writing: ``torch.save`` to a temporary file in the same folder, fsync, rename; a kill during the
 write leaves the previous snapshot intact.  A full disk (or quota) skips a periodic snapshot
@@ -57,11 +63,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
+from dpzo import integrity
 from dpzo.fileio import atomic_path
 from dpzo.zo.flat import FlatParameters
 
@@ -70,7 +77,7 @@ if TYPE_CHECKING:  # annotations only
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dpzo-zo-train-state-v2"  # v2: carries a digest of its contents
+FORMAT = "dpzo-zo-train-state-v3"  # v3: its digest is a MAC under the installation key
 DIGEST_SAMPLES = 1 << 20  # coordinates of theta_0 hashed into the identity (all of them below this)
 
 
@@ -129,6 +136,19 @@ class TrainingInterrupted(RuntimeError):
 NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
+def no_space(exc: BaseException) -> OSError | None:
+    """The full-disk error behind ``exc``, or None.  torch's writer meets ENOSPC in the middle of
+    a file and raises its own ``RuntimeError`` ("unexpected pos ...") with the ``OSError`` only
+    as its context, so the chain of causes is searched."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def digest(*arrays: torch.Tensor | np.ndarray) -> str:
     """SHA-256 of the arrays' bytes (dtype and shape included), for identities and snapshots."""
     h = hashlib.sha256()
@@ -171,13 +191,38 @@ SNAPSHOT_TENSORS = FlatParameters.STATE_KEYS + ("anchor",)
 
 def snapshot_digest(payload: dict) -> str:
     """SHA-256 over a snapshot's tensors (dtype, shape, bytes) and, serialised canonically, all
-    its other entries (counters, history, generator states, identity); ``digest`` excluded."""
+    its other entries (counters, history, generator states, identity); ``digest`` excluded.
+    What a snapshot carries is :func:`snapshot_mac` of it, which only this installation can make."""
     h = hashlib.sha256()
     for key in SNAPSHOT_TENSORS:
         value = payload.get(key)
         h.update(f"{key}={'none' if value is None else digest(value)};".encode())
     h.update(_canonical({k: v for k, v in payload.items() if k not in SNAPSHOT_TENSORS and k != "digest"}).encode())
     return h.hexdigest()
+
+
+def snapshot_mac(payload: dict) -> str:
+    """The snapshot's MAC: :func:`snapshot_digest` signed with the installation key."""
+    return integrity.sign(FORMAT, snapshot_digest(payload))
+
+
+def identity_tag(identity: dict) -> str:
+    """A short public name of a snapshot identity (its canonical SHA-256), for the attempt log."""
+    return hashlib.sha256(_canonical(identity).encode()).hexdigest()
+
+
+class SnapshotRecord(Protocol):
+    """The cell's own append-only record of the snapshots written (``cellguard.Attempt``)."""
+
+    def latest_snapshot(self, identity: str) -> dict | None:
+        """The last snapshot recorded for the run ``identity`` (``step``, ``releases``, ``mac``), or None."""
+
+    def snapshot_written(self, identity: str, *, step: int, releases: int, mac: str) -> None:
+        """Record a snapshot just written."""
+
+
+class SnapshotRejected(Exception):
+    """Why a snapshot on disk is not resumed (logged; the run starts from step 0)."""
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -187,9 +232,10 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
 class TrainingCheckpoint:
     """Snapshots of one cell's zeroth-order training loop (see the module docstring)."""
 
-    def __init__(self, policy: CheckpointPolicy, identity: dict):
+    def __init__(self, policy: CheckpointPolicy, identity: dict, record: SnapshotRecord | None = None):
         self.policy = policy
         self.identity = dict(identity)
+        self.record = record  # the cell's record of releases; None: not cross-checked (other ranks, tests)
         self._last_save = time.monotonic()
         self._last_step = 0
         self._stop = threading.Event()
@@ -237,23 +283,12 @@ class TrainingCheckpoint:
         if not path.exists():
             return None
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # written atomically, so only a foreign or older file gets here
-            log.warning("ignoring unreadable checkpoint %s (%s); starting from step 0", path, exc)
-            return None
-        if not isinstance(saved, dict) or saved.get("digest") != snapshot_digest(saved):
-            # a damaged or edited file (or one from before snapshots carried a digest): resuming
-            # it would publish weights the counted steps never produced
+            saved = self._verified(path)
+        except SnapshotRejected as why:
             log.warning(
-                "ignoring checkpoint %s: it does not verify (its digest is %s); starting from step 0 "
-                "(the file is replaced by the next snapshot)",
+                "ignoring checkpoint %s: %s; starting from step 0 (the file is replaced by the next snapshot)",
                 path,
-                "missing" if not isinstance(saved, dict) or "digest" not in saved else "not that of its contents",
-            )
-            return None
-        if saved.get("format") != FORMAT or _canonical(saved.get("identity")) != _canonical(self.identity):
-            log.warning(
-                "ignoring checkpoint %s: it belongs to another configuration of this cell; starting from step 0", path
+                why,
             )
             return None
         flat.load_state_dict({key: saved[key] for key in FlatParameters.STATE_KEYS})
@@ -273,6 +308,40 @@ class TrainingCheckpoint:
             resumed_from=list(saved["resumed_from"]),
             examples_sampled=int(saved["examples_sampled"]),
         )
+
+    def _verified(self, path: Path) -> dict:
+        """The snapshot at ``path`` if this installation's trainer wrote it for this very run and
+        it is not behind the cell's record of releases; raises :class:`SnapshotRejected` otherwise."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # written atomically, so only a foreign or older file gets here
+            raise SnapshotRejected(f"it is unreadable ({exc})") from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            raise SnapshotRejected(f"its format is {found!r}, not {FORMAT!r} (an older version or a foreign file)")
+        if not integrity.verifies(saved.get("digest"), FORMAT, snapshot_digest(saved)):
+            # edited (counters rolled back, identity rewritten), or written by another installation:
+            # resuming it would publish weights the counted releases never produced
+            raise SnapshotRejected(
+                f"its MAC does not verify under this installation's key ({integrity.key_path()}): it was changed "
+                "after the trainer wrote it, or written elsewhere"
+            )
+        if _canonical(saved.get("identity")) != _canonical(self.identity):
+            raise SnapshotRejected("it belongs to another configuration of this cell")
+        if self.record is not None:
+            latest = self.record.latest_snapshot(identity_tag(self.identity))
+            if latest is None or latest.get("snapshot_mac") != saved["digest"]:
+                behind = (
+                    "no snapshot of this run"
+                    if latest is None
+                    else f"a later one, after {latest['releases']} releases (step {latest['step']})"
+                )
+                raise SnapshotRejected(
+                    f"it is not the last snapshot the cell's attempt log records: it holds {saved['releases']} "
+                    f"releases (step {saved['step']}), the log records {behind} (an older snapshot put back, or "
+                    "one from before the log was reset)"
+                )
+        return saved
 
     # -- save --------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -299,8 +368,9 @@ class TrainingCheckpoint:
         path = self.policy.path
         try:
             self.save(current, flat, public_rng=public_rng, secret=secret)
-        except OSError as exc:
-            if exc.errno not in NO_SPACE:
+        except (OSError, RuntimeError) as err:
+            exc = no_space(err)
+            if exc is None:
                 raise
             # A periodic snapshot is optional: losing it costs recomputation after a kill, never
             # correctness (the previous snapshot is intact).  The next try comes at the next
@@ -358,13 +428,17 @@ class TrainingCheckpoint:
             # test mode only: a secure generator refuses to export its state (see SecretRandom)
             "secret_rng": secret.insecure_state() if secret is not None and not secret.is_secure else None,
         }
-        payload["digest"] = snapshot_digest(payload)  # verified on resume
-        # Through a Python file, not a path: torch's own writer reports a full disk as an opaque
-        # RuntimeError, a Python file as OSError(ENOSPC), which step_done can tell apart.
+        payload["digest"] = snapshot_mac(payload)  # verified on resume
+        # Through a Python file, not a path: the OSError(ENOSPC) of a full disk then stays in the
+        # chain of what torch raises, which step_done searches (``no_space``).
         with atomic_path(self.policy.path) as tmp, open(tmp, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())  # the rename must never publish a file whose data is not on disk
+            if self.record is not None:  # on the record before it is in place: resume checks it there
+                self.record.snapshot_written(
+                    identity_tag(self.identity), step=state.step, releases=state.releases, mac=payload["digest"]
+                )
         self._last_save, self._last_step = time.monotonic(), state.step
         log.info("checkpoint after step %d written to %s", state.step, self.policy.path)
 

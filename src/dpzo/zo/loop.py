@@ -185,12 +185,17 @@ def _resume(
     """The snapshot this run continues from (None: from step 0), the same on every rank.
 
     Rank 0's secret RNG decides whether the run is in test mode (part of the snapshot's
-    identity); the ranks then check that they resumed after the same step.
+    identity), and rank 0 alone (which holds the cell's attempt log) decides whether the snapshot
+    is resumed; the other ranks then load it too and check that they resumed after the same step.
     """
     if checkpoint is None:
         return None
     secure = team.broadcast_flag(None if secret is None else secret.is_secure)
-    resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+    resumed = None
+    if team.is_main:
+        resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+    if team.broadcast_flag(resumed is not None) and not team.is_main:
+        resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
     team.agree(-1 if resumed is None else resumed.step)
     return resumed
 
