@@ -442,3 +442,14 @@ def test_the_privacy_table_shows_the_attempts_of_each_cell(tmp_path):
     rendered = tables.render_privacy(tidy).body
     assert list(rendered["attempts"]) == ["1", "2"]
     assert list(rendered.columns).index("attempts") == list(rendered.columns).index("seeds") + 1
+
+
+def test_the_privacy_table_shows_runs_accepted_on_the_record(tmp_path):
+    files = [write_cell(tmp_path, "m", "SST-2", "dp-zoso", "2", seed, 0.9) for seed in (13, 42)]
+    acknowledged = [{"event": "accepted", "time": "t", "user": "u", "reason": "a fixed overflow bug"}]
+    for f, accepted in zip(files, ([], acknowledged)):
+        metrics = json.loads(f.read_text())
+        f.write_text(json.dumps({**metrics, "attempts": 2, "resumes": 0, "accepted": accepted}))
+    rendered = tables.render_privacy(tables.privacy_table(report.load_cells(files)))
+    assert list(zip(rendered.body["seeds"], rendered.body["accepted"])) == [("13", "0"), ("42", "1")]
+    assert any("dpzo accept-retry" in note for note in rendered.notes)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dpzo.privacy import accountants
+from dpzo.privacy.ledger import ledger_digest
 from dpzo.report import collect as report
 from dpzo.report import figures, reference, tables
 
@@ -305,11 +307,11 @@ def test_privacy_table_equals_the_ledgers(run):
         assert r.seeds == ", ".join(str(s) for s in sorted(private[key]))
         eps = float(key[3])
         assert r.sigma == pytest.approx(_sigma(key[3], r.task))
-        assert (r.epsilon_pld, r.epsilon_prv, r.epsilon_rdp) == (
-            pytest.approx(eps - 0.001),
-            pytest.approx(eps + 0.01),
-            pytest.approx(eps * 1.2),
-        )
+        # recomputed from the ledger's σ, q, T and δ by each accountant, not its (edited) claims
+        for name in ("pld", "prv", "rdp"):
+            value = getattr(r, f"epsilon_{name}")
+            assert value == pytest.approx(accountants.epsilon(r.sigma, 64 / 1024, 40, 1e-5, name), rel=1e-12)
+        assert r.epsilon_pld != pytest.approx(eps - 0.001) and r.epsilon_rdp != pytest.approx(eps * 1.2)
         assert (r.delta, r.q, r.ledger_steps, r.compositions) == (1e-5, 64 / 1024, 40, 40)
     rendered = tables.render_privacy(tidy)
     assert list(rendered.body.columns)[-6:] == ["ε PLD", "ε PRV", "ε RDP", "ε VERIFIED", "calibrated with", "noise"]
@@ -435,3 +437,16 @@ def test_published_curves_hold_the_test_loss_and_no_private_diagnostics(run, tmp
     (cell / "metrics.json").write_text(json.dumps({"history": {"stage_starts": [0, 6]}}))
     table = report.write_diagnostics([cell / "private_diagnostics.json"], tmp_path / "private" / "diagnostics.csv")
     assert table.loss.tolist() == [0.6, 0.5] and table.examples.tolist() == [40, 41] and table.stage.tolist() == [0, 1]
+
+
+def test_a_ledger_changed_after_training_is_not_published(tmp_path):
+    f = write_cell(tmp_path, "m", "SST-2", "dp-zoso", "8", 13, 0.9)
+    ledger_path = f.with_name("privacy.json")
+    metrics = json.loads(f.read_text())
+    metrics["privacy"]["ledger_sha256"] = ledger_digest(json.loads(ledger_path.read_text()))
+    f.write_text(json.dumps(metrics))
+    assert report.load_cells([f])["epsilon_pld"].notna().all()  # the verified ledger: published
+    ledger = json.loads(ledger_path.read_text())
+    ledger_path.write_text(json.dumps(ledger | {"epsilon_achieved": {"pld": 0.5}}))  # a smaller claim
+    with pytest.raises(report.LedgerChanged, match="not the ledger the trainer of .* verified"):
+        report.load_cells([f])

@@ -17,7 +17,14 @@ from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperpara
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
 from dpzo.models.evaluate import CurveSettings
-from dpzo.privacy.ledger import NO_NOISE, AccountingSettings, Cell, check_ledger_after, verify_ledger
+from dpzo.privacy.ledger import (
+    NO_NOISE,
+    AccountingSettings,
+    Cell,
+    check_ledger_after,
+    ledger_digest,
+    verify_ledger,
+)
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.checkpoint import CheckpointPolicy, SnapshotRecord, TrainingCheckpoint, file_digest
 from dpzo.zo.loop import train_zo
@@ -272,6 +279,7 @@ def run_cell(
             "noise": accounting.noise if private else NO_NOISE,
             "epsilon_verified": verified.epsilon,
             "verified_with": verified.accountant,
+            "ledger_sha256": ledger_digest(ledger),  # the ledger verified: tables publish no other
         },
         **({"ranks": team.world_size} if team.world_size > 1 else {}),  # data-parallel replicas
         "ms_per_step": history.get("ms_per_step"),

@@ -22,6 +22,7 @@ No heavy imports: the accounting rule uses this module without torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 
 from dpzo.fileio import write_json_atomic
 from dpzo.methods import base_method, get_method, hyperparameters_for, is_private
-from dpzo.privacy.accountants import certified_epsilon, laplace_epsilon
+from dpzo.privacy.accountants import ACCOUNTANTS, certified_epsilon, laplace_epsilon
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.records import DPZERO_DELTA, method_ledger
 from dpzo.privacy.secret import SECURE_NOISE, noise_source
@@ -367,3 +368,45 @@ def ledger_noise_on_sum(ledger: dict) -> float:
     if ledger.get("mechanism") == "laplace":
         return float(ledger["laplace_scale_on_sum"])
     return float(ledger["noise_std_on_sum"])
+
+
+def recomputed_epsilons(ledger: dict) -> dict[str, float | str]:
+    """Every ε a private ledger states (``epsilon_achieved``), recomputed from its noise and counts
+    (σ or the Laplace scale, q, T·P, δ) instead of read from the file: what the privacy table
+    publishes.  Under the common convention: PLD, PRV and RDP; DPZero's published accounting:
+    opacus' RDP; the Laplace variant: pure ε.  A value an accountant cannot evaluate at these
+    settings is the reason, as text.  Empty for a ledger without a claim."""
+    if not ledger.get("private"):
+        return {}
+    q, releases, delta = (
+        _number(ledger.get("q")),
+        int(_number(ledger.get("compositions"))),
+        _number(ledger.get("delta")),
+    )
+    if ledger.get("mechanism") == "laplace":
+        scale = _number(ledger.get("laplace_scale_on_sum"))
+        return {"pure": laplace_epsilon(_number(ledger.get("clip")) / scale, q, releases)}
+    sigma, target = _number(ledger.get("sigma")), _number(ledger.get("epsilon_target"))
+    names = ("opacus-rdp",) if ledger.get("accounting") == "dpzero-published" else ACCOUNTANTS
+    return {name: _epsilon_or_reason(sigma, q, releases, delta, name, target) for name in names}
+
+
+@functools.cache
+def _epsilon_or_reason(
+    sigma: float, q: float, releases: int, delta: float, accountant: str, target: float
+) -> float | str:
+    """One recomputed ε (cached: the cells of a grid share a few ledgers' numbers)."""
+    try:
+        value, exact = certified_epsilon(sigma, q, releases, delta, accountant, target)
+    except (RuntimeError, ValueError, FloatingPointError, OverflowError) as err:
+        return f"not computed: {type(err).__name__}: {err}"
+    return value if exact else f"at least {value:.6g} (its first release alone)"
+
+
+def ledger_digest(ledger: dict) -> str:
+    """SHA-256 of a ledger's canonical JSON: the trainer records the digest of the ledger it
+    verified, so a ledger changed after training is not published as that cell's."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(ledger, sort_keys=True, default=str).encode()).hexdigest()

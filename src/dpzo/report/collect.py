@@ -23,9 +23,15 @@ import pandas as pd
 from dpzo.fileio import atomic_path, read_json_output
 from dpzo.masks.settings import MaskSettings
 from dpzo.methods import base_method
+from dpzo.privacy.ledger import ledger_digest, recomputed_epsilons
 from dpzo.report.reference import reference_model, reference_task
 
 log = logging.getLogger(__name__)
+
+
+class LedgerChanged(ValueError):
+    """A cell's privacy.json differs from the ledger its trainer verified."""
+
 
 GROUP = ["model", "task", "method", "eps"]
 MASK_FIELDS = ("strategy", "scorer", "ratio", "selection", "scope", "mode")
@@ -80,7 +86,9 @@ def _ledger_fields(ledger: dict) -> dict:
         "accounting": ledger.get("accounting", ""),
         "calibrated_with": ledger.get("calibrated_with") or "",
     }
-    for name, value in (ledger.get("epsilon_achieved") or {}).items():
+    # recomputed here from the ledger's noise and counts, never read from its epsilon_achieved
+    # (a claim anyone could edit): every ε the tables publish is computed by the trainer or here
+    for name, value in recomputed_epsilons(ledger).items():
         out[f"epsilon_{name}"] = _number(value)
     return out
 
@@ -105,6 +113,12 @@ def cell_row(
     metrics = read_json_output(path)
     ledger_path = path.with_name("privacy.json")
     ledger = read_json_output(ledger_path) if ledger_path.exists() else {}
+    verified = (metrics.get("privacy") or {}).get("ledger_sha256")
+    if verified is not None and ledger_digest(ledger) != verified:
+        raise LedgerChanged(
+            f"{ledger_path} is not the ledger the trainer of {path} verified (its digest changed after training); "
+            f"nothing of this cell is published. Run the cell again: snakemake -f {path}"
+        )
     model, task, method = metrics["model"], metrics["task"], metrics["method"]
     ref_model, model_stand_in = reference_model((models or {}).get(model, {"path": model}))
     ref_task, task_stand_in = reference_task(task)
@@ -130,6 +144,8 @@ def cell_row(
         # snapshot; NaN for cells written before they were counted
         "attempts": _number(metrics.get("attempts")),
         "resumes": _number(metrics.get("resumes")),
+        # unaccounted runs accepted on the record (`dpzo accept-retry`); NaN before they were kept
+        "accepted": float(len(metrics["accepted"])) if "accepted" in metrics else math.nan,
         "ms_per_step": _number(metrics.get("ms_per_step")),
         "train_seconds": _number(metrics.get("train_seconds")),
         "wall_seconds": _number(metrics.get("wall_seconds")),

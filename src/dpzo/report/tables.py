@@ -207,6 +207,7 @@ PRIVACY_KEYS = [
     "neighbouring",
     "noise",
     "attempts",  # seeds whose result took more runs of the mechanism get their own row
+    "accepted",  # ... and so do seeds with an unaccounted run accepted on the record
 ]
 
 
@@ -263,6 +264,7 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
                 str(rd["eps"]),
                 rd["seeds"],
                 _fmt(rd.get("attempts"), ".0f"),
+                _fmt(rd.get("accepted"), ".0f"),
                 _fmt(rd["n"], ".0f"),
                 _fmt(rd["q"], ".4g"),
                 _fmt(rd["ledger_steps"], ".0f"),
@@ -282,6 +284,7 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
         "target ε",
         "seeds",
         "attempts",
+        "accepted",
         "n",
         "q",
         "T",
@@ -298,13 +301,17 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
         "One row per private cell group (model, task, method, target ε); seeds with the same ledger share a row.",
         "q = B/n is the Poisson sampling rate, T the steps, P the directions per step (T·P releases accounted), "
         "C the clip, σ the noise multiplier (noise std C·σ on each clipped sum).",
-        "ε PLD / PRV / RDP: the ε that σ achieves under each accountant at δ (the calibrating one meets the target); "
-        "ε PURE: the Laplace variant's pure ε-DP (δ = 0). ε VERIFIED: recomputed by the trainer, before its first "
-        "step, from the noise it then added (the ledger is refused when this exceeds the target).",
+        "ε PLD / PRV / RDP: the ε that σ achieves under each accountant at δ, recomputed for this table from the "
+        "ledger the trainer verified (the calibrating one meets the target); ε OPACUS-RDP: DPZero's published "
+        "accounting; ε PURE: the Laplace variant's pure ε-DP (δ = 0). ε VERIFIED: recomputed by the trainer, before "
+        "its first step, from the noise it then added (the ledger is refused when this exceeds the target). No ε "
+        "here is read from a file.",
         "attempts: runs of the mechanism started from scratch behind each seed's result (1 normally; continuations "
         "from a snapshot are not counted). The ledger accounts one run: more means earlier runs stopped (killed, or "
-        "failed and rerun with changed hyperparameters) and were discarded; see README. Seeds with different counts "
-        "have separate rows.",
+        "failed and rerun with changed hyperparameters) and were discarded; see README. accepted: runs the cell's "
+        "attempt log refused (a retry after a failure that depended on the data, or a log whose history was lost) "
+        "and that were accepted on the record with `dpzo accept-retry` (the reasons are in metrics.json); the "
+        "guarantee does not cover them. Seeds with different counts have separate rows.",
     ]
     if "noise" in tidy and tidy["noise"].map(is_test_noise).any():
         notes.insert(0, f"NOT PRIVATE rows: {TEST_NOISE_NOTE}")
