@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_report import GRID, METHOD_PARAMS, MODELS, write_cell
+from .test_report import GRID, METHOD_PARAMS, MODELS, write_cell, write_diagnostics
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -123,21 +123,6 @@ def run_rule(workdir: Path, rule: str, *, input=None, output=None, params=None, 
     for path in output.values() if isinstance(output, dict) else output:
         assert (workdir / path).exists(), (rule, path)
     return report
-
-
-def write_diagnostics(metrics_file: Path) -> Path:
-    metrics = json.loads(metrics_file.read_text())
-    steps = metrics["history"].get("step", [])
-    record = {k: metrics[k] for k in ("model", "task", "method", "eps", "seed")}
-    record |= {
-        "step": steps,
-        "loss": [0.7 - 0.01 * i for i in range(len(steps))],
-        "examples": [60] * len(steps),
-        "clipped_fraction": [0.1] * len(steps),
-    }
-    path = metrics_file.with_name("private_diagnostics.json")
-    path.write_text(json.dumps(record))
-    return path
 
 
 def tables(prefix: str) -> dict:

@@ -6,7 +6,8 @@ file when there is one) once, and writes two tables that every later table and f
 * ``cells.csv``: one row per (model, task, method, ε, seed): accuracy, time, memory, the
   privacy ledger, the method's mask settings and the published reference the cell maps to;
 * ``curves.csv``: the test-loss curve of every trained cell, one row per point (the published
-  training curve; the training loss on private batches is in ``private_diagnostics.json``).
+  training curve; the training loss on private batches is in ``private_diagnostics.json``),
+  each point marked ``test_noise`` when its cell was trained with the insecure test-only seed.
 
 ``summarize`` turns ``cells.csv`` into mean ± sample standard deviation over seeds.
 """
@@ -166,8 +167,25 @@ def is_test_noise(noise: str) -> bool:
     return str(noise).startswith("insecure")
 
 
-CURVE_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss"]
-DIAGNOSTIC_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "loss", "examples", "clipped_fraction"]
+CURVE_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss", "test_noise"]
+DIAGNOSTIC_COLUMNS = [
+    "model",
+    "task",
+    "method",
+    "eps",
+    "seed",
+    "step",
+    "stage",
+    "loss",
+    "examples",
+    "clipped_fraction",
+    "test_noise",
+]
+
+
+def _cell_test_noise(metrics: dict) -> bool:
+    """Whether the cell of ``metrics`` was trained with the insecure test-only noise seed."""
+    return is_test_noise((metrics.get("privacy") or {}).get("noise", ""))
 
 
 def _stage_at(history: dict, step: int) -> float:
@@ -177,7 +195,10 @@ def _stage_at(history: dict, step: int) -> float:
 
 
 def curve_rows(metrics_file: str | Path) -> list[dict]:
-    """The test-loss points of one cell (none for zero-shot and ICL): the published curve."""
+    """The test-loss points of one cell (none for zero-shot and ICL): the published curve.
+
+    Each point says whether its cell was trained with the insecure test-only seed (``test_noise``).
+    """
     metrics = read_json_output(metrics_file)
     history = metrics.get("history") or {}
     cell = {
@@ -187,14 +208,24 @@ def curve_rows(metrics_file: str | Path) -> list[dict]:
         "eps": str(metrics["eps"]),
         "seed": int(metrics["seed"]),
     }
+    test_noise = _cell_test_noise(metrics)
     return [
-        cell | {"step": int(step), "stage": _stage_at(history, int(step)), "test_loss": _number(loss)}
+        cell
+        | {
+            "step": int(step),
+            "stage": _stage_at(history, int(step)),
+            "test_loss": _number(loss),
+            "test_noise": test_noise,
+        }
         for step, loss in zip(history.get("test_step", []), history.get("test_loss", []))
     ]
 
 
-def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None = None) -> list[dict]:
-    """The private diagnostics of one cell, one row per logged step (not covered by the guarantee)."""
+def diagnostic_rows(
+    diagnostics_file: str | Path, stage_starts: list[int] | None = None, *, test_noise: bool = False
+) -> list[dict]:
+    """The private diagnostics of one cell, one row per logged step (not covered by the guarantee);
+    ``test_noise``: the cell was trained with the insecure test-only seed (from its metrics.json)."""
     record = read_json_output(diagnostics_file)
     history = {"stage_starts": stage_starts or []}
     cell = {
@@ -212,6 +243,7 @@ def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None
             "step": int(step),
             "stage": _stage_at(history, int(step)),
             **{key: _number(values[i]) for key, values in columns.items()},
+            "test_noise": test_noise,
         }
         for i, step in enumerate(steps)
     ]
@@ -222,8 +254,9 @@ def write_diagnostics(diagnostics_files: Iterable[str | Path], out_csv: str | Pa
     rows = []
     for path in diagnostics_files:
         metrics_file = Path(path).with_name("metrics.json")
-        history = (read_json_output(metrics_file).get("history") or {}) if metrics_file.exists() else {}
-        rows += diagnostic_rows(path, history.get("stage_starts"))
+        metrics = read_json_output(metrics_file) if metrics_file.exists() else {}
+        history = metrics.get("history") or {}
+        rows += diagnostic_rows(path, history.get("stage_starts"), test_noise=_cell_test_noise(metrics))
     table = pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)
     write_csv(table, out_csv)
     log.info("collected %d diagnostic rows", len(table))
