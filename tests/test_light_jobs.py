@@ -214,6 +214,9 @@ def light_runs(tmp_path_factory) -> dict[str, dict]:
         wildcards={"eps": "2"},
     )
     seen["privacy_table"] = run_rule(work, "privacy_table", input={"cells": f"{t}/cells.csv"}, output=tables("privacy"))
+    seen["versions_table"] = run_rule(
+        work, "versions_table", input={"cells": f"{t}/cells.csv"}, output=tables("versions")
+    )
     seen["private_diagnostics"] = run_rule(
         work,
         "private_diagnostics",
@@ -298,6 +301,7 @@ def test_every_rule_is_a_model_job_or_runs_here():
         "summarize",
         "accuracy_table",
         "privacy_table",
+        "versions_table",
         "private_diagnostics",
         "synflow_agreement_table",
         "plot_audit",

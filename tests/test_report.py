@@ -597,3 +597,52 @@ def test_the_audit_figure_marks_audits_run_on_test_noise(tmp_path):
     assert any(t.startswith("dpzero †") for t in legend) and not any(t.startswith("dp-zoso †") for t in legend)
     clean = plot_audit([str(files[0]), str(files[2])], str(tmp_path / "clean.png"))
     assert "NOT PRIVATE" not in clean.axes[0].get_title()
+
+
+# ----------------------------------------------------------------------------------------------
+# the versions that made the cells
+# ----------------------------------------------------------------------------------------------
+def test_cells_carry_their_versions_and_the_versions_table_lists_each_combination(tmp_path):
+    files = [write_cell(tmp_path, "m", "SST-2", "dp-zoso", "2", seed, 0.9) for seed in (13, 42)]
+    files.append(write_cell(tmp_path, "m", "SST-2", "zero-shot", "inf", 13, 0.5))
+    files.append(write_cell(tmp_path, "m", "trec", "mezo", "inf", 13, 0.7))
+    made = {
+        "dpzo": "0.1.0",
+        "dpzo_commit": "0123456789abcdef" * 2 + "01234567",
+        "dpzo_dirty": False,
+        "python": "3.11.7",
+        "torch": "2.10",  # reads as a number unless kept as text
+        "transformers": "4.45.0",
+        "peft": None,  # not installed
+        "accelerate": "1.0.0",
+        "snakemake": "9.20.0",
+        "device_name": "NVIDIA H100 80GB HBM3",
+    }
+    for f, versions in zip(files, (made, made | {"torch": "2.13.0", "dpzo_dirty": True}, made, None)):
+        metrics = json.loads(f.read_text())
+        metrics["torch"] = versions["torch"] if versions else "2.3.0"
+        if versions:  # the last cell was made before versions were recorded: its torch only
+            metrics["versions"] = versions
+        f.write_text(json.dumps(metrics))
+    out = tmp_path / "tables"
+    report.write_collection(files, out / "cells.csv", out / "curves.csv")
+    cells = report.read_cells(out / "cells.csv").set_index(["method", "seed"])
+    assert cells.loc[("dp-zoso", 13), "torch_version"] == "2.10" and cells.loc[("dp-zoso", 42), "dpzo_dirty"] == "True"
+    assert cells.loc[("dp-zoso", 13), "device_name"] == "NVIDIA H100 80GB HBM3"
+    assert cells.loc[("dp-zoso", 13), "peft_version"] == "" and cells.loc[("dp-zoso", 13), "python_version"] == "3.11.7"
+    assert cells.loc[("mezo", 13), "torch_version"] == "2.3.0" and cells.loc[("mezo", 13), "dpzo_commit"] == ""
+
+    paths = {kind: out / f"versions.{kind}" for kind in ("csv", "md", "tex", "html")}
+    tidy = tables.write_versions_table(out / "cells.csv", paths)
+    rows = {r.torch_version: r for r in tidy.itertuples()}
+    assert set(rows) == {"2.10", "2.13.0", "2.3.0"} and tidy["cells"].sum() == 4
+    assert rows["2.10"].cell_ids == "m/SST-2/zero-shot/epsinf/seed13; m/SST-2/dp-zoso/eps2/seed13"
+    assert rows["2.13.0"].cell_ids == "m/SST-2/dp-zoso/eps2/seed42" and rows["2.3.0"].cells == 1
+    assert pd.read_csv(paths["csv"], dtype=str)["torch_version"].tolist() == tidy["torch_version"].tolist()
+    md = paths["md"].read_text()
+    assert "0123456789ab (dirty)" in md and "NVIDIA H100 80GB HBM3" in md
+    assert "4 cells of this run were made by 3 different combinations" in md and "–: not recorded" in md
+    assert "Versions that made the cells" in paths["html"].read_text() and paths["tex"].read_text()
+    # one combination: "all" its cells
+    single = tables.render_versions(tables.versions_table(report.read_cells(out / "cells.csv").iloc[:1]))
+    assert single.body["cells made"].tolist() == ["all"] and not any("different" in n for n in single.notes)

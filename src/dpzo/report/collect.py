@@ -4,7 +4,8 @@
 file when there is one) once, and writes two tables that every later table and figure reads:
 
 * ``cells.csv``: one row per (model, task, method, ε, seed): accuracy, time, memory, the
-  privacy ledger, the method's mask settings and the published reference the cell maps to;
+  privacy ledger, the method's mask settings, the published reference the cell maps to and the
+  versions that made it (``VERSION_COLUMNS``);
 * ``curves.csv``: the test-loss curve of every trained cell, one row per point (the published
   training curve; the training loss on private batches is in ``private_diagnostics.json``),
   each point marked ``test_noise`` when its cell was trained with the insecure test-only seed.
@@ -30,6 +31,19 @@ log = logging.getLogger(__name__)
 
 GROUP = ["model", "task", "method", "eps"]
 MASK_FIELDS = ("strategy", "scorer", "ratio", "selection", "scope", "mode")
+#: cells.csv column -> key of metrics.json ``versions`` (``dpzo.provenance.versions``)
+VERSION_COLUMNS = {
+    "dpzo_version": "dpzo",
+    "dpzo_commit": "dpzo_commit",
+    "dpzo_dirty": "dpzo_dirty",
+    "python_version": "python",
+    "torch_version": "torch",
+    "transformers_version": "transformers",
+    "peft_version": "peft",
+    "accelerate_version": "accelerate",
+    "snakemake_version": "snakemake",
+    "device_name": "device_name",
+}
 
 
 def eps_sort_key(eps: pd.Series) -> pd.Series:
@@ -147,8 +161,20 @@ def cell_row(
         **_mask_fields((methods or {}).get(method)),
         **_ledger_fields(ledger),
         **_verified_fields(metrics),
+        **_version_fields(metrics),
     }
     return row
+
+
+def _version_fields(metrics: dict) -> dict:
+    """The versions that made the cell ("" where unknown; a cell written before they were recorded
+    has only its torch version)."""
+    recorded = metrics.get("versions") or {"torch": metrics.get("torch")}
+    out = {}
+    for column, key in VERSION_COLUMNS.items():
+        value = recorded.get(key)
+        out[column] = "" if value is None else str(value)
+    return out
 
 
 def _verified_fields(metrics: dict) -> dict:
@@ -326,6 +352,7 @@ def read_cells(path: str | Path) -> pd.DataFrame:
         "mechanism",
         "accounting",
         "noise",
+        *VERSION_COLUMNS,  # "2.10" is a version, not a number
     ]
     table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})
     for column in text:
