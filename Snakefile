@@ -64,6 +64,7 @@ localrules:
     summarize,
     accuracy_table,
     privacy_table,
+    versions_table,
     figure_accuracy_bars,
     figure_memory_time,
     figure_privacy_utility,

@@ -22,7 +22,17 @@ import torch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_run_golden.json"
 #: measured or host-dependent: not part of what the code computes
-VOLATILE = {"ms_per_step", "train_seconds", "wall_seconds", "memory", "attempt_log", "slurm_job_id", "torch", "device"}
+VOLATILE = {
+    "ms_per_step",
+    "train_seconds",
+    "wall_seconds",
+    "memory",
+    "attempt_log",
+    "slurm_job_id",
+    "torch",
+    "device",
+    "versions",
+}
 OUTPUTS = ("metrics.json", "privacy.json", "private_diagnostics.json")
 
 

@@ -12,7 +12,7 @@ SRC = Path(__file__).parents[1] / "src"
 
 #: lowest first; a module belongs to the first entry that is its name or a package above it
 LAYERS: list[tuple[str, ...]] = [
-    ("dpzo.fileio", "dpzo.integrity", "dpzo.progress", "dpzo.methods", "dpzo.masks.settings"),
+    ("dpzo.fileio", "dpzo.integrity", "dpzo.progress", "dpzo.provenance", "dpzo.methods", "dpzo.masks.settings"),
     ("dpzo.privacy", "dpzo.data"),
     ("dpzo.models", "dpzo.zo"),
     ("dpzo.masks", "dpzo.baselines"),

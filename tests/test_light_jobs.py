@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_report import GRID, METHOD_PARAMS, MODELS, write_cell
+from .test_report import GRID, METHOD_PARAMS, MODELS, write_cell, write_diagnostics
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -125,21 +125,6 @@ def run_rule(workdir: Path, rule: str, *, input=None, output=None, params=None, 
     return report
 
 
-def write_diagnostics(metrics_file: Path) -> Path:
-    metrics = json.loads(metrics_file.read_text())
-    steps = metrics["history"].get("step", [])
-    record = {k: metrics[k] for k in ("model", "task", "method", "eps", "seed")}
-    record |= {
-        "step": steps,
-        "loss": [0.7 - 0.01 * i for i in range(len(steps))],
-        "examples": [60] * len(steps),
-        "clipped_fraction": [0.1] * len(steps),
-    }
-    path = metrics_file.with_name("private_diagnostics.json")
-    path.write_text(json.dumps(record))
-    return path
-
-
 def tables(prefix: str) -> dict:
     return {kind: f"results/tables/{prefix}.{kind}" for kind in ("csv", "md", "tex", "html")}
 
@@ -229,6 +214,9 @@ def light_runs(tmp_path_factory) -> dict[str, dict]:
         wildcards={"eps": "2"},
     )
     seen["privacy_table"] = run_rule(work, "privacy_table", input={"cells": f"{t}/cells.csv"}, output=tables("privacy"))
+    seen["versions_table"] = run_rule(
+        work, "versions_table", input={"cells": f"{t}/cells.csv"}, output=tables("versions")
+    )
     seen["private_diagnostics"] = run_rule(
         work,
         "private_diagnostics",
@@ -313,6 +301,7 @@ def test_every_rule_is_a_model_job_or_runs_here():
         "summarize",
         "accuracy_table",
         "privacy_table",
+        "versions_table",
         "private_diagnostics",
         "synflow_agreement_table",
         "plot_audit",

@@ -113,6 +113,22 @@ def write_cell(root: Path, model: str, task: str, method: str, eps: str, seed: i
     return cell / "metrics.json"
 
 
+def write_diagnostics(metrics_file: Path) -> Path:
+    """The private_diagnostics.json a train job writes next to ``metrics_file``."""
+    metrics = json.loads(metrics_file.read_text())
+    steps = metrics["history"].get("step", [])
+    record = {k: metrics[k] for k in ("model", "task", "method", "eps", "seed")}
+    record |= {
+        "step": steps,
+        "loss": [0.7 - 0.01 * i for i in range(len(steps))],
+        "examples": [60] * len(steps),
+        "clipped_fraction": [0.1] * len(steps),
+    }
+    path = metrics_file.with_name("private_diagnostics.json")
+    path.write_text(json.dumps(record))
+    return path
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
@@ -412,7 +428,17 @@ def test_cells_trained_with_test_noise_are_marked_not_private(tmp_path):
 def test_published_curves_hold_the_test_loss_and_no_private_diagnostics(run, tmp_path):
     root, _, _ = run
     curves = pd.read_csv(root / "results" / "tables" / "curves.csv", dtype={"eps": str})
-    assert list(curves.columns) == ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss"]
+    assert list(curves.columns) == [
+        "model",
+        "task",
+        "method",
+        "eps",
+        "seed",
+        "step",
+        "stage",
+        "test_loss",
+        "test_noise",
+    ]
     one = curves[(curves.method == "dp-zoso") & (curves.eps == "8") & (curves.seed == 13)]
     assert one.test_loss.tolist() == pytest.approx([0.69, 0.5, 0.4, 0.35]) and one.stage.tolist() == [0, 0, 1, 1]
     # the private diagnostics are collected only from their own files, into results/private
@@ -450,3 +476,188 @@ def test_a_ledger_changed_after_training_is_not_published(tmp_path):
     ledger_path.write_text(json.dumps(ledger | {"epsilon_achieved": {"pld": 0.5}}))  # a smaller claim
     with pytest.raises(report.LedgerChanged, match="not the ledger the trainer of .* verified"):
         report.load_cells([f])
+
+
+# ----------------------------------------------------------------------------------------------
+# test noise in curves.csv, the private diagnostics and every figure
+# ----------------------------------------------------------------------------------------------
+#: cells of GRID trained with the insecure test-only seed in ``noisy_run``
+NOISY = {("roberta-large", "SST-2", "dp-zoso", "2", 42), ("roberta-large", "trec", "dp-zopo+static-r0.05", "2", 13)}
+
+
+def mark_test_noise(metrics_file: Path) -> None:
+    metrics = json.loads(metrics_file.read_text())
+    metrics["privacy"]["noise"] = "insecure test seed 7"
+    metrics_file.write_text(json.dumps(metrics))
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    """The cells of ``run`` with those of NOISY trained on test noise, collected; their private
+    diagnostics too."""
+    root = tmp_path_factory.mktemp("noisy")
+    files = []
+    for key, seeds in GRID.items():
+        for seed, acc in seeds.items():
+            files.append(write_cell(root, *key, seed, acc))
+            if (*key, seed) in NOISY:
+                mark_test_noise(files[-1])
+    d = root / "results" / "tables"
+    report.write_collection(files, d / "cells.csv", d / "curves.csv", models=MODELS, methods=METHOD_PARAMS)
+    report.write_summary(d / "cells.csv", d / "summary.csv")
+    diagnostics = [write_diagnostics(f) for f in files if "/dp-zo" in str(f)]
+    report.write_diagnostics(diagnostics, root / "results" / "private" / "diagnostics.csv")
+    return root
+
+
+def test_curves_and_private_diagnostics_mark_the_points_of_test_noise_cells(noisy_run):
+    curves = report.read_cells(noisy_run / "results" / "tables" / "curves.csv")
+    diagnostics = report.read_cells(noisy_run / "results" / "private" / "diagnostics.csv")
+    for table in (curves, diagnostics):
+        assert table["test_noise"].dtype == bool and table["test_noise"].any()
+        for row in table.itertuples():
+            assert row.test_noise == ((row.model, row.task, row.method, row.eps, row.seed) in NOISY), row
+
+
+def test_noise_notice_and_marked_methods():
+    assert figures.noise_notice(pd.DataFrame({"method": ["a"]})) == ""  # tables without the column
+    assert figures.noise_notice(pd.DataFrame({"method": ["a"], "test_noise": [False]}), pd.DataFrame()) == ""
+    mixed = pd.DataFrame({"method": ["a", "b", "b"], "test_noise": ["False", "True", "False"]})  # as text, too
+    notice = figures.noise_notice(pd.DataFrame(), mixed)
+    assert notice.startswith("NOT PRIVATE: test noise (DPZO_INSECURE_TEST_NOISE_SEED)") and "†" in notice
+    assert figures.marked_methods(mixed) == {"b"} and figures.marked_methods(pd.DataFrame()) == set()
+
+
+def _texts(fig) -> list[str]:
+    """Every text of a drawn figure: titles, tick labels, legend entries."""
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text)]
+
+
+def _figures(root: Path, tmp_path: Path) -> dict:
+    """Every figure of the report drawn from the tables under ``root``: name -> (figure, its PNG)."""
+    d = root / "results" / "tables"
+    summary, cells, curves = (report.read_cells(d / f"{n}.csv") for n in ("summary", "cells", "curves"))
+    diagnostics_csv = root / "results" / "private" / "diagnostics.csv"
+    diagnostics = report.read_cells(diagnostics_csv) if diagnostics_csv.exists() else None
+    published = reference.preferred(reference.load_accuracy(ACCURACY_CSV))
+    calls = {
+        "accuracy-bars": lambda p, q: figures.accuracy_bars(summary, published, p, q),
+        "memory-time": lambda p, q: figures.memory_time(summary, reference.load_memory(MEMORY_CSV), p, q),
+        "privacy-utility": lambda p, q: figures.privacy_utility(summary, published, p, q),
+        "training-curves": lambda p, q: figures.training_curves(curves, cells, p, q),
+        "ablation": lambda p, q: figures.ablation(summary, p, q),
+    }
+    if diagnostics is not None:
+        calls["private-training-loss"] = lambda p, q: figures.private_training_loss(diagnostics, cells, p, q)
+    drawn = {}
+    for name, call in calls.items():
+        png = tmp_path / f"{name}.png"
+        drawn[name] = (call(png, tmp_path / f"{name}.pdf"), png)
+    return drawn
+
+
+def test_every_figure_that_draws_a_test_noise_cell_says_so(noisy_run, run, tmp_path):
+    from PIL import Image
+
+    from dpzo.privacy.secret import TEST_NOISE_NOTICE
+
+    assert TEST_NOISE_NOTICE == "NOT PRIVATE: test noise (DPZO_INSECURE_TEST_NOISE_SEED)"
+    noisy = _figures(noisy_run, tmp_path / "noisy")
+    assert set(noisy) == {n.replace("_", "-") for n in figures.FIGURES}  # every figure of the report
+    for name, (fig, png) in noisy.items():
+        assert TEST_NOISE_NOTICE in fig.get_suptitle(), name
+        assert TEST_NOISE_NOTICE in Image.open(png).text["Title"], name  # the file says so too
+        texts = _texts(fig)
+        # the SST-2 dp-zoso cell is drawn by every figure but the ablation (of trec's DP-ZOPO variants)
+        if name != "ablation":
+            assert "dp-zoso †" in texts, (name, texts)
+        assert any(t.startswith("dp-zopo+static-r0.05 †") for t in texts), (name, texts)
+        assert not any(t.startswith(("zero-shot †", "mezo †", "dp-zopo+dynamic-r0.01 †")) for t in texts), name
+    ablation = _texts(noisy["ablation"][0])
+    assert "dp-zoso (dense), ε = 2" in ablation  # trec's dense cells used secure noise
+    # the same figures from cells without test noise carry no mark
+    for name, (fig, png) in _figures(run[0], tmp_path / "clean").items():
+        assert "NOT PRIVATE" not in fig.get_suptitle() and "NOT PRIVATE" not in Image.open(png).text["Title"], name
+        assert not any("†" in t for t in _texts(fig)), name
+
+
+def test_the_audit_figure_marks_audits_run_on_test_noise(tmp_path):
+    from PIL import Image
+
+    from dpzo.privacy.audit import plot_audit
+    from dpzo.privacy.secret import TEST_NOISE_NOTICE
+
+    files = []
+    for eps, bound, secure in (("8", 0.9, True), ("2", 0.4, False), ("inf", 3.2, True)):
+        record = {
+            "model": "m",
+            "task": "t",
+            "method": "dp-zoso" if secure else "dpzero",
+            "eps": eps,
+            "epsilon_claimed": eps if eps == "inf" else float(eps),
+            "epsilon_lower_bound": bound,
+            "largest_measurable_epsilon": 5.0,
+            "confidence": 0.95,
+            "trials": 400,
+            "noise_secure": secure,
+        }
+        files.append(tmp_path / f"audit-{eps}.json")
+        files[-1].write_text(json.dumps(record))
+    fig = plot_audit([str(f) for f in files], str(tmp_path / "audit.png"))
+    title = fig.axes[0].get_title()
+    assert TEST_NOISE_NOTICE in title and TEST_NOISE_NOTICE in Image.open(tmp_path / "audit.png").text["Title"]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("dpzero †") for t in legend) and not any(t.startswith("dp-zoso †") for t in legend)
+    clean = plot_audit([str(files[0]), str(files[2])], str(tmp_path / "clean.png"))
+    assert "NOT PRIVATE" not in clean.axes[0].get_title()
+
+
+# ----------------------------------------------------------------------------------------------
+# the versions that made the cells
+# ----------------------------------------------------------------------------------------------
+def test_cells_carry_their_versions_and_the_versions_table_lists_each_combination(tmp_path):
+    files = [write_cell(tmp_path, "m", "SST-2", "dp-zoso", "2", seed, 0.9) for seed in (13, 42)]
+    files.append(write_cell(tmp_path, "m", "SST-2", "zero-shot", "inf", 13, 0.5))
+    files.append(write_cell(tmp_path, "m", "trec", "mezo", "inf", 13, 0.7))
+    made = {
+        "dpzo": "0.1.0",
+        "dpzo_commit": "0123456789abcdef" * 2 + "01234567",
+        "dpzo_dirty": False,
+        "python": "3.11.7",
+        "torch": "2.10",  # reads as a number unless kept as text
+        "transformers": "4.45.0",
+        "peft": None,  # not installed
+        "accelerate": "1.0.0",
+        "snakemake": "9.20.0",
+        "device_name": "NVIDIA H100 80GB HBM3",
+    }
+    for f, versions in zip(files, (made, made | {"torch": "2.13.0", "dpzo_dirty": True}, made, None)):
+        metrics = json.loads(f.read_text())
+        metrics["torch"] = versions["torch"] if versions else "2.3.0"
+        if versions:  # the last cell was made before versions were recorded: its torch only
+            metrics["versions"] = versions
+        f.write_text(json.dumps(metrics))
+    out = tmp_path / "tables"
+    report.write_collection(files, out / "cells.csv", out / "curves.csv")
+    cells = report.read_cells(out / "cells.csv").set_index(["method", "seed"])
+    assert cells.loc[("dp-zoso", 13), "torch_version"] == "2.10" and cells.loc[("dp-zoso", 42), "dpzo_dirty"] == "True"
+    assert cells.loc[("dp-zoso", 13), "device_name"] == "NVIDIA H100 80GB HBM3"
+    assert cells.loc[("dp-zoso", 13), "peft_version"] == "" and cells.loc[("dp-zoso", 13), "python_version"] == "3.11.7"
+    assert cells.loc[("mezo", 13), "torch_version"] == "2.3.0" and cells.loc[("mezo", 13), "dpzo_commit"] == ""
+
+    paths = {kind: out / f"versions.{kind}" for kind in ("csv", "md", "tex", "html")}
+    tidy = tables.write_versions_table(out / "cells.csv", paths)
+    rows = {r.torch_version: r for r in tidy.itertuples()}
+    assert set(rows) == {"2.10", "2.13.0", "2.3.0"} and tidy["cells"].sum() == 4
+    assert rows["2.10"].cell_ids == "m/SST-2/zero-shot/epsinf/seed13; m/SST-2/dp-zoso/eps2/seed13"
+    assert rows["2.13.0"].cell_ids == "m/SST-2/dp-zoso/eps2/seed42" and rows["2.3.0"].cells == 1
+    assert pd.read_csv(paths["csv"], dtype=str)["torch_version"].tolist() == tidy["torch_version"].tolist()
+    md = paths["md"].read_text()
+    assert "0123456789ab (dirty)" in md and "NVIDIA H100 80GB HBM3" in md
+    assert "4 cells of this run were made by 3 different combinations" in md and "–: not recorded" in md
+    assert "Versions that made the cells" in paths["html"].read_text() and paths["tex"].read_text()
+    # one combination: "all" its cells
+    single = tables.render_versions(tables.versions_table(report.read_cells(out / "cells.csv").iloc[:1]))
+    assert single.body["cells made"].tolist() == ["all"] and not any("different" in n for n in single.notes)

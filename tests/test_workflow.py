@@ -76,13 +76,14 @@ ALL_METHODS = {
     "dp-prefix": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "clip": 1.0, "prefix_tokens": 2},
 }
 FIGURES = ("accuracy-bars", "memory-time", "privacy-utility", "training-curves", "ablation")
-TABLES = ("accuracy-eps8", "privacy")
+TABLES = ("accuracy-eps8", "privacy", "versions")
 # what reruns whenever any cell changes: the collection of cells, its tables and figures
 AGGREGATES = {
     "collect",
     "summarize",
     "accuracy_table",
     "privacy_table",
+    "versions_table",
     "all",
     *(f"figure_{name.replace('-', '_')}" for name in FIGURES),
 }
@@ -127,6 +128,15 @@ def test_pipeline_produces_every_output(tiny_run):
         assert (tiny_run / "benchmarks" / "train" / f"{cell}.tsv").exists()
         if metrics["steps"]:  # trained cells record their step time and peak memory
             assert metrics["ms_per_step"] > 0 and metrics["memory"]["cpu_max_rss_mb"] > 0
+        versions = metrics["versions"]  # and the versions that made them
+        assert versions["torch"] == metrics["torch"] and versions["dpzo"] and versions["device_name"]
+        assert {"python", "transformers", "peft", "accelerate", "snakemake", "dpzo_commit"} <= set(versions)
+    listed = pd.read_csv(results / "tables" / "versions.csv", dtype=str)
+    assert sorted(i for ids in listed["cell_ids"] for i in ids.split("; ")) == sorted(CELLS)
+    # the test-noise seed of these runs is marked on the curve points of the private cell only
+    curves = pd.read_csv(results / "tables" / "curves.csv", dtype={"eps": str})
+    assert set(curves.loc[curves.test_noise, "method"]) == {"dp-zoso"}
+    assert not curves.loc[curves.method != "dp-zoso", "test_noise"].any()
     # the summary equals the cells' accuracies (one seed: mean = the value, std = 0)
     for cell in CELLS:
         metrics = json.loads((results / "runs" / cell / "metrics.json").read_text())
@@ -168,7 +178,8 @@ def test_single_cell_rerun_runs_exactly_that_cell(tiny_run):
     assert all(after[c] == before[c] for c in CELLS[:2])
     # with the test-only noise seed the private cell is deterministic: the same metrics again
     again = json.loads((tiny_run / target).read_text())
-    volatile = {"ms_per_step", "train_seconds", "wall_seconds", "memory", "attempt_log"}  # log: times, pid
+    # log: times, pid; versions: the checkout's dirty flag may change between the two runs
+    volatile = {"ms_per_step", "train_seconds", "wall_seconds", "memory", "attempt_log", "versions"}
     assert {k: v for k, v in again.items() if k not in volatile} == {
         k: v for k, v in first.items() if k not in volatile
     }

@@ -1,3 +1,5 @@
 """Differentially private zeroth-order fine-tuning of language models."""
 
-__version__ = "0.1.0"
+from dpzo.provenance import __version__
+
+__all__ = ["__version__"]

@@ -91,7 +91,7 @@ def private_report_targets():
 def report_targets():
     """Every table and figure of the report."""
     tables = [f"results/tables/accuracy-eps{e}.{ext}" for e in config["epsilons"] for ext in TABLE_FORMATS]
-    tables += [f"results/tables/privacy.{ext}" for ext in TABLE_FORMATS]
+    tables += [f"results/tables/{name}.{ext}" for name in ("privacy", "versions") for ext in TABLE_FORMATS]
     figures = [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
     collected = ["results/tables/cells.csv", "results/tables/curves.csv", "results/tables/summary.csv"]
     return [*collected, *tables, *figures]

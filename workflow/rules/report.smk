@@ -88,6 +88,28 @@ rule privacy_table:
         "../scripts/privacy_table.py"
 
 
+# dpzo (and its commit), Python, the libraries and the device behind each cell, per combination.
+rule versions_table:
+    input:
+        cells=rules.collect.output.cells,
+    output:
+        csv="results/tables/versions.csv",
+        md="results/tables/versions.md",
+        tex="results/tables/versions.tex",
+        html=report(
+            "results/tables/versions.html",
+            caption="../report/versions_table.rst",
+            category="Tables",
+            labels={"table": "versions", "epsilon": "all"},
+        ),
+    log:
+        "logs/report/versions_table.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/versions_table.py"
+
+
 rule figure_accuracy_bars:
     input:
         summary=rules.summarize.output.summary,

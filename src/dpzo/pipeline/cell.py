@@ -26,6 +26,7 @@ from dpzo.privacy.ledger import (
     verify_ledger,
 )
 from dpzo.privacy.secret import SecretRandom
+from dpzo.provenance import versions
 from dpzo.zo.checkpoint import CheckpointPolicy, SnapshotRecord, TrainingCheckpoint, file_digest
 from dpzo.zo.loop import train_zo
 from dpzo.zo.replicas import SingleProcess
@@ -288,6 +289,7 @@ def run_cell(
         "memory": peak_memory_mb(clf.device),
         "device": str(clf.device),
         "torch": torch.__version__,
+        "versions": versions(clf.device),  # dpzo (and its commit), the libraries, Python, the device's name
         "history": {k: v for k, v in curves.items() if k not in PRIVATE_DIAGNOSTICS},
         "history_note": "step, stage, lr, beta, mask_size: the public schedule; grad: the released "
         "scalar; test_step/test_loss: loss on a fixed part of the test split. All covered by the "

@@ -310,6 +310,14 @@ def privacy_table(snakemake) -> None:
     write_privacy_table(snakemake.input.cells, _table_outputs(snakemake))
 
 
+def versions_table(snakemake) -> None:
+    """The versions that made the cells: one row per combination (four formats)."""
+    from dpzo.report.tables import write_versions_table
+
+    _setup(snakemake)
+    write_versions_table(snakemake.input.cells, _table_outputs(snakemake))
+
+
 def figure(snakemake) -> None:
     """One of the report's figures, chosen by ``params.figure`` (see ``dpzo.report.figures``)."""
     from dpzo.report.figures import draw_figure

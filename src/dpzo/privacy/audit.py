@@ -456,8 +456,12 @@ def write_audit(
     return record
 
 
-def plot_audit(audit_files: list[str], out_png: str) -> None:
-    """The lower bound against the claimed epsilon, with y = x; sigma = 0 runs at the right edge."""
+def plot_audit(audit_files: list[str], out_png: str):
+    """The lower bound against the claimed epsilon, with y = x; sigma = 0 runs at the right edge.
+
+    Audits run with the insecure test-only noise seed (``noise_secure`` false) are marked: the
+    title gains ``TEST_NOISE_NOTICE`` (also the PNG's Title metadata) and their methods' legend
+    entries a †.  Returns the (closed) figure."""
     import json
     from pathlib import Path
 
@@ -467,8 +471,10 @@ def plot_audit(audit_files: list[str], out_png: str) -> None:
     import matplotlib.pyplot as plt
 
     from dpzo.fileio import atomic_path
+    from dpzo.privacy.secret import TEST_NOISE_NOTICE
 
     records = [json.loads(Path(f).read_text()) for f in audit_files]
+    test_noise = {r["method"] for r in records if not r.get("noise_secure", True)}
     finite = [float(r["epsilon_claimed"]) for r in records if r["epsilon_claimed"] != "inf"]
     top = max(finite, default=1.0)
     x_inf = 1.25 * top  # where the sigma = 0 (epsilon = inf) audits are drawn
@@ -484,7 +490,12 @@ def plot_audit(audit_files: list[str], out_png: str) -> None:
         xs, ys = zip(*sorted(points))
         level = f"{100 * records[0]['confidence']:g}%"
         ax.plot(
-            xs, ys, marker="o", linestyle="none", markersize=8, label=f"{method}: ε lower bound ({level} confidence)"
+            xs,
+            ys,
+            marker="o",
+            linestyle="none",
+            markersize=8,
+            label=f"{method}{' †' if method in test_noise else ''}: ε lower bound ({level} confidence)",
         )
         for x, y in points:
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
@@ -496,9 +507,12 @@ def plot_audit(audit_files: list[str], out_png: str) -> None:
     ax.set_ylabel("empirical ε lower bound")
     cells = {" / ".join(str(r.get(k, "")) for k in ("model", "task")).strip(" /") for r in records}
     where = f"\n{cells.pop()}, {records[0]['trials']} runs per ε" if len(cells) == 1 and "" not in cells else ""
-    ax.set_title(f"Privacy audit: measured lower bound vs claim{where}", fontsize=11)
+    notice = f"\n{TEST_NOISE_NOTICE}: the audits marked † ran on it" if test_noise else ""
+    title = f"Privacy audit: measured lower bound vs claim{where}{notice}"
+    ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     with atomic_path(Path(out_png)) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Title": title})
     plt.close(fig)
+    return fig

@@ -12,6 +12,8 @@ import numpy as np
 
 #: Environment variable holding an *insecure* integer seed for the privacy RNG (tests only).
 INSECURE_SEED_ENV = "DPZO_INSECURE_TEST_NOISE_SEED"
+#: What a figure drawn from results of that seed says: they claim no privacy.
+TEST_NOISE_NOTICE = f"NOT PRIVATE: test noise ({INSECURE_SEED_ENV})"
 
 
 class SecretRandom:

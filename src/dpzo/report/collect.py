@@ -4,9 +4,11 @@
 file when there is one) once, and writes two tables that every later table and figure reads:
 
 * ``cells.csv``: one row per (model, task, method, ε, seed): accuracy, time, memory, the
-  privacy ledger, the method's mask settings and the published reference the cell maps to;
+  privacy ledger, the method's mask settings, the published reference the cell maps to and the
+  versions that made it (``VERSION_COLUMNS``);
 * ``curves.csv``: the test-loss curve of every trained cell, one row per point (the published
-  training curve; the training loss on private batches is in ``private_diagnostics.json``).
+  training curve; the training loss on private batches is in ``private_diagnostics.json``),
+  each point marked ``test_noise`` when its cell was trained with the insecure test-only seed.
 
 ``summarize`` turns ``cells.csv`` into mean ± sample standard deviation over seeds.
 """
@@ -35,6 +37,19 @@ class LedgerChanged(ValueError):
 
 GROUP = ["model", "task", "method", "eps"]
 MASK_FIELDS = ("strategy", "scorer", "ratio", "selection", "scope", "mode")
+#: cells.csv column -> key of metrics.json ``versions`` (``dpzo.provenance.versions``)
+VERSION_COLUMNS = {
+    "dpzo_version": "dpzo",
+    "dpzo_commit": "dpzo_commit",
+    "dpzo_dirty": "dpzo_dirty",
+    "python_version": "python",
+    "torch_version": "torch",
+    "transformers_version": "transformers",
+    "peft_version": "peft",
+    "accelerate_version": "accelerate",
+    "snakemake_version": "snakemake",
+    "device_name": "device_name",
+}
 
 
 def eps_sort_key(eps: pd.Series) -> pd.Series:
@@ -162,8 +177,20 @@ def cell_row(
         **_mask_fields((methods or {}).get(method)),
         **_ledger_fields(ledger),
         **_verified_fields(metrics),
+        **_version_fields(metrics),
     }
     return row
+
+
+def _version_fields(metrics: dict) -> dict:
+    """The versions that made the cell ("" where unknown; a cell written before they were recorded
+    has only its torch version)."""
+    recorded = metrics.get("versions") or {"torch": metrics.get("torch")}
+    out = {}
+    for column, key in VERSION_COLUMNS.items():
+        value = recorded.get(key)
+        out[column] = "" if value is None else str(value)
+    return out
 
 
 def _verified_fields(metrics: dict) -> dict:
@@ -182,8 +209,25 @@ def is_test_noise(noise: str) -> bool:
     return str(noise).startswith("insecure")
 
 
-CURVE_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss"]
-DIAGNOSTIC_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "loss", "examples", "clipped_fraction"]
+CURVE_COLUMNS = ["model", "task", "method", "eps", "seed", "step", "stage", "test_loss", "test_noise"]
+DIAGNOSTIC_COLUMNS = [
+    "model",
+    "task",
+    "method",
+    "eps",
+    "seed",
+    "step",
+    "stage",
+    "loss",
+    "examples",
+    "clipped_fraction",
+    "test_noise",
+]
+
+
+def _cell_test_noise(metrics: dict) -> bool:
+    """Whether the cell of ``metrics`` was trained with the insecure test-only noise seed."""
+    return is_test_noise((metrics.get("privacy") or {}).get("noise", ""))
 
 
 def _stage_at(history: dict, step: int) -> float:
@@ -193,7 +237,10 @@ def _stage_at(history: dict, step: int) -> float:
 
 
 def curve_rows(metrics_file: str | Path) -> list[dict]:
-    """The test-loss points of one cell (none for zero-shot and ICL): the published curve."""
+    """The test-loss points of one cell (none for zero-shot and ICL): the published curve.
+
+    Each point says whether its cell was trained with the insecure test-only seed (``test_noise``).
+    """
     metrics = read_json_output(metrics_file)
     history = metrics.get("history") or {}
     cell = {
@@ -203,14 +250,24 @@ def curve_rows(metrics_file: str | Path) -> list[dict]:
         "eps": str(metrics["eps"]),
         "seed": int(metrics["seed"]),
     }
+    test_noise = _cell_test_noise(metrics)
     return [
-        cell | {"step": int(step), "stage": _stage_at(history, int(step)), "test_loss": _number(loss)}
+        cell
+        | {
+            "step": int(step),
+            "stage": _stage_at(history, int(step)),
+            "test_loss": _number(loss),
+            "test_noise": test_noise,
+        }
         for step, loss in zip(history.get("test_step", []), history.get("test_loss", []))
     ]
 
 
-def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None = None) -> list[dict]:
-    """The private diagnostics of one cell, one row per logged step (not covered by the guarantee)."""
+def diagnostic_rows(
+    diagnostics_file: str | Path, stage_starts: list[int] | None = None, *, test_noise: bool = False
+) -> list[dict]:
+    """The private diagnostics of one cell, one row per logged step (not covered by the guarantee);
+    ``test_noise``: the cell was trained with the insecure test-only seed (from its metrics.json)."""
     record = read_json_output(diagnostics_file)
     history = {"stage_starts": stage_starts or []}
     cell = {
@@ -228,6 +285,7 @@ def diagnostic_rows(diagnostics_file: str | Path, stage_starts: list[int] | None
             "step": int(step),
             "stage": _stage_at(history, int(step)),
             **{key: _number(values[i]) for key, values in columns.items()},
+            "test_noise": test_noise,
         }
         for i, step in enumerate(steps)
     ]
@@ -238,8 +296,9 @@ def write_diagnostics(diagnostics_files: Iterable[str | Path], out_csv: str | Pa
     rows = []
     for path in diagnostics_files:
         metrics_file = Path(path).with_name("metrics.json")
-        history = (read_json_output(metrics_file).get("history") or {}) if metrics_file.exists() else {}
-        rows += diagnostic_rows(path, history.get("stage_starts"))
+        metrics = read_json_output(metrics_file) if metrics_file.exists() else {}
+        history = metrics.get("history") or {}
+        rows += diagnostic_rows(path, history.get("stage_starts"), test_noise=_cell_test_noise(metrics))
     table = pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)
     write_csv(table, out_csv)
     log.info("collected %d diagnostic rows", len(table))
@@ -309,6 +368,7 @@ def read_cells(path: str | Path) -> pd.DataFrame:
         "mechanism",
         "accounting",
         "noise",
+        *VERSION_COLUMNS,  # "2.10" is a version, not a number
     ]
     table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})
     for column in text:

@@ -10,6 +10,11 @@
 
 Each method keeps one colour in every figure (``method_colours``).  Every figure is written as
 PNG and PDF; legends sit outside the axes so that they never cover data.
+
+A figure that draws a cell trained with the insecure test-only noise seed says so: its title
+gains :data:`TEST_NOISE_NOTICE` (``noise_notice``) and the legend entry or tick label of each
+such method is marked † as in the tables; the saved files carry the title as their metadata.
+Each function returns its (closed) figure, for inspection.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from dpzo.fileio import atomic_path
 from dpzo.methods import base_method
-from dpzo.report.tables import order_methods
+from dpzo.privacy.secret import TEST_NOISE_NOTICE
+from dpzo.report.tables import TEST_NOISE_MARK, order_methods
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ZERO_SHOT_GREY = (0.45, 0.45, 0.45)
 SOURCE_TITLES = {"dpzopo-fig-mem": "DP-ZOPO README memory.png", "dpzero-table3": "DPZero Table 3"}
@@ -81,13 +90,45 @@ def method_colours(methods: Sequence[str]) -> dict[str, tuple]:
     return colours
 
 
-def _save(fig, png: str | Path, pdf: str | Path) -> None:
+def noise_flags(frame: pd.DataFrame) -> pd.Series:
+    """The ``test_noise`` column of a table as booleans (all False where it has none)."""
+    if "test_noise" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame["test_noise"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+
+
+def noise_notice(*frames: pd.DataFrame) -> str:
+    """The line a figure's title gains when any row it draws comes from a test-noise cell ("" if none)."""
+    if any(noise_flags(frame).any() for frame in frames):
+        return f"{TEST_NOISE_NOTICE}: the results marked{TEST_NOISE_MARK} claim no privacy"
+    return ""
+
+
+def marked_methods(frame: pd.DataFrame) -> set[str]:
+    """The methods with a row from a test-noise cell (their legend entries are marked)."""
+    return set(frame.loc[noise_flags(frame), "method"]) if len(frame) else set()
+
+
+def _mark(label: str, marked: bool) -> str:
+    return label + TEST_NOISE_MARK if marked else label
+
+
+def _suptitle(fig, title: str, *frames: pd.DataFrame) -> None:
+    """The figure's title, with the test-noise notice when any of ``frames`` holds such a cell."""
+    notice = noise_notice(*frames)
+    fig.suptitle(title + (f"\n{notice}" if notice else ""), y=1.0)
+
+
+def _save(fig: Figure, png: str | Path, pdf: str | Path) -> Figure:
+    """Write the figure as PNG and PDF (its title as their metadata) and close it; returns it."""
     import matplotlib.pyplot as plt
 
+    title = fig.get_suptitle()
     for path, fmt in ((png, "png"), (pdf, "pdf")):
         with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata={"Title": title} if title else None)
     plt.close(fig)
+    return fig
 
 
 def _legend_below(fig, handles, labels, ncol: int | None = None) -> None:
@@ -127,7 +168,7 @@ def _ref_label(model: str, ref: str, stand_in: bool) -> str:
 # --------------------------------------------------------------------------------------------
 # 1. accuracy bars per epsilon
 # --------------------------------------------------------------------------------------------
-def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     """Figure 1: test accuracy per task and method, one panel per (model, ε), published values as markers."""
     from dpzo.report.tables import accuracy_table
 
@@ -195,22 +236,23 @@ def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Pat
             if c == 0:
                 ax.set_ylabel("test accuracy (%)")
             ax.set_xlabel("task")
-    handles = [Patch(color=colours[m], label=m) for m in order_methods(shown_methods)]
+    marked = marked_methods(summary)
+    handles = [Patch(color=colours[m], label=_mark(m, m in marked)) for m in order_methods(shown_methods)]
     handles.append(
         Line2D(
             [], [], marker="D", linestyle="", markerfacecolor="white", markeredgecolor="black", label="published value"
         )
     )
-    fig.suptitle("Test accuracy per task and method (bars: ours, mean ± std over seeds; ◇: published)", y=1.0)
+    _suptitle(fig, "Test accuracy per task and method (bars: ours, mean ± std over seeds; ◇: published)", summary)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=min(len(handles), 6))
-    _save(fig, png, pdf)
+    return _save(fig, png, pdf)
 
 
 # --------------------------------------------------------------------------------------------
 # 2. memory and time per method
 # --------------------------------------------------------------------------------------------
-def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     """Ours: peak memory and wall time per cell (load, train, evaluate), mean over ε, seeds and tasks."""
     plt = _pyplot()
 
@@ -222,6 +264,7 @@ def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path,
         )
         agg = agg.loc[order_methods(agg.index)]
         kind = next((k for k in agg["kind"] if k), "peak memory")
+        marked = marked_methods(sub)
         panels.append(
             (
                 f"ours: {model}",
@@ -230,7 +273,7 @@ def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path,
                 f"{kind} (MiB)",
                 agg["seconds"],
                 "wall time per cell (s)\nload + train + evaluate",
-                list(agg.index),
+                [_mark(m, m in marked) for m in agg.index],
             )
         )
     for (source, model), sub in reference.groupby(["source", "model"], sort=False):
@@ -262,9 +305,9 @@ def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path,
             ax.set_ylabel(label)
             ax.set_ylim(0, max([v for v in values if not math.isnan(v)] or [1]) * 1.18)
             ax.set_title(title, fontsize=10)
-    fig.suptitle("Peak memory and time per method (ours above, published below)", y=1.0)
+    _suptitle(fig, "Peak memory and time per method (ours above, published below)", summary)
     fig.tight_layout()
-    _save(fig, png, pdf)
+    return _save(fig, png, pdf)
 
 
 def _short(value: float) -> str:
@@ -276,7 +319,7 @@ def _short(value: float) -> str:
 # --------------------------------------------------------------------------------------------
 # 3. privacy-utility curves
 # --------------------------------------------------------------------------------------------
-def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     """Figure 3: accuracy against ε per (model, task), published curves dotted, non-private methods as lines."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -284,6 +327,8 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
     colours = method_colours(summary["method"])
     fig, panels, first = _panels(plt, summary, 5.2, 3.8)
     legend: dict[str, object] = {}
+    marked = marked_methods(summary[summary.eps != "inf"]) if len(summary) else set()
+    marked_inf = marked_methods(summary[summary.eps == "inf"]) if len(summary) else set()
     if not panels:
         first.set_visible(True)
         _empty(first, "no cells in this run")
@@ -302,7 +347,7 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
                 marker="o",
                 capsize=3,
                 color=colours[method],
-                label=method,
+                label=_mark(method, method in marked),
             )
             legend.setdefault(method, h)
             pub = published[
@@ -326,7 +371,7 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
                 plotted_published = True
         for method in order_methods(cell.loc[cell.eps == "inf", "method"]):
             row = cell[(cell.eps == "inf") & (cell.method == method)].iloc[0]
-            name = f"{method} (ε = ∞)"
+            name = _mark(f"{method} (ε = ∞)", method in marked_inf)
             h = ax.axhline(
                 row.accuracy_mean,
                 linestyle=":" if method == "zero-shot" else "--",
@@ -351,20 +396,20 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
     legend["published"] = Line2D(
         [], [], linestyle=":", marker="D", markerfacecolor="white", color="black", label="published (same colour)"
     )
-    fig.suptitle("Privacy-utility: accuracy against ε (mean ± std over seeds; δ fixed per run)", y=1.0)
+    _suptitle(fig, "Privacy-utility: accuracy against ε (mean ± std over seeds; δ fixed per run)", summary)
     fig.tight_layout()
     _legend_below(fig, list(legend.values()), [h.get_label() for h in legend.values()], ncol=min(len(legend), 4))
-    _save(fig, png, pdf)
+    return _save(fig, png, pdf)
 
 
 # --------------------------------------------------------------------------------------------
 # 4. training curves
 # --------------------------------------------------------------------------------------------
-def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     """Mean test loss over seeds (band: ± std) per (method, ε); dotted verticals: stage starts.
 
     The published training curve: a function of the released iterates and of test data."""
-    _curves(
+    return _curves(
         curves,
         cells,
         png,
@@ -375,9 +420,9 @@ def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, 
     )
 
 
-def private_training_loss(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+def private_training_loss(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     """The training loss on the private batches (``results/private/``): NOT covered by the guarantee."""
-    _curves(
+    return _curves(
         curves,
         cells,
         png,
@@ -390,8 +435,10 @@ def private_training_loss(curves: pd.DataFrame, cells: pd.DataFrame, png: str | 
 
 def _curves(
     curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path, *, value: str, ylabel: str, title: str
-) -> None:
-    """One panel per (model, task): ``value`` against step per (method, ε), stage starts dotted."""
+) -> Figure:
+    """One panel per (model, task): ``value`` against step per (method, ε), stage starts dotted.
+
+    A curve's test noise is read from ``curves`` (its ``test_noise`` column), else from the cells of its method."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -401,6 +448,9 @@ def _curves(
     eps_values = sorted(set(curves["eps"]), key=lambda e: math.inf if e == "inf" else float(e)) if len(curves) else []
     eps_style = {e: styles[i % len(styles)] for i, e in enumerate(eps_values)}
     used_methods, any_stage = [], False
+    # the cells that drew curves: their own flag, or (tables written before curves had one) their cells'
+    drawn = curves if "test_noise" in curves.columns else cells[cells["method"].isin(set(curves["method"]))]
+    marked = marked_methods(drawn)
     if not panels:
         first.set_visible(True)
         _empty(first, "no cells in this run")
@@ -440,17 +490,19 @@ def _curves(
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{model}, {task}", fontsize=10)
-    handles = [Line2D([], [], color=colours[m], linewidth=2, label=m) for m in order_methods(used_methods)]
+    handles = [
+        Line2D([], [], color=colours[m], linewidth=2, label=_mark(m, m in marked)) for m in order_methods(used_methods)
+    ]
     handles += [
         Line2D([], [], color="black", linestyle=eps_style[e], label=f"ε = {'∞' if e == 'inf' else e}")
         for e in eps_values
     ]
     if any_stage:
         handles.append(Line2D([], [], color="black", linestyle=(0, (1, 2)), label="stage boundary (method's colour)"))
-    fig.suptitle(title, y=1.0)
+    _suptitle(fig, title, drawn)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=min(max(len(handles), 1), 5))
-    _save(fig, png, pdf)
+    return _save(fig, png, pdf)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,14 +514,16 @@ ABLATION_HINT = (
 )
 
 
-def ablation_label(row: Any) -> str:
-    """The label of one DP-ZOPO variant: its method, then strategy · scorer · ratio · selection."""
+def ablation_label(row: Any, marked: bool = False) -> str:
+    """The label of one DP-ZOPO variant: its method (marked † when ``marked``: test noise), then
+    strategy · scorer · ratio · selection."""
     ratio = float(row.mask_ratio) if str(row.mask_ratio) not in ("", "nan") else math.nan
     ratio_text = f"{100 * ratio:g} %" if not math.isnan(ratio) else "?"
-    return f"{row.method}\n{row.mask_strategy} · {row.mask_scorer} · {ratio_text} · {row.mask_selection}"
+    method = _mark(row.method, marked)
+    return f"{method}\n{row.mask_strategy} · {row.mask_scorer} · {ratio_text} · {row.mask_selection}"
 
 
-def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
+def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     """Accuracy of every DP-ZOPO variant (strategy · scorer · ratio · selection) per ε."""
     import seaborn as sns
 
@@ -482,8 +536,7 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 2.5))
         _empty(ax, ABLATION_HINT)
         fig.suptitle("DP-ZOPO pruning ablation")
-        _save(fig, png, pdf)
-        return
+        return _save(fig, png, pdf)
     epsilons = _private_eps(zopo)
     eps_colour = dict(
         zip(
@@ -493,13 +546,21 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
             else sns.color_palette("viridis", len(epsilons)),
         )
     )
+    # every row drawn: the variants, and the dense and zero-shot lines of their (model, task)
+    pairs = set(groups)
+    in_groups = pd.Series([pair in pairs for pair in zip(summary["model"], summary["task"])], index=summary.index)
+    drawn = summary[
+        in_groups & (summary["method"].isin(["dp-zoso", "zero-shot"]) | (summary["base_method"] == "dp-zopo"))
+    ]
+    marked = marked_methods(drawn)
+    marked_dense = {e for e in epsilons if marked_methods(drawn[drawn.eps == e]) & {"dp-zoso"}}
     n_variants = zopo["method"].nunique()
     fig, axes = plt.subplots(
         len(groups), 1, squeeze=False, figsize=(8.5, 0.65 * n_variants * len(groups) + 1.6 * len(groups))
     )
     for ax, (model, task) in zip(axes[:, 0], groups):
         sub = zopo[(zopo.model == model) & (zopo.task == task)].copy()
-        sub["label"] = [ablation_label(r) for r in sub.itertuples()]
+        sub["label"] = [ablation_label(r, r.method in marked) for r in sub.itertuples()]
         order = (
             sub.sort_values(["mask_strategy", "mask_scorer", "mask_ratio", "mask_selection", "method"])["label"]
             .drop_duplicates()
@@ -528,13 +589,14 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> None:
         for e in epsilons
     ]
     handles += [
-        Line2D([], [], color=eps_colour[e], linestyle="--", label=f"dp-zoso (dense), ε = {e}") for e in epsilons
+        Line2D([], [], color=eps_colour[e], linestyle="--", label=_mark(f"dp-zoso (dense), ε = {e}", e in marked_dense))
+        for e in epsilons
     ]
-    handles.append(Line2D([], [], color=ZERO_SHOT_GREY, linestyle=":", label="zero-shot"))
-    fig.suptitle("DP-ZOPO pruning ablation: strategy · scorer · trainable fraction · selection", y=1.0)
+    handles.append(Line2D([], [], color=ZERO_SHOT_GREY, linestyle=":", label=_mark("zero-shot", "zero-shot" in marked)))
+    _suptitle(fig, "DP-ZOPO pruning ablation: strategy · scorer · trainable fraction · selection", drawn)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
-    _save(fig, png, pdf)
+    return _save(fig, png, pdf)
 
 
 #: Every figure a rule can ask for (``params.figure``): the function and the inputs it reads, in

@@ -1,4 +1,5 @@
-"""The report's tables: accuracy per ε beside the published values, and the privacy of every cell.
+"""The report's tables: accuracy per ε beside the published values, the privacy of every cell, and
+the versions that made the cells.
 
 Each table exists twice: *tidy* (one row per record, full precision; written as CSV, the
 machine-readable one) and *rendered* (rounded text in the paper's layout; written as
@@ -17,7 +18,7 @@ import pandas as pd
 
 from dpzo.fileio import atomic_path
 from dpzo.methods import base_method
-from dpzo.report.collect import is_test_noise
+from dpzo.report.collect import VERSION_COLUMNS, is_test_noise
 from dpzo.report.reference import KEY
 
 # Presentation order of the methods (the paper's: references first, then the private methods).
@@ -323,6 +324,102 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
 
 
 # --------------------------------------------------------------------------------------------
+# versions that made the cells
+# --------------------------------------------------------------------------------------------
+VERSION_HEADERS = {
+    "dpzo_version": "dpzo",
+    "dpzo_commit": "commit",
+    "python_version": "Python",
+    "torch_version": "torch",
+    "transformers_version": "transformers",
+    "peft_version": "peft",
+    "accelerate_version": "accelerate",
+    "snakemake_version": "Snakemake",
+    "device_name": "device",
+}
+
+
+def cell_id(row) -> str:
+    """A cell as its results folder names it: ``model/task/method/eps<ε>/seed<seed>``."""
+    return f"{row.model}/{row.task}/{row.method}/eps{row.eps}/seed{int(row.seed)}"
+
+
+def versions_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Tidy: one row per distinct combination of the versions that made the cells (``VERSION_COLUMNS``
+    of ``cells.csv``), the number of cells it made and which (``cell_ids``, "; "-separated)."""
+    columns = [*VERSION_COLUMNS, "cells", "cell_ids"]
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    frame = cells.copy()
+    for column in VERSION_COLUMNS:  # cells.csv from before the versions were collected: unknown
+        values = frame[column] if column in frame.columns else pd.Series("", index=frame.index)
+        frame[column] = values.astype(object).where(values.notna(), "").astype(str)
+    frame["cell_id"] = [cell_id(r) for r in frame.itertuples(index=False)]
+    frame["_m"] = frame["method"].map(method_sort_key)
+    frame["_e"] = frame["eps"].map(lambda e: math.inf if str(e) == "inf" else float(e))
+    frame = frame.sort_values(["model", "task", "_m", "_e", "seed"], kind="stable")
+    out = (
+        frame.groupby(list(VERSION_COLUMNS), sort=True)["cell_id"]
+        .agg(cells="count", cell_ids=lambda ids: "; ".join(ids))
+        .reset_index()
+    )
+    return out[columns].reset_index(drop=True)
+
+
+def _commit_text(commit: str, dirty: str) -> str:
+    if not commit:
+        return MISSING
+    return commit[:12] + (" (dirty)" if dirty == "True" else "")
+
+
+def render_versions(tidy: pd.DataFrame) -> Table:
+    """One row per combination of versions: dpzo and its commit, Python, the libraries, the device,
+    and the cells it made ("all" when it made every cell of the run)."""
+    total = int(tidy["cells"].sum()) if len(tidy) else 0
+    records = []
+    for r in tidy.itertuples(index=False):
+        rd = r._asdict()
+        which = "all" if len(tidy) == 1 else rd["cell_ids"].replace("; ", ", ")
+        records.append(
+            [
+                rd["dpzo_version"] or MISSING,
+                _commit_text(rd["dpzo_commit"], rd["dpzo_dirty"]),
+                *[rd[c] or MISSING for c in VERSION_HEADERS if c not in ("dpzo_version", "dpzo_commit")],
+                which,
+                str(int(rd["cells"])),
+            ]
+        )
+    columns = [*VERSION_HEADERS.values(), "cells made", "n"]
+    body = pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
+    notes = [
+        "One row per distinct combination of the versions that made the cells (each cell's metrics.json "
+        "`versions`, recorded by its train job): dpzo's version and the git commit of its source tree, "
+        "Python, the libraries the results depend on and the device's name.",
+        "A result that does not reproduce is compared on these first: library upgrades change results.",
+    ]
+    if (tidy["dpzo_dirty"] == "True").any():
+        notes.append(
+            "(dirty): tracked files of that checkout differed from the commit, so the commit alone does not "
+            "rebuild the code that ran."
+        )
+    if len(tidy) > 1:
+        notes.insert(0, f"The {total} cells of this run were made by {len(tidy)} different combinations of versions.")
+    if (body == MISSING).any().any():
+        notes.append(
+            f"{MISSING}: not recorded (a cell made before versions were recorded, not in a git checkout, "
+            "or a library not installed)."
+        )
+    if tidy.empty:
+        notes.insert(0, "This run has no cell.")
+    return Table(
+        title="Versions that made the cells: dpzo (commit), Python, libraries, device",
+        body=body,
+        notes=notes,
+        text_columns=len(columns) - 1,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # rendering
 # --------------------------------------------------------------------------------------------
 def _md_escape(text: str) -> str:
@@ -474,6 +571,15 @@ def write_accuracy_table(
 
     tidy = accuracy_table(read_cells(summary_csv), preferred(load_accuracy(reference_csv)), eps)
     write_table(tidy, render_accuracy(tidy, eps, delta_text(delta)), outputs, label=f"tab:accuracy-eps{eps}")
+    return tidy
+
+
+def write_versions_table(cells_csv: str | Path, outputs: Mapping[str, str | Path]) -> pd.DataFrame:
+    """The versions that made the cells (CSV, Markdown, LaTeX, HTML)."""
+    from dpzo.report.collect import read_cells
+
+    tidy = versions_table(read_cells(cells_csv))
+    write_table(tidy, render_versions(tidy), outputs, label="tab:versions")
     return tidy
 
 
