@@ -1,5 +1,6 @@
 """What is checked before any job: model directories beyond presence (config, weights headers,
-tokenizer, label words), the device, k against the class sizes, relative model paths."""
+tokenizer, label words), the device, k against the class sizes, relative model paths; and, at
+parse time (so by ``snakemake -n`` too), what a job would otherwise fail on later."""
 
 from __future__ import annotations
 
@@ -136,3 +137,80 @@ def test_k_larger_than_a_class_is_a_warning_with_the_class_counts(tmp_path):
     (warning,) = preflight.k_shot_warnings(config)
     assert "k = 3" in warning and "{0: 2}" in warning and "{0: 2, 1: 3}" in warning and "n = 5" in warning
     assert preflight.k_shot_warnings(config | {"k": 2}) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# refused at parse time, so by `snakemake -n` too
+# ---------------------------------------------------------------------------------------------
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+DEMO = {
+    "models": {"d": {"demo": "roberta"}},
+    "tasks": ["demo-sst2"],
+    "k": 16,
+    "seeds": [13],
+    "epsilons": ["8"],
+    "methods": {"zero-shot": {}, "dpzero+c50": {"steps": 4, "batch_size": 8, "lr": 1e-4, "clip": 50.0}},
+}
+
+
+def config_problems(config: dict) -> str:
+    """The message of everything the parse-time checks refuse in ``config`` ("" when nothing)."""
+    from dpzo.pipeline.config import ConfigError, check_config, grid_cells
+
+    try:
+        check_config(config, SCHEMA)
+        grid_cells(config)
+    except ConfigError as err:
+        return str(err)
+    return ""
+
+
+def test_published_accounting_of_dpzero_takes_one_direction():
+    four = json.loads(json.dumps(DEMO))
+    four["methods"]["dpzero+c50"]["directions"] = 4
+    assert config_problems(four) == "" and config_problems(DEMO | {"accounting": "published"}) == ""
+    problem = config_problems(four | {"accounting": "published"})
+    assert "config key 'methods.dpzero+c50.directions': 4" in problem and "'accounting': published" in problem
+    assert "directions: 1" in problem and "accounting: common" in problem
+
+
+def test_seeds_are_bounded_by_what_their_generators_take():
+    assert config_problems(DEMO | {"seeds": [2**32 - 1]}) == ""  # numpy's RandomState takes up to 2^32 - 1
+    for seed in (2**32, 2**64):
+        problem = config_problems(DEMO | {"seeds": [seed]})
+        assert f"config key 'seeds[0]': {seed} is out of range: allowed 0 to 4294967295" in problem
+    problem = config_problems(DEMO | {"demo": {"seed": 2**64}})
+    assert "config key 'demo.seed': 18446744073709551616 is out of range: allowed 0 to 18446744073709551615" in problem
+    mask = {"steps": 4, "batch_size": 8, "lr": 1e-4, "clip": 5.0, "mask": {"ratio": 0.5, "seed": 2**64}}
+    problem = config_problems(DEMO | {"methods": {"dp-zopo": mask}})
+    assert "config key 'methods.dp-zopo.mask.seed': 18446744073709551616 is out of range" in problem
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"accounting": "published", "methods": {"dpzero": {"steps": 4, "batch_size": 8, "lr": 1e-4, "clip": 5.0}}},
+            "config key 'methods.dpzero.directions': 2 with 'accounting': published",
+        ),
+        ({"seeds": [2**64]}, "config key 'seeds[0]': 18446744073709551616 is out of range"),
+    ],
+    ids=["published-directions", "seed"],
+)
+def test_dry_run_refuses_what_a_job_would_fail_on(tmp_path, change, message):
+    """Each passes the schema; without the parse-time checks `snakemake -n` planned it and a job
+    (account, fewshot, train) failed later."""
+    import yaml
+
+    from .pipeline import snakemake
+
+    (tmp_path / "second.yaml").write_text(yaml.safe_dump({"methods": {"dpzero": {"directions": 2}}}))
+    prefix = {"steps": 4, "batch_size": 8, "lr": 1e-4, "tuning": "prefix"}
+    config = DEMO | {"methods": {"zero-shot": {}, "mezo+prefix": prefix}} | change
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    # the directions come from a second config file, as an overlay would bring them
+    files = [str(tmp_path / "config.yaml"), str(tmp_path / "second.yaml")] if "accounting" in change else []
+    proc = snakemake(tmp_path, "-n", *(["--configfile", *files] if files else []), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-3000:]
+    assert not (tmp_path / "results").exists()

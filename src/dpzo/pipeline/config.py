@@ -56,6 +56,11 @@ def _describe(error, root: dict) -> str:
         return f"{error.instance!r} is not valid: expected {error.schema['description']}"
     if error.validator == "pattern":
         return f"{error.instance!r} does not match the required form {error.validator_value!r}"
+    if error.validator in ("minimum", "maximum") and "maximum" in error.schema and "minimum" in error.schema:
+        what = f" ({error.schema['description']})" if "description" in error.schema else ""
+        return (
+            f"{error.instance!r} is out of range: allowed {error.schema['minimum']} to {error.schema['maximum']}{what}"
+        )
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         return "give exactly one of 'path' (a Hugging Face id or directory) or 'demo' (roberta|opt)"
     return error.message
@@ -191,6 +196,7 @@ def _cross_reference_problems(config: dict) -> list[str]:
                 f"add it to `{what}` or pick one of those"
             )
     problems += _hyperparameter_problems(config["methods"])
+    problems += _published_accounting_problems(config)
     problems += _placement_problems(config)
     problems += _offload_problems(config)
     return problems
@@ -223,6 +229,26 @@ def _offload_problems(config: dict) -> list[str]:
                     f"{where}: {method} rescores its mask from the weights at each stage (strategy: dynamic), "
                     "which live in host memory; use strategy static or incremental"
                 )
+    return problems
+
+
+def _published_accounting_problems(config: dict) -> list[str]:
+    """``accounting: published`` accounts a DPZero-accounted method as DPZero's paper does, one
+    direction per step; with more the ``account`` job could only stop, so it is refused here."""
+    from dpzo.methods import base_method, get_method
+
+    if config.get("accounting", "common") != "published":
+        return []
+    problems = []
+    for method, params in config["methods"].items():
+        directions = (params or {}).get("directions", 1)
+        if get_method(base_method(method)).published_accounting == "dpzero" and directions != 1:
+            problems.append(
+                f"config key 'methods.{method}.directions': {directions} with 'accounting': published; DPZero's "
+                f"published accounting (opacus RDP, replace-one) covers one direction per step. Set "
+                f"methods.{method}.directions: 1 (or remove it), or set accounting: common (which accounts "
+                "T x P releases)"
+            )
     return problems
 
 
