@@ -186,6 +186,20 @@ def test_seeds_are_bounded_by_what_their_generators_take():
     assert "config key 'methods.dp-zopo.mask.seed': 18446744073709551616 is out of range" in problem
 
 
+def test_a_method_the_architecture_cannot_serve_is_refused_at_parse_time(tmp_path):
+    (tmp_path / "gpt2").mkdir()  # the config.json is enough: no weights are read at parse time
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    prefix = {"steps": 4, "batch_size": 8, "lr": 1e-4, "tuning": "prefix"}
+    config = DEMO | {"models": {"g": {"path": str(tmp_path / "gpt2")}, "d": {"demo": "roberta"}}}
+    config["methods"] = {"zero-shot": {}, "mezo+prefix": prefix}
+    problem = config_problems(config)
+    assert "model 'g' (gpt2), method 'mezo+prefix'" in problem and "Remove mezo+prefix" in problem
+    assert "model 'd'" not in problem  # a demo model is built by the pipeline: nothing to read
+    narrowed = config | {"models": {"g": {"path": str(tmp_path / "gpt2"), "grid": {"methods": ["zero-shot"]}}}}
+    assert config_problems(narrowed) == ""
+    assert config_problems(config | {"models": {"g": {"path": str(tmp_path / "absent")}}}) == ""
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -194,8 +208,9 @@ def test_seeds_are_bounded_by_what_their_generators_take():
             "config key 'methods.dpzero.directions': 2 with 'accounting': published",
         ),
         ({"seeds": [2**64]}, "config key 'seeds[0]': 18446744073709551616 is out of range"),
+        ({"models": {"g": {"path": "gpt2-dir"}}}, "model 'g' (gpt2), method 'mezo+prefix'"),
     ],
-    ids=["published-directions", "seed"],
+    ids=["published-directions", "seed", "architecture"],
 )
 def test_dry_run_refuses_what_a_job_would_fail_on(tmp_path, change, message):
     """Each passes the schema; without the parse-time checks `snakemake -n` planned it and a job
@@ -204,6 +219,8 @@ def test_dry_run_refuses_what_a_job_would_fail_on(tmp_path, change, message):
 
     from .pipeline import snakemake
 
+    (tmp_path / "gpt2-dir").mkdir()
+    (tmp_path / "gpt2-dir" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "second.yaml").write_text(yaml.safe_dump({"methods": {"dpzero": {"directions": 2}}}))
     prefix = {"steps": 4, "batch_size": 8, "lr": 1e-4, "tuning": "prefix"}
     config = DEMO | {"methods": {"zero-shot": {}, "mezo+prefix": prefix}} | change

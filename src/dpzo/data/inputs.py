@@ -128,6 +128,28 @@ def _safetensors_problems(path: Path) -> list[str]:
     return []
 
 
+def config_file_of(path: str | Path) -> Path | None:
+    """The config.json of a model directory or of a hub id in the local cache, or None."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local / "config.json" if (local / "config.json").is_file() else None
+    cached = _cached(str(path), "config.json")
+    return Path(cached) if cached else None
+
+
+def _cached(repo: str, name: str) -> str | None:
+    """A file of a hub id in the local Hugging Face cache (never downloaded), or None."""
+    if not _HUB_ID.match(repo):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, name)
+    except Exception:  # an id the hub library refuses is simply not in the cache
+        return None
+    return found if isinstance(found, str) else None
+
+
 def model_files_in(path: str | Path) -> list[str]:
     """The files of a model that decide what it computes (config, weights, tokenizer), when on
     disk: a directory's own, or a hub id's files in the local cache.  [] when missing."""

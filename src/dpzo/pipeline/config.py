@@ -147,9 +147,28 @@ def grid_cells(config: dict) -> list[dict]:
     pairs = dict.fromkeys((c["task"], c["method"]) for c in cells if isinstance(TASKS[c["task"]], HFTask))
     problems = [p for task, method in pairs if (p := method_problem(TASKS[task], method))]
     problems += _batch_size_problems(config, dict.fromkeys((c["task"], c["method"]) for c in cells))
+    problems += _architecture_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cells
+
+
+def _architecture_problems(config: dict) -> list[str]:
+    """The methods a model's architecture cannot serve (a key/value prefix on GPT-2 or DeBERTa-v2),
+    refused at parse time, so that ``snakemake -n`` does not plan them, whenever the model's
+    config.json can be read (a local directory, or a hub id in the local cache).  Reads the
+    ``model_type`` only: no torch, no transformers.  Demo models are built by the pipeline and serve
+    every method."""
+    from dpzo.pipeline.preflight import architecture_problems, model_type_of
+
+    problems = []
+    for key, cfg in config["models"].items():
+        if "path" not in cfg:
+            continue
+        model_type = model_type_of(str(cfg["path"]))
+        methods = (cfg.get("grid") or {}).get("methods", list(config["methods"]))
+        problems += architecture_problems(key, model_type, list(methods), config["methods"])
+    return problems
 
 
 def largest_training_set(config: dict, task_name: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpzo.data.inputs import WEIGHT_FILES, model_dir_problems, weights_problems
+from dpzo.data.inputs import WEIGHT_FILES, config_file_of, model_dir_problems, weights_problems
 from dpzo.data.splits import missing_files
 from dpzo.data.tasks import TASKS
 
@@ -135,21 +135,20 @@ def task_problems(name: str, data_dir: str | Path, hf_cache_dir: str | Path | No
 
 
 def model_type_of(path: str) -> str | None:
-    """The ``model_type`` of a model directory or cached hub id (its config.json), or None."""
+    """The ``model_type`` of a model directory or cached hub id (its config.json), or None.
+
+    Reads one JSON file (no torch, no transformers): the config check runs it at parse time, so
+    that ``snakemake -n`` refuses what the model's architecture cannot serve."""
     import json
 
-    config = Path(path).expanduser() / "config.json"
-    if not config.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(path, "config.json")
-        if not isinstance(cached, str):
-            return None
-        config = Path(cached)
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError):
+    config = config_file_of(path)
+    if config is None:
         return None
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def architecture_problems(
