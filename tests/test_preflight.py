@@ -1,6 +1,7 @@
 """What is checked before any job: model directories beyond presence (config, weights headers,
-tokenizer, label words), the device, k against the class sizes, relative model paths; and, at
-parse time (so by ``snakemake -n`` too), what a job would otherwise fail on later."""
+tokenizer, label words; the model its config.json builds on the meta device, its embedding against
+the tokenizer, its output head), the device, k against the class sizes, relative model paths; and,
+at parse time (so by ``snakemake -n`` too), what a job would otherwise fail on later."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from dpzo.data.inputs import model_dir_problems, model_files_in, weights_problems
 from dpzo.pipeline import preflight
@@ -137,6 +139,66 @@ def test_k_larger_than_a_class_is_a_warning_with_the_class_counts(tmp_path):
     (warning,) = preflight.k_shot_warnings(config)
     assert "k = 3" in warning and "{0: 2}" in warning and "{0: 2, 1: 3}" in warning and "n = 5" in warning
     assert preflight.k_shot_warnings(config | {"k": 2}) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the model a config.json describes, built on the meta device (no weights)
+# ---------------------------------------------------------------------------------------------
+def tiny_config(cls, vocab_size: int = 50, **extra):
+    """A two-layer config of ``cls`` with the test vocabulary's special ids."""
+    size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    if cls is transformers.OPTConfig:
+        size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16)
+    return cls(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2, **size, **extra)
+
+
+def save_model(folder: Path, model, tokenizer=None) -> Path:
+    torch.manual_seed(0)
+    model.save_pretrained(folder)
+    (tokenizer or word_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def test_a_config_that_describes_no_model_is_named(model_dir, tmp_path):
+    path = copy_of(model_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"hidden_size": 7, "num_attention_heads": 12}))
+    assert model_dir_problems(path) == []  # it parses: the old check let it through
+    (problem,) = preflight.model_checks("m", {"path": str(path)}, ["SST-2"])
+    assert "model 'm' (models.m.path)" in problem and str(path / "config.json") in problem
+    assert "hidden size (7)" in problem and "save_pretrained" in problem
+    assert preflight.model_checks("m", {"path": str(model_dir)}, ["SST-2"]) == []
+
+
+def test_tokenizer_ids_past_the_embedding_are_named(tmp_path):
+    words = [w for w in WORDS if w not in ("terrible", "great")]
+    tokenizer = word_tokenizer(words + ["terrible", "great"])  # ids 0..21
+    model = transformers.RobertaForMaskedLM(tiny_config(transformers.RobertaConfig, 22, type_vocab_size=1))
+    fits = save_model(tmp_path / "fits", model, tokenizer)
+    assert preflight.model_checks("m", {"path": str(fits)}, ["SST-2"]) == []
+    tokenizer.add_tokens(["<extra>"])  # an added token: id 22, past the 22 rows
+    extra = save_model(tmp_path / "extra", model, tokenizer)
+    (problem,) = preflight.model_checks("m", {"path": str(extra)}, ["SST-2"])
+    assert "model 'm' (models.m.path)" in problem and "ids up to 22 (23 tokens, added tokens included)" in problem
+    assert "22 rows" in problem and str(extra / "config.json") in problem and "IndexError" in problem
+    assert "resize_token_embeddings" in problem and "label word" not in problem
+    small = transformers.RobertaForMaskedLM(tiny_config(transformers.RobertaConfig, 21, type_vocab_size=1))
+    past = save_model(tmp_path / "past", small, word_tokenizer(words + ["terrible", "great"]))
+    (problem,) = preflight.model_checks("m", {"path": str(past)}, ["SST-2"])
+    assert "label word 'great' of SST-2 (id 21)" in problem and "label word 'terrible'" not in problem
+
+
+def test_the_model_is_built_once_per_model_key(model_dir, monkeypatch):
+    from dpzo.models import meta
+
+    built = []
+    real = meta.meta_model
+    monkeypatch.setattr(meta, "meta_model", lambda *args, **kwargs: built.append(args) or real(*args, **kwargs))
+    config = {"models": {"a": {"path": str(model_dir)}, "b": {"path": str(model_dir)}}, "tasks": ["SST-2"]}
+    config |= {"data_dir": str(model_dir), "methods": {"zero-shot": {}}}
+    problems = preflight.missing_inputs(config)
+    assert problems and not any("model '" in p for p in problems)  # only the task data is missing
+    assert len(built) == 2  # one meta model per model key, shared by its checks
 
 
 # ---------------------------------------------------------------------------------------------
