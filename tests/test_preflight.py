@@ -159,6 +159,14 @@ def save_model(folder: Path, model, tokenizer=None) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def headless_bert(tmp_path_factory):
+    """A sentence-transformers-like checkpoint: a BertModel saved without any masked-LM head."""
+    return save_model(
+        tmp_path_factory.mktemp("bertmodel"), transformers.BertModel(tiny_config(transformers.BertConfig))
+    )
+
+
 def test_a_config_that_describes_no_model_is_named(model_dir, tmp_path):
     path = copy_of(model_dir, tmp_path)
     config = json.loads((path / "config.json").read_text())
@@ -199,6 +207,88 @@ def test_the_model_is_built_once_per_model_key(model_dir, monkeypatch):
     problems = preflight.missing_inputs(config)
     assert problems and not any("model '" in p for p in problems)  # only the task data is missing
     assert len(built) == 2  # one meta model per model key, shared by its checks
+
+
+# ---------------------------------------------------------------------------------------------
+# the output head the prompts are scored with must be in the checkpoint
+# ---------------------------------------------------------------------------------------------
+def test_a_checkpoint_without_its_head_is_refused(headless_bert):
+    from dpzo.models.meta import missing_head_weights
+
+    (problem,) = preflight.model_checks("st", {"path": str(headless_bert)}, ["SST-2"])
+    assert "model 'st' (models.st.path)" in problem and str(headless_bert / "model.safetensors") in problem
+    for weight in ("cls.predictions.bias", "cls.predictions.transform.dense.weight"):
+        assert weight in problem
+    assert "cls.predictions.decoder.weight" not in problem  # tied to the stored word embeddings
+    assert "bert-base-uncased" in problem and "AutoModelForMaskedLM" in problem
+    assert "models.st.allow_new_head: true" in problem
+    assert preflight.model_checks("st", {"path": str(headless_bert), "allow_new_head": True}, ["SST-2"]) == []
+    assert "cls.predictions.transform.LayerNorm.weight" in missing_head_weights(headless_bert)
+
+
+def test_a_pytorch_bin_or_sharded_checkpoint_is_read_for_its_head(headless_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    binary = copy_of(headless_bert, tmp_path)
+    torch.save(load_file(binary / "model.safetensors"), binary / "pytorch_model.bin")
+    (binary / "model.safetensors").unlink()
+    (problem,) = preflight.model_checks("st", {"path": str(binary)}, ["SST-2"])
+    assert "pytorch_model.bin has no masked-LM prediction head" in problem
+    model = transformers.BertForMaskedLM(tiny_config(transformers.BertConfig))
+    torch.manual_seed(0)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    word_tokenizer().save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert preflight.model_checks("b", {"path": str(tmp_path / "sharded")}, ["SST-2"]) == []
+
+
+def test_complete_checkpoints_of_every_family_pass(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from .test_families import FAMILIES, save_tiny
+
+    for family in FAMILIES:  # masked (RoBERTa, BERT, DeBERTa-v2) and causal, tied and untied
+        assert preflight.model_checks(family, {"path": str(save_tiny(tmp_path / family, family))}, ["SST-2"]) == []
+    assert not transformers.AutoConfig.from_pretrained(tmp_path / "llama").tie_word_embeddings
+    tied = transformers.LlamaForCausalLM(tiny_config(transformers.LlamaConfig, tie_word_embeddings=True))
+    save_model(tmp_path / "tied", tied)
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
+    assert preflight.model_checks("tied", {"path": str(tmp_path / "tied")}, ["SST-2"]) == []
+    # bert-base-uncased stores its LayerNorms (the head's too) under their old names, gamma and beta
+    weights = load_file(tmp_path / "bert" / "model.safetensors")
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in weights.items()
+    }
+    assert "cls.predictions.transform.LayerNorm.gamma" in legacy
+    save_file(legacy, tmp_path / "bert" / "model.safetensors", metadata={"format": "pt"})
+    assert preflight.model_checks("bert", {"path": str(tmp_path / "bert")}, ["SST-2"]) == []
+    # an untied LM head is stored on its own: without it, the causal LM's head is new
+    weights = load_file(tmp_path / "llama" / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "llama" / "model.safetensors", metadata={"format": "pt"})
+    (problem,) = preflight.model_checks("llama", {"path": str(tmp_path / "llama")}, ["SST-2"])
+    assert "has no LM head" in problem and "lm_head.weight" in problem and "AutoModelForCausalLM" in problem
+
+
+def test_an_accepted_new_head_is_recorded_in_every_cells_metrics(headless_bert, tmp_path):
+    from dpzo.data.splits import save_split
+    from dpzo.pipeline.cell import CellRun, run_cell
+    from dpzo.privacy.ledger import AccountingSettings, Cell, cell_ledger, cell_noise
+
+    from .tiny import examples
+
+    save_split(tmp_path / "train.jsonl", examples(8, seed=0))
+    save_split(tmp_path / "test.jsonl", examples(4, seed=1))
+    cell = Cell(model="st", task="SST-2", method="zero-shot", eps="inf", seed=13)
+    settings = AccountingSettings(delta=1e-5, noise=cell_noise("zero-shot"))
+    (tmp_path / "privacy.json").write_text(json.dumps(cell_ledger(cell, None, n=8, settings=settings)))
+    run = dict(model_path=str(headless_bert), split_dir=str(tmp_path), method_params={}, accounting=settings)
+    run |= dict(ledger_path=str(tmp_path / "privacy.json"), eval_batch_size=4)
+    metrics = run_cell(CellRun(cell, allow_new_head=True, **run))
+    assert "cls.predictions.bias" in metrics["new_head"]["initialised"]
+    assert "models.st.allow_new_head" in metrics["new_head"]["note"]
+    assert "new_head" not in run_cell(CellRun(cell, **run))
 
 
 # ---------------------------------------------------------------------------------------------

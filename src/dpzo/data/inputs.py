@@ -137,6 +137,17 @@ def config_file_of(path: str | Path) -> Path | None:
     return Path(cached) if cached else None
 
 
+def weights_file_of(path: str | Path) -> Path | None:
+    """The weights file transformers would read for a model directory or cached hub id (the
+    first of ``WEIGHT_FILES`` present: safetensors before PyTorch, one file before a shard index)."""
+    local = Path(path).expanduser()
+    for name in WEIGHT_FILES:
+        found = (local / name if (local / name).is_file() else None) if local.is_dir() else _cached(str(path), name)
+        if found:
+            return Path(found)
+    return None
+
+
 def _cached(repo: str, name: str) -> str | None:
     """A file of a hub id in the local Hugging Face cache (never downloaded), or None."""
     if not _HUB_ID.match(repo):
@@ -148,6 +159,19 @@ def _cached(repo: str, name: str) -> str | None:
     except Exception:  # an id the hub library refuses is simply not in the cache
         return None
     return found if isinstance(found, str) else None
+
+
+def tensor_names(path: str | Path) -> list[str] | None:
+    """The tensor names a weights file stores, read from its header or shard index (no tensor is
+    read); None for a PyTorch ``.bin``, whose names are inside a pickle (torch is needed)."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        return sorted(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        return sorted(k for k in json.loads(fh.read(length)) if k != "__metadata__")
 
 
 def model_files_in(path: str | Path) -> list[str]:

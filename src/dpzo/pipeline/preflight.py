@@ -6,9 +6,10 @@ model and task of the config and stops with one message that lists everything mi
 exact id or file, and where to put it.  Demo models and tasks are built by the pipeline itself.
 
 A model that is present is also built from its config.json on the meta device (no weights,
-``dpzo.models.meta``): its config must describe a model, and the tokenizer's ids must fit its
-embedding.  Otherwise the train jobs would fail after Snakemake has already deleted the outputs
-they replace.
+``dpzo.models.meta``): its config must describe a model, the tokenizer's ids must fit its
+embedding, and its checkpoint must hold the output head the prompts are scored with.  Otherwise
+the train jobs would fail (or, without the head, score a random one) after Snakemake has already
+deleted the outputs they replace.
 """
 
 from __future__ import annotations
@@ -156,10 +157,53 @@ def vocabulary_problems(key: str, path: str, model, tokenizer, task_names: list[
     ]
 
 
+#: Checkpoints that carry the head each family's prompts are scored with.
+HEAD_EXAMPLES = {
+    "mlm": "a masked-LM checkpoint saved with its MLM head, such as roberta-large or bert-base-uncased "
+    "(AutoModelForMaskedLM.from_pretrained(...).save_pretrained(dir))",
+    "causal": "a causal-LM checkpoint saved with its LM head, such as facebook/opt-1.3b "
+    "(AutoModelForCausalLM.from_pretrained(...).save_pretrained(dir))",
+}
+
+
+def head_problems(key: str, path: str, model, family: str, *, allow_new_head: bool = False) -> list[str]:
+    """A checkpoint without the output head the prompts score with (a base model such as a
+    sentence-transformers ``BertModel``) would get that head initialised at random by
+    ``from_pretrained``, and every cell would report the accuracy of a random head.  Refused unless
+    ``models.<key>.allow_new_head`` is set.  ``model``: built on the meta device (``meta_model``)."""
+    import sys
+
+    from dpzo.data.inputs import weights_file_of
+    from dpzo.models.meta import checkpoint_tensor_names, new_head_weights
+
+    if allow_new_head:
+        return []
+    try:
+        stored = checkpoint_tensor_names(path)
+    except Exception as err:  # readable as an archive (model_problem) yet not listable here
+        print(
+            f"warning: model '{key}': the tensor names of {weights_file_of(path)} could not be read "
+            f"({type(err).__name__}: {err}); its output head was not checked",
+            file=sys.stderr,
+        )
+        return []
+    missing = new_head_weights(model, family, stored) if stored is not None else []
+    if not missing:
+        return []
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    kind = "masked-LM prediction head" if family == "mlm" else "LM head"
+    return [
+        f"model '{key}' (models.{key}.path): {weights_file_of(path)} has no {kind} ({type(model).__name__} "
+        f"needs {shown}); transformers would initialise it at random and every cell would score that random "
+        f"head. Use {HEAD_EXAMPLES[family]}; or, to train a new head on purpose, set "
+        f"models.{key}.allow_new_head: true (each cell's metrics.json then lists it under new_head)"
+    ]
+
+
 def model_checks(key: str, cfg: dict, task_names: list[str]) -> list[str]:
     """What stops model ``key`` (a ``path`` model whose files are present) from running its cells:
-    tokenizer and label words, a config.json that builds no model, ids past the embedding.  The
-    model is built once, on the meta device, for all of them."""
+    tokenizer and label words, a config.json that builds no model, ids past the embedding, a
+    missing output head.  The model is built once, on the meta device, for all of them."""
     from dpzo.models.meta import meta_model
 
     path = str(cfg["path"])
@@ -171,6 +215,7 @@ def model_checks(key: str, cfg: dict, task_names: list[str]) -> list[str]:
         return [*problems, build_problem(key, path, err)]
     if tokenizer is not None:
         problems += vocabulary_problems(key, path, model, tokenizer, task_names)
+    problems += head_problems(key, path, model, family, allow_new_head=bool(cfg.get("allow_new_head", False)))
     return problems
 
 
