@@ -128,6 +128,52 @@ def _safetensors_problems(path: Path) -> list[str]:
     return []
 
 
+def config_file_of(path: str | Path) -> Path | None:
+    """The config.json of a model directory or of a hub id in the local cache, or None."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local / "config.json" if (local / "config.json").is_file() else None
+    cached = _cached(str(path), "config.json")
+    return Path(cached) if cached else None
+
+
+def weights_file_of(path: str | Path) -> Path | None:
+    """The weights file transformers would read for a model directory or cached hub id (the
+    first of ``WEIGHT_FILES`` present: safetensors before PyTorch, one file before a shard index)."""
+    local = Path(path).expanduser()
+    for name in WEIGHT_FILES:
+        found = (local / name if (local / name).is_file() else None) if local.is_dir() else _cached(str(path), name)
+        if found:
+            return Path(found)
+    return None
+
+
+def _cached(repo: str, name: str) -> str | None:
+    """A file of a hub id in the local Hugging Face cache (never downloaded), or None."""
+    if not _HUB_ID.match(repo):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, name)
+    except Exception:  # an id the hub library refuses is simply not in the cache
+        return None
+    return found if isinstance(found, str) else None
+
+
+def tensor_names(path: str | Path) -> list[str] | None:
+    """The tensor names a weights file stores, read from its header or shard index (no tensor is
+    read); None for a PyTorch ``.bin``, whose names are inside a pickle (torch is needed)."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        return sorted(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        return sorted(k for k in json.loads(fh.read(length)) if k != "__metadata__")
+
+
 def model_files_in(path: str | Path) -> list[str]:
     """The files of a model that decide what it computes (config, weights, tokenizer), when on
     disk: a directory's own, or a hub id's files in the local cache.  [] when missing."""

@@ -79,7 +79,9 @@ class CellRun:
     ``streamed`` keeps the blocks in host memory (``dpzo.zo.streamed``).  ``mask_files`` (DP-ZOPO): the precomputed mask of each stage's starting ratio, in stage
     order (``dpzo.masks.settings.MaskSettings``).  ``checkpoint``: where and how often
     zeroth-order training snapshots itself, and resumes from.  ``curve``: the test-loss points
-    recorded during training (the only training curve that is published).
+    recorded during training (the only training curve that is published).  ``allow_new_head``
+    (``models.<key>.allow_new_head``): the checkpoint may lack its output head, which is then
+    initialised at random; the metrics list those weights under ``new_head``.
     """
 
     cell: Cell
@@ -99,6 +101,7 @@ class CellRun:
     mask_files: tuple[str, ...] = ()
     checkpoint: CheckpointPolicy | None = None
     curve: CurveSettings | None = None
+    allow_new_head: bool = False
 
 
 def run_cell(
@@ -137,6 +140,7 @@ def run_cell(
     from dpzo.models.candidates import make_scorer
     from dpzo.models.classifier import load_model
     from dpzo.models.evaluate import TestLossCurve, evaluate
+    from dpzo.models.meta import new_head_record
 
     wall_start = time.perf_counter()
     cell, ledger, accounting = run.cell, read_json_output(run.ledger_path), run.accounting
@@ -283,6 +287,7 @@ def run_cell(
             "ledger_sha256": ledger_digest(ledger),  # the ledger verified: tables publish no other
         },
         **({"ranks": team.world_size} if team.world_size > 1 else {}),  # data-parallel replicas
+        **({"new_head": new_head_record(run.model_path, family, cell.model)} if run.allow_new_head else {}),
         "ms_per_step": history.get("ms_per_step"),
         "train_seconds": history.get("train_seconds", 0.0),
         "wall_seconds": time.perf_counter() - wall_start,

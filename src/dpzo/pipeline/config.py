@@ -56,6 +56,11 @@ def _describe(error, root: dict) -> str:
         return f"{error.instance!r} is not valid: expected {error.schema['description']}"
     if error.validator == "pattern":
         return f"{error.instance!r} does not match the required form {error.validator_value!r}"
+    if error.validator in ("minimum", "maximum") and "maximum" in error.schema and "minimum" in error.schema:
+        what = f" ({error.schema['description']})" if "description" in error.schema else ""
+        return (
+            f"{error.instance!r} is out of range: allowed {error.schema['minimum']} to {error.schema['maximum']}{what}"
+        )
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         return "give exactly one of 'path' (a Hugging Face id or directory) or 'demo' (roberta|opt)"
     return error.message
@@ -142,9 +147,28 @@ def grid_cells(config: dict) -> list[dict]:
     pairs = dict.fromkeys((c["task"], c["method"]) for c in cells if isinstance(TASKS[c["task"]], HFTask))
     problems = [p for task, method in pairs if (p := method_problem(TASKS[task], method))]
     problems += _batch_size_problems(config, dict.fromkeys((c["task"], c["method"]) for c in cells))
+    problems += _architecture_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cells
+
+
+def _architecture_problems(config: dict) -> list[str]:
+    """The methods a model's architecture cannot serve (a key/value prefix on GPT-2 or DeBERTa-v2),
+    refused at parse time, so that ``snakemake -n`` does not plan them, whenever the model's
+    config.json can be read (a local directory, or a hub id in the local cache).  Reads the
+    ``model_type`` only: no torch, no transformers.  Demo models are built by the pipeline and serve
+    every method."""
+    from dpzo.pipeline.preflight import architecture_problems, model_type_of
+
+    problems = []
+    for key, cfg in config["models"].items():
+        if "path" not in cfg:
+            continue
+        model_type = model_type_of(str(cfg["path"]))
+        methods = (cfg.get("grid") or {}).get("methods", list(config["methods"]))
+        problems += architecture_problems(key, model_type, list(methods), config["methods"])
+    return problems
 
 
 def largest_training_set(config: dict, task_name: str) -> int:
@@ -191,6 +215,7 @@ def _cross_reference_problems(config: dict) -> list[str]:
                 f"add it to `{what}` or pick one of those"
             )
     problems += _hyperparameter_problems(config["methods"])
+    problems += _published_accounting_problems(config)
     problems += _placement_problems(config)
     problems += _offload_problems(config)
     return problems
@@ -223,6 +248,26 @@ def _offload_problems(config: dict) -> list[str]:
                     f"{where}: {method} rescores its mask from the weights at each stage (strategy: dynamic), "
                     "which live in host memory; use strategy static or incremental"
                 )
+    return problems
+
+
+def _published_accounting_problems(config: dict) -> list[str]:
+    """``accounting: published`` accounts a DPZero-accounted method as DPZero's paper does, one
+    direction per step; with more the ``account`` job could only stop, so it is refused here."""
+    from dpzo.methods import base_method, get_method
+
+    if config.get("accounting", "common") != "published":
+        return []
+    problems = []
+    for method, params in config["methods"].items():
+        directions = (params or {}).get("directions", 1)
+        if get_method(base_method(method)).published_accounting == "dpzero" and directions != 1:
+            problems.append(
+                f"config key 'methods.{method}.directions': {directions} with 'accounting': published; DPZero's "
+                f"published accounting (opacus RDP, replace-one) covers one direction per step. Set "
+                f"methods.{method}.directions: 1 (or remove it), or set accounting: common (which accounts "
+                "T x P releases)"
+            )
     return problems
 
 

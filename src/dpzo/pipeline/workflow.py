@@ -189,6 +189,7 @@ def train(snakemake) -> None:
         # read from the config, not from rule params: they never change a result
         checkpoint=checkpoint_policy(p.checkpoint, snakemake.config.get("checkpoint")),
         curve=curve_settings(snakemake.config.get("curves")),
+        allow_new_head=bool(p.model_cfg.get("allow_new_head", False)),
     )
     train_cell(
         run,
