@@ -36,10 +36,11 @@ Integrity: a snapshot carries a MAC (HMAC-SHA256 under this installation's key,
 states, identity, which names the cell's ledger), so only a trainer of this installation can
 write one that verifies: a file edited, copied from another cell or another installation is
 ignored with a warning and the run starts from step 0 (which the cell's attempt log counts as
-another run of the mechanism).  Each snapshot written is also recorded in the cell's
-append-only, signed attempt log (:class:`SnapshotRecord`); a snapshot whose release count is
-behind that record (an older snapshot copied back) is ignored the same way, so the weights never
-carry releases the counters do not.
+another run of the mechanism).  Each snapshot written is also recorded (step, releases, MAC) in
+the cell's append-only, signed attempt log (:class:`SnapshotRecord`) before it is renamed into
+place; a snapshot that is not the last one recorded there (an older one copied back after a
+later one was written) is ignored the same way, so the weights never carry releases the cell's
+record counted once already.
 
 Writing: ``torch.save`` to a temporary file in the same folder, fsync, rename; a kill during the
 write leaves the previous snapshot intact.  A full disk (or quota) skips a periodic snapshot
@@ -212,10 +213,10 @@ def identity_tag(identity: dict) -> str:
 
 
 class SnapshotRecord(Protocol):
-    """The cell's own append-only record of the snapshots written (``cellguard.Attempt``)."""
+    """The cell's own append-only record of the snapshots written (``pipeline.cellguard.AttemptLog``)."""
 
     def latest_snapshot(self, identity: str) -> dict | None:
-        """The last snapshot recorded for the run ``identity`` (``step``, ``releases``, ``mac``), or None."""
+        """The last snapshot recorded for the run ``identity`` (``step``, ``releases``, ``snapshot_mac``), or None."""
 
     def snapshot_written(self, identity: str, *, step: int, releases: int, mac: str) -> None:
         """Record a snapshot just written."""
@@ -310,8 +311,8 @@ class TrainingCheckpoint:
         )
 
     def _verified(self, path: Path) -> dict:
-        """The snapshot at ``path`` if this installation's trainer wrote it for this very run and
-        it is not behind the cell's record of releases; raises :class:`SnapshotRejected` otherwise."""
+        """The snapshot at ``path`` if this installation's trainer wrote it for this very run and it
+        is the last one the cell's record holds; raises :class:`SnapshotRejected` otherwise."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # written atomically, so only a foreign or older file gets here
