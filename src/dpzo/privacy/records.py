@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,117 @@ from dpzo.privacy.calibration import calibrate_sigma, laplace_step_epsilon, memo
 def _json_float(x: float) -> float | str:
     """JSON has no infinity; write it as the string "inf"."""
     return "inf" if math.isinf(x) else float(x)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The validated numbers of one run's accounting (see :func:`accounting_record`)."""
+
+    n: int
+    batch_size: int
+    steps: int
+    directions: int
+    clip: float
+    eps_target: float
+    delta: float
+    accountant: str
+    pld_discretization: float
+    sigma: float | None  # given instead of calibrated
+
+    @property
+    def q(self) -> float:
+        return self.batch_size / self.n
+
+    @property
+    def compositions(self) -> int:
+        return self.steps * self.directions
+
+    @property
+    def calibrated_with(self) -> str | None:
+        return self.accountant if self.sigma is None else None
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.eps_target) if self.sigma is None else self.sigma > 0
+
+
+def _checked_run(
+    *, n, batch_size, steps, directions, clip, epsilon_target, delta, accountant, sigma, pld_discretization
+) -> _Run:
+    """The arguments of :func:`accounting_record`, validated (ValueError names the bad one)."""
+    try:
+        n = operator.index(n)
+        batch_size = operator.index(batch_size)
+        steps = operator.index(steps)
+        directions = operator.index(directions)
+    except TypeError as err:
+        raise ValueError(f"n, batch_size, steps and directions must be integers ({err})") from None
+    if n < 1:
+        raise ValueError(f"n (number of training examples) must be >= 1; got {n}")
+    if not (1 <= batch_size <= n):
+        raise ValueError(f"batch_size must satisfy 1 <= batch_size <= n (n={n}); got {batch_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    if directions < 1:
+        raise ValueError(f"directions must be >= 1; got {directions}")
+    clip = float(clip)
+    if not clip > 0:  # inf (no clipping) is allowed for non-private runs, checked below
+        raise ValueError(f"clip must be > 0; got {clip!r}")
+    eps_target = float(epsilon_target)
+    if math.isnan(eps_target) or eps_target < 0:
+        raise ValueError(f"epsilon_target must be >= 0 (inf allowed); got {epsilon_target!r}")
+    delta = check_delta(delta)
+    accountant = check_accountant(accountant)
+    pld_discretization = check_pld_discretization(pld_discretization)
+    if sigma is not None:
+        sigma = check_sigma(sigma)
+        if math.isinf(sigma):
+            raise ValueError("sigma must be finite; got inf")
+    run = _Run(n, batch_size, steps, directions, clip, eps_target, delta, accountant, pld_discretization, sigma)
+    if run.private and math.isinf(clip):
+        raise ValueError("clip must be finite for a private run (sensitivity would be infinite); got inf")
+    return run
+
+
+def _calibrate_and_check(run: _Run) -> dict[str, Any]:
+    """σ (calibrated unless given) and the ε it achieves under every accountant."""
+    s = run.sigma
+    if s is None:
+        s = calibrate_sigma(
+            run.eps_target,
+            run.delta,
+            run.q,
+            run.compositions,
+            run.accountant,
+            pld_discretization=run.pld_discretization,
+        )
+    achieved: dict[str, float | str] = {}
+    for name in ACCOUNTANTS:
+        if s == 0:
+            achieved[name] = "inf"
+            continue
+        try:
+            achieved[name] = _json_float(
+                epsilon(s, run.q, run.compositions, run.delta, name, pld_discretization=run.pld_discretization)
+            )
+        except (RuntimeError, ValueError, FloatingPointError) as err:
+            if name == run.calibrated_with:
+                raise
+            # A cross-check that a library cannot evaluate (e.g. PRV's discretisation at very
+            # small sigma) must not block the run; the calibrating accountant still holds.
+            achieved[name] = f"not computed: {type(err).__name__}: {err}"
+    return {"sigma": s, "epsilon_achieved": achieved}
+
+
+def _certifies(run: _Run, cached: dict[str, Any]) -> bool:
+    """A cached sigma is used only if it still buys the target (one accountant evaluation)."""
+    if run.calibrated_with is None or not run.private:
+        return True
+    s = float(cached["sigma"])
+    if not s > 0 or single_release_epsilon(s, run.q, run.delta) > run.eps_target:
+        return False  # an absurd σ: refused by the cheap bound, before the accountant's grid
+    achieved = epsilon_unchecked(s, run.q, run.compositions, run.delta, run.calibrated_with, run.pld_discretization)
+    return achieved <= run.eps_target and cached["epsilon_achieved"].get(run.calibrated_with) == _json_float(achieved)
 
 
 def accounting_record(
@@ -66,113 +178,52 @@ def accounting_record(
     Returns:
         A JSON-serialisable dict (infinities are the string ``"inf"``); see the keys below.
     """
-    try:
-        n = operator.index(n)
-        batch_size = operator.index(batch_size)
-        steps = operator.index(steps)
-        directions = operator.index(directions)
-    except TypeError as err:
-        raise ValueError(f"n, batch_size, steps and directions must be integers ({err})") from None
-    if n < 1:
-        raise ValueError(f"n (number of training examples) must be >= 1; got {n}")
-    if not (1 <= batch_size <= n):
-        raise ValueError(f"batch_size must satisfy 1 <= batch_size <= n (n={n}); got {batch_size}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
-    if directions < 1:
-        raise ValueError(f"directions must be >= 1; got {directions}")
-    clip = float(clip)
-    if not clip > 0:  # inf (no clipping) is allowed for non-private runs, checked below
-        raise ValueError(f"clip must be > 0; got {clip!r}")
-    eps_target = float(epsilon_target)
-    if math.isnan(eps_target) or eps_target < 0:
-        raise ValueError(f"epsilon_target must be >= 0 (inf allowed); got {epsilon_target!r}")
-    delta = check_delta(delta)
-    accountant = check_accountant(accountant)
-    pld_discretization = check_pld_discretization(pld_discretization)
-
-    q = batch_size / n
-    compositions = steps * directions
-    calibrated_with = accountant if sigma is None else None
-    if sigma is not None:
-        sigma = check_sigma(sigma)
-        if math.isinf(sigma):
-            raise ValueError("sigma must be finite; got inf")
-    private = not math.isinf(eps_target) if sigma is None else sigma > 0
-    if private and math.isinf(clip):
-        raise ValueError("clip must be finite for a private run (sensitivity would be infinite); got inf")
-
-    def calibrate_and_check() -> dict[str, Any]:
-        s = sigma
-        if s is None:
-            s = calibrate_sigma(eps_target, delta, q, compositions, accountant, pld_discretization=pld_discretization)
-        achieved: dict[str, float | str] = {}
-        for name in ACCOUNTANTS:
-            if s == 0:
-                achieved[name] = "inf"
-                continue
-            try:
-                achieved[name] = _json_float(
-                    epsilon(s, q, compositions, delta, name, pld_discretization=pld_discretization)
-                )
-            except (RuntimeError, ValueError, FloatingPointError) as err:
-                if name == calibrated_with:
-                    raise
-                # A cross-check that a library cannot evaluate (e.g. PRV's discretisation at very
-                # small sigma) must not block the run; the calibrating accountant still holds.
-                achieved[name] = f"not computed: {type(err).__name__}: {err}"
-        return {"sigma": s, "epsilon_achieved": achieved}
-
-    key = dict(
-        epsilon_target=_json_float(eps_target),
+    run = _checked_run(
+        n=n,
+        batch_size=batch_size,
+        steps=steps,
+        directions=directions,
+        clip=clip,
+        epsilon_target=epsilon_target,
         delta=delta,
-        q=q,
-        compositions=compositions,
-        calibrated_with=calibrated_with,
+        accountant=accountant,
         sigma=sigma,
         pld_discretization=pld_discretization,
+    )
+    key = dict(
+        epsilon_target=_json_float(run.eps_target),
+        delta=run.delta,
+        q=run.q,
+        compositions=run.compositions,
+        calibrated_with=run.calibrated_with,
+        sigma=run.sigma,
+        pld_discretization=run.pld_discretization,
         library_versions=library_versions(),
     )
-
-    def certifies(cached: dict[str, Any]) -> bool:
-        """A cached sigma is used only if it still buys the target (one accountant evaluation)."""
-        if calibrated_with is None or not private:
-            return True
-        s = float(cached["sigma"])
-        if not s > 0 or single_release_epsilon(s, q, delta) > eps_target:
-            return False  # an absurd σ: refused by the cheap bound, before the accountant's grid
-        achieved = epsilon_unchecked(s, q, compositions, delta, calibrated_with, pld_discretization)
-        return (
-            s > 0
-            and achieved <= eps_target
-            and cached["epsilon_achieved"].get(calibrated_with) == _json_float(achieved)
-        )
-
-    numbers = memoized(cache_dir, key, calibrate_and_check, verify=certifies)
-    sigma, achieved = float(numbers["sigma"]), numbers["epsilon_achieved"]
-
+    numbers = memoized(cache_dir, key, lambda: _calibrate_and_check(run), verify=lambda cached: _certifies(run, cached))
+    sigma = float(numbers["sigma"])
     return {
-        "private": private,
-        "epsilon_target": _json_float(eps_target),
-        "delta": delta,
+        "private": run.private,
+        "epsilon_target": _json_float(run.eps_target),
+        "delta": run.delta,
         "sigma": sigma,
         "noise_multiplier": sigma,
-        "q": q,
-        "n": n,
-        "expected_batch_size": float(batch_size),
-        "steps": steps,
-        "directions": directions,
-        "compositions": compositions,
-        "clip": _json_float(clip),
+        "q": run.q,
+        "n": run.n,
+        "expected_batch_size": float(run.batch_size),
+        "steps": run.steps,
+        "directions": run.directions,
+        "compositions": run.compositions,
+        "clip": _json_float(run.clip),
         "sampler": "poisson",
         "neighbouring": ADD_REMOVE,
-        "sensitivity": _json_float(clip),
+        "sensitivity": _json_float(run.clip),
         "mechanism": "gaussian",
         # The trainer adds exactly this: N(0, noise_std_on_sum^2) on each clipped sum.
-        "noise_std_on_sum": sigma * clip if private else 0.0,
-        "calibrated_with": calibrated_with,
-        "pld_discretization": pld_discretization,
-        "epsilon_achieved": achieved,
+        "noise_std_on_sum": sigma * run.clip if run.private else 0.0,
+        "calibrated_with": run.calibrated_with,
+        "pld_discretization": run.pld_discretization,
+        "epsilon_achieved": numbers["epsilon_achieved"],
         "library_versions": library_versions(),
     }
 
