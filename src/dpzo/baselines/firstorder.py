@@ -260,6 +260,104 @@ def _check_finite(losses: torch.Tensor, step: int) -> None:
         raise FloatingPointError(f"non-finite training loss at step {step}; lower the learning rate")
 
 
+def _check_run(method: str, hp: FirstOrderHyperparameters, n: int, sigma: float, secret: SecretRandom | None) -> bool:
+    """Refuse a run whose settings contradict its method; returns whether it is private."""
+    if method not in FIRST_ORDER_METHODS:
+        raise ValueError(f"train_first_order runs {FIRST_ORDER_METHODS}, not {method!r}")
+    private = method in PRIVATE_FIRST_ORDER_METHODS
+    if hp.batch_size > n:
+        raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
+    if private:
+        if secret is None:
+            raise ValueError(f"{method} is private and needs the secret RNG (secret=SecretRandom(...))")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0; got {sigma!r}")
+        if sigma > 0 and math.isinf(hp.clip):
+            raise ValueError(f"{method} with sigma > 0 needs a finite clip (the sensitivity would be infinite)")
+    else:
+        if sigma != 0.0:
+            raise ValueError(f"{method} is non-private; sigma must be 0, got {sigma!r}")
+        if math.isfinite(hp.clip):
+            raise ValueError(f"{method} is plain fine-tuning without clipping; clip must be inf, got {hp.clip!r}")
+    return private
+
+
+def _trained_parameters(model: nn.Module, method: str, hp: FirstOrderHyperparameters, run_seed: int):
+    """The parameters the method trains: for ``dp-prefix`` a freshly installed prefix (every other
+    weight frozen), otherwise what the model leaves trainable."""
+    if method == "dp-prefix":
+        if prefix_modules(model):
+            raise RuntimeError("model already has a prefix installed; dp-prefix starts from a model without one")
+        prefix = install_prefix(model, hp.prefix_tokens, seed=run_seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in prefix)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    return params
+
+
+def _private_gradient(clf, params, train_set, chunks, hp, *, sigma, expected_batch_size, secret, step) -> tuple:
+    """Set every parameter's ``grad`` to the noisy clipped-gradient sum / qn (DP-SGD); returns the
+    per-example losses of the batch and how many examples were clipped."""
+    sums = {
+        name: torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
+        for name, p in params.items()
+    }
+    step_losses, clipped = [], 0
+    for chunk in chunks:
+        batch = train_set.batch(chunk, clf.device)
+        chunk_sums, losses, norms = clipped_grad_sum(clf, params, batch, hp.clip)
+        _check_finite(losses, step)
+        if not bool(torch.isfinite(norms).all()):
+            raise FloatingPointError(f"non-finite per-example gradient at step {step}; lower the learning rate")
+        for name in sums:
+            sums[name].add_(chunk_sums[name])
+        step_losses.append(losses)
+        clipped += int((norms > hp.clip).sum())
+    noisy = privatize_gradients(sums, sigma=sigma, clip=hp.clip, expected_batch_size=expected_batch_size, secret=secret)
+    for name, p in params.items():
+        p.grad = noisy[name].to(p.dtype)
+    return step_losses, clipped
+
+
+def _plain_gradient(clf, train_set, chunks, hp, *, step) -> tuple:
+    """Backpropagate the batch's mean loss (fine-tuning, no privacy); returns its losses and 0 clipped."""
+    step_losses = []
+    for chunk in chunks:
+        batch = train_set.batch(chunk, clf.device)
+        losses = clf.per_example_loss(batch)
+        _check_finite(losses.detach(), step)
+        (losses.sum() / hp.batch_size).backward()
+        step_losses.append(losses.detach())
+    return step_losses, 0
+
+
+class _Window:
+    """The private diagnostics of the current log window (losses, examples, clipped examples)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.examples = 0
+        self.clipped = 0
+
+    def add(self, step_losses: list[torch.Tensor], examples: int, clipped: int) -> None:
+        if step_losses:
+            self.losses.append(float(torch.cat(step_losses).double().mean()))
+        self.examples += examples
+        self.clipped += clipped
+
+    def close(self, history: dict, step: int, lr: float, progress: Progress) -> None:
+        """Append the window's point to ``history`` and start a new window."""
+        history["step"].append(step)
+        history["lr"].append(lr)
+        history["loss"].append(float(np.mean(self.losses)) if self.losses else float("nan"))
+        log.info("%s", progress.line(step, loss=history["loss"][-1]))
+        history["examples"].append(self.examples)
+        history["clipped_fraction"].append(self.clipped / max(self.examples, 1))
+        self.__init__()
+
+
 def train_first_order(
     clf: PromptClassifier,
     train_set: EncodedSet,
@@ -285,47 +383,19 @@ def train_first_order(
     ``steps_run``, ``releases``, ``train_seconds``, ``ms_per_step``, ``trainable_parameters``;
     ``curve`` adds the test-loss points (``evaluate.TestLossCurve``).
     """
-    if method not in FIRST_ORDER_METHODS:
-        raise ValueError(f"train_first_order runs {FIRST_ORDER_METHODS}, not {method!r}")
-    private = method in PRIVATE_FIRST_ORDER_METHODS
-    n = len(train_set)
-    if hp.batch_size > n:
-        raise ValueError(f"batch_size {hp.batch_size} is larger than the training set ({n} examples)")
-    sigma = float(sigma)
-    if private:
-        if secret is None:
-            raise ValueError(f"{method} is private and needs the secret RNG (secret=SecretRandom(...))")
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"sigma must be a finite number >= 0; got {sigma!r}")
-        if sigma > 0 and math.isinf(hp.clip):
-            raise ValueError(f"{method} with sigma > 0 needs a finite clip (the sensitivity would be infinite)")
-    else:
-        if sigma != 0.0:
-            raise ValueError(f"{method} is non-private; sigma must be 0, got {sigma!r}")
-        if math.isfinite(hp.clip):
-            raise ValueError(f"{method} is plain fine-tuning without clipping; clip must be inf, got {hp.clip!r}")
-
+    n, sigma = len(train_set), float(sigma)
+    private = _check_run(method, hp, n, sigma, secret)
     model = clf.model
     model.eval()  # dropout off, as for the zeroth-order methods
-    if method == "dp-prefix":
-        if prefix_modules(model):
-            raise RuntimeError("model already has a prefix installed; dp-prefix starts from a model without one")
-        prefix = install_prefix(model, hp.prefix_tokens, seed=run_seed)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in prefix)
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("model has no trainable parameters")
+    params = _trained_parameters(model, method, hp, run_seed)
     optimizer = _make_optimizer(list(params.values()), hp)
     q = hp.batch_size / n
     expected_batch_size = float(hp.batch_size)  # q * n, public
     public_rng = np.random.default_rng([int(run_seed), 1])  # ft's batches: no privacy claim
-    device = clf.device
     lengths = train_set.lengths
 
     history: dict[str, list] = {"step": [], "lr": [], "loss": [], "examples": [], "clipped_fraction": []}
-    losses_since_log: list[float] = []
-    examples_since_log, clipped_since_log = 0, 0
+    window = _Window()
     steps_run, examples_sampled = 0, 0  # counted, for the end-of-training check against the ledger
     started = time.perf_counter()
     progress = Progress(hp.steps)
@@ -338,63 +408,39 @@ def train_first_order(
         index = index[np.argsort(lengths[index].numpy(), kind="stable")]
         chunks = [index[i : i + hp.physical_batch_size] for i in range(0, len(index), hp.physical_batch_size)]
         optimizer.zero_grad(set_to_none=True)
-        step_losses = []
         if private:
-            sums = {
-                name: torch.zeros_like(
-                    p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-                )
-                for name, p in params.items()
-            }
-            for chunk in chunks:
-                batch = train_set.batch(chunk, device)
-                chunk_sums, losses, norms = clipped_grad_sum(clf, params, batch, hp.clip)
-                _check_finite(losses, step)
-                if not bool(torch.isfinite(norms).all()):
-                    raise FloatingPointError(f"non-finite per-example gradient at step {step}; lower the learning rate")
-                for name in sums:
-                    sums[name].add_(chunk_sums[name])
-                step_losses.append(losses)
-                clipped_since_log += int((norms > hp.clip).sum())
-            noisy = privatize_gradients(
-                sums, sigma=sigma, clip=hp.clip, expected_batch_size=expected_batch_size, secret=secret
+            step_losses, clipped = _private_gradient(
+                clf,
+                params,
+                train_set,
+                chunks,
+                hp,
+                sigma=sigma,
+                expected_batch_size=expected_batch_size,
+                secret=secret,
+                step=step,
             )
-            for name, p in params.items():
-                p.grad = noisy[name].to(p.dtype)
         else:
-            for chunk in chunks:
-                batch = train_set.batch(chunk, device)
-                losses = clf.per_example_loss(batch)
-                _check_finite(losses.detach(), step)
-                (losses.sum() / hp.batch_size).backward()
-                step_losses.append(losses.detach())
+            step_losses, clipped = _plain_gradient(clf, train_set, chunks, hp, step=step)
         optimizer.step()
-        if step_losses:
-            losses_since_log.append(float(torch.cat(step_losses).double().mean()))
-        examples_since_log += len(index)
+        window.add(step_losses, len(index), clipped)
         examples_sampled += len(index)
         steps_run += 1
         if (step + 1) % hp.log_every == 0 or step + 1 == hp.steps:
-            history["step"].append(step + 1)
-            history["lr"].append(hp.lr)
-            history["loss"].append(float(np.mean(losses_since_log)) if losses_since_log else float("nan"))
-            log.info("%s", progress.line(step + 1, loss=history["loss"][-1]))
-            history["examples"].append(examples_since_log)
-            history["clipped_fraction"].append(clipped_since_log / max(examples_since_log, 1))
-            losses_since_log = []
-            examples_since_log, clipped_since_log = 0, 0
+            window.close(history, step + 1, hp.lr, progress)
         if curve is not None:
             curve.after_step(step + 1, history)
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
-    history["steps_run"] = steps_run
-    history["releases"] = steps_run if private else 0  # one noisy gradient per step
-    history["examples_sampled"] = examples_sampled
-    history["n"] = n
-    history["sampling_rate"] = q
-    history["noise_scale_on_sum"] = sigma * hp.clip if private and sigma > 0 else 0.0
-    history["noise_divisor"] = expected_batch_size
-    history["train_seconds"] = elapsed
-    history["ms_per_step"] = 1000.0 * elapsed / max(hp.steps, 1)
-    history["trainable_parameters"] = int(sum(p.numel() for p in params.values()))
-    return history
+    return history | {
+        "steps_run": steps_run,
+        "releases": steps_run if private else 0,  # one noisy gradient per step
+        "examples_sampled": examples_sampled,
+        "n": n,
+        "sampling_rate": q,
+        "noise_scale_on_sum": sigma * hp.clip if private and sigma > 0 else 0.0,
+        "noise_divisor": expected_batch_size,
+        "train_seconds": elapsed,
+        "ms_per_step": 1000.0 * elapsed / max(hp.steps, 1),
+        "trainable_parameters": int(sum(p.numel() for p in params.values())),
+    }
