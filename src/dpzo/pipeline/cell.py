@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,10 +18,12 @@ from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperpara
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
 from dpzo.models.evaluate import CurveSettings
+from dpzo.pipeline.metrics import CellMetrics
 from dpzo.privacy.ledger import (
     NO_NOISE,
     AccountingSettings,
     Cell,
+    VerifiedNoise,
     check_ledger_after,
     ledger_digest,
     verify_ledger,
@@ -32,10 +35,6 @@ from dpzo.zo.loop import train_zo
 from dpzo.zo.replicas import SingleProcess
 
 log = logging.getLogger(__name__)
-
-
-#: Measured on private batches, so not covered by the guarantee: kept out of what is published.
-PRIVATE_DIAGNOSTICS = ("loss", "examples", "clipped_fraction")
 
 
 def stage_masks(hp: ZOHyperparameters, clf: PromptClassifier, mask_files: list[str] | None) -> Callable[[int], Mask]:
@@ -104,65 +103,70 @@ class CellRun:
     allow_new_head: bool = False
 
 
-def run_cell(
-    run: CellRun,
-    *,
-    on_start: Callable[[dict, int | None], None] | None = None,
-    team: SingleProcess | None = None,
-    record: SnapshotRecord | None = None,
-) -> dict | None:
-    """Train (unless zero-shot) and evaluate one (model, task, method, eps, seed) cell.
+@dataclass(frozen=True)
+class VerifiedCell:
+    """A cell whose ledger verified against it: its hyperparameters, training examples and the
+    noise the trainer adds (``privacy.ledger.VerifiedNoise``)."""
 
-    Before anything else the ledger is verified against the cell (``ledger.verify_ledger``:
-    its identity, the config's ``accounting``, and that its noise certifies the cell's ε); the
-    noise added is the verified one.  ``on_start(identity, step)`` is called once before training (evaluation for zero-shot) with
-    what the run is and the step a snapshot resumed after (None: from scratch); it may raise to
-    refuse the run (``dpzo.pipeline.cellguard.Attempt.start``).
+    cell: Cell
+    ledger: dict
+    hp: Any
+    task: Any
+    train_examples: list
+    noise: VerifiedNoise
 
-    Returns the cell's metrics, and under ``"private_diagnostics"`` what the trainer measured
-    on the private batches (training loss, batch sizes, clipped fractions): not covered by the
-    guarantee, so the caller keeps it apart from what is published.
+    @property
+    def private(self) -> bool:
+        return is_private(base_method(self.cell.method))
 
-    Evaluation reports the final iterate on the test split; no dev-based model selection is
-    done, because choosing among iterates on private data would spend unaccounted privacy.
 
-    ``team``: the replicas of a data-parallel zeroth-order run (``dpzo.zo.replicas``).  Only
-    rank 0 holds the secret RNG, evaluates and returns the metrics; the other ranks train their
-    share of every batch and return None.  ``record``: the cell's record of the snapshots written
-    (its attempt log), which a snapshot must match to be resumed.
-    """
-    from pathlib import Path
-
+def verify_cell(run: CellRun) -> VerifiedCell:
+    """Read the cell's ledger and training split and verify the ledger against the cell, before
+    any model is loaded: a ledger that is not this cell's, or whose noise does not buy its ε,
+    stops the run here (``privacy.ledger.verify_ledger``)."""
     from dpzo.data.hf_tasks import HFTask, method_problem
     from dpzo.data.splits import load_split
     from dpzo.data.tasks import get_task
+
+    cell, ledger = run.cell, read_json_output(run.ledger_path)
+    task = get_task(cell.task)
+    problem = method_problem(task, cell.method) if isinstance(task, HFTask) else None
+    if problem:
+        raise ValueError(problem)
+    hp = hyperparameters_for(cell.method, run.method_params)
+    train_examples = load_split(Path(run.split_dir) / "train.jsonl")
+    noise = verify_ledger(
+        ledger, cell=cell, hp=hp, n=len(train_examples), settings=run.accounting, path=run.ledger_path
+    )
+    return VerifiedCell(cell, ledger, hp, task, train_examples, noise)
+
+
+@dataclass
+class PreparedCell:
+    """The loaded model as the cell trains and scores it, with its data encoded."""
+
+    model: torch.nn.Module
+    family: str
+    clf: Any  # the task's scorer (models.classifier.PromptClassifier or a candidate scorer)
+    store: Any  # the parameter store of a streamed model (zo.streamed), else None: train_zo builds one
+    train_set: Any
+    test_examples: list
+    test_set: Any
+    tuning: dict  # {"trainable_params", "tuning"} when adapters train instead of every weight
+    identity: dict  # what the run is: a snapshot of another run is never resumed
+
+
+def prepare_cell(run: CellRun, verified: VerifiedCell) -> PreparedCell:
+    """Load the model (streamed: its blocks stay in host memory), attach its adapters, build the
+    parameter store and the task's scorer, encode the splits, and name the run's identity."""
+    from dpzo.data.splits import load_split
     from dpzo.models.adapters import apply_tuning
     from dpzo.models.candidates import make_scorer
     from dpzo.models.classifier import load_model
-    from dpzo.models.evaluate import TestLossCurve, evaluate
-    from dpzo.models.meta import new_head_record
 
-    wall_start = time.perf_counter()
-    cell, ledger, accounting = run.cell, read_json_output(run.ledger_path), run.accounting
-    method, seed, split_dir = cell.method, cell.seed, Path(run.split_dir)
-    task = get_task(cell.task)
-    problem = method_problem(task, method) if isinstance(task, HFTask) else None
-    if problem:
-        raise ValueError(problem)
-    base = base_method(method)
-    hp = hyperparameters_for(method, run.method_params)
-    train_examples = load_split(split_dir / "train.jsonl")
-    # before the model is even loaded: a ledger that is not this cell's stops the run here
-    verified = verify_ledger(ledger, cell=cell, hp=hp, n=len(train_examples), settings=accounting, path=run.ledger_path)
-    private = is_private(base)
-    team = team or SingleProcess()
-    if team.world_size > 1 and base not in ZO:
-        raise ValueError(f"{method} runs in one process; ranks > 1 are for the zeroth-order methods {tuple(ZO)}")
-    # the secret RNG exists in one process only: the one that samples the batches and adds the noise
-    secret = SecretRandom.from_environment() if private and team.is_main else None
-    torch.manual_seed(seed)
+    cell, hp, split_dir = verified.cell, verified.hp, Path(run.split_dir)
+    torch.manual_seed(cell.seed)
     streamed = run.offload == "streamed"
-    master_dtype = None if run.master == "none" else torch.float32
     lm, tokenizer, family = load_model(
         run.model_path,
         family=run.family,
@@ -172,136 +176,233 @@ def run_cell(
         max_memory=run.max_memory,
     )
     tuning = getattr(hp, "tuning", None)
-    trainable = apply_tuning(lm, tuning, seed=seed) if tuning is not None else 0  # LoRA, prefix: those only
-    flat = None
+    trainable = apply_tuning(lm, tuning, seed=cell.seed) if tuning is not None else 0  # LoRA, prefix: those only
+    store = None
     if streamed:
         from dpzo.zo.streamed import StreamedParameters
 
-        directions = getattr(hp, "directions", 1)
-        master = master_dtype if base in ZO else None  # an evaluation-only cell needs no master copy
-        flat = StreamedParameters(lm, master, device=run.device, direction_cache_size=directions)
-    clf = make_scorer(lm, tokenizer, family, task)
+        master = None if run.master == "none" or base_method(cell.method) not in ZO else torch.float32
+        store = StreamedParameters(lm, master, device=run.device, direction_cache_size=getattr(hp, "directions", 1))
+    clf = make_scorer(lm, tokenizer, family, verified.task)
     test_examples = load_split(split_dir / "test.jsonl")
-    train_set = clf.encode(train_examples)
-    test_set = clf.encode(test_examples)
-
-    # everything the run depends on: a snapshot of any other run is never resumed, and a retry
-    # of a failed run is recognised as the same run
     identity = dict(
         model_path=run.model_path,
         dtype=run.dtype,
         task=cell.task,
-        method=method,
-        seed=seed,
+        method=cell.method,
+        seed=cell.seed,
         method_params=run.method_params,
-        ledger=ledger,
+        ledger=verified.ledger,
         train_data=file_digest(split_dir / "train.jsonl"),
         masks=[file_digest(f) for f in run.mask_files],
     )
+    return PreparedCell(
+        model=lm,
+        family=family,
+        clf=clf,
+        store=store,
+        train_set=clf.encode(verified.train_examples),
+        test_examples=test_examples,
+        test_set=clf.encode(test_examples),
+        tuning={"trainable_params": trainable, "tuning": tuning.kind} if tuning and tuning.kind != "full" else {},
+        identity=identity,
+    )
+
+
+@dataclass
+class Training:
+    """How a cell's trainer runs: the secret RNG (rank 0 of a private cell only), the replicas,
+    the start hook and the cell's record of snapshots."""
+
+    secret: SecretRandom | None
+    team: SingleProcess
+    started: Callable[[int | None], None]
+    record: SnapshotRecord | None
+
+
+def train_icl(run: CellRun, verified: VerifiedCell, prepared: PreparedCell, how: Training) -> dict:
+    """In-context learning: no training; the test prompts get the chosen demonstrations."""
+    from dpzo.baselines.icl import choose_demonstrations, encode_with_demonstrations
+
+    how.started(None)
+    demos = choose_demonstrations(
+        verified.train_examples, verified.hp.demonstrations, verified.task.num_classes, verified.cell.seed
+    )
+    prepared.test_set = encode_with_demonstrations(prepared.clf, prepared.test_examples, demos)
+    return {}
+
+
+def train_nothing(run: CellRun, verified: VerifiedCell, prepared: PreparedCell, how: Training) -> dict:
+    """Zero-shot: the pretrained model is evaluated as it is."""
+    how.started(None)
+    return {}
+
+
+def _test_curve(run: CellRun, verified: VerifiedCell, prepared: PreparedCell, how: Training):
+    from dpzo.models.evaluate import TestLossCurve
+
+    if not how.team.is_main:
+        return None  # published by rank 0 only
+    settings = run.curve or CurveSettings()
+    return TestLossCurve(
+        prepared.clf, prepared.test_set, steps=verified.hp.steps, settings=settings, batch_size=run.eval_batch_size
+    )
+
+
+def train_first_order_cell(run: CellRun, verified: VerifiedCell, prepared: PreparedCell, how: Training) -> dict:
+    """DP-SGD, DP prefix-tuning or fine-tuning (backprop); always from scratch."""
+    from dpzo.baselines.firstorder import train_first_order
+
+    how.started(None)
+    return train_first_order(
+        prepared.clf,
+        prepared.train_set,
+        verified.hp,
+        method=base_method(verified.cell.method),
+        run_seed=verified.cell.seed,
+        sigma=verified.noise.sigma,
+        secret=how.secret,
+        curve=_test_curve(run, verified, prepared, how),
+    )
+
+
+def train_zeroth_order_cell(run: CellRun, verified: VerifiedCell, prepared: PreparedCell, how: Training) -> dict:
+    """The zeroth-order methods: ``zo.loop.train_zo`` with the verified noise, the cell's masks,
+    its snapshots (resumed from the last one its attempt log records) and its replicas."""
+    hp, clf, train_set = verified.hp, prepared.clf, prepared.train_set
+    snapshots = None
+    if run.checkpoint is not None:
+        snapshots = TrainingCheckpoint(run.checkpoint, identity=prepared.identity, record=how.record)
+    on_sigterm = snapshots.saving_on_sigterm() if snapshots and how.team.is_main else contextlib.nullcontext()
+    with on_sigterm:
+        return train_zo(
+            prepared.model,
+            lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
+            len(train_set),
+            hp,
+            method=verified.cell.method,
+            run_seed=verified.cell.seed,
+            noise=verified.noise.release,
+            secret=how.secret,
+            masks=stage_masks(hp, clf, list(run.mask_files)) if ZO[base_method(verified.cell.method)].masked else None,
+            master_dtype=None if run.master == "none" else torch.float32,
+            checkpoint=snapshots,
+            curve=_test_curve(run, verified, prepared, how),
+            on_start=how.started,
+            team=how.team,
+            flat=prepared.store,
+        )
+
+
+#: The trainer of each kind of method (``trainer_kind``).
+TRAINERS = {
+    "icl": train_icl,
+    "none": train_nothing,
+    "first-order": train_first_order_cell,
+    "zeroth-order": train_zeroth_order_cell,
+}
+
+
+def trainer_kind(method: str) -> str:
+    """Which trainer runs ``method``: ``zeroth-order``, ``first-order``, ``icl`` or ``none``."""
+    base = base_method(method)
+    if base == ICL:
+        return "icl"
+    if base == ZERO_SHOT:
+        return "none"
+    return "first-order" if base in FIRST_ORDER else "zeroth-order"
+
+
+def run_cell(
+    run: CellRun,
+    *,
+    on_start: Callable[[dict, int | None], None] | None = None,
+    team: SingleProcess | None = None,
+    record: SnapshotRecord | None = None,
+) -> dict | None:
+    """Verify the cell's ledger, prepare the model and data, train, evaluate: one (model, task,
+    method, ε, seed) cell.
+
+    The ledger is verified against the cell before the model is even loaded
+    (:func:`verify_cell`); the noise added is the verified one.  ``on_start(identity, step)`` is
+    called once before training (evaluation for zero-shot) with what the run is and the step a
+    snapshot resumed after (None: from scratch); it may raise to refuse the run
+    (``dpzo.pipeline.cellguard.Attempt.start``).  ``record``: the cell's record of the snapshots
+    written (its attempt log), which a snapshot must match to be resumed.
+
+    Returns the cell's metrics (:class:`~dpzo.pipeline.metrics.CellMetrics`), with under
+    ``"private_diagnostics"`` what the trainer measured on the private batches (training loss,
+    batch sizes, clipped fractions): not covered by the guarantee, so the caller keeps it apart
+    from what is published.  Evaluation reports the final iterate on the test split; no dev-based
+    model selection is done, because choosing among iterates on private data would spend
+    unaccounted privacy.
+
+    ``team``: the replicas of a data-parallel zeroth-order run (``dpzo.zo.replicas``).  Only rank 0
+    holds the secret RNG, evaluates and returns the metrics; the other ranks train their share of
+    every batch and return None.
+    """
+    from dpzo.models.evaluate import evaluate
+
+    wall_start = time.perf_counter()
+    team = team or SingleProcess()
+    kind = trainer_kind(run.cell.method)
+    if team.world_size > 1 and kind != "zeroth-order":
+        raise ValueError(
+            f"{run.cell.method} runs in one process; ranks > 1 are for the zeroth-order methods {tuple(ZO)}"
+        )
+    verified = verify_cell(run)
+    # the secret RNG exists in one process only: the one that samples the batches and adds the noise
+    secret = SecretRandom.from_environment() if verified.private and team.is_main else None
+    prepared = prepare_cell(run, verified)
 
     def started(resumed_after: int | None) -> None:
         if on_start is not None:
-            on_start(identity, resumed_after)
+            on_start(prepared.identity, resumed_after)
 
-    history: dict = {}
-    if base == ICL:
-        from dpzo.baselines.icl import choose_demonstrations, encode_with_demonstrations
+    history = TRAINERS[kind](run, verified, prepared, Training(secret, team, started, record))
+    if not team.is_main:
+        return None  # rank 0 evaluates and writes the outputs
+    if verified.private:
+        check_ledger_after(verified.ledger, history)
+    result = evaluate(prepared.clf, prepared.test_set, batch_size=run.eval_batch_size)
+    return cell_metrics(run, verified, prepared, result, history, team=team, wall_start=wall_start).to_json()
 
-        started(None)
-        demos = choose_demonstrations(train_examples, hp.demonstrations, task.num_classes, seed)
-        test_set = encode_with_demonstrations(clf, test_examples, demos)
-    elif base != ZERO_SHOT:
-        test_curve = TestLossCurve(
-            clf, test_set, steps=hp.steps, settings=run.curve or CurveSettings(), batch_size=run.eval_batch_size
-        )
-        if not team.is_main:
-            test_curve = None  # published by rank 0 only
-        if base in FIRST_ORDER:
-            from dpzo.baselines.firstorder import train_first_order
 
-            started(None)  # first-order training always starts from scratch
-            history = train_first_order(
-                clf, train_set, hp, method=base, run_seed=seed, sigma=verified.sigma, secret=secret, curve=test_curve
-            )
-        else:
-            snapshots = None
-            if run.checkpoint is not None:
-                snapshots = TrainingCheckpoint(run.checkpoint, identity=identity, record=record)
-            on_sigterm = snapshots.saving_on_sigterm() if snapshots and team.is_main else contextlib.nullcontext()
-            with on_sigterm:
-                history = train_zo(
-                    lm,
-                    lambda index: clf.per_example_loss(train_set.batch(index, clf.device)),
-                    len(train_set),
-                    hp,
-                    method=method,
-                    run_seed=seed,
-                    noise=verified.release,
-                    secret=secret,
-                    masks=stage_masks(hp, clf, list(run.mask_files)) if ZO[base].masked else None,
-                    master_dtype=master_dtype,
-                    checkpoint=snapshots,
-                    curve=test_curve,
-                    on_start=started,
-                    team=team,
-                    flat=flat,
-                )
-        if not team.is_main:
-            return None  # rank 0 evaluates and writes the outputs
-        if private:
-            check_ledger_after(ledger, history)
-    else:
-        started(None)  # zero-shot: evaluation only
-    result = evaluate(clf, test_set, batch_size=run.eval_batch_size)
-    resumed_from = history.pop("resumed_from", [])
-    curves = {k: v for k, v in history.items() if isinstance(v, list)}
-    return {
-        "model": cell.model,
-        "task": cell.task,
-        "method": method,
-        "eps": cell.eps,
-        "seed": seed,
-        # The task's own metric (accuracy; mcc or f1 for some LM-BFF tasks; f1 for generation).
-        "metric": result.get("metric", "accuracy"),
-        "score": result["score"] if "score" in result else result[result.get("metric", "accuracy")],
-        "accuracy": result.get("accuracy"),
-        **{k: result[k] for k in ("f1", "em", "predictions") if k in result},
-        "test_loss": result["loss"],
-        "test_n": result["n"],
-        "confusion": result.get("confusion"),
-        "n_train": len(train_set),
-        "n_params": sum(p.numel() for p in lm.parameters()),
-        **(
-            {"trainable_params": trainable, "tuning": tuning.kind}
-            if tuning is not None and tuning.kind != "full"
-            else {}
-        ),
-        "steps": history.get("steps_run", 0),
-        "releases": history.get("releases", 0),
-        "resumed_from": resumed_from,  # steps after which an interrupted run was continued
-        # what the trainer itself recomputed from the noise it added (not the ledger's claim)
-        "privacy": {
-            "noise": accounting.noise if private else NO_NOISE,
-            "epsilon_verified": verified.epsilon,
-            "verified_with": verified.accountant,
-            "ledger_sha256": ledger_digest(ledger),  # the ledger verified: tables publish no other
+def cell_metrics(
+    run: CellRun,
+    verified: VerifiedCell,
+    prepared: PreparedCell,
+    result: dict,
+    history: dict,
+    *,
+    team: SingleProcess,
+    wall_start: float,
+) -> CellMetrics:
+    """The cell's typed metrics record from its evaluation and training history."""
+    from dpzo.models.meta import new_head_record
+
+    device = prepared.clf.device
+    return CellMetrics(
+        cell=verified.cell.as_dict(),
+        evaluation=result,
+        history=history,
+        privacy={
+            "noise": run.accounting.noise if verified.private else NO_NOISE,
+            "epsilon_verified": verified.noise.epsilon,
+            "verified_with": verified.noise.accountant,
+            "ledger_sha256": ledger_digest(verified.ledger),  # the ledger verified: tables publish no other
         },
-        **({"ranks": team.world_size} if team.world_size > 1 else {}),  # data-parallel replicas
-        **({"new_head": new_head_record(run.model_path, family, cell.model)} if run.allow_new_head else {}),
-        "ms_per_step": history.get("ms_per_step"),
-        "train_seconds": history.get("train_seconds", 0.0),
-        "wall_seconds": time.perf_counter() - wall_start,
-        "memory": peak_memory_mb(clf.device),
-        "device": str(clf.device),
-        "torch": torch.__version__,
-        "versions": versions(clf.device),  # dpzo (and its commit), the libraries, Python, the device's name
-        "history": {k: v for k, v in curves.items() if k not in PRIVATE_DIAGNOSTICS},
-        "history_note": "step, stage, lr, beta, mask_size: the public schedule; grad: the released "
-        "scalar; test_step/test_loss: loss on a fixed part of the test split. All covered by the "
-        "guarantee (functions of the released values and public data).",
-        "private_diagnostics": {k: v for k, v in curves.items() if k in PRIVATE_DIAGNOSTICS}
-        | {"step": curves.get("step", [])},
-    }
+        n_train=len(prepared.train_set),
+        n_params=sum(p.numel() for p in prepared.model.parameters()),
+        wall_seconds=time.perf_counter() - wall_start,
+        memory=peak_memory_mb(device),
+        device=str(device),
+        torch_version=torch.__version__,
+        versions=versions(device),
+        tuning=prepared.tuning,
+        ranks=team.world_size,
+        new_head=new_head_record(run.model_path, prepared.family, run.cell.model) if run.allow_new_head else None,
+    )
 
 
 def checkpoint_policy(path: str | Path, settings: dict | None) -> CheckpointPolicy:
