@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from dpzo import cli
-from dpzo.masks.prune import Mask
-from dpzo.masks.settings import MaskSettings
+from dpzo.masks.settings import Mask, MaskSettings
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dpzo.fileio import read_json_output, write_json_atomic
-from dpzo.masks.prune import Mask
+from dpzo.masks.settings import Mask
 from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperparameters_for, is_private
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
