@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dpzo.privacy", "dpzo.data"),
     ("dpzo.models", "dpzo.zo"),
     ("dpzo.masks", "dpzo.baselines"),
-    ("dpzo.pipeline", "dpzo.report", "dpzo.demo", "dpzo.bench", "dpzo.cli", "dpzo.__main__", "dpzo"),
+    ("dpzo.pipeline", "dpzo.report", "dpzo.demo", "dpzo.bench", "dpzo.cli", "dpzo.cliargs", "dpzo.__main__", "dpzo"),
 ]
 
 
