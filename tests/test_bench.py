@@ -1,9 +1,9 @@
 """The fast step against the released code's style, and ``dpzo bench`` on CPU.
 
-The oracle is :func:`dpzo.zo.official.official_style_train`: a second implementation of the same
+The oracle is :func:`dpzo.bench.official.official_style_train`: a second implementation of the same
 mathematics in the released code's mechanics (a Python loop over the parameter tensors, four
 passes per step, per-example losses one ``.item()`` at a time, clip and sum in Python floats),
-fed the same z (:class:`dpzo.zo.official.FlatZ`).  ``train_zo`` instead merges passes, defers the
+fed the same z (:class:`dpzo.bench.official.FlatZ`).  ``train_zo`` instead merges passes, defers the
 restore, keeps the released scalar on the device and, in place, folds restore + update + next
 perturbation into one pass; none of that may change the trajectory.
 """
@@ -18,15 +18,14 @@ import pytest
 import torch
 
 from dpzo import cli
-from dpzo.masks.prune import Mask
-from dpzo.masks.settings import MaskSettings
+from dpzo.bench.official import FlatZ, official_style_train
+from dpzo.masks.settings import Mask, MaskSettings
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo import flat as flat_module
 from dpzo.zo.flat import FlatParameters
 from dpzo.zo.loop import train_zo
-from dpzo.zo.official import FlatZ, official_style_train
 from dpzo.zo.step import apply_update
 
 from .tiny import examples, make_clf
@@ -407,3 +406,49 @@ def test_bench_cli_bad_input_is_one_clear_error_and_no_file(tmp_path, capsys, ar
 def test_bench_cli_asks_for_cpu_where_there_is_no_gpu(capsys):
     assert cli.main(["bench", "--device", "cuda"]) == 2
     assert "use --device cpu" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark's code stays readable
+# ------------------------------------------------------------------------------------------
+def test_no_function_of_the_benchmark_is_over_80_code_lines():
+    """Code lines: not blank, not only a comment, not the docstring."""
+    import ast
+    from pathlib import Path
+
+    import dpzo.bench
+
+    long = []
+    for path in sorted(Path(dpzo.bench.__file__).parent.glob("*.py")):
+        text = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(text))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            skip = set()
+            if ast.get_docstring(node) is not None:
+                skip = set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+            lines = [
+                n
+                for n in range(node.lineno, node.end_lineno + 1)
+                if n not in skip and text[n - 1].strip() and not text[n - 1].strip().startswith("#")
+            ]
+            if len(lines) > 80:
+                long.append(f"{path.name}:{node.lineno} {node.name}: {len(lines)} code lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_cli_and_the_bench_parser_load_without_torch():
+    """``dpzo --help`` stays instant: the parsers import neither torch nor the benchmark's modules."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
+    code = (
+        "import sys, dpzo.cli; dpzo.cli.build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('dpzo.bench.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "['dpzo.bench.cli']"

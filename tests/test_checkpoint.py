@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.masks.prune import Mask
-from dpzo.masks.settings import MaskSettings
+from dpzo.masks.settings import Mask, MaskSettings
 from dpzo.methods import get_method
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum

@@ -102,8 +102,7 @@ def test_masked_pass_touches_only_the_mask(scaled):
 )
 def test_training_with_the_fused_passes_equals_the_torch_passes(monkeypatch, method, master_dtype):
     """train_zo with every pass a fused kernel (forced on the CPU) follows the torch passes."""
-    from dpzo.masks.prune import Mask
-    from dpzo.masks.settings import MaskSettings
+    from dpzo.masks.settings import Mask, MaskSettings
     from dpzo.methods.hyperparameters import ZOHyperparameters
     from dpzo.privacy.mechanisms import NoisySum
     from dpzo.privacy.secret import SecretRandom

@@ -1,6 +1,8 @@
-"""The package's layers: no module imports from a layer above its own (docs/architecture.md).
+"""The package's layers: no module imports from a layer above its own, and no import circles
+(docs/architecture.md).
 
-Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
+Imports under ``if TYPE_CHECKING:`` are annotations only and do not count; imports inside
+functions do (they run when the function does).
 """
 
 from __future__ import annotations
@@ -12,12 +14,23 @@ SRC = Path(__file__).parents[1] / "src"
 
 #: lowest first; a module belongs to the first entry that is its name or a package above it
 LAYERS: list[tuple[str, ...]] = [
+    # dpzo.masks.settings: MaskSettings and Mask, torch-free (the methods and the Snakefile read it)
     ("dpzo.fileio", "dpzo.integrity", "dpzo.progress", "dpzo.provenance", "dpzo.methods", "dpzo.masks.settings"),
     ("dpzo.privacy", "dpzo.data"),
     ("dpzo.models", "dpzo.zo"),
     ("dpzo.masks", "dpzo.baselines"),
-    ("dpzo.pipeline", "dpzo.report", "dpzo.demo", "dpzo.bench", "dpzo.cli", "dpzo.__main__", "dpzo"),
+    # dpzo.bench: the benchmark and its reference step (dpzo.bench.official); dpzo.cliargs: what
+    # every subcommand's parser shares
+    ("dpzo.pipeline", "dpzo.report", "dpzo.demo", "dpzo.bench", "dpzo.cli", "dpzo.cliargs", "dpzo.__main__", "dpzo"),
 ]
+
+#: import circles known when this test was written, each the set of its modules; a circle is
+#: allowed only while it is exactly one of these (one that grows or a new one fails the test)
+KNOWN_CYCLES: set[frozenset[str]] = {
+    # removed when the branch that breaks it (data.splits no longer importing data.hf_data at
+    # run time, or the other way round) is merged
+    frozenset({"dpzo.data.hf_data", "dpzo.data.splits"}),
+}
 
 
 def layer_of(module: str) -> int:
@@ -47,6 +60,72 @@ def runtime_imports(tree: ast.AST) -> list[tuple[int, str]]:
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("dpzo")]
     return found
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the dpzo modules it imports at run time (top level or inside functions)."""
+    graph = {module_name(p): set() for p in sorted((SRC / "dpzo").rglob("*.py"))}
+    for path in sorted((SRC / "dpzo").rglob("*.py")):
+        imported = {m for _, m in runtime_imports(ast.parse(path.read_text()))}
+        graph[module_name(path)] = {m for m in imported if m in graph}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with a circle in them (Tarjan's algorithm): every
+    module of one reaches every other through run-time imports."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = {stack.pop()}
+            while v not in component:
+                component.add(stack.pop())
+            if len(component) > 1 or v in graph[v]:
+                cycles.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def describe_cycle(component: frozenset[str], graph: dict[str, set[str]]) -> str:
+    """The modules of a circle and the imports between them."""
+    edges = [f"{a} -> {b}" for a in sorted(component) for b in sorted(graph[a] & component)]
+    return f"{{{', '.join(sorted(component))}}}: " + "; ".join(edges)
+
+
+def test_no_import_circles():
+    graph = import_graph()
+    cycles = [c for c in import_cycles(graph) if c not in KNOWN_CYCLES]
+    assert not cycles, "import circles:\n" + "\n".join(describe_cycle(c, graph) for c in cycles)
+
+
+def test_the_cycle_finder_reports_each_circle_with_its_modules():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "d"}, "e": {"a"}}
+    assert sorted(import_cycles(graph), key=sorted) == [frozenset("abc"), frozenset("d")]
+    assert describe_cycle(frozenset("abc"), graph) == "{a, b, c}: a -> b; b -> c; c -> a"
+
+
+def test_the_known_cycles_are_still_there():
+    """An entry of KNOWN_CYCLES whose circle is gone must be removed (so it cannot hide a new one)."""
+    assert KNOWN_CYCLES <= set(import_cycles(import_graph()))
 
 
 def test_no_module_imports_from_a_higher_layer():

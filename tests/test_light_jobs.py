@@ -327,8 +327,9 @@ def _imports_of(code: str) -> dict:
 
 
 def test_import_dpzo_and_the_workflow_adapters_are_light():
+    """Also the methods and the masks' settings and Mask, which the Snakefile and every layer read."""
     code = (
-        "import json, sys; import dpzo, dpzo.pipeline.workflow; "
+        "import json, sys; import dpzo, dpzo.pipeline.workflow, dpzo.methods, dpzo.masks.settings; "
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
     )
     assert _imports_of(code) == []

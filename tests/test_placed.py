@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpzo.masks.prune import Mask
+from dpzo.masks.settings import Mask
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom

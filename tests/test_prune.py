@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dpzo.masks.prune import (
-    Mask,
     compute_scores,
     flat_parameter_names,
     linearized_objective,
@@ -23,6 +22,7 @@ from dpzo.masks.prune import (
     theta_hg_zo,
     top_overlap,
 )
+from dpzo.masks.settings import Mask
 from dpzo.zo.flat import FlatParameters
 
 F64 = torch.float64

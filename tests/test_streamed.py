@@ -17,8 +17,7 @@ import torch
 import transformers
 
 from dpzo.data.tasks import TASKS
-from dpzo.masks.prune import Mask
-from dpzo.masks.settings import MaskSettings
+from dpzo.masks.settings import Mask, MaskSettings
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
 from dpzo.privacy.mechanisms import NoisySum

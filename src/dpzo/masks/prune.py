@@ -86,8 +86,9 @@ comes first for both selections.
 gets 1.2); the order is taken in the selection's scope (whole vector for ``global``, each tensor
 for ``per-layer``).  Scales are float32 and aligned with ``indices``.
 
-Storage: :class:`Mask` holds sorted int64 flat indices (never sparse COO or bool tensors),
-``numel``, optional scales and a metadata dict; ``save`` writes a plain dict atomically.
+Storage: :class:`dpzo.masks.settings.Mask` (torch-free to import, beside the settings) holds
+sorted int64 flat indices (never sparse COO or bool tensors), ``numel``, optional scales and a
+metadata dict; ``save`` writes a plain dict atomically.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -103,14 +103,12 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dpzo.fileio import atomic_path
-from dpzo.masks.settings import MODES, SCOPES, SCORERS, SELECTIONS, MaskSettings  # noqa: F401 (re-exported)
+from dpzo.masks.settings import MODES, SCOPES, SCORERS, SELECTIONS, Mask, MaskSettings
 from dpzo.models.classifier import output_head
 from dpzo.zo.flat import gaussian_direction
 
 RANK_SCALE_FIRST = 1.2  # scale of the selected coordinate with the smallest |score|
 RANK_SCALE_LAST = 0.8  # ... and of the one with the largest |score|
-MASK_FORMAT = "dpzo-mask-v1"
 
 # synflow-zo defaults (see theta_hg_zo): directions per estimate and finite-difference steps.
 # In float64 these steps keep the finite-difference error of w^T H v near 1e-6 relative on the
@@ -121,99 +119,6 @@ DEFAULT_EPS = 1e-6  # per-coordinate step along Gaussian directions (||eps u|| ~
 DEFAULT_MU = 1e-5  # step along the unit Hessian-vector direction v = g^/||g^||
 
 Layout = list[tuple[str, int, int]]
-
-
-# ---------------------------------------------------------------------------------------------
-# The mask
-# ---------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Mask:
-    """Coordinates to train: sorted int64 flat indices into the FlatParameters vector."""
-
-    indices: torch.Tensor
-    numel: int
-    scales: torch.Tensor | None = None
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.numel = int(self.numel)
-        _validate_mask(self.indices, self.numel, self.scales)
-
-    @property
-    def density(self) -> float:
-        """Fraction of coordinates that are trained."""
-        return self.indices.numel() / self.numel
-
-    def __len__(self) -> int:
-        return int(self.indices.numel())
-
-    def save(self, path: str | Path) -> None:
-        """torch.save of a plain dict, written to a temporary file and moved into place."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": MASK_FORMAT,
-            "indices": self.indices.detach().cpu().contiguous(),
-            "numel": self.numel,
-            "scales": None if self.scales is None else self.scales.detach().cpu().contiguous(),
-            "meta": _plain(self.meta, "meta"),
-        }
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Mask:
-        """Read a mask written by :meth:`save`, validating dtype, sortedness and range."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != MASK_FORMAT:
-            raise ValueError(f"{path}: not a {MASK_FORMAT} file")
-        missing = {"indices", "numel", "scales", "meta"} - set(payload)
-        if missing:
-            raise ValueError(f"{path}: missing fields {sorted(missing)}")
-        if not isinstance(payload["numel"], int):
-            raise ValueError(f"{path}: numel must be an int")
-        if not isinstance(payload["meta"], dict):
-            raise ValueError(f"{path}: meta must be a dict")
-        return cls(indices=payload["indices"], numel=payload["numel"], scales=payload["scales"], meta=payload["meta"])
-
-
-def _plain(value, where: str):
-    """``value`` if it is made of str/int/float/bool/None, lists, tuples and str-keyed dicts
-    (what ``torch.load(weights_only=True)`` reads back); TypeError otherwise."""
-    if value is None:
-        return None
-    for kind in (bool, int, float, str):  # also turns np.float64 (a float subclass) into float
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise TypeError(f"{where}: dict keys must be str")
-        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
-    raise TypeError(f"{where}: {type(value).__name__} is not a plain value (str, int, float, bool, None, list, dict)")
-
-
-def _validate_mask(indices: torch.Tensor, numel: int, scales: torch.Tensor | None) -> None:
-    if not isinstance(indices, torch.Tensor) or indices.layout != torch.strided:
-        raise ValueError("mask indices must be a dense tensor")
-    if indices.dtype != torch.int64 or indices.dim() != 1:
-        raise ValueError(
-            f"mask indices must be a 1-D int64 tensor, got {indices.dtype} with shape {tuple(indices.shape)}"
-        )
-    if numel < 1:
-        raise ValueError("numel must be positive")
-    if indices.numel() == 0:
-        raise ValueError("a mask must select at least one coordinate")
-    if bool((indices[1:] <= indices[:-1]).any()):
-        raise ValueError("mask indices must be sorted ascending and unique")
-    if int(indices[0]) < 0 or int(indices[-1]) >= numel:
-        raise ValueError(f"mask indices must lie in [0, {numel})")
-    if scales is not None:
-        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.shape != indices.shape:
-            raise ValueError("scales must be a float32 tensor aligned with the indices")
-        if not bool(torch.isfinite(scales).all()):
-            raise ValueError("scales must be finite")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dpzo.fileio import read_json_output, write_json_atomic
-from dpzo.masks.prune import Mask
+from dpzo.masks.settings import Mask
 from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperparameters_for, is_private
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier

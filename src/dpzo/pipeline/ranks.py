@@ -7,15 +7,16 @@ them; rank 0 holds the cell's lock, trains, evaluates and writes the outputs
 with the ranks' own messages; the cell's snapshot (written by rank 0) is kept, so the next run
 resumes.
 
-    python -m dpzo.pipeline.ranks <cell_run.pkl> <metrics.json> <private_diagnostics.json>
+    python -m dpzo.pipeline.rank_worker <cell_run.pkl> <metrics.json> <private_diagnostics.json>
 
 is what each rank runs (the launcher sets ``RANK``/``WORLD_SIZE``, or SLURM its
-``SLURM_PROCID``/``SLURM_NTASKS``).
+``SLURM_PROCID``/``SLURM_NTASKS``).  The rank's side lives in :mod:`dpzo.pipeline.rank_worker`:
+it calls the cell's trainer, which calls this launcher, so keeping the two apart keeps the
+imports one-way (cell -> ranks; rank_worker -> cell).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WORKER = "dpzo.pipeline.rank_worker"  # the module each rank runs
+
 
 def in_slurm_job(environ: dict | None = None) -> bool:
     """Whether this process runs inside a SLURM allocation that ``srun`` can start steps in."""
@@ -45,18 +48,18 @@ def _free_port() -> int:
 
 
 def launch_command(ranks: int, args: list[str], *, slurm: bool) -> tuple[list[str], dict[str, str]]:
-    """The command that starts ``ranks`` processes of this module, and the variables it needs.
+    """The command that starts ``ranks`` processes of :data:`WORKER`, and the variables it needs.
 
     In a SLURM job the ranks are one ``srun`` step (``--overlap``: inside the step Snakemake's
     job already runs in); elsewhere ``torchrun --standalone`` starts them on this machine.  Both
     stop every rank when one fails.
     """
-    worker = [sys.executable, "-m", "dpzo.pipeline.ranks", *args]
+    worker = [sys.executable, "-m", WORKER, *args]
     if slurm:
         env = {"MASTER_ADDR": socket.gethostname(), "MASTER_PORT": str(_free_port())}
         return ["srun", "--overlap", f"--ntasks={ranks}", "--kill-on-bad-exit=1", *worker], env
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    return [*torchrun, "--max-restarts=0", "-m", "dpzo.pipeline.ranks", *args], {}
+    return [*torchrun, "--max-restarts=0", "-m", WORKER, *args], {}
 
 
 def rank_devices(ranks: int, visible: list[str]) -> str:
@@ -103,41 +106,3 @@ def train_cell_on_ranks(run: CellRun, ranks: int, *, metrics_path: str | Path, d
             f"and a rerun resumes from it. The ranks' last lines:\n{''.join(tail)}"
         )
     run_file.unlink(missing_ok=True)
-
-
-def _rank_environment() -> None:
-    """torch.distributed's variables from SLURM's, for ranks started by ``srun``; this rank's
-    GPUs made the only visible ones (before CUDA starts), so a placement spreads over them."""
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if env.get("DPZO_RANK_GPUS"):
-        env["CUDA_VISIBLE_DEVICES"] = env["DPZO_RANK_GPUS"].split(";")[int(env.get("LOCAL_RANK", "0"))]
-
-
-def main(argv: list[str]) -> None:
-    """One rank of a cell: rank 0 trains and writes the outputs, the others train their shares."""
-    from dpzo.pipeline.cell import run_cell, train_cell
-    from dpzo.zo.replicas import Replicas
-
-    run_file, metrics_path, diagnostics_path = argv
-    _rank_environment()
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s %(message)s")
-    with open(run_file, "rb") as f:
-        run = pickle.load(f)  # written by train_cell_on_ranks for this very job
-    if run.device.startswith("cuda"):
-        run = dataclasses.replace(run, device="cuda:0")  # the first of this rank's own GPUs
-    team = Replicas.from_environment(device=run.device if run.device.startswith("cuda") else "cpu")
-    try:
-        if team.is_main:
-            train_cell(run, metrics_path=metrics_path, diagnostics_path=diagnostics_path, team=team)
-        else:
-            run_cell(run, team=team)  # then exit: rank 0 evaluates alone, with no collective left
-    finally:
-        team.close()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -53,7 +53,7 @@ from dpzo.zo.replicas import SingleProcess
 from dpzo.zo.step import SINGLE_PROCESS, batch_sampler, zo_step
 
 if TYPE_CHECKING:  # annotations only: masks are built above this layer and passed in
-    from dpzo.masks.prune import Mask
+    from dpzo.masks.settings import Mask
 
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,9 @@ masked write (the released ``param[idx].data += ...`` changes a copy).  Two uses
   :func:`dpzo.zo.loop.train_zo`;
 * with :class:`FlatZ` (z as :mod:`dpzo.zo` defines it) it is an independent implementation of
   the trajectory ``train_zo`` must reproduce; the tests compare the two to 1e-12 in float64.
+
+It is a reference, not part of the trainer: nothing under :mod:`dpzo.zo` imports it, which is
+why it lives with the benchmark.
 """
 
 from __future__ import annotations
@@ -23,20 +26,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpzo.masks.settings import Mask
 from dpzo.methods import ZO, base_method
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.flat import direction_seed, gaussian_direction
-
-if TYPE_CHECKING:  # annotations only: the masks sit above the zeroth-order core
-    from dpzo.masks.prune import Mask
 
 
 class OfficialZ:

@@ -1,0 +1,203 @@
+"""The models ``dpzo bench`` measures: hard-coded transformers configs, random weights, fixed batches.
+
+Nothing is downloaded: each model is built from its config on the device, in the weights'
+dtype.  The full-size entries have the released models' shapes; the ``tiny-*`` ones the same
+architectures at CPU size, for CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model to benchmark: its transformers config and the default batch shape and dtype."""
+
+    arch: str  # "roberta" (masked LM), "opt" or "llama" (causal LMs)
+    config: dict
+    dtype: str
+    batch_size: int
+    seq_len: int
+    label_ids: tuple[int, ...] = (6587, 372)  # two label words (" terrible", " great" in RoBERTa's vocabulary)
+    mask_token_id: int = 50264
+
+    @property
+    def family(self) -> str:
+        """``mlm`` for RoBERTa, ``causal`` for OPT and Llama (the family :class:`PromptClassifier` expects)."""
+        return "mlm" if self.arch == "roberta" else "causal"
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest input the model's position embeddings allow."""
+        # RoBERTa's positions start after the padding index
+        offset = self.config["pad_token_id"] + 1 if self.arch == "roberta" else 0
+        return self.config["max_position_embeddings"] - offset
+
+
+_ROBERTA_SPECIAL = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+_OPT_SPECIAL = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2)
+
+
+def _opt(hidden: int, layers: int, heads: int) -> BenchModel:
+    """An OPT architecture of the released sizes (ffn 4 x hidden, 2048 positions), fp16, 16 x 256."""
+    config = dict(
+        vocab_size=50272,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=4 * hidden,
+        num_attention_heads=heads,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=hidden,
+        do_layer_norm_before=True,
+        **_OPT_SPECIAL,
+    )
+    return BenchModel("opt", config, "float16", 16, 256)
+
+
+MODELS: dict[str, BenchModel] = {
+    # roberta-large: 24 layers, 1024 wide, tied MLM decoder (355M parameters)
+    "roberta-large": BenchModel(
+        "roberta",
+        dict(
+            vocab_size=50265,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            **_ROBERTA_SPECIAL,
+        ),
+        "float32",
+        64,
+        128,
+    ),
+    # facebook/opt-2.7b: 32 layers, 2560 wide, tied output embedding (2.65B parameters)
+    "opt-2.7b": _opt(2560, 32, 32),
+    # facebook/opt-13b: 40 layers, 5120 wide (12.9B parameters): the large-model grid's smallest
+    "opt-13b": _opt(5120, 40, 40),
+    # facebook/opt-6.7b: 32 layers, 4096 wide (6.7B parameters): streamed against resident
+    "opt-6.7b": _opt(4096, 32, 32),
+    # facebook/opt-30b: 48 layers, 7168 wide (30B parameters, 60 GB in fp16): streamed against resident
+    "opt-30b": _opt(7168, 48, 56),
+    # a Llama-2-7B architecture: 32 layers, 4096 wide, SwiGLU 11008, untied head (6.7B parameters)
+    "llama-7b": BenchModel(
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "bfloat16",
+        16,
+        256,
+        label_ids=(1781, 2107),
+    ),
+    # CPU-sized stand-ins with the same architectures, for CI
+    "tiny-roberta": BenchModel(
+        "roberta",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            **_ROBERTA_SPECIAL,
+        ),
+        "float32",
+        8,
+        32,
+        label_ids=(11, 12),
+        mask_token_id=4,
+    ),
+    "tiny-opt": BenchModel(
+        "opt",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            **_OPT_SPECIAL,
+        ),
+        "float32",
+        8,
+        32,
+        label_ids=(11, 12),
+    ),
+    "tiny-llama": BenchModel(
+        "llama",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "float32",
+        8,
+        32,
+        label_ids=(11, 12),
+    ),
+}
+
+
+def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture with random weights, built directly on ``device``, in eval mode."""
+    import transformers
+
+    if spec.arch == "roberta":
+        config, cls = transformers.RobertaConfig(**spec.config), transformers.RobertaForMaskedLM
+    elif spec.arch == "llama":
+        config, cls = transformers.LlamaConfig(**spec.config), transformers.LlamaForCausalLM
+    else:
+        config, cls = transformers.OPTConfig(**spec.config), transformers.OPTForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the weights' dtype: no float32 copy of a 30B model
+    try:
+        with torch.device(device):  # initialise on the device: no host copy of a 2.7B model
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_batch(spec: BenchModel, *, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> dict:
+    """A fixed batch of random tokens, scored at a <mask> (masked LM) or at the last token."""
+    if not 2 <= seq_len <= spec.max_seq_len:
+        raise ValueError(f"seq_len must be in [2, {spec.max_seq_len}] for this model, got {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, spec.config["vocab_size"] - 1, (batch_size, seq_len), generator=gen)
+    if spec.family == "mlm":
+        pos = torch.full((batch_size,), min(20, seq_len - 2), dtype=torch.long)
+        ids[torch.arange(batch_size), pos] = spec.mask_token_id
+    else:
+        pos = torch.full((batch_size,), seq_len - 1, dtype=torch.long)
+    labels = torch.randint(0, len(spec.label_ids), (batch_size,), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "score_pos": pos, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}

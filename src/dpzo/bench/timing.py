@@ -1,0 +1,266 @@
+"""One timed run of each kind: a forward, the official-style step, dpzo's step, the streamed step.
+
+Every run shares a :class:`Setup` (one model on one device with its batch) and the step settings
+below; each returns milliseconds per step and the peak GPU memory (None on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpzo.bench.catalogue import BenchModel
+from dpzo.bench.official import official_style_train
+from dpzo.masks.settings import Mask
+from dpzo.methods import ZO, base_method
+from dpzo.methods.hyperparameters import ZOHyperparameters
+from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
+from dpzo.privacy.mechanisms import NoisySum
+from dpzo.privacy.secret import SecretRandom
+from dpzo.zo.loop import train_zo
+
+METHODS = ("dp-zoso", "dp-zopo", "mezo")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Step settings of every run.  They do not change the cost of a step; the learning rate is
+# small so that repeated runs leave the random weights where they were.
+BETA = 1e-3
+LR = 1e-6
+CLIP = 1.0
+SIGMA = 1.0  # noise multiplier: N(0, (sigma C)^2) on the clipped sum
+LOG_EVERY = 10
+
+
+def rows(batch: dict, index: Sequence[int] | np.ndarray) -> dict:
+    """The examples ``index`` of a batch held on the device (the index goes up without a sync)."""
+    device = batch["labels"].device
+    idx = to_device(torch.as_tensor(np.asarray(index), dtype=torch.long), device)
+    return {k: v.index_select(0, idx) for k, v in batch.items()}
+
+
+def random_mask(numel: int, ratio: float, *, device: torch.device, seed: int = 0) -> Mask:
+    """Each coordinate kept with probability ``ratio`` (built in blocks: no numel-sized temporaries)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parts, block = [], 1 << 24
+    for start in range(0, numel, block):
+        keep = torch.rand(min(block, numel - start), generator=gen, device=device) < ratio
+        parts.append(keep.nonzero().squeeze(1) + start)
+    indices = torch.cat(parts)
+    if indices.numel() == 0:
+        indices = torch.zeros(1, dtype=torch.long, device=device)
+    return Mask(indices=indices, numel=numel, meta={"ratio": ratio, "kind": "random"})
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset (None on CPU: no per-run peak there)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _autocast(device: torch.device, name: str):
+    dtype = AUTOCAST[name]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Setup:
+    """One model on one device with its batch; what every measurement of that model shares."""
+
+    name: str
+    spec: BenchModel
+    model: torch.nn.Module
+    clf: PromptClassifier
+    batch: dict
+    device: torch.device
+    dtype: torch.dtype
+    mask: Mask | None = None
+    numel: int = 0
+    extra: dict = field(default_factory=dict)
+    streamed: Any = None  # the StreamedParameters once the blocks went to host memory
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.batch["labels"].numel())
+
+    def hyperparameters(self, method: str, steps: int) -> ZOHyperparameters:
+        private = ZO[base_method(method)].private
+        return ZOHyperparameters(
+            steps=steps,
+            batch_size=self.batch_size,
+            lr=LR,
+            beta_start=BETA,
+            beta_end=BETA,
+            clip=CLIP if private else math.inf,
+            log_every=LOG_EVERY,
+        )
+
+    def privacy(self, method: str) -> dict:
+        if not ZO[base_method(method)].private:
+            return {}
+        return {"noise": NoisySum("gaussian", SIGMA * CLIP, float(self.batch_size)), "secret": SecretRandom()}
+
+    def masks(self, method: str) -> Callable[[int], Mask] | None:
+        return (lambda stage: self.mask) if ZO[base_method(method)].masked else None
+
+
+def time_forward(setup: Setup, *, autocast: str, steps: int, warmup: int) -> tuple[float, float | None]:
+    """(ms per batched forward of the per-example losses, peak MiB of inference)."""
+    reset_peak(setup.device)
+    with torch.no_grad(), _autocast(setup.device, autocast):
+        for _ in range(warmup):
+            setup.clf.per_example_loss(setup.batch)
+        _sync(setup.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            setup.clf.per_example_loss(setup.batch)
+        _sync(setup.device)
+    return 1000.0 * (time.perf_counter() - started) / steps, _peak_mb(setup.device)
+
+
+def time_official(setup: Setup, method: str, *, steps: int, warmup: int) -> dict:
+    """The released code's style in the model's own dtype, without autocast (as it runs)."""
+
+    def logits_and_labels(index):
+        batch = rows(setup.batch, index)
+        return setup.clf.label_logits(batch), batch["labels"]
+
+    reset_peak(setup.device)
+    kw = dict(method=method, run_seed=0, masks=setup.masks(method), **setup.privacy(method))
+    if warmup:
+        official_style_train(
+            setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, warmup), **kw
+        )
+    timed = official_style_train(
+        setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, steps), **kw
+    )
+    return {
+        "method": method,
+        "impl": "official-style",
+        "autocast": "none",
+        "master": None,
+        "ms_per_step": timed["ms_per_step"],
+        "peak_mb": _peak_mb(setup.device),
+    }
+
+
+@contextlib.contextmanager
+def _passes(fused: bool):
+    """The block-buffer passes (``fused`` False: ``DPZO_FUSED=0``) or the default ones."""
+    import os
+
+    previous = os.environ.get("DPZO_FUSED")
+    if not fused:
+        os.environ["DPZO_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DPZO_FUSED", None)
+        else:
+            os.environ["DPZO_FUSED"] = previous
+
+
+def time_dpzo(
+    setup: Setup, method: str, *, autocast: str, master: str, steps: int, warmup: int, fused: bool = True
+) -> dict:
+    """:func:`dpzo.zo.loop.train_zo` on the same batch (a warm-up call, then a timed call).
+
+    ``fused`` False times the block-buffer passes where the fused Triton ones are the default
+    (``impl: dpzo-blocks``)."""
+    ctx = lambda: _autocast(setup.device, autocast)  # noqa: E731
+
+    def per_example_loss(index):
+        with ctx():
+            return setup.clf.per_example_loss(rows(setup.batch, index))
+
+    reset_peak(setup.device)
+    kw = dict(
+        method=method,
+        run_seed=0,
+        masks=setup.masks(method),
+        master_dtype=None if master == "none" else DTYPES[master],
+        **setup.privacy(method),
+    )
+    with _passes(fused):
+        if warmup:
+            train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
+        history = train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), **kw)
+    return {
+        "method": method,
+        "impl": "dpzo" if fused else "dpzo-blocks",
+        "autocast": autocast,
+        "master": master,
+        "ms_per_step": history["ms_per_step"],
+        "peak_mb": _peak_mb(setup.device),
+    }
+
+
+def stream(setup: Setup) -> dict:
+    """Move the model's blocks to host memory for streamed runs (in place: ZO2's setting);
+    returns the bytes the limit on the streamed peak is made of."""
+    from dpzo.zo.streamed import StreamedParameters, find_blocks
+
+    blocks = find_blocks(setup.model)
+    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    all_bytes = sum(p.numel() * p.element_size() for p in setup.model.parameters())
+    in_blocks = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
+    setup.model.to("cpu")
+    reset_peak(setup.device)
+    setup.streamed = StreamedParameters(setup.model, None, device=setup.device)
+    return {"block_bytes": block_bytes, "resident_bytes": all_bytes - in_blocks, "weight_bytes": all_bytes}
+
+
+def time_streamed(setup: Setup, method: str, *, steps: int, warmup: int) -> dict:
+    """:func:`dpzo.zo.loop.train_zo` on the streamed model (in place), on the same batch."""
+
+    def per_example_loss(index):
+        return setup.clf.per_example_loss(rows(setup.batch, index))
+
+    reset_peak(setup.device)
+    kw = dict(method=method, run_seed=0, masks=setup.masks(method), master_dtype=None, **setup.privacy(method))
+    if warmup:
+        train_zo(
+            setup.model,
+            per_example_loss,
+            setup.batch_size,
+            setup.hyperparameters(method, warmup),
+            flat=setup.streamed,
+            **kw,
+        )
+    before = setup.streamed.uploads[0]
+    history = train_zo(
+        setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), flat=setup.streamed, **kw
+    )
+    return {
+        "method": method,
+        "impl": "dpzo-streamed",
+        "autocast": "none",
+        "master": "none",
+        "ms_per_step": history["ms_per_step"],
+        "peak_mb": _peak_mb(setup.device),
+        "uploads_per_block": setup.streamed.uploads[0] - before,  # the steps, and the final flush
+    }

@@ -1,0 +1,85 @@
+"""What every ``dpzo`` subcommand shares: argparse value types, exit codes, errors and JSON output.
+
+Conventions: results go to stdout as one JSON object (:func:`print_json`); errors go to stderr
+as ``dpzo <name>: error: ...`` naming the offending argument, with exit code 2 (argparse's own
+code for usage errors) and nothing on stdout (:func:`fail`).  Torch-free, like the parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+# --------------------------------------------------------------------------------------
+# argparse value types: each error names the expected range; argparse prefixes the flag
+# --------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def nonnegative_float_or_inf(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'inf', got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or 'inf' for no privacy), got {text!r}")
+    return value
+
+
+def positive_float_or_inf(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf', got {text!r}") from None
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def open_unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not (0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must satisfy 0 < value < 1, got {text!r} (delta is usually below 1/n, e.g. 1e-5)"
+        )
+    return value
+
+
+def fail(command: str, message: str) -> int:
+    """Report a usage problem the way argparse does, without exiting the interpreter."""
+    print(f"dpzo {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def print_json(obj: Any) -> None:
+    # allow_nan=False: emit strict JSON (records spell infinity as "inf").
+    print(json.dumps(obj, indent=2, allow_nan=False))
