@@ -309,7 +309,7 @@ def render_privacy(tidy: pd.DataFrame) -> Table:
         "here is read from a file.",
         "attempts: runs of the mechanism started from scratch behind each seed's result (1 normally; continuations "
         "from a snapshot are not counted). The ledger accounts one run: more means earlier runs stopped (killed, or "
-        "failed and rerun with changed hyperparameters) and were discarded; see README. accepted: runs the cell's "
+        "failed and rerun with changed hyperparameters) and were discarded; see docs/running.md, 'What a retry costs'. accepted: runs the cell's "
         "attempt log refused (a retry after a failure that depended on the data, or a log whose history was lost) "
         "and that were accepted on the record with `dpzo accept-retry` (the reasons are in metrics.json); the "
         "guarantee does not cover them. Seeds with different counts have separate rows.",
