@@ -6,6 +6,9 @@ module of its own, see ``docs/architecture.md``).  What a method is and declares
 :mod:`dpzo.methods.base`.  Zeroth-order methods share one training loop
 (``dpzo.zo.loop.train_zo``) and differ only in their class; first-order methods (``dp-sgd``,
 ``dp-prefix``, ``ft``) backpropagate (``dpzo.baselines.firstorder``).
+
+Outside this package no code compares method names: it asks the method, e.g.
+``get_method(name).trainer`` (who trains a cell: :data:`TRAINERS`), ``.masked``, ``.private``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,58 @@ import importlib
 import pkgutil
 from typing import Any
 
-from dpzo.methods.base import FirstOrderMethod, Method, ZOMethod
+from dpzo.methods.base import (
+    TRAINER_FIRST_ORDER,
+    TRAINER_ICL,
+    TRAINER_NONE,
+    TRAINER_ZO,
+    TRAINERS,
+    FirstOrderMethod,
+    Method,
+    ZOMethod,
+)
+
+__all__ = [
+    "FIRST_ORDER",
+    "ICL",
+    "REGISTRY",
+    "REPORT_ORDER",
+    "TRAINERS",
+    "TRAINER_FIRST_ORDER",
+    "TRAINER_ICL",
+    "TRAINER_NONE",
+    "TRAINER_ZO",
+    "ZERO_SHOT",
+    "ZO",
+    "base_method",
+    "find_method",
+    "get_method",
+    "hyperparameters_for",
+    "is_private",
+    "method_names",
+    "register",
+    "unregister",
+]
 
 ZERO_SHOT = "zero-shot"
 ICL = "icl"
+
+#: The order the report presents methods in (the paper's: the references without privacy first,
+#: then the private methods, the paper's own last).  A variant sorts with its method; a method not
+#: listed sorts after these (``report.tables.method_sort_key``).
+REPORT_ORDER = (
+    "zero-shot",
+    "icl",
+    "mezo",
+    "ft",
+    "dp-sgd",
+    "dp-prefix",
+    "dpzero",
+    "dp-zo-gauss",
+    "dp-zo-laplace",
+    "dp-zoso",
+    "dp-zopo",
+)
 
 #: name -> method, in registration order
 REGISTRY: dict[str, Method] = {}
@@ -35,6 +86,11 @@ def register(method: Method) -> Method:
         raise ValueError(f"method name {method.name!r}: '+' separates a method from its variant")
     if method.name in REGISTRY:
         raise ValueError(f"a method named {method.name!r} is already registered ({REGISTRY[method.name]!r})")
+    if getattr(method, "trainer", None) not in TRAINERS:
+        raise ValueError(
+            f"method {method.name!r}: its class must say who trains it, trainer = one of {TRAINERS} "
+            "(dpzo.methods.base; subclassing ZOMethod or FirstOrderMethod sets it)"
+        )
     REGISTRY[method.name] = method
     if isinstance(method, ZOMethod):
         ZO[method.name] = method
@@ -75,6 +131,12 @@ def get_method(name: str) -> Method:
     if method is None:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
     return method
+
+
+def find_method(name: str) -> Method | None:
+    """The method of a config name, or None for a name this version does not know (a results
+    table written by another version, say); :func:`get_method` raises instead."""
+    return REGISTRY.get(base_method(name))
 
 
 def method_names() -> tuple[str, ...]:

@@ -10,7 +10,11 @@ A method declares, in one place, everything the pipeline needs to know about it:
   (``gaussian`` or ``laplace``), the neighbouring relation, the sensitivity of one release
   (the clip C) and the number of compositions (releases per run);
 * for a zeroth-order method, its release rule (:meth:`ZOMethod.release`): what the trainer
-  does with the per-example finite differences of one direction.
+  does with the per-example finite differences of one direction;
+* what the rest of the pipeline asks of it instead of comparing names: who trains it
+  (:attr:`Method.trainer`, and :attr:`Method.trains` / :attr:`Method.reads_training_data`
+  derived from it), whether it trains on a mask (``masked``, with the method it restricts,
+  ``dense_counterpart``) and whether its trainer installs a prefix of its own (``installs_prefix``).
 
 This module imports nothing heavy: the Snakefile reads the registry.  Release rules work on
 tensors through their methods only (``abs``, ``clamp``, ``sum``, ``mean``), so they need no
@@ -25,6 +29,17 @@ from dpzo.methods.hyperparameters import FirstOrderHyperparameters, ZOHyperparam
 
 #: The neighbouring relation of every private method of this project (Poisson sampling).
 ADD_REMOVE = "add/remove one example"
+
+# What ``Method.trainer`` can be: who runs a cell of the method (``pipeline.cell.run_cell``).
+#: two forward passes per direction, ``dpzo.zo.loop.train_zo``
+TRAINER_ZO = "zeroth-order"
+#: backpropagation, ``dpzo.baselines.firstorder.train_first_order``
+TRAINER_FIRST_ORDER = "first-order"
+#: training examples as demonstrations in every test prompt, ``dpzo.baselines.icl``
+TRAINER_ICL = "icl"
+#: nothing: the pretrained model is evaluated as it is
+TRAINER_NONE = "none"
+TRAINERS = (TRAINER_ZO, TRAINER_FIRST_ORDER, TRAINER_ICL, TRAINER_NONE)
 
 
 class Method:
@@ -42,6 +57,31 @@ class Method:
     #: the method's own published accounting, where it differs from the common one
     #: (``accounting: published`` in the config); None: accounted the common way
     published_accounting: ClassVar[str | None] = None
+    #: who runs a cell of this method, one of :data:`TRAINERS`; ``pipeline.cell.run_cell`` picks
+    #: the trainer by it, the workflow gives ranks to :data:`TRAINER_ZO` only, a streamed model
+    #: refuses :data:`TRAINER_FIRST_ORDER` (it backpropagates)
+    trainer: ClassVar[str]
+    #: trains only the coordinates of a data-free mask (a zeroth-order method with a ``mask`` block)
+    masked: ClassVar[bool] = False
+    #: a masked method: the method it restricts to its mask (the same release on every coordinate),
+    #: which the pruning ablation (``report.figures.ablation``) draws as its dense reference
+    dense_counterpart: ClassVar[str | None] = None
+    #: its trainer installs a key/value prefix of its own and trains only that, the model frozen
+    #: (dp-prefix; a ``tuning: prefix`` block is another thing, applied before any trainer runs)
+    installs_prefix: ClassVar[bool] = False
+
+    @property
+    def trains(self) -> bool:
+        """Whether a cell updates weights (a zeroth- or first-order trainer): it then runs steps, has
+        a training curve and, when private, makes releases."""
+        return self.trainer in (TRAINER_ZO, TRAINER_FIRST_ORDER)
+
+    @property
+    def reads_training_data(self) -> bool:
+        """Whether a cell uses the training split at all: every method but zero-shot (ICL shows it
+        in its prompts without training).  The figures draw a method that does not as the dotted
+        reference of the pretrained model."""
+        return self.trainer != TRAINER_NONE
 
     def hyperparameters_from(self, params: dict) -> Any:
         """The typed hyperparameters of a config block, checked for this method."""
@@ -84,10 +124,9 @@ class ZOMethod(Method):
 
     config_block = "zo_constant"
     hyperparameters = ZOHyperparameters
+    trainer = TRAINER_ZO
     #: a stagewise learning-rate / ZO-scale schedule and the proximal anchor are allowed
     staged: ClassVar[bool] = False
-    #: trains only the coordinates of a data-free mask (needs a ``mask`` block)
-    masked: ClassVar[bool] = False
 
     def release_groups(self, seeds: list[int]) -> list[list[int]]:
         """How a step's directions share batches and releases: here each its own (one Poisson
@@ -165,6 +204,7 @@ class FirstOrderMethod(Method):
 
     config_block = "first_order"
     hyperparameters = FirstOrderHyperparameters
+    trainer = TRAINER_FIRST_ORDER
 
     def compositions(self, hp: Any) -> int:
         """One release per step: T."""

@@ -11,6 +11,7 @@ class DPPrefix(DPSGD):
     "FT-prefix"; ``dp-sgd`` with ``tuning: prefix`` is the same mechanism)."""
 
     name = "dp-prefix"
+    installs_prefix = True
 
     def check(self, hp: Any) -> None:
         """The prefix is the whole of what it trains: a LoRA on top is refused."""

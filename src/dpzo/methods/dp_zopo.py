@@ -13,6 +13,8 @@ class DPZOPO(DPZOSO):
     name = "dp-zopo"
     config_block = "zopo"
     masked = True
+    # the same release on every coordinate: the pruning ablation's dense reference
+    dense_counterpart = DPZOSO.name
 
 
 METHOD = DPZOPO()

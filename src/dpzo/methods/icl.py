@@ -3,7 +3,7 @@
 No privacy claim (the demonstrations are training data, shown as they are).
 """
 
-from dpzo.methods.base import Method
+from dpzo.methods.base import TRAINER_ICL, Method
 from dpzo.methods.hyperparameters import ICLHyperparameters
 
 
@@ -13,6 +13,7 @@ class ICL(Method):
     name = "icl"
     config_block = "icl"
     hyperparameters = ICLHyperparameters
+    trainer = TRAINER_ICL
 
 
 METHOD = ICL()

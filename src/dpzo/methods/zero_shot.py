@@ -1,6 +1,6 @@
 """Zero-shot: the pretrained model evaluated with the task's prompt, nothing trained."""
 
-from dpzo.methods.base import Method
+from dpzo.methods.base import TRAINER_NONE, Method
 
 
 class ZeroShot(Method):
@@ -8,6 +8,7 @@ class ZeroShot(Method):
 
     name = "zero-shot"
     config_block = "none"
+    trainer = TRAINER_NONE
 
 
 METHOD = ZeroShot()
