@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dpzo.data.hf_tasks import HFTask
 from dpzo.data.splits import Example, save_split
+
+if TYPE_CHECKING:  # an HFTask reads and splits its data through this module: annotations only
+    from dpzo.data.hf_tasks import HFTask
 
 DEFAULT_TRAIN = 1000
 DEFAULT_TEST = 1000

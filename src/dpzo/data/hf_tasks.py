@@ -43,10 +43,16 @@ Two facts from MeZO's code that differ from its paper's table: BoolQ uses the th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from dpzo.data.task import CANDIDATE_SCORER, CANDIDATES, GENERATION
 
 Texts = Sequence[str]
+
+#: MeZO task -> its name in the published tables (DPZero's OPT table; ``report.reference``)
+MEZO_REFERENCE_NAMES = {"mezo-sst2": "SST-2", "mezo-boolq": "BoolQ", "mezo-squad": "SQuAD", "mezo-drop": "DROP"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,88 @@ class HFTask:
     def hf_id(self) -> str:
         """The dataset as messages name it: ``dataset`` or ``dataset/config``."""
         return self.dataset if self.config is None else f"{self.dataset}/{self.config}"
+
+    # ---- the Task protocol (dpzo.data.task) ----
+
+    @property
+    def kind(self) -> str:
+        """:data:`~dpzo.data.task.GENERATION` for a QA task, else :data:`~dpzo.data.task.CANDIDATES`."""
+        return GENERATION if self.generation else CANDIDATES
+
+    @property
+    def scorer(self) -> str:
+        """The candidate scorer (``dpzo.models.candidates.CandidateScorer``; causal LMs only)."""
+        return CANDIDATE_SCORER
+
+    @property
+    def label_words(self) -> Mapping[str, str]:
+        """Empty: whole continuations are scored, never one label-word token."""
+        return {}
+
+    @property
+    def reference_name(self) -> str:
+        """The name DPZero's OPT table gives the task (``mezo-boolq`` -> ``BoolQ``), else its own."""
+        return MEZO_REFERENCE_NAMES.get(self.name, self.name)
+
+    def source_files(self, data_dir: str | Path) -> list[str]:
+        """None: the examples are read from the Hugging Face datasets cache (``hf_datasets.cache_dir``)."""
+        return []
+
+    def input_problems(self, data_dir: str | Path, hf_cache_dir: str | Path | None = None) -> list[str]:
+        """The dataset missing from the datasets cache, with the command that fetches it."""
+        from dpzo.data.hf_data import cache_location, fetch_command, is_cached
+
+        if is_cached(self, hf_cache_dir):
+            return []
+        where = cache_location(hf_cache_dir)
+        return [
+            f"task '{self.name}': Hugging Face dataset {self.hf_id!r} is not in the datasets cache {where}; on a machine "
+            f"with internet run `HF_DATASETS_CACHE={where} {fetch_command(self)}` and make that folder available "
+            "here (or point hf_datasets.cache_dir at it)"
+        ]
+
+    def source_hint(self, data_dir: str | Path) -> str | None:
+        """None: each task's own problem already names its fetch command."""
+        return None
+
+    def method_problem(self, method: str) -> str | None:
+        """See :func:`method_problem`."""
+        return method_problem(self, method)
+
+    def largest_training_set(self, *, k: int, hf_datasets: Mapping | None = None) -> int:
+        """``hf_datasets.train`` (1000 unless set), whatever ``k``."""
+        from dpzo.data.hf_data import DEFAULT_TRAIN
+
+        return int((hf_datasets or {}).get("train", DEFAULT_TRAIN))
+
+    def label_counts(self, data_dir: str | Path) -> dict[int, int] | None:
+        """None: MeZO's splits are drawn without regard to the labels."""
+        return None
+
+    def make_splits(
+        self,
+        out_dir: str | Path,
+        *,
+        seed: int,
+        k: int,
+        data_dir: str | Path,
+        max_test: int,
+        hf_datasets: Mapping | None = None,
+    ) -> dict[str, int]:
+        """MeZO's sampling (``dpzo.data.hf_data.make_hf_splits``) with the sizes of ``hf_datasets``
+        (``train``, ``dev``: None takes the task's) and ``max_test`` test examples; ``k`` is not used."""
+        from dpzo.data.hf_data import make_hf_splits
+
+        hf = hf_datasets or {}
+        return make_hf_splits(
+            self,
+            Path(out_dir),
+            seed=int(seed),
+            num_train=int(hf["train"]),
+            num_dev=hf.get("dev"),
+            num_test=int(max_test),
+            cache_dir=hf.get("cache_dir"),
+        )
 
 
 def render_prompt(task: HFTask, texts: Texts) -> str:

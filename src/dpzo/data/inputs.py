@@ -10,8 +10,10 @@ import json
 import re
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dpzo.data.tasks import TaskSpec
+if TYPE_CHECKING:  # the tasks read their files through splits, which imports this module
+    from dpzo.data.tasks import TaskSpec
 
 #: One of these holds the weights of a ``save_pretrained`` directory (sharded: the index).
 WEIGHT_FILES = (

@@ -10,6 +10,10 @@ k-shot protocol (LM-BFF ``generate_k_shot_data.py``): shuffle the training file 
 seed, take the first k examples of each class as train and the next k as dev; the test set is
 the task's test file, subsampled to ``max_test`` examples with a fixed seed (MeZO's
 ``k-shot-1k-test``), so the test set is the same for every data seed.
+
+A task draws its own splits (``Task.make_splits``, ``dpzo.data.tasks.make_cell_splits``): the
+LM-BFF tasks with :func:`make_k_shot`, the MeZO tasks with ``dpzo.data.hf_data.make_hf_splits``.
+This module imports neither the tasks nor ``hf_data`` (which imports it for :class:`Example`).
 """
 
 from __future__ import annotations
@@ -17,18 +21,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from dpzo.data.inputs import missing_task_file
-from dpzo.data.tasks import TaskSpec
 from dpzo.fileio import write_jsonl_atomic
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # tasks.py reads and splits through this module: it is imported only for annotations
+    from dpzo.data.tasks import TaskSpec
 
 TEST_SUBSAMPLE_SEED = 42
 
@@ -190,38 +194,3 @@ def make_k_shot(task: TaskSpec, data_dir: Path, out_dir: Path, *, k: int, seed: 
     for name, examples in splits.items():
         save_split(Path(out_dir) / f"{name}.jsonl", examples)
     return {name: len(examples) for name, examples in splits.items()}
-
-
-def make_cell_splits(
-    task_name: str,
-    out_dir: Path,
-    *,
-    seed: int,
-    k: int,
-    data_dir: str | Path,
-    max_test: int,
-    hf_datasets: dict | None = None,
-) -> dict[str, int]:
-    """The train/dev/test splits of a cell's data seed: LM-BFF k-shot, or MeZO's sampling for
-    the Hugging Face tasks (where k is not used: the sizes come from ``hf_datasets``)."""
-    from dpzo.data.hf_tasks import HFTask
-    from dpzo.data.tasks import get_task
-
-    task = get_task(task_name)
-    if isinstance(task, HFTask):
-        from dpzo.data.hf_data import make_hf_splits
-
-        hf = hf_datasets or {}
-        sizes = make_hf_splits(
-            task,
-            Path(out_dir),
-            seed=int(seed),
-            num_train=int(hf["train"]),
-            num_dev=hf.get("dev"),
-            num_test=int(max_test),
-            cache_dir=hf.get("cache_dir"),
-        )
-    else:
-        sizes = make_k_shot(task, Path(data_dir), Path(out_dir), k=int(k), seed=int(seed), max_test=int(max_test))
-    logger.info("split sizes: %s", sizes)
-    return sizes

@@ -15,13 +15,28 @@ literal text tokenize the same way in every example.
 
 The demo tasks (``demo-sst2``, ``demo-trec``) are the SST-2 and TREC specifications read from the
 generated demo data directory instead of the user's LM-BFF data directory.
+
+``TASKS`` holds every task of the pipeline, these and the MeZO/DPZero tasks of
+``dpzo.data.hf_tasks``; both classes implement the :class:`dpzo.data.task.Task` protocol, which is
+all the rest of the pipeline asks of a task.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dpzo.data.task import PROMPT, PROMPT_SCORER, Task
+
+logger = logging.getLogger(__name__)
+
+#: Where the LM-BFF data (every task of this module but the demo ones) is downloaded from.
+LMBFF_URL = "https://nlp.cs.princeton.edu/projects/lm-bff/datasets.tar"
+#: LM-BFF directory (lower case) -> the task's name in the published tables (``report.reference``)
+REFERENCE_NAMES = {"sst-2": "SST-2", "sst-5": "SST-5", "snli": "SNLI", "mnli": "MNLI", "rte": "RTE", "trec": "TREC"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,83 @@ class TaskSpec:
     def sent_limits(self) -> dict:
         """The LM-BFF sentence limits as keyword arguments of :func:`encode_prompt`."""
         return {"first_sent_limit": self.first_sent_limit, "other_sent_limit": self.other_sent_limit}
+
+    # ---- the Task protocol (dpzo.data.task) ----
+
+    @property
+    def kind(self) -> str:
+        """Always :data:`~dpzo.data.task.PROMPT`: one position scored over the label words."""
+        return PROMPT
+
+    @property
+    def scorer(self) -> str:
+        """The prompt classifier (``dpzo.models.classifier.PromptClassifier``), masked or causal LM."""
+        return PROMPT_SCORER
+
+    @property
+    def reference_name(self) -> str:
+        """Its LM-BFF directory as the published tables spell it (``trec`` -> ``TREC``); the demo
+        tasks are their SST-2 and TREC specifications, so they name those."""
+        return REFERENCE_NAMES.get(self.lmbff_dir.lower(), self.lmbff_dir)
+
+    def source_files(self, data_dir: str | Path) -> list[str]:
+        """The train and test files in the LM-BFF layout: ``<data_dir>/original/<lmbff_dir>/``."""
+        folder = f"{data_dir}/original/{self.lmbff_dir}"
+        return [f"{folder}/{self.train_file}", f"{folder}/{self.test_file}"]
+
+    def input_problems(self, data_dir: str | Path, hf_cache_dir: str | Path | None = None) -> list[str]:
+        """The train or test file missing under ``data_dir`` (none for a demo task: the pipeline
+        writes those)."""
+        from dpzo.data.splits import missing_files
+
+        if self.demo:
+            return []
+        missing = missing_files(self, Path(data_dir))
+        if not missing:
+            return []
+        hint = " (some copies name the folder GLUE-SST-2: rename it to SST-2)" if self.name == "SST-2" else ""
+        return [f"task '{self.name}': {', '.join(map(str, missing))} not found{hint}"]
+
+    def source_hint(self, data_dir: str | Path) -> str | None:
+        """Where the LM-BFF data comes from and where ``data_dir`` must point."""
+        return (
+            f"LM-BFF tasks: download {LMBFF_URL}, extract it and set data_dir (now {data_dir}) to the folder "
+            "that holds original/<TASK>/"
+        )
+
+    def method_problem(self, method: str) -> str | None:
+        """None: every method runs on a prompt-classification task."""
+        return None
+
+    def largest_training_set(self, *, k: int, hf_datasets: Mapping | None = None) -> int:
+        """k per class (LM-BFF; a class with fewer examples gives fewer)."""
+        return int(k) * self.num_classes
+
+    def label_counts(self, data_dir: str | Path) -> dict[int, int] | None:
+        """Examples per label of the training file (None for a demo task or a missing file)."""
+        from dpzo.data.splits import missing_files, read_split
+
+        if self.demo or missing_files(self, Path(data_dir)):
+            return None
+        counts: dict[int, int] = {}
+        for ex in read_split(self, Path(data_dir), "train"):
+            counts[ex.label] = counts.get(ex.label, 0) + 1
+        return counts
+
+    def make_splits(
+        self,
+        out_dir: str | Path,
+        *,
+        seed: int,
+        k: int,
+        data_dir: str | Path,
+        max_test: int,
+        hf_datasets: Mapping | None = None,
+    ) -> dict[str, int]:
+        """LM-BFF's k-shot sets (``dpzo.data.splits.make_k_shot``); ``hf_datasets`` is not used."""
+        from dpzo.data.splits import make_k_shot
+
+        return make_k_shot(self, Path(data_dir), Path(out_dir), k=int(k), seed=int(seed), max_test=int(max_test))
 
 
 # LM-BFF templates (Gao et al. 2021; the same strings in DP-ZOSO, MeZO and DPZero scripts).
@@ -138,7 +230,7 @@ def _glue(
 # (MNLI, RTE) and the others to 20 (SST-5) before the prompt is assembled.
 _PAIR = dict(max_length=256)
 
-TASKS: dict[str, TaskSpec] = {
+TASKS: dict[str, Task] = {
     "SST-2": _glue("SST-2", ("sentence",), "label", _BINARY_SENTIMENT, _SENTIMENT, _SENTIMENT_CAUSAL),
     "SST-5": _single_csv("SST-5", "sst-5", _FIVE_SENTIMENT, first_sent_limit=110, other_sent_limit=20),
     "mr": _single_csv("mr", "mr", _BINARY_SENTIMENT),
@@ -191,12 +283,32 @@ TASKS["demo-sst2"] = replace(TASKS["SST-2"], name="demo-sst2", demo=True)
 TASKS["demo-trec"] = replace(TASKS["trec"], name="demo-trec", demo=True)
 
 
-def get_task(name: str) -> TaskSpec:
+def get_task(name: str) -> Task:
     """Look a task up by its config name, with an error that lists the known ones."""
     try:
         return TASKS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def make_cell_splits(
+    task_name: str,
+    out_dir: Path,
+    *,
+    seed: int,
+    k: int,
+    data_dir: str | Path,
+    max_test: int,
+    hf_datasets: dict | None = None,
+) -> dict[str, int]:
+    """The train/dev/test splits of a cell's data seed, drawn as the task draws them
+    (:meth:`Task.make_splits <dpzo.data.task.Task.make_splits>`): LM-BFF k-shot, or MeZO's
+    sampling for the Hugging Face tasks (where k is not used: the sizes come from ``hf_datasets``)."""
+    sizes = get_task(task_name).make_splits(
+        Path(out_dir), seed=int(seed), k=int(k), data_dir=data_dir, max_test=int(max_test), hf_datasets=hf_datasets
+    )
+    logger.info("split sizes: %s", sizes)
+    return sizes
 
 
 @dataclass(frozen=True)

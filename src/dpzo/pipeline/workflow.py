@@ -120,8 +120,8 @@ def demo_model(snakemake) -> None:
 
 
 def fewshot(snakemake) -> None:
-    """The train/dev/test splits of a cell's data seed (``dpzo.data.splits.make_cell_splits``)."""
-    from dpzo.data.splits import make_cell_splits
+    """The train/dev/test splits of a cell's data seed (``dpzo.data.tasks.make_cell_splits``)."""
+    from dpzo.data.tasks import make_cell_splits
 
     _setup(snakemake)
     make_cell_splits(
