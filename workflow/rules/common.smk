@@ -8,7 +8,6 @@ from dpzo.pipeline.config import check_config, grid_cells
 from dpzo.data.inputs import model_files_in
 from dpzo.privacy.ledger import cell_noise
 from dpzo.privacy.secret import noise_source
-from dpzo.data.hf_tasks import HFTask
 from dpzo.methods import ZO, base_method
 from dpzo.masks.settings import MaskSettings, ratio_label
 from dpzo.pipeline.preflight import require_inputs
@@ -102,8 +101,7 @@ def demo_task_files():
     out = []
     for spec in TASKS.values():
         if spec.demo:
-            folder = f"{DEMO_DIR}/data/original/{spec.lmbff_dir}"
-            out += [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
+            out += spec.source_files(f"{DEMO_DIR}/data")
     return out
 
 
@@ -118,10 +116,8 @@ def task_files(wildcards):
     the onstart check reports it (with every other missing input) before any job runs.
     """
     spec = TASKS[wildcards.task]
-    if isinstance(spec, HFTask):
-        return []  # read from the Hugging Face datasets cache (hf_datasets.cache_dir)
-    folder = f"{task_data_dir(wildcards)}/original/{spec.lmbff_dir}"
-    files = [f"{folder}/{spec.train_file}", f"{folder}/{spec.test_file}"]
+    # none for a task read from a cache (the Hugging Face tasks: hf_datasets.cache_dir)
+    files = spec.source_files(task_data_dir(wildcards))
     return files if spec.demo else [f for f in files if Path(f).is_file()]
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from dpzo.data.hf_tasks import HFTask, render_full, render_prompt
 from dpzo.data.splits import Example
+from dpzo.data.task import CANDIDATE_SCORER, PROMPT_SCORER, Task
 from dpzo.models.classifier import pad_token_id
 from dpzo.models.qa_metrics import exact_match, f1_score
 
@@ -354,14 +355,19 @@ class CandidateScorer:
         }
 
 
-def make_scorer(model, tokenizer, family: str, task):
-    """The scorer of a task: a ``CandidateScorer`` for MeZO tasks, else a ``PromptClassifier``."""
-    if isinstance(task, HFTask):
+def make_scorer(model, tokenizer, family: str, task: Task):
+    """The scorer the task asks for (``task.scorer``): a ``CandidateScorer`` for the MeZO tasks,
+    a ``PromptClassifier`` for the LM-BFF ones."""
+    if task.scorer == CANDIDATE_SCORER:
         if family != "causal":
             raise ValueError(
                 f"task {task.name} scores continuations with a causal LM; this model is a {family!r} model"
             )
         return CandidateScorer(model, tokenizer, task)
+    if task.scorer != PROMPT_SCORER:
+        raise ValueError(
+            f"task {task.name} asks for the scorer {task.scorer!r}; known: {PROMPT_SCORER}, {CANDIDATE_SCORER}"
+        )
     from dpzo.models.classifier import PromptClassifier
 
     return PromptClassifier(model, tokenizer, family, task)

@@ -124,13 +124,12 @@ def verify_cell(run: CellRun) -> VerifiedCell:
     """Read the cell's ledger and training split and verify the ledger against the cell, before
     any model is loaded: a ledger that is not this cell's, or whose noise does not buy its ε,
     stops the run here (``privacy.ledger.verify_ledger``)."""
-    from dpzo.data.hf_tasks import HFTask, method_problem
     from dpzo.data.splits import load_split
     from dpzo.data.tasks import get_task
 
     cell, ledger = run.cell, read_json_output(run.ledger_path)
     task = get_task(cell.task)
-    problem = method_problem(task, cell.method) if isinstance(task, HFTask) else None
+    problem = task.method_problem(cell.method)
     if problem:
         raise ValueError(problem)
     hp = hyperparameters_for(cell.method, run.method_params)

@@ -140,13 +140,12 @@ def grid_cells(config: dict) -> list[dict]:
                 for eps in axes["epsilons"] if is_private(method) else ["inf"]:
                     for seed in axes["seeds"]:
                         cells.append(dict(model=model, task=task, method=method, eps=eps, seed=seed))
-    # Methods a MeZO task cannot run are refused before any job starts.
-    from dpzo.data.hf_tasks import HFTask, method_problem
+    # Methods a task cannot run (the MeZO tasks: backprop, ICL) are refused before any job starts.
     from dpzo.data.tasks import TASKS
 
-    pairs = dict.fromkeys((c["task"], c["method"]) for c in cells if isinstance(TASKS[c["task"]], HFTask))
-    problems = [p for task, method in pairs if (p := method_problem(TASKS[task], method))]
-    problems += _batch_size_problems(config, dict.fromkeys((c["task"], c["method"]) for c in cells))
+    pairs = dict.fromkeys((c["task"], c["method"]) for c in cells)
+    problems = [p for task, method in pairs if (p := TASKS[task].method_problem(method))]
+    problems += _batch_size_problems(config, pairs)
     problems += _architecture_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -174,13 +173,9 @@ def _architecture_problems(config: dict) -> list[str]:
 def largest_training_set(config: dict, task_name: str) -> int:
     """The most training examples a task's k-shot sampling can give: k per class (LM-BFF; a
     class with fewer examples gives fewer), or ``hf_datasets.train`` (the MeZO tasks)."""
-    from dpzo.data.hf_tasks import HFTask
     from dpzo.data.tasks import TASKS
 
-    task = TASKS[task_name]
-    if isinstance(task, HFTask):
-        return int((config.get("hf_datasets") or {}).get("train", 1000))
-    return int(config["k"]) * task.num_classes
+    return TASKS[task_name].largest_training_set(k=config.get("k"), hf_datasets=config.get("hf_datasets"))
 
 
 def _batch_size_problems(config: dict, pairs) -> list[str]:

@@ -17,10 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpzo.data.inputs import WEIGHT_FILES, config_file_of, model_dir_problems, weights_problems
-from dpzo.data.splits import missing_files
 from dpzo.data.tasks import TASKS
-
-LMBFF_URL = "https://nlp.cs.princeton.edu/projects/lm-bff/datasets.tar"
 
 
 class MissingInputs(SystemExit):
@@ -88,8 +85,8 @@ def label_word_problems(key: str, path: str, task_names: list[str], tokenizer=No
     problems = []
     for name in task_names:
         task = TASKS[name]
-        if not getattr(task, "label_words", None):
-            continue  # candidate tasks: their strings come with each example
+        if not task.label_words:
+            continue  # candidate tasks: whole continuations are scored, no label-word token
         try:
             label_word_ids(task, tokenizer)
         except ValueError as err:
@@ -127,7 +124,7 @@ def vocabulary_problems(key: str, path: str, model, tokenizer, task_names: list[
     outside = []
     for name in task_names:
         task = TASKS[name]
-        if not getattr(task, "label_words", None):
+        if not task.label_words:
             continue
         try:
             ids = label_word_ids(task, tokenizer)
@@ -222,17 +219,12 @@ def model_checks(key: str, cfg: dict, task_names: list[str]) -> list[str]:
 def k_shot_warnings(config: dict) -> list[str]:
     """LM-BFF tasks whose smallest class has fewer than k training examples: their k-shot set
     keeps every example of that class (as LM-BFF does) and has no dev examples of it."""
-    from collections import Counter
-
-    from dpzo.data.hf_tasks import HFTask
-    from dpzo.data.splits import read_split
-
     k, out = int(config["k"]), []
     for name in config["tasks"]:
         task = TASKS[name]
-        if isinstance(task, HFTask) or task.demo or missing_files(task, Path(config.get("data_dir", "data/lm-bff"))):
+        counts = task.label_counts(Path(config.get("data_dir", "data/lm-bff")))
+        if counts is None:  # not drawn k per class (the MeZO tasks), or no file to read yet
             continue
-        counts = Counter(ex.label for ex in read_split(task, Path(config.get("data_dir", "data/lm-bff")), "train"))
         small = {label: c for label, c in sorted(counts.items()) if c < k}
         if small:
             train = {label: min(c, k) for label, c in sorted(counts.items())}
@@ -246,28 +238,8 @@ def k_shot_warnings(config: dict) -> list[str]:
 
 def task_problems(name: str, data_dir: str | Path, hf_cache_dir: str | Path | None = None) -> list[str]:
     """The missing files of a task (LM-BFF layout under ``data_dir``, or a Hugging Face
-    dataset in the ``datasets`` cache), phrased for a person."""
-    from dpzo.data.hf_tasks import HFTask
-
-    task = TASKS[name]
-    if isinstance(task, HFTask):
-        from dpzo.data.hf_data import cache_location, fetch_command, is_cached
-
-        if is_cached(task, hf_cache_dir):
-            return []
-        where = cache_location(hf_cache_dir)
-        return [
-            f"task '{name}': Hugging Face dataset {task.hf_id!r} is not in the datasets cache {where}; on a machine "
-            f"with internet run `HF_DATASETS_CACHE={where} {fetch_command(task)}` and make that folder available "
-            "here (or point hf_datasets.cache_dir at it)"
-        ]
-    if task.demo:
-        return []
-    missing = missing_files(task, Path(data_dir))
-    if not missing:
-        return []
-    hint = " (some copies name the folder GLUE-SST-2: rename it to SST-2)" if name == "SST-2" else ""
-    return [f"task '{name}': {', '.join(map(str, missing))} not found{hint}"]
+    dataset in the ``datasets`` cache), phrased for a person (``Task.input_problems``)."""
+    return TASKS[name].input_problems(data_dir, hf_cache_dir)
 
 
 def model_type_of(path: str) -> str | None:
@@ -327,21 +299,15 @@ def missing_inputs(config: dict) -> list[str]:
                 problems += architecture_problems(
                     key, model_type_of(str(cfg["path"])), list(methods), config.get("methods", {})
                 )
-    from dpzo.data.hf_tasks import HFTask
-
     data_dir = config.get("data_dir", "data/lm-bff")
     hf_cache_dir = config.get("hf_datasets", {}).get("cache_dir")
-    tasks, lmbff_missing = [], False
+    tasks, hints = [], {}
     for name in config["tasks"]:
         found = task_problems(name, data_dir, hf_cache_dir)
         tasks += found
-        lmbff_missing |= bool(found) and not isinstance(TASKS[name], HFTask)
-    if lmbff_missing:
-        tasks.append(
-            f"LM-BFF tasks: download {LMBFF_URL}, extract it and set data_dir (now {data_dir}) to the folder "
-            "that holds original/<TASK>/"
-        )
-    return problems + tasks
+        if found and (hint := TASKS[name].source_hint(data_dir)):
+            hints[hint] = None  # each source's hint once, after every task's own problems
+    return problems + tasks + list(hints)
 
 
 def device_problem(device: str) -> str | None:

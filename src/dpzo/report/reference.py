@@ -6,8 +6,10 @@ is matched to the reference rows of its *reference model* and *reference task*:
 * a real model by the last component of its ``path`` (``facebook/opt-1.3b`` -> ``opt-1.3b``);
   a demo model by the architecture it imitates (``demo: roberta`` -> ``roberta-large``,
   ``demo: opt`` -> ``opt-1.3b``), marked as a stand-in;
-* a task by its LM-BFF directory (``SST-2``, ``trec`` -> ``TREC``); the demo tasks use the SST-2
-  and TREC specifications, so they are matched to those, marked as stand-ins.
+* a task by the name it gives itself (``Task.reference_name``): an LM-BFF task by its directory
+  (``SST-2``, ``trec`` -> ``TREC``), a MeZO task as DPZero's OPT table names it (``mezo-boolq``
+  -> ``BoolQ``); the demo tasks use the SST-2 and TREC specifications, so they are matched to
+  those, marked as stand-ins.
 
 Among several published values for one key, ``ok`` rows win over ``suspect`` ones, then the
 order of ``SOURCE_ORDER`` (the paper under reproduction first).
@@ -20,6 +22,9 @@ import re
 from pathlib import Path
 
 import pandas as pd
+
+from dpzo.data.hf_tasks import MEZO_REFERENCE_NAMES
+from dpzo.data.tasks import REFERENCE_NAMES
 
 ACCURACY_COLUMNS = (
     "source",
@@ -59,8 +64,9 @@ PAPER_METHODS = ("zero-shot", "dp-sgd", "dp-prefix", "dpzero", "dp-zoso", "dp-zo
 PAPER_EPSILONS = ("2", "4", "8")
 
 DEMO_MODEL_STAND_INS = {"roberta": "roberta-large", "opt": "opt-1.3b"}
-# LM-BFF directory (lower case) -> the task name used in the reference files
-REFERENCE_TASKS = {"sst-2": "SST-2", "sst-5": "SST-5", "snli": "SNLI", "mnli": "MNLI", "rte": "RTE", "trec": "TREC"}
+# LM-BFF directory (lower case) -> the task name used in the reference files; a task of this
+# version says its own (``Task.reference_name``), a task name it does not know is looked up here
+REFERENCE_TASKS = REFERENCE_NAMES
 
 _EPS = re.compile(r"^([1-9][0-9]*(\.[0-9]*[1-9])?|0\.[0-9]*[1-9]|inf)$")  # as the config schema
 KEY = ["reference_model", "reference_task", "method", "eps"]
@@ -176,7 +182,8 @@ def missing_paper_cells(reference: pd.DataFrame) -> list[tuple[str, str, str]]:
     return missing
 
 
-MEZO_REFERENCE_TASKS = {"mezo-sst2": "SST-2", "mezo-boolq": "BoolQ", "mezo-squad": "SQuAD", "mezo-drop": "DROP"}
+# the MeZO/DPZero tasks as DPZero's OPT table names them (``HFTask.reference_name``)
+MEZO_REFERENCE_TASKS = MEZO_REFERENCE_NAMES
 
 
 def reference_model(model_cfg: dict) -> tuple[str, bool]:
@@ -189,15 +196,12 @@ def reference_model(model_cfg: dict) -> tuple[str, bool]:
 
 def reference_task(task: str) -> tuple[str, bool]:
     """(reference task name, is a demo stand-in) for a task of this pipeline."""
-    from dpzo.data.hf_tasks import HFTask
     from dpzo.data.tasks import TASKS
 
     spec = TASKS.get(task)
     if spec is None:  # a task this version does not know: compare by name
         return REFERENCE_TASKS.get(task.lower(), task), False
-    if isinstance(spec, HFTask):  # the MeZO/DPZero tasks: DPZero's OPT table names them so
-        return MEZO_REFERENCE_TASKS.get(task, task), False
-    return REFERENCE_TASKS.get(spec.lmbff_dir.lower(), spec.lmbff_dir), spec.demo
+    return spec.reference_name, spec.demo
 
 
 def preferred(reference: pd.DataFrame) -> pd.DataFrame:
