@@ -8,7 +8,7 @@ from dpzo.pipeline.config import check_config, grid_cells
 from dpzo.data.inputs import model_files_in
 from dpzo.privacy.ledger import cell_noise
 from dpzo.privacy.secret import noise_source
-from dpzo.methods import ZO, base_method
+from dpzo.methods import TRAINER_ZO, get_method
 from dpzo.masks.settings import MaskSettings, ratio_label
 from dpzo.pipeline.preflight import require_inputs
 from dpzo.data.tasks import TASKS
@@ -168,7 +168,8 @@ def cuda_gpus(wildcards):
 
 def cell_ranks(wildcards):
     """Data-parallel processes of a cell: the model's `ranks` for a zeroth-order method, else 1."""
-    return config["models"][wildcards.model].get("ranks", 1) if base_method(wildcards.method) in ZO else 1
+    trainer = get_method(wildcards.method).trainer
+    return config["models"][wildcards.model].get("ranks", 1) if trainer == TRAINER_ZO else 1
 
 
 def train_threads(wildcards):
@@ -192,8 +193,7 @@ def method_params(wildcards):
 
 
 def is_masked(method):
-    zo = ZO.get(base_method(method))
-    return zo is not None and zo.masked
+    return get_method(method).masked
 
 
 def masked_pairs():

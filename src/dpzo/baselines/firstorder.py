@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dpzo.methods import FIRST_ORDER
+from dpzo.methods import FIRST_ORDER, get_method
 from dpzo.methods.hyperparameters import FirstOrderHyperparameters
 from dpzo.models.classifier import EncodedSet, PromptClassifier
 from dpzo.models.evaluate import TestLossCurve
@@ -283,9 +283,10 @@ def _check_run(method: str, hp: FirstOrderHyperparameters, n: int, sigma: float,
 
 
 def _trained_parameters(model: nn.Module, method: str, hp: FirstOrderHyperparameters, run_seed: int):
-    """The parameters the method trains: for ``dp-prefix`` a freshly installed prefix (every other
-    weight frozen), otherwise what the model leaves trainable."""
-    if method == "dp-prefix":
+    """The parameters the method trains: for a method that installs its own prefix (dp-prefix,
+    ``Method.installs_prefix``) a freshly installed prefix (every other weight frozen), otherwise
+    what the model leaves trainable."""
+    if get_method(method).installs_prefix:
         if prefix_modules(model):
             raise RuntimeError("model already has a prefix installed; dp-prefix starts from a model without one")
         prefix = install_prefix(model, hp.prefix_tokens, seed=run_seed)

@@ -380,15 +380,15 @@ MEZO_TASKS: dict[str, HFTask] = {
 
 def method_problem(task: HFTask, method: str) -> str | None:
     """Why ``method`` cannot run on ``task`` (None when it can): checked before any job starts."""
-    from dpzo.methods import ZERO_SHOT, ZO, base_method
+    from dpzo.methods import TRAINER_NONE, TRAINER_ZO, ZO, find_method
 
-    base = base_method(method)
-    if base != ZERO_SHOT and base not in ZO:
+    found = find_method(method)
+    if found is None or found.trainer not in (TRAINER_NONE, TRAINER_ZO):  # evaluated, or trained by train_zo
         return (
             f"method {method!r} is not implemented for the MeZO task {task.name}; use zero-shot or a "
             f"zeroth-order method ({', '.join(ZO)})"
         )
-    if ZO.get(base) is not None and ZO[base].masked and not task.candidates:
+    if found.masked and not task.candidates:
         return (
             f"method {method!r} needs fixed label words for its data-free mask; task {task.name} has "
             f"per-example candidates or answers (use it on mezo-sst2, mezo-rte, mezo-cb, mezo-boolq, "

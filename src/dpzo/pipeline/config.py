@@ -219,7 +219,7 @@ def _cross_reference_problems(config: dict) -> list[str]:
 def _offload_problems(config: dict) -> list[str]:
     """What a streamed model (``offload: streamed``) cannot run: backprop, other placements,
     several ranks, masks rescored from weights that live in host memory."""
-    from dpzo.methods import FIRST_ORDER, base_method
+    from dpzo.methods import TRAINER_FIRST_ORDER, get_method
 
     problems = []
     for key, cfg in config["models"].items():
@@ -233,7 +233,7 @@ def _offload_problems(config: dict) -> list[str]:
             problems.append(f"{where} runs one process on one device; set ranks and gpus_per_rank to 1")
         for method in (cfg.get("grid") or {}).get("methods", list(config["methods"])):
             block = config["methods"].get(method) or {}
-            if base_method(method) in FIRST_ORDER:
+            if get_method(method).trainer == TRAINER_FIRST_ORDER:
                 problems.append(
                     f"{where} serves forward-only methods; {method} backpropagates: remove it from "
                     f"models.{key}.grid.methods or the offload"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from dpzo.fileio import atomic_path
-from dpzo.methods import base_method
+from dpzo.methods import base_method, find_method
 from dpzo.privacy.secret import TEST_NOISE_NOTICE
 from dpzo.report.tables import TEST_NOISE_MARK, order_methods
 
@@ -88,6 +88,20 @@ def method_colours(methods: Sequence[str]) -> dict[str, tuple]:
             colour = _shade(colour, (variants.index(method) + 0.5) / len(variants))
         colours[method] = colour
     return colours
+
+
+def is_pretrained_reference(method: str) -> bool:
+    """A method that evaluates the pretrained model as it is (zero-shot, ``reads_training_data``
+    False): every figure draws it as a dotted reference line.  A method this version does not
+    know is not one."""
+    found = find_method(method)
+    return found is not None and not found.reads_training_data
+
+
+def is_masked(method: str) -> bool:
+    """A method that trains on a data-free mask (DP-ZOPO): the pruning ablation draws its variants."""
+    found = find_method(method)
+    return found is not None and found.masked
 
 
 def noise_flags(frame: pd.DataFrame) -> pd.Series:
@@ -374,7 +388,7 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
             name = _mark(f"{method} (ε = ∞)", method in marked_inf)
             h = ax.axhline(
                 row.accuracy_mean,
-                linestyle=":" if method == "zero-shot" else "--",
+                linestyle=":" if is_pretrained_reference(method) else "--",
                 color=colours[method],
                 linewidth=1.5,
                 label=name,
@@ -530,7 +544,8 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
-    zopo = summary[summary["base_method"] == "dp-zopo"]
+    masked_rows = summary["base_method"].map(is_masked).astype(bool)
+    zopo = summary[masked_rows]
     groups = sorted(set(zip(zopo["model"], zopo["task"])))
     if not groups:
         fig, ax = plt.subplots(figsize=(7, 2.5))
@@ -546,14 +561,16 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
             else sns.color_palette("viridis", len(epsilons)),
         )
     )
+    # the dense method the variants restrict to a mask (DP-ZOSO for DP-ZOPO: Method.dense_counterpart)
+    dense_methods = sorted({find_method(b).dense_counterpart for b in zopo["base_method"]} - {None})
+    dense_name = " / ".join(dense_methods)
+    is_zero = summary["method"].map(is_pretrained_reference).astype(bool)
     # every row drawn: the variants, and the dense and zero-shot lines of their (model, task)
     pairs = set(groups)
     in_groups = pd.Series([pair in pairs for pair in zip(summary["model"], summary["task"])], index=summary.index)
-    drawn = summary[
-        in_groups & (summary["method"].isin(["dp-zoso", "zero-shot"]) | (summary["base_method"] == "dp-zopo"))
-    ]
+    drawn = summary[in_groups & (summary["method"].isin(dense_methods) | is_zero | masked_rows)]
     marked = marked_methods(drawn)
-    marked_dense = {e for e in epsilons if marked_methods(drawn[drawn.eps == e]) & {"dp-zoso"}}
+    marked_dense = {e for e in epsilons if marked_methods(drawn[drawn.eps == e]) & set(dense_methods)}
     n_variants = zopo["method"].nunique()
     fig, axes = plt.subplots(
         len(groups), 1, squeeze=False, figsize=(8.5, 0.65 * n_variants * len(groups) + 1.6 * len(groups))
@@ -573,11 +590,14 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
             ys = [y[label] + (j - (len(epsilons) - 1) / 2) * offset for label in g["label"]]
             ax.errorbar(g["accuracy_mean"], ys, xerr=g["accuracy_std"], fmt="o", color=eps_colour[eps], capsize=3)
             dense = summary[
-                (summary.model == model) & (summary.task == task) & (summary.method == "dp-zoso") & (summary.eps == eps)
+                (summary.model == model)
+                & (summary.task == task)
+                & summary.method.isin(dense_methods)
+                & (summary.eps == eps)
             ]
             if len(dense):
                 ax.axvline(dense["accuracy_mean"].iloc[0], color=eps_colour[eps], linestyle="--", linewidth=1.2)
-        zero = summary[(summary.model == model) & (summary.task == task) & (summary.method == "zero-shot")]
+        zero = summary[(summary.model == model) & (summary.task == task) & is_zero]
         if len(zero):
             ax.axvline(zero["accuracy_mean"].iloc[0], color=ZERO_SHOT_GREY, linestyle=":", linewidth=1.5)
         ax.set_yticks(range(len(order)), order, fontsize=8)
@@ -589,10 +609,17 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
         for e in epsilons
     ]
     handles += [
-        Line2D([], [], color=eps_colour[e], linestyle="--", label=_mark(f"dp-zoso (dense), ε = {e}", e in marked_dense))
+        Line2D(
+            [],
+            [],
+            color=eps_colour[e],
+            linestyle="--",
+            label=_mark(f"{dense_name} (dense), ε = {e}", e in marked_dense),
+        )
         for e in epsilons
     ]
-    handles.append(Line2D([], [], color=ZERO_SHOT_GREY, linestyle=":", label=_mark("zero-shot", "zero-shot" in marked)))
+    zero_marked = any(is_pretrained_reference(m) for m in marked)
+    handles.append(Line2D([], [], color=ZERO_SHOT_GREY, linestyle=":", label=_mark("zero-shot", zero_marked)))
     _suptitle(fig, "DP-ZOPO pruning ablation: strategy · scorer · trainable fraction · selection", drawn)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dpzo.data.hf_tasks import MEZO_REFERENCE_NAMES
 from dpzo.data.tasks import REFERENCE_NAMES
+from dpzo.methods import is_private
 
 ACCURACY_COLUMNS = (
     "source",
@@ -176,7 +177,7 @@ def missing_paper_cells(reference: pd.DataFrame) -> list[tuple[str, str, str]]:
     missing = []
     for task in PAPER_TASKS:
         for method in PAPER_METHODS:
-            for eps in ("inf",) if method == "zero-shot" else PAPER_EPSILONS:
+            for eps in PAPER_EPSILONS if is_private(method) else ("inf",):
                 if (task, method, eps) not in have:
                     missing.append((task, method, eps))
     return missing

@@ -17,24 +17,13 @@ from pathlib import Path
 import pandas as pd
 
 from dpzo.fileio import atomic_path
-from dpzo.methods import base_method
+from dpzo.methods import REPORT_ORDER, base_method
 from dpzo.report.collect import VERSION_COLUMNS, is_test_noise
 from dpzo.report.reference import KEY
 
-# Presentation order of the methods (the paper's: references first, then the private methods).
-METHOD_ORDER = (
-    "zero-shot",
-    "icl",
-    "mezo",
-    "ft",
-    "dp-sgd",
-    "dp-prefix",
-    "dpzero",
-    "dp-zo-gauss",
-    "dp-zo-laplace",
-    "dp-zoso",
-    "dp-zopo",
-)
+# Presentation order of the methods (the paper's: references first, then the private methods),
+# declared with the methods (``dpzo.methods.REPORT_ORDER``).
+METHOD_ORDER = REPORT_ORDER
 MISSING = "–"
 
 
