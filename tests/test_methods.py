@@ -15,7 +15,7 @@ import yaml
 from dpzo import methods
 from dpzo.masks import settings as mask_settings
 from dpzo.methods import hyperparameters_for, register, unregister
-from dpzo.methods.base import PrivateZOMethod, ZOMethod
+from dpzo.methods.base import Method, PrivateZOMethod, ZOMethod
 from dpzo.privacy.ledger import AccountingSettings, Cell, cell_ledger, check_ledger_after, verify_ledger
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.loop import train_zo
@@ -98,6 +98,77 @@ def test_registry_refuses_a_duplicate_or_a_variant_name():
         register(methods.get_method("dp-zoso"))
     with pytest.raises(ValueError, match="unknown method 'dp-zosoo'"):
         methods.get_method("dp-zosoo")
+
+
+@pytest.mark.parametrize("name", methods.method_names())
+def test_what_a_method_says_of_itself_agrees_with_the_registry(name):
+    """``Method.trainer`` and what derives from it: the other layers ask these instead of names."""
+    method = methods.get_method(name)
+    assert method.trainer in methods.TRAINERS
+    assert (method.trainer == methods.TRAINER_ZO) == (name in methods.ZO) == isinstance(method, ZOMethod)
+    assert (method.trainer == methods.TRAINER_FIRST_ORDER) == (name in methods.FIRST_ORDER)
+    assert (method.trainer == methods.TRAINER_ICL) == (name == methods.ICL)
+    assert (method.trainer == methods.TRAINER_NONE) == (name == methods.ZERO_SHOT)
+    assert method.trains == (name in methods.ZO or name in methods.FIRST_ORDER)
+    assert method.reads_training_data == (name != methods.ZERO_SHOT)
+    assert not (method.private and not method.trains)  # only a trained method releases anything
+    assert method.installs_prefix == (name == "dp-prefix")
+    assert not method.installs_prefix or method.trainer == methods.TRAINER_FIRST_ORDER
+    # a masked method is zeroth-order, and its dense counterpart is the same release without the mask
+    assert method.masked == (name == "dp-zopo")
+    if method.masked:
+        dense = methods.get_method(method.dense_counterpart)
+        assert method.trainer == methods.TRAINER_ZO and dense.trainer == methods.TRAINER_ZO and not dense.masked
+        assert isinstance(method, type(dense)) and type(method).release is type(dense).release
+    else:
+        assert method.dense_counterpart is None
+    # variants ask the method they vary
+    assert methods.find_method(name + "+variant") is method and methods.find_method("no-such-method") is None
+
+
+def test_the_report_order_names_registered_methods_once():
+    assert len(set(methods.REPORT_ORDER)) == len(methods.REPORT_ORDER)
+    assert set(methods.REPORT_ORDER) <= set(methods.method_names())
+    assert methods.REPORT_ORDER[0] == methods.ZERO_SHOT  # the pretrained model's reference first
+
+
+def test_a_method_class_must_say_who_trains_it():
+    class Untrained(Method):
+        name = "toy-no-trainer"
+        config_block = "none"
+
+    with pytest.raises(ValueError, match="trainer = one of"):
+        register(Untrained())
+    assert "toy-no-trainer" not in methods.REGISTRY
+
+
+#: Code outside ``methods/`` that may still name methods: the benchmark (``bench/`` picks the
+#: methods it times and the rows it compares) and ``pipeline/cell.py``, whose ``trainer_kind``
+#: picks the trainer by name until it asks ``Method.trainer``.
+NAMES_ALLOWED_IN = ("src/dpzo/bench/", "src/dpzo/pipeline/cell.py")
+
+
+def test_no_layer_outside_methods_compares_method_names():
+    """docs/architecture.md: other layers read a method through the registry, never by name."""
+    names = "|".join(re.escape(name) for name in methods.method_names())
+    comparison = re.compile(
+        rf"""(==|!=)\s*["']({names})["']|["']({names})["']\s*(==|!=)|isin\(\[[^\]]*["']({names})["']"""
+        rf"""|\bin\s+\(["']({names})["']|base_method\([^)]*\)\s+(not\s+)?in\s+(ZO|FIRST_ORDER)\b"""
+        r"|[!=]=\s*(ZERO_SHOT|ICL)\b"
+    )
+    root = Path(__file__).parents[1]
+    files = [p for p in (root / "src" / "dpzo").rglob("*.py") if "methods" not in p.relative_to(root / "src").parts]
+    files += [*(root / "workflow").rglob("*.smk"), *(root / "workflow").rglob("*.py"), root / "Snakefile"]
+    found = []
+    for path in files:
+        where = path.relative_to(root).as_posix()
+        if where.startswith(NAMES_ALLOWED_IN):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            # ``published_accounting == "dpzero"`` compares an accounting convention, not a method
+            if comparison.search(line) and "published_accounting" not in line:
+                found.append(f"{where}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
 
 
 TOY_MODULE = '''

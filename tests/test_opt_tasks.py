@@ -21,6 +21,7 @@ import yaml
 from dpzo.data.hf_data import DatasetUnavailableError, convert_rows, load_hf_split, make_hf_splits
 from dpzo.data.hf_tasks import MEZO_TASKS, method_problem, render_full, render_prompt
 from dpzo.data.splits import Example, load_split, save_split
+from dpzo.data.task import CANDIDATE_SCORER, CANDIDATES, GENERATION
 from dpzo.data.tasks import TASKS, get_task
 from dpzo.models.candidates import CandidateScorer, make_scorer
 from dpzo.models.classifier import load_model
@@ -496,6 +497,38 @@ def test_methods_a_mezo_task_cannot_run_are_named():
     assert "fixed label words" in method_problem(get_task("mezo-squad"), "dp-zopo")
     assert "not implemented" in method_problem(get_task("mezo-rte"), "dp-sgd")
     assert "not implemented" in method_problem(get_task("mezo-rte"), "icl")
+
+
+def test_a_mezo_task_answers_the_protocol(hf_cache, tmp_path, monkeypatch):
+    """The members of ``dpzo.data.task.Task`` on a MeZO task (the LM-BFF side: test_tasks_data)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache, _ = hf_cache
+    task = get_task("mezo-rte")
+    assert (task.kind, task.scorer, task.reference_name) == (CANDIDATES, CANDIDATE_SCORER, "mezo-rte")
+    assert (get_task("mezo-squad").kind, get_task("mezo-copa").kind) == (GENERATION, CANDIDATES)
+    assert get_task("mezo-boolq").reference_name == "BoolQ"  # as DPZero's OPT table names it
+    assert task.label_words == {} and task.labels == ("Yes", "No") and not task.demo
+    assert task.source_files(tmp_path) == [] and task.source_hint(tmp_path) is None
+    assert task.label_counts(tmp_path) is None
+    assert task.largest_training_set(k=16, hf_datasets={"train": 20}) == 20 and task.largest_training_set(k=16) == 1000
+    assert task.method_problem("dpzero+opt") is None and task.method_problem("zero-shot") is None
+    refused = task.method_problem("dp-sgd")
+    assert refused == method_problem(task, "dp-sgd") and "not implemented" in refused
+    (problem,) = task.input_problems(tmp_path, tmp_path / "empty")
+    assert problem.startswith(
+        f"task 'mezo-rte': Hugging Face dataset 'super_glue/rte' is not in the datasets cache {tmp_path / 'empty'}"
+    )
+    assert "datasets.load_dataset('super_glue', 'rte')" in problem
+    (tmp_path / "empty" / "super_glue" / "rte").mkdir(parents=True)  # what load_dataset leaves behind
+    assert task.input_problems(tmp_path, tmp_path / "empty") == []
+    hf = {"train": 20, "dev": 8, "cache_dir": cache}
+    sizes = task.make_splits(tmp_path / "a", seed=29, k=16, data_dir=tmp_path, max_test=25, hf_datasets=hf)
+    assert sizes == {"train": 20, "dev": 8, "test": 25}
+    make_hf_splits(task, tmp_path / "b", seed=29, num_train=20, num_dev=8, num_test=25, cache_dir=cache)
+    for name in ("train", "dev", "test"):
+        assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (tmp_path / "b" / f"{name}.jsonl").read_bytes()
 
 
 def test_mezo_tasks_need_a_causal_lm(tiny):

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import csv
+import inspect
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from dpzo.data.hf_tasks import HFTask
 from dpzo.data.splits import Example, load_split, make_k_shot, read_split, sample_k_shot
-from dpzo.data.tasks import TASKS, encode_prompt, get_task, parse_template, render_template
+from dpzo.data.task import CANDIDATE_SCORER, KINDS, PROMPT, PROMPT_SCORER, Task
+from dpzo.data.tasks import (
+    TASKS,
+    TaskSpec,
+    encode_prompt,
+    get_task,
+    make_cell_splits,
+    parse_template,
+    render_template,
+)
 
 SPECIAL = dict(cls="<s>", sep="</s>", mask="<mask>")
 
@@ -266,9 +279,97 @@ def test_task_metrics_from_confusion_against_closed_forms():
 
 
 def test_config_schema_lists_every_task():
-    from pathlib import Path
-
     import yaml
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     assert sorted(schema["properties"]["tasks"]["items"]["enum"]) == sorted(TASKS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Task protocol: both families answer for themselves, no caller tests the class
+# ---------------------------------------------------------------------------------------------
+ROOT = Path(__file__).parents[1]
+#: what the pipeline asks of a task (docs/architecture.md names them)
+PROTOCOL_MEMBERS = {
+    "name",
+    "demo",
+    "metric",
+    "max_length",
+    "kind",
+    "scorer",
+    "labels",
+    "num_classes",
+    "label_words",
+    "reference_name",
+    "source_files",
+    "input_problems",
+    "source_hint",
+    "method_problem",
+    "largest_training_set",
+    "label_counts",
+    "make_splits",
+}
+
+
+def test_the_protocol_lists_what_the_pipeline_asks():
+    assert {name for name in vars(Task) if not name.startswith("_")} == PROTOCOL_MEMBERS
+    for name in PROTOCOL_MEMBERS:
+        assert vars(Task)[name].__doc__, name
+
+
+@pytest.mark.parametrize("cls", [TaskSpec, HFTask], ids=lambda c: c.__name__)
+def test_both_task_classes_implement_the_protocol_with_its_signatures(cls):
+    for name in PROTOCOL_MEMBERS:
+        declared = vars(Task)[name]
+        if isinstance(declared, property):
+            continue  # a property or a dataclass field: isinstance below checks it is there
+        assert inspect.signature(getattr(cls, name)) == inspect.signature(declared), (cls.__name__, name)
+    examples = [task for task in TASKS.values() if isinstance(task, cls)]
+    assert examples, cls
+    for task in examples:
+        assert isinstance(task, Task), task.name
+        assert task.kind in KINDS and task.scorer in (PROMPT_SCORER, CANDIDATE_SCORER), task.name
+        assert task.name in TASKS and TASKS[task.name] is task
+
+
+def test_no_caller_tells_the_task_families_apart_by_class():
+    """The pipeline, the workflow and the report ask the task (``dpzo.data.task.Task``)."""
+    test = re.compile(r"isinstance\((?:[^()]|\([^()]*\))*\b(HFTask|TaskSpec)\b")
+    files = [*(ROOT / "src" / "dpzo").rglob("*.py"), *(ROOT / "workflow").rglob("*.smk"), ROOT / "Snakefile"]
+    files += list((ROOT / "workflow").rglob("*.py"))
+    found = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        found += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}" for m in test.finditer(text)]
+    assert not found, found
+
+
+def test_an_lmbff_task_answers_the_protocol(tmp_path):
+    task = TASKS["SST-2"]
+    assert (task.kind, task.scorer, task.reference_name) == (PROMPT, PROMPT_SCORER, "SST-2")
+    assert (TASKS["trec"].reference_name, TASKS["demo-trec"].reference_name) == ("TREC", "TREC")
+    assert task.label_words == {"0": "terrible", "1": "great"} and task.labels == ("0", "1")
+    folder = f"{tmp_path}/original/SST-2"
+    assert task.source_files(tmp_path) == [f"{folder}/train.tsv", f"{folder}/dev.tsv"]
+    # nothing on disk yet: both files named, with the hint for copies that call the folder GLUE-SST-2
+    (problem,) = task.input_problems(tmp_path)
+    assert problem.startswith("task 'SST-2': ") and "train.tsv" in problem and "dev.tsv" in problem
+    assert problem.endswith("not found (some copies name the folder GLUE-SST-2: rename it to SST-2)")
+    hint = task.source_hint(tmp_path)
+    assert "datasets.tar" in hint and f"data_dir (now {tmp_path})" in hint
+    assert task.label_counts(tmp_path) is None
+    demo = TASKS["demo-sst2"]  # written by the pipeline: never missing, never counted
+    assert demo.demo and demo.input_problems(tmp_path) == [] and demo.label_counts(tmp_path) is None
+    write_sst2(tmp_path)
+    assert task.input_problems(tmp_path) == []
+    assert task.label_counts(tmp_path) == {0: 20, 1: 30}
+    assert all(task.method_problem(m) is None for m in ("zero-shot", "icl", "ft", "dp-sgd", "dp-zopo+dynamic"))
+    assert task.largest_training_set(k=16, hf_datasets={"train": 5}) == 32  # k per class; hf_datasets is not its
+    sizes = task.make_splits(tmp_path / "a", seed=13, k=4, data_dir=tmp_path, max_test=100)
+    assert sizes == {"train": 8, "dev": 8, "test": 100}
+    assert make_cell_splits("SST-2", tmp_path / "b", seed=13, k=4, data_dir=tmp_path, max_test=100) == sizes
+    make_k_shot(task, tmp_path, tmp_path / "c", k=4, seed=13, max_test=100)
+    for name in ("train", "dev", "test"):
+        expected = (tmp_path / "c" / f"{name}.jsonl").read_bytes()
+        assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == expected
+        assert (tmp_path / "b" / f"{name}.jsonl").read_bytes() == expected
