@@ -317,8 +317,15 @@ def test_the_protocol_lists_what_the_pipeline_asks():
         assert vars(Task)[name].__doc__, name
 
 
-@pytest.mark.parametrize("cls", [TaskSpec, HFTask], ids=lambda c: c.__name__)
-def test_both_task_classes_implement_the_protocol_with_its_signatures(cls):
+TASK_CLASSES = sorted({type(task) for task in TASKS.values()}, key=lambda c: c.__name__)
+
+
+def test_the_task_classes_are_the_two_families():
+    assert TASK_CLASSES == [HFTask, TaskSpec]
+
+
+@pytest.mark.parametrize("cls", TASK_CLASSES, ids=lambda c: c.__name__)
+def test_every_task_class_implements_the_protocol_with_its_signatures(cls):
     for name in PROTOCOL_MEMBERS:
         declared = vars(Task)[name]
         if isinstance(declared, property):
