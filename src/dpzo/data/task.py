@@ -38,8 +38,8 @@ CANDIDATE_SCORER = "candidates"
 class Task(Protocol):
     """A task of the comparison: how its examples are read, split, prompted, scored and reported.
 
-    The members are read-only: dataclass fields or properties.  Every method is cheap and imports nothing
-    heavy except :meth:`make_splits` and :meth:`label_counts`, which read the data.
+    The members are read-only: dataclass fields or properties.  Only :meth:`make_splits` and
+    :meth:`label_counts` read the task's data; the others look at most for files.
     """
 
     @property
