@@ -126,6 +126,16 @@ def test_what_a_method_says_of_itself_agrees_with_the_registry(name):
     assert methods.find_method(name + "+variant") is method and methods.find_method("no-such-method") is None
 
 
+@pytest.mark.parametrize("name", methods.method_names())
+def test_run_cell_can_pick_its_trainer_by_method_trainer(name):
+    """``Method.trainer`` names a trainer of ``pipeline.cell.TRAINERS``, the one its name picks today."""
+    from dpzo.pipeline import cell
+
+    trainer = methods.get_method(name).trainer
+    assert trainer in cell.TRAINERS and set(cell.TRAINERS) == set(methods.TRAINERS)
+    assert trainer == cell.trainer_kind(name) == cell.trainer_kind(name + "+variant")
+
+
 def test_the_report_order_names_registered_methods_once():
     assert len(set(methods.REPORT_ORDER)) == len(methods.REPORT_ORDER)
     assert set(methods.REPORT_ORDER) <= set(methods.method_names())
