@@ -127,13 +127,16 @@ def test_what_a_method_says_of_itself_agrees_with_the_registry(name):
 
 
 @pytest.mark.parametrize("name", methods.method_names())
-def test_run_cell_can_pick_its_trainer_by_method_trainer(name):
-    """``Method.trainer`` names a trainer of ``pipeline.cell.TRAINERS``, the one its name picks today."""
+def test_run_cell_picks_its_trainer_by_method_trainer(name):
+    """``Method.trainer`` names a trainer of ``pipeline.cell.TRAINERS``, consistent with the registry's groups."""
     from dpzo.pipeline import cell
 
     trainer = methods.get_method(name).trainer
     assert trainer in cell.TRAINERS and set(cell.TRAINERS) == set(methods.TRAINERS)
-    assert trainer == cell.trainer_kind(name) == cell.trainer_kind(name + "+variant")
+    expected = {methods.ICL: methods.TRAINER_ICL, methods.ZERO_SHOT: methods.TRAINER_NONE}.get(name)
+    if expected is None:
+        expected = methods.TRAINER_FIRST_ORDER if name in methods.FIRST_ORDER else methods.TRAINER_ZO
+    assert trainer == expected and methods.find_method(name + "+variant").trainer == trainer
 
 
 def test_the_report_order_names_registered_methods_once():
@@ -153,9 +156,8 @@ def test_a_method_class_must_say_who_trains_it():
 
 
 #: Code outside ``methods/`` that may still name methods: the benchmark (``bench/`` picks the
-#: methods it times and the rows it compares) and ``pipeline/cell.py``, whose ``trainer_kind``
-#: picks the trainer by name until it asks ``Method.trainer``.
-NAMES_ALLOWED_IN = ("src/dpzo/bench/", "src/dpzo/pipeline/cell.py")
+#: methods it times and the rows it compares).
+NAMES_ALLOWED_IN = ("src/dpzo/bench/",)
 
 
 def test_no_layer_outside_methods_compares_method_names():

@@ -14,7 +14,17 @@ import torch
 
 from dpzo.fileio import read_json_output, write_json_atomic
 from dpzo.masks.settings import Mask
-from dpzo.methods import FIRST_ORDER, ICL, ZERO_SHOT, ZO, base_method, hyperparameters_for, is_private
+from dpzo.methods import (
+    TRAINER_FIRST_ORDER,
+    TRAINER_ICL,
+    TRAINER_NONE,
+    TRAINER_ZO,
+    ZO,
+    base_method,
+    get_method,
+    hyperparameters_for,
+    is_private,
+)
 from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
 from dpzo.models.evaluate import CurveSettings
@@ -180,7 +190,8 @@ def prepare_cell(run: CellRun, verified: VerifiedCell) -> PreparedCell:
     if streamed:
         from dpzo.zo.streamed import StreamedParameters
 
-        master = None if run.master == "none" or base_method(cell.method) not in ZO else torch.float32
+        trains_zo = get_method(base_method(cell.method)).trainer == TRAINER_ZO
+        master = torch.float32 if run.master != "none" and trains_zo else None  # evaluation only: no master
         store = StreamedParameters(lm, master, device=run.device, direction_cache_size=getattr(hp, "directions", 1))
     clf = make_scorer(lm, tokenizer, family, verified.task)
     test_examples = load_split(split_dir / "test.jsonl")
@@ -283,7 +294,9 @@ def train_zeroth_order_cell(run: CellRun, verified: VerifiedCell, prepared: Prep
             run_seed=verified.cell.seed,
             noise=verified.noise.release,
             secret=how.secret,
-            masks=stage_masks(hp, clf, list(run.mask_files)) if ZO[base_method(verified.cell.method)].masked else None,
+            masks=stage_masks(hp, clf, list(run.mask_files))
+            if get_method(base_method(verified.cell.method)).masked
+            else None,
             master_dtype=None if run.master == "none" else torch.float32,
             checkpoint=snapshots,
             curve=_test_curve(run, verified, prepared, how),
@@ -293,23 +306,13 @@ def train_zeroth_order_cell(run: CellRun, verified: VerifiedCell, prepared: Prep
         )
 
 
-#: The trainer of each kind of method (``trainer_kind``).
+#: The trainer of each kind of method (``Method.trainer``).
 TRAINERS = {
-    "icl": train_icl,
-    "none": train_nothing,
-    "first-order": train_first_order_cell,
-    "zeroth-order": train_zeroth_order_cell,
+    TRAINER_ICL: train_icl,
+    TRAINER_NONE: train_nothing,
+    TRAINER_FIRST_ORDER: train_first_order_cell,
+    TRAINER_ZO: train_zeroth_order_cell,
 }
-
-
-def trainer_kind(method: str) -> str:
-    """Which trainer runs ``method``: ``zeroth-order``, ``first-order``, ``icl`` or ``none``."""
-    base = base_method(method)
-    if base == ICL:
-        return "icl"
-    if base == ZERO_SHOT:
-        return "none"
-    return "first-order" if base in FIRST_ORDER else "zeroth-order"
 
 
 def run_cell(
@@ -344,8 +347,8 @@ def run_cell(
 
     wall_start = time.perf_counter()
     team = team or SingleProcess()
-    kind = trainer_kind(run.cell.method)
-    if team.world_size > 1 and kind != "zeroth-order":
+    kind = get_method(base_method(run.cell.method)).trainer
+    if team.world_size > 1 and kind != TRAINER_ZO:
         raise ValueError(
             f"{run.cell.method} runs in one process; ranks > 1 are for the zeroth-order methods {tuple(ZO)}"
         )
@@ -446,7 +449,7 @@ def train_cell(
     from dpzo.pipeline.cellguard import AttemptLog, CellLock
     from dpzo.zo.checkpoint import remove_checkpoint
 
-    if ranks > 1 and team is None and base_method(run.cell.method) in ZO:
+    if ranks > 1 and team is None and get_method(base_method(run.cell.method)).trainer == TRAINER_ZO:
         from dpzo.pipeline.ranks import train_cell_on_ranks
 
         train_cell_on_ranks(run, ranks, metrics_path=metrics_path, diagnostics_path=diagnostics_path)
