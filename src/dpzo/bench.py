@@ -47,9 +47,10 @@ from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.zo.flat import FlatParameters, fused_passes
+from dpzo.zo.flat import fused_passes
 from dpzo.zo.loop import train_zo
 from dpzo.zo.official import official_style_train
+from dpzo.zo.store import build_store
 
 METHODS = ("dp-zoso", "dp-zopo", "mezo")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -344,7 +345,7 @@ class _Setup:
     mask: Mask | None = None
     numel: int = 0
     extra: dict = field(default_factory=dict)
-    streamed: Any = None  # the StreamedParameters once the blocks went to host memory
+    streamed: Any = None  # the streamed store once the blocks went to host memory
 
     @property
     def batch_size(self) -> int:
@@ -466,7 +467,7 @@ def time_dpzo(
 def stream(setup: _Setup) -> dict:
     """Move the model's blocks to host memory for streamed runs (in place: ZO2's setting);
     returns the bytes the limit on the streamed peak is made of."""
-    from dpzo.zo.streamed import StreamedParameters, find_blocks
+    from dpzo.zo.streamed import find_blocks
 
     blocks = find_blocks(setup.model)
     block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
@@ -474,7 +475,7 @@ def stream(setup: _Setup) -> dict:
     in_blocks = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
     setup.model.to("cpu")
     _reset_peak(setup.device)
-    setup.streamed = StreamedParameters(setup.model, None, device=setup.device)
+    setup.streamed = build_store(setup.model, master_dtype=None, offload="streamed", device=setup.device)
     return {"block_bytes": block_bytes, "resident_bytes": all_bytes - in_blocks, "weight_bytes": all_bytes}
 
 
@@ -492,12 +493,17 @@ def time_streamed(setup: _Setup, method: str, *, steps: int, warmup: int) -> dic
             per_example_loss,
             setup.batch_size,
             setup.hyperparameters(method, warmup),
-            flat=setup.streamed,
+            store=setup.streamed,
             **kw,
         )
     before = setup.streamed.uploads[0]
     history = train_zo(
-        setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), flat=setup.streamed, **kw
+        setup.model,
+        per_example_loss,
+        setup.batch_size,
+        setup.hyperparameters(method, steps),
+        store=setup.streamed,
+        **kw,
     )
     return {
         "method": method,
@@ -594,9 +600,9 @@ def bench_model(
     batch = make_batch(spec, batch_size=b, seq_len=s, device=device)
     model = build_model(spec, device=device, dtype=torch_dtype)
     clf = PromptClassifier(model, None, spec.family, None, label_ids=spec.label_ids)
-    # Flatten once, in place: every later FlatParameters adopts this buffer instead of copying
-    # the weights (which would also put a second copy into the peak).
-    numel = FlatParameters(model, master_dtype=None).numel
+    # Flatten once, in place: every later store adopts this buffer instead of copying the
+    # weights (which would also put a second copy into the peak).
+    numel = build_store(model, master_dtype=None).numel
     setup = _Setup(name, spec, model, clf, batch, device, torch_dtype, numel=numel)
     if "dp-zopo" in methods:
         setup.mask = random_mask(numel, mask_ratio, device=device)

@@ -173,13 +173,13 @@ def run_cell(
     )
     tuning = getattr(hp, "tuning", None)
     trainable = apply_tuning(lm, tuning, seed=seed) if tuning is not None else 0  # LoRA, prefix: those only
-    flat = None
+    store = None  # train_zo builds a resident one; the blocks go to host memory before the model is used
     if streamed:
-        from dpzo.zo.streamed import StreamedParameters
+        from dpzo.zo.store import build_store
 
         directions = getattr(hp, "directions", 1)
         master = master_dtype if base in ZO else None  # an evaluation-only cell needs no master copy
-        flat = StreamedParameters(lm, master, device=run.device, direction_cache_size=directions)
+        store = build_store(lm, master_dtype=master, offload=run.offload, device=run.device, directions=directions)
     clf = make_scorer(lm, tokenizer, family, task)
     test_examples = load_split(split_dir / "test.jsonl")
     train_set = clf.encode(train_examples)
@@ -244,7 +244,7 @@ def run_cell(
                     curve=test_curve,
                     on_start=started,
                     team=team,
-                    flat=flat,
+                    store=store,
                 )
         if not team.is_main:
             return None  # rank 0 evaluates and writes the outputs

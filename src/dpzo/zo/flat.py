@@ -1,8 +1,8 @@
 """Zeroth-order (SPSA) machinery: flat parameters, seeded directions, and the DP-ZOSO schedule.
 
-:class:`FlatParameters` holds theta in one flat buffer on one device.  Its variants (in place
-or master copy, dense or masked, torch or fused passes) are the objects of ``dpzo.zo.passes``,
-chosen once rather than tested per pass.
+:class:`FlatParameters` is the resident store of theta (``dpzo.zo.store.ParameterStore``): one
+flat buffer on one device.  Its variants (in place or master copy, dense or masked, torch or
+fused passes) are the objects of ``dpzo.zo.passes``, chosen once rather than tested per pass.
 
 One step of DP-ZOSO (stage s, learning rate eta_s, ZO scale beta_s, anchor theta_s):
 
@@ -56,6 +56,7 @@ import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -63,10 +64,16 @@ import torch
 from dpzo.zo import philox
 from dpzo.zo.passes import Coefficient, Dense, Fused, Holding, InPlace, Masked, MasterCopy, Passes, Support
 
+if TYPE_CHECKING:  # annotations only: the store module builds the stores
+    from dpzo.zo.store import ResidentStore
+
 DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (memory only: z does not depend on it)
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+#: the entries of a store's ``state_dict`` (all tensors or None): what a snapshot saves of theta
+STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
 
 
 def direction_seed(run_seed: int, step: int, direction: int) -> int:
@@ -159,6 +166,49 @@ def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Te
     return first.detach().as_strided((offset,), (1,), 0)
 
 
+def _losses_of(
+    per_example_loss: Callable[[np.ndarray], torch.Tensor], index: np.ndarray, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """The losses of one batch share; a share may be empty when the batch is smaller than the ranks."""
+    if len(index) == 0:
+        return lambda: torch.zeros(0, dtype=torch.float64, device=device)
+    return lambda: per_example_loss(index)
+
+
+@torch.no_grad()
+def spsa_differences(
+    loss_fn: Callable[[], torch.Tensor], store: ResidentStore, seed: int, beta: float, *, restore: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example symmetric finite differences (l(theta+beta z) - l(theta-beta z)) / (2 beta).
+
+    ``loss_fn`` returns the [B] per-example losses of one batched forward at the current
+    working weights.  Returns (d in float64, losses at +beta, losses at -beta), all on the
+    losses' device.  With ``restore`` the working weights are restored afterwards; the trainer
+    passes False and lets the next pass overwrite them.
+    """
+    store.perturb(seed, +beta)
+    loss_plus = loss_fn()
+    store.perturb(seed, -beta)
+    loss_minus = loss_fn()
+    if restore:
+        store.restore()
+    return (loss_plus.double() - loss_minus.double()) / (2.0 * beta), loss_plus, loss_minus
+
+
+def perturbed_two_point_losses(
+    store: ResidentStore,
+    per_example_loss: Callable[[np.ndarray], torch.Tensor],
+    passes: Sequence[tuple[np.ndarray, int]],
+    beta: float,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``two_point_losses`` of a resident store: two forwards per (batch share, seed), at theta
+    + beta z and theta - beta z, the weights left perturbed for the next pass to overwrite."""
+    return [
+        spsa_differences(_losses_of(per_example_loss, index, store.device), store, seed, beta, restore=False)
+        for index, seed in passes
+    ]
+
+
 class FlatParameters:
     """The model's trainable parameters as views into one flat buffer, with theta held exactly.
 
@@ -177,11 +227,8 @@ class FlatParameters:
     The variants are objects of ``dpzo.zo.passes``, chosen once: how theta is held
     (``InPlace`` / ``MasterCopy``, at construction), its support (``Dense`` / ``Masked``, by
     :meth:`set_mask`) and how a pass runs (the support's torch passes or ``Fused`` kernels, per
-    device).
+    device).  A :class:`~dpzo.zo.store.ResidentStore`.
     """
-
-    #: the entries of :meth:`state_dict` (all tensors or None)
-    STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
 
     def __init__(
         self,
@@ -285,10 +332,10 @@ class FlatParameters:
         """Whether every coordinate of theta is finite (one host read)."""
         return bool(torch.isfinite(self.master).all())
 
-    @property
-    def parts(self) -> list[FlatParameters]:
-        """The buffers theta lives in: this one (a placed model has one per device)."""
-        return [self]
+    @torch.no_grad()
+    def strided_theta(self, stride: int) -> torch.Tensor:
+        """Every ``stride``-th coordinate of theta, float32 on the CPU."""
+        return self.master[::stride].float().cpu()
 
     # -- the trainable support ------------------------------------------------------------
     def set_mask(
@@ -367,6 +414,15 @@ class FlatParameters:
         return self._support.direction(seed)
 
     # -- the passes ---------------------------------------------------------------------------
+    def two_point_losses(
+        self,
+        per_example_loss: Callable[[np.ndarray], torch.Tensor],
+        passes: Sequence[tuple[np.ndarray, int]],
+        beta: float,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(d, l+, l-) of every (batch, seed): two forwards each (:func:`perturbed_two_point_losses`)."""
+        return perturbed_two_point_losses(self, per_example_loss, passes, beta)
+
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
         """work <- theta + scale * z(seed) on the support (times the perturbation scales, if any)."""
@@ -389,10 +445,6 @@ class FlatParameters:
         move is merged into the next pass over ``work`` (restore + update + next perturbation).
         """
         self._holding.add([(int(seed), coef, self._support.update_scales) for seed, coef in moves])
-
-    def add_direction(self, seed: int, coef: Coefficient) -> None:
-        """master <- master + coef * z(seed) on the support (times the update scales, if any)."""
-        self.add_directions([(seed, coef)])
 
     # -- where theta lives ---------------------------------------------------------------------
     @torch.no_grad()

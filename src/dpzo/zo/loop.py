@@ -45,12 +45,12 @@ from dpzo.models.evaluate import TestLossCurve
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.checkpoint import LoopState, TrainingCheckpoint
-from dpzo.zo.flat import FlatParameters, direction_seed
+from dpzo.zo.flat import direction_seed
 from dpzo.zo.monitor import TrainingMonitor
-from dpzo.zo.placed import flat_parameters
 from dpzo.zo.precision import check_zo_scale
 from dpzo.zo.replicas import SingleProcess
 from dpzo.zo.step import SINGLE_PROCESS, batch_sampler, zo_step
+from dpzo.zo.store import ParameterStore, build_store
 
 if TYPE_CHECKING:  # annotations only: masks are built above this layer and passed in
     from dpzo.masks.prune import Mask
@@ -69,7 +69,7 @@ def train_zo(
     run_seed: int,
     noise: NoisySum | None = None,
     secret: SecretRandom | None = None,
-    master_dtype: torch.dtype = torch.float32,
+    master_dtype: torch.dtype | None = torch.float32,
     masks: Callable[[int], Mask] | None = None,
     record_releases: bool = False,
     checkpoint: TrainingCheckpoint | None = None,
@@ -77,7 +77,7 @@ def train_zo(
     on_start: Callable[[int | None], None] | None = None,
     team: SingleProcess = SINGLE_PROCESS,
     parts: list[list[str]] | None = None,
-    flat: FlatParameters | None = None,
+    store: ParameterStore | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -99,22 +99,23 @@ def train_zo(
     batch and applies the same update.  Every rank resumes from the snapshot; rank 0 alone
     writes them.  A rank that stops answering ends the run with ``ReplicaLost``.
 
-    A model placed over several devices trains one buffer per device (``dpzo.zo.placed``);
-    ``parts`` (lists of parameter names) cuts the vector by hand instead, as the tests do.
-    ``flat``: the trainable vector when the caller built it (a streamed model's,
-    ``dpzo.zo.streamed.StreamedParameters``, which is built before the model is used at all).
+    ``store``: where theta lives (``dpzo.zo.store.ParameterStore``) when the caller built it
+    (a streamed model's is built before the model is used at all); otherwise
+    ``dpzo.zo.store.build_store`` builds it from ``master_dtype``: one buffer, or one per
+    device of a placed model; ``parts`` (lists of parameter names) cuts the vector by hand
+    instead, as the tests do.
     """
     spec = _checked_method(method, n, hp, noise=noise, secret=secret, masked=masks is not None, main=team.is_main)
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
-    if flat is None:
-        flat = flat_parameters(model, master_dtype, direction_cache_size=hp.directions, parts=parts)
-    check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
+    if store is None:
+        store = build_store(model, master_dtype=master_dtype, directions=hp.directions, parts=parts)
+    check_zo_scale(store, min(schedule.beta_at(s) for s in range(hp.stages)))
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     sample = batch_sampler(spec, n, hp.batch_size, secret=secret, public_rng=public_rng)
     monitor = TrainingMonitor(
         schedule,
-        flat,
+        store,
         steps=hp.steps,
         log_every=hp.log_every,
         private=spec.private,
@@ -122,7 +123,7 @@ def train_zo(
         log=log,
     )
     anchor = None
-    resumed = _resume(checkpoint, flat, public_rng=public_rng, secret=secret, team=team)
+    resumed = _resume(checkpoint, store, public_rng=public_rng, secret=secret, team=team)
     if resumed is not None:
         anchor = resumed.anchor
         monitor.load_state_dict(resumed.monitor_state())
@@ -132,15 +133,15 @@ def train_zo(
     for step in range(monitor.steps_run, hp.steps):
         stage = schedule.stage_of(step)
         if step in starts:
-            flat.restore()  # the weights are read here (dynamic masks, the anchor)
+            store.restore()  # the weights are read here (dynamic masks, the anchor)
             if masks is not None:
-                monitor.stage_started(_train_mask(flat, masks(stage), hp))
+                monitor.stage_started(_train_mask(store, masks(stage), hp))
             if hp.lam:
-                anchor = flat.snapshot()  # theta_s: a real copy taken at the start of each stage
+                anchor = store.snapshot()  # theta_s: a real copy taken at the start of each stage
         seeds = [direction_seed(run_seed, step, p) for p in range(hp.directions)]
         result = zo_step(
             spec,
-            flat,
+            store,
             per_example_loss,
             sample,
             seeds,
@@ -155,16 +156,16 @@ def train_zo(
         )
         monitor.after_step(step, stage, result)
         if curve is not None:
-            curve.after_step(step + 1, monitor.history, prepare=flat.restore)
+            curve.after_step(step + 1, monitor.history, prepare=store.restore)
         if checkpoint is not None and team.is_main:  # rank 0 writes the snapshots
             checkpoint.step_done(
                 step + 1,
                 lambda: LoopState(anchor=anchor, **monitor.state_dict()),  # noqa: B023 (called within this step)
-                flat,
+                store,
                 public_rng=public_rng,
                 secret=secret,
             )
-    flat.restore()
+    store.restore()
     private = spec.private  # the noise the ledger certified; MeZO divides by its batch size
     return monitor.finish(
         n=n,
@@ -176,7 +177,7 @@ def train_zo(
 
 def _resume(
     checkpoint: TrainingCheckpoint | None,
-    flat: FlatParameters,
+    store: ParameterStore,
     *,
     public_rng: np.random.Generator,
     secret: SecretRandom | None,
@@ -193,9 +194,9 @@ def _resume(
     secure = team.broadcast_flag(None if secret is None else secret.is_secure)
     resumed = None
     if team.is_main:
-        resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+        resumed = checkpoint.resume(store, public_rng=public_rng, secret=secret, secure_noise=secure)
     if team.broadcast_flag(resumed is not None) and not team.is_main:
-        resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+        resumed = checkpoint.resume(store, public_rng=public_rng, secret=secret, secure_noise=secure)
     team.agree(-1 if resumed is None else resumed.step)
     return resumed
 
@@ -226,9 +227,9 @@ def _checked_method(
     return spec
 
 
-def _train_mask(flat: FlatParameters, mask: Mask, hp: ZOHyperparameters) -> int:
+def _train_mask(store: ParameterStore, mask: Mask, hp: ZOHyperparameters) -> int:
     """Restrict training to ``mask`` (its scales on the perturbation, and on the update in
     ``rank_update`` mode); returns its size."""
     rank_update = hp.mask is not None and hp.mask.rank_update
-    flat.set_mask(mask.indices, perturb_scales=mask.scales, update_scales=mask.scales if rank_update else None)
+    store.set_mask(mask.indices, perturb_scales=mask.scales, update_scales=mask.scales if rank_update else None)
     return len(mask)
