@@ -30,6 +30,7 @@ non-finite flags, log lines, counts), the test-loss curve and the snapshots
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -122,50 +123,45 @@ def train_zo(
         record_releases=record_releases,
         log=log,
     )
-    anchor = None
-    resumed = _resume(checkpoint, store, public_rng=public_rng, secret=secret, team=team)
-    if resumed is not None:
-        anchor = resumed.anchor
-        monitor.load_state_dict(resumed.monitor_state())
-    if on_start is not None:
-        on_start(None if resumed is None else resumed.step)
+    snapshots = _Snapshots(checkpoint, store, monitor, public_rng=public_rng, secret=secret, team=team)
+    anchor = snapshots.resume(on_start)
+    step_with = functools.partial(
+        zo_step, spec, store, per_example_loss, sample, clip=hp.clip, lam=hp.lam, noise=noise, secret=secret, team=team
+    )
     monitor.start()
     for step in range(monitor.steps_run, hp.steps):
         stage = schedule.stage_of(step)
         if step in starts:
-            store.restore()  # the weights are read here (dynamic masks, the anchor)
-            if masks is not None:
-                monitor.stage_started(_train_mask(store, masks(stage), hp))
-            if hp.lam:
-                anchor = store.snapshot()  # theta_s: a real copy taken at the start of each stage
+            anchor = _start_stage(store, stage, hp, masks=masks, monitor=monitor, anchor=anchor)
         seeds = [direction_seed(run_seed, step, p) for p in range(hp.directions)]
-        result = zo_step(
-            spec,
-            store,
-            per_example_loss,
-            sample,
-            seeds,
-            lr=schedule.lr_at(stage),
-            beta=schedule.beta_at(stage),
-            clip=hp.clip,
-            lam=hp.lam,
-            anchor=anchor,
-            noise=noise,
-            secret=secret,
-            team=team,
-        )
+        result = step_with(seeds, lr=schedule.lr_at(stage), beta=schedule.beta_at(stage), anchor=anchor)
         monitor.after_step(step, stage, result)
         if curve is not None:
             curve.after_step(step + 1, monitor.history, prepare=store.restore)
-        if checkpoint is not None and team.is_main:  # rank 0 writes the snapshots
-            checkpoint.step_done(
-                step + 1,
-                lambda: LoopState(anchor=anchor, **monitor.state_dict()),  # noqa: B023 (called within this step)
-                store,
-                public_rng=public_rng,
-                secret=secret,
-            )
+        snapshots.step_done(step, anchor)
     store.restore()
+    return _finish(monitor, spec, n, hp, noise)
+
+
+def _start_stage(
+    store: ParameterStore,
+    stage: int,
+    hp: ZOHyperparameters,
+    *,
+    masks: Callable[[int], Mask] | None,
+    monitor: TrainingMonitor,
+    anchor: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The start of ``stage``: its mask, and its anchor theta_s when the pull is on (a real copy
+    taken now); returns the anchor the stage's steps pull toward."""
+    store.restore()  # the weights are read here (dynamic masks, the anchor)
+    if masks is not None:
+        monitor.stage_started(_train_mask(store, masks(stage), hp))
+    return store.snapshot() if hp.lam else anchor
+
+
+def _finish(monitor: TrainingMonitor, spec: ZOMethod, n: int, hp: ZOHyperparameters, noise: NoisySum | None) -> dict:
+    """The history, with the public constants the ledger is checked against at the end."""
     private = spec.private  # the noise the ledger certified; MeZO divides by its batch size
     return monitor.finish(
         n=n,
@@ -173,6 +169,46 @@ def train_zo(
         noise_scale_on_sum=noise.scale if private else 0.0,
         noise_divisor=noise.divisor if private else float(hp.batch_size),
     )
+
+
+class _Snapshots:
+    """The run's snapshots (``checkpoint``, may be None): where it resumes, and those it writes
+    (rank 0 alone) after each step as the policy says."""
+
+    def __init__(
+        self,
+        checkpoint: TrainingCheckpoint | None,
+        store: ParameterStore,
+        monitor: TrainingMonitor,
+        *,
+        public_rng: np.random.Generator,
+        secret: SecretRandom | None,
+        team: SingleProcess,
+    ):
+        self.checkpoint, self.store, self.monitor = checkpoint, store, monitor
+        self.public_rng, self.secret, self.team = public_rng, secret, team
+
+    def resume(self, on_start: Callable[[int | None], None] | None) -> torch.Tensor | None:
+        """Continue from the snapshot if there is one (theta, the generators, the monitor), tell
+        ``on_start`` the step resumed after; returns the anchor the snapshot holds (None: none)."""
+        resumed = _resume(self.checkpoint, self.store, public_rng=self.public_rng, secret=self.secret, team=self.team)
+        if resumed is not None:
+            self.monitor.load_state_dict(resumed.monitor_state())
+        if on_start is not None:
+            on_start(None if resumed is None else resumed.step)
+        return None if resumed is None else resumed.anchor
+
+    def step_done(self, step: int, anchor: torch.Tensor | None) -> None:
+        """Step ``step`` (0-based) ran: a snapshot if the policy asks for one now."""
+        if self.checkpoint is None or not self.team.is_main:  # rank 0 writes the snapshots
+            return
+        self.checkpoint.step_done(
+            step + 1,
+            lambda: LoopState(anchor=anchor, **self.monitor.state_dict()),
+            self.store,
+            public_rng=self.public_rng,
+            secret=self.secret,
+        )
 
 
 def _resume(
