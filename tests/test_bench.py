@@ -262,7 +262,7 @@ def test_sixteen_bit_in_place_pass_rounds_once(tokenizer):
     assert flat.z_dtype == torch.float32
     flat.perturb(1, 1e-2)
     before = flat.work.double().clone()
-    flat.add_direction(1, -3e-3)  # deferred to the next pass
+    flat.add_directions([(1, -3e-3)])  # deferred to the next pass
     flat.perturb(2, 1e-2)  # one pass: -1e-2 z1 (undo) - 3e-3 z1 (update) + 1e-2 z2
     z1, z2 = (flat_module.gaussian_direction(s, flat.numel, dtype=torch.float32).double() for s in (1, 2))
     exact = before - 1.3e-2 * z1 + 1e-2 * z2

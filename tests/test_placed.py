@@ -19,7 +19,8 @@ from dpzo.zo import flat as flat_module
 from dpzo.zo.checkpoint import CheckpointPolicy, TrainingCheckpoint
 from dpzo.zo.flat import FlatParameters, gaussian_direction
 from dpzo.zo.loop import train_zo
-from dpzo.zo.placed import PlacedParameters, flat_parameters
+from dpzo.zo.placed import PlacedParameters
+from dpzo.zo.store import build_store
 
 from .test_checkpoint import CASES, N, top_magnitude_masks
 from .test_zo import Quadratic, TwoTensorModel
@@ -65,7 +66,7 @@ def comparable(history):
 
 def test_z_of_a_part_is_its_coordinates_of_the_whole_z():
     model = TwoTensorModel()
-    placed = flat_parameters(model, torch.float64, parts=[["w"], ["b"]])
+    placed = build_store(model, master_dtype=torch.float64, parts=[["w"], ["b"]])
     assert isinstance(placed, PlacedParameters) and [p.offset for p in placed.parts] == [0, 6]
     whole = gaussian_direction(99, 10, dtype=torch.float64)
     assert torch.equal(placed.direction(99), whole)
@@ -86,12 +87,12 @@ def test_a_split_model_trains_bit_for_bit_as_one_buffer(method, master_dtype):
 
 def test_a_mask_that_leaves_a_part_out_never_writes_it():
     model = TwoTensorModel()
-    placed = flat_parameters(model, torch.float64, parts=[["w"], ["b"]])
+    placed = build_store(model, master_dtype=torch.float64, parts=[["w"], ["b"]])
     b_before = model.b.detach().clone()
     placed.set_mask(torch.tensor([0, 3, 5]))  # all in w
-    assert [p is placed.parts[0] for p in placed._active] == [True]
+    assert [p is placed.parts[0] for p in placed.active] == [True]
     placed.perturb(7, 0.1)
-    placed.add_direction(7, -0.5)
+    placed.add_directions([(7, -0.5)])
     placed.restore()
     assert torch.equal(model.b.detach(), b_before)
     state = placed.state_dict()
@@ -155,8 +156,8 @@ def test_a_transformer_in_three_parts_trains_as_one(tokenizer, monkeypatch, mask
     assert results[1][1] == results[0][1]
 
 
-def test_flat_parameters_of_an_unplaced_model_is_one_buffer():
-    assert type(flat_parameters(TwoTensorModel())) is FlatParameters
+def test_the_store_of_an_unplaced_model_is_one_buffer():
+    assert type(build_store(TwoTensorModel())) is FlatParameters
 
 
 @pytest.mark.parametrize("placement", ["auto", {"": "cpu"}], ids=["auto", "module-map"])

@@ -105,7 +105,7 @@ def train(tokenizer, family: str, case: str, *, streamed: bool, master_dtype=tor
         secret=SecretRandom(insecure_test_seed=7) if private else None,
         masks=masks,
         master_dtype=master_dtype,
-        flat=flat,
+        store=flat,
     )
     with torch.no_grad():  # evaluation runs through the streamed forward too
         logits = clf.label_logits(data.batch(np.arange(len(data)), clf.device))
@@ -117,7 +117,7 @@ def sorted_parameters(model, flat):
     """The trainable parameters in flat order; a streamed model's blocks read from their host copy."""
     if flat is None:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [(str(i), part.master) for i, part in enumerate(flat.parts)]
+    return [(str(i), part.master) for i, part in enumerate(flat.placed.parts)]
 
 
 @pytest.mark.parametrize("kind", ["lora", "prefix"])
@@ -147,7 +147,7 @@ def test_streamed_adapters_equal_resident(tokenizer, family, kind):
             noise=NoisySum("gaussian", 1.0, hp.batch_size),
             secret=SecretRandom(insecure_test_seed=7),
             master_dtype=torch.float64,
-            flat=flat,
+            store=flat,
         )
         with torch.no_grad():
             results.append(clf.label_logits(data.batch(np.arange(len(data)), clf.device)))
@@ -191,7 +191,7 @@ def test_one_upload_per_block_per_step(tokenizer):
         noise=NoisySum("gaussian", 1.0, 6),
         secret=SecretRandom(insecure_test_seed=7),
         master_dtype=torch.float64,
-        flat=flat,
+        store=flat,
     )
     # one forward per step over both directions' batches, each twice (+ and -); one upload of each
     # block per step, and one more at the end that applies the last step's update
@@ -294,10 +294,10 @@ def test_a_streamed_run_resumes_from_its_snapshot_to_the_uninterrupted_result(to
             noise=NoisySum("gaussian", 0.5 * hp.clip, hp.batch_size),
             secret=SecretRandom(insecure_test_seed=7),
             master_dtype=torch.float64,
-            flat=flat,
+            store=flat,
             checkpoint=checkpoint,
         )
-        return torch.cat([part.master for part in flat.parts]), history
+        return flat.master, history
 
     snapshots = lambda: TrainingCheckpoint(CheckpointPolicy(path, every_steps=2, every_seconds=0), {"cell": 1})  # noqa: E731
     theta, history = run()

@@ -12,10 +12,10 @@ from dpzo.methods import hyperparameters_for
 from dpzo.methods.hyperparameters import StageSchedule, ZOHyperparameters
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.zo.flat import FlatParameters, direction_seed, gaussian_direction
+from dpzo.zo.flat import FlatParameters, direction_seed, gaussian_direction, spsa_differences
 from dpzo.zo.loop import train_zo
 from dpzo.zo.precision import MIN_BETA_ULPS, check_zo_scale
-from dpzo.zo.step import apply_update, clip_differences, spsa_differences
+from dpzo.zo.step import apply_update, clip_differences
 
 
 class TwoTensorModel(torch.nn.Module):
@@ -318,7 +318,7 @@ def test_rank_scales_multiply_perturbation_and_optionally_the_update():
     z = gaussian_direction(3, 10, dtype=torch.float64)[idx]
     torch.testing.assert_close(flat.work[idx], theta0[idx] + 0.1 * scales * z, rtol=0, atol=1e-15)
     flat.restore()
-    flat.add_direction(3, -0.5)  # perturb_scales do not scale the update
+    flat.add_directions([(3, -0.5)])  # perturb_scales do not scale the update
     torch.testing.assert_close(flat.master[idx], theta0[idx] - 0.5 * z, rtol=0, atol=1e-15)
 
 

@@ -29,7 +29,8 @@ from dpzo.bench.timing import (
     time_streamed,
 )
 from dpzo.models.classifier import DTYPES, PromptClassifier
-from dpzo.zo.flat import FlatParameters, fused_passes
+from dpzo.zo.flat import fused_passes
+from dpzo.zo.store import build_store
 
 
 def _masters(method: str, master: str, dtype: torch.dtype) -> list[str]:
@@ -48,9 +49,9 @@ def _prepare(
     batch = make_batch(spec, batch_size=batch_size, seq_len=seq_len, device=device)
     model = build_model(spec, device=device, dtype=dtype)
     clf = PromptClassifier(model, None, spec.family, None, label_ids=spec.label_ids)
-    # Flatten once, in place: every later FlatParameters adopts this buffer instead of copying
+    # Flatten once, in place: every later store adopts this buffer instead of copying
     # the weights (which would also put a second copy into the peak).
-    numel = FlatParameters(model, master_dtype=None).numel
+    numel = build_store(model, master_dtype=None).numel
     setup = Setup(name, spec, model, clf, batch, device, dtype, numel=numel)
     if mask is not None:
         setup.mask = random_mask(numel, mask, device=device)

@@ -100,7 +100,7 @@ class Setup:
     mask: Mask | None = None
     numel: int = 0
     extra: dict = field(default_factory=dict)
-    streamed: Any = None  # the StreamedParameters once the blocks went to host memory
+    streamed: Any = None  # the streamed store once the blocks went to host memory
 
     @property
     def batch_size(self) -> int:
@@ -222,7 +222,8 @@ def time_dpzo(
 def stream(setup: Setup) -> dict:
     """Move the model's blocks to host memory for streamed runs (in place: ZO2's setting);
     returns the bytes the limit on the streamed peak is made of."""
-    from dpzo.zo.streamed import StreamedParameters, find_blocks
+    from dpzo.zo.store import build_store
+    from dpzo.zo.streamed import find_blocks
 
     blocks = find_blocks(setup.model)
     block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
@@ -230,7 +231,7 @@ def stream(setup: Setup) -> dict:
     in_blocks = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
     setup.model.to("cpu")
     reset_peak(setup.device)
-    setup.streamed = StreamedParameters(setup.model, None, device=setup.device)
+    setup.streamed = build_store(setup.model, master_dtype=None, offload="streamed", device=setup.device)
     return {"block_bytes": block_bytes, "resident_bytes": all_bytes - in_blocks, "weight_bytes": all_bytes}
 
 
@@ -248,12 +249,17 @@ def time_streamed(setup: Setup, method: str, *, steps: int, warmup: int) -> dict
             per_example_loss,
             setup.batch_size,
             setup.hyperparameters(method, warmup),
-            flat=setup.streamed,
+            store=setup.streamed,
             **kw,
         )
     before = setup.streamed.uploads[0]
     history = train_zo(
-        setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), flat=setup.streamed, **kw
+        setup.model,
+        per_example_loss,
+        setup.batch_size,
+        setup.hyperparameters(method, steps),
+        store=setup.streamed,
+        **kw,
     )
     return {
         "method": method,

@@ -186,13 +186,14 @@ def prepare_cell(run: CellRun, verified: VerifiedCell) -> PreparedCell:
     )
     tuning = getattr(hp, "tuning", None)
     trainable = apply_tuning(lm, tuning, seed=cell.seed) if tuning is not None else 0  # LoRA, prefix: those only
-    store = None
+    store = None  # train_zo builds a resident one; the blocks go to host memory before the model is used
     if streamed:
-        from dpzo.zo.streamed import StreamedParameters
+        from dpzo.zo.store import build_store
 
         trains_zo = get_method(base_method(cell.method)).trainer == TRAINER_ZO
         master = torch.float32 if run.master != "none" and trains_zo else None  # evaluation only: no master
-        store = StreamedParameters(lm, master, device=run.device, direction_cache_size=getattr(hp, "directions", 1))
+        directions = getattr(hp, "directions", 1)
+        store = build_store(lm, master_dtype=master, offload=run.offload, device=run.device, directions=directions)
     clf = make_scorer(lm, tokenizer, family, verified.task)
     test_examples = load_split(split_dir / "test.jsonl")
     identity = dict(
@@ -302,7 +303,7 @@ def train_zeroth_order_cell(run: CellRun, verified: VerifiedCell, prepared: Prep
             curve=_test_curve(run, verified, prepared, how),
             on_start=how.started,
             team=how.team,
-            flat=prepared.store,
+            store=prepared.store,
         )
 
 

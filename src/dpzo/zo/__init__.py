@@ -1,1 +1,1 @@
-"""Zeroth-order training: flat parameters and the direction stream, the step, the loop and its monitor, snapshots, and the released code's step."""
+"""Zeroth-order training: where theta lives (the stores, ``dpzo.zo.store``) and the direction stream, the step, the loop and its monitor, snapshots, and the released code's step."""

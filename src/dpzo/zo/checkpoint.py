@@ -71,7 +71,7 @@ import torch
 
 from dpzo import integrity
 from dpzo.fileio import atomic_path
-from dpzo.zo.flat import FlatParameters
+from dpzo.zo.store import STATE_KEYS, ParameterStore
 
 if TYPE_CHECKING:  # annotations only
     from dpzo.privacy.secret import SecretRandom
@@ -185,9 +185,9 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-#: The tensors of a snapshot (``FlatParameters.state_dict`` and the proximal anchor); everything
+#: The tensors of a snapshot (a store's ``state_dict`` and the proximal anchor); everything
 #: else in it is plain data (numbers, lists, dicts).
-SNAPSHOT_TENSORS = FlatParameters.STATE_KEYS + ("anchor",)
+SNAPSHOT_TENSORS = STATE_KEYS + ("anchor",)
 
 
 def snapshot_digest(payload: dict) -> str:
@@ -259,13 +259,13 @@ class TrainingCheckpoint:
     # -- resume ------------------------------------------------------------------------------
     def resume(
         self,
-        flat: FlatParameters,
+        store: ParameterStore,
         *,
         public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
         secure_noise: bool | None = None,
     ) -> LoopState | None:
-        """Restore ``flat``, the generators and the loop state from the snapshot, if one for this
+        """Restore ``store``, the generators and the loop state from the snapshot, if one for this
         very run exists; otherwise return None (start at step 0).  Call before the first step:
         the identity includes a digest of the weights as loaded (theta_0).
 
@@ -275,9 +275,9 @@ class TrainingCheckpoint:
         if secret is not None:
             secure_noise = bool(secret.is_secure)
         self.identity.update(
-            numel=int(flat.numel),
-            master_dtype=str(flat.master_dtype),
-            theta0=theta_digest(flat.master),
+            numel=int(store.numel),
+            master_dtype=str(store.master_dtype),
+            theta0=theta_digest(store.master),
             secure_noise=secure_noise,
         )
         path = self.policy.path
@@ -292,7 +292,7 @@ class TrainingCheckpoint:
                 why,
             )
             return None
-        flat.load_state_dict({key: saved[key] for key in FlatParameters.STATE_KEYS})
+        store.load_state_dict({key: saved[key] for key in STATE_KEYS})
         public_rng.bit_generator.state = saved["public_rng"]
         if saved["secret_rng"] is not None and secret is not None:
             secret.restore_insecure_state(saved["secret_rng"])
@@ -302,7 +302,7 @@ class TrainingCheckpoint:
         return LoopState(
             step=int(saved["step"]),
             releases=int(saved["releases"]),
-            anchor=None if anchor is None else anchor.to(flat.device),
+            anchor=None if anchor is None else anchor.to(store.device),
             history=saved["history"],
             since_log=tuple(saved["since_log"]),
             train_seconds=float(saved["train_seconds"]),
@@ -356,7 +356,7 @@ class TrainingCheckpoint:
         self,
         step: int,
         state: Callable[[], LoopState],
-        flat: FlatParameters,
+        store: ParameterStore,
         *,
         public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
@@ -368,7 +368,7 @@ class TrainingCheckpoint:
         current = state()
         path = self.policy.path
         try:
-            self.save(current, flat, public_rng=public_rng, secret=secret)
+            self.save(current, store, public_rng=public_rng, secret=secret)
         except (OSError, RuntimeError) as err:
             exc = no_space(err)
             if exc is None:
@@ -404,7 +404,7 @@ class TrainingCheckpoint:
     def save(
         self,
         state: LoopState,
-        flat: FlatParameters,
+        store: ParameterStore,
         *,
         public_rng: np.random.Generator,
         secret: SecretRandom | None = None,
@@ -421,7 +421,7 @@ class TrainingCheckpoint:
             "train_seconds": state.train_seconds,
             "resumed_from": list(state.resumed_from),
             "examples_sampled": state.examples_sampled,
-            **flat.state_dict(),  # theta itself (restored), the mask and its scales
+            **store.state_dict(),  # theta itself (restored), the mask and its scales
             "anchor": _cpu(state.anchor),
             "history": state.history,
             "since_log": list(state.since_log),

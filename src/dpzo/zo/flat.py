@@ -1,5 +1,9 @@
 """Zeroth-order (SPSA) machinery: flat parameters, seeded directions, and the DP-ZOSO schedule.
 
+:class:`FlatParameters` is the resident store of theta (``dpzo.zo.store.ParameterStore``): one
+flat buffer on one device.  Its variants (in place or master copy, dense or masked, torch or
+fused passes) are the objects of ``dpzo.zo.passes``, chosen once rather than tested per pass.
+
 One step of DP-ZOSO (stage s, learning rate eta_s, ZO scale beta_s, anchor theta_s):
 
     for each of P directions p (each its own Poisson batch and its own accounted release):
@@ -25,7 +29,7 @@ Design (where the time of a step goes, and how it is kept close to two forward p
   parameters are split.  (A model of at most one block keeps each z whole for the passes of its
   step instead: a few MB, drawn once rather than once per pass.)  A masked run sees exactly the
   dense z at its coordinates.
-* Two ways to hold theta:
+* Two ways to hold theta (``passes.MasterCopy``, ``passes.InPlace``):
   - with a master copy (``master_dtype``, float32 by default): a perturbation writes
     ``work = master + s z``, so the restore is exact and free (the next perturbation overwrites
     ``work`` anyway), and the update lands in the master's precision.  Use it when the model
@@ -39,9 +43,10 @@ Design (where the time of a step goes, and how it is kept close to two forward p
   something else (a stage boundary, a snapshot, evaluation).
 * The released scalar g may be a 0-d tensor on the device: the update reads it there, so a
   step needs no host synchronisation.
-* Masks are sorted int64 flat indices; z on the mask is gathered once per direction and kept
-  for the passes of that step (``direction_cache_size`` directions), and masked passes work
-  through the mask in slices of ``DIRECTION_CHUNK``, so their temporaries stay small.
+* Masks (``passes.Masked``) are sorted int64 flat indices; z on the mask is gathered once per
+  direction and kept for the passes of that step (``direction_cache_size`` directions), and
+  masked passes work through the mask in slices of ``DIRECTION_CHUNK``, so their temporaries
+  stay small.
 """
 
 from __future__ import annotations
@@ -51,25 +56,24 @@ import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dpzo.zo import philox
+from dpzo.zo.passes import Coefficient, Dense, Fused, Holding, InPlace, Masked, MasterCopy, Passes, Support
+
+if TYPE_CHECKING:  # annotations only: the store module builds the stores
+    from dpzo.zo.store import ResidentStore
 
 DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (memory only: z does not depend on it)
 
 
-#: A coefficient of z: a Python number, or a 0-d tensor on the parameters' device (a released
-#: scalar that has not been copied to the host).
-Coefficient = float | torch.Tensor
-
-
-#: (seed, coefficient, per-coordinate scales on the mask or None): the move ``coefficient * z(seed)``.
-Term = tuple[int, Coefficient, torch.Tensor | None]
-
-
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+#: the entries of a store's ``state_dict`` (all tensors or None): what a snapshot saves of theta
+STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
 
 
 def direction_seed(run_seed: int, step: int, direction: int) -> int:
@@ -104,26 +108,6 @@ def gaussian_direction(
     return out
 
 
-def _axpy(x: torch.Tensor, z: torch.Tensor, coef: Coefficient) -> None:
-    """x += coef * z, reading a tensor coefficient on the device (no host synchronisation)."""
-    if isinstance(coef, torch.Tensor):
-        x.addcmul_(z, coef)
-    else:
-        x.add_(z, alpha=coef)
-
-
-def _merge(terms: Sequence[Term]) -> list[Term]:
-    """Sum the coefficients of terms with the same seed and scales, so each z is drawn once."""
-    merged: dict[tuple[int, int], list] = {}
-    for seed, coef, scales in terms:
-        key = (seed, id(scales))
-        if key in merged:
-            merged[key][1] = merged[key][1] + coef
-        else:
-            merged[key] = [seed, coef, scales]
-    return [(s, c, sc) for s, c, sc in merged.values() if isinstance(c, torch.Tensor) or c != 0]
-
-
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -139,16 +123,6 @@ def fused_passes(device: torch.device) -> bool:
     if choice == "force":
         return True
     return device.type == "cuda" and _triton_installed()
-
-
-def _groups_by_scales(terms: Sequence[Term]) -> list[tuple[torch.Tensor | None, list[int], list[Coefficient]]]:
-    """The terms grouped by their per-coordinate scales (one fused masked pass per group)."""
-    groups: dict[int, tuple[torch.Tensor | None, list[int], list[Coefficient]]] = {}
-    for seed, coef, scales in terms:
-        group = groups.setdefault(id(scales), (scales, [], []))
-        group[1].append(seed)
-        group[2].append(coef)
-    return list(groups.values())
 
 
 def check_mask_indices(indices: torch.Tensor, numel: int) -> None:
@@ -192,6 +166,49 @@ def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Te
     return first.detach().as_strided((offset,), (1,), 0)
 
 
+def _losses_of(
+    per_example_loss: Callable[[np.ndarray], torch.Tensor], index: np.ndarray, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """The losses of one batch share; a share may be empty when the batch is smaller than the ranks."""
+    if len(index) == 0:
+        return lambda: torch.zeros(0, dtype=torch.float64, device=device)
+    return lambda: per_example_loss(index)
+
+
+@torch.no_grad()
+def spsa_differences(
+    loss_fn: Callable[[], torch.Tensor], store: ResidentStore, seed: int, beta: float, *, restore: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example symmetric finite differences (l(theta+beta z) - l(theta-beta z)) / (2 beta).
+
+    ``loss_fn`` returns the [B] per-example losses of one batched forward at the current
+    working weights.  Returns (d in float64, losses at +beta, losses at -beta), all on the
+    losses' device.  With ``restore`` the working weights are restored afterwards; the trainer
+    passes False and lets the next pass overwrite them.
+    """
+    store.perturb(seed, +beta)
+    loss_plus = loss_fn()
+    store.perturb(seed, -beta)
+    loss_minus = loss_fn()
+    if restore:
+        store.restore()
+    return (loss_plus.double() - loss_minus.double()) / (2.0 * beta), loss_plus, loss_minus
+
+
+def perturbed_two_point_losses(
+    store: ResidentStore,
+    per_example_loss: Callable[[np.ndarray], torch.Tensor],
+    passes: Sequence[tuple[np.ndarray, int]],
+    beta: float,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``two_point_losses`` of a resident store: two forwards per (batch share, seed), at theta
+    + beta z and theta - beta z, the weights left perturbed for the next pass to overwrite."""
+    return [
+        spsa_differences(_losses_of(per_example_loss, index, store.device), store, seed, beta, restore=False)
+        for index, seed in passes
+    ]
+
+
 class FlatParameters:
     """The model's trainable parameters as views into one flat buffer, with theta held exactly.
 
@@ -206,10 +223,12 @@ class FlatParameters:
     ``direction_cache_size`` is how many directions' z stay cached for the passes of a step
     (masked z on the mask, or whole z of a small model): a trainer with P directions per step
     passes P, so each z is drawn once per step.
-    """
 
-    #: the entries of :meth:`state_dict` (all tensors or None)
-    STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
+    The variants are objects of ``dpzo.zo.passes``, chosen once: how theta is held
+    (``InPlace`` / ``MasterCopy``, at construction), its support (``Dense`` / ``Masked``, by
+    :meth:`set_mask`) and how a pass runs (the support's torch passes or ``Fused`` kernels, per
+    device).  A :class:`~dpzo.zo.store.ResidentStore`.
+    """
 
     def __init__(
         self,
@@ -225,26 +244,14 @@ class FlatParameters:
         self.params = parameters if parameters is not None else trainable_parameters(model)
         if not self.params:
             raise ValueError("model has no trainable parameters")
-        first = self.params[0][1]
-        self.device = first.device
+        self.device = self.params[0][1].device
         self.numel = sum(p.numel() for _, p in self.params)
         self.offset = int(offset)
         self.chunk = DIRECTION_CHUNK  # fixed for this object's lifetime: it defines z
         self._ranges = self._block_ranges()
-        adopted = _adopt_flat_buffer(self.params)
-        if adopted is not None:
-            self.work = adopted
-        else:
-            self.work = torch.empty(self.numel, dtype=first.dtype, device=self.device)
-            offset = 0
-            with torch.no_grad():
-                for _, p in self.params:
-                    n = p.numel()
-                    self.work[offset : offset + n].copy_(p.reshape(-1))
-                    p.data = self.work[offset : offset + n].view_as(p)
-                    offset += n
-        self.in_place = master_dtype is None
-        self.fused = fused_passes(self.device)  # z drawn inside the passes' kernels (dpzo.zo.kernels)
+        self.work = self._flatten()
+        self.work_dtype = self.work.dtype
+        self._holding: Holding = InPlace(self) if master_dtype is None else MasterCopy(self)
         self.master = self.work if self.in_place else self.work.to(master_dtype, copy=True)
         if not self.in_place and self.master.dtype != self.work.dtype:
             # theta is the master: the model starts at the master's value of every coordinate, so
@@ -253,17 +260,34 @@ class FlatParameters:
             with torch.no_grad():
                 self.work.copy_(self.master)
         # z in the master's precision; in place, 16-bit weights still get float32 z and
-        # float32 arithmetic, rounded once per pass (see _move_work).
+        # float32 arithmetic, rounded once per pass (``passes.Dense.move_work``).
         self.z_dtype = torch.float32 if self.in_place and self.work.dtype in _SIXTEEN_BIT else self.master.dtype
-        self._applied: list[Term] = []  # what work holds on top of theta
-        self._pending: list[Term] = []  # in place: moves of theta not yet written to work
-        self._stale = False  # master mode: work lags behind master
         self._block: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
-        self._masked_z: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
         self.direction_cache_size = int(direction_cache_size)
-        self._mask_blocks: list[tuple[int, int, int, int]] = []
+        self.fused = fused_passes(self.device)  # z drawn inside the passes' kernels (dpzo.zo.kernels)
+        self._use(Dense(self))
+
+    @torch.no_grad()
+    def _flatten(self) -> torch.Tensor:
+        """The one buffer the parameters view from now on: the one they already view, or a copy."""
+        adopted = _adopt_flat_buffer(self.params)
+        if adopted is not None:
+            return adopted
+        work = torch.empty(self.numel, dtype=self.params[0][1].dtype, device=self.device)
+        offset = 0
+        for _, p in self.params:
+            n = p.numel()
+            work[offset : offset + n].copy_(p.reshape(-1))
+            p.data = work[offset : offset + n].view_as(p)
+            offset += n
+        return work
+
+    def _use(self, support: Support) -> None:
+        """Train ``support`` from now on, with the passes this device runs."""
+        self._support = support
+        self._passes: Passes = Fused(support) if self.fused else support
 
     def _block_ranges(self) -> list[tuple[int, int]]:
         """(local start, local end) of each block of at most ``chunk`` coordinates a pass draws z
@@ -278,6 +302,40 @@ class FlatParameters:
     def _pass_ranges(self) -> list[tuple[int, int]]:
         """The local ranges a pass over z visits, in order (what :meth:`_blocks` yields)."""
         return [(0, self.numel)] if self._whole else self._ranges
+
+    # -- what the other modules read -----------------------------------------------------------
+    @property
+    def in_place(self) -> bool:
+        """Whether theta is the working weights themselves (no master copy)."""
+        return self._holding.in_place
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        """The dtype theta is held in (the model's own in place)."""
+        return self.master.dtype
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The trained coordinates (sorted flat indices), or None: all of them."""
+        return self._support.mask
+
+    @property
+    def perturb_scales(self) -> torch.Tensor | None:
+        return self._support.perturb_scales
+
+    @property
+    def update_scales(self) -> torch.Tensor | None:
+        return self._support.update_scales
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every coordinate of theta is finite (one host read)."""
+        return bool(torch.isfinite(self.master).all())
+
+    @torch.no_grad()
+    def strided_theta(self, stride: int) -> torch.Tensor:
+        """Every ``stride``-th coordinate of theta, float32 on the CPU."""
+        return self.master[::stride].float().cpu()
 
     # -- the trainable support ------------------------------------------------------------
     def set_mask(
@@ -295,42 +353,12 @@ class FlatParameters:
         """
         if indices is None:
             self.restore()
-            self.mask = self.perturb_scales = self.update_scales = None
-            self._masked_z.clear()
+            self._use(Dense(self))
             return
         indices = indices.to(device=self.device, dtype=torch.long)
         check_mask_indices(indices, self.numel)
         self.restore()
-        self.mask = indices
-        to = dict(device=self.device, dtype=self.z_dtype)
-        self.perturb_scales = None if perturb_scales is None else perturb_scales.to(**to)
-        self.update_scales = None if update_scales is None else update_scales.to(**to)
-        self._masked_z.clear()
-        # Which masked coordinates fall in each block of z: found once here (one host sync),
-        # not in every pass.
-        ranges = self._pass_ranges()
-        edges = [lo for lo, _ in ranges] + [self.numel]
-        bounds = torch.searchsorted(indices, torch.tensor(edges, device=self.device)).tolist()
-        self._mask_blocks = [(lo, hi, bounds[i], bounds[i + 1]) for i, (lo, hi) in enumerate(ranges)]
-
-    mask: torch.Tensor | None = None
-    perturb_scales: torch.Tensor | None = None
-    update_scales: torch.Tensor | None = None
-
-    @property
-    def master_dtype(self) -> torch.dtype:
-        """The dtype theta is held in (the model's own in place)."""
-        return self.master.dtype
-
-    @property
-    def parts(self) -> list[FlatParameters]:
-        """The buffers theta lives in: this one (a placed model has one per device)."""
-        return [self]
-
-    @torch.no_grad()
-    def weights_finite(self) -> bool:
-        """Whether every coordinate of theta is finite (one host read)."""
-        return bool(torch.isfinite(self.master).all())
+        self._use(Masked.on(self, indices, perturb_scales, update_scales))
 
     # -- z ----------------------------------------------------------------------------------
     def _block_buffer(self) -> torch.Tensor:
@@ -383,102 +411,22 @@ class FlatParameters:
 
         The masked vector is cached for the passes of the current step; do not modify it.
         """
-        if self.mask is None:
-            out = torch.empty(self.numel, dtype=self.z_dtype, device=self.device)
-            for start, end, draw in self._blocks([seed]):
-                out[start:end] = draw(0)
-            return out
-        if seed in self._masked_z:
-            self._masked_z.move_to_end(seed)
-            return self._masked_z[seed]
-        out = torch.empty(self.mask.numel(), dtype=self.z_dtype, device=self.device)
-        for (start, _, lo, hi), (_, _, draw) in zip(self._mask_blocks, self._blocks([seed])):
-            z = draw(0)
-            if hi > lo:
-                torch.index_select(z, 0, self.mask[lo:hi] - start, out=out[lo:hi])
-        self._masked_z[seed] = out
-        while len(self._masked_z) > max(self.direction_cache_size, 1):
-            self._masked_z.popitem(last=False)
-        return out
-
-    def _mask_slices(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(a, b, mask[a:b]) over the mask in slices of at most ``chunk`` coordinates."""
-        for a in range(0, self.mask.numel(), self.chunk):
-            b = min(a + self.chunk, self.mask.numel())
-            yield a, b, self.mask[a:b]
-
-    @staticmethod
-    def _scaled(z: torch.Tensor, scales: torch.Tensor | None, a: int, b: int) -> torch.Tensor:
-        return z[a:b] if scales is None else z[a:b] * scales[a:b]
+        return self._support.direction(seed)
 
     # -- the passes ---------------------------------------------------------------------------
-    def _fused_pass(self, out: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
-        """``out = base + sum of the terms`` on the support, z drawn inside Triton kernels (one
-        kernel per distinct scales: a masked pass may mix perturbation and update scales)."""
-        from dpzo.zo import kernels
-
-        for scales, seeds, coefs in _groups_by_scales(terms):
-            if self.mask is None:
-                kernels.dense_pass(out, base, seeds, coefs, offset=self.offset)
-            else:
-                kernels.masked_pass(out, base, self.mask, seeds, coefs, offset=self.offset, scales=scales)
-
-    @torch.no_grad()
-    def _move_work(self, terms: Sequence[Term]) -> None:
-        """In place: work += sum of the terms.
-
-        Dense: one pass over the weights; 16-bit weights get the terms' float32 sum, so they
-        are rounded once per pass.  Masked: term by term (one masked z alive at a time).
-        """
-        terms = _merge(terms)
-        if not terms:
-            return
-        if self.fused:
-            self._fused_pass(self.work, self.work, terms)
-            return
-        if self.mask is not None:
-            for seed, coef, scales in terms:
-                z = self.direction(seed)
-                for a, b, idx in self._mask_slices():
-                    moved = self.work[idx].to(self.z_dtype)  # a fresh gather
-                    _axpy(moved, self._scaled(z, scales, a, b), coef)
-                    self.work.index_copy_(0, idx, moved.to(self.work.dtype))
-                del z  # let the cache drop it before the next direction is drawn
-            return
-        summed = len(terms) > 1 and self.work.dtype != self.z_dtype
-        for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
-            target = self.work[start:end]
-            if summed:
-                total = self._sum_buffer()[: end - start]
-                for k, (_, coef, _) in enumerate(terms):
-                    if k == 0:
-                        torch.mul(draw(k), coef, out=total)
-                    else:
-                        _axpy(total, draw(k), coef)
-                target.add_(total)
-            else:
-                for k, (_, coef, _) in enumerate(terms):
-                    _axpy(target, draw(k), coef)
+    def two_point_losses(
+        self,
+        per_example_loss: Callable[[np.ndarray], torch.Tensor],
+        passes: Sequence[tuple[np.ndarray, int]],
+        beta: float,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(d, l+, l-) of every (batch, seed): two forwards each (:func:`perturbed_two_point_losses`)."""
+        return perturbed_two_point_losses(self, per_example_loss, passes, beta)
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
         """work <- theta + scale * z(seed) on the support (times the perturbation scales, if any)."""
-        term = (int(seed), scale, self.perturb_scales)
-        if self.in_place:
-            undo = [(s, -c, sc) for s, c, sc in self._applied]
-            self._move_work(undo + self._pending + [term])
-        elif self.fused:
-            self._fused_pass(self.work, self.master, [term])
-        elif self.mask is None:
-            for start, end, draw in self._blocks([seed]):
-                torch.add(self.master[start:end], draw(0), alpha=scale, out=self.work[start:end])
-        else:
-            z = self.direction(seed)
-            for a, b, idx in self._mask_slices():
-                moved = self.master[idx]  # a fresh gather
-                moved.add_(self._scaled(z, term[2], a, b), alpha=scale)
-                self.work.index_copy_(0, idx, moved.to(self.work.dtype))
-        self._applied, self._pending, self._stale = [term], [], False
+        self._holding.perturb((int(seed), scale, self._support.perturb_scales))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -487,15 +435,7 @@ class FlatParameters:
         With a mask only the masked coordinates can differ (nothing else is ever written), so
         only those are copied: the restore costs O(mask), not O(parameters).
         """
-        if self.in_place:
-            self._move_work([(s, -c, sc) for s, c, sc in self._applied] + self._pending)
-        elif self._applied or self._stale:
-            if self.mask is None:
-                self.work.copy_(self.master)
-            else:
-                for _, _, idx in self._mask_slices():
-                    self.work.index_copy_(0, idx, self.master[idx].to(self.work.dtype))
-        self._applied, self._pending, self._stale = [], [], False
+        self._holding.restore()
 
     @torch.no_grad()
     def add_directions(self, moves: Sequence[tuple[int, Coefficient]]) -> None:
@@ -504,34 +444,7 @@ class FlatParameters:
         With a master copy all directions are added in one pass over the master; in place the
         move is merged into the next pass over ``work`` (restore + update + next perturbation).
         """
-        terms = [(int(seed), coef, self.update_scales) for seed, coef in moves]
-        if self.in_place:
-            self._pending.extend(terms)
-            return
-        terms = _merge(terms)
-        if terms and self.fused:
-            self._fused_pass(self.master, self.master, terms)
-        elif terms:
-            if self.mask is not None:
-                for seed, coef, scales in terms:
-                    z = self.direction(seed)
-                    for a, b, idx in self._mask_slices():
-                        zs = self._scaled(z, scales, a, b)
-                        if isinstance(coef, torch.Tensor):
-                            self.master.index_add_(0, idx, zs * coef)
-                        else:
-                            self.master.index_add_(0, idx, zs, alpha=coef)
-                    del z
-            else:
-                for start, end, draw in self._blocks([seed for seed, _, _ in terms]):
-                    target = self.master[start:end]
-                    for k, (_, coef, _) in enumerate(terms):
-                        _axpy(target, draw(k), coef)
-        self._stale = True
-
-    def add_direction(self, seed: int, coef: Coefficient) -> None:
-        """master <- master + coef * z(seed) on the support (times the update scales, if any)."""
-        self.add_directions([(seed, coef)])
+        self._holding.add([(int(seed), coef, self._support.update_scales) for seed, coef in moves])
 
     # -- where theta lives ---------------------------------------------------------------------
     @torch.no_grad()
@@ -541,7 +454,7 @@ class FlatParameters:
         ``work``; the mask, its scales and the z buffers follow ``master``'s device.  The part
         must be restored (``work`` equal to theta), so nothing pending is lost.
         """
-        if self._applied or self._pending or self._stale:
+        if not self._holding.restored:
             raise RuntimeError("restore the parameters before moving them")
         if work.numel() != self.numel or master.numel() != self.numel:
             raise ValueError(f"buffers of {work.numel()} and {master.numel()} elements do not hold {self.numel}")
@@ -554,14 +467,8 @@ class FlatParameters:
         self.device = master.device
         self.fused = fused_passes(self.device)
         self._block, self._sum = None, None
-        self._masked_z.clear()
         self._whole_z.clear()
-        if self.mask is not None:
-            self.mask = self.mask.to(self.device, non_blocking=True)
-            for name in ("perturb_scales", "update_scales"):
-                scales = getattr(self, name)
-                if scales is not None:
-                    setattr(self, name, scales.to(self.device, non_blocking=True))
+        self._use(self._support.to(self.device))
 
     # -- snapshots of the whole state -------------------------------------------------------
     @torch.no_grad()
@@ -592,9 +499,7 @@ class FlatParameters:
         if master.numel() != self.numel:
             raise ValueError(f"a state of {master.numel()} parameters does not fit {self.numel}")
         self.master.copy_(master.to(self.device))
-        if not self.in_place:
-            self.work.copy_(self.master)
-        self._applied, self._pending, self._stale = [], [], False  # work == theta now
+        self._holding.loaded()  # work == theta now
         if state["mask"] is None:
             self.set_mask(None)
         else:
@@ -608,19 +513,12 @@ class FlatParameters:
     @torch.no_grad()
     def snapshot(self) -> torch.Tensor:
         """A real copy of theta on the support (the proximal anchor); never an alias."""
-        if self.in_place:
-            self.restore()
-        return self.master.clone() if self.mask is None else self.master[self.mask].clone()
+        self._holding.settle()
+        return self._support.gather(self.master)
 
     @torch.no_grad()
     def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
         """theta <- theta - weight (theta - anchor) on the support."""
-        if self.in_place:
-            self.restore()  # the pull needs theta itself, not a perturbed copy
-        if self.mask is None:
-            # (1 - w) theta + w anchor  ==  theta - w (theta - anchor)
-            self.master.mul_(1.0 - weight).add_(anchor, alpha=weight)
-        else:
-            pulled = self.master[self.mask].mul_(1.0 - weight).add_(anchor, alpha=weight)
-            self.master.index_copy_(0, self.mask, pulled)
-        self._stale = not self.in_place
+        self._holding.settle()  # in place the pull needs theta itself, not a perturbed copy
+        self._support.pull(self.master, anchor, weight)
+        self._holding.master_written()

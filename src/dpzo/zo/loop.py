@@ -30,6 +30,7 @@ non-finite flags, log lines, counts), the test-loss curve and the snapshots
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -45,12 +46,12 @@ from dpzo.models.evaluate import TestLossCurve
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo.checkpoint import LoopState, TrainingCheckpoint
-from dpzo.zo.flat import FlatParameters, direction_seed
+from dpzo.zo.flat import direction_seed
 from dpzo.zo.monitor import TrainingMonitor
-from dpzo.zo.placed import flat_parameters
 from dpzo.zo.precision import check_zo_scale
 from dpzo.zo.replicas import SingleProcess
 from dpzo.zo.step import SINGLE_PROCESS, batch_sampler, zo_step
+from dpzo.zo.store import ParameterStore, build_store
 
 if TYPE_CHECKING:  # annotations only: masks are built above this layer and passed in
     from dpzo.masks.settings import Mask
@@ -69,7 +70,7 @@ def train_zo(
     run_seed: int,
     noise: NoisySum | None = None,
     secret: SecretRandom | None = None,
-    master_dtype: torch.dtype = torch.float32,
+    master_dtype: torch.dtype | None = torch.float32,
     masks: Callable[[int], Mask] | None = None,
     record_releases: bool = False,
     checkpoint: TrainingCheckpoint | None = None,
@@ -77,7 +78,7 @@ def train_zo(
     on_start: Callable[[int | None], None] | None = None,
     team: SingleProcess = SINGLE_PROCESS,
     parts: list[list[str]] | None = None,
-    flat: FlatParameters | None = None,
+    store: ParameterStore | None = None,
 ) -> dict:
     """Run ``hp.steps`` zeroth-order steps on ``model`` in place; returns the training history.
 
@@ -99,72 +100,68 @@ def train_zo(
     batch and applies the same update.  Every rank resumes from the snapshot; rank 0 alone
     writes them.  A rank that stops answering ends the run with ``ReplicaLost``.
 
-    A model placed over several devices trains one buffer per device (``dpzo.zo.placed``);
-    ``parts`` (lists of parameter names) cuts the vector by hand instead, as the tests do.
-    ``flat``: the trainable vector when the caller built it (a streamed model's,
-    ``dpzo.zo.streamed.StreamedParameters``, which is built before the model is used at all).
+    ``store``: where theta lives (``dpzo.zo.store.ParameterStore``) when the caller built it
+    (a streamed model's is built before the model is used at all); otherwise
+    ``dpzo.zo.store.build_store`` builds it from ``master_dtype``: one buffer, or one per
+    device of a placed model; ``parts`` (lists of parameter names) cuts the vector by hand
+    instead, as the tests do.
     """
     spec = _checked_method(method, n, hp, noise=noise, secret=secret, masked=masks is not None, main=team.is_main)
     schedule = hp.schedule()
     starts = set(schedule.stage_starts())
-    if flat is None:
-        flat = flat_parameters(model, master_dtype, direction_cache_size=hp.directions, parts=parts)
-    check_zo_scale(flat, min(schedule.beta_at(s) for s in range(hp.stages)))
+    if store is None:
+        store = build_store(model, master_dtype=master_dtype, directions=hp.directions, parts=parts)
+    check_zo_scale(store, min(schedule.beta_at(s) for s in range(hp.stages)))
     public_rng = np.random.default_rng([int(run_seed), 1])  # mezo's batches: no privacy claim
     sample = batch_sampler(spec, n, hp.batch_size, secret=secret, public_rng=public_rng)
     monitor = TrainingMonitor(
         schedule,
-        flat,
+        store,
         steps=hp.steps,
         log_every=hp.log_every,
         private=spec.private,
         record_releases=record_releases,
         log=log,
     )
-    anchor = None
-    resumed = _resume(checkpoint, flat, public_rng=public_rng, secret=secret, team=team)
-    if resumed is not None:
-        anchor = resumed.anchor
-        monitor.load_state_dict(resumed.monitor_state())
-    if on_start is not None:
-        on_start(None if resumed is None else resumed.step)
+    snapshots = _Snapshots(checkpoint, store, monitor, public_rng=public_rng, secret=secret, team=team)
+    anchor = snapshots.resume(on_start)
+    step_with = functools.partial(
+        zo_step, spec, store, per_example_loss, sample, clip=hp.clip, lam=hp.lam, noise=noise, secret=secret, team=team
+    )
     monitor.start()
     for step in range(monitor.steps_run, hp.steps):
         stage = schedule.stage_of(step)
         if step in starts:
-            flat.restore()  # the weights are read here (dynamic masks, the anchor)
-            if masks is not None:
-                monitor.stage_started(_train_mask(flat, masks(stage), hp))
-            if hp.lam:
-                anchor = flat.snapshot()  # theta_s: a real copy taken at the start of each stage
+            anchor = _start_stage(store, stage, hp, masks=masks, monitor=monitor, anchor=anchor)
         seeds = [direction_seed(run_seed, step, p) for p in range(hp.directions)]
-        result = zo_step(
-            spec,
-            flat,
-            per_example_loss,
-            sample,
-            seeds,
-            lr=schedule.lr_at(stage),
-            beta=schedule.beta_at(stage),
-            clip=hp.clip,
-            lam=hp.lam,
-            anchor=anchor,
-            noise=noise,
-            secret=secret,
-            team=team,
-        )
+        result = step_with(seeds, lr=schedule.lr_at(stage), beta=schedule.beta_at(stage), anchor=anchor)
         monitor.after_step(step, stage, result)
         if curve is not None:
-            curve.after_step(step + 1, monitor.history, prepare=flat.restore)
-        if checkpoint is not None and team.is_main:  # rank 0 writes the snapshots
-            checkpoint.step_done(
-                step + 1,
-                lambda: LoopState(anchor=anchor, **monitor.state_dict()),  # noqa: B023 (called within this step)
-                flat,
-                public_rng=public_rng,
-                secret=secret,
-            )
-    flat.restore()
+            curve.after_step(step + 1, monitor.history, prepare=store.restore)
+        snapshots.step_done(step, anchor)
+    store.restore()
+    return _finish(monitor, spec, n, hp, noise)
+
+
+def _start_stage(
+    store: ParameterStore,
+    stage: int,
+    hp: ZOHyperparameters,
+    *,
+    masks: Callable[[int], Mask] | None,
+    monitor: TrainingMonitor,
+    anchor: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The start of ``stage``: its mask, and its anchor theta_s when the pull is on (a real copy
+    taken now); returns the anchor the stage's steps pull toward."""
+    store.restore()  # the weights are read here (dynamic masks, the anchor)
+    if masks is not None:
+        monitor.stage_started(_train_mask(store, masks(stage), hp))
+    return store.snapshot() if hp.lam else anchor
+
+
+def _finish(monitor: TrainingMonitor, spec: ZOMethod, n: int, hp: ZOHyperparameters, noise: NoisySum | None) -> dict:
+    """The history, with the public constants the ledger is checked against at the end."""
     private = spec.private  # the noise the ledger certified; MeZO divides by its batch size
     return monitor.finish(
         n=n,
@@ -174,9 +171,49 @@ def train_zo(
     )
 
 
+class _Snapshots:
+    """The run's snapshots (``checkpoint``, may be None): where it resumes, and those it writes
+    (rank 0 alone) after each step as the policy says."""
+
+    def __init__(
+        self,
+        checkpoint: TrainingCheckpoint | None,
+        store: ParameterStore,
+        monitor: TrainingMonitor,
+        *,
+        public_rng: np.random.Generator,
+        secret: SecretRandom | None,
+        team: SingleProcess,
+    ):
+        self.checkpoint, self.store, self.monitor = checkpoint, store, monitor
+        self.public_rng, self.secret, self.team = public_rng, secret, team
+
+    def resume(self, on_start: Callable[[int | None], None] | None) -> torch.Tensor | None:
+        """Continue from the snapshot if there is one (theta, the generators, the monitor), tell
+        ``on_start`` the step resumed after; returns the anchor the snapshot holds (None: none)."""
+        resumed = _resume(self.checkpoint, self.store, public_rng=self.public_rng, secret=self.secret, team=self.team)
+        if resumed is not None:
+            self.monitor.load_state_dict(resumed.monitor_state())
+        if on_start is not None:
+            on_start(None if resumed is None else resumed.step)
+        return None if resumed is None else resumed.anchor
+
+    def step_done(self, step: int, anchor: torch.Tensor | None) -> None:
+        """Step ``step`` (0-based) ran: a snapshot if the policy asks for one now."""
+        if self.checkpoint is None or not self.team.is_main:  # rank 0 writes the snapshots
+            return
+        self.checkpoint.step_done(
+            step + 1,
+            lambda: LoopState(anchor=anchor, **self.monitor.state_dict()),
+            self.store,
+            public_rng=self.public_rng,
+            secret=self.secret,
+        )
+
+
 def _resume(
     checkpoint: TrainingCheckpoint | None,
-    flat: FlatParameters,
+    store: ParameterStore,
     *,
     public_rng: np.random.Generator,
     secret: SecretRandom | None,
@@ -193,9 +230,9 @@ def _resume(
     secure = team.broadcast_flag(None if secret is None else secret.is_secure)
     resumed = None
     if team.is_main:
-        resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+        resumed = checkpoint.resume(store, public_rng=public_rng, secret=secret, secure_noise=secure)
     if team.broadcast_flag(resumed is not None) and not team.is_main:
-        resumed = checkpoint.resume(flat, public_rng=public_rng, secret=secret, secure_noise=secure)
+        resumed = checkpoint.resume(store, public_rng=public_rng, secret=secret, secure_noise=secure)
     team.agree(-1 if resumed is None else resumed.step)
     return resumed
 
@@ -226,9 +263,9 @@ def _checked_method(
     return spec
 
 
-def _train_mask(flat: FlatParameters, mask: Mask, hp: ZOHyperparameters) -> int:
+def _train_mask(store: ParameterStore, mask: Mask, hp: ZOHyperparameters) -> int:
     """Restrict training to ``mask`` (its scales on the perturbation, and on the update in
     ``rank_update`` mode); returns its size."""
     rank_update = hp.mask is not None and hp.mask.rank_update
-    flat.set_mask(mask.indices, perturb_scales=mask.scales, update_scales=mask.scales if rank_update else None)
+    store.set_mask(mask.indices, perturb_scales=mask.scales, update_scales=mask.scales if rank_update else None)
     return len(mask)

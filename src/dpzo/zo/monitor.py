@@ -20,8 +20,8 @@ import torch
 
 from dpzo.methods.hyperparameters import StageSchedule
 from dpzo.progress import Progress
-from dpzo.zo.flat import FlatParameters
 from dpzo.zo.step import StepResult
+from dpzo.zo.store import ParameterStore
 
 #: the rows of the history, one entry per log line (``mask_size``: one per stage)
 HISTORY_KEYS = ("step", "stage", "lr", "beta", "loss", "examples", "clipped_fraction", "grad", "mask_size")
@@ -39,7 +39,7 @@ class TrainingMonitor:
     def __init__(
         self,
         schedule: StageSchedule,
-        flat: FlatParameters,
+        store: ParameterStore,
         *,
         steps: int,
         log_every: int,
@@ -47,10 +47,10 @@ class TrainingMonitor:
         record_releases: bool = False,
         log: logging.Logger | None = None,
     ):
-        self.schedule, self.flat, self.steps, self.log_every = schedule, flat, int(steps), int(log_every)
+        self.schedule, self.store, self.steps, self.log_every = schedule, store, int(steps), int(log_every)
         self.private, self.record_releases = private, record_releases
         self.log = log or logging.getLogger(__name__)
-        self.device = device = flat.device
+        self.device = device = store.device
         self.history: dict[str, list] = {key: [] for key in HISTORY_KEYS}
         self.steps_run = self.releases = self.examples_sampled = 0
         self.resumed_from: list[int] = []
@@ -61,7 +61,7 @@ class TrainingMonitor:
         self._clipped = torch.zeros((), dtype=torch.float64, device=device)
         self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
         self._first_bad_update = torch.full((), -1, dtype=torch.long, device=device)
-        self._largest_move = torch.finfo(flat.master_dtype).max
+        self._largest_move = torch.finfo(store.master_dtype).max
 
     # -- a run --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,7 +139,7 @@ class TrainingMonitor:
             )
 
     def _check_finite_weights(self, step: int) -> None:
-        if not self.flat.weights_finite():
+        if not self.store.weights_finite():
             raise FloatingPointError(
                 f"non-finite weights after step {step}; lower the learning rate (no metrics are written for this run)"
             )

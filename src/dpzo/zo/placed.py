@@ -11,17 +11,20 @@ copied to each part's device without a host synchronisation.
 
 The trajectory therefore does not depend on the placement: split over k parts or held in
 one, the same steps move the same coordinates by the same amounts (``tests/test_placed.py``:
-bit for bit in float64 on the CPU).  The interface is FlatParameters' own, so the step, the
-loop, the monitor and the checkpoint take either.
+bit for bit in float64 on the CPU).  Both are stores of theta (``dpzo.zo.store.ParameterStore``),
+so the step, the loop, the monitor and the checkpoint take either; a streamed model
+(``dpzo.zo.streamed``) holds its parts in a ``PlacedParameters`` too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from dpzo.zo.flat import Coefficient, FlatParameters, check_mask_indices, trainable_parameters
+from dpzo.zo.flat import FlatParameters, check_mask_indices, perturbed_two_point_losses, trainable_parameters
+from dpzo.zo.passes import Coefficient
 
 
 def device_runs(params: list[tuple[str, torch.nn.Parameter]]) -> list[list[tuple[str, torch.nn.Parameter]]]:
@@ -35,33 +38,37 @@ def device_runs(params: list[tuple[str, torch.nn.Parameter]]) -> list[list[tuple
     return runs
 
 
-def flat_parameters(
-    model: torch.nn.Module,
-    master_dtype: torch.dtype | None = torch.float32,
-    *,
-    direction_cache_size: int = 1,
-    parts: Sequence[Sequence[str]] | None = None,
-) -> FlatParameters | PlacedParameters:
-    """The trainable parameters of ``model`` as one flat buffer, or one per device when placed.
+def parameter_runs(
+    model: torch.nn.Module, parts: Sequence[Sequence[str]] | None = None
+) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The trainable parameters of ``model`` cut into the runs a store holds one buffer each of:
+    one per device of a placed model (one run when it is on one device).
 
     ``parts`` (lists of parameter names, in order, covering them all) cuts the vector there
     instead: tests split a CPU model this way to check that a split changes nothing.
     """
     params = trainable_parameters(model)
-    if parts is not None:
-        by_name = dict(params)
-        runs = [[(name, by_name[name]) for name in part] for part in parts]
-        if [n for run in runs for n, _ in run] != [n for n, _ in params]:
-            raise ValueError("parts must list every trainable parameter once, in the model's order")
-    else:
-        runs = device_runs(params)
-    if len(runs) == 1:
-        return FlatParameters(model, master_dtype, direction_cache_size=direction_cache_size)
-    return PlacedParameters(runs, master_dtype, direction_cache_size=direction_cache_size)
+    if parts is None:
+        return device_runs(params)
+    by_name = dict(params)
+    runs = [[(name, by_name[name]) for name in part] for part in parts]
+    if [n for run in runs for n, _ in run] != [n for n, _ in params]:
+        raise ValueError("parts must list every trainable parameter once, in the model's order")
+    return runs
 
 
 def _to(coef: Coefficient, device: torch.device) -> Coefficient:
     return coef.to(device, non_blocking=True) if isinstance(coef, torch.Tensor) else coef
+
+
+def move_part(part: FlatParameters, moves: Sequence[tuple[int, Coefficient]]) -> None:
+    """``add_directions`` on one part, each coefficient copied to the part's device."""
+    part.add_directions([(seed, _to(coef, part.device)) for seed, coef in moves])
+
+
+def pull_part(part: FlatParameters, piece: torch.Tensor, weight: float) -> None:
+    """``pull_toward`` on one part, toward its ``piece`` of the anchor (copied to its device)."""
+    part.pull_toward(piece.to(part.device), weight)
 
 
 class PlacedParameters:
@@ -69,6 +76,8 @@ class PlacedParameters:
 
     ``device`` is the first part's: where the inputs go, and where a device-mapped model
     returns its outputs (so the losses, the differences and the released scalars live there).
+    ``active`` are the parts the mask touches (all of them when dense).  A
+    :class:`~dpzo.zo.store.ResidentStore`.
     """
 
     def __init__(
@@ -78,7 +87,6 @@ class PlacedParameters:
         *,
         direction_cache_size: int = 1,
     ):
-        total = sum(p.numel() for run in runs for _, p in run)
         self.parts: list[FlatParameters] = []
         offset = 0
         for run in runs:
@@ -91,11 +99,9 @@ class PlacedParameters:
             )
             self.parts.append(part)
             offset += part.numel
-        self.numel = total
+        self.numel = offset
         self.device = self.parts[0].device
-        self.in_place = self.parts[0].in_place
-        self.direction_cache_size = int(direction_cache_size)
-        self._active = list(self.parts)  # the parts the mask touches (all when dense)
+        self.active = list(self.parts)
         self.mask: torch.Tensor | None = None
 
     # -- what the other modules read -----------------------------------------------------------
@@ -103,6 +109,11 @@ class PlacedParameters:
     def master_dtype(self) -> torch.dtype:
         """The dtype theta is held in."""
         return self.parts[0].master.dtype
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype the forward computes with."""
+        return self.parts[0].work_dtype
 
     @property
     def master(self) -> torch.Tensor:
@@ -113,7 +124,12 @@ class PlacedParameters:
         """Whether every coordinate of theta is finite (one host read per part)."""
         return all(part.weights_finite() for part in self.parts)
 
-    def _spans(self) -> list[tuple[int, int]]:
+    def strided_theta(self, stride: int) -> torch.Tensor:
+        """Every ``stride``-th coordinate of each part's theta (each part read where it lives), float32 on the CPU."""
+        return torch.cat([part.strided_theta(stride) for part in self.parts])
+
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each part in the whole vector."""
         return [(part.offset, part.offset + part.numel) for part in self.parts]
 
     # -- support ---------------------------------------------------------------------------
@@ -128,12 +144,12 @@ class PlacedParameters:
         if indices is None:
             for part in self.parts:
                 part.set_mask(None)
-            self._active, self.mask = list(self.parts), None
+            self.active, self.mask = list(self.parts), None
             return
         indices = indices.to("cpu", torch.long)
         check_mask_indices(indices, self.numel)
-        self._active = []
-        for part, (lo, hi) in zip(self.parts, self._spans()):
+        self.active = []
+        for part, (lo, hi) in zip(self.parts, self.spans()):
             a, b = (int(x) for x in torch.searchsorted(indices, torch.tensor([lo, hi])))
             if a == b:
                 part.set_mask(None)  # restored; an inactive part is never written
@@ -143,17 +159,35 @@ class PlacedParameters:
                 return None if scales is None else scales[a:b]
 
             part.set_mask(indices[a:b] - lo, perturb_scales=cut(perturb_scales), update_scales=cut(update_scales))
-            self._active.append(part)
+            self.active.append(part)
         self.mask = indices
+
+    def anchor_pieces(self, anchor: torch.Tensor) -> list[tuple[FlatParameters, torch.Tensor]]:
+        """(part, its piece of ``anchor``) for each active part: a :meth:`snapshot` cut as it was taken."""
+        pieces, start = [], 0
+        for part in self.active:
+            size = part.numel if part.mask is None else part.mask.numel()
+            pieces.append((part, anchor[start : start + size]))
+            start += size
+        return pieces
 
     # -- the passes ---------------------------------------------------------------------------
     def direction(self, seed: int) -> torch.Tensor:
         """z(seed) on the support, on the first part's device (for tests and audits)."""
-        return torch.cat([part.direction(seed).to(self.device) for part in self._active])
+        return torch.cat([part.direction(seed).to(self.device) for part in self.active])
+
+    def two_point_losses(
+        self,
+        per_example_loss: Callable[[np.ndarray], torch.Tensor],
+        passes: Sequence[tuple[np.ndarray, int]],
+        beta: float,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(d, l+, l-) of every (batch, seed): two forwards each, every part perturbed."""
+        return perturbed_two_point_losses(self, per_example_loss, passes, beta)
 
     def perturb(self, seed: int, scale: float) -> None:
         """work <- theta + scale * z(seed) on the support, part by part."""
-        for part in self._active:
+        for part in self.active:
             part.perturb(seed, scale)
 
     def restore(self) -> None:
@@ -161,18 +195,15 @@ class PlacedParameters:
         for part in self.parts:
             part.restore()
 
-    def _move(self, part: FlatParameters, move: Callable[[FlatParameters], None]) -> None:
-        """Apply a move of theta to one part (a streamed model defers it to the part's next upload)."""
-        move(part)
-
     def add_directions(self, moves: Sequence[tuple[int, Coefficient]]) -> None:
         """theta <- theta + sum_k coef_k z(seed_k) on the support; each coefficient goes to each part's device."""
-        for part in self._active:
-            self._move(part, lambda part: part.add_directions([(seed, _to(coef, part.device)) for seed, coef in moves]))
+        for part in self.active:
+            move_part(part, moves)
 
-    def add_direction(self, seed: int, coef: Coefficient) -> None:
-        """theta <- theta + coef * z(seed) on the support."""
-        self.add_directions([(seed, coef)])
+    def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
+        """theta <- theta - weight (theta - anchor) on the support, part by part."""
+        for part, piece in self.anchor_pieces(anchor):
+            pull_part(part, piece, weight)
 
     # -- snapshots ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor | None]:
@@ -192,7 +223,7 @@ class PlacedParameters:
         master = state["master"]
         if master.numel() != self.numel:
             raise ValueError(f"a state of {master.numel()} parameters does not fit {self.numel}")
-        for part, (lo, hi) in zip(self.parts, self._spans()):
+        for part, (lo, hi) in zip(self.parts, self.spans()):
             part.load_state_dict({"master": master[lo:hi], "mask": None, "perturb_scales": None, "update_scales": None})
         if state["mask"] is not None:
             self.set_mask(state["mask"], state["perturb_scales"], state["update_scales"])
@@ -201,13 +232,4 @@ class PlacedParameters:
 
     def snapshot(self) -> torch.Tensor:
         """A copy of theta on the support, in host memory (the proximal anchor of a placed model)."""
-        return torch.cat([part.snapshot().cpu() for part in self._active])
-
-    def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
-        """theta <- theta - weight (theta - anchor) on the support, part by part."""
-        start = 0
-        for part in self._active:
-            size = part.numel if part.mask is None else part.mask.numel()
-            piece = anchor[start : start + size]
-            self._move(part, lambda part, piece=piece: part.pull_toward(piece.to(part.device), weight))
-            start += size
+        return torch.cat([part.snapshot().cpu() for part in self.active])

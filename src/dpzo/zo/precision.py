@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dpzo.zo.flat import FlatParameters
+from dpzo.zo.store import ParameterStore
 
 #: The smallest ZO scale accepted, in units in the last place of the typical trainable weight
 #: in the precision the forward pass sees: below about 4 ulp, theta +- beta z rounds back to
@@ -28,27 +28,27 @@ def compute_epsilon(dtype: torch.dtype, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def smallest_resolvable_beta(flat: FlatParameters, *, sample: int = 1 << 20) -> float:
+def smallest_resolvable_beta(store: ParameterStore, *, sample: int = 1 << 20) -> float:
     """``MIN_BETA_ULPS`` ulp of the median |theta| (over an evenly strided sample of the
     trainable coordinates) in the precision the forward pass computes with."""
-    stride = max(1, flat.numel // sample)
+    stride = max(1, store.numel // sample)
     # a placed model's parts (one per device) are sampled alike, each where it lives; theta is
     # read from the master (a streamed block's working weights exist only while it is uploaded)
-    typical = float(torch.cat([part.master[::stride].abs().float().cpu() for part in flat.parts]).median())
+    typical = float(store.strided_theta(stride).abs().median())
     if typical == 0.0:
         return 0.0
-    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(flat.parts[0].work.dtype, flat.device)
+    ulp = 2.0 ** math.floor(math.log2(typical)) * compute_epsilon(store.work_dtype, store.device)
     return MIN_BETA_ULPS * ulp
 
 
-def check_zo_scale(flat: FlatParameters, beta: float) -> None:
+def check_zo_scale(store: ParameterStore, beta: float) -> None:
     """Refuse a ZO scale that the weights' precision cannot represent (e.g. beta = 1e-6 on
     float16 weights, or on float32 with TF32 matmuls: the perturbation rounds away)."""
-    floor = smallest_resolvable_beta(flat)
+    floor = smallest_resolvable_beta(store)
     if beta < floor:
         raise ValueError(
             f"ZO scale beta={beta:g} is below {MIN_BETA_ULPS:g} ulp of the typical weight in "
-            f"{flat.parts[0].work.dtype} ({floor:.3g}): theta +- beta z rounds back to theta and the finite "
+            f"{store.work_dtype} ({floor:.3g}): theta +- beta z rounds back to theta and the finite "
             f"differences are rounding noise. Use beta >= {floor:.2g} (MeZO and DPZero use 1e-3 "
             "with 16-bit weights), or float32 weights without TF32 for a smaller beta."
         )

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dpzo.zo.flat import Coefficient, FlatParameters
+from dpzo.zo.passes import Coefficient
 from dpzo.zo.replicas import SingleProcess
+from dpzo.zo.store import ParameterStore
 
 if TYPE_CHECKING:  # annotations only
     from dpzo.methods.base import ZOMethod
@@ -29,51 +30,6 @@ if TYPE_CHECKING:  # annotations only
 
 
 SINGLE_PROCESS = SingleProcess()
-
-
-@torch.no_grad()
-def spsa_differences(
-    loss_fn: Callable[[], torch.Tensor], flat: FlatParameters, seed: int, beta: float, *, restore: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example symmetric finite differences (l(theta+beta z) - l(theta-beta z)) / (2 beta).
-
-    ``loss_fn`` returns the [B] per-example losses of one batched forward at the current
-    working weights.  Returns (d in float64, losses at +beta, losses at -beta), all on the
-    losses' device.  With ``restore`` the working weights are restored afterwards; the trainer
-    passes False and lets the next pass overwrite them.
-    """
-    flat.perturb(seed, +beta)
-    loss_plus = loss_fn()
-    flat.perturb(seed, -beta)
-    loss_minus = loss_fn()
-    if restore:
-        flat.restore()
-    return (loss_plus.double() - loss_minus.double()) / (2.0 * beta), loss_plus, loss_minus
-
-
-def _losses_of(
-    per_example_loss: Callable[[np.ndarray], torch.Tensor], index: np.ndarray, device: torch.device
-) -> Callable[[], torch.Tensor]:
-    """The losses of this replica's share; a share may be empty when the batch is smaller than the ranks."""
-    if len(index) == 0:
-        return lambda: torch.zeros(0, dtype=torch.float64, device=device)
-    return lambda: per_example_loss(index)
-
-
-def _two_point_losses(
-    flat: FlatParameters,
-    per_example_loss: Callable[[np.ndarray], torch.Tensor],
-    passes: Sequence[tuple[np.ndarray, int]],
-    beta: float,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(d, l+, l-) for each (batch share, seed): one streamed pass for all of them, or two
-    forwards each on a resident model."""
-    if hasattr(flat, "two_point_losses"):  # dpzo.zo.streamed.StreamedParameters
-        return flat.two_point_losses(per_example_loss, passes, beta)
-    return [
-        spsa_differences(_losses_of(per_example_loss, index, flat.device), flat, seed, beta, restore=False)
-        for index, seed in passes
-    ]
 
 
 def clip_differences(d: torch.Tensor, clip: float) -> torch.Tensor:
@@ -85,7 +41,7 @@ def clip_differences(d: torch.Tensor, clip: float) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_update(
-    flat: FlatParameters,
+    store: ParameterStore,
     seeds: list[int],
     grads: Sequence[Coefficient],
     *,
@@ -103,13 +59,13 @@ def apply_update(
     if lam:
         if anchor is None:
             raise ValueError("lam > 0 needs the stage anchor")
-        flat.pull_toward(anchor, lr * lam)
+        store.pull_toward(anchor, lr * lam)
     scale = -lr / len(seeds)
-    flat.add_directions(
+    store.add_directions(
         [(seed, g * scale if isinstance(g, torch.Tensor) else scale * float(g)) for seed, g in zip(seeds, grads)]
     )
     if restore:
-        flat.restore()
+        store.restore()
 
 
 def batch_sampler(
@@ -142,7 +98,7 @@ class StepResult:
 
 def zo_step(
     spec: ZOMethod,
-    flat: FlatParameters,
+    store: ParameterStore,
     per_example_loss: Callable[[np.ndarray], torch.Tensor],
     sample: Callable[[], np.ndarray],
     seeds: Sequence[int],
@@ -160,11 +116,11 @@ def zo_step(
 
     For each group of directions (``spec.release_groups``: each direction alone, or all of them
     for DP-AggZO): a batch (``sample()``, see :func:`batch_sampler`), the per-example two-point
-    differences along each z(seed) (:func:`spsa_differences`), their release
+    differences along each z(seed) (``store.two_point_losses``), their release
     (``spec.release_group``: clip, sum, the ledger's ``noise`` from ``secret``, / q n; MeZO: the
     mean); then the update
     with the pull toward ``anchor`` (:func:`apply_update`).  No value is read on the host, and
-    the perturbed weights are left for the next pass to overwrite (``flat.restore()`` before
+    the perturbed weights are left for the next pass to overwrite (``store.restore()`` before
     reading them).  ``team``: the replicas of a data-parallel run (``dpzo.zo.replicas``): rank 0
     draws the batch and releases, every rank computes its share's differences and updates.
     """
@@ -174,12 +130,12 @@ def zo_step(
     # computes all of the step's differences in one pass, and the resident one draws alike.
     batches = [team.draw(sample) for _ in groups]  # rank 0 draws; each replica takes its share
     passes = [(index, seed) for (index, size), group in zip(batches, groups) if size for seed in group]
-    computed = iter(_two_point_losses(flat, per_example_loss, passes, beta))
+    computed = iter(store.two_point_losses(per_example_loss, passes, beta))
     for group, (_, batch_size) in zip(groups, batches):
         ds = []
         for _ in group:
             if batch_size == 0:  # a Poisson batch may be empty: its release is the noise alone
-                ds.append(torch.zeros(0, dtype=torch.float64, device=flat.device))
+                ds.append(torch.zeros(0, dtype=torch.float64, device=store.device))
                 continue
             d_share, loss_plus, loss_minus = next(computed)
             # the whole batch's quotients (and l+ + l- for the log), in batch order
@@ -193,5 +149,5 @@ def zo_step(
         done.differences.extend(ds)
         done.examples.append(batch_size)
         done.clipped.append(clipped)
-    apply_update(flat, done.seeds, done.grads, lr=lr, lam=lam, anchor=anchor, restore=False)
+    apply_update(store, done.seeds, done.grads, lr=lr, lam=lam, anchor=anchor, restore=False)
     return done

@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 
 from dpzo.zo.flat import FlatParameters, trainable_parameters
-from dpzo.zo.placed import PlacedParameters
+from dpzo.zo.passes import Coefficient
+from dpzo.zo.placed import PlacedParameters, move_part, pull_part
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -113,12 +114,15 @@ def _join(outputs: list[Any], sizes: list[int], *, broadcast: bool = False) -> A
     return first
 
 
-class StreamedParameters(PlacedParameters):
+class StreamedParameters:
     """The trainable vector of a model whose blocks are streamed from host memory (module docstring).
 
-    Builds the parts, moves the resident modules to ``device``, sends the blocks to host memory
-    and routes the forward of every block and of every resident module that holds trainable
-    weights through :meth:`_grouped`.  ``uploads[i]`` counts the uploads of block i.
+    Builds the parts (a :class:`~dpzo.zo.placed.PlacedParameters`, ``placed``), moves the
+    resident modules to ``device``, sends the blocks to host memory and routes the forward of
+    every block and of every resident module that holds trainable weights through
+    :meth:`_grouped`.  ``uploads[i]`` counts the uploads of block i.  A store of theta
+    (``dpzo.zo.store.ParameterStore``) that is never perturbed as a whole: its two-point losses
+    come from one grouped forward.
     """
 
     def __init__(
@@ -151,13 +155,14 @@ class StreamedParameters(PlacedParameters):
             else:
                 runs.append([(name, p)])
                 units.append(unit)
-        super().__init__(runs, master_dtype, direction_cache_size=direction_cache_size)
+        self.placed = PlacedParameters(runs, master_dtype, direction_cache_size=direction_cache_size)
+        self.numel = self.placed.numel
         self.device = device
-        self._home = {id(part): unit for part, unit in zip(self.parts, units) if unit >= 0}
-        self._block_parts = [[p for p, u in zip(self.parts, units) if u == i] for i in range(len(self.blocks))]
-        self._work_dtype = {id(part): part.work.dtype for part in self.parts}
+        parts = self.placed.parts
+        self._home = {id(part): unit for part, unit in zip(parts, units) if unit >= 0}
+        self._block_parts = [[p for p, u in zip(parts, units) if u == i] for i in range(len(self.blocks))]
         self._host_master: dict[int, torch.Tensor] = {}
-        trainable = {id(p) for part in self.parts for _, p in part.params}
+        trainable = {id(p) for part in parts for _, p in part.params}
         self._frozen = [self._frozen_tensors(block, trainable) for block in self.blocks]
         self._pending: list[list[Callable[[], None]]] = [[] for _ in self.blocks]
         self._uploaded = [True] * len(self.blocks)  # built where they were loaded: sent home below
@@ -218,7 +223,7 @@ class StreamedParameters(PlacedParameters):
             for t in (*masters, *frozen):  # made on the copy stream, used and freed on this one
                 t.record_stream(compute)
         for part, master in zip(self._block_parts[i], masters):
-            work = master if part.in_place else master.to(self._work_dtype[id(part)], copy=True)
+            work = master if part.in_place else master.to(part.work_dtype, copy=True)
             part.rebind(work, master)
         for (owner, name, is_param, _), moved in zip(self._frozen[i], frozen):
             if is_param:
@@ -244,7 +249,7 @@ class StreamedParameters(PlacedParameters):
             host.copy_(part.master, non_blocking=True)
             # with a master copy the working weights exist only on the device: between uploads the
             # parameters view a zero-stride placeholder (no memory)
-            work = host if part.in_place else torch.zeros(1, dtype=self._work_dtype[id(part)]).expand(part.numel)
+            work = host if part.in_place else torch.zeros(1, dtype=part.work_dtype).expand(part.numel)
             part.rebind(work, host)
         for owner, name, is_param, host in self._frozen[i]:
             if is_param:
@@ -261,7 +266,7 @@ class StreamedParameters(PlacedParameters):
         weights, through :meth:`_grouped`."""
         for i, block in enumerate(self.blocks):
             block.forward = self._block_forward(i, block.forward)
-        part_of = {id(p): part for part in self.parts if id(part) not in self._home for _, p in part.params}
+        part_of = {id(p): part for part in self.placed.parts if id(part) not in self._home for _, p in part.params}
         blocks = {id(b) for b in self.blocks}
         covered: set[int] = set()  # the modules under a routed one (its forward runs them per group)
         for m in model.modules():  # parents before children
@@ -294,7 +299,7 @@ class StreamedParameters(PlacedParameters):
         return grouped
 
     def _perturbed(self, parts: list[FlatParameters]) -> list[FlatParameters]:
-        active = {id(p) for p in self._active}
+        active = {id(p) for p in self.placed.active}
         return [p for p in parts if id(p) in active]
 
     def _grouped(self, parts: list[FlatParameters], forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -344,9 +349,39 @@ class StreamedParameters(PlacedParameters):
             start += 2 * n
         return out
 
-    # -- the interface of FlatParameters ---------------------------------------------------------
-    def perturb(self, seed: int, scale: float) -> None:
-        raise NotImplementedError("a streamed model is perturbed block by block inside its forward (two_point_losses)")
+    # -- the rest of the store ----------------------------------------------------------------
+    @property
+    def master_dtype(self) -> torch.dtype:
+        """The dtype theta is held in."""
+        return self.placed.master_dtype
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype the forward computes with."""
+        return self.placed.work_dtype
+
+    @property
+    def master(self) -> torch.Tensor:
+        """theta as one CPU tensor (a copy; a block's pending update not applied: :meth:`restore` first)."""
+        return self.placed.master
+
+    def weights_finite(self) -> bool:
+        """Whether every coordinate of theta is finite (the blocks' read from host memory)."""
+        return self.placed.weights_finite()
+
+    def strided_theta(self, stride: int) -> torch.Tensor:
+        """Every ``stride``-th coordinate of each part's theta, float32 on the CPU."""
+        return self.placed.strided_theta(stride)
+
+    def set_mask(
+        self,
+        indices: torch.Tensor | None,
+        perturb_scales: torch.Tensor | None = None,
+        update_scales: torch.Tensor | None = None,
+    ) -> None:
+        """Restrict training to the flat coordinates ``indices`` (None: dense), every pending update applied first."""
+        self.restore()
+        self.placed.set_mask(indices, perturb_scales, update_scales)
 
     def restore(self) -> None:
         """theta everywhere: every pending update applied (each block with one is uploaded once)."""
@@ -354,21 +389,35 @@ class StreamedParameters(PlacedParameters):
             if self._pending[i]:
                 self._upload(i)
                 self._offload(i)
-        for part in self.parts:
-            part.restore()
+        self.placed.restore()
 
-    def _move(self, part: FlatParameters, move: Callable[[FlatParameters], None]) -> None:
+    def _when_present(self, part: FlatParameters, move: Callable[[], None]) -> None:
         """Resident parts move now; a block's part at its next upload (the step's scalars exist
         only after its last block)."""
         if id(part) in self._home:
-            self._pending[self._home[id(part)]].append(lambda: move(part))
+            self._pending[self._home[id(part)]].append(move)
         else:
-            move(part)
+            move()
+
+    def add_directions(self, moves: Sequence[tuple[int, Coefficient]]) -> None:
+        """theta <- theta + sum_k coef_k z(seed_k) on the support, each block's at its next upload."""
+        for part in self.placed.active:
+            self._when_present(part, lambda part=part: move_part(part, moves))
+
+    def pull_toward(self, anchor: torch.Tensor, weight: float) -> None:
+        """theta <- theta - weight (theta - anchor) on the support, each block's at its next upload."""
+        for part, piece in self.placed.anchor_pieces(anchor):
+            self._when_present(part, lambda part=part, piece=piece: pull_part(part, piece, weight))
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of theta on the support, in host memory (every pending update applied first)."""
+        self.restore()
+        return self.placed.snapshot()
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """theta and the support (every pending update applied first)."""
         self.restore()
-        return super().state_dict()
+        return self.placed.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
         """Continue from a state of this model (streamed, placed or in one buffer)."""
@@ -378,7 +427,7 @@ class StreamedParameters(PlacedParameters):
         self._pending = [[] for _ in self.blocks]
         self._fetched.clear()  # copies of the old theta
         self.set_mask(None)
-        for part, (lo, hi) in zip(self.parts, self._spans()):
+        for part, (lo, hi) in zip(self.placed.parts, self.placed.spans()):
             if id(part) in self._home:  # at home: theta is the host master
                 part.master.copy_(master[lo:hi])
             else:
