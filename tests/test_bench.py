@@ -411,30 +411,6 @@ def test_bench_cli_asks_for_cpu_where_there_is_no_gpu(capsys):
 # ------------------------------------------------------------------------------------------
 # The benchmark's code stays readable
 # ------------------------------------------------------------------------------------------
-def test_no_function_of_the_benchmark_is_over_80_code_lines():
-    """Code lines: not blank, not only a comment, not the docstring."""
-    import ast
-    from pathlib import Path
-
-    import dpzo.bench
-
-    long = []
-    for path in sorted(Path(dpzo.bench.__file__).parent.glob("*.py")):
-        text = path.read_text().splitlines()
-        for node in ast.walk(ast.parse("\n".join(text))):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            skip = set()
-            if ast.get_docstring(node) is not None:
-                skip = set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
-            lines = [
-                n
-                for n in range(node.lineno, node.end_lineno + 1)
-                if n not in skip and text[n - 1].strip() and not text[n - 1].strip().startswith("#")
-            ]
-            if len(lines) > 80:
-                long.append(f"{path.name}:{node.lineno} {node.name}: {len(lines)} code lines")
-    assert not long, "\n".join(long)
 
 
 def test_the_cli_and_the_bench_parser_load_without_torch():

@@ -148,3 +148,38 @@ def test_data_reads_its_sources_one_way():
     assert "dpzo.data.splits" in graph["dpzo.data.hf_data"]
     for reader in ("dpzo.data.splits", "dpzo.data.hf_data", "dpzo.data.inputs"):
         assert not graph[reader] & {"dpzo.data.tasks", "dpzo.data.hf_tasks"}, reader
+
+
+def code_lines(node: ast.AST, text: list[str]) -> int:
+    """Lines of a function that hold code: not blank, not only a comment, not its docstring."""
+    skip = set()
+    if ast.get_docstring(node) is not None:
+        skip = set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    return sum(
+        1
+        for n in range(node.lineno, node.end_lineno + 1)
+        if n not in skip and text[n - 1].strip() and not text[n - 1].strip().startswith("#")
+    )
+
+
+def test_no_function_in_the_package_is_over_80_code_lines():
+    """One function per algorithm step: a longer one is cut into named steps."""
+    long = []
+    for path in sorted((SRC / "dpzo").rglob("*.py")):
+        text = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(text))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(node, text) > 80:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {code_lines(node, text)} code lines")
+    assert not long, "\n".join(long)
+
+
+def test_no_hasattr_steers_the_package():
+    """Objects say what they are through their classes and protocols (``zo.store.ParameterStore``,
+    ``data.task.Task``, ``Method`` properties), not by probing for attributes."""
+    found = [
+        f"{path.relative_to(SRC)}:{number}: {line.strip()}"
+        for path in sorted((SRC / "dpzo").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "hasattr(" in line
+    ]
+    assert not found, "\n".join(found)

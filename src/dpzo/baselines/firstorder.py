@@ -163,7 +163,8 @@ def _vmap_safe_masks() -> Iterator[None]:
     """
     import transformers.masking_utils as mu
 
-    names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(mu, n)]
+    # the shortcut's functions in the installed transformers (their names differ between versions)
+    names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if n in vars(mu)]
     saved = {n: getattr(mu, n) for n in names}
 
     def never(*args, **kwargs) -> bool:

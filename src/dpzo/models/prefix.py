@@ -146,7 +146,7 @@ def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Linear,
     """
     layers = []
     for name, m in model.named_modules():
-        if not hasattr(m, "config"):
+        if getattr(m, "config", None) is None:  # transformers' attention modules hold their config
             continue
         k, v = getattr(m, "k_proj", None), getattr(m, "v_proj", None)  # OPT, Llama, Qwen2, Mistral
         head_dim = getattr(m, "head_dim", None)
@@ -226,7 +226,7 @@ def install_prefix(model: nn.Module, tokens: int, *, seed: int) -> dict[str, nn.
 def remove_prefix(model: nn.Module) -> None:
     """Undo :func:`install_prefix` (the model then computes exactly as before)."""
     for _, m, *_ in _attention_layers(model):
-        if hasattr(m, "dpzo_prefix"):
+        if "dpzo_prefix" in m._modules:  # the prefix is a registered child module
             del m.dpzo_prefix
         if isinstance(m.__dict__.get("config"), _PrefixAttentionConfig):
             m.config = object.__getattribute__(m.config, "_dpzo_config")

@@ -537,73 +537,38 @@ def ablation_label(row: Any, marked: bool = False) -> str:
     return f"{method}\n{row.mask_strategy} · {row.mask_scorer} · {ratio_text} · {row.mask_selection}"
 
 
-def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
-    """Accuracy of every DP-ZOPO variant (strategy · scorer · ratio · selection) per ε."""
-    import seaborn as sns
+def _ablation_panel(ax, summary, zopo, model, task, *, epsilons, eps_colour, dense_methods, is_zero, marked) -> None:
+    """One (model, task) panel: each variant's accuracy per ε, the dense method's and zero-shot's as lines."""
+    sub = zopo[(zopo.model == model) & (zopo.task == task)].copy()
+    sub["label"] = [ablation_label(r, r.method in marked) for r in sub.itertuples()]
+    order = (
+        sub.sort_values(["mask_strategy", "mask_scorer", "mask_ratio", "mask_selection", "method"])["label"]
+        .drop_duplicates()
+        .tolist()
+    )
+    y = {label: i for i, label in enumerate(order)}
+    offset = 0.6 / max(len(epsilons), 1)
+    here = (summary.model == model) & (summary.task == task)
+    for j, eps in enumerate(epsilons):
+        g = sub[sub.eps == eps]
+        ys = [y[label] + (j - (len(epsilons) - 1) / 2) * offset for label in g["label"]]
+        ax.errorbar(g["accuracy_mean"], ys, xerr=g["accuracy_std"], fmt="o", color=eps_colour[eps], capsize=3)
+        dense = summary[here & summary.method.isin(dense_methods) & (summary.eps == eps)]
+        if len(dense):
+            ax.axvline(dense["accuracy_mean"].iloc[0], color=eps_colour[eps], linestyle="--", linewidth=1.2)
+    zero = summary[here & is_zero]
+    if len(zero):
+        ax.axvline(zero["accuracy_mean"].iloc[0], color=ZERO_SHOT_GREY, linestyle=":", linewidth=1.5)
+    ax.set_yticks(range(len(order)), order, fontsize=8)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title(f"{model}, {task}", fontsize=10)
 
-    plt = _pyplot()
+
+def _ablation_legend(epsilons, eps_colour, dense_name: str, marked_dense: set, zero_marked: bool) -> list:
+    """The legend's entries: the variants and the dense line per ε, and zero-shot (test noise marked)."""
     from matplotlib.lines import Line2D
 
-    masked_rows = summary["base_method"].map(is_masked).astype(bool)
-    zopo = summary[masked_rows]
-    groups = sorted(set(zip(zopo["model"], zopo["task"])))
-    if not groups:
-        fig, ax = plt.subplots(figsize=(7, 2.5))
-        _empty(ax, ABLATION_HINT)
-        fig.suptitle("DP-ZOPO pruning ablation")
-        return _save(fig, png, pdf)
-    epsilons = _private_eps(zopo)
-    eps_colour = dict(
-        zip(
-            epsilons,
-            sns.color_palette("colorblind", 10)[: len(epsilons)]
-            if len(epsilons) <= 10
-            else sns.color_palette("viridis", len(epsilons)),
-        )
-    )
-    # the dense method the variants restrict to a mask (DP-ZOSO for DP-ZOPO: Method.dense_counterpart)
-    dense_methods = sorted({find_method(b).dense_counterpart for b in zopo["base_method"]} - {None})
-    dense_name = " / ".join(dense_methods)
-    is_zero = summary["method"].map(is_pretrained_reference).astype(bool)
-    # every row drawn: the variants, and the dense and zero-shot lines of their (model, task)
-    pairs = set(groups)
-    in_groups = pd.Series([pair in pairs for pair in zip(summary["model"], summary["task"])], index=summary.index)
-    drawn = summary[in_groups & (summary["method"].isin(dense_methods) | is_zero | masked_rows)]
-    marked = marked_methods(drawn)
-    marked_dense = {e for e in epsilons if marked_methods(drawn[drawn.eps == e]) & set(dense_methods)}
-    n_variants = zopo["method"].nunique()
-    fig, axes = plt.subplots(
-        len(groups), 1, squeeze=False, figsize=(8.5, 0.65 * n_variants * len(groups) + 1.6 * len(groups))
-    )
-    for ax, (model, task) in zip(axes[:, 0], groups):
-        sub = zopo[(zopo.model == model) & (zopo.task == task)].copy()
-        sub["label"] = [ablation_label(r, r.method in marked) for r in sub.itertuples()]
-        order = (
-            sub.sort_values(["mask_strategy", "mask_scorer", "mask_ratio", "mask_selection", "method"])["label"]
-            .drop_duplicates()
-            .tolist()
-        )
-        y = {label: i for i, label in enumerate(order)}
-        offset = 0.6 / max(len(epsilons), 1)
-        for j, eps in enumerate(epsilons):
-            g = sub[sub.eps == eps]
-            ys = [y[label] + (j - (len(epsilons) - 1) / 2) * offset for label in g["label"]]
-            ax.errorbar(g["accuracy_mean"], ys, xerr=g["accuracy_std"], fmt="o", color=eps_colour[eps], capsize=3)
-            dense = summary[
-                (summary.model == model)
-                & (summary.task == task)
-                & summary.method.isin(dense_methods)
-                & (summary.eps == eps)
-            ]
-            if len(dense):
-                ax.axvline(dense["accuracy_mean"].iloc[0], color=eps_colour[eps], linestyle="--", linewidth=1.2)
-        zero = summary[(summary.model == model) & (summary.task == task) & is_zero]
-        if len(zero):
-            ax.axvline(zero["accuracy_mean"].iloc[0], color=ZERO_SHOT_GREY, linestyle=":", linewidth=1.5)
-        ax.set_yticks(range(len(order)), order, fontsize=8)
-        ax.set_ylim(len(order) - 0.5, -0.5)
-        ax.set_xlabel("test accuracy (%)")
-        ax.set_title(f"{model}, {task}", fontsize=10)
     handles = [
         Line2D([], [], color=eps_colour[e], marker="o", linestyle="", label=f"DP-ZOPO variant, ε = {e}")
         for e in epsilons
@@ -618,8 +583,56 @@ def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
         )
         for e in epsilons
     ]
-    zero_marked = any(is_pretrained_reference(m) for m in marked)
     handles.append(Line2D([], [], color=ZERO_SHOT_GREY, linestyle=":", label=_mark("zero-shot", zero_marked)))
+    return handles
+
+
+def ablation(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
+    """Accuracy of every DP-ZOPO variant (strategy · scorer · ratio · selection) per ε."""
+    import seaborn as sns
+
+    plt = _pyplot()
+    masked_rows = summary["base_method"].map(is_masked).astype(bool)
+    zopo = summary[masked_rows]
+    groups = sorted(set(zip(zopo["model"], zopo["task"])))
+    if not groups:
+        fig, ax = plt.subplots(figsize=(7, 2.5))
+        _empty(ax, ABLATION_HINT)
+        fig.suptitle("DP-ZOPO pruning ablation")
+        return _save(fig, png, pdf)
+    epsilons = _private_eps(zopo)
+    palette = (
+        sns.color_palette("colorblind", 10) if len(epsilons) <= 10 else sns.color_palette("viridis", len(epsilons))
+    )
+    eps_colour = dict(zip(epsilons, palette[: len(epsilons)]))
+    # the dense method the variants restrict to a mask (DP-ZOSO for DP-ZOPO: Method.dense_counterpart)
+    dense_methods = sorted({find_method(b).dense_counterpart for b in zopo["base_method"]} - {None})
+    is_zero = summary["method"].map(is_pretrained_reference).astype(bool)
+    # every row drawn: the variants, and the dense and zero-shot lines of their (model, task)
+    pairs = set(groups)
+    in_groups = pd.Series([pair in pairs for pair in zip(summary["model"], summary["task"])], index=summary.index)
+    drawn = summary[in_groups & (summary["method"].isin(dense_methods) | is_zero | masked_rows)]
+    marked = marked_methods(drawn)
+    marked_dense = {e for e in epsilons if marked_methods(drawn[drawn.eps == e]) & set(dense_methods)}
+    n_variants = zopo["method"].nunique()
+    fig, axes = plt.subplots(
+        len(groups), 1, squeeze=False, figsize=(8.5, 0.65 * n_variants * len(groups) + 1.6 * len(groups))
+    )
+    for ax, (model, task) in zip(axes[:, 0], groups):
+        _ablation_panel(
+            ax,
+            summary,
+            zopo,
+            model,
+            task,
+            epsilons=epsilons,
+            eps_colour=eps_colour,
+            dense_methods=dense_methods,
+            is_zero=is_zero,
+            marked=marked,
+        )
+    zero_marked = any(is_pretrained_reference(m) for m in marked)
+    handles = _ablation_legend(epsilons, eps_colour, " / ".join(dense_methods), marked_dense, zero_marked)
     _suptitle(fig, "DP-ZOPO pruning ablation: strategy · scorer · trainable fraction · selection", drawn)
     fig.tight_layout()
     _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
