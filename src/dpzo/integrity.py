@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from pathlib import Path
@@ -89,6 +90,17 @@ def _read_or_make(path: Path) -> bytes:
     if len(key) != KEY_BYTES:
         raise OSError(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte key")
     return key
+
+
+def canonical(obj: object) -> str:
+    """``obj`` as canonical JSON (sorted keys; what JSON cannot hold as its ``str``): the text
+    every digest and MAC of a record is taken over."""
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def canonical_digest(obj: object) -> str:
+    """SHA-256 (hex) of :func:`canonical` ``obj``: a public name of a record (a run's identity, a ledger)."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
 
 
 def sign(*parts: str) -> str:

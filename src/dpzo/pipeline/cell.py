@@ -43,6 +43,7 @@ from dpzo.provenance import versions
 from dpzo.zo.checkpoint import CheckpointPolicy, SnapshotRecord, TrainingCheckpoint, file_digest
 from dpzo.zo.loop import train_zo
 from dpzo.zo.replicas import SingleProcess
+from dpzo.zo.store import ParameterStore
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class PreparedCell:
     model: torch.nn.Module
     family: str
     clf: Any  # the task's scorer (models.classifier.PromptClassifier or a candidate scorer)
-    store: Any  # the parameter store of a streamed model (zo.streamed), else None: train_zo builds one
+    store: ParameterStore | None  # a streamed model's store, else None: train_zo builds the resident one
     train_set: Any
     test_examples: list
     test_set: Any

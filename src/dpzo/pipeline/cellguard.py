@@ -128,7 +128,7 @@ def _read_holder(fd: int) -> dict:
 
 def identity_digest(identity: dict) -> str:
     """SHA-256 of what a run is (method, hyperparameters, ledger, data, model, seed), canonically."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return integrity.canonical_digest(identity)
 
 
 class RetryRefused(RuntimeError):
@@ -137,7 +137,12 @@ class RetryRefused(RuntimeError):
 
 class AttemptLogInvalid(RuntimeError):
     """The attempt log was edited, cut short or deleted: what ran before cannot be known, so
-    nothing starts until the loss of that record is acknowledged (``dpzo accept-retry``)."""
+    nothing starts until the loss of that record is acknowledged (``dpzo accept-retry``).
+    ``what``: what was found wrong with it."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
 
 
 class NothingToAccept(ValueError):
@@ -159,10 +164,6 @@ def outcome_of(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, FloatingPointError):
         return f"{DATA_DEPENDENT}: {type(exc).__name__}: {exc}", True
     return f"failed: {type(exc).__name__}: {exc}", False
-
-
-def _canonical(record: dict) -> str:
-    return json.dumps(record, sort_keys=True, default=str)
 
 
 class AttemptLog:
@@ -192,7 +193,7 @@ class AttemptLog:
 
     @staticmethod
     def _line_mac(previous: str, record: dict) -> str:
-        return integrity.sign("attempt-log-line", previous, _canonical(record))
+        return integrity.sign("attempt-log-line", previous, integrity.canonical(record))
 
     def _anchor_path(self) -> Path:
         where = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:32]
@@ -212,7 +213,7 @@ class AttemptLog:
             "(recorded in the cell's metrics and shown in the privacy table), then run again"
         )
         log.error(message)
-        return AttemptLogInvalid(message)
+        return AttemptLogInvalid(message, what=f"the attempt log {self.path} {what}")
 
     def _verified(self) -> list[tuple[dict, str]]:
         """(record, its MAC) of every line, oldest first, after checking the chain and the anchor."""
@@ -236,7 +237,7 @@ class AttemptLog:
                 log.warning("%s line %d is torn (a write was interrupted); skipped", self.path, number)
                 continue
             mac = record.pop("mac", None) if isinstance(record, dict) else None
-            if not integrity.verifies(mac, "attempt-log-line", previous, _canonical(record)):
+            if not integrity.verifies(mac, "attempt-log-line", previous, integrity.canonical(record)):
                 raise self._invalid(
                     f"does not verify at line {number} (edited, reordered, lines removed before it, copied from "
                     "another cell, or written by another installation)"
@@ -317,7 +318,7 @@ class AttemptLog:
                 aside = self.path.with_name(f"{self.path.stem}.rejected.{_stamp()}{self.path.suffix}")
                 os.replace(self.path, aside)
             self._anchor_path().unlink(missing_ok=True)
-            record = {"event": "reset", **base, "why": str(invalid).split(". It is the cell's")[0]}
+            record = {"event": "reset", **base, "why": invalid.what}
             record["previous_log"] = aside.name if aside else None
             self.append(record)
             return record

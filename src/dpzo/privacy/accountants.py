@@ -281,6 +281,14 @@ def single_release_epsilon(sigma: float, q: float, delta: float) -> float:
     return lo
 
 
+def exceeds_at_first_release(sigma: float, q: float, delta: float, target: float) -> float | None:
+    """The one-release lower bound (:func:`single_release_epsilon`) when it already exceeds
+    ``target`` (beyond float noise), else None: the cheap refusal every check of a σ against a
+    target asks before any accountant builds its grid."""
+    bound = single_release_epsilon(sigma, q, delta)
+    return bound if bound > float(target) * (1.0 + 1e-6) else None
+
+
 def certified_epsilon(
     sigma: float,
     q: float,
@@ -296,8 +304,8 @@ def certified_epsilon(
     one-release lower bound (:func:`single_release_epsilon`) already exceeds ``target``, that bound
     and False (the accountant would say more); otherwise the accountant's value and True.
     ``accountant`` is one of :data:`ACCOUNTANTS` or ``"opacus-rdp"`` (DPZero's published accounting)."""
-    bound = single_release_epsilon(sigma, q, delta)
-    if bound > float(target) * (1.0 + 1e-6):
+    bound = exceeds_at_first_release(sigma, q, delta, target)
+    if bound is not None:
         return bound, False
     if accountant == "opacus-rdp":
         return opacus_epsilon(sigma, delta, q, compositions), True

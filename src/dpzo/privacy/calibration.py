@@ -18,8 +18,8 @@ from dpzo.privacy.accountants import (
     check_q,
     dp_event,
     epsilon_unchecked,
+    exceeds_at_first_release,
     pld_accountant,
-    single_release_epsilon,
 )
 
 #: Calibration refuses to go beyond this noise multiplier (the target is then unreachable
@@ -143,11 +143,10 @@ def calibrate_sigma(
             if key not in cache:
                 # where one release alone already exceeds the target, that bound decides (only the
                 # side of the target matters to the search) without the accountant's cost at small σ
-                bound = single_release_epsilon(s, q, delta) if name != "rdp" else 0.0
-                exceeds = bound > target * (1.0 + 1e-6)
-                cache[key] = (
-                    bound if exceeds else epsilon_unchecked(s, q, compositions, delta, name, pld_discretization)
-                )
+                bound = exceeds_at_first_release(s, q, delta, target) if name != "rdp" else None
+                if bound is None:
+                    bound = epsilon_unchecked(s, q, compositions, delta, name, pld_discretization)
+                cache[key] = bound
             return cache[key]
 
         return f

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dpzo.fileio import write_json_atomic
+from dpzo.integrity import canonical_digest
 from dpzo.methods import base_method, get_method, hyperparameters_for, is_private
 from dpzo.privacy.accountants import ACCOUNTANTS, certified_epsilon, laplace_epsilon
 from dpzo.privacy.mechanisms import NoisySum
@@ -406,7 +407,4 @@ def _epsilon_or_reason(
 def ledger_digest(ledger: dict) -> str:
     """SHA-256 of a ledger's canonical JSON: the trainer records the digest of the ledger it
     verified, so a ledger changed after training is not published as that cell's."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(ledger, sort_keys=True, default=str).encode()).hexdigest()
+    return canonical_digest(ledger)

@@ -19,9 +19,9 @@ from dpzo.privacy.accountants import (
     distribution_version,
     epsilon,
     epsilon_unchecked,
+    exceeds_at_first_release,
     laplace_epsilon,
     library_versions,
-    single_release_epsilon,
 )
 from dpzo.privacy.calibration import calibrate_sigma, laplace_step_epsilon, memoized, opacus_noise_multiplier
 
@@ -136,7 +136,7 @@ def _certifies(run: _Run, cached: dict[str, Any]) -> bool:
     if run.calibrated_with is None or not run.private:
         return True
     s = float(cached["sigma"])
-    if not s > 0 or single_release_epsilon(s, run.q, run.delta) > run.eps_target:
+    if not s > 0 or exceeds_at_first_release(s, run.q, run.delta, run.eps_target) is not None:
         return False  # an absurd σ: refused by the cheap bound, before the accountant's grid
     achieved = epsilon_unchecked(s, run.q, run.compositions, run.delta, run.calibrated_with, run.pld_discretization)
     return achieved <= run.eps_target and cached["epsilon_achieved"].get(run.calibrated_with) == _json_float(achieved)

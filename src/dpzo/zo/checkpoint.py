@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -64,7 +63,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -181,10 +180,6 @@ def theta_digest(master: torch.Tensor) -> str:
     return digest(master[::stride])
 
 
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
 #: The tensors of a snapshot (a store's ``state_dict`` and the proximal anchor); everything
 #: else in it is plain data (numbers, lists, dicts).
 SNAPSHOT_TENSORS = STATE_KEYS + ("anchor",)
@@ -198,7 +193,9 @@ def snapshot_digest(payload: dict) -> str:
     for key in SNAPSHOT_TENSORS:
         value = payload.get(key)
         h.update(f"{key}={'none' if value is None else digest(value)};".encode())
-    h.update(_canonical({k: v for k, v in payload.items() if k not in SNAPSHOT_TENSORS and k != "digest"}).encode())
+    h.update(
+        integrity.canonical({k: v for k, v in payload.items() if k not in SNAPSHOT_TENSORS and k != "digest"}).encode()
+    )
     return h.hexdigest()
 
 
@@ -209,7 +206,7 @@ def snapshot_mac(payload: dict) -> str:
 
 def identity_tag(identity: dict) -> str:
     """A short public name of a snapshot identity (its canonical SHA-256), for the attempt log."""
-    return hashlib.sha256(_canonical(identity).encode()).hexdigest()
+    return integrity.canonical_digest(identity)
 
 
 class SnapshotRecord(Protocol):
@@ -327,7 +324,7 @@ class TrainingCheckpoint:
                 f"its MAC does not verify under this installation's key ({integrity.key_path()}): it was changed "
                 "after the trainer wrote it, or written elsewhere"
             )
-        if _canonical(saved.get("identity")) != _canonical(self.identity):
+        if integrity.canonical(saved.get("identity")) != integrity.canonical(self.identity):
             raise SnapshotRejected("it belongs to another configuration of this cell")
         if self.record is not None:
             latest = self.record.latest_snapshot(identity_tag(self.identity))
