@@ -350,11 +350,18 @@ def test_bench_cli_tiny_mode_writes_the_expected_json(tmp_path, capsys):
                 "speedup_vs_official",
                 "peak_mb",
                 "peak_over_inference",
+                "copied_mb_per_step",
+                "host_syncs_per_step",
             }
             assert r["ms_per_step"] > 0
             assert r["ratio_to_two_forwards"] == pytest.approx(r["ms_per_step"] / (2 * fwd))
             assert r["speedup_vs_official"] == pytest.approx(official[r["method"]] / r["ms_per_step"])
-            assert r["peak_mb"] is None  # no per-run peak on CPU
+            # tracked on the CPU: the weights and the batch at least, and the ratio to inference
+            assert r["peak_mb"] == r["tracked_peak_mb"] > model["inference_peak_mb"]["none"] * 0.99
+            assert r["peak_over_inference"] == pytest.approx(r["peak_mb"] / model["inference_peak_mb"]["none"])
+            assert r["copied_mb_per_step"] == 0  # one device: nothing crosses
+            assert r["host_syncs_per_step"] >= 0.5  # the closing log line reads the loss at least
+        assert model["inference_peak_mb"]["none"] * 2**20 > 4 * model["parameters"]  # fp32 weights and more
         assert model["targets"] == []  # targets are for the full-size models on a GPU
     assert "tiny-opt" in captured.err and "ms/step" in captured.err  # the table for people
 
@@ -370,6 +377,8 @@ def test_bench_times_the_streamed_step_beside_the_resident_one(tmp_path, capsys)
     assert set(streamed) == {"dp-zoso", "mezo"}
     for method, r in streamed.items():
         assert r["uploads_per_block"] == 2 + 1  # each timed step, and the flush of the last update
+        # the home copies count as host memory: each block goes up and comes home once per step
+        assert r["copied_mb_per_step"] > 0
         assert r["streamed_over_resident"] == pytest.approx(r["ms_per_step"] / resident[method]["ms_per_step"])
 
 

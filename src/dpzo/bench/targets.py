@@ -98,14 +98,15 @@ def summary_lines(record: dict) -> list[str]:
             mem = m["inference_peak_mb"][ac]
             lines.append(f"  forward (autocast {ac}): {ms:.2f} ms" + (f", inference peak {mem:.0f} MiB" if mem else ""))
         lines.append(
-            f"  {'method':<8} {'impl':<15} {'autocast':<8} {'master':<8} {'ms/step':>9} {'/2 fwd':>7} {'speed-up':>9} {'peak/inf':>9}"
+            f"  {'method':<8} {'impl':<15} {'autocast':<8} {'master':<8} {'ms/step':>9} {'/2 fwd':>7} {'speed-up':>9} {'peak/inf':>9} {'MiB/step':>9} {'syncs':>6}"
         )
         for r in m["runs"]:
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             lines.append(
                 f"  {r['method']:<8} {r['impl']:<15} {r['autocast']:<8} {str(r['master'] or '-'):<8} "
                 f"{r['ms_per_step']:>9.2f} {r['ratio_to_two_forwards']:>7.2f} {fmt(r['speedup_vs_official'], '>8.2f')}x "
-                f"{fmt(r['peak_over_inference'], '>9.3f')}"
+                f"{fmt(r['peak_over_inference'], '>9.3f')} {fmt(r.get('copied_mb_per_step'), '>9.2f')} "
+                f"{fmt(r.get('host_syncs_per_step'), '>6.1f')}"
             )
         for t in m["targets"]:
             status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]

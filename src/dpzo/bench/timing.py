@@ -1,7 +1,10 @@
 """One timed run of each kind: a forward, the official-style step, dpzo's step, the streamed step.
 
 Every run shares a :class:`Setup` (one model on one device with its batch) and the step settings
-below; each returns milliseconds per step and the peak GPU memory (None on the CPU).
+below.  Each kind runs three times: a warm-up, a tracked run of :data:`TRACKED_STEPS` steps under
+:func:`dpzo.zo.cost.measure` (the peak of live tensor bytes on the device, bytes copied between
+host and device, host waits; on every device), and the timed run, without the tracker.  ``peak_mb``
+is the CUDA allocator's peak on a GPU and the tracked peak elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
+from dpzo.zo.cost import MiB, measure
 from dpzo.zo.loop import train_zo
 
 METHODS = ("dp-zoso", "dp-zopo", "mezo")
@@ -37,6 +41,8 @@ LR = 1e-6
 CLIP = 1.0
 SIGMA = 1.0  # noise multiplier: N(0, (sigma C)^2) on the clipped sum
 LOG_EVERY = 10
+#: steps of the tracked run: its host waits per step include the run's closing log line
+TRACKED_STEPS = 2
 
 
 def rows(batch: dict, index: Sequence[int] | np.ndarray) -> dict:
@@ -74,11 +80,24 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_mb(device: torch.device) -> float | None:
-    """Peak allocated GPU memory since the last reset (None on CPU: no per-run peak there)."""
+def _peak_mb(device: torch.device, tracked: dict) -> float:
+    """Peak allocated GPU memory since the last reset; elsewhere the tracked peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return None
+    return tracked["tracked_peak_mb"]
+
+
+def _tracked(setup: Setup, run: Callable[[int], Any], steps: int = TRACKED_STEPS) -> dict:
+    """``run(steps)`` under :func:`dpzo.zo.cost.measure`, the weights and the batch counted as live:
+    its peak on the setup's device, and the bytes copied and host waits per step.  A streamed
+    store's host copies count as host memory (they are where the CPU is the only device)."""
+    host = setup.streamed.host_tensors() if setup.streamed is not None else ()
+    cost, _ = measure(lambda: run(steps), setup.model, setup.batch.values(), host=host)
+    return {
+        "tracked_peak_mb": cost.peak_mb(setup.device),
+        "copied_mb_per_step": cost.copied_bytes / MiB / steps,
+        "host_syncs_per_step": cost.host_syncs / steps,
+    }
 
 
 def _autocast(device: torch.device, name: str):
@@ -127,18 +146,22 @@ class Setup:
         return (lambda stage: self.mask) if ZO[base_method(method)].masked else None
 
 
-def time_forward(setup: Setup, *, autocast: str, steps: int, warmup: int) -> tuple[float, float | None]:
+def time_forward(setup: Setup, *, autocast: str, steps: int, warmup: int) -> tuple[float, float]:
     """(ms per batched forward of the per-example losses, peak MiB of inference)."""
+
+    def forwards(n: int) -> None:
+        with torch.no_grad(), _autocast(setup.device, autocast):
+            for _ in range(n):
+                setup.clf.per_example_loss(setup.batch)
+
+    forwards(warmup)
     reset_peak(setup.device)
-    with torch.no_grad(), _autocast(setup.device, autocast):
-        for _ in range(warmup):
-            setup.clf.per_example_loss(setup.batch)
-        _sync(setup.device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            setup.clf.per_example_loss(setup.batch)
-        _sync(setup.device)
-    return 1000.0 * (time.perf_counter() - started) / steps, _peak_mb(setup.device)
+    tracked = _tracked(setup, forwards, 1)
+    _sync(setup.device)
+    started = time.perf_counter()
+    forwards(steps)
+    _sync(setup.device)
+    return 1000.0 * (time.perf_counter() - started) / steps, _peak_mb(setup.device, tracked)
 
 
 def time_official(setup: Setup, method: str, *, steps: int, warmup: int) -> dict:
@@ -148,22 +171,26 @@ def time_official(setup: Setup, method: str, *, steps: int, warmup: int) -> dict
         batch = rows(setup.batch, index)
         return setup.clf.label_logits(batch), batch["labels"]
 
-    reset_peak(setup.device)
     kw = dict(method=method, run_seed=0, masks=setup.masks(method), **setup.privacy(method))
-    if warmup:
-        official_style_train(
-            setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, warmup), **kw
+
+    def run(n: int) -> dict:
+        return official_style_train(
+            setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, n), **kw
         )
-    timed = official_style_train(
-        setup.model, logits_and_labels, setup.batch_size, setup.hyperparameters(method, steps), **kw
-    )
+
+    if warmup:
+        run(warmup)
+    reset_peak(setup.device)
+    tracked = _tracked(setup, run)
+    timed = run(steps)
     return {
         "method": method,
         "impl": "official-style",
         "autocast": "none",
         "master": None,
         "ms_per_step": timed["ms_per_step"],
-        "peak_mb": _peak_mb(setup.device),
+        "peak_mb": _peak_mb(setup.device, tracked),
+        **tracked,
     }
 
 
@@ -197,7 +224,6 @@ def time_dpzo(
         with ctx():
             return setup.clf.per_example_loss(rows(setup.batch, index))
 
-    reset_peak(setup.device)
     kw = dict(
         method=method,
         run_seed=0,
@@ -205,17 +231,24 @@ def time_dpzo(
         master_dtype=None if master == "none" else DTYPES[master],
         **setup.privacy(method),
     )
+
+    def run(n: int) -> dict:
+        return train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, n), **kw)
+
     with _passes(fused):
         if warmup:
-            train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, warmup), **kw)
-        history = train_zo(setup.model, per_example_loss, setup.batch_size, setup.hyperparameters(method, steps), **kw)
+            run(warmup)
+        reset_peak(setup.device)
+        tracked = _tracked(setup, run)
+        history = run(steps)
     return {
         "method": method,
         "impl": "dpzo" if fused else "dpzo-blocks",
         "autocast": autocast,
         "master": master,
         "ms_per_step": history["ms_per_step"],
-        "peak_mb": _peak_mb(setup.device),
+        "peak_mb": _peak_mb(setup.device, tracked),
+        **tracked,
     }
 
 
@@ -241,32 +274,25 @@ def time_streamed(setup: Setup, method: str, *, steps: int, warmup: int) -> dict
     def per_example_loss(index):
         return setup.clf.per_example_loss(rows(setup.batch, index))
 
-    reset_peak(setup.device)
     kw = dict(method=method, run_seed=0, masks=setup.masks(method), master_dtype=None, **setup.privacy(method))
+
+    def run(n: int) -> dict:
+        hp = setup.hyperparameters(method, n)
+        return train_zo(setup.model, per_example_loss, setup.batch_size, hp, store=setup.streamed, **kw)
+
     if warmup:
-        train_zo(
-            setup.model,
-            per_example_loss,
-            setup.batch_size,
-            setup.hyperparameters(method, warmup),
-            store=setup.streamed,
-            **kw,
-        )
+        run(warmup)
+    reset_peak(setup.device)
+    tracked = _tracked(setup, run)
     before = setup.streamed.uploads[0]
-    history = train_zo(
-        setup.model,
-        per_example_loss,
-        setup.batch_size,
-        setup.hyperparameters(method, steps),
-        store=setup.streamed,
-        **kw,
-    )
+    history = run(steps)
     return {
         "method": method,
         "impl": "dpzo-streamed",
         "autocast": "none",
         "master": "none",
         "ms_per_step": history["ms_per_step"],
-        "peak_mb": _peak_mb(setup.device),
+        "peak_mb": _peak_mb(setup.device, tracked),
+        **tracked,
         "uploads_per_block": setup.streamed.uploads[0] - before,  # the steps, and the final flush
     }

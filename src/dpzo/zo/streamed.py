@@ -186,6 +186,11 @@ class StreamedParameters:
                 out.append((m, name, False, self._host_copy(b)))
         return out
 
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The blocks' home copies in host memory (theta and the frozen weights): what
+        ``dpzo.zo.cost.measure(host=...)`` counts as host memory where the CPU is the device."""
+        return [*self._host_master.values(), *(host for frozen in self._frozen for *_, host in frozen)]
+
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
         host = t.detach().to("cpu")
         return host.pin_memory() if self.device.type == "cuda" else host
