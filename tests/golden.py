@@ -27,6 +27,7 @@ VOLATILE = {
     "train_seconds",
     "wall_seconds",
     "memory",
+    "cost",
     "attempt_log",
     "slurm_job_id",
     "torch",

@@ -328,6 +328,18 @@ def test_every_method_runs_through_the_dag(tiny_run):
         assert ledger["private"] is (eps == "eps8"), method
         if ledger["private"]:
             assert metrics["releases"] == ledger["compositions"], method
+        # the cost probe: one inference forward and one step on public test examples, tracked
+        cost = metrics["cost"]
+        assert cost["inference"]["peak_mb"] > cost["weights_mb"] > 0, method
+        assert cost["inference"]["copied_mb_per_step"] == 0, method  # one device: nothing crosses
+        if method != "icl":
+            assert cost["probe"]["batch_size"] == ALL_METHODS[method]["batch_size"], method
+            assert cost["step_over_inference"] == pytest.approx(
+                cost["step"]["peak_mb"] / cost["inference"]["peak_mb"], rel=1e-3
+            )
+    # backpropagation keeps the activations and a gradient per weight: more than a forward
+    dp_sgd = json.loads((runs / "dp-sgd/eps8/seed13/metrics.json").read_text())["cost"]
+    assert dp_sgd["step"]["peak_mb"] > dp_sgd["inference"]["peak_mb"] + dp_sgd["weights_mb"]
     zopo = json.loads((runs / "dp-zopo/eps8/seed13/metrics.json").read_text())
     assert zopo["history"]["mask_size"][0] < zopo["history"]["mask_size"][1]  # incremental grows
     laplace = json.loads((runs / "dp-zo-laplace/eps8/seed13/privacy.json").read_text())

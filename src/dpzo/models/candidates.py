@@ -81,6 +81,10 @@ class CandidateSet:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def subset(self, rows: Sequence[int]) -> CandidateSet:
+        """The examples ``rows`` (repeats allowed), as a set of their own."""
+        return CandidateSet([self.examples[int(i)] for i in rows], self.pad_id, gold_only=self.gold_only)
+
     def batch(
         self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu", *, gold_only: bool | None = None
     ) -> dict:

@@ -14,10 +14,12 @@ The head is applied only to the scored rows, so no ``B x S x V`` logits tensor i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,6 +125,17 @@ class EncodedSet:
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> EncodedSet:
+        """The examples ``rows`` (repeats allowed), as a set of their own."""
+        index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[index],
+            lengths=self.lengths[index],
+            score_pos=self.score_pos[index],
+            labels=self.labels[index],
+        )
 
     def batch(self, index: torch.Tensor | Sequence[int], device: str | torch.device = "cpu") -> dict:
         """The examples ``index`` on ``device``, cut to their longest: ``input_ids``, ``attention_mask``,

@@ -29,6 +29,7 @@ from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import PromptClassifier
 from dpzo.models.evaluate import CurveSettings
 from dpzo.pipeline.metrics import CellMetrics
+from dpzo.pipeline.probe import cell_cost
 from dpzo.privacy.ledger import (
     NO_NOISE,
     AccountingSettings,
@@ -296,9 +297,7 @@ def train_zeroth_order_cell(run: CellRun, verified: VerifiedCell, prepared: Prep
             run_seed=verified.cell.seed,
             noise=verified.noise.release,
             secret=how.secret,
-            masks=stage_masks(hp, clf, list(run.mask_files))
-            if get_method(base_method(verified.cell.method)).masked
-            else None,
+            masks=_masks(run, verified, prepared),
             master_dtype=None if run.master == "none" else torch.float32,
             checkpoint=snapshots,
             curve=_test_curve(run, verified, prepared, how),
@@ -369,7 +368,16 @@ def run_cell(
     if verified.private:
         check_ledger_after(verified.ledger, history)
     result = evaluate(prepared.clf, prepared.test_set, batch_size=run.eval_batch_size)
-    return cell_metrics(run, verified, prepared, result, history, team=team, wall_start=wall_start).to_json()
+    metrics = cell_metrics(run, verified, prepared, result, history, team=team, wall_start=wall_start)
+    metrics.cost = cell_cost(run, verified, prepared, _masks(run, verified, prepared))  # last: it moves the weights
+    return metrics.to_json()
+
+
+def _masks(run: CellRun, verified: VerifiedCell, prepared: PreparedCell) -> Callable[[int], Mask] | None:
+    """A masked method's stage masks (None for the others)."""
+    if not get_method(base_method(verified.cell.method)).masked:
+        return None
+    return stage_masks(verified.hp, prepared.clf, list(run.mask_files))
 
 
 def cell_metrics(

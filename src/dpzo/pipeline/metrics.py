@@ -43,6 +43,8 @@ class CellMetrics:
     tuning: dict[str, Any] = field(default_factory=dict)  # {"trainable_params", "tuning"} for adapters
     ranks: int = 1
     new_head: dict[str, Any] | None = None
+    #: the tracked cost of one inference forward and one step on a public batch (``pipeline.probe``)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def _curves(self) -> dict[str, list]:
         return {k: v for k, v in self.history.items() if isinstance(v, list) and k != "resumed_from"}
@@ -75,6 +77,7 @@ class CellMetrics:
             "train_seconds": history.get("train_seconds", 0.0),
             "wall_seconds": self.wall_seconds,
             "memory": self.memory,
+            "cost": self.cost,
             "device": self.device,
             "torch": self.torch_version,
             "versions": self.versions,  # dpzo (and its commit), the libraries, Python, the device's name

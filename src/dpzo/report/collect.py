@@ -65,8 +65,20 @@ def _number(value) -> float:
         return math.nan
 
 
+#: what ``memory_mb`` measures when the cell's cost probe ran (``dpzo.pipeline.probe``)
+TRACKED_STEP = "tracked peak of one step"
+TRACKED_INFERENCE = "tracked peak of inference"
+
+
 def _memory(metrics: dict) -> tuple[float, str]:
-    """Peak memory of the cell and what it measures: GPU allocations where there were any."""
+    """Peak memory of the cell and what it measures: the tracked peak of one step (of one
+    inference batch for the methods that do not train) where the cell probed it; before the
+    probe existed, GPU allocations where there were any, else the process's resident set."""
+    cost = metrics.get("cost") or {}
+    if "step" in cost:
+        return float(cost["step"]["peak_mb"]), TRACKED_STEP
+    if "inference" in cost:
+        return float(cost["inference"]["peak_mb"]), TRACKED_INFERENCE
     memory = metrics.get("memory") or {}
     if memory.get("gpu_peak_allocated_mb") is not None:
         return float(memory["gpu_peak_allocated_mb"]), "GPU peak allocated"
@@ -166,6 +178,8 @@ def cell_row(
         "wall_seconds": _number(metrics.get("wall_seconds")),
         "memory_mb": memory_mb,
         "memory_kind": memory_kind,
+        "inference_peak_mb": _number(((metrics.get("cost") or {}).get("inference") or {}).get("peak_mb")),
+        "step_over_inference": _number((metrics.get("cost") or {}).get("step_over_inference")),
         "cpu_max_rss_mb": _number(memory.get("cpu_max_rss_mb")),
         "gpu_peak_allocated_mb": _number(memory.get("gpu_peak_allocated_mb")),
         "device": metrics.get("device", ""),
@@ -341,6 +355,8 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
         wall_seconds=("wall_seconds", "mean"),
         memory_mb=("memory_mb", "mean"),
         memory_kind=("memory_kind", "first"),
+        inference_peak_mb=("inference_peak_mb", "mean"),
+        step_over_inference=("step_over_inference", "mean"),
         base_method=("base_method", "first"),
         reference_model=("reference_model", "first"),
         reference_task=("reference_task", "first"),

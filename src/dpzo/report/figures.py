@@ -2,7 +2,8 @@
 
 1. ``accuracy_bars``     accuracy per task and method, one panel per (model, ε), published values
                          as markers on the bars (the shape of the paper's ``roberta-acc.png``);
-2. ``memory_time``       peak memory and time per method, ours and the published ones
+2. ``memory_time``       the tracked peak of a step (and of inference) and time per method, ours
+                         and the published ones
                          (the shape of ``memory.png``);
 3. ``privacy_utility``   accuracy against ε per (model, task), non-private methods as lines;
 4. ``training_curves``   training loss against step, stage boundaries marked;
@@ -267,61 +268,95 @@ def accuracy_bars(summary: pd.DataFrame, published: pd.DataFrame, png: str | Pat
 # 2. memory and time per method
 # --------------------------------------------------------------------------------------------
 def memory_time(summary: pd.DataFrame, reference: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
-    """Ours: peak memory and wall time per cell (load, train, evaluate), mean over ε, seeds and tasks."""
+    """Ours: the tracked peak of one step per method (of inference for the methods that do not
+    train), with the inference peak of the same batch marked on each bar, as the paper compares
+    a step's memory with inference; and the wall time per cell (load, train, evaluate); means over
+    ε, seeds and tasks.  Published: GPU memory and time per method."""
     plt = _pyplot()
 
     colours = method_colours(list(summary["method"]) + list(reference["method"]))
-    panels = []  # (title, methods, memory, memory label, seconds, seconds label, tick labels)
+    panels = [*_our_memory_panels(summary), *_published_memory_panels(reference)]
+    most = max((len(p["methods"]) for p in panels), default=1)
+    fig, axes = plt.subplots(len(panels), 2, squeeze=False, figsize=(max(11, 1.3 * most), 2.7 * len(panels)))
+    rotation = 20 if most <= 6 else 40  # long method lists: steeper labels that do not overlap
+    for r, panel in enumerate(panels):
+        methods = panel["methods"]
+        for c, (values, label) in enumerate(
+            ((panel["memory"], panel["memory_label"]), (panel["seconds"], panel["seconds_label"]))
+        ):
+            ax = axes[r][c]
+            bars = ax.bar(range(len(methods)), values, color=[colours[m] for m in methods], zorder=2)
+            ax.bar_label(bars, labels=[_short(v) for v in values], fontsize=8, padding=2)
+            if c == 0 and panel.get("inference") is not None:
+                ax.scatter(
+                    range(len(methods)),
+                    panel["inference"],
+                    marker="_",
+                    s=400,
+                    color="black",
+                    zorder=3,
+                    label="inference peak, same batch",
+                )
+                ax.legend(fontsize=7, loc="upper left")
+            ax.set_xticks(range(len(methods)), panel["ticks"], rotation=rotation, ha="right", rotation_mode="anchor")
+            ax.set_ylabel(label)
+            ax.set_ylim(0, max([v for v in values if not math.isnan(v)] or [1]) * 1.18)
+            ax.set_title(panel["title"], fontsize=10)
+    _suptitle(fig, "Peak memory and time per method (ours above, published below)", summary)
+    fig.tight_layout()
+    return _save(fig, png, pdf)
+
+
+def _our_memory_panels(summary: pd.DataFrame) -> list[dict]:
+    panels = []
     for model, sub in summary.groupby("model", sort=True):
+        if "inference_peak_mb" not in sub:  # a summary written before the cost probe
+            sub = sub.assign(inference_peak_mb=math.nan)
         agg = sub.groupby("method").agg(
-            memory=("memory_mb", "mean"), seconds=("wall_seconds", "mean"), kind=("memory_kind", "first")
+            memory=("memory_mb", "mean"),
+            inference=("inference_peak_mb", "mean"),
+            seconds=("wall_seconds", "mean"),
+            kind=("memory_kind", "first"),
         )
         agg = agg.loc[order_methods(agg.index)]
         kind = next((k for k in agg["kind"] if k), "peak memory")
         marked = marked_methods(sub)
         panels.append(
-            (
-                f"ours: {model}",
-                list(agg.index),
-                agg["memory"],
-                f"{kind} (MiB)",
-                agg["seconds"],
-                "wall time per cell (s)\nload + train + evaluate",
-                [_mark(m, m in marked) for m in agg.index],
-            )
+            {
+                "title": f"ours: {model}",
+                "methods": list(agg.index),
+                "memory": agg["memory"],
+                "memory_label": f"{kind} (MiB)".replace("one step (MiB)", "one step\n(MiB, live tensors)"),
+                "inference": None if agg["inference"].isna().all() else agg["inference"],
+                "seconds": agg["seconds"],
+                "seconds_label": "wall time per cell (s)\nload + train + evaluate",
+                "ticks": [_mark(m, m in marked) for m in agg.index],
+            }
         )
+    return panels
+
+
+def _published_memory_panels(reference: pd.DataFrame) -> list[dict]:
+    panels = []
     for (source, model), sub in reference.groupby(["source", "model"], sort=False):
         sub = sub.set_index("method").loc[order_methods(sub["method"])]
         kind = sub["seconds_kind"].iloc[0]
         task = sub["task"].iloc[0]
-        title = f"published: {model}{', ' + task if task else ''} ({SOURCE_TITLES.get(source, source)})"
-        ticks = [m if name.lower() == m else f"{m}\n({name})" for m, name in zip(sub.index, sub["published_name"])]
         panels.append(
-            (
-                title,
-                list(sub.index),
-                sub["gpu_memory_mb"],
-                "GPU memory (MB)",
-                sub["seconds"],
-                "time per step (s)" if kind == "per step" else "time per run (s)",
-                ticks,
-            )
+            {
+                "title": f"published: {model}{', ' + task if task else ''} ({SOURCE_TITLES.get(source, source)})",
+                "methods": list(sub.index),
+                "memory": sub["gpu_memory_mb"],
+                "memory_label": "GPU memory (MB)",
+                "inference": None,
+                "seconds": sub["seconds"],
+                "seconds_label": "time per step (s)" if kind == "per step" else "time per run (s)",
+                "ticks": [
+                    m if name.lower() == m else f"{m}\n({name})" for m, name in zip(sub.index, sub["published_name"])
+                ],
+            }
         )
-    most = max((len(p[1]) for p in panels), default=1)
-    fig, axes = plt.subplots(len(panels), 2, squeeze=False, figsize=(max(11, 1.3 * most), 2.7 * len(panels)))
-    rotation = 20 if most <= 6 else 40  # long method lists: steeper labels that do not overlap
-    for r, (title, methods, memory, mem_label, seconds, sec_label, ticks) in enumerate(panels):
-        for c, (values, label) in enumerate(((memory, mem_label), (seconds, sec_label))):
-            ax = axes[r][c]
-            bars = ax.bar(range(len(methods)), values, color=[colours[m] for m in methods], zorder=2)
-            ax.bar_label(bars, labels=[_short(v) for v in values], fontsize=8, padding=2)
-            ax.set_xticks(range(len(methods)), ticks, rotation=rotation, ha="right", rotation_mode="anchor")
-            ax.set_ylabel(label)
-            ax.set_ylim(0, max([v for v in values if not math.isnan(v)] or [1]) * 1.18)
-            ax.set_title(title, fontsize=10)
-    _suptitle(fig, "Peak memory and time per method (ours above, published below)", summary)
-    fig.tight_layout()
-    return _save(fig, png, pdf)
+    return panels
 
 
 def _short(value: float) -> str:
