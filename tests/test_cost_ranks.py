@@ -89,6 +89,32 @@ def test_a_rank_adds_no_host_synchronisation_to_a_step(tmp_path):
             assert got["grads"] == pytest.approx(alone["grads"], rel=0, abs=1e-12), (rank, method)
 
 
+def test_a_gpu_group_gets_a_cpu_side_group_and_batches_cross_it_without_their_size(monkeypatch):
+    """With NCCL as the main group (which only a GPU has: its backend name stands in here), the
+    host's values travel over a gloo group of the same ranks; a Poisson batch crosses as a bitmap
+    and comes back as the same sorted indices, a fixed-size batch in its draw order."""
+    import torch.distributed as dist
+
+    from dpzo.zo.replicas import BatchSampler
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        backend, created = dist.get_backend, []
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if group is None else backend(group))
+        monkeypatch.setattr(dist, "new_group", lambda **kw: created.append(kw) or dist.group.WORLD)
+        team = Replicas()
+        assert created == [{"ranks": None, "backend": "gloo"}] and team.host_group is dist.group.WORLD
+        poisson = np.array([0, 3, 8, 9, 15, 16, 39])
+        index, size = team.draw(BatchSampler(lambda: poisson, N))
+        assert index.tolist() == poisson.tolist() and size == 7
+        assert team.draw(BatchSampler(lambda: np.array([], dtype=np.int64), N))[1] == 0  # an empty batch
+        drawn = np.array([17, 2, 30, 5])
+        index, size = team.draw(BatchSampler(lambda: drawn, N, size=4))
+        assert index.tolist() == drawn.tolist() and size == 4
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> None:
     """One rank: its steps' costs, per method, written as JSON to ``<out>.rank<r>``."""
     _, out = argv
