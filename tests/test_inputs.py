@@ -215,8 +215,29 @@ def test_placement_ranks_and_master_keys_are_checked():
     config["models"]["big"].update(placement="balanced", master="float16", ranks=0)
     text = config_error(config)
     assert "models.big.master" in text and "models.big.ranks" in text
-    config["models"]["big"].update(master="none", ranks=4, max_memory={0: "70GiB", "cpu": "200GiB"})
+    config["models"]["big"].update(master="none", ranks=4, max_memory={0: "70GiB", 1: "70GiB"})
     check_config(config, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "placed,key",
+    [
+        (
+            {"placement": {"model.decoder.layers.0": 0, "model.decoder.layers.1": "cpu"}},
+            "placement.model.decoder.layers.1",
+        ),
+        ({"placement": {"model.decoder": "disk"}}, "placement.model.decoder"),
+        ({"placement": "balanced", "max_memory": {0: "70GiB", "cpu": "200GiB"}}, "max_memory.cpu"),
+    ],
+)
+def test_a_placement_that_offloads_to_host_memory_or_disk_is_refused_before_any_job(placed, key):
+    """accelerate offloads a cpu or disk module of a GPU model (weights on meta, reloaded by hooks):
+    the flat buffers would hold meta tensors, so the config is refused with the fix (streamed)."""
+    config = demo_config(models={"big": {"path": "facebook/opt-13b", **placed}})
+    text = config_error(config)
+    assert f"config key 'models.big.{key}'" in text
+    assert "offload modules" in text and "offload: streamed" in text
+    assert text.count("would make accelerate offload") == 1
 
 
 def test_wrong_type_names_the_key_and_the_expected_type():

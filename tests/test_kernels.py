@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 # (torch, transformers): the kernel tests run in a fresh process with TRITON_INTERPRET=1.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's process")
+outside_interpreter = pytest.mark.skipif(INTERPRETED, reason="a guard: runs in the outer process")
 
 
 def test_kernels_under_the_interpreter():
@@ -143,3 +144,59 @@ def test_training_with_the_fused_passes_equals_the_torch_passes(monkeypatch, met
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(results[1][1]), torch.tensor(results[0][1]), rtol=1e-5, atol=1e-6)
     assert float((results[0][0] - TwoTensorModel().theta().detach()).abs().max()) > 1e-3
+
+
+@outside_interpreter
+def test_each_launch_runs_on_the_gpu_of_its_tensors(monkeypatch):
+    """Triton launches on the current device's current stream: a part on cuda:1 must make cuda:1
+    current around its launch (and the fills of its terms), whatever device was current before.
+    Fake cuda tensors stand in for the GPU; the kernels record the device current at launch."""
+    from dpzo.zo import kernels
+    from dpzo.zo.cost import fake_mode
+
+    current: list[torch.device | None] = [None]
+    launched = []
+
+    class Device:  # torch.cuda.device's protocol: makes its device current inside the block
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                devices = {a.device for a in args if isinstance(a, torch.Tensor)}  # out, base, seeds, coefficients...
+                launched.append((current[-1], devices))
+
+            return launch
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(kernels, "_dense_pass", Kernel())
+    monkeypatch.setattr(kernels, "_masked_pass", Kernel())
+    with fake_mode():
+        out = torch.zeros(3000, device="cuda:1")
+        index = torch.arange(10, device="cuda:1")
+        kernels.dense_pass(out, out, [1, 2], [0.5, torch.tensor(-1.0)], offset=0)
+        kernels.masked_pass(out, out, index, [3], [0.25], offset=5)
+    gpu1 = torch.device("cuda:1")
+    assert launched == [(gpu1, {gpu1})] * 2  # the current device, and every tensor's
+    assert current == [None]  # and the previous device is current again
+
+
+@outside_interpreter
+def test_a_triton_before_the_32_bit_philox_stream_is_refused():
+    import triton
+
+    from dpzo.zo import kernels
+
+    for old in ("3.2.0", "3.3.1", "3.3.1+fb"):
+        with pytest.raises(RuntimeError, match=r"triton>=3\.4.*DPZO_FUSED=0"):
+            kernels.check_triton(old)
+    for new in ("3.4.0", "3.5.0+git9c1b2a", "4.0.0"):
+        kernels.check_triton(new)
+    kernels.check_triton(triton.__version__)  # the installed one (the module imported)

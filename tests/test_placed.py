@@ -160,6 +160,15 @@ def test_the_store_of_an_unplaced_model_is_one_buffer():
     assert type(build_store(TwoTensorModel())) is FlatParameters
 
 
+@pytest.mark.parametrize("master_dtype", [torch.float32, None], ids=["master", "in-place"])
+def test_a_model_whose_device_map_offloaded_modules_is_refused(master_dtype):
+    """What accelerate leaves of a module a device map sent to cpu or disk beside a GPU: weights on
+    meta (brought back by hooks at each forward). A store would hold meta buffers: refused by name."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"2 trainable parameters have no weights on a device \(1\.weight, 1\.bias"):
+        build_store(model, master_dtype=master_dtype)
+
+
 @pytest.mark.parametrize("placement", ["auto", {"": "cpu"}], ids=["auto", "module-map"])
 def test_a_model_loaded_through_a_device_map_trains_and_scores_as_the_plain_one(tmp_path, placement):
     """Loading through accelerate's device map on the CPU (all a CPU machine has: transformers

@@ -33,8 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(case: str, ranks: int, out: Path, checkpoint: Path | None = None, env: dict | None = None):
-    """Start ``ranks`` worker processes; returns their completed processes, rank order."""
+def launch(
+    case: str,
+    ranks: int,
+    out: Path,
+    checkpoint: Path | None = None,
+    env: dict | None = None,
+    worker: str = "tests.replica_worker",
+):
+    """Start ``ranks`` processes of the module ``worker``; returns their completed processes, rank order."""
     port = free_port()
     procs = []
     for rank in range(ranks):
@@ -48,9 +55,7 @@ def launch(case: str, ranks: int, out: Path, checkpoint: Path | None = None, env
             "OMP_NUM_THREADS": "1",
             **(env or {}),
         }
-        args = [sys.executable, "-m", "tests.replica_worker", case, str(out)] + (
-            [str(checkpoint)] if checkpoint else []
-        )
+        args = [sys.executable, "-m", worker, case, str(out)] + ([str(checkpoint)] if checkpoint else [])
         procs.append(
             subprocess.Popen(args, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )

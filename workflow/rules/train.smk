@@ -39,6 +39,8 @@ rule train:
         noise=cell_noise_source,
         eval_batch_size=config["eval_batch_size"],
         device=config["device"],
+        # float32 matmuls on CUDA in TF32: changes a GPU cell's numbers, so a change reruns it
+        tf32=config["tf32"],
         # resumable training state of an interrupted run; not an output, so Snakemake keeps it
         # when it cleans up after a failed or killed job (deleted once metrics.json is written)
         checkpoint=f"results/checkpoints/{RUN}/train_state.pt",

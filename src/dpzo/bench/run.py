@@ -30,6 +30,7 @@ from dpzo.bench.timing import (
 )
 from dpzo.models.classifier import DTYPES, PromptClassifier
 from dpzo.zo.flat import fused_passes
+from dpzo.zo.precision import tf32_matmuls
 from dpzo.zo.store import build_store
 
 
@@ -183,7 +184,8 @@ def run_bench(
     """Benchmark ``models``; returns the JSON record.
 
     ``settings`` are those of :func:`bench_model`.  On CUDA, TF32 matmuls are allowed unless
-    ``tf32`` is False (the anchor measurements used TF32).
+    ``tf32`` is False (the anchor measurements used TF32): the switch of a cell's config ``tf32``
+    (:func:`dpzo.zo.precision.tf32_matmuls`), with the same default.
     """
     import transformers
 
@@ -191,10 +193,7 @@ def run_bench(
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
-    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
+    with tf32_matmuls(tf32):  # what a cell's config `tf32` switches (same default)
         record = {
             "benchmark": "dpzo bench",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -211,12 +210,11 @@ def run_bench(
                 "clip": CLIP,
                 "sigma": SIGMA,
                 "log_every": LOG_EVERY,
+                "tf32": bool(tf32),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
             },
             "models": {},
         }
         for name in models:
             record["models"][name] = bench_model(name, device=device, progress=progress, **settings)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     return record

@@ -59,8 +59,9 @@ def load_model(
 
     ``placement`` spreads the model over the visible devices with accelerate's device map
     instead of moving it to ``device``: ``"auto"`` (fill the GPUs in order), ``"balanced"``
-    (even shares), or ``{module name: device}``; ``max_memory`` caps each device
-    (``{0: "70GiB", "cpu": "200GiB"}``).  Training then keeps one flat buffer per device
+    (even shares), or ``{module name: device}`` with GPUs only (a ``cpu``/``disk`` module would be
+    offloaded by accelerate, which training refuses); ``max_memory`` caps each GPU
+    (``{0: "70GiB", 1: "70GiB"}``).  Training then keeps one flat buffer per device
     (``dpzo.zo.placed``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer

@@ -43,6 +43,7 @@ from dpzo.privacy.secret import SecretRandom
 from dpzo.provenance import versions
 from dpzo.zo.checkpoint import CheckpointPolicy, SnapshotRecord, TrainingCheckpoint, file_digest
 from dpzo.zo.loop import train_zo
+from dpzo.zo.precision import tf32_matmuls
 from dpzo.zo.replicas import SingleProcess
 from dpzo.zo.store import ParameterStore
 
@@ -92,7 +93,9 @@ class CellRun:
     zeroth-order training snapshots itself, and resumes from.  ``curve``: the test-loss points
     recorded during training (the only training curve that is published).  ``allow_new_head``
     (``models.<key>.allow_new_head``): the checkpoint may lack its output head, which is then
-    initialised at random; the metrics list those weights under ``new_head``.
+    initialised at random; the metrics list those weights under ``new_head``.  ``tf32`` (the
+    config's ``tf32``): float32 matmuls on CUDA in TF32 while the cell runs, as ``dpzo bench``
+    times them (``dpzo.zo.precision.tf32_matmuls``).
     """
 
     cell: Cell
@@ -113,6 +116,7 @@ class CellRun:
     checkpoint: CheckpointPolicy | None = None
     curve: CurveSettings | None = None
     allow_new_head: bool = False
+    tf32: bool = True
 
 
 @dataclass(frozen=True)
@@ -356,20 +360,21 @@ def run_cell(
     verified = verify_cell(run)
     # the secret RNG exists in one process only: the one that samples the batches and adds the noise
     secret = SecretRandom.from_environment() if verified.private and team.is_main else None
-    prepared = prepare_cell(run, verified)
+    with tf32_matmuls(run.tf32):  # training and evaluation, as the config says (the beta floor reads it)
+        prepared = prepare_cell(run, verified)
 
-    def started(resumed_after: int | None) -> None:
-        if on_start is not None:
-            on_start(prepared.identity, resumed_after)
+        def started(resumed_after: int | None) -> None:
+            if on_start is not None:
+                on_start(prepared.identity, resumed_after)
 
-    history = TRAINERS[kind](run, verified, prepared, Training(secret, team, started, record))
-    if not team.is_main:
-        return None  # rank 0 evaluates and writes the outputs
-    if verified.private:
-        check_ledger_after(verified.ledger, history)
-    result = evaluate(prepared.clf, prepared.test_set, batch_size=run.eval_batch_size)
-    metrics = cell_metrics(run, verified, prepared, result, history, team=team, wall_start=wall_start)
-    metrics.cost = cell_cost(run, verified, prepared, _masks(run, verified, prepared))  # last: it moves the weights
+        history = TRAINERS[kind](run, verified, prepared, Training(secret, team, started, record))
+        if not team.is_main:
+            return None  # rank 0 evaluates and writes the outputs
+        if verified.private:
+            check_ledger_after(verified.ledger, history)
+        result = evaluate(prepared.clf, prepared.test_set, batch_size=run.eval_batch_size)
+        metrics = cell_metrics(run, verified, prepared, result, history, team=team, wall_start=wall_start)
+        metrics.cost = cell_cost(run, verified, prepared, _masks(run, verified, prepared))  # last: it moves the weights
     return metrics.to_json()
 
 

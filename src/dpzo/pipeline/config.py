@@ -266,14 +266,35 @@ def _published_accounting_problems(config: dict) -> list[str]:
     return problems
 
 
+#: devices of a device map that accelerate offloads (the module's weights on ``meta``, brought
+#: back by hooks at each forward) when a GPU is the main device: no store can hold those
+OFFLOADED_DEVICES = ("cpu", "disk", "meta")
+
+
 def _placement_problems(config: dict) -> list[str]:
-    """A replica on several GPUs must be placed over them (otherwise it would use one)."""
-    return [
+    """A replica on several GPUs must be placed over them (otherwise it would use one), and a
+    placement must keep every module on a GPU (host memory is ``offload: streamed``'s)."""
+    problems = [
         f"config key 'models.{key}.gpus_per_rank': {cfg['gpus_per_rank']} GPUs per replica need "
         f"'models.{key}.placement' (auto or balanced) to spread the model over them; add it, or set gpus_per_rank: 1"
         for key, cfg in config["models"].items()
         if cfg.get("gpus_per_rank", 1) > 1 and not cfg.get("placement")
     ]
+    for key, cfg in config["models"].items():
+        placement = cfg.get("placement")
+        offloaded = {
+            **{f"placement.{m}": d for m, d in (placement.items() if isinstance(placement, dict) else ())},
+            **{f"max_memory.{d}": d for d in (cfg.get("max_memory") or {})},
+        }
+        for where, device in offloaded.items():
+            if str(device).lower() in OFFLOADED_DEVICES:
+                problems.append(
+                    f"config key 'models.{key}.{where}': {device!r} would make accelerate offload modules "
+                    "(their weights on meta, reloaded at each forward), which training cannot hold; put every "
+                    f"module on a GPU, or keep the model in host memory with 'models.{key}.offload: streamed' "
+                    "(and no placement or max_memory)"
+                )
+    return problems
 
 
 def _hyperparameter_problems(methods: dict) -> list[str]:

@@ -190,6 +190,7 @@ def train(snakemake) -> None:
         checkpoint=checkpoint_policy(p.checkpoint, snakemake.config.get("checkpoint")),
         curve=curve_settings(snakemake.config.get("curves")),
         allow_new_head=bool(p.model_cfg.get("allow_new_head", False)),
+        tf32=bool(p.tf32),
     )
     train_cell(
         run,

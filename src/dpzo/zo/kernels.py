@@ -9,12 +9,21 @@ block-buffer path also writes and reads z), and the terms are summed in float32 
 float64 part) before one rounding to ``out``'s dtype, as the 16-bit in-place pass does.
 
 The coefficients are read from a device tensor, so a released scalar that never went to the
-host can be one.  Imported only where used (``FlatParameters`` on a GPU with Triton, or the
+host can be one.  Each launch runs with its tensors' GPU made the current device
+(:func:`launch_device`): Triton launches on the current device's current stream, so a part on
+``cuda:k`` of a placed model runs on GPU k, after the fills queued there.
+
+The stream is Triton's since 3.4: before it (triton-lang/triton PR 6832), ``tl.randn`` with an
+int64 offset ran Philox in 64-bit arithmetic, another stream than ``dpzo.zo.philox`` (and
+slower); an older Triton is refused when this module is imported (:func:`check_triton`).
+Imported only where used (``FlatParameters`` on a GPU with Triton, or the
 tests under ``TRITON_INTERPRET=1``): ``import dpzo`` does not import Triton.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +31,34 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+
+#: the first Triton whose ``tl.randn`` on int64 offsets is 32-bit Philox with the offset's halves
+#: as two counter words: the stream ``dpzo.zo.philox`` computes and the tests pin
+PHILOX_TRITON = (3, 4)
+
+
+def check_triton(version: str) -> None:
+    """Refuse a Triton whose ``tl.randn`` draws another z than :mod:`dpzo.zo.philox`."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < PHILOX_TRITON:
+        wanted = ".".join(map(str, PHILOX_TRITON))
+        raise RuntimeError(
+            f"Triton {version} draws z with 64-bit Philox on int64 offsets, not the stream of "
+            f"dpzo.zo.philox that every other pass uses: install triton>={wanted} (pip install "
+            f"'triton>={wanted}'), or set DPZO_FUSED=0 to run the passes in torch"
+        )
+
+
+check_triton(triton.__version__)
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a kernel on ``t`` is launched: ``t``'s GPU as the current device, so Triton uses
+    that GPU and its current stream (the one the fills of its tensors were queued on); on the
+    CPU (the interpreter) nothing to switch."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 @triton.jit
@@ -111,9 +148,10 @@ def dense_pass(
         if out.data_ptr() != base.data_ptr():
             out.copy_(base)
         return
-    seeds_t, coefs_t, acc = _launch_terms(out, base, seeds, coefs)
-    grid = (triton.cdiv(n, BLOCK),)
-    _dense_pass[grid](out, base, seeds_t, coefs_t, len(seeds), int(offset), n, ACC=acc, BLOCK_SIZE=BLOCK)
+    with launch_device(out):  # the fills of the terms too: queued on out's GPU and stream
+        seeds_t, coefs_t, acc = _launch_terms(out, base, seeds, coefs)
+        grid = (triton.cdiv(n, BLOCK),)
+        _dense_pass[grid](out, base, seeds_t, coefs_t, len(seeds), int(offset), n, ACC=acc, BLOCK_SIZE=BLOCK)
 
 
 def masked_pass(
@@ -131,19 +169,20 @@ def masked_pass(
     n = index.numel()
     if n == 0 or not seeds:
         return
-    seeds_t, coefs_t, acc = _launch_terms(out, base, seeds, coefs)
-    grid = (triton.cdiv(n, BLOCK),)
-    _masked_pass[grid](
-        out,
-        base,
-        index,
-        index if scales is None else scales,
-        seeds_t,
-        coefs_t,
-        len(seeds),
-        int(offset),
-        n,
-        SCALED=scales is not None,
-        ACC=acc,
-        BLOCK_SIZE=BLOCK,
-    )
+    with launch_device(out):
+        seeds_t, coefs_t, acc = _launch_terms(out, base, seeds, coefs)
+        grid = (triton.cdiv(n, BLOCK),)
+        _masked_pass[grid](
+            out,
+            base,
+            index,
+            index if scales is None else scales,
+            seeds_t,
+            coefs_t,
+            len(seeds),
+            int(offset),
+            n,
+            SCALED=scales is not None,
+            ACC=acc,
+            BLOCK_SIZE=BLOCK,
+        )

@@ -1,7 +1,11 @@
 """A model placed over several devices: one flat buffer per device, one z for the whole vector.
 
 A model loaded with a device map (``dpzo.models.classifier.load_model``, ``placement``) has
-its layers on several GPUs (or GPUs and the CPU).  :class:`PlacedParameters` cuts the trainable
+its layers on several GPUs (or GPUs and the CPU).  A module the device map sends to ``cpu`` or
+``disk`` while a GPU is the main device is offloaded by accelerate (its weights on ``meta``,
+reloaded by hooks at each forward): no buffer can hold those, so such a model is refused here
+(and its config before any job, ``dpzo.pipeline.config``); host memory is what
+``offload: streamed`` (``dpzo.zo.streamed``) uses.  :class:`PlacedParameters` cuts the trainable
 vector, in its usual order, into *parts*: maximal runs of consecutive parameters on one device.
 Each part is a :class:`~dpzo.zo.flat.FlatParameters` of its own (its buffer, its master copy,
 its mask) that knows where it sits in the whole vector, so it draws exactly its coordinates of
@@ -48,6 +52,13 @@ def parameter_runs(
     instead: tests split a CPU model this way to check that a split changes nothing.
     """
     params = trainable_parameters(model)
+    offloaded = [name for name, p in params if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} trainable parameters have no weights on a device ({', '.join(offloaded[:3])}, ...): "
+            "the device map offloaded their modules (placement or max_memory naming cpu or disk, or a model "
+            "larger than the GPUs' max_memory). Put every module on a GPU, or use offload: streamed"
+        )
     if parts is None:
         return device_runs(params)
     by_name = dict(params)

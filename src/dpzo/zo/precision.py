@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -16,6 +18,23 @@ MIN_BETA_ULPS = 4.0
 
 #: float32 matmuls under TF32 round their inputs to a 10-bit mantissa, like float16.
 _TF32_EPS = 2.0**-10
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """float32 matmuls and convolutions on CUDA in TF32 (``enabled``) or in full float32, inside
+    the block; the previous settings after it.
+
+    The config's ``tf32`` (cells) and ``dpzo bench --no-tf32`` both go through here, so a cell
+    runs the matmuls the bench timed.  The switches are CUDA's alone (a CPU run computes the same
+    numbers either way), and the beta floor reads them (:func:`compute_epsilon`)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    previous = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = previous
 
 
 def compute_epsilon(dtype: torch.dtype, device: torch.device) -> float:

@@ -3,8 +3,11 @@
 Every rank holds a whole replica (possibly placed over several devices) and the same public
 direction stream; what is private stays with rank 0:
 
-* **the batch**: rank 0 draws each Poisson batch from the secret RNG (exactly the draw a single
-  process makes) and broadcasts its indices; every rank takes its contiguous share;
+* **the batch**: rank 0 draws each batch (a Poisson batch from the secret RNG: exactly the
+  draw a single process makes) and shares its indices over a CPU (gloo) side group, so the
+  indices never pass through a GPU and no rank waits for one to read them; their size is not
+  sent: a Poisson batch travels as a bitmap of the n examples (its indices are sorted), a
+  fixed-size batch as its B indices.  Every rank takes its contiguous share;
 * **the differences**: each rank computes the two-point differences of its share along the
   same z; the shares are all-gathered, in rank order, so every rank holds the batch's quotients
   in the order the single process computes them;
@@ -28,10 +31,28 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class BatchSampler:
+    """How a step draws a batch of ``range(n)``: calling it returns the indices.
+
+    ``size``: the batch size when it is fixed (a public draw of B examples, in draw order);
+    None for a Poisson batch, whose size is random and whose indices are sorted.  What a rank
+    other than the drawing one needs to rebuild the batch without being told its size.
+    """
+
+    draw: Callable[[], np.ndarray]
+    n: int
+    size: int | None = None
+
+    def __call__(self) -> np.ndarray:
+        return self.draw()
 
 
 class ReplicaLost(RuntimeError):
@@ -45,7 +66,7 @@ class SingleProcess:
     world_size = 1
     is_main = True
 
-    def draw(self, sample: Callable[[], np.ndarray]) -> tuple[np.ndarray, int]:
+    def draw(self, sample: BatchSampler) -> tuple[np.ndarray, int]:
         """The batch: (this rank's share of the indices, the whole batch's size)."""
         index = sample()
         return index, len(index)
@@ -56,8 +77,9 @@ class SingleProcess:
         """The whole batch's differences and per-example ``l+ + l-``, from this rank's share."""
         return d_share, loss_sums
 
-    def from_main(self, release: Callable[[], tuple[list[Any], Any]]) -> tuple[list[Any], Any]:
-        """(released scalars, clipped count), computed by the rank that holds the secret RNG."""
+    def from_main(self, release: Callable[[], tuple[list[Any], Any]], count: int) -> tuple[list[Any], Any]:
+        """(released scalars, clipped count), computed by the rank that holds the secret RNG;
+        ``count``: how many scalars ``release()`` returns (one per direction of the group)."""
         return release()
 
     def agree(self, value: int) -> int:
@@ -79,8 +101,10 @@ class Replicas(SingleProcess):
     """R processes of one ``torch.distributed`` group (gloo on CPU, NCCL on GPUs).
 
     ``device`` is where the collectives' tensors live: the CPU for gloo, this rank's GPU for
-    NCCL.  Any failure of a collective (a rank that died, a lost connection, a timeout) is
-    raised as :class:`ReplicaLost`, naming this rank.
+    NCCL.  What the host decides (the batch's indices, a flag, a resumed step) travels over a
+    gloo group on the CPU instead (the group itself when it is gloo, a side group of the same
+    ranks otherwise), so reading it never waits for a GPU.  Any failure of a collective (a rank
+    that died, a lost connection, a timeout) is raised as :class:`ReplicaLost`, naming this rank.
     """
 
     def __init__(self, group: Any = None, device: str | torch.device = "cpu"):
@@ -92,6 +116,10 @@ class Replicas(SingleProcess):
         self.world_size = dist.get_world_size(group)
         self.is_main = self.rank == 0
         self.device = torch.device(device)
+        self.host_group = group
+        if dist.get_backend(group) != dist.Backend.GLOO:  # every rank creates it, in the same order
+            ranks = None if group is None else dist.get_process_group_ranks(group)
+            self.host_group = dist.new_group(ranks=ranks, backend="gloo")
 
     @classmethod
     def from_environment(cls, device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> SingleProcess:
@@ -124,20 +152,31 @@ class Replicas(SingleProcess):
                 "last snapshot, if one was written)"
             ) from exc
 
-    def draw(self, sample: Callable[[], np.ndarray]) -> tuple[np.ndarray, int]:
-        """Rank 0 draws the batch; every rank gets its contiguous share (``np.array_split``)."""
-        dist = self._dist
-        size = torch.zeros(1, dtype=torch.long, device=self.device)
-        if self.is_main:
-            whole = torch.as_tensor(np.asarray(sample(), dtype=np.int64), device=self.device)
-            size[0] = whole.numel()
-        self._collective("sharing a batch", lambda: dist.broadcast(size, 0, group=self.group))
-        if not self.is_main:
-            whole = torch.empty(int(size[0]), dtype=torch.long, device=self.device)
-        if int(size[0]):
-            self._collective("sharing a batch", lambda: dist.broadcast(whole, 0, group=self.group))
-        shares = np.array_split(whole.cpu().numpy(), self.world_size)
-        return shares[self.rank], int(size[0])
+    def _from_main_on_host(self, what: str, values: np.ndarray) -> np.ndarray:
+        """Rank 0's ``values`` (a host array whose shape every rank knows), on every rank: sent
+        over the CPU group and read through numpy, so no rank waits for a device."""
+        shared = torch.from_numpy(np.ascontiguousarray(values))
+        self._collective(what, lambda: self._dist.broadcast(shared, 0, group=self.host_group))
+        return shared.numpy()
+
+    def draw(self, sample: BatchSampler) -> tuple[np.ndarray, int]:
+        """Rank 0 draws the batch; every rank gets its contiguous share (``np.array_split``).
+
+        The size is never sent: a Poisson batch (sorted indices) travels as a bitmap of its n
+        examples, a fixed-size one as its B indices in draw order."""
+        drawn = sample() if self.is_main else None
+        if sample.size is None:
+            bits = np.zeros((sample.n + 7) // 8, dtype=np.uint8)
+            if self.is_main:
+                member = np.zeros(sample.n, dtype=bool)
+                member[drawn] = True
+                bits = np.packbits(member)
+            bits = self._from_main_on_host("sharing a batch", bits)
+            whole = np.flatnonzero(np.unpackbits(bits, count=sample.n)).astype(np.int64)
+        else:
+            whole = np.zeros(sample.size, dtype=np.int64) if drawn is None else np.asarray(drawn, dtype=np.int64)
+            whole = self._from_main_on_host("sharing a batch", whole)
+        return np.array_split(whole, self.world_size)[self.rank], len(whole)
 
     def gather(
         self, d_share: torch.Tensor, loss_sums: torch.Tensor, batch_size: int
@@ -155,22 +194,24 @@ class Replicas(SingleProcess):
         whole = torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(d_share.device)
         return whole[:, 0].contiguous(), whole[:, 1].contiguous()
 
-    def from_main(self, release: Callable[[], tuple[list[Any], Any]]) -> tuple[list[Any], Any]:
+    def _scalar(self, value: Any) -> torch.Tensor:
+        """A released value as a float64 scalar on the collectives' device; a number is written
+        there by a fill, not copied from pageable host memory (which would wait for the stream)."""
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, torch.float64).reshape(())
+        return torch.full((), float(value), dtype=torch.float64, device=self.device)
+
+    def from_main(self, release: Callable[[], tuple[list[Any], Any]], count: int) -> tuple[list[Any], Any]:
         """Rank 0 releases (its secret RNG draws the noise); the others receive the same values.
 
-        ``release()`` returns (the group's released scalars, the clipped count); its size, one
-        scalar per direction of the group, is known to every rank.
+        ``release()`` returns (the group's ``count`` released scalars, the clipped count); they
+        travel as one vector of ``count + 1`` on the collectives' device, a size every rank knows.
         """
         if self.is_main:
             grads, clipped = release()
-            packed = torch.stack([torch.as_tensor(g, dtype=torch.float64).to(self.device) for g in grads])
-            packed = torch.cat([packed, torch.as_tensor(clipped).double().reshape(1).to(self.device)])
-            size = torch.tensor([packed.numel()], dtype=torch.long, device=self.device)
+            packed = torch.stack([self._scalar(g) for g in [*grads, clipped]])
         else:
-            size = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._collective("sharing the released value", lambda: self._dist.broadcast(size, 0, group=self.group))
-        if not self.is_main:
-            packed = torch.empty(int(size[0]), dtype=torch.float64, device=self.device)
+            packed = torch.empty(count + 1, dtype=torch.float64, device=self.device)
         self._collective("sharing the released value", lambda: self._dist.broadcast(packed, 0, group=self.group))
         if self.is_main:
             return grads, clipped
@@ -178,19 +219,19 @@ class Replicas(SingleProcess):
 
     def agree(self, value: int) -> int:
         """Every rank's ``value`` must be rank 0's (raises otherwise)."""
-        mine = torch.tensor([int(value)], dtype=torch.long, device=self.device)
+        mine = torch.tensor([int(value)], dtype=torch.long)
         values = [torch.empty_like(mine) for _ in range(self.world_size)]
-        self._collective("comparing the ranks' state", lambda: self._dist.all_gather(values, mine, group=self.group))
-        seen = [int(v) for v in values]
+        what = "comparing the ranks' state"
+        self._collective(what, lambda: self._dist.all_gather(values, mine, group=self.host_group))
+        seen = [int(v.numpy()[0]) for v in values]
         if len(set(seen)) != 1:
             raise ReplicaLost(f"rank {self.rank}: the ranks disagree ({seen}); they must start from one state")
         return seen[0]
 
     def broadcast_flag(self, value: bool | None) -> bool | None:
         """Rank 0's flag on every rank (None, False or True)."""
-        code = torch.tensor([-1 if value is None else int(bool(value))], dtype=torch.long, device=self.device)
-        self._collective("sharing a setting", lambda: self._dist.broadcast(code, 0, group=self.group))
-        return None if int(code) < 0 else bool(int(code))
+        code = self._from_main_on_host("sharing a setting", np.array([-1 if value is None else int(bool(value))]))
+        return None if code[0] < 0 else bool(code[0])
 
     def barrier(self) -> None:
         """Wait for every rank."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dpzo.zo.passes import Coefficient
-from dpzo.zo.replicas import SingleProcess
+from dpzo.zo.replicas import BatchSampler, SingleProcess
 from dpzo.zo.store import ParameterStore
 
 if TYPE_CHECKING:  # annotations only
@@ -70,18 +70,19 @@ def apply_update(
 
 def batch_sampler(
     spec: ZOMethod, n: int, batch_size: int, *, secret: SecretRandom | None, public_rng: np.random.Generator
-) -> Callable[[], np.ndarray]:
+) -> BatchSampler:
     """How the method ``spec`` draws a batch of ``range(n)``: ``sample()`` returns its indices.
 
     A private method samples each example with probability q = batch_size / n from the secret
     RNG (Poisson sampling: what the accountant assumes, so the size is random and may be 0).
     MeZO, with no privacy claim, draws ``batch_size`` examples without replacement from the
-    public generator.
+    public generator.  The sampler says which (``size``), so that ranks other than the drawing
+    one rebuild the batch without being sent its size (``dpzo.zo.replicas``).
     """
     if spec.private:
         q = batch_size / n
-        return lambda: secret.poisson_batch(n, q)
-    return lambda: public_rng.choice(n, size=batch_size, replace=False)
+        return BatchSampler(lambda: secret.poisson_batch(n, q), n)
+    return BatchSampler(lambda: public_rng.choice(n, size=batch_size, replace=False), n, size=batch_size)
 
 
 @dataclass
@@ -100,7 +101,7 @@ def zo_step(
     spec: ZOMethod,
     store: ParameterStore,
     per_example_loss: Callable[[np.ndarray], torch.Tensor],
-    sample: Callable[[], np.ndarray],
+    sample: BatchSampler,
     seeds: Sequence[int],
     *,
     lr: float,
@@ -143,7 +144,7 @@ def zo_step(
             done.losses.append(0.5 * loss_sums.mean())
             ds.append(d)
         release = lambda: spec.release_group(ds, clip=clip, beta=beta, noise=noise, secret=secret)  # noqa: B023, E731
-        grads, clipped = team.from_main(release)  # the rank holding the secret RNG releases
+        grads, clipped = team.from_main(release, len(group))  # the rank holding the secret RNG releases
         done.seeds.extend(group)
         done.grads.extend(grads)
         done.differences.extend(ds)
