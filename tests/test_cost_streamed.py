@@ -23,6 +23,7 @@ from dpzo.methods import get_method
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
 from dpzo.zo import flat as flat_module
+from dpzo.zo import streamed as streamed_module
 from dpzo.zo.cost import measure, tensors_of
 from dpzo.zo.step import batch_sampler, zo_step
 from dpzo.zo.streamed import StreamedParameters, host_arena
@@ -160,9 +161,9 @@ def test_block_0_is_fetched_when_the_step_starts():
     assert seen and seen[0]
 
 
-def test_a_block_lives_in_one_host_arena():
-    """One allocation per block (pinned on a GPU: per-tensor pinning rounds each tensor up to a
-    power of two); on a CPU build ``pinned`` is ignored."""
+def test_a_block_lives_in_one_host_arena(monkeypatch):
+    """One buffer per block, pinned in place on a GPU (``pin_memory`` per tensor rounds each
+    one up to a power of two); on a CPU build ``pinned`` is ignored."""
     s = Streamed("llama", layers=2, freeze="norm")  # frozen tensors beside theta in each block
     for i, block in enumerate(s.store.blocks):
         storages = {t.untyped_storage().data_ptr() for t in tensors_of(block)}
@@ -173,3 +174,10 @@ def test_a_block_lives_in_one_host_arena():
     assert views[0].untyped_storage().data_ptr() == views[1].untyped_storage().data_ptr()
     assert views[0].tolist() == [0.0, 1.0, 2.0] and views[1].sum() == 10
     assert views[0].is_pinned() == torch.cuda.is_available()
+    # the guard: the arena is page-locked once, whole, only where CUDA is (and only if asked)
+    locked = []
+    monkeypatch.setattr(streamed_module, "page_lock", lambda buffer: locked.append(buffer.numel()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    host_arena([torch.zeros(3), torch.zeros(5, dtype=torch.float16)], pinned=True)
+    host_arena([torch.zeros(3)], pinned=False)
+    assert locked == [128]  # 12 bytes and 10 bytes, each aligned to 64

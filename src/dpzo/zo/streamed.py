@@ -37,6 +37,7 @@ next one, and the activations of the 2P groups.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,11 +146,15 @@ def _aligned(nbytes: int) -> int:
 def host_arena(tensors: Sequence[torch.Tensor], *, pinned: bool) -> list[torch.Tensor]:
     """Copies of ``tensors`` (contiguous, same shapes and dtypes) as views into one host buffer.
 
-    One allocation per block: the pinned allocator rounds every allocation up to a power of two
-    (pytorch issue 150517), so pinning each tensor would cost up to twice the block.  ``pinned``
-    only where a GPU is: a CPU build of torch has no pinned memory."""
+    ``pinned`` (where a GPU is; a CPU build of torch has no pinned memory): the buffer is
+    page-locked where it lies (:func:`page_lock`).  ``pin_memory`` would round each allocation
+    up to a power of two (pytorch issue 150517: a 1.2 GB block pinned as 2 GB, and each tensor
+    of a block pinned alone is rounded alike); one arena per block, not one for the model, so
+    that building the store never holds the model twice in host memory."""
     sizes = [_aligned(t.numel() * t.element_size()) for t in tensors]
-    buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+    if pinned and torch.cuda.is_available() and buffer.numel():
+        page_lock(buffer)
     views, start = [], 0
     for t, size in zip(tensors, sizes):
         nbytes = t.numel() * t.element_size()
@@ -158,6 +163,18 @@ def host_arena(tensors: Sequence[torch.Tensor], *, pinned: bool) -> list[torch.T
         views.append(view)
         start += size
     return views
+
+
+def page_lock(buffer: torch.Tensor) -> None:
+    """Pin ``buffer``'s memory in place (``cudaHostRegister``, exactly its size), unpinned when
+    its storage is freed.  CUDA only: not verifiable without a GPU (docs/large-models.md)."""
+    cudart = torch.cuda.cudart()
+    storage = buffer.untyped_storage()
+    error = int(cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0))
+    if error:
+        raise RuntimeError(f"cudaHostRegister of a {storage.nbytes()}-byte block arena failed (cudaError {error})")
+    # unpinned with the storage, and never after the CUDA context is gone at exit
+    weakref.finalize(storage, cudart.cudaHostUnregister, storage.data_ptr()).atexit = False
 
 
 class BlockCopies:
