@@ -28,11 +28,18 @@ resident modules), each drawing exactly its coordinates of z(seed): the trajecto
 resident trainer's (``tests/test_streamed.py``: float64, to 1e-12).  The sampler draws every
 batch of a step before any noise (``dpzo.zo.step``), as the resident trainer does.
 
-Host memory holds per block theta in the master's precision (pinned when the device is a GPU);
-with a master copy the block's 16-bit working weights exist only while it is uploaded.  While a
-block computes, the next one is copied up on a separate CUDA stream (:meth:`_fetch`); the copy
-home is synchronous.  Device memory holds the resident modules, the block being computed, the
-next one, and the activations of the 2P groups.
+Host memory holds each block in one arena (:func:`host_arena`: theta in the master's
+precision, the frozen weights and buffers; page-locked in place when the device is a GPU), and
+with lambda > 0 each block's piece of the stage's anchor, copied there once per anchor; with a
+master copy the block's 16-bit working weights exist only while it is uploaded.  The copies
+(:class:`BlockCopies`) run on their own CUDA streams: block 0 is fetched when the step starts,
+block i + 1 while block i computes, and theta goes home (only when it changed: an evaluation
+copies nothing home) while the next blocks compute; the host waits for the copies home only
+before it reads host memory (:meth:`StreamedParameters.restore`, a snapshot, a log window),
+never per block.  The losses are computed without autograd.  Device memory holds the resident
+modules, at most three blocks (the one computing, the next, the previous one until its copy
+home is done) and the activations of the 2P groups (``tests/test_cost_streamed.py`` measures
+these budgets on the CPU).
 """
 
 from __future__ import annotations
