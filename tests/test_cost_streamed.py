@@ -46,7 +46,7 @@ class Streamed:
     """A random ``family`` model, its inference peak (measured resident), then streamed;
     ``freeze``: the parameters whose name holds it are not trained (they travel with their block)."""
 
-    def __init__(self, family: str, layers: int = 4, freeze: str | None = None):
+    def __init__(self, family: str, layers: int = 3, freeze: str | None = None):
         self.model = costs.random_lm(family, hidden=128, layers=layers, vocab=512)
         for name, p in self.model.named_parameters():
             p.requires_grad_(freeze is None or freeze not in name)
@@ -139,16 +139,16 @@ def test_host_waits_per_step_do_not_grow_with_the_blocks():
     """No host synchronisation per block: the copies home run on their own stream (on a GPU) and
     the host waits for them only when it reads host memory (here: one restore)."""
     waits = {}
-    for layers in (2, 4):
+    for layers in (2, 3):
         s = Streamed("opt", layers=layers)
         before = s.store.copies.host_waits
         cost, _ = s.measure_steps(2)
         in_steps = cost.host_syncs + s.store.copies.host_waits - before
         s.store.restore()
         waits[layers] = (in_steps, s.store.copies.host_waits - before)
-    assert waits[2] == waits[4], waits
-    assert waits[4][0] <= 2  # per step at most one: none from the store (the release reads nothing)
-    assert waits[4][1] == 1  # the restore waits once for every copy home, whatever the blocks
+    assert waits[2] == waits[3], waits
+    assert waits[3][0] <= 2  # per step at most one: none from the store (the release reads nothing)
+    assert waits[3][1] == 1  # the restore waits once for every copy home, whatever the blocks
 
 
 def test_block_0_is_fetched_when_the_step_starts():
