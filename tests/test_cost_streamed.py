@@ -92,12 +92,16 @@ def test_every_block_is_uploaded_once_and_copied_home_once_per_step(family, free
     assert s.store.copies.copies_home == [k + 1] * len(s.block_bytes)
 
 
-def test_the_anchor_travels_with_its_block_from_host_memory():
-    """lambda > 0: each block's piece of the anchor is kept in host memory (pinned on a GPU), once
-    per anchor, and uploaded with the block: the anchor is never copied whole per step."""
+@pytest.mark.parametrize("own", [True, False])
+def test_the_anchor_travels_with_its_block_from_host_memory(own):
+    """lambda > 0: each block's piece of the anchor is kept in host memory (pinned on a GPU) and
+    uploaded with the block: the store's own snapshot is used as it is (its block pieces are
+    views of it), another anchor (a resumed one) is copied once into an arena per block."""
     s = Streamed("opt")
-    anchor = s.store.snapshot()
-    s.steps(2, lam=0.5, anchor=anchor)  # the anchor's pieces are copied to host memory once, here
+    anchor = s.store.snapshot() if own else s.store.snapshot().clone()
+    s.steps(2, lam=0.5, anchor=anchor)  # the anchor's pieces are made once, here
+    pieces = s.store.host_tensors()[-len(s.block_bytes) :]
+    assert all((p.untyped_storage().data_ptr() == anchor.untyped_storage().data_ptr()) == own for p in pieces)
     k = 2
     cost, _ = s.measure_steps(k, lam=0.5, anchor=anchor)
     assert cost.host_to_device_bytes == k * (sum(s.block_bytes) + sum(s.trained_block_bytes))

@@ -312,6 +312,7 @@ class StreamedParameters:
         self._dirty = [False] * len(self.blocks)  # theta on the device differs from its host copy
         self._fetched: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], dict[int, torch.Tensor], Any]] = {}
         self._anchor: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None  # its pieces in host memory
+        self._snapshot: weakref.ref | None = None  # the last snapshot (pinned): an anchor used as it is
         self.copies = BlockCopies(device, len(self.blocks))
         self.uploads = [0] * len(self.blocks)
         self._groups: list[tuple[int, int, float]] | None = None
@@ -586,9 +587,10 @@ class StreamedParameters:
 
     @torch.no_grad()
     def _anchor_pieces(self, anchor: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Each block part's piece of ``anchor``, copied once per anchor (a stage's steps all pull
-        toward the same one) into one host arena per block (pinned on a GPU), so that its
-        upload at every step is a copy from pinned memory that overlaps the compute."""
+        """Each block part's piece of ``anchor`` in pinned host memory (on a GPU), so that its
+        upload at every step is a copy that overlaps the compute: views of the anchor when it is
+        this store's :meth:`snapshot` (page-locked already), else copied once per anchor (a
+        stage's steps all pull toward the same one; a resumed anchor) into one arena per block."""
         if self._anchor is not None and self._anchor[0] is anchor:
             return self._anchor[1]
         by_block: list[list[tuple[FlatParameters, torch.Tensor]]] = [[] for _ in self.blocks]
@@ -596,6 +598,9 @@ class StreamedParameters:
             if id(part) in self._home:
                 by_block[self._home[id(part)]].append((part, piece))
         pieces = {}
+        if self._snapshot is not None and self._snapshot() is anchor:
+            pieces = {id(part): piece for held in by_block for part, piece in held}
+            by_block = []
         for held in by_block:
             hosts = host_arena([piece for _, piece in held], pinned=self.device.type == "cuda")
             pieces.update({id(part): host for (part, _), host in zip(held, hosts)})
@@ -603,9 +608,14 @@ class StreamedParameters:
         return pieces
 
     def snapshot(self) -> torch.Tensor:
-        """A copy of theta on the support, in host memory (every pending update applied first)."""
+        """A copy of theta on the support, in host memory (every pending update applied first),
+        page-locked on a GPU: as the anchor, its block pieces are uploaded from it directly."""
         self.restore()
-        return self.placed.snapshot()
+        snapshot = self.placed.snapshot()
+        if self.device.type == "cuda" and torch.cuda.is_available() and snapshot.numel():
+            page_lock(snapshot)
+        self._snapshot = weakref.ref(snapshot)
+        return snapshot
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """theta and the support (every pending update applied first)."""
