@@ -15,6 +15,8 @@ is stated in docs/large-models.md; here the waits are counted where a GPU would 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,58 @@ def test_a_block_lives_in_one_host_arena(monkeypatch):
     host_arena([torch.zeros(3), torch.zeros(5, dtype=torch.float16)], pinned=True)
     host_arena([torch.zeros(3)], pinned=False)
     assert locked == [128]  # 12 bytes and 10 bytes, each aligned to 64
+
+
+class FakeStream:
+    """A CUDA stream's calls, logged: the GPU branch of ``BlockCopies`` run on the CPU."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log, self.events = name, log, 0
+
+    def record_event(self) -> str:
+        self.events += 1
+        event = f"{self.name}{self.events}"
+        self.log.append((self.name, "records", event))
+        return event
+
+    def wait_event(self, event: str) -> None:
+        self.log.append((self.name, "waits", event))
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append((self.name, "waits", other.name))
+
+    def synchronize(self) -> None:
+        self.log.append(("host", "waits", self.name))
+
+
+def test_the_copy_streams_order_the_copies_and_the_host_never_waits_per_block(monkeypatch):
+    """The event protocol of the copies on a GPU, with logged streams: uploads on one stream,
+    copies home on another after the compute, each block's next upload after its copy home, the
+    compute after each upload, the host only at a flush; every tensor owned by the streams that
+    use it (``record_stream``)."""
+    s = Streamed("opt", layers=2)
+    log: list = []
+    compute = FakeStream("compute", log)
+    copies = s.store.copies
+    copies._up, copies._home = FakeStream("up", log), FakeStream("home", log)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    owners = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: owners.append(stream.name), raising=False)
+    s.steps(1)
+    first = list(log)
+    homes = [e for who, what, e in first if who == "home" and what == "records"]
+    assert len(homes) == 2 and not any(who == "host" for who, _, _ in first)
+    log.clear()
+    s.steps(1)
+    up = [(what, e) for who, what, e in log if who == "up"]
+    # block 0 fetched at the step start after its copy home, block 1 during block 0's compute
+    assert up == [("waits", homes[0]), ("records", "up3"), ("waits", homes[1]), ("records", "up4")]
+    assert [e for who, what, e in log if who == "compute" and what == "waits"] == ["up3", "up4"]
+    assert [e for who, what, e in log if who == "home" and what == "waits"] == ["compute", "compute"]
+    assert not any(who == "host" for who, _, _ in log)
+    assert owners == ["compute", "home"] * 4  # each block's theta (one part) in each step: used, then sent home
+    log.clear()
+    s.store.restore()  # the last update: each block uploaded and sent home, then one host wait
+    assert [entry for entry in log if entry[0] == "host"] == [("host", "waits", "home")]
+    assert log[-1] == ("host", "waits", "home")
