@@ -307,3 +307,32 @@ def test_a_streamed_run_resumes_from_its_snapshot_to_the_uninterrupted_result(to
     assert resumed_history["resumed_from"]
     torch.testing.assert_close(resumed, theta, rtol=0, atol=1e-12)
     assert resumed_history["releases"] == history["releases"]
+
+
+def test_a_step_of_empty_batches_releases_the_noise_alone_as_the_resident_store(tokenizer):
+    """B = 1 of 24, secret seed 28: the second step's two Poisson batches are both empty (sizes
+    [0, 1], [0, 0], [1, 2]).  Streamed, that step runs no forward and its releases are the noise
+    alone, its update pending with the first step's until the third step's uploads: theta ends
+    where the resident store's does."""
+    hp = ZOHyperparameters(steps=3, batch_size=1, lr=5e-2, clip=2.0, lam=0.3, directions=2, log_every=1)
+    thetas, forwards = [], []
+    for streamed in (False, True):
+        clf = make(tokenizer, "llama")
+        data = clf.encode(examples(24, seed=2))
+        flat = StreamedParameters(clf.model, torch.float64, device="cpu", direction_cache_size=2) if streamed else None
+        forwards.append([])
+        train_zo(
+            clf.model,
+            lambda index: forwards[-1].append(len(index)) or clf.per_example_loss(data.batch(index, clf.device)),  # noqa: B023
+            len(data),
+            hp,
+            method="dp-zoso",
+            run_seed=11,
+            noise=NoisySum("gaussian", 1.0, hp.batch_size),
+            secret=SecretRandom(insecure_test_seed=28),
+            master_dtype=torch.float64,
+            store=flat,
+        )
+        thetas.append(torch.cat([p.detach().reshape(-1) for _, p in sorted_parameters(clf.model, flat)]))
+    assert forwards == [[1, 1, 1, 1, 2, 2], [2, 6]]  # the batches: resident two forwards each, streamed one per step
+    torch.testing.assert_close(thetas[1], thetas[0], rtol=0, atol=1e-12)
