@@ -436,6 +436,7 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
             accountant="pld",
             convention="common",
             noise="none (no privacy claim)",
+            tf32=True,
         ),
         config={},
     )
