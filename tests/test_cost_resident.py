@@ -175,3 +175,16 @@ def test_a_fake_model_is_flattened_and_adopted_without_memory():
     again, second = measure(lambda: FlatParameters(model, None), model, fake=True)
     assert second.work.untyped_storage()._cdata == store.work.untyped_storage()._cdata
     assert again.peak_bytes == again.start_bytes  # adopting copies nothing
+
+
+def test_only_an_accelerator_stages_the_first_flatten():
+    """The CPU is its own host (no staging, nothing crosses a bus: the buffer and the originals
+    are both allocations, so that build peaks at 2 x the weights); meta holds nothing to stage."""
+    model = costs.random_lm("opt", hidden=64, layers=1, vocab=256)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    cost, _ = measure(lambda: FlatParameters(model, None), model)
+    assert cost.copied_bytes == 0 and cost.peak_bytes["cpu"] <= 2 * weights + 1024
+    meta = torch.nn.Linear(300, 300, device="meta")
+    assert FlatParameters(meta, None).work.device.type == "meta"
+    with pytest.raises(ValueError, match="staging"):
+        FlatParameters(torch.nn.Linear(3, 3), None, staging=torch.empty(12, dtype=torch.float64))

@@ -87,6 +87,9 @@ def block_size(numel: int) -> int:
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
+#: devices whose first flatten needs no staging: the host itself, and meta (nothing to hold)
+_HOST_LIKE = ("cpu", "meta")
+
 #: the entries of a store's ``state_dict`` (all tensors or None): what a snapshot saves of theta
 STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
 
@@ -301,9 +304,11 @@ class FlatParameters:
         if adopted is not None:
             return adopted
         dtype = self.params[0][1].dtype
-        if staging is None and self.device.type != "cpu":
+        if staging is None and self.device.type not in _HOST_LIKE:
             staging = torch.empty(self.numel, dtype=dtype, device="cpu")
         if staging is not None:
+            if staging.dtype != dtype:
+                raise ValueError(f"staging of {staging.dtype} for parameters of {dtype}")
             self._move_into(staging)
         work = torch.empty(self.numel, dtype=dtype, device=self.device)
         self._move_into(work)
