@@ -18,6 +18,8 @@ trade of memory for time, a few MiB at most), which a 5 % budget cannot hold.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -168,11 +170,13 @@ def test_building_the_store_never_holds_two_copies_of_the_weights():
 
 def test_a_fake_model_is_flattened_and_adopted_without_memory():
     """Under fake tensors (``dpzo plan``) the first flatten runs and a second store adopts the
-    buffer: no data pointer is read."""
+    buffer: no data pointer is read (torch warns that reading one "will error")."""
     model = costs.random_lm("llama", hidden=64, layers=1, vocab=256, fake=True)
-    cost, store = measure(lambda: FlatParameters(model, None), model, fake=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cost, store = measure(lambda: FlatParameters(model, None), model, fake=True)
+        again, second = measure(lambda: FlatParameters(model, None), model, fake=True)
     assert store.numel == sum(p.numel() for p in model.parameters())
-    again, second = measure(lambda: FlatParameters(model, None), model, fake=True)
     assert second.work.untyped_storage()._cdata == store.work.untyped_storage()._cdata
     assert again.peak_bytes == again.start_bytes  # adopting copies nothing
 
