@@ -22,13 +22,14 @@ Design (where the time of a step goes, and how it is kept close to two forward p
   pass over the weights is a handful of large kernels instead of a few per tensor.
 * z is a pure function of (seed, flat index): coordinate i is the counter-based Philox normal
   of (seed, i) (``dpzo.zo.philox``, Triton's ``tl.randn``), the same on every device and for any
-  cut of the vector.  A pass draws it in blocks of ``DIRECTION_CHUNK`` elements into one
-  preallocated buffer and consumes each at once, so z is never materialised whole, and a part of
-  the parameters (one device's, ``dpzo.zo.placed``; one streamed block, ``dpzo.zo.streamed``)
-  draws exactly its coordinates without the others: the trajectory does not depend on how the
-  parameters are split.  (A model of at most one block keeps each z whole for the passes of its
-  step instead: a few MB, drawn once rather than once per pass.)  A masked run sees exactly the
-  dense z at its coordinates.
+  cut of the vector.  A pass draws it in blocks (:func:`block_size`: about 1/64 of the
+  parameters, at most ``DIRECTION_CHUNK`` elements) into one buffer that lives as long as the
+  pass and consumes each at once, so z is never materialised whole and no z is alive during a
+  forward; a part of the parameters (one device's, ``dpzo.zo.placed``; one streamed block,
+  ``dpzo.zo.streamed``) draws exactly its coordinates without the others: the trajectory does
+  not depend on how the parameters are split.  (A part of at most ``WHOLE_Z_LIMIT`` coordinates
+  keeps each z whole for the passes of its step instead: a few MB, drawn once rather than once
+  per pass.)  A masked run sees exactly the dense z at its coordinates.
 * Two ways to hold theta (``passes.MasterCopy``, ``passes.InPlace``):
   - with a master copy (``master_dtype``, float32 by default): a perturbation writes
     ``work = master + s z``, so the restore is exact and free (the next perturbation overwrites
@@ -67,10 +68,27 @@ from dpzo.zo.passes import Coefficient, Dense, Fused, Holding, InPlace, Masked, 
 if TYPE_CHECKING:  # annotations only: the store module builds the stores
     from dpzo.zo.store import ResidentStore
 
-DIRECTION_CHUNK = 1 << 22  # elements of z materialised at a time (memory only: z does not depend on it)
+DIRECTION_CHUNK = 1 << 22  # the most elements of z materialised at a time (memory only: z does not depend on it)
+#: a part of at most this many coordinates (and at most ``DIRECTION_CHUNK``) keeps each direction's
+#: z whole for the passes of its step: drawn once instead of once per pass, at the cost of a few
+#: copies of z (4 MiB each in float32), which only small models can afford
+WHOLE_Z_LIMIT = 1 << 20
+#: a pass draws z in blocks of about 1/BLOCKS_PER_PART of the part (at least MIN_BLOCK), so the
+#: block stays a small fraction of the weights it moves
+BLOCKS_PER_PART = 64
+MIN_BLOCK = 1 << 16
+
+
+def block_size(numel: int) -> int:
+    """Coordinates of z a pass over a part of ``numel`` coordinates draws at a time: about
+    1/``BLOCKS_PER_PART`` of the part, at least ``MIN_BLOCK`` and at most ``DIRECTION_CHUNK``."""
+    return max(1, min(DIRECTION_CHUNK, max(MIN_BLOCK, -(-int(numel) // BLOCKS_PER_PART))))
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+#: devices whose first flatten needs no staging: the host itself, and meta (nothing to hold)
+_HOST_LIKE = ("cpu", "meta")
 
 #: the entries of a store's ``state_dict`` (all tensors or None): what a snapshot saves of theta
 STATE_KEYS = ("master", "mask", "perturb_scales", "update_scales")
@@ -150,18 +168,20 @@ def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Te
     first = params[0][1]
     if first.storage_offset() != 0:
         return None
-    base, size = first.untyped_storage().data_ptr(), first.element_size()
+    # storages compared by identity and positions by offset, not by address: a fake tensor
+    # (``dpzo.zo.cost``, ``dpzo plan``) has no data pointer
+    storage = first.untyped_storage()
     offset = 0
     for _, p in params:
         if (
             p.dtype != first.dtype
             or not p.is_contiguous()
-            or p.untyped_storage().data_ptr() != base
-            or p.data_ptr() != base + offset * size
+            or p.untyped_storage()._cdata != storage._cdata
+            or p.storage_offset() != offset
         ):
             return None
         offset += p.numel()
-    if first.untyped_storage().nbytes() != offset * size:
+    if storage.nbytes() != offset * first.element_size():
         return None
     return first.detach().as_strided((offset,), (1,), 0)
 
@@ -238,18 +258,22 @@ class FlatParameters:
         direction_cache_size: int = 1,
         parameters: list[tuple[str, torch.nn.Parameter]] | None = None,
         offset: int = 0,
+        staging: torch.Tensor | None = None,
     ):
         # ``parameters`` and ``offset``: one part of a model's trainable vector, its coordinates
-        # [offset, offset + numel) (``dpzo.zo.placed``, ``dpzo.zo.streamed``)
+        # [offset, offset + numel) (``dpzo.zo.placed``, ``dpzo.zo.streamed``).  ``staging``: host
+        # memory of ``numel`` elements the parameters move through while the buffer is built
+        # (default: a new one when they are on an accelerator; :meth:`_flatten`)
         self.params = parameters if parameters is not None else trainable_parameters(model)
         if not self.params:
             raise ValueError("model has no trainable parameters")
         self.device = self.params[0][1].device
         self.numel = sum(p.numel() for _, p in self.params)
         self.offset = int(offset)
-        self.chunk = DIRECTION_CHUNK  # fixed for this object's lifetime: it defines z
+        self.chunk = block_size(self.numel)  # fixed for this object's lifetime (z does not depend on it)
+        self._keep_whole = self.numel <= min(WHOLE_Z_LIMIT, DIRECTION_CHUNK)
         self._ranges = self._block_ranges()
-        self.work = self._flatten()
+        self.work = self._flatten(staging)
         self.work_dtype = self.work.dtype
         self._holding: Holding = InPlace(self) if master_dtype is None else MasterCopy(self)
         self.master = self.work if self.in_place else self.work.to(master_dtype, copy=True)
@@ -262,27 +286,46 @@ class FlatParameters:
         # z in the master's precision; in place, 16-bit weights still get float32 z and
         # float32 arithmetic, rounded once per pass (``passes.Dense.move_work``).
         self.z_dtype = torch.float32 if self.in_place and self.work.dtype in _SIXTEEN_BIT else self.master.dtype
-        self._block: torch.Tensor | None = None
-        self._sum: torch.Tensor | None = None  # in place, 16-bit: the pass's sum of terms
         self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
         self.direction_cache_size = int(direction_cache_size)
         self.fused = fused_passes(self.device)  # z drawn inside the passes' kernels (dpzo.zo.kernels)
         self._use(Dense(self))
 
     @torch.no_grad()
-    def _flatten(self) -> torch.Tensor:
-        """The one buffer the parameters view from now on: the one they already view, or a copy."""
+    def _flatten(self, staging: torch.Tensor | None) -> torch.Tensor:
+        """The one buffer the parameters view from now on: the one they already view, or a copy.
+
+        The device never holds two copies of the weights: on an accelerator the parameters first
+        move tensor by tensor to ``staging`` (host memory), each original freed as it is copied,
+        and only then is the buffer allocated and filled from there.  On the CPU the host is the
+        device: the buffer is filled tensor by tensor, each original freed after its copy.
+        """
         adopted = _adopt_flat_buffer(self.params)
         if adopted is not None:
             return adopted
-        work = torch.empty(self.numel, dtype=self.params[0][1].dtype, device=self.device)
+        dtype = self.params[0][1].dtype
+        if staging is None and self.device.type not in _HOST_LIKE:
+            staging = torch.empty(self.numel, dtype=dtype, device="cpu")
+        if staging is not None:
+            if staging.dtype != dtype:
+                raise ValueError(f"staging of {staging.dtype} for parameters of {dtype}")
+            self._move_into(staging)
+        work = torch.empty(self.numel, dtype=dtype, device=self.device)
+        self._move_into(work)
+        return work
+
+    def _move_into(self, buffer: torch.Tensor) -> None:
+        """Re-point the parameters into ``buffer``, tensor by tensor: each one's previous storage
+        is freed as soon as it is copied (unless something else holds it)."""
+        if buffer.numel() != self.numel:
+            raise ValueError(f"a buffer of {buffer.numel()} elements does not hold {self.numel}")
         offset = 0
         for _, p in self.params:
             n = p.numel()
-            work[offset : offset + n].copy_(p.reshape(-1))
-            p.data = work[offset : offset + n].view_as(p)
+            view = buffer[offset : offset + n].view(p.shape)
+            view.copy_(p)
+            p.data = view
             offset += n
-        return work
 
     def _use(self, support: Support) -> None:
         """Train ``support`` from now on, with the passes this device runs."""
@@ -297,7 +340,7 @@ class FlatParameters:
     @property
     def _whole(self) -> bool:
         """A small part keeps each z whole for the passes of its step (drawn once, not per pass)."""
-        return self.numel <= self.chunk
+        return self._keep_whole
 
     def _pass_ranges(self) -> list[tuple[int, int]]:
         """The local ranges a pass over z visits, in order (what :meth:`_blocks` yields)."""
@@ -329,8 +372,13 @@ class FlatParameters:
 
     @torch.no_grad()
     def weights_finite(self) -> bool:
-        """Whether every coordinate of theta is finite (one host read)."""
-        return bool(torch.isfinite(self.master).all())
+        """Whether every coordinate of theta is finite (one host read).
+
+        The smallest and largest coordinates are finite exactly when all are (both reductions
+        propagate NaN), so the check allocates two scalars, not one byte per parameter as
+        ``isfinite(theta).all()`` does (+25 % of float32 weights, inside the step's peak)."""
+        lowest, highest = torch.aminmax(self.master)
+        return bool(torch.isfinite(lowest) & torch.isfinite(highest))
 
     @torch.no_grad()
     def strided_theta(self, stride: int) -> torch.Tensor:
@@ -361,15 +409,12 @@ class FlatParameters:
         self._use(Masked.on(self, indices, perturb_scales, update_scales))
 
     # -- z ----------------------------------------------------------------------------------
-    def _block_buffer(self) -> torch.Tensor:
-        if self._block is None:
-            self._block = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
-        return self._block
-
-    def _sum_buffer(self) -> torch.Tensor:
-        if self._sum is None:
-            self._sum = torch.empty(min(self.chunk, self.numel), dtype=self.z_dtype, device=self.device)
-        return self._sum
+    def new_block(self) -> torch.Tensor:
+        """A buffer for one range of a pass (:meth:`_pass_ranges`) in z's dtype.  A pass allocates
+        its buffers and drops them when it ends, so they are never alive during a forward (a GPU's
+        caching allocator hands the same memory back at the next pass, without a device call)."""
+        largest = self.numel if self._whole else min(self.chunk, self.numel)
+        return torch.empty(largest, dtype=self.z_dtype, device=self.device)
 
     def _blocks(self, seeds: Sequence[int]) -> Iterator[tuple[int, int, Callable[[int], torch.Tensor]]]:
         """Yield (start, end, draw) per block; ``draw(k)`` returns z(seeds[k])[start:end].
@@ -384,7 +429,7 @@ class FlatParameters:
             whole = [self._whole_direction(seed) for seed in seeds]
             yield 0, self.numel, lambda k: whole[k]
             return
-        buf = self._block_buffer()
+        buf = self.new_block()  # freed with this generator, at the end of the pass
         for lo, hi in self._ranges:
             view = buf[: hi - lo]
 
@@ -466,7 +511,6 @@ class FlatParameters:
             offset += n
         self.device = master.device
         self.fused = fused_passes(self.device)
-        self._block, self._sum = None, None
         self._whole_z.clear()
         self._use(self._support.to(self.device))
 

@@ -118,11 +118,12 @@ class Dense:
 
     def _add(self, buffer: torch.Tensor, terms: Sequence[Term]) -> None:
         flat = self.flat
-        summed = len(terms) > 1 and buffer.dtype != flat.z_dtype
+        # 16-bit weights get the terms' sum in z's dtype (one buffer for the pass, dropped after it)
+        sums = flat.new_block() if len(terms) > 1 and buffer.dtype != flat.z_dtype else None
         for start, end, draw in flat._blocks([seed for seed, _, _ in terms]):
             target = buffer[start:end]
-            if summed:
-                total = flat._sum_buffer()[: end - start]
+            if sums is not None:
+                total = sums[: end - start]
                 for k, (_, coef, _) in enumerate(terms):
                     if k == 0:
                         torch.mul(draw(k), coef, out=total)

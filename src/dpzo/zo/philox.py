@@ -27,6 +27,10 @@ MIN_UNIFORM = 1.0e-7
 
 #: coordinates computed at a time on the CPU (the temporaries stay in cache)
 CPU_SLICE = 1 << 14
+#: coordinates computed at a time on another device: enough to fill a GPU's kernels, few enough
+#: that the int64 temporaries (about 80 bytes a coordinate: 20 MiB) stay near the size of a block
+#: of z, not 20 times it (a whole 4M block at once took 320 MiB)
+DEVICE_SLICE = 1 << 18
 
 
 def philox_keys(seed: int) -> list[tuple[int, int]]:
@@ -83,7 +87,7 @@ def normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
         raise ValueError(f"out must be 1-D, got shape {tuple(out.shape)}")
     keys = philox_keys(seed)
     n = out.numel()
-    step = CPU_SLICE if out.device.type == "cpu" else max(n, 1)
+    step = CPU_SLICE if out.device.type == "cpu" else DEVICE_SLICE
     for a in range(0, n, step):
         b = min(a + step, n)
         out[a:b] = _slice(keys, int(start) + a, b - a, out.device)

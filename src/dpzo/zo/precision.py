@@ -49,8 +49,11 @@ def compute_epsilon(dtype: torch.dtype, device: torch.device) -> float:
 @torch.no_grad()
 def smallest_resolvable_beta(store: ParameterStore, *, sample: int = 1 << 20) -> float:
     """``MIN_BETA_ULPS`` ulp of the median |theta| (over an evenly strided sample of the
-    trainable coordinates) in the precision the forward pass computes with."""
-    stride = max(1, store.numel // sample)
+    trainable coordinates) in the precision the forward pass computes with.
+
+    The sample is at most ``sample`` coordinates and at most 1/64 of them (at least 64 Ki): on
+    the CPU it is read where the weights live, so its copies stay a small part of a run's memory."""
+    stride = max(1, store.numel // min(sample, max(1 << 16, store.numel // 64)))
     # a placed model's parts (one per device) are sampled alike, each where it lives; theta is
     # read from the master (a streamed block's working weights exist only while it is uploaded)
     typical = float(store.strided_theta(stride).abs().median())
