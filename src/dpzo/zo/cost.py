@@ -16,6 +16,9 @@ for models that are never allocated.  :func:`measure` runs a callable under one
   ops whose output shape depends on values (``nonzero``, ``masked_select``, ``unique``), and a
   blocking copy from or to a device.  On the CPU these wait for nothing, but they are exactly
   where the same code waits on a GPU, so counting them on the CPU is counting them on the GPU.
+  One exception: ``tolist()`` and ``numpy()`` of a CPU tensor read its memory without any ATen
+  op, so on the CPU they are not seen; on a GPU they are, as the blocking copy to the host they
+  start.  (A tensor kept on the host on purpose, such as a batch's indices, is read that way.)
 
 Under fake tensors a value cannot be read: :func:`measure` with ``fake=True`` answers every
 value read with a placeholder (``True`` for a bool, ``0`` otherwise) so the code runs on; its
