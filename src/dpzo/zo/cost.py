@@ -128,18 +128,20 @@ class CostTracker(TorchDispatchMode):
         self._placeholder_reads = placeholder_reads
         # storages that play host memory on a machine whose only device is the CPU (the
         # streamed store's home copies): there the CPU's other storages play the device
+        host = list(host)
         self._host = {t.untyped_storage()._cdata for t in host}
+        self._cpu_is_device = bool(self._host)
         for t in [*host, *alive]:
             self._track(t)
         self.cost.start_bytes = dict(self._current)
 
     def _where(self, t: torch.Tensor) -> str:
-        if self._host and t.untyped_storage()._cdata in self._host:
+        if self._cpu_is_device and t.untyped_storage()._cdata in self._host:
             return "host"
         return _key(t.device)
 
     def _is_host(self, where: str) -> bool:
-        return where == "host" or (where == "cpu" and not self._host)
+        return where == "host" or (where == "cpu" and not self._cpu_is_device)
 
     # -- memory -------------------------------------------------------------------------
     def _track(self, t: torch.Tensor) -> None:
@@ -155,6 +157,7 @@ class CostTracker(TorchDispatchMode):
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
+        self._host.discard(key)  # the address may be reused by a storage on the device
         device, nbytes = self._live.pop(key, ("", 0))
         if device:
             self._current[device] -= nbytes
