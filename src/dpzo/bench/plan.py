@@ -1,0 +1,237 @@
+"""``dpzo plan``: will it fit?  The per-device peak of a training step and of evaluation, projected
+before any job by running the real code on fake tensors.
+
+A model is built from its ``config.json`` (or the bench catalogue's config for the paper's
+models) under a fake-tensor mode (``dpzo.zo.cost.fake_mode``): its tensors have shapes, dtypes
+and devices but no memory, so an OPT-66B costs seconds and no RAM.  The store is built as a cell
+builds it (``dpzo.zo.store.build_store``), and one step of the real trainer
+(``dpzo.zo.loop.train_zo``, DP-ZOSO's release) and one inference batch run under
+``dpzo.zo.cost.measure``, which counts every live storage per device with its peak.  Memory is a
+property of the tensors a program keeps alive, so the CPU's numbers are the device's: the
+projection runs on the CPU device and is reported as the compute device's peak.
+
+* ``resident``: the whole model on the compute device, trained in place or with a master copy;
+* ``streamed``: the blocks in host memory, each uploaded once per step (``offload: streamed``);
+  the compute device's peak, the host copies reported apart (``host_mb``);
+* ``placed``: the model spread over N devices.  This CPU-only torch cannot run a placed model
+  across several (fake) devices, so its per-device peak is derived from the measured resident
+  step: the step's peak minus theta's bytes (weights and master), plus the largest device's
+  share of theta (the blocks cut evenly).  The activations and z buffers of the whole step stay
+  on every device: an upper bound that leans to refusing.
+
+Masked methods (DP-ZOPO) hold their mask's indices besides (8 bytes per trained coordinate);
+the dense step projected here is every zeroth-order method's otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from dpzo.zo.cost import MiB, fake_mode, is_fake, measure, tensors_of
+
+#: the stores a projection can be asked for
+STORES = ("resident", "streamed", "placed")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def memory_bytes(text: str | int) -> int:
+    """Bytes of a memory size as accelerate's ``max_memory`` writes them (``"70GiB"``, ``"80GB"``, 1024)."""
+    if isinstance(text, int):
+        return text
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if found is None or found.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (e.g. '70GiB', '80GB')")
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a cell's memory depends on: the store, theta's holding, the batch and the length."""
+
+    store: str = "resident"  # one of STORES
+    master: str = "none"  # "float32": a master copy of theta; "none": in place
+    batch: int = 16
+    length: int = 256
+    eval_batch: int | None = None  # None: the training batch
+    devices: int = 1  # placed: over this many devices
+
+    @property
+    def master_dtype(self) -> torch.dtype | None:
+        return None if self.master == "none" else _DTYPES[self.master]
+
+
+@dataclass
+class Projection:
+    """One model under one setting: the projected peaks per device, bytes (``dpzo plan``'s row)."""
+
+    model: str
+    dtype: str
+    parameters: int
+    setting: Setting
+    step_bytes: int  # the compute device's (per device when placed) peak of one training step
+    eval_bytes: int  # ... of one inference batch
+    host_bytes: int = 0  # streamed: the blocks' home copies in host memory
+    seconds: float = 0.0  # wall time of the projection
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """JSON-ready: sizes in MiB."""
+        s = self.setting
+        return {
+            "model": self.model,
+            "parameters": self.parameters,
+            "store": s.store if s.store != "placed" else f"placed/{s.devices}",
+            "theta": "in place" if s.master == "none" else f"master {s.master}",
+            "dtype": self.dtype,
+            "batch": f"{s.batch} x {s.length}",
+            "step_mb": round(self.step_bytes / MiB, 1),
+            "eval_mb": round(self.eval_bytes / MiB, 1),
+            "host_mb": round(self.host_bytes / MiB, 1),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+# -- the model, fake ------------------------------------------------------------------------
+def fake_model(config: Any, dtype: torch.dtype, family: str = "auto") -> torch.nn.Module:
+    """The model ``config`` (a transformers config) describes, with fake weights in ``dtype``, in
+    eval mode (built in its dtype: a fake module's tensors cannot be swapped by ``.to``)."""
+    from dpzo.models.meta import model_class
+
+    cls, _ = model_class(config, family)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with fake_mode():
+            return cls.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _inputs(model: torch.nn.Module, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` sequences of ``length`` tokens and one target token each, in the model's fake mode
+    when it has one (random tokens: a forward's memory does not depend on them)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    tokens = torch.randint(4, vocab, (batch, length), generator=g)
+    targets = torch.randint(4, vocab, (batch,), generator=g)
+    weight = next(model.parameters())
+    if not is_fake(weight):
+        return tokens, targets
+    mode = weight.fake_mode  # a fake model takes fake inputs of its own mode
+    with mode:
+        return mode.from_tensor(tokens), mode.from_tensor(targets)
+
+
+def example_losses(
+    model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """The per-example loss a step computes: cross-entropy of the last position's logits (one
+    batched forward over the whole vocabulary's logits, as a prompt's label words are scored)."""
+
+    def loss(index: np.ndarray) -> torch.Tensor:
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long, device=tokens.device)
+        logits = model(input_ids=tokens[index]).logits[:, -1, :]
+        return torch.nn.functional.cross_entropy(logits.float(), targets[index], reduction="none")
+
+    return loss
+
+
+# -- one projection ---------------------------------------------------------------------------
+def _one_step(model: torch.nn.Module, loss: Callable, batch: int, store: Any) -> Callable[[], dict]:
+    """One step of DP-ZOSO through the real trainer, every example in its batch (q = 1)."""
+    from dpzo.methods.hyperparameters import ZOHyperparameters
+    from dpzo.privacy.mechanisms import NoisySum
+    from dpzo.privacy.secret import SecretRandom
+    from dpzo.zo.loop import train_zo
+
+    hp = ZOHyperparameters(steps=1, batch_size=batch, lr=1e-6, clip=1.0, log_every=1)
+    noise = NoisySum("gaussian", 1.0, float(batch))
+    return lambda: train_zo(
+        model, loss, batch, hp, method="dp-zoso", run_seed=13, noise=noise,
+        secret=SecretRandom(insecure_test_seed=5), store=store,
+    )  # fmt: skip
+
+
+def _store_tensors(model: torch.nn.Module, store: Any, streamed: bool) -> tuple[list, list]:
+    """(the tensors alive on the compute device, those in host memory) once the store is built."""
+    if not streamed:
+        return [*tensors_of(model), store.master], []
+    from dpzo.zo.streamed import StreamedParameters
+
+    store = cast(StreamedParameters, store)
+    parts = store.placed.parts
+    trained = {id(p) for part in parts for _, p in part.params}
+    in_blocks = {id(p) for block in store.blocks for p in block.parameters()}
+    # the blocks' frozen tensors and theta at home; not the trained parameters, which between
+    # uploads view theta in place, or a placeholder that dies at the next upload with a master copy
+    frozen = [t for t in tensors_of(store.blocks) if id(t) not in trained]
+    home = [*frozen, *(part.master for part in parts if id(part.params[0][1]) in in_blocks)]
+    return [*tensors_of(model), *(part.master for part in parts)], home
+
+
+def project(model: torch.nn.Module, setting: Setting, *, name: str = "", fake: bool = True) -> Projection:
+    """The peaks of one training step and one inference batch of ``model`` under ``setting``
+    (the model is changed: its store is built on it).  ``fake=False`` measures the same on real
+    tensors (the projection's validation)."""
+    from dpzo.zo.store import build_store
+
+    started = time.perf_counter()
+    weights = next(model.parameters())
+    parameters = sum(p.numel() for p in model.parameters())
+    tokens, targets = _inputs(model, setting.batch, setting.length)
+    loss = example_losses(model, tokens, targets)
+    streamed = setting.store == "streamed"
+    with weights.fake_mode if is_fake(weights) else contextlib.nullcontext():  # its buffers fake too
+        store = build_store(
+            model, master_dtype=setting.master_dtype, offload="streamed" if streamed else "none", device=weights.device
+        )
+    device_alive, home = _store_tensors(model, store, streamed)
+    step, _ = measure(_one_step(model, loss, setting.batch, store), device_alive, tokens, targets, fake=fake, host=home)
+    eval_tokens, _ = _inputs(model, setting.eval_batch or setting.batch, setting.length)
+
+    def evaluate() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=eval_tokens).logits[:, -1, :]
+
+    store.restore()
+    inference, _ = measure(evaluate, device_alive, eval_tokens, fake=fake, host=home)
+    device = str(weights.device)
+    projection = Projection(
+        model=name or type(model).__name__,
+        dtype=str(weights.dtype).removeprefix("torch."),
+        parameters=parameters,
+        setting=setting,
+        step_bytes=step.peak_bytes.get(device, 0),
+        eval_bytes=inference.peak_bytes.get(device, 0),
+        host_bytes=step.peak_bytes.get("host", 0),
+    )
+    theta = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in device_alive}.values())
+    projection.extra["theta_bytes"] = theta - sum(t.untyped_storage().nbytes() for t in model.buffers())
+    projection.seconds = time.perf_counter() - started
+    return projection
+
+
+def placed_over(resident: Projection, devices: int) -> Projection:
+    """The per-device peak of ``resident``'s model placed over ``devices`` devices (module doc:
+    derived from the measured resident step, theta cut evenly, the rest on every device)."""
+    theta = resident.extra["theta_bytes"]
+    share = math.ceil(theta / devices)
+    return replace(
+        resident,
+        setting=replace(resident.setting, store="placed", devices=devices),
+        step_bytes=resident.step_bytes - theta + share,
+        eval_bytes=resident.eval_bytes - theta + share,
+        extra=dict(resident.extra),
+    )
