@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,24 +35,13 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from dpzo.cliargs import memory_bytes
 from dpzo.zo.cost import MiB, fake_mode, is_fake, measure, tensors_of
 
 #: the stores a projection can be asked for
 STORES = ("resident", "streamed", "placed")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-
-
-def memory_bytes(text: str | int) -> int:
-    """Bytes of a memory size as accelerate's ``max_memory`` writes them (``"70GiB"``, ``"80GB"``, 1024)."""
-    if isinstance(text, int):
-        return text
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if found is None or found.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (e.g. '70GiB', '80GB')")
-    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -235,3 +223,195 @@ def placed_over(resident: Projection, devices: int) -> Projection:
         eval_bytes=resident.eval_bytes - theta + share,
         extra=dict(resident.extra),
     )
+
+
+# -- a config's models -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model of a config (or of the catalogue) and the setting its cells run with."""
+
+    key: str
+    config: Any  # a transformers config
+    dtype: str
+    family: str
+    setting: Setting
+
+    def projection(self, setting: Setting | None = None) -> Projection:
+        """The projection under ``setting`` (default: the model's own), on a fresh fake model."""
+        setting = setting or self.setting
+        model = fake_model(self.config, _DTYPES[self.dtype], self.family)
+        if setting.store == "placed":
+            return placed_over(project(model, replace(setting, store="resident"), name=self.key), setting.devices)
+        return project(model, setting, name=self.key)
+
+
+def gpu_caps(max_memory: dict | None) -> list[int]:
+    """The byte caps of the accelerators in a ``max_memory`` map (its ``cpu`` and ``disk`` entries aside)."""
+    return [memory_bytes(v) for k, v in (max_memory or {}).items() if str(k) not in ("cpu", "disk")]
+
+
+def config_plans(config: dict, keys: list[str] | None = None) -> tuple[list[ModelPlan], list[str]]:
+    """The plans of a pipeline config's models (``keys``: only those), and why a model has none
+    (a demo model is built by the pipeline; a path must hold, or be a cached id of, a config.json)."""
+    from transformers import AutoConfig
+
+    from dpzo.data.tasks import TASKS
+    from dpzo.methods import TRAINER_ZO, base_method, get_method
+
+    plans, skipped = [], []
+    for key, cfg in config["models"].items():
+        if keys and key not in keys:
+            continue
+        if "path" not in cfg:
+            skipped.append(f"{key}: a demo model (built by the pipeline), not projected")
+            continue
+        grid = cfg.get("grid") or {}
+        methods = [
+            m for m in grid.get("methods", list(config["methods"])) if get_method(base_method(m)).trainer == TRAINER_ZO
+        ]
+        if not methods:
+            skipped.append(f"{key}: no zeroth-order method")
+            continue
+        batch = max(int((config["methods"].get(m) or {}).get("batch_size", 16)) for m in methods)
+        length = max(TASKS[t].max_length for t in grid.get("tasks", config["tasks"]))
+        caps = gpu_caps(cfg.get("max_memory"))
+        store = "streamed" if cfg.get("offload") == "streamed" else "placed" if cfg.get("placement") else "resident"
+        setting = Setting(
+            store=store,
+            master=str(cfg.get("master", "float32")),
+            batch=batch,
+            length=length,
+            eval_batch=int(config.get("eval_batch_size", 256)),
+            devices=max(len(caps), 1) if store == "placed" else 1,
+        )
+        try:
+            hf_config = AutoConfig.from_pretrained(str(cfg["path"]), local_files_only=True)
+        except (OSError, ValueError) as err:
+            skipped.append(f"{key}: no config.json at {cfg['path']} ({err})")
+            continue
+        plans.append(ModelPlan(key, hf_config, str(cfg.get("dtype", "float32")), cfg.get("family", "auto"), setting))
+    return plans, skipped
+
+
+def catalogue_plans(names: list[str] | None = None) -> list[ModelPlan]:
+    """The paper's models of the bench catalogue, each at its default batch, in its dtype."""
+    from dpzo.bench.catalogue import MODELS, PAPER_MODELS, model_config
+
+    plans = []
+    for name in names or PAPER_MODELS:
+        spec = MODELS[name]
+        config, _ = model_config(spec)
+        setting = Setting(batch=spec.batch_size, length=spec.seq_len)
+        plans.append(ModelPlan(name, config, spec.dtype, spec.family, setting))
+    return plans
+
+
+# -- will it fit? ------------------------------------------------------------------------------
+def peak(projection: Projection) -> int:
+    """The larger of the step's and the evaluation's per-device peaks."""
+    return max(projection.step_bytes, projection.eval_bytes)
+
+
+def what_fits(plan: ModelPlan, cap: int, resident: Projection | None = None, max_devices: int = 16) -> list[str]:
+    """The choices that would fit ``cap`` bytes per device, each projected: streamed, placement
+    over the fewest devices, the largest halved batch (training and evaluation)."""
+    gib = 2**30
+    s = plan.setting
+    found = []
+    if s.store != "streamed" and peak(streamed := plan.projection(replace(s, store="streamed"))) <= cap:
+        found.append(f"offload: streamed ({peak(streamed) / gib:.1f} GiB)")
+    resident = resident or plan.projection(replace(s, store="resident"))
+    for n in range(2, max_devices + 1):
+        if peak(placed := placed_over(resident, n)) <= cap:
+            found.append(f"placement over {n} GPUs ({peak(placed) / gib:.1f} GiB each)")
+            break
+    batch, eval_batch = s.batch, s.eval_batch or s.batch
+    while batch > 1 or eval_batch > 1:
+        batch, eval_batch = max(batch // 2, 1), max(eval_batch // 2, 1)
+        smaller = plan.projection(replace(s, batch=batch, eval_batch=eval_batch))
+        if peak(smaller) <= cap:
+            found.append(f"batch_size {batch} and eval_batch_size {eval_batch} ({peak(smaller) / gib:.1f} GiB)")
+            break
+    return found
+
+
+def refusal(plan: ModelPlan, projection: Projection, cap: int) -> str | None:
+    """Why ``plan``'s cells cannot run on devices of ``cap`` bytes, with what would fit; None: they fit."""
+    if peak(projection) <= cap:
+        return None
+    gib = 2**30
+    fits = what_fits(plan, cap, projection if plan.setting.store == "resident" else None)
+    row = projection.row()
+    return (
+        f"model '{plan.key}': one step projects to {projection.step_bytes / gib:.1f} GiB and evaluation to "
+        f"{projection.eval_bytes / gib:.1f} GiB per device ({row['store']}, {row['theta']}, {row['dtype']}, "
+        f"batch {row['batch']}), over the {cap / gib:.1f} GiB of max_memory; "
+        + (f"would fit: {'; '.join(fits)}" if fits else "no single change fits (dpzo plan)")
+    )
+
+
+# -- the command's rows -------------------------------------------------------------------------
+def catalogue_names() -> list[str]:
+    """The catalogue models ``dpzo plan --catalogue`` knows."""
+    from dpzo.bench.catalogue import MODELS
+
+    return sorted(MODELS)
+
+
+#: what ``--catalogue`` projects per model: (store, master)
+CATALOGUE_SETTINGS = (("resident", "none"), ("resident", "float32"), ("streamed", "none"), ("streamed", "float32"))
+
+
+def _with_fit(projection: Projection, memory: int | None, plan: ModelPlan | None = None) -> dict[str, Any]:
+    row = projection.row()
+    if memory is not None:
+        row["fits"] = peak(projection) <= memory
+        if plan is not None and not row["fits"]:
+            row["would_fit"] = what_fits(plan, memory)
+    return row
+
+
+def catalogue_rows(names: list[str] | None = None, *, memory: int | None = None) -> list[dict[str, Any]]:
+    """Each catalogue model (default: the paper's) resident and streamed, in place and with a
+    master copy, and placed over the fewest GPUs of ``memory`` (default 80 GB) its resident step needs."""
+    rows = []
+    cap = memory or memory_bytes("80GB")
+    for plan in catalogue_plans(names):
+        resident = None
+        for store, master in CATALOGUE_SETTINGS:
+            projection = plan.projection(replace(plan.setting, store=store, master=master))
+            rows.append(_with_fit(projection, memory))
+            if (store, master) == ("resident", "none"):
+                resident = projection
+        if resident is not None and peak(resident) > cap:
+            n = next((n for n in range(2, 65) if peak(placed_over(resident, n)) <= cap), None)
+            if n is not None:
+                rows.append(_with_fit(placed_over(resident, n), memory))
+    return rows
+
+
+def config_rows(
+    config: dict, keys: list[str] | None = None, *, memory: int | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each model of a pipeline config under its own setting (``memory``, else its ``max_memory``,
+    says whether it fits and what would); and the notes on the models not projected."""
+    plans, notes = config_plans(config, keys)
+    rows = []
+    for plan in plans:
+        caps = gpu_caps(config["models"][plan.key].get("max_memory"))
+        cap = memory if memory is not None else (min(caps) if caps else None)
+        rows.append(_with_fit(plan.projection(), cap, plan))
+    return rows, notes
+
+
+_COLUMNS = ("model", "store", "theta", "dtype", "batch", "step_mb", "eval_mb", "host_mb", "seconds")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table (peaks in GiB)."""
+    head = ["model", "store", "theta", "dtype", "batch x length", "step GiB", "eval GiB", "host GiB", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row[c]) if not c.endswith("_mb") else f"{row[c] / 1024:.2f}" for c in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
