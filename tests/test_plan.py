@@ -4,6 +4,8 @@ cell that would not fit ``max_memory`` is refused before any job with what would
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,12 +77,15 @@ def test_a_cell_over_max_memory_is_refused_with_what_would_fit(tmp_path):
     assert len(problems) == 1
     message = problems[0]
     assert "model 'small'" in message and "max_memory" in message and "would fit:" in message
-    # each choice named is one whose own projection fits, and the message names them all
+    # each choice named was projected to fit: check two of them by projecting them again
     planned = plan.config_plans(_config(path, None))[0][0]
-    choices = plan.what_fits(planned, cap)
-    assert choices and all(choice in message for choice in choices)
-    streamed = planned.projection(plan.Setting(store="streamed", master="none", batch=8, length=128, eval_batch=8))
+    streamed = planned.projection(replace(planned.setting, store="streamed"))
     assert ("offload: streamed" in message) == (plan.peak(streamed) <= cap)
+    smaller = re.search(r"batch_size (\d+) and eval_batch_size (\d+)", message)
+    assert smaller is not None
+    batch, eval_batch = int(smaller.group(1)), int(smaller.group(2))
+    assert plan.peak(planned.projection(replace(planned.setting, batch=batch, eval_batch=eval_batch))) <= cap
+    assert plan.peak(planned.projection(replace(planned.setting, batch=2 * batch, eval_batch=2 * eval_batch))) > cap
     # and a cap above the projection passes
     assert memory_problems(_config(path, {0: f"{2 * plan.peak(fits)}B"})) == []
 
