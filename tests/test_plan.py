@@ -111,3 +111,12 @@ def test_plan_command_prints_the_rows(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.count("| tiny-opt |") == 4 and "streamed" in table
     assert torch.get_default_dtype() == torch.float32  # the fake build restored it
+
+
+def test_plan_command_refuses_an_unknown_model(capsys):
+    from dpzo.cli import main
+
+    assert main(["plan", "--catalogue", "--models", "opt-999b"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "argument --models" in captured.err and "opt-66b" in captured.err
+    assert main(["plan", "--catalogue", "--memory", "lots"]) == 2
