@@ -287,10 +287,22 @@ def config_plans(config: dict, keys: list[str] | None = None) -> tuple[list[Mode
         try:
             hf_config = AutoConfig.from_pretrained(str(cfg["path"]), local_files_only=True)
         except (OSError, ValueError) as err:
-            skipped.append(f"{key}: no config.json at {cfg['path']} ({err})")
-            continue
+            hf_config = _catalogue_config(str(cfg["path"]))
+            if hf_config is None:
+                skipped.append(f"{key}: no config.json at {cfg['path']} ({str(err).splitlines()[0]})")
+                continue
+            skipped.append(f"{key}: {cfg['path']} not on disk; projected with the catalogue's architecture")
         plans.append(ModelPlan(key, hf_config, str(cfg.get("dtype", "float32")), cfg.get("family", "auto"), setting))
     return plans, skipped
+
+
+def _catalogue_config(path: str) -> Any | None:
+    """The catalogue's config of a paper model named by its hub id (``facebook/opt-1.3b``,
+    ``meta-llama/Llama-2-7b-hf``), or None."""
+    from dpzo.bench.catalogue import MODELS, model_config
+
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower().replace("llama-2-", "llama-").removesuffix("-hf")
+    return model_config(MODELS[name])[0] if name in MODELS else None
 
 
 def catalogue_plans(names: list[str] | None = None) -> list[ModelPlan]:
@@ -313,13 +325,16 @@ def peak(projection: Projection) -> int:
 
 
 def what_fits(plan: ModelPlan, cap: int, resident: Projection | None = None, max_devices: int = 16) -> list[str]:
-    """The choices that would fit ``cap`` bytes per device, each projected: streamed, placement
-    over the fewest devices, the largest halved batch (training and evaluation)."""
+    """The choices that would fit ``cap`` bytes per device, each projected: streamed, in place
+    (no master copy), placement over the fewest devices, the largest halved batch (training and
+    evaluation)."""
     gib = 2**30
     s = plan.setting
     found = []
     if s.store != "streamed" and peak(streamed := plan.projection(replace(s, store="streamed"))) <= cap:
         found.append(f"offload: streamed ({peak(streamed) / gib:.1f} GiB)")
+    if s.master != "none" and peak(in_place := plan.projection(replace(s, master="none"))) <= cap:
+        found.append(f"master: none ({peak(in_place) / gib:.1f} GiB)")
     resident = resident or plan.projection(replace(s, store="resident"))
     for n in range(2, max_devices + 1):
         if peak(placed := placed_over(resident, n)) <= cap:
