@@ -24,6 +24,7 @@ from dpzo.cliargs import (
     EXIT_OK,
     EXIT_USAGE,
     fail,
+    memory_size,
     nonnegative_float_or_inf,
     open_unit_interval,
     positive_float_or_inf,
@@ -274,10 +275,65 @@ def _cmd_accept_retry(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# dpzo plan
+# --------------------------------------------------------------------------------------
+
+
+def _add_plan(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="will it fit? project each model's per-device peak of a step and of evaluation",
+        description=(
+            "Run one real training step (DP-ZOSO) and one inference batch of each model on fake tensors "
+            "(no memory, seconds) and print the per-device peaks (dpzo.bench.plan). Models come from a "
+            "pipeline config (their config.json, placement, offload, master, dtype, batch and length) or "
+            "from the bench catalogue (--catalogue: the paper's models under every store)."
+        ),
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--configfile", help="a pipeline config (config/*.yaml)")
+    where.add_argument("--catalogue", action="store_true", help="the paper's models of the bench catalogue")
+    p.add_argument("--models", type=_names, default=None, help="comma-separated model keys (default: all)")
+    p.add_argument("--memory", type=memory_size, default=None, help="device memory (e.g. 80GiB): what would fit")
+    p.add_argument("--table", action="store_true", help="print a markdown table instead of JSON")
+    p.set_defaults(handler=_cmd_plan)
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dpzo.bench import plan
+
+    if args.catalogue:
+        unknown = [m for m in args.models or [] if m not in plan.catalogue_names()]
+        if unknown:
+            return fail("plan", f"argument --models: unknown {unknown}; choose from {plan.catalogue_names()}")
+        rows, notes = plan.catalogue_rows(args.models, memory=args.memory), []
+    else:
+        import yaml
+
+        try:
+            with open(args.configfile, encoding="utf-8") as fh:
+                config = yaml.safe_load(fh)
+        except OSError as err:
+            return fail("plan", f"argument --configfile: {err}")
+        rows, notes = plan.config_rows(config, args.models, memory=args.memory)
+    if args.table:
+        print(plan.markdown(rows))
+        for note in notes:
+            print(f"- {note}")
+    else:
+        print_json({"rows": rows, "notes": notes})
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate, _add_audit, add_bench, _add_accept_retry]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_calibrate, _add_audit, add_bench, _add_plan, _add_accept_retry]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from typing import Any
 
@@ -30,6 +31,28 @@ def _int_at_least(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
     return value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def memory_bytes(text: str | int) -> int:
+    """Bytes of a memory size as accelerate's ``max_memory`` writes them (``"70GiB"``, ``"80GB"``, 1024)."""
+    if isinstance(text, int):
+        return text
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if found is None or found.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (e.g. '70GiB', '80GB')")
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+def memory_size(text: str) -> int:
+    """argparse type of a memory size (``80GiB``, ``80GB``), in bytes."""
+    try:
+        return memory_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:

@@ -76,6 +76,8 @@ MODELS: dict[str, BenchModel] = {
         64,
         128,
     ),
+    # facebook/opt-1.3b: 24 layers, 2048 wide, tied output embedding (1.3B parameters)
+    "opt-1.3b": _opt(2048, 24, 32),
     # facebook/opt-2.7b: 32 layers, 2560 wide, tied output embedding (2.65B parameters)
     "opt-2.7b": _opt(2560, 32, 32),
     # facebook/opt-13b: 40 layers, 5120 wide (12.9B parameters): the large-model grid's smallest
@@ -84,6 +86,8 @@ MODELS: dict[str, BenchModel] = {
     "opt-6.7b": _opt(4096, 32, 32),
     # facebook/opt-30b: 48 layers, 7168 wide (30B parameters, 60 GB in fp16): streamed against resident
     "opt-30b": _opt(7168, 48, 56),
+    # facebook/opt-66b: 64 layers, 9216 wide (66B parameters, 132 GB in fp16): DP-ZO's largest
+    "opt-66b": _opt(9216, 64, 72),
     # a Llama-2-7B architecture: 32 layers, 4096 wide, SwiGLU 11008, untied head (6.7B parameters)
     "llama-7b": BenchModel(
         "llama",
@@ -94,6 +98,28 @@ MODELS: dict[str, BenchModel] = {
             num_hidden_layers=32,
             num_attention_heads=32,
             num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "bfloat16",
+        16,
+        256,
+        label_ids=(1781, 2107),
+    ),
+    # a Llama-2-13B architecture: 40 layers, 5120 wide, SwiGLU 13824, untied head (13.0B parameters)
+    "llama-13b": BenchModel(
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
             max_position_embeddings=4096,
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
@@ -165,8 +191,22 @@ MODELS: dict[str, BenchModel] = {
 }
 
 
-def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The architecture with random weights, built directly on ``device``, in eval mode."""
+#: the paper's models, as ``dpzo plan --catalogue`` projects them
+PAPER_MODELS = (
+    "roberta-large",
+    "opt-1.3b",
+    "opt-2.7b",
+    "opt-6.7b",
+    "opt-13b",
+    "opt-30b",
+    "opt-66b",
+    "llama-7b",
+    "llama-13b",
+)
+
+
+def model_config(spec: BenchModel) -> tuple[object, type]:
+    """The transformers config of ``spec`` (sdpa attention) and the model class it builds."""
     import transformers
 
     if spec.arch == "roberta":
@@ -176,6 +216,12 @@ def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -
     else:
         config, cls = transformers.OPTConfig(**spec.config), transformers.OPTForCausalLM
     config._attn_implementation = "sdpa"
+    return config, cls
+
+
+def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture with random weights, built directly on ``device``, in eval mode."""
+    config, cls = model_config(spec)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the weights' dtype: no float32 copy of a 30B model

@@ -310,6 +310,27 @@ def missing_inputs(config: dict) -> list[str]:
     return problems + tasks + list(hints)
 
 
+def memory_problems(config: dict) -> list[str]:
+    """The models whose cells would not fit the ``max_memory`` they set, each with what would fit.
+
+    Only a model with ``max_memory`` is projected (``dpzo.bench.plan``: one real step and one
+    evaluation batch on fake tensors, seconds per billion parameters), so a config without one
+    never imports torch here."""
+    keys = [key for key, cfg in config["models"].items() if cfg.get("max_memory") and "path" in cfg]
+    if not keys:
+        return []
+    from dpzo.bench import plan
+
+    plans, _ = plan.config_plans(config, keys)
+    problems = []
+    for model in plans:
+        caps = plan.gpu_caps(config["models"][model.key]["max_memory"])
+        if caps:
+            problem = plan.refusal(model, model.projection(), min(caps))
+            problems += [problem] if problem else []
+    return problems
+
+
 def device_problem(device: str) -> str | None:
     """Why the config's torch ``device`` cannot run jobs on this machine, or None."""
     if device == "cpu":
@@ -340,6 +361,7 @@ def require_inputs(config: dict, *, local: bool = True) -> None:
     import sys
 
     problems = missing_inputs(config)
+    problems += [] if problems else memory_problems(config)  # projected only when the model is there
     device = device_problem(str(config.get("device", "cpu"))) if local else None
     if device:
         problems.append(device)

@@ -43,7 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Cost", "CostTracker", "fake_mode", "measure", "tensors_of"]
+__all__ = ["Cost", "CostTracker", "fake_mode", "is_fake", "measure", "tensors_of"]
 
 T = TypeVar("T")
 
@@ -213,6 +213,13 @@ def fake_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor: it has a shape, a dtype and a device but no values."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def measure(

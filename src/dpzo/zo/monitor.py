@@ -59,8 +59,10 @@ class TrainingMonitor:
         self._losses: list[torch.Tensor] = []
         self._examples = 0
         self._clipped = torch.zeros((), dtype=torch.float64, device=device)
-        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
-        self._first_bad_update = torch.full((), -1, dtype=torch.long, device=device)
+        # 1 + the first flagged step, 0: none (a value read under fake tensors answers 0, so a
+        # projected run, ``dpzo plan``, reads "no flag" and runs on as a healthy one would)
+        self._first_nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self._first_bad_update = torch.zeros((), dtype=torch.long, device=device)
         self._largest_move = torch.finfo(store.master_dtype).max
 
     # -- a run --------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ class TrainingMonitor:
         """Count step ``step`` (0-based) of ``stage``, flag what was not finite, log when due."""
         for d in result.differences:
             bad = ~torch.isfinite(d).all()
-            self._first_nonfinite = torch.where((self._first_nonfinite < 0) & bad, step, self._first_nonfinite)
+            self._first_nonfinite = torch.where((self._first_nonfinite == 0) & bad, step + 1, self._first_nonfinite)
         self._losses.extend(result.losses)
         if self.private:
             for clipped in result.clipped:
@@ -92,7 +94,7 @@ class TrainingMonitor:
         lr = self.schedule.lr_at(stage)
         moves = lr * torch.stack([torch.as_tensor(g, dtype=torch.float64, device=self.device) for g in result.grads])
         fits = (torch.isfinite(moves) & (moves.abs() <= self._largest_move)).all()
-        self._first_bad_update = torch.where((self._first_bad_update < 0) & ~fits, step, self._first_bad_update)
+        self._first_bad_update = torch.where((self._first_bad_update == 0) & ~fits, step + 1, self._first_bad_update)
         self.steps_run += 1
         if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
             self._log_line(step, stage, result)
@@ -125,7 +127,8 @@ class TrainingMonitor:
 
     def raise_on_flags(self) -> None:
         """Stop, naming the first step, if a loss difference or an update was not finite."""
-        bad_loss, bad_update = (int(x) for x in torch.stack([self._first_nonfinite, self._first_bad_update]).tolist())
+        flags = torch.stack([self._first_nonfinite, self._first_bad_update]).tolist()
+        bad_loss, bad_update = (int(x) - 1 for x in flags)  # -1: none
         schedule = self.schedule
         if bad_update >= 0 and (bad_loss < 0 or bad_update < bad_loss):
             raise FloatingPointError(

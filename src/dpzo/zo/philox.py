@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from dpzo.zo.cost import CostTracker, is_fake
+
 MASK32 = 0xFFFFFFFF
 # Philox4x32 constants (Salmon et al. 2011; Triton's philox_impl)
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -80,6 +82,27 @@ def _slice(keys: list[tuple[int, int]], start: int, n: int, device: torch.device
     return u2.mul_(TWO_PI).cos_().mul_(radius)
 
 
+#: (slice length, device) -> bytes a slice's temporaries add at their peak, measured on fake tensors
+_SLICE_PEAK: dict[tuple[int, str], int] = {}
+
+
+def _fake_slice(keys: list[tuple[int, int]], start: int, n: int, device: torch.device) -> None:
+    """A slice's memory without its values, for fake tensors (``dpzo plan``).
+
+    Values are placeholders there and only memory counts.  Every slice allocates what the first
+    does, and a slice is some 150 ops, each slow on fake tensors (a billion coordinates would take
+    minutes), so the first slice of a length runs for real, its temporaries' peak is kept, and
+    the later ones allocate that many bytes at once and free them."""
+    where = (n, str(device))
+    extra = _SLICE_PEAK.get(where)
+    if extra is None:
+        with CostTracker() as tracker:
+            _slice(keys, start, n, device)
+        _SLICE_PEAK[where] = max(tracker.finish().peak_bytes.values(), default=0)
+    else:
+        torch.empty(extra, dtype=torch.uint8, device=device)
+
+
 @torch.no_grad()
 def normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
     """Fill the 1-D ``out`` with z(seed) at the flat indices [start, start + len(out)); returns it."""
@@ -88,6 +111,10 @@ def normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
     keys = philox_keys(seed)
     n = out.numel()
     step = CPU_SLICE if out.device.type == "cpu" else DEVICE_SLICE
+    if is_fake(out):
+        if n:
+            _fake_slice(keys, int(start), min(step, n), out.device)
+        return out
     for a in range(0, n, step):
         b = min(a + step, n)
         out[a:b] = _slice(keys, int(start) + a, b - a, out.device)
