@@ -8,6 +8,7 @@ architectures at CPU size, for CI.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -165,8 +166,10 @@ MODELS: dict[str, BenchModel] = {
 }
 
 
-def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The architecture with random weights, built directly on ``device``, in eval mode."""
+def architecture(spec: BenchModel) -> tuple[Any, type]:
+    """(the transformers config, the model class) of ``spec``, attention through SDPA.  Built
+    with ``cls(config)`` under a fake-tensor mode, it is the model without its memory (what
+    ``dpzo.bench.acceptance`` projects a step's peak on)."""
     import transformers
 
     if spec.arch == "roberta":
@@ -176,6 +179,12 @@ def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -
     else:
         config, cls = transformers.OPTConfig(**spec.config), transformers.OPTForCausalLM
     config._attn_implementation = "sdpa"
+    return config, cls
+
+
+def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture with random weights, built directly on ``device``, in eval mode."""
+    config, cls = architecture(spec)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the weights' dtype: no float32 copy of a 30B model
