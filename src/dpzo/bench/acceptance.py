@@ -63,11 +63,11 @@ import torch
 TOTAL_BUDGET_S = 480
 #: each section's budget (seconds); their sum leaves room for the interpreter's start
 SECTION_BUDGET_S = {
-    "triton_philox": 30,
-    "quick_bench": 120,
+    "triton_philox": 20,
+    "quick_bench": 110,
     "peak_projection": 60,
     "streamed": 150,
-    "ranks": 60,
+    "ranks": 80,
     "cell": 30,
 }
 #: a projection is accepted within this fraction of the measured peak
@@ -334,12 +334,12 @@ def project_step(name: str, *, batch_size: int, seq_len: int, dtype: torch.dtype
     """The projected peak bytes of an inference forward and of one ``method`` step of the
     catalogue's model ``name``, run under fake tensors on the CPU (memory is per device the
     same).  ``dpzo plan``'s projection can replace this function."""
-    from dpzo.bench.catalogue import MODELS, architecture, make_batch
+    from dpzo.bench.catalogue import MODELS, make_batch, model_config
     from dpzo.zo.cost import fake_mode, measure
     from dpzo.zo.store import build_store
 
     spec = MODELS[name]
-    config, cls = architecture(spec)
+    config, cls = model_config(spec)
     real_batch = make_batch(spec, batch_size=batch_size, seq_len=seq_len, device=torch.device("cpu"))
     mode, previous = fake_mode(), torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: a fake module's tensors cannot be moved by .to
@@ -573,12 +573,18 @@ def run_ranks(backend: str, collective: str, device: str, folder: Path, timeout_
         args = [sys.executable, "-m", "dpzo.bench.acceptance", "--rank-worker", backend, collective, device, str(out)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     started, logs = time.perf_counter(), []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - started)))[0])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            logs.append(proc.communicate()[0] + "\n(killed: past the section's budget)")
+    try:
+        for proc in procs:
+            try:
+                logs.append(proc.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - started)))[0])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                logs.append(proc.communicate()[0] + f"\n(killed after {timeout_s:.0f} s: a hung collective?)")
+    finally:  # the section's own time limit included: no rank outlives it, holding the GPU
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     wall = time.perf_counter() - started
     results = []
     for rank, log in enumerate(logs):
@@ -614,12 +620,13 @@ def check_ranks(mode: Mode, budget_s: float) -> dict:
     tries = [("nccl", "cuda"), ("gloo", "cuda"), ("gloo", "cpu")] if mode.gpu else [("gloo", "cpu")]
     attempts, outcome = [], None
     with tempfile.TemporaryDirectory() as folder:
-        for backend, collective in tries:
+        for i, (backend, collective) in enumerate(tries):
             left = deadline - time.monotonic() - 2.0
             if left < 10:
                 attempts.append({"backend": backend, "collective_device": collective, "error": "no time left"})
                 continue
-            got = run_ranks(backend, collective, str(mode.device), Path(folder), left)
+            # a hung attempt leaves time for the ones after it
+            got = run_ranks(backend, collective, str(mode.device), Path(folder), left / (len(tries) - i))
             errors = [r["error"] for r in got["results"] if "error" in r]
             attempts.append({"backend": backend, "collective_device": collective, "error": "; ".join(errors) or None})
             if not errors:

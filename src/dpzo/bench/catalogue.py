@@ -8,7 +8,6 @@ architectures at CPU size, for CI.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -166,10 +165,8 @@ MODELS: dict[str, BenchModel] = {
 }
 
 
-def architecture(spec: BenchModel) -> tuple[Any, type]:
-    """(the transformers config, the model class) of ``spec``, attention through SDPA.  Built
-    with ``cls(config)`` under a fake-tensor mode, it is the model without its memory (what
-    ``dpzo.bench.acceptance`` projects a step's peak on)."""
+def model_config(spec: BenchModel) -> tuple[object, type]:
+    """The transformers config of ``spec`` (sdpa attention) and the model class it builds."""
     import transformers
 
     if spec.arch == "roberta":
@@ -184,7 +181,7 @@ def architecture(spec: BenchModel) -> tuple[Any, type]:
 
 def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The architecture with random weights, built directly on ``device``, in eval mode."""
-    config, cls = architecture(spec)
+    config, cls = model_config(spec)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the weights' dtype: no float32 copy of a 30B model
