@@ -34,5 +34,7 @@ The modules (importing the package loads nothing: ``dpzo --help`` stays instant)
 * :mod:`dpzo.bench.run`: a model's grid of runs and the JSON record of a benchmark;
 * :mod:`dpzo.bench.targets`: the ratios each run is judged by, the issue's targets and the
   table for people;
-* :mod:`dpzo.bench.cli`: the ``dpzo bench`` command line.
+* :mod:`dpzo.bench.cli`: the ``dpzo bench`` command line;
+* :mod:`dpzo.bench.acceptance`: the acceptance run for a bare GPU box (``scripts/gpu-check.sh``),
+  which the CPU runs with tiny models in CI.
 """

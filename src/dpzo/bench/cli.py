@@ -21,6 +21,26 @@ def _names(text: str) -> list[str]:
     return names
 
 
+#: what ``--quick`` runs: the issue's GPU check in a few minutes (the tiny stand-ins on the CPU)
+QUICK_STEPS, QUICK_WARMUP = 10, 2
+
+
+def default_models(gpu: bool) -> list[str]:
+    """The models of a plain or ``--quick`` run: RoBERTa-large and OPT-2.7B on a GPU, their tiny
+    stand-ins on the CPU."""
+    return ["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"]
+
+
+def default_autocast(gpu: bool) -> list[str]:
+    """dpzo's step on float32 weights without autocast, and with bf16 autocast on a GPU."""
+    return ["none", "bf16"] if gpu else ["none"]
+
+
+def quick_methods(methods: list[str]) -> list[str]:
+    """``--quick`` times the private methods only (MeZO left out)."""
+    return [m for m in methods if m != "mezo"] or methods
+
+
 def add_bench(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -122,10 +142,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return fail("bench", "argument --device: CUDA is not available on this machine; use --device cpu (tiny models)")
     gpu = device.type == "cuda"
     if args.quick:  # what the command line leaves unset
-        args.models = args.models or (["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"])
-        args.methods = [m for m in args.methods if m != "mezo"] or args.methods
-        args.steps, args.warmup = args.steps or 10, 2 if args.warmup is None else args.warmup
-    models = args.models or (["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"])
+        args.methods = quick_methods(args.methods)
+        args.steps = args.steps or QUICK_STEPS
+        args.warmup = QUICK_WARMUP if args.warmup is None else args.warmup
+    models = args.models or default_models(gpu)
     checks = [
         ("--models", models, catalogue.MODELS),
         ("--methods", args.methods, timing.METHODS),
@@ -148,7 +168,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seq_len=args.seq_len,
             methods=args.methods,
-            autocast=args.autocast or (["none", "bf16"] if gpu else ["none"]),
+            autocast=args.autocast or default_autocast(gpu),
             master=args.master,
             steps=args.steps or (20 if gpu else 3),
             warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
