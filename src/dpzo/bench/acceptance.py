@@ -315,21 +315,6 @@ def _classifier(model: torch.nn.Module, spec: Any) -> Any:
     return PromptClassifier(model, None, spec.family, None, label_ids=spec.label_ids)
 
 
-@contextlib.contextmanager
-def _flags_unchecked() -> Iterator[None]:
-    """The monitor's check of its step flags left out.  Under fake tensors a value read answers
-    a placeholder (0 for an integer), and a flag of 0 (-1 is "no bad step") would stop the run
-    at its log line, before the line's own memory is counted; there are no values to check."""
-    from dpzo.zo.monitor import TrainingMonitor
-
-    check = TrainingMonitor.raise_on_flags
-    TrainingMonitor.raise_on_flags = lambda self: None
-    try:
-        yield
-    finally:
-        TrainingMonitor.raise_on_flags = check
-
-
 def project_step(name: str, *, batch_size: int, seq_len: int, dtype: torch.dtype, method: str = "dp-zoso") -> dict:
     """The projected peak bytes of an inference forward and of one ``method`` step of the
     catalogue's model ``name``, run under fake tensors on the CPU (memory is per device the
@@ -354,8 +339,7 @@ def project_step(name: str, *, batch_size: int, seq_len: int, dtype: torch.dtype
     inference, _ = measure(_inference(clf, batch), model, batch.values(), fake=True)
     step = _step(model, clf, batch, method)
 
-    with _flags_unchecked():
-        stepped, _ = measure(step, model, batch.values(), fake=True)
+    stepped, _ = measure(step, model, batch.values(), fake=True)
     return {"inference_bytes": inference.peak_bytes.get("cpu", 0), "step_bytes": stepped.peak_bytes.get("cpu", 0)}
 
 
