@@ -57,6 +57,25 @@ def _opt(hidden: int, layers: int, heads: int) -> BenchModel:
     return BenchModel("opt", config, "float16", 16, 256)
 
 
+def _llama2(hidden: int, ffn: int, layers: int) -> BenchModel:
+    """A Llama-2 architecture of the released sizes (head dim 128, 4096 positions), bf16, 16 x 256."""
+    config = dict(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return BenchModel("llama", config, "bfloat16", 16, 256, label_ids=(1781, 2107))
+
+
 MODELS: dict[str, BenchModel] = {
     # roberta-large: 24 layers, 1024 wide, tied MLM decoder (355M parameters)
     "roberta-large": BenchModel(
@@ -88,50 +107,10 @@ MODELS: dict[str, BenchModel] = {
     "opt-30b": _opt(7168, 48, 56),
     # facebook/opt-66b: 64 layers, 9216 wide (66B parameters, 132 GB in fp16): DP-ZO's largest
     "opt-66b": _opt(9216, 64, 72),
-    # a Llama-2-7B architecture: 32 layers, 4096 wide, SwiGLU 11008, untied head (6.7B parameters)
-    "llama-7b": BenchModel(
-        "llama",
-        dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        "bfloat16",
-        16,
-        256,
-        label_ids=(1781, 2107),
-    ),
-    # a Llama-2-13B architecture: 40 layers, 5120 wide, SwiGLU 13824, untied head (13.0B parameters)
-    "llama-13b": BenchModel(
-        "llama",
-        dict(
-            vocab_size=32000,
-            hidden_size=5120,
-            intermediate_size=13824,
-            num_hidden_layers=40,
-            num_attention_heads=40,
-            num_key_value_heads=40,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        "bfloat16",
-        16,
-        256,
-        label_ids=(1781, 2107),
-    ),
+    # Llama-2 architectures: SwiGLU, untied head; 7B: 32 layers, 4096 wide (6.7B parameters),
+    # 13B: 40 layers, 5120 wide (13.0B parameters)
+    "llama-7b": _llama2(4096, 11008, 32),
+    "llama-13b": _llama2(5120, 13824, 40),
     # CPU-sized stand-ins with the same architectures, for CI
     "tiny-roberta": BenchModel(
         "roberta",
