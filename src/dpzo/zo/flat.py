@@ -63,7 +63,6 @@ import numpy as np
 import torch
 
 from dpzo.zo import philox
-from dpzo.zo.cost import is_fake
 from dpzo.zo.passes import Coefficient, Dense, Fused, Holding, InPlace, Masked, MasterCopy, Passes, Support
 
 if TYPE_CHECKING:  # annotations only: the store module builds the stores
@@ -167,7 +166,7 @@ def _adopt_flat_buffer(params: list[tuple[str, torch.nn.Parameter]]) -> torch.Te
     transiently, a second set of weights.
     """
     first = params[0][1]
-    if first.storage_offset() != 0 or is_fake(first):  # a fake tensor's storage has no address
+    if first.storage_offset() != 0:
         return None
     # storages compared by identity and positions by offset, not by address: a fake tensor
     # (``dpzo.zo.cost``, ``dpzo plan``) has no data pointer
