@@ -59,6 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpzo.privacy.secret import INSECURE_SEED_ENV
+
 #: the whole run must end within this many seconds on the GPU (the issue's 8 minutes)
 TOTAL_BUDGET_S = 480
 #: each section's budget (seconds); their sum leaves room for the interpreter's start
@@ -466,12 +468,30 @@ def check_streamed(mode: Mode, budget_s: float) -> dict:
 # 5. two ranks on one device against one process
 # ---------------------------------------------------------------------------------------------
 RANK_PROBLEM = dict(n=16, batch_size=8, steps=4, log_every=2)
+#: the same noise in the single process and on rank 0: the test-only seed (no privacy claimed)
+RANK_NOISE_SEED = {INSECURE_SEED_ENV: "5"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment while the block runs."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def rank_problem(team: Any, device: torch.device) -> dict:
     """DP-ZOSO on a tiny OPT in float64 (so that only per-example rounding could differ), the
-    secret RNG seeded for the comparison and held by rank 0 only; the final weights, the
-    history and the seconds of training."""
+    secret RNG held by rank 0 only and seeded for the comparison through the test-only
+    environment variable (``RANK_NOISE_SEED``: these runs claim no privacy); the final weights,
+    the history and the seconds of training."""
     from dpzo.bench.catalogue import MODELS, build_model, make_batch
     from dpzo.methods.hyperparameters import ZOHyperparameters
     from dpzo.privacy.mechanisms import NoisySum
@@ -492,7 +512,7 @@ def rank_problem(team: Any, device: torch.device) -> dict:
         method="dp-zoso",
         run_seed=13,
         noise=NoisySum("gaussian", 1.0, float(p["batch_size"])),
-        secret=SecretRandom(insecure_test_seed=5) if team.is_main else None,
+        secret=SecretRandom.from_environment() if team.is_main else None,
         master_dtype=None,
         team=team,
     )
@@ -553,6 +573,7 @@ def run_ranks(backend: str, collective: str, device: str, folder: Path, timeout_
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            **RANK_NOISE_SEED,
         }
         args = [sys.executable, "-m", "dpzo.bench.acceptance", "--rank-worker", backend, collective, device, str(out)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -598,7 +619,8 @@ def check_ranks(mode: Mode, budget_s: float) -> dict:
     from dpzo.zo.replicas import SingleProcess
 
     deadline = time.monotonic() + budget_s
-    single = rank_problem(SingleProcess(), mode.device)
+    with _environment(RANK_NOISE_SEED):
+        single = rank_problem(SingleProcess(), mode.device)
     # NCCL may refuse two ranks on one GPU ("Duplicate GPU detected"): then gloo, on CUDA
     # tensors if it takes them, else on host tensors (the model stays on the GPU)
     tries = [("nccl", "cuda"), ("gloo", "cuda"), ("gloo", "cpu")] if mode.gpu else [("gloo", "cpu")]

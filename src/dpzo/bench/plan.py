@@ -148,7 +148,7 @@ def _one_step(model: torch.nn.Module, loss: Callable, batch: int, store: Any) ->
     noise = NoisySum("gaussian", 1.0, float(batch))
     return lambda: train_zo(
         model, loss, batch, hp, method="dp-zoso", run_seed=13, noise=noise,
-        secret=SecretRandom(insecure_test_seed=5), store=store,
+        secret=SecretRandom(), store=store,
     )  # fmt: skip
 
 
