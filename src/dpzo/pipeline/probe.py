@@ -19,6 +19,7 @@ privacy and its numbers may be published (``cost`` in ``metrics.json``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # annotations only: the cell builds these
     from dpzo.pipeline.cell import CellRun, PreparedCell, VerifiedCell
 
 __all__ = ["cell_cost", "probe_rows"]
+
+log = logging.getLogger(__name__)
 
 #: steps of the probe: one, and its closing log line (the host waits of a log window included)
 PROBE_STEPS = 1
@@ -129,6 +132,7 @@ def cell_cost(
     expected = verified.hp.batch_size if make_step is not None else run.eval_batch_size
     probe = prepared.test_set.subset(probe_rows(len(prepared.test_set), expected))
     alive = (prepared.model, _host(prepared))
+    log.info("cost probe (not training): one inference forward and one step on %d public test examples", len(probe))
 
     def inference() -> torch.Tensor:
         with torch.no_grad():
