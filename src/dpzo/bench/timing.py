@@ -28,7 +28,7 @@ from dpzo.methods.hyperparameters import ZOHyperparameters
 from dpzo.models.classifier import DTYPES, PromptClassifier, to_device
 from dpzo.privacy.mechanisms import NoisySum
 from dpzo.privacy.secret import SecretRandom
-from dpzo.zo.cost import MiB, measure
+from dpzo.zo.cost import measure
 from dpzo.zo.loop import train_zo
 
 METHODS = ("dp-zoso", "dp-zopo", "mezo")
@@ -93,11 +93,8 @@ def _tracked(setup: Setup, run: Callable[[int], Any], steps: int = TRACKED_STEPS
     store's host copies count as host memory (they are where the CPU is the only device)."""
     host = setup.streamed.host_tensors() if setup.streamed is not None else ()
     cost, _ = measure(lambda: run(steps), setup.model, setup.batch.values(), host=host)
-    return {
-        "tracked_peak_mb": cost.peak_mb(setup.device),
-        "copied_mb_per_step": cost.copied_bytes / MiB / steps,
-        "host_syncs_per_step": cost.host_syncs / steps,
-    }
+    tracked = cost.per_step(setup.device, steps)
+    return {"tracked_peak_mb": tracked.pop("peak_mb"), **tracked}
 
 
 def _autocast(device: torch.device, name: str):

@@ -27,7 +27,7 @@ import torch
 
 from dpzo.methods import TRAINER_FIRST_ORDER, TRAINER_ZO, base_method, get_method
 from dpzo.privacy.secret import SecretRandom
-from dpzo.zo.cost import Cost, MiB, measure
+from dpzo.zo.cost import MiB, measure
 
 if TYPE_CHECKING:  # annotations only: the cell builds these
     from collections.abc import Callable
@@ -48,14 +48,6 @@ def probe_rows(n_test: int, b: int) -> np.ndarray:
     if n_test < 1:
         raise ValueError("the cost probe needs at least one test example")
     return np.arange(b) % n_test
-
-
-def _entry(cost: Cost, device: torch.device, steps: int = 1) -> dict[str, Any]:
-    return {
-        "peak_mb": round(cost.peak_mb(device), 3),
-        "copied_mb_per_step": round(cost.copied_bytes / MiB / steps, 3),
-        "host_syncs_per_step": cost.host_syncs / steps,
-    }
 
 
 def _host(prepared: PreparedCell) -> list[torch.Tensor]:
@@ -131,22 +123,23 @@ def cell_cost(
     make_step = STEP_PROBES.get(get_method(base_method(run.cell.method)).trainer)
     expected = verified.hp.batch_size if make_step is not None else run.eval_batch_size
     probe = prepared.test_set.subset(probe_rows(len(prepared.test_set), expected))
-    alive = (prepared.model, _host(prepared))
+    host = _host(prepared)
+    alive = (prepared.model, host)
     log.info("cost probe (not training): one inference forward and one step on %d public test examples", len(probe))
 
     def inference() -> torch.Tensor:
         with torch.no_grad():
             return clf.per_example_loss(probe.batch(np.arange(len(probe)), device))
 
-    inference_cost, _ = measure(inference, *alive, host=_host(prepared))
+    inference_cost, _ = measure(inference, *alive, host=host)
     out = {
         "probe": {"examples": "test", "batch_size": len(probe), "steps": PROBE_STEPS},
         "device": str(device),
         "weights_mb": round(sum(p.numel() * p.element_size() for p in prepared.model.parameters()) / MiB, 3),
-        "inference": _entry(inference_cost, device),
+        "inference": inference_cost.per_step(device),
     }
     if make_step is not None:
-        step_cost, _ = measure(make_step(run, verified, prepared, probe, masks), *alive, host=_host(prepared))
-        out["step"] = _entry(step_cost, device, PROBE_STEPS)
+        step_cost, _ = measure(make_step(run, verified, prepared, probe, masks), *alive, host=host)
+        out["step"] = step_cost.per_step(device, PROBE_STEPS)
         out["step_over_inference"] = round(step_cost.peak_mb(device) / max(inference_cost.peak_mb(device), 1e-9), 4)
     return out

@@ -79,6 +79,14 @@ class Cost:
         """All bytes that crossed between two devices."""
         return self.host_to_device_bytes + self.device_to_host_bytes + self.device_to_device_bytes
 
+    def per_step(self, device: str | torch.device, steps: int = 1) -> dict[str, float]:
+        """The peak on ``device`` (MiB) and, per step of ``steps``, the MiB copied and the host waits."""
+        return {
+            "peak_mb": round(self.peak_mb(device), 3),
+            "copied_mb_per_step": round(self.copied_bytes / MiB / steps, 3),
+            "host_syncs_per_step": self.host_syncs / steps,
+        }
+
     def as_dict(self, per: int = 1) -> dict[str, Any]:
         """JSON-ready: peaks per device in MiB; copies (MiB) and syncs divided by ``per`` (steps)."""
         return {
