@@ -160,8 +160,9 @@ def assert_same_run(got, want, *, in_place):
         assert comparable(history) == comparable(ref_history)
         return
     torch.testing.assert_close(model.theta(), ref_model.theta(), rtol=0, atol=1e-12)
-    assert history["loss"] == pytest.approx(ref_history["loss"], rel=0, abs=1e-12)
-    assert history["grad"] == pytest.approx(ref_history["grad"], rel=0, abs=1e-12)
+    # a rounding of theta (1e-16) shows in a difference quotient divided by 2 beta
+    assert history["loss"] == pytest.approx(ref_history["loss"], rel=0, abs=1e-11)
+    assert history["grad"] == pytest.approx(ref_history["grad"], rel=0, abs=1e-11)
     assert history["releases"] == ref_history["releases"] and history["examples"] == ref_history["examples"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpzo.zo import philox
+from .zo_passes import Z_TOL, assert_fused_training_follows_torch, reference
 
 pytest.importorskip("triton")
 # Triton chooses the interpreter when it is imported, and other libraries may import it first
@@ -34,22 +34,6 @@ def test_kernels_under_the_interpreter():
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "12 passed" in proc.stdout, proc.stdout[-2000:]
-
-
-# z from numpy's float32 log/cos (the interpreter) and torch's agree to a few ulp
-Z_TOL = dict(rtol=2e-6, atol=2e-6)
-
-
-def reference(base, seeds, coefs, offset, index=None, scales=None):
-    total = torch.zeros(base.numel(), dtype=torch.float64)
-    for seed, coef in zip(seeds, coefs):
-        total += float(coef) * philox.normal_(torch.empty(base.numel(), dtype=torch.float64), seed, offset)
-    out = base.double().clone()
-    if index is None:
-        return out + total
-    moved = total[index] * (1.0 if scales is None else scales.double())
-    out[index] += moved
-    return out
 
 
 @in_interpreter
@@ -103,47 +87,9 @@ def test_masked_pass_touches_only_the_mask(scaled):
 )
 def test_training_with_the_fused_passes_equals_the_torch_passes(monkeypatch, method, master_dtype):
     """train_zo with every pass a fused kernel (forced on the CPU) follows the torch passes."""
-    from dpzo.masks.settings import Mask, MaskSettings
-    from dpzo.methods.hyperparameters import ZOHyperparameters
-    from dpzo.privacy.mechanisms import NoisySum
-    from dpzo.privacy.secret import SecretRandom
     from dpzo.zo import kernels
-    from dpzo.zo.loop import train_zo
 
-    from .test_zo import Quadratic, TwoTensorModel
-
-    mask = None
-    if method == "dp-zopo":
-        mask = MaskSettings(scorer="magnitude", ratio=0.5, mode="rank", rank_update=True)
-    hp = ZOHyperparameters(
-        steps=6, batch_size=8, lr=1e-2, stages=2, stage_steps=2, lam=0.2, clip=3.0, directions=2, log_every=2, mask=mask
-    )
-    index = torch.tensor([0, 2, 3, 5, 8])
-    calls = []
-    for name in ("dense_pass", "masked_pass"):
-        inner = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, inner=inner, **k: calls.append(1) or inner(*a, **k))
-    results = []
-    for fused in ("0", "force"):
-        monkeypatch.setenv("DPZO_FUSED", fused)
-        quad, model = Quadratic(n=40), TwoTensorModel()
-        history = train_zo(
-            model,
-            quad.loss_fn(model),
-            40,
-            hp,
-            method=method,
-            run_seed=3,
-            noise=NoisySum("gaussian", 1.5, 8.0),
-            secret=SecretRandom(insecure_test_seed=9),
-            master_dtype=master_dtype,
-            masks=(lambda stage: Mask(index, 10, scales=torch.linspace(1.2, 0.8, 5))) if mask else None,
-        )
-        results.append((model.theta().detach().clone(), history["loss"]))
-        assert bool(calls) == (fused == "force")  # every pass of the forced run was a kernel
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(results[1][1]), torch.tensor(results[0][1]), rtol=1e-5, atol=1e-6)
-    assert float((results[0][0] - TwoTensorModel().theta().detach()).abs().max()) > 1e-3
+    assert_fused_training_follows_torch(monkeypatch, kernels, "force", method, master_dtype)
 
 
 @outside_interpreter

@@ -106,7 +106,7 @@ def test_plan_command_prints_the_rows(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     (row,) = out["rows"]
     assert row["model"] == "small" and row["store"] == "placed/1" and row["fits"] is True
-    assert row["step_mb"] > row["eval_mb"] > 0
+    assert row["step_mb"] >= row["eval_mb"] > 0  # equal where the passes draw z in registers
     assert main(["plan", "--catalogue", "--models", "tiny-opt", "--table"]) == 0
     table = capsys.readouterr().out
     assert table.count("| tiny-opt |") == 4 and "streamed" in table

@@ -55,8 +55,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -131,16 +132,24 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fused_passes(device: torch.device) -> bool:
-    """Whether the passes run as fused Triton kernels (``dpzo.zo.kernels``): on a GPU when Triton
-    is installed.  ``DPZO_FUSED=0`` turns them off; ``DPZO_FUSED=force`` uses them on any device
-    (the CPU tests, under ``TRITON_INTERPRET=1``)."""
+def fused_passes(device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> types.ModuleType | None:
+    """The kernels that run the passes over buffers of ``dtypes`` on ``device``, z drawn inside
+    them, or None for the support's torch passes over blocks of z.  One order on every device:
+    Triton (``dpzo.zo.kernels``) on a GPU where it is installed; the compiled CPU passes
+    (``dpzo.zo.cpu_kernels``) on the CPU for float32 and float64 buffers where they load; torch
+    elsewhere (MPS, 16-bit weights on the CPU).  ``DPZO_FUSED=0`` runs the torch passes
+    everywhere; ``DPZO_FUSED=force`` runs the Triton kernels on any device (the CPU tests, under
+    ``TRITON_INTERPRET=1``)."""
     choice = os.environ.get("DPZO_FUSED", "")
     if choice == "0":
-        return False
-    if choice == "force":
-        return True
-    return device.type == "cuda" and _triton_installed()
+        return None
+    if choice == "force" or (device.type == "cuda" and _triton_installed()):
+        from dpzo.zo import kernels
+
+        return kernels
+    if device.type == "cpu" and all(d in (torch.float32, torch.float64) for d in dtypes):
+        return philox.compiled()
+    return None
 
 
 def check_mask_indices(indices: torch.Tensor, numel: int) -> None:
@@ -288,7 +297,8 @@ class FlatParameters:
         self.z_dtype = torch.float32 if self.in_place and self.work.dtype in _SIXTEEN_BIT else self.master.dtype
         self._whole_z: OrderedDict[int, torch.Tensor] = OrderedDict()  # small models: z per seed
         self.direction_cache_size = int(direction_cache_size)
-        self.fused = fused_passes(self.device)  # z drawn inside the passes' kernels (dpzo.zo.kernels)
+        # the kernels that draw z inside the passes (Triton, compiled CPU), or None for torch
+        self._kernels = fused_passes(self.device, (self.work.dtype, self.master.dtype))
         self._use(Dense(self))
 
     @torch.no_grad()
@@ -330,7 +340,7 @@ class FlatParameters:
     def _use(self, support: Support) -> None:
         """Train ``support`` from now on, with the passes this device runs."""
         self._support = support
-        self._passes: Passes = Fused(support) if self.fused else support
+        self._passes: Passes = support if self._kernels is None else Fused(support, self._kernels)
 
     def _block_ranges(self) -> list[tuple[int, int]]:
         """(local start, local end) of each block of at most ``chunk`` coordinates a pass draws z
@@ -510,7 +520,7 @@ class FlatParameters:
             p.data = work[offset : offset + n].view(p.shape)
             offset += n
         self.device = master.device
-        self.fused = fused_passes(self.device)
+        self._kernels = fused_passes(self.device, (self.work.dtype, self.master.dtype))
         self._whole_z.clear()
         self._use(self._support.to(self.device))
 

@@ -10,7 +10,8 @@ of a flag tested in every pass:
 * which coordinates a pass touches (chosen by ``set_mask``): :class:`Dense` or :class:`Masked`
   (sorted flat indices, z gathered on the mask once per direction);
 * how a pass runs (chosen per device): the support's own torch passes over blocks of z, or
-  :class:`Fused` Triton kernels that draw z in registers (``dpzo.zo.kernels``).
+  :class:`Fused` kernels that draw z in registers (Triton's ``dpzo.zo.kernels`` on a GPU, the
+  compiled ``dpzo.zo.cpu_kernels`` on the CPU).
 
 A support and the fused kernels offer the same three passes: :meth:`Dense.perturb_work`
 (``work = master + s z``), :meth:`Dense.move_work` (in place: ``work += sum of terms``) and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -134,10 +136,10 @@ class Dense:
                 for k, (_, coef, _) in enumerate(terms):
                     axpy(target, draw(k), coef)
 
-    def kernel(self, out: torch.Tensor, base: torch.Tensor, seeds: list[int], coefs: list, scales: None) -> None:
-        """One fused pass ``out = base + sum_k coefs[k] z(seeds[k])``."""
-        from dpzo.zo import kernels
-
+    def kernel(
+        self, kernels: ModuleType, out: torch.Tensor, base: torch.Tensor, seeds: list[int], coefs: list, scales: None
+    ) -> None:
+        """One fused pass ``out = base + sum_k coefs[k] z(seeds[k])`` of ``kernels``."""
         kernels.dense_pass(out, base, seeds, coefs, offset=self.flat.offset)
 
     # reading and writing theta itself
@@ -260,11 +262,15 @@ class Masked:
             del z
 
     def kernel(
-        self, out: torch.Tensor, base: torch.Tensor, seeds: list[int], coefs: list, scales: torch.Tensor | None
+        self,
+        kernels: ModuleType,
+        out: torch.Tensor,
+        base: torch.Tensor,
+        seeds: list[int],
+        coefs: list,
+        scales: torch.Tensor | None,
     ) -> None:
         """One fused pass ``out = base + sum_k coefs[k] z(seeds[k])`` (times ``scales``) on the mask."""
-        from dpzo.zo import kernels
-
         kernels.masked_pass(out, base, self.mask, seeds, coefs, offset=self.flat.offset, scales=scales)
 
     # reading and writing theta itself
@@ -287,11 +293,13 @@ Support = Dense | Masked
 
 # -- how a pass runs --------------------------------------------------------------------------
 class Fused:
-    """The passes of ``support`` as fused Triton kernels, z drawn in registers (one kernel per
-    distinct scales: a masked pass may mix perturbation and update scales)."""
+    """The passes of ``support`` as fused kernels, z drawn in registers (one kernel per distinct
+    scales: a masked pass may mix perturbation and update scales).  ``kernels``: the Triton
+    kernels (``dpzo.zo.kernels``) or the compiled CPU passes (``dpzo.zo.cpu_kernels``), which
+    offer the same ``dense_pass`` and ``masked_pass``."""
 
-    def __init__(self, support: Support):
-        self.support = support
+    def __init__(self, support: Support, kernels: ModuleType):
+        self.support, self.kernels = support, kernels
 
     def perturb_work(self, term: Term) -> None:
         self._run(self.support.flat.work, self.support.flat.master, [term])
@@ -304,7 +312,7 @@ class Fused:
 
     def _run(self, out: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
         for scales, seeds, coefs in groups_by_scales(terms):
-            self.support.kernel(out, base, seeds, coefs, scales)
+            self.support.kernel(self.kernels, out, base, seeds, coefs, scales)
 
 
 # -- how theta is held ------------------------------------------------------------------------

@@ -8,11 +8,19 @@ into blocks, on the launch grid or on the device: a part of a placed or streamed
 resumed run on another GPU type and the CPU draw the same z, up to an ulp of ``log``, ``cos``
 and ``sqrt`` (the integer stream is exact everywhere).
 
-:func:`normal_` is the pure-torch implementation (any device, int64 arithmetic with explicit
-32-bit wrap-around); ``dpzo.zo.kernels`` computes the same stream inside fused Triton kernels.
+:func:`torch_normal_` is the pure-torch implementation (any device, int64 arithmetic with
+explicit 32-bit wrap-around, about 18 M normals/s on one CPU thread); ``dpzo.zo.cpu_kernels``
+compiles the same stream for the CPU (about ``torch.randn``'s speed) and ``dpzo.zo.kernels``
+computes it inside fused Triton kernels.  :func:`normal_` takes the compiled one for float32 and
+float64 CPU tensors when it loads (:func:`compiled`), the torch one otherwise.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
 
 import torch
 
@@ -103,9 +111,52 @@ def _fake_slice(keys: list[tuple[int, int]], start: int, n: int, device: torch.d
         torch.empty(extra, dtype=torch.uint8, device=device)
 
 
+@functools.cache
+def _load_compiled() -> types.ModuleType | None:
+    """``dpzo.zo.cpu_kernels``, compiled (or loaded from numba's cache) now; None, with a one-line
+    warning, where it cannot load: then z is drawn by :func:`torch_normal_`."""
+    try:
+        from dpzo.zo import cpu_kernels
+
+        cpu_kernels.warm_up()  # compiles (or loads the cache) now: a failure shows here
+        return cpu_kernels
+    except Exception as exc:  # numba missing, or no LLVM target for this CPU: the torch stream
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(
+            f"dpzo: the compiled CPU passes cannot load ({type(exc).__name__}: {reason}); z is drawn in "
+            "torch, about 15x slower (pip install numba to use them)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def compiled() -> types.ModuleType | None:
+    """The compiled CPU passes (``dpzo.zo.cpu_kernels``) when they load and ``DPZO_FUSED`` is not
+    ``0`` (which runs every pass and draw in torch); None otherwise."""
+    if os.environ.get("DPZO_FUSED", "") == "0":
+        return None
+    return _load_compiled()
+
+
 @torch.no_grad()
 def normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
-    """Fill the 1-D ``out`` with z(seed) at the flat indices [start, start + len(out)); returns it."""
+    """Fill the 1-D ``out`` with z(seed) at the flat indices [start, start + len(out)); returns it.
+
+    Float32 and float64 CPU tensors are filled by the compiled stream when it loads
+    (:func:`compiled`), everything else by :func:`torch_normal_`."""
+    if out.dim() != 1:
+        raise ValueError(f"out must be 1-D, got shape {tuple(out.shape)}")
+    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and out.is_contiguous():
+        kernels = compiled()
+        if kernels is not None:
+            return kernels.normal_(out, seed, start)
+    return torch_normal_(out, seed, start)
+
+
+@torch.no_grad()
+def torch_normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
+    """:func:`normal_` in torch on any device: 32-bit arithmetic emulated on int64 tensors."""
     if out.dim() != 1:
         raise ValueError(f"out must be 1-D, got shape {tuple(out.shape)}")
     keys = philox_keys(seed)
