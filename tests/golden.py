@@ -38,8 +38,15 @@ OUTPUTS = ("metrics.json", "privacy.json", "private_diagnostics.json")
 
 
 def platform() -> dict:
-    """What bit-identity of float results depends on."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """What bit-identity of float results depends on (z is drawn by the compiled CPU passes where
+    numba loads, by the torch emulation otherwise: a few ulp apart)."""
+    from dpzo.zo import philox
+
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "compiled_z": philox.compiled() is not None,
+    }
 
 
 def collect(workdir: Path) -> dict:
