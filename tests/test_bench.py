@@ -206,16 +206,26 @@ def test_fused_in_place_step_equals_the_master_copy_step(tokenizer):
         (torch.float64, True, None, 1),
     ],
 )
-def test_passes_and_z_draws_per_step(tokenizer, monkeypatch, master_dtype, masked, passes, draws):
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-passes", "compiled-passes"])
+def test_passes_and_z_draws_per_step(tokenizer, monkeypatch, master_dtype, masked, passes, draws, compiled):
     clf, data = setup(tokenizer, "mlm", torch.float64)
     calls = []
-    blocks = FlatParameters._blocks
+    if compiled:  # a fused pass draws each of its terms' z once, in registers
+        kernels = pytest.importorskip("dpzo.zo.cpu_kernels")
+        if masked:
+            passes, draws = 2 if master_dtype is None else 3, 3  # nothing is cached between passes
+        for name in ("dense_pass", "masked_pass"):
+            inner = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, inner=inner, **k: calls.append(len(a[-2])) or inner(*a, **k))
+    else:
+        monkeypatch.setenv("DPZO_FUSED", "0")
+        blocks = FlatParameters._blocks
 
-    def counting(self, seeds):
-        calls.append(len(seeds))
-        return blocks(self, seeds)
+        def counting(self, seeds):
+            calls.append(len(seeds))
+            return blocks(self, seeds)
 
-    monkeypatch.setattr(FlatParameters, "_blocks", counting)
+        monkeypatch.setattr(FlatParameters, "_blocks", counting)
     numel = sum(p.numel() for p in clf.model.parameters())
     mask = random_masks(numel, 1, scaled=False)[0] if masked else None
     hp = ZOHyperparameters(
