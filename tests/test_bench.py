@@ -401,11 +401,219 @@ def test_bench_quick_mode_times_the_issue_grid(tmp_path, capsys):
     capsys.readouterr()
 
 
+# ------------------------------------------------------------------------------------------
+# The CPU targets: z alone, and the step at the batch shape each target is stated for
+# ------------------------------------------------------------------------------------------
+def test_z_alone_times_philox_and_randn_on_one_thread_and_on_every_core(monkeypatch):
+    from dpzo.bench import run, timing
+
+    monkeypatch.setattr(run, "available_cores", lambda: 2)  # two rows even on a one-core runner
+    seen = []  # (implementation, threads, coordinates) of every fill
+
+    def recording(name, fill):
+        return lambda out: seen.append((name, torch.get_num_threads(), out.numel())) or fill(out)
+
+    monkeypatch.setattr(timing, "Z_FILLS", {k: recording(k, f) for k, f in timing.Z_FILLS.items()})
+    before = torch.get_num_threads()
+    z = run.z_alone(20_000, repeats=2)
+    assert torch.get_num_threads() == before  # restored
+    assert z["numel"] == 20_000 and z["dtype"] == "float32" and z["repeats"] == 2
+    assert [r["threads"] for r in z["rows"]] == [1, 2]
+    for r in z["rows"]:
+        assert r["philox_normals_per_s"] > 0 and r["randn_normals_per_s"] > 0
+        assert r["philox_over_randn"] == pytest.approx(r["philox_normals_per_s"] / r["randn_normals_per_s"])
+        for name in ("philox", "randn"):  # one short untimed fill, then the timed full ones, on that thread count
+            fills = [n for k, t, n in seen if k == name and t == r["threads"]]
+            assert fills == [min(timing.Z_WARMUP_NUMEL, 20_000)] + [20_000] * 2
+    one, two = z["rows"]
+    assert z["scaling"]["threads"] == 2
+    assert z["scaling"]["philox"] == pytest.approx(two["philox_normals_per_s"] / one["philox_normals_per_s"])
+    assert z["scaling"]["randn"] == pytest.approx(two["randn_normals_per_s"] / one["randn_normals_per_s"])
+    [target] = z["targets"]
+    assert target["value"] == one["philox_over_randn"] and target["limit"] == ">= 0.5"
+    assert target["met"] is (one["philox_over_randn"] >= 0.5)
+
+
+def test_philox_fill_is_the_z_the_step_draws():
+    from dpzo.bench import timing
+    from dpzo.zo import philox
+
+    out = torch.empty(1000)
+    timing.Z_FILLS["philox"](out)
+    assert torch.equal(out, philox.normal_(torch.empty(1000), 0, 0))
+
+
+def _z_record(rows):
+    return {
+        "device": "cpu",
+        "numel": 1000,
+        "dtype": "float32",
+        "repeats": 1,
+        "rows": [{"threads": t, "philox_normals_per_s": p, "randn_normals_per_s": r} for t, p, r in rows],
+    }
+
+
+@pytest.mark.parametrize(
+    "rows,ratio,met,scaling",
+    [
+        ([(1, 60.0, 100.0), (4, 180.0, 150.0)], 0.6, True, (4, 3.0, 1.5)),
+        ([(1, 50.0, 100.0)], 0.5, True, (None, None, None)),  # the limit is met on equality
+        ([(1, 49.0, 100.0), (2, 98.0, 100.0)], 0.49, False, (2, 2.0, 1.0)),
+        ([(2, 98.0, 100.0)], None, None, (None, None, None)),  # one thread not measured
+    ],
+)
+def test_z_target_and_scaling_from_a_synthetic_record(rows, ratio, met, scaling):
+    from dpzo.bench import targets
+
+    z = _z_record(rows)
+    targets.annotate_z(z)
+    z["targets"] = targets.evaluate_z_targets(z)
+    [target] = z["targets"]
+    assert target["value"] == (None if ratio is None else pytest.approx(ratio)) and target["met"] is met
+    assert (z["scaling"]["threads"], z["scaling"]["philox"], z["scaling"]["randn"]) == scaling
+    lines = "\n".join(targets.z_lines(z))
+    assert {True: " met", False: "NOT met", None: "not measured"}[met] in lines.splitlines()[-1]
+
+
+def _model_record(official_ms, dpzo_ms, forward_ms, batch):
+    from dpzo.bench import targets
+
+    runs = [
+        {"method": "dp-zoso", "impl": "official-style", "autocast": "none", "master": None, "peak_mb": None},
+        {"method": "dp-zoso", "impl": "dpzo", "autocast": "none", "master": "none", "peak_mb": None},
+    ]
+    runs[0]["ms_per_step"], runs[1]["ms_per_step"] = official_ms, dpzo_ms
+    targets.annotate(runs, {"none": forward_ms}, {"none": None})
+    return {"runs": runs, "batch_size": batch}
+
+
+@pytest.mark.parametrize(
+    "shape,official,step,forward,key,value,met",
+    [
+        ((8, 64), 100.0, 40.0, 30.0, "speed-up", 2.5, True),
+        ((8, 64), 100.0, 50.0, 10.0, "speed-up", 2.0, True),
+        ((8, 64), 100.0, 60.0, 40.0, "speed-up", 100 / 60, False),
+        ((16, 128), 100.0, 45.0, 15.0, "two forwards", 1.5, True),
+        ((16, 128), 100.0, 46.0, 15.0, "two forwards", 46 / 30, False),
+    ],
+)
+def test_cpu_step_targets_are_judged_at_the_batch_shape_they_are_stated_for(
+    shape, official, step, forward, key, value, met
+):
+    from dpzo.bench import targets
+
+    for model in ("opt-125m", "roberta-base"):
+        table = targets.targets_for(
+            model, device_type="cpu", shape=shape, default_shape=False, default_dtype=True, threads=1
+        )
+        [target] = targets.evaluate_targets(table, _model_record(official, step, forward, shape[0]))
+        assert key in target["target"] and f"{shape[0]} x {shape[1]}" in target["target"]
+        assert target["value"] == pytest.approx(value) and target["met"] is met
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("opt-125m", dict(threads=2)),  # stated for one thread
+        ("opt-125m", dict(default_dtype=False)),  # stated for float32, the model's dtype
+        ("opt-125m", dict(shape=(8, 32))),  # no target at this shape
+        ("opt-125m", dict(device_type="cuda")),  # the CPU targets are not the GPU's
+        ("tiny-opt", dict()),  # no targets for the stand-ins
+    ],
+)
+def test_cpu_step_targets_apply_only_where_they_are_stated(name, kwargs):
+    from dpzo.bench import targets
+
+    where = dict(device_type="cpu", shape=(8, 64), default_shape=False, default_dtype=True, threads=1) | kwargs
+    assert targets.targets_for(name, **where) == []
+
+
+def test_the_cpu_target_runs_are_each_model_at_each_targets_shape():
+    from dpzo.bench import catalogue, targets
+
+    runs = targets.cpu_runs()
+    assert runs == ["opt-125m@8x64", "opt-125m@16x128", "roberta-base@8x64", "roberta-base@16x128"]
+    for run in runs:
+        name, b, s = catalogue.split_run(run)
+        assert catalogue.MODELS[name].dtype == "float32" and s <= catalogue.MODELS[name].max_seq_len
+
+
+@pytest.mark.parametrize(
+    "args,models,methods,threads,z_numel",
+    [
+        (
+            [],
+            ["opt-125m@8x64", "opt-125m@16x128", "roberta-base@8x64", "roberta-base@16x128"],
+            ["dp-zoso"],
+            1,
+            1 << 25,
+        ),
+        (["--threads", "2", "--z-numel", "0"], None, ["dp-zoso"], 2, 0),
+        (["--models", "tiny-opt"], ["tiny-opt"], ["dp-zoso", "dp-zopo", "mezo"], 1, 0),
+        (["--models", "tiny-opt@4x12", "--z-numel", "1000"], ["tiny-opt@4x12"], None, 1, 1000),
+        (["--quick"], ["tiny-roberta", "tiny-opt"], ["dp-zoso", "dp-zopo"], 1, 0),
+        (["--methods", "mezo"], None, ["mezo"], 1, 1 << 25),
+    ],
+)
+def test_bench_cli_on_cpu_runs_the_cpu_targets_unless_told_otherwise(
+    monkeypatch, capsys, args, models, methods, threads, z_numel
+):
+    from dpzo.bench import run, targets
+
+    seen = {}
+
+    def fake_run_bench(runs, **kwargs):
+        seen.update(kwargs, models=list(runs))
+        return {
+            "device": {"name": "cpu", "type": "cpu", "threads": kwargs["threads"]},
+            "z_throughput": None,
+            "models": {},
+        }
+
+    monkeypatch.setattr(run, "run_bench", fake_run_bench)
+    assert cli.main(["bench", "--device", "cpu", *args]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert seen["models"] == (models or targets.cpu_runs())
+    assert seen["methods"] == (methods or ["dp-zoso", "dp-zopo", "mezo"])
+    assert seen["threads"] == threads and seen["z_numel"] == z_numel
+
+
+def test_bench_cli_judges_a_cpu_target_at_its_shape_on_one_thread_beside_z_alone(monkeypatch, tmp_path, capsys):
+    """The CPU target run end to end at toy size: a target of tiny-opt stated at 4 x 12 is judged
+    in the run at that shape only, and z alone is timed, recorded and printed."""
+    from dpzo.bench import targets
+
+    monkeypatch.setitem(targets.CPU_TARGETS, "tiny-opt", [("toy speed-up", "speedup_fp32", ">=", 0.0, (4, 12))])
+    out = tmp_path / "cpu.json"
+    code = cli.main(
+        ["bench", "--device", "cpu", "--models", "tiny-opt@4x12,tiny-opt@4x8", "--methods", "dp-zoso"]
+        + ["--steps", "1", "--warmup", "0", "--z-numel", "20000", "--out", str(out)]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads(out.read_text())
+    assert record["settings"]["threads"] == 1 and record["device"]["threads"] == 1
+    assert list(record["models"]) == ["tiny-opt@4x12", "tiny-opt@4x8"]
+    at, other = record["models"]["tiny-opt@4x12"], record["models"]["tiny-opt@4x8"]
+    assert (at["batch_size"], at["seq_len"], other["seq_len"]) == (4, 12, 8) and at["threads"] == 1
+    [target] = at["targets"]
+    dpzo_run = next(r for r in at["runs"] if r["impl"] == "dpzo")
+    assert target["value"] == dpzo_run["speedup_vs_official"] > 0 and target["met"] is True
+    assert other["targets"] == []
+    z = record["z_throughput"]
+    assert z["numel"] == 20_000 and z["rows"][0]["threads"] == 1 and len(z["targets"]) == 1
+    assert "z alone: 20,000 float32 normals" in captured.err
+    assert "target: philox.normal_ / torch.randn throughput" in captured.err
+    assert "target: toy speed-up" in captured.err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--offload", "disk"], "argument --offload: unknown ['disk']"),
         (["--models", "gpt-5"], "argument --models: unknown ['gpt-5']"),
+        (["--models", "tiny-opt@4"], "argument --models: 'tiny-opt@4': expected a model or model@BxS"),
+        (["--models", "tiny-opt@4x500"], "seq_len must be in [2, 128]"),
         (["--methods", "dp-sgd"], "argument --methods: unknown ['dp-sgd']"),
         (["--autocast", "int8"], "argument --autocast: unknown ['int8']"),
         (["--device", "tpu"], "argument --device"),

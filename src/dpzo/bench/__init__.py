@@ -22,15 +22,20 @@ methods run streamed (``dpzo.zo.streamed``: blocks uploaded once per step, in pl
 as ``impl: dpzo-streamed`` beside the resident in-place run: the step-time ratio and the peak
 GPU memory against 3 blocks + the resident modules + the activations.
 
+On the CPU without ``--models``, it runs the CPU targets (:data:`dpzo.bench.targets.CPU_TARGETS`):
+``opt-125m`` and ``roberta-base`` at the batch shape each target is stated for (``opt-125m@8x64``,
+``opt-125m@16x128``, ...) on one thread, and first z alone: ``dpzo.zo.philox.normal_`` against
+``torch.randn`` filling one float32 vector, on one thread and on every core.
+
 Every batch is the same: n equals the batch size, so Poisson sampling at q = 1 takes every
 example each step (and MeZO's sampling without replacement a permutation of them).
 
 The modules (importing the package loads nothing: ``dpzo --help`` stays instant):
 
 * :mod:`dpzo.bench.catalogue`: the models (transformers configs of the released sizes and their
-  CPU stand-ins), built with random weights, and their fixed batches;
+  CPU stand-ins), built with random weights, their fixed batches, and the ``model@BxS`` run names;
 * :mod:`dpzo.bench.official`: the released code's step, rewritten as a reference;
-* :mod:`dpzo.bench.timing`: the step settings and one timed run of each kind;
+* :mod:`dpzo.bench.timing`: the step settings and one timed run of each kind (z alone among them);
 * :mod:`dpzo.bench.run`: a model's grid of runs and the JSON record of a benchmark;
 * :mod:`dpzo.bench.targets`: the ratios each run is judged by, the issue's targets and the
   table for people;

@@ -247,7 +247,7 @@ def check_quick_bench(mode: Mode, budget_s: float) -> dict:
 
     deadline = time.monotonic() + budget_s
     models, skipped, failures = {}, [], []
-    names = default_models(mode.gpu)
+    names = default_models(mode.gpu, quick=True)  # what `dpzo bench --quick` runs
     for name in names[: TINY_QUICK["models"]] if mode.tiny else names:
         if models and time.monotonic() > deadline - budget_s / 3:  # too little left for another model
             skipped.append(name)

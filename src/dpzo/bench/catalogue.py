@@ -1,8 +1,9 @@
 """The models ``dpzo bench`` measures: hard-coded transformers configs, random weights, fixed batches.
 
 Nothing is downloaded: each model is built from its config on the device, in the weights'
-dtype.  The full-size entries have the released models' shapes; the ``tiny-*`` ones the same
-architectures at CPU size, for CI.
+dtype.  The full-size entries have the released models' shapes (``opt-125m`` and ``roberta-base``
+are the CPU-sized ones, in float32); the ``tiny-*`` ones the same architectures at toy size, for CI.
+A run is named by a model, optionally at a batch shape: ``opt-125m@8x64`` (:func:`split_run`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ _ROBERTA_SPECIAL = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
 _OPT_SPECIAL = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2)
 
 
-def _opt(hidden: int, layers: int, heads: int) -> BenchModel:
-    """An OPT architecture of the released sizes (ffn 4 x hidden, 2048 positions), fp16, 16 x 256."""
+def _opt(
+    hidden: int, layers: int, heads: int, *, dtype: str = "float16", batch_size: int = 16, seq_len: int = 256
+) -> BenchModel:
+    """An OPT architecture of the released sizes (ffn 4 x hidden, 2048 positions, tied head), by
+    default fp16, 16 x 256."""
     config = dict(
         vocab_size=50272,
         hidden_size=hidden,
@@ -54,7 +58,24 @@ def _opt(hidden: int, layers: int, heads: int) -> BenchModel:
         do_layer_norm_before=True,
         **_OPT_SPECIAL,
     )
-    return BenchModel("opt", config, "float16", 16, 256)
+    return BenchModel("opt", config, dtype, batch_size, seq_len)
+
+
+def _roberta(hidden: int, layers: int, heads: int, *, batch_size: int, seq_len: int) -> BenchModel:
+    """A RoBERTa architecture of the released sizes (intermediate 4 x hidden, 514 positions, tied
+    MLM decoder), float32."""
+    config = dict(
+        vocab_size=50265,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        **_ROBERTA_SPECIAL,
+    )
+    return BenchModel("roberta", config, "float32", batch_size, seq_len)
 
 
 def _llama2(hidden: int, ffn: int, layers: int) -> BenchModel:
@@ -78,23 +99,7 @@ def _llama2(hidden: int, ffn: int, layers: int) -> BenchModel:
 
 MODELS: dict[str, BenchModel] = {
     # roberta-large: 24 layers, 1024 wide, tied MLM decoder (355M parameters)
-    "roberta-large": BenchModel(
-        "roberta",
-        dict(
-            vocab_size=50265,
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            max_position_embeddings=514,
-            type_vocab_size=1,
-            layer_norm_eps=1e-5,
-            **_ROBERTA_SPECIAL,
-        ),
-        "float32",
-        64,
-        128,
-    ),
+    "roberta-large": _roberta(1024, 24, 16, batch_size=64, seq_len=128),
     # facebook/opt-1.3b: 24 layers, 2048 wide, tied output embedding (1.3B parameters)
     "opt-1.3b": _opt(2048, 24, 32),
     # facebook/opt-2.7b: 32 layers, 2560 wide, tied output embedding (2.65B parameters)
@@ -111,6 +116,11 @@ MODELS: dict[str, BenchModel] = {
     # 13B: 40 layers, 5120 wide (13.0B parameters)
     "llama-7b": _llama2(4096, 11008, 32),
     "llama-13b": _llama2(5120, 13824, 40),
+    # CPU-sized released models, float32, for the CPU targets (dpzo.bench.targets.CPU_TARGETS):
+    # facebook/opt-125m: 12 layers, 768 wide, ffn 3072, tied output embedding (125M parameters)
+    "opt-125m": _opt(768, 12, 12, dtype="float32", batch_size=16, seq_len=128),
+    # roberta-base: 12 layers, 768 wide, intermediate 3072, tied MLM decoder (125M parameters)
+    "roberta-base": _roberta(768, 12, 12, batch_size=16, seq_len=128),
     # CPU-sized stand-ins with the same architectures, for CI
     "tiny-roberta": BenchModel(
         "roberta",
@@ -182,6 +192,24 @@ PAPER_MODELS = (
     "llama-7b",
     "llama-13b",
 )
+
+
+def split_run(run: str) -> tuple[str, int | None, int | None]:
+    """``name`` or ``name@BxS`` -> (the catalogue's model, batch size B or None, tokens S or None)."""
+    name, at, shape = run.partition("@")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if not at:
+        return name, None, None
+    b, x, s = shape.partition("x")
+    if not (x and b.isdigit() and s.isdigit() and int(b) > 0 and int(s) > 0):
+        raise ValueError(f"{run!r}: expected a model or model@BxS (batch x tokens, e.g. {name}@8x64)")
+    return name, int(b), int(s)
+
+
+def run_name(name: str, batch_size: int, seq_len: int) -> str:
+    """The run of model ``name`` at batch ``batch_size`` x ``seq_len`` (what :func:`split_run` reads)."""
+    return f"{name}@{batch_size}x{seq_len}"
 
 
 def model_config(spec: BenchModel) -> tuple[object, type]:

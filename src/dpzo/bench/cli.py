@@ -25,10 +25,29 @@ def _names(text: str) -> list[str]:
 QUICK_STEPS, QUICK_WARMUP = 10, 2
 
 
-def default_models(gpu: bool) -> list[str]:
-    """The models of a plain or ``--quick`` run: RoBERTa-large and OPT-2.7B on a GPU, their tiny
-    stand-ins on the CPU."""
-    return ["roberta-large", "opt-2.7b"] if gpu else ["tiny-roberta", "tiny-opt"]
+#: the CPU stand-ins of ``--quick`` (CI's models)
+TINY_MODELS = ["tiny-roberta", "tiny-opt"]
+
+
+def default_models(gpu: bool, *, quick: bool = False) -> list[str]:
+    """The runs of a plain or ``--quick`` run: RoBERTa-large and OPT-2.7B on a GPU; on the CPU the
+    CPU targets' runs (:func:`dpzo.bench.targets.cpu_runs`: opt-125m and roberta-base at each
+    target's batch shape), or with ``--quick`` the tiny stand-ins."""
+    if gpu:
+        return ["roberta-large", "opt-2.7b"]
+    if quick:
+        return list(TINY_MODELS)
+    from dpzo.bench.targets import cpu_runs  # lazy: loads torch
+
+    return cpu_runs()
+
+
+def default_methods(cpu_targets: bool) -> list[str]:
+    """All three methods; in the CPU target run, the ones its targets read (dp-zoso)."""
+    from dpzo.bench.targets import CPU_TARGET_METHODS
+    from dpzo.bench.timing import METHODS
+
+    return list(CPU_TARGET_METHODS if cpu_targets else METHODS)
 
 
 def default_autocast(gpu: bool) -> list[str]:
@@ -49,7 +68,8 @@ def add_bench(subparsers: Any) -> None:
             "Build models from their configs with random weights (no download), run the released "
             "code's style of DP-ZO step and dpzo's on the same batch, and print one JSON object with "
             "ms/step, the ratio to two forward passes, the speed-up and the peak GPU memory of each "
-            "method (a readable table goes to stderr). See docs/benchmarks.md."
+            "method (a readable table goes to stderr); on the CPU, also z alone (Philox against "
+            "torch.randn per thread count). See docs/benchmarks.md."
         ),
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
@@ -57,14 +77,17 @@ def add_bench(subparsers: Any) -> None:
         "--models",
         type=_names,
         default=None,
-        help="comma-separated, from roberta-large, opt-2.7b, tiny-roberta, tiny-opt "
-        "(default: the first two on cuda, the tiny ones on cpu)",
+        help="comma-separated runs, each a model of the catalogue (roberta-large, opt-2.7b, opt-125m, "
+        "roberta-base, tiny-roberta, tiny-opt, ...) or MODEL@BxS at batch B x S tokens (default: "
+        "roberta-large,opt-2.7b on cuda; on cpu the CPU targets' runs opt-125m@8x64, opt-125m@16x128, "
+        "roberta-base@8x64, roberta-base@16x128, or with --quick tiny-roberta,tiny-opt)",
     )
     p.add_argument(
         "--methods",
         type=_names,
-        default=["dp-zoso", "dp-zopo", "mezo"],
-        help="comma-separated, from dp-zoso, dp-zopo, mezo (default: all three)",
+        default=None,
+        help="comma-separated, from dp-zoso, dp-zopo, mezo (default: all three; dp-zoso alone in the "
+        "CPU target run, which is --device cpu without --models or --quick)",
     )
     p.add_argument(
         "--dtype",
@@ -86,6 +109,12 @@ def add_bench(subparsers: Any) -> None:
         help="how dpzo holds theta: in place (none), a float32 master copy, both; auto: in place, plus "
         "a float32 master for dp-zoso on 16-bit weights",
     )
+    _add_run_options(p)
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """How each run goes: steps, batch, threads, z alone, the output file."""
     p.add_argument(
         "--steps", type=positive_int, default=None, help="timed steps per run (default 20 on cuda, 3 on cpu)"
     )
@@ -114,10 +143,24 @@ def add_bench(subparsers: Any) -> None:
         "host memory (in place), after the resident runs (default: none)",
     )
     p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch's intra-op threads for the model runs (default 1 on cpu, where the CPU targets are "
+        "stated; as torch sets them on cuda)",
+    )
+    p.add_argument(
+        "--z-numel",
+        type=nonnegative_int,
+        default=None,
+        help="time z alone first: dpzo.zo.philox.normal_ against torch.randn filling a CPU float32 "
+        "vector of this many coordinates, on 1 thread and on every core (default 33554432 in the CPU "
+        "target run, else 0: not timed)",
+    )
+    p.add_argument(
         "--no-tf32", action="store_true", help="on cuda, run float32 matmuls in full float32 (default: TF32 allowed)"
     )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
-    p.set_defaults(handler=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -139,15 +182,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if device.type not in ("cpu", "cuda"):
         return fail("bench", f"argument --device: expected cpu, cuda, cuda:N or auto, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        return fail("bench", "argument --device: CUDA is not available on this machine; use --device cpu (tiny models)")
+        return fail("bench", "argument --device: CUDA is not available on this machine; use --device cpu")
     gpu = device.type == "cuda"
+    cpu_targets = not gpu and not args.models and not args.quick  # the CPU target run
+    args.methods = args.methods or default_methods(cpu_targets)
     if args.quick:  # what the command line leaves unset
         args.methods = quick_methods(args.methods)
         args.steps = args.steps or QUICK_STEPS
         args.warmup = QUICK_WARMUP if args.warmup is None else args.warmup
-    models = args.models or default_models(gpu)
+    models = args.models or default_models(gpu, quick=args.quick)
     checks = [
-        ("--models", models, catalogue.MODELS),
+        ("--models", [label.partition("@")[0] for label in models], catalogue.MODELS),
         ("--methods", args.methods, timing.METHODS),
         ("--autocast", args.autocast or [], timing.AUTOCAST),
         ("--offload", args.offload, ("none", "streamed")),
@@ -156,6 +201,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         unknown = [x for x in given if x not in allowed]
         if unknown:
             return fail("bench", f"argument {flag}: unknown {unknown}; choose from {', '.join(allowed)}")
+    for label in models:
+        try:
+            catalogue.split_run(label)
+        except ValueError as err:
+            return fail("bench", f"argument --models: {err}")
     if args.out is not None and os.path.isdir(args.out):
         return fail("bench", f"argument --out: {args.out!r} is a directory; give a file name such as bench.json")
     try:
@@ -163,6 +213,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             models,
             device=device,
             tf32=not args.no_tf32,
+            threads=args.threads or (None if gpu else targets.CPU_TARGET_THREADS),
+            z_numel=args.z_numel if args.z_numel is not None else (timing.Z_NUMEL if cpu_targets else 0),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
             dtype=None if args.dtype == "auto" else args.dtype,
             batch_size=args.batch_size,

@@ -1,4 +1,4 @@
-"""A model's grid of runs and the JSON record of a benchmark (:func:`run_bench`)."""
+"""A model's grid of runs, z alone, and the JSON record of a benchmark (:func:`run_bench`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from dpzo.bench.catalogue import MODELS, build_model, make_batch
-from dpzo.bench.targets import annotate, evaluate_targets
+from dpzo.bench.catalogue import MODELS, build_model, make_batch, run_name, split_run
+from dpzo.bench.targets import annotate, annotate_z, evaluate_targets, evaluate_z_targets, targets_for
 from dpzo.bench.timing import (
     BETA,
     CLIP,
@@ -19,7 +19,10 @@ from dpzo.bench.timing import (
     LR,
     METHODS,
     SIGMA,
+    Z_REPEATS,
     Setup,
+    available_cores,
+    num_threads,
     random_mask,
     reset_peak,
     stream,
@@ -27,6 +30,7 @@ from dpzo.bench.timing import (
     time_forward,
     time_official,
     time_streamed,
+    time_z,
 )
 from dpzo.models.classifier import DTYPES, PromptClassifier
 from dpzo.zo.flat import fused_passes
@@ -53,7 +57,8 @@ def _prepare(
     # Flatten once, in place: every later store adopts this buffer instead of copying
     # the weights (which would also put a second copy into the peak).
     numel = build_store(model, master_dtype=None).numel
-    setup = Setup(name, spec, model, clf, batch, device, dtype, numel=numel)
+    # named by its run (model@BxS): what the progress lines say
+    setup = Setup(run_name(name, batch_size, seq_len), spec, model, clf, batch, device, dtype, numel=numel)
     if mask is not None:
         setup.mask = random_mask(numel, mask, device=device)
     return setup
@@ -129,7 +134,7 @@ def bench_model(
     forward_ms, inference_mb = {}, {}
     for ac in autocasts:
         forward_ms[ac], inference_mb[ac] = time_forward(setup, autocast=ac, steps=steps, warmup=warmup)
-        progress(f"{name}: forward ({ac}) {forward_ms[ac]:.2f} ms")
+        progress(f"{setup.name}: forward ({ac}) {forward_ms[ac]:.2f} ms")
     runs = _resident_runs(setup, methods, autocasts, master=master, steps=steps, warmup=warmup, progress=progress)
     sizes = None
     if "streamed" in offload:  # last: it moves the blocks to host memory
@@ -154,8 +159,17 @@ def bench_model(
         activations = inference_mb["none"] - sizes["weight_bytes"] / 2**20
         record["streamed_limit_mb"] = (3 * sizes["block_bytes"] + sizes["resident_bytes"]) / 2**20 + activations
         record["block_mb"] = sizes["block_bytes"] / 2**20
-    defaults = b == spec.batch_size and s == spec.seq_len and torch_dtype == DTYPES[spec.dtype]
-    record["targets"] = evaluate_targets(name, record) if device.type == "cuda" and defaults else []
+    if device.type == "cpu":
+        record["threads"] = torch.get_num_threads()
+    table = targets_for(
+        name,
+        device_type=device.type,
+        shape=(b, s),
+        default_shape=(b, s) == (spec.batch_size, spec.seq_len),
+        default_dtype=torch_dtype == DTYPES[spec.dtype],
+        threads=torch.get_num_threads(),
+    )
+    record["targets"] = evaluate_targets(table, record)
     del setup  # the model and its classifier with it, before the peak is reset
     reset_peak(device)
     return record
@@ -173,27 +187,45 @@ def _device_record(device: torch.device) -> dict:
     return {"type": device.type, "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
+def z_alone(numel: int, *, repeats: int = Z_REPEATS, progress: Callable[[str], None] = lambda line: None) -> dict:
+    """z alone on the CPU (:func:`dpzo.bench.timing.time_z`) on one thread and on every core this
+    process may use, with its ratios and target."""
+    z = time_z(numel, threads=sorted({1, available_cores()}), repeats=repeats)
+    annotate_z(z)
+    z["targets"] = evaluate_z_targets(z)
+    for r in z["rows"]:
+        progress(f"z alone, {r['threads']} thread(s): philox/randn {r['philox_over_randn']:.3f}")
+    return z
+
+
 def run_bench(
     models: Sequence[str],
     *,
     device: str | torch.device = "cpu",
     tf32: bool = True,
+    threads: int | None = None,
+    z_numel: int = 0,
+    z_repeats: int = Z_REPEATS,
     progress: Callable[[str], None] = lambda line: None,
     **settings: Any,
 ) -> dict:
     """Benchmark ``models``; returns the JSON record.
 
-    ``settings`` are those of :func:`bench_model`.  On CUDA, TF32 matmuls are allowed unless
-    ``tf32`` is False (the anchor measurements used TF32): the switch of a cell's config ``tf32``
-    (:func:`dpzo.zo.precision.tf32_matmuls`), with the same default.
+    Each of ``models`` is a run: a model of the catalogue, or ``name@BxS`` for that model at batch
+    B x S tokens (which takes precedence over ``batch_size`` and ``seq_len``); the record's
+    ``models`` is keyed by run.  ``settings`` are those of :func:`bench_model`.  On CUDA, TF32
+    matmuls are allowed unless ``tf32`` is False (the anchor measurements used TF32): the switch
+    of a cell's config ``tf32`` (:func:`dpzo.zo.precision.tf32_matmuls`), with the same default.
+    ``threads`` sets torch's intra-op threads for the model runs (None: as they are).  With
+    ``z_numel`` > 0, z alone is timed first on a CPU vector of that many coordinates
+    (:func:`z_alone`; ``z_throughput`` in the record, else None).
     """
     import transformers
 
     device = torch.device(device)
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
-    with tf32_matmuls(tf32):  # what a cell's config `tf32` switches (same default)
+    runs = {run: split_run(run) for run in models}  # ValueError on an unknown model or shape
+    z = z_alone(z_numel, repeats=z_repeats, progress=progress) if z_numel > 0 else None
+    with tf32_matmuls(tf32), num_threads(threads):  # what a cell's config `tf32` switches (same default)
         record = {
             "benchmark": "dpzo bench",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -211,10 +243,15 @@ def run_bench(
                 "sigma": SIGMA,
                 "log_every": LOG_EVERY,
                 "tf32": bool(tf32),
+                "threads": threads,
+                "z_numel": z_numel,
+                "z_repeats": z_repeats,
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
             },
+            "z_throughput": z,
             "models": {},
         }
-        for name in models:
-            record["models"][name] = bench_model(name, device=device, progress=progress, **settings)
+        for run, (name, b, s) in runs.items():
+            shape = {"batch_size": b, "seq_len": s} if b is not None else {}
+            record["models"][run] = bench_model(name, device=device, progress=progress, **(settings | shape))
     return record

@@ -1,15 +1,22 @@
 """What a benchmark record is judged by: the ratios of every run, the issue's targets, a table.
 
 :func:`annotate` gives each run its ratio to two forwards, its speed-up over the official
-style and its peak over the inference peak; :func:`evaluate_targets` checks the issue's targets
-for the full-size models; :func:`summary_lines` prints a record for people.
+style and its peak over the inference peak; :func:`targets_for` picks the issue's targets a run
+is judged by (:data:`TARGETS` for the full-size models on a GPU, :data:`CPU_TARGETS` for the
+CPU-sized ones on one thread) and :func:`evaluate_targets` checks them; :func:`annotate_z` and
+:func:`evaluate_z_targets` do the same for z alone; :func:`summary_lines` prints a record for
+people.
 """
 
 from __future__ import annotations
 
+from dpzo.bench.catalogue import run_name
+
+Target = tuple[str, str, str, float]
+
 # The issue's targets, each (label, quantity, comparison, limit).  They are stated for the
 # full-size models at their default shapes and dtypes on an H100.
-TARGETS: dict[str, list[tuple[str, str, str, float]]] = {
+TARGETS: dict[str, list[Target]] = {
     "roberta-large": [
         ("dp-zoso step / two forwards (fp32)", "ratio_fp32", "<=", 1.15),
         ("dp-zoso speed-up over the official style (fp32)", "speedup_fp32", ">=", 2.5),
@@ -32,6 +39,58 @@ TARGETS: dict[str, list[tuple[str, str, str, float]]] = {
         ("peak memory / inference peak, dp-zopo (1 %)", "memory_masked", "<=", 1.10),
     ],
 }
+
+
+#: The CPU targets (issue 30), for the CPU-sized models in float32 on :data:`CPU_TARGET_THREADS`
+#: thread, each (label, quantity, comparison, limit, (batch size, tokens)): the batch shape it is
+#: stated for.  ``dpzo bench --device cpu`` runs each model once per shape (:func:`cpu_runs`).
+CPU_TARGET_THREADS = 1
+#: the methods the CPU targets read (what the CPU target run times unless --methods says more)
+CPU_TARGET_METHODS = ("dp-zoso",)
+_CPU_STEP_TARGETS = [
+    ("dp-zoso speed-up over the official style (fp32, 1 thread, 8 x 64)", "speedup_fp32", ">=", 2.0, (8, 64)),
+    ("dp-zoso step / two forwards (fp32, 1 thread, 16 x 128)", "ratio_fp32", "<=", 1.5, (16, 128)),
+]
+CPU_TARGETS: dict[str, list[tuple[str, str, str, float, tuple[int, int]]]] = {
+    "opt-125m": _CPU_STEP_TARGETS,
+    "roberta-base": _CPU_STEP_TARGETS,
+}
+#: z alone (:func:`dpzo.bench.timing.time_z`): Philox's throughput against torch.randn's on one thread
+Z_TARGETS: list[Target] = [
+    ("philox.normal_ / torch.randn throughput (float32, 1 thread)", "philox_over_randn_1", ">=", 0.5),
+]
+
+
+def cpu_runs() -> list[str]:
+    """The step runs of the CPU targets: each model of :data:`CPU_TARGETS` at each batch shape
+    its targets are stated for (``opt-125m@8x64``, ...)."""
+    return [
+        run_name(name, *shape) for name, table in CPU_TARGETS.items() for shape in dict.fromkeys(t[4] for t in table)
+    ]
+
+
+def targets_for(
+    name: str, *, device_type: str, shape: tuple[int, int], default_shape: bool, default_dtype: bool, threads: int
+) -> list[Target]:
+    """The targets a run of model ``name`` is judged by: on a GPU the full-size models' at their
+    default shape and dtype; on the CPU those stated for this batch shape, in the model's default
+    dtype on :data:`CPU_TARGET_THREADS` thread; none otherwise."""
+    if not default_dtype:
+        return []
+    if device_type == "cuda":
+        return TARGETS.get(name, []) if default_shape else []
+    if device_type != "cpu" or threads != CPU_TARGET_THREADS:
+        return []
+    return [t[:4] for t in CPU_TARGETS.get(name, []) if t[4] == tuple(shape)]
+
+
+def _judge(table: list[Target], values: dict) -> list[dict]:
+    out = []
+    for label, key, op, limit in table:
+        value = values[key]
+        met = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        out.append({"target": label, "value": value, "limit": f"{op} {limit}", "met": met})
+    return out
 
 
 def annotate(runs: list[dict], forward_ms: dict, inference_mb: dict) -> None:
@@ -59,8 +118,9 @@ def _pick(runs: list[dict], **match) -> dict | None:
     return None
 
 
-def evaluate_targets(name: str, record: dict) -> list[dict]:
-    """The issue's targets for this model, from the runs of this record (None: not measured)."""
+def evaluate_targets(table: list[Target], record: dict) -> list[dict]:
+    """The targets ``table`` (see :func:`targets_for`), from the runs of a model's record (None:
+    not measured)."""
     runs = record["runs"]
     fp = _pick(runs, method="dp-zoso", autocast="none", master="none")
     bf = _pick(runs, method="dp-zoso", autocast="bf16", master="none")
@@ -79,17 +139,65 @@ def evaluate_targets(name: str, record: dict) -> list[dict]:
         "streamed_memory": streamed and streamed["peak_mb"] and limit_mb and streamed["peak_mb"] / limit_mb,
         "sst2_minutes": fastest and (fastest["ms_per_step"] * 6000 / 60000.0 if record["batch_size"] == 64 else None),
     }
-    out = []
-    for label, key, op, limit in TARGETS.get(name, []):
-        value = values[key]
-        met = None if value is None else (value <= limit if op == "<=" else value >= limit)
-        out.append({"target": label, "value": value, "limit": f"{op} {limit}", "met": met})
-    return out
+    return _judge(table, values)
+
+
+def annotate_z(z: dict) -> None:
+    """z alone: each row's Philox throughput over torch.randn's, and the scaling of each from one
+    thread to the most threads measured (None when only one thread count ran)."""
+    for row in z["rows"]:
+        row["philox_over_randn"] = row["philox_normals_per_s"] / row["randn_normals_per_s"]
+    one = next((r for r in z["rows"] if r["threads"] == 1), None)
+    most = max(z["rows"], key=lambda r: r["threads"])
+    scaled = one is not None and most["threads"] > 1
+    z["scaling"] = {
+        "threads": most["threads"] if scaled else None,
+        **{k: most[f"{k}_normals_per_s"] / one[f"{k}_normals_per_s"] if scaled else None for k in ("philox", "randn")},
+    }
+
+
+def evaluate_z_targets(z: dict) -> list[dict]:
+    """:data:`Z_TARGETS` from an annotated z record (None: one thread was not measured)."""
+    one = next((r for r in z["rows"] if r["threads"] == 1), None)
+    return _judge(Z_TARGETS, {"philox_over_randn_1": one and one["philox_over_randn"]})
+
+
+def _target_lines(targets: list[dict]) -> list[str]:
+    lines = []
+    for t in targets:
+        status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"  target: {t['target']}: {value} ({t['limit']}) {status}")
+    return lines
+
+
+def z_lines(z: dict) -> list[str]:
+    """z alone, for people: throughput per thread count, the scaling and the target."""
+    lines = [
+        f"\nz alone: {z['numel']:,} {z['dtype']} normals on the {z['device']}, best of {z['repeats']}",
+        f"  {'threads':>7} {'philox.normal_ M/s':>19} {'torch.randn M/s':>16} {'philox/randn':>13}",
+    ]
+    for r in z["rows"]:
+        lines.append(
+            f"  {r['threads']:>7} {r['philox_normals_per_s'] / 1e6:>19.1f} {r['randn_normals_per_s'] / 1e6:>16.1f} "
+            f"{r['philox_over_randn']:>13.3f}"
+        )
+    sc = z["scaling"]
+    if sc["threads"] is not None:
+        lines.append(
+            f"  scaling, {sc['threads']} threads / 1 thread: philox.normal_ {sc['philox']:.2f}x, "
+            f"torch.randn {sc['randn']:.2f}x"
+        )
+    return lines + _target_lines(z["targets"])
 
 
 def summary_lines(record: dict) -> list[str]:
     """A plain-text table of the record, for people."""
-    lines = [f"device: {record['device']['name']} ({record['device']['type']})"]
+    dev = record["device"]
+    threads = f", {dev['threads']} thread{'s' * (dev['threads'] != 1)}" if "threads" in dev else ""
+    lines = [f"device: {dev['name']} ({dev['type']}{threads})"]
+    if record.get("z_throughput"):
+        lines += z_lines(record["z_throughput"])
     for name, m in record["models"].items():
         lines.append(
             f"\n{name}: {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, batch {m['batch_size']} x {m['seq_len']}"
@@ -108,8 +216,5 @@ def summary_lines(record: dict) -> list[str]:
                 f"{fmt(r['peak_over_inference'], '>9.3f')} {fmt(r.get('copied_mb_per_step'), '>9.2f')} "
                 f"{fmt(r.get('host_syncs_per_step'), '>6.1f')}"
             )
-        for t in m["targets"]:
-            status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-            value = "-" if t["value"] is None else f"{t['value']:.3f}"
-            lines.append(f"  target: {t['target']}: {value} ({t['limit']}) {status}")
+        lines += _target_lines(m["targets"])
     return lines

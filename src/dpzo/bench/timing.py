@@ -1,4 +1,5 @@
-"""One timed run of each kind: a forward, the official-style step, dpzo's step, the streamed step.
+"""One timed run of each kind: a forward, the official-style step, dpzo's step, the streamed step,
+and z alone (:func:`time_z`: Philox's normals against ``torch.randn``'s, per thread count).
 
 Every run shares a :class:`Setup` (one model on one device with its batch) and the step settings
 below.  Each kind runs three times: a warm-up, a tracked run of :data:`TRACKED_STEPS` steps under
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,13 @@ LOG_EVERY = 10
 #: steps of the tracked run: its host waits per step include the run's closing log line
 TRACKED_STEPS = 2
 
+#: z alone: coordinates of the float32 vector (2**25: 128 MiB, far beyond every cache) and the
+#: timed fills per implementation and thread count, of which the fastest counts
+Z_NUMEL = 1 << 25
+Z_REPEATS = 3
+#: coordinates of the untimed fill before each implementation's timed ones (a first call's setup)
+Z_WARMUP_NUMEL = 1 << 16
+
 
 def rows(batch: dict, index: Sequence[int] | np.ndarray) -> dict:
     """The examples ``index`` of a batch held on the device (the index goes up without a sync)."""
@@ -68,6 +77,26 @@ def random_mask(numel: int, ratio: float, *, device: torch.device, seed: int = 0
 # --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this OS (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None):
+    """Torch's intra-op threads set to ``threads`` (None: left as they are), restored after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -293,3 +322,43 @@ def time_streamed(setup: Setup, method: str, *, steps: int, warmup: int) -> dict
         **tracked,
         "uploads_per_block": setup.streamed.uploads[0] - before,  # the steps, and the final flush
     }
+
+
+def _philox_fill(out: torch.Tensor) -> None:
+    from dpzo.zo import philox
+
+    philox.normal_(out, 0, 0)
+
+
+def _randn_fill(out: torch.Tensor) -> None:
+    torch.randn(out.numel(), out=out)
+
+
+#: z alone: the implementations :func:`time_z` compares, each filling a 1-D float32 CPU tensor
+Z_FILLS: dict[str, Callable[[torch.Tensor], None]] = {"philox": _philox_fill, "randn": _randn_fill}
+
+
+def normals_per_s(fill: Callable[[torch.Tensor], None], out: torch.Tensor, *, repeats: int) -> float:
+    """Normals per second of ``fill(out)``: the fastest of ``repeats`` timed fills, after an untimed
+    fill of a short prefix (a first call's setup is not timed)."""
+    fill(out[:Z_WARMUP_NUMEL])
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fill(out)
+        best = min(best, time.perf_counter() - started)
+    return out.numel() / best
+
+
+def time_z(numel: int, *, threads: Sequence[int], repeats: int) -> dict:
+    """z alone on the CPU: ``dpzo.zo.philox.normal_`` (seed 0 from index 0) and ``torch.randn``
+    filling the same float32 vector of ``numel`` coordinates, on each thread count, side by side."""
+    out = torch.empty(numel, dtype=torch.float32)
+    rows = []
+    for t in threads:
+        with num_threads(t):
+            rows.append(
+                {"threads": t}
+                | {f"{k}_normals_per_s": normals_per_s(f, out, repeats=repeats) for k, f in Z_FILLS.items()}
+            )
+    return {"device": "cpu", "numel": numel, "dtype": "float32", "repeats": repeats, "rows": rows}
