@@ -75,7 +75,7 @@ def _resident_runs(
     progress: Callable[[str], None],
 ) -> list[dict]:
     """Per method: the official style, then dpzo's step per autocast and way of holding theta
-    (and, where the fused kernels are the default, the block-buffer passes beside them)."""
+    (and, where the fused Triton kernels are the default, the block-buffer passes beside them)."""
     name, runs = setup.name, []
     for method in methods:
         runs.append(time_official(setup, method, steps=steps, warmup=warmup))
@@ -84,9 +84,9 @@ def _resident_runs(
             for m in _masters(method, master, setup.dtype):
                 runs.append(time_dpzo(setup, method, autocast=ac, master=m, steps=steps, warmup=warmup))
                 progress(f"{name}: {method} dpzo (autocast {ac}, master {m}) {runs[-1]['ms_per_step']:.2f} ms/step")
-                if fused_passes(
-                    setup.device
-                ):  # the fused kernels are the default here: the block-buffer row beside them
+                if setup.device.type == "cuda" and fused_passes(setup.device):
+                    # the Triton kernels are the default here: the block-buffer row beside them (on
+                    # the CPU the torch passes are the emulated z, 15x slower: z alone shows that)
                     runs.append(
                         time_dpzo(setup, method, autocast=ac, master=m, steps=steps, warmup=warmup, fused=False)
                     )
