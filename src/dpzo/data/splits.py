@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from dpzo.data.inputs import missing_task_file
 from dpzo.fileio import write_jsonl_atomic
@@ -85,6 +84,8 @@ def _read_text(path: Path, task: TaskSpec) -> str:
 
 def _parse(task: TaskSpec, path: Path, text: str) -> tuple[list[list[str]], list[str]]:
     """(texts per example, raw labels) from the file's text, checking the columns."""
+    import pandas as pd  # only the raw task files need it: a cell reads its splits as JSON lines
+
     try:
         if task.file_format == "csv":
             frame = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False)
