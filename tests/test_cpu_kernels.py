@@ -80,6 +80,21 @@ def test_z_does_not_depend_on_threads_or_cuts():
     assert not torch.equal(cpu_kernels.normal_(torch.empty(n), seed + 1, 11), whole)
 
 
+def test_the_passes_run_on_torchs_thread_count_and_leave_it_alone(monkeypatch):
+    """One thread in torch is one thread in the passes; numba's own pool does not change torch's."""
+    monkeypatch.delenv("NUMBA_THREADING_LAYER", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cpu_kernels.normal_(torch.empty(10_000), 1, 0)
+            assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+            assert torch.get_num_threads() == threads
+        assert numba.threading_layer() == "workqueue"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_z_is_standard_normal():
     from scipy import stats
 

@@ -24,6 +24,7 @@ thread draws z in tiles of ``TILE`` coordinates that stay in its L1 cache.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numba
@@ -33,6 +34,12 @@ from numba import njit, prange
 
 from dpzo.zo import philox
 from dpzo.zo.cost import is_fake
+
+# numba's own thread pool, not its OpenMP layer: that one shares the OpenMP runtime torch uses
+# (setting numba's thread count changed torch's) and is not safe across a fork.  Set before the
+# first parallel launch; NUMBA_THREADING_LAYER still chooses another.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 #: the dtypes ``out`` and ``base`` may have
 DTYPES = (torch.float32, torch.float64)
