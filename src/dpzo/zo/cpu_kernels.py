@@ -10,12 +10,12 @@ polynomials (Cephes' ``logf`` and ``cosf``, written without branches so that the
 z agrees with the other implementations to a few float32 ulp, as those agree with each other.
 
 Why numba: it is a kept, pip-installable compiler that brings its own LLVM, so the passes compile
-on a fresh machine without a C compiler (torch's inductor needs one on the CPU), and it
-vectorises the Philox rounds and the polynomials (about 1.0 x ``torch.randn``'s throughput on
-one thread, 18 x the int64 emulation's) and runs the passes on threads.  The compiled code is
-cached beside this file (numba's ``cache=True``), so only a process that finds no cache compiles
-(a few seconds).  Imported only where used (``dpzo.zo.backend``): ``import dpzo`` does not import
-numba.
+on a fresh machine without a C compiler (torch's inductor needs one on the CPU); it vectorises
+the Philox rounds and the polynomials (0.8-1.0 x ``torch.randn``'s throughput on one thread,
+about 15 x the int64 emulation's) and runs the passes on torch's thread count.  The compiled
+code is cached beside this file (numba's ``cache=True``), so only a process that finds no cache
+compiles (a few seconds).  Loaded only where used (``dpzo.zo.philox.compiled``): ``import dpzo``
+does not import numba.
 
 A pass sums the terms in float64 and rounds once to ``out``'s dtype (float32 or float64; other
 dtypes run the torch passes).  Work is cut into one contiguous share per thread, and each
