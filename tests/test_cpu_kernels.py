@@ -16,7 +16,13 @@ import torch
 from dpzo.zo import philox
 from dpzo.zo.flat import FlatParameters, fused_passes
 
-from .zo_passes import Z_TOL, assert_fused_training_follows_torch, reference
+from .zo_passes import (
+    Z_TOL,
+    assert_fused_training_follows_torch,
+    assert_masked_pass_touches_only_the_mask,
+    dense_pass_case,
+    reference,
+)
 
 numba = pytest.importorskip("numba")
 cpu_kernels = pytest.importorskip("dpzo.zo.cpu_kernels")
@@ -106,17 +112,12 @@ def test_z_is_standard_normal():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("offset", [0, 2**32 - 100])
 def test_dense_pass_equals_the_reference(dtype, offset):
-    n = 3000
-    base = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
-    seeds, coefs = [11, 2**62 + 5, 7], [0.5, torch.tensor(-1.25), 2.0]
-    out = torch.empty_like(base)
-    cpu_kernels.dense_pass(out, base, seeds, coefs, offset=offset)
-    torch.testing.assert_close(out.double(), reference(base, seeds, coefs, offset), **Z_TOL)
+    base, seeds, coefs, out = dense_pass_case(cpu_kernels, dtype, offset)
     again = base.clone()  # in place (out is base)
     cpu_kernels.dense_pass(again, again, seeds, coefs, offset=offset)
     assert torch.equal(again, out)
     # a float32 part of a float64 master: the sum is float64 and rounded once
-    wide = torch.empty(n, dtype=torch.float32)
+    wide = torch.empty(base.numel(), dtype=torch.float32)
     cpu_kernels.dense_pass(wide, base.double(), seeds, coefs, offset=offset)
     torch.testing.assert_close(wide.double(), reference(base, seeds, coefs, offset), **Z_TOL)
 
@@ -124,17 +125,7 @@ def test_dense_pass_equals_the_reference(dtype, offset):
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_masked_pass_touches_only_the_mask(scaled, dtype):
-    n = 2000
-    base = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(dtype)
-    index = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:300].sort().values
-    scales = torch.linspace(1.2, 0.8, 300, dtype=dtype) if scaled else None
-    seeds, coefs = [5, 6], [0.1, torch.tensor(-0.3, dtype=torch.float64)]
-    out = base.clone()
-    cpu_kernels.masked_pass(out, out, index, seeds, coefs, offset=17, scales=scales)
-    torch.testing.assert_close(out.double(), reference(base, seeds, coefs, 17, index, scales), **Z_TOL)
-    outside = torch.ones(n, dtype=torch.bool)
-    outside[index] = False
-    assert torch.equal(out[outside], base[outside])
+    assert_masked_pass_touches_only_the_mask(cpu_kernels, scaled, dtype)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .zo_passes import Z_TOL, assert_fused_training_follows_torch, reference
+from .zo_passes import assert_fused_training_follows_torch, assert_masked_pass_touches_only_the_mask, dense_pass_case
 
 pytest.importorskip("triton")
 # Triton chooses the interpreter when it is imported, and other libraries may import it first
@@ -42,14 +42,7 @@ def test_kernels_under_the_interpreter():
 def test_dense_pass_equals_the_torch_pass(dtype, offset):
     from dpzo.zo import kernels
 
-    n = 3000
-    base = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
-    seeds, coefs = [11, 2**62 + 5, 7], [0.5, torch.tensor(-1.25), 2.0]
-    out = torch.empty_like(base)
-    kernels.dense_pass(out, base, seeds, coefs, offset=offset)
-    expected = reference(base, seeds, coefs, offset)
-    tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float16 else Z_TOL
-    torch.testing.assert_close(out.double(), expected, **tol)
+    base, seeds, coefs, out = dense_pass_case(kernels, dtype, offset)
     # in place (out is base), and the grid does not matter
     again = base.clone()
     kernels.BLOCK, old = 128, kernels.BLOCK
@@ -65,18 +58,7 @@ def test_dense_pass_equals_the_torch_pass(dtype, offset):
 def test_masked_pass_touches_only_the_mask(scaled):
     from dpzo.zo import kernels
 
-    n = 2000
-    base = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    index = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:300].sort().values
-    scales = torch.linspace(1.2, 0.8, 300, dtype=torch.float64) if scaled else None
-    seeds, coefs = [5, 6], [0.1, -0.3]
-    out = base.clone()
-    kernels.masked_pass(out, out, index, seeds, coefs, offset=17, scales=scales)
-    expected = reference(base, seeds, coefs, 17, index, scales)
-    torch.testing.assert_close(out, expected, **Z_TOL)
-    outside = torch.ones(n, dtype=torch.bool)
-    outside[index] = False
-    assert torch.equal(out[outside], base[outside])
+    assert_masked_pass_touches_only_the_mask(kernels, scaled)
 
 
 @in_interpreter

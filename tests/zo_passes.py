@@ -26,6 +26,34 @@ def reference(base, seeds, coefs, offset, index=None, scales=None):
     return out
 
 
+def dense_pass_case(kernels, dtype, offset):
+    """One dense pass of ``kernels`` on a base of ``dtype``, three terms (one a tensor), checked
+    against :func:`reference`; returns (base, seeds, coefficients, the pass's output)."""
+    base = torch.randn(3000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seeds, coefs = [11, 2**62 + 5, 7], [0.5, torch.tensor(-1.25), 2.0]
+    out = torch.empty_like(base)
+    kernels.dense_pass(out, base, seeds, coefs, offset=offset)
+    tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float16 else Z_TOL
+    torch.testing.assert_close(out.double(), reference(base, seeds, coefs, offset), **tol)
+    return base, seeds, coefs, out
+
+
+def assert_masked_pass_touches_only_the_mask(kernels, scaled, dtype=torch.float64):
+    """A masked pass of ``kernels``, in place, with or without scales: the reference on the mask,
+    every other coordinate untouched."""
+    n = 2000
+    base = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:300].sort().values
+    scales = torch.linspace(1.2, 0.8, 300, dtype=dtype) if scaled else None
+    seeds, coefs = [5, 6], [0.1, torch.tensor(-0.3, dtype=torch.float64)]
+    out = base.clone()
+    kernels.masked_pass(out, out, index, seeds, coefs, offset=17, scales=scales)
+    torch.testing.assert_close(out.double(), reference(base, seeds, coefs, 17, index, scales), **Z_TOL)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[index] = False
+    assert torch.equal(out[outside], base[outside])
+
+
 def assert_fused_training_follows_torch(monkeypatch, kernels, fused_env, method, master_dtype):
     """train_zo with every pass one of ``kernels`` (``DPZO_FUSED=fused_env``) follows the torch
     passes (``DPZO_FUSED=0``): a quadratic, two stages, two directions, a proximal pull, and for

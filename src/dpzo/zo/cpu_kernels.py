@@ -144,23 +144,37 @@ def _box_muller(z, u1, u2, m):
 
 
 @njit(inline="always")
-def _draw(z, u1, u2, seed, first, m):
-    """z(seed) at the counters first, first + 1, ..., first + m - 1 into z[:m]."""
+def _draw(z, u1, u2, seed, counters, m):
+    """z(seed) at counters[:m] into z[:m]."""
     k0 = seed & _MASK32
     k1 = seed >> _U64(32)
     for j in range(m):
-        u1[j], u2[j] = _uniforms(first + _U64(j), k0, k1)
+        u1[j], u2[j] = _uniforms(counters[j], k0, k1)
     _box_muller(z, u1, u2, m)
 
 
 @njit(inline="always")
-def _draw_at(z, u1, u2, seed, offset, index, lo, m):
-    """z(seed) at the counters offset + index[lo:lo + m] into z[:m]."""
-    k0 = seed & _MASK32
-    k1 = seed >> _U64(32)
+def _sum_of_terms(total, scratch, seeds, coefs, m):
+    """total[:m] = sum_k coefs[k] z(seeds[k]) at the scratch's counters, in float64."""
+    counters, u1, u2, z = scratch
     for j in range(m):
-        u1[j], u2[j] = _uniforms(offset + _U64(index[lo + j]), k0, k1)
-    _box_muller(z, u1, u2, m)
+        total[j] = 0.0
+    for k in range(seeds.shape[0]):
+        _draw(z, u1, u2, seeds[k], counters, m)
+        c = coefs[k]
+        for j in range(m):
+            total[j] += c * np.float64(z[j])
+
+
+@njit(inline="always")
+def _scratch():
+    """One thread's tile rows: the counters, the two uniforms, z."""
+    return (
+        np.empty(TILE, np.uint64),
+        np.empty(TILE, np.float32),
+        np.empty(TILE, np.float32),
+        np.empty(TILE, np.float32),
+    )
 
 
 @njit(inline="always")
@@ -175,12 +189,12 @@ def _fill(out, seed, start, parts):
     n = out.shape[0]
     for part in prange(parts):
         lo, hi = _share(n, part, parts)
-        u1 = np.empty(TILE, np.float32)
-        u2 = np.empty(TILE, np.float32)
-        z = np.empty(TILE, np.float32)
+        counters, u1, u2, z = _scratch()
         for t in range(lo, hi, TILE):
             m = min(TILE, hi - t)
-            _draw(z, u1, u2, seed, start + _U64(t), m)
+            for j in range(m):
+                counters[j] = start + _U64(t + j)
+            _draw(z, u1, u2, seed, counters, m)
             for j in range(m):
                 out[t + j] = z[j]
 
@@ -190,19 +204,13 @@ def _dense(out, base, seeds, coefs, offset, parts):
     n = out.shape[0]
     for part in prange(parts):
         lo, hi = _share(n, part, parts)
-        u1 = np.empty(TILE, np.float32)
-        u2 = np.empty(TILE, np.float32)
-        z = np.empty(TILE, np.float32)
+        scratch = _scratch()
         total = np.empty(TILE, np.float64)
         for t in range(lo, hi, TILE):
             m = min(TILE, hi - t)
             for j in range(m):
-                total[j] = 0.0
-            for k in range(seeds.shape[0]):
-                _draw(z, u1, u2, seeds[k], offset + _U64(t), m)
-                c = coefs[k]
-                for j in range(m):
-                    total[j] += c * np.float64(z[j])
+                scratch[0][j] = offset + _U64(t + j)
+            _sum_of_terms(total, scratch, seeds, coefs, m)
             for j in range(m):
                 out[t + j] = np.float64(base[t + j]) + total[j]
 
@@ -212,19 +220,13 @@ def _masked(out, base, index, scales, scaled, seeds, coefs, offset, parts):
     n = index.shape[0]
     for part in prange(parts):
         lo, hi = _share(n, part, parts)
-        u1 = np.empty(TILE, np.float32)
-        u2 = np.empty(TILE, np.float32)
-        z = np.empty(TILE, np.float32)
+        scratch = _scratch()
         total = np.empty(TILE, np.float64)
         for t in range(lo, hi, TILE):
             m = min(TILE, hi - t)
             for j in range(m):
-                total[j] = 0.0
-            for k in range(seeds.shape[0]):
-                _draw_at(z, u1, u2, seeds[k], offset, index, t, m)
-                c = coefs[k]
-                for j in range(m):
-                    total[j] += c * np.float64(z[j])
+                scratch[0][j] = offset + _U64(index[t + j])
+            _sum_of_terms(total, scratch, seeds, coefs, m)
             if scaled:
                 for j in range(m):
                     total[j] *= np.float64(scales[t + j])
