@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from dpzo.zo import philox
+from dpzo.zo import stream
 from dpzo.zo.cost import is_fake
 
 # numba's own thread pool, not its OpenMP layer: that one shares the OpenMP runtime torch uses
@@ -47,14 +47,14 @@ DTYPES = (torch.float32, torch.float64)
 TILE = 512
 
 _U64 = np.uint64
-_MASK32 = _U64(philox.MASK32)
-_ROUND_A, _ROUND_B = _U64(philox.ROUND_A), _U64(philox.ROUND_B)
-_KEY_A, _KEY_B = _U64(philox.KEY_A), _U64(philox.KEY_B)
+_MASK32 = _U64(stream.MASK32)
+_ROUND_A, _ROUND_B = _U64(stream.ROUND_A), _U64(stream.ROUND_B)
+_KEY_A, _KEY_B = _U64(stream.KEY_A), _U64(stream.KEY_B)
 _F32 = np.float32
 _I32 = np.int32
-_SCALE = _F32(philox.UNIFORM_SCALE)
-_MIN_UNIFORM = _F32(philox.MIN_UNIFORM)
-_TWO_PI = _F32(philox.TWO_PI)
+_SCALE = _F32(stream.UNIFORM_SCALE)
+_MIN_UNIFORM = _F32(stream.MIN_UNIFORM)
+_TWO_PI = _F32(stream.TWO_PI)
 
 
 @njit(inline="always")

@@ -25,15 +25,7 @@ import warnings
 import torch
 
 from dpzo.zo.cost import CostTracker, is_fake
-
-MASK32 = 0xFFFFFFFF
-# Philox4x32 constants (Salmon et al. 2011; Triton's philox_impl)
-KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
-ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
-ROUNDS = 10
-UNIFORM_SCALE = 4.6566127342e-10  # 2**-31, Triton's uint_to_uniform_float for 32-bit draws
-TWO_PI = 6.283185307179586
-MIN_UNIFORM = 1.0e-7
+from dpzo.zo.stream import KEY_A, KEY_B, MASK32, MIN_UNIFORM, ROUND_A, ROUND_B, ROUNDS, TWO_PI, UNIFORM_SCALE
 
 #: coordinates computed at a time on the CPU (the temporaries stay in cache)
 CPU_SLICE = 1 << 14
