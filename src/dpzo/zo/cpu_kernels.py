@@ -43,7 +43,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 #: the dtypes ``out`` and ``base`` may have
 DTYPES = (torch.float32, torch.float64)
-#: coordinates drawn at a time by one thread (three float32 scratch rows of this length)
+#: coordinates drawn at a time by one thread (its scratch rows: the counters, two uniforms, z)
 TILE = 512
 
 _U64 = np.uint64
