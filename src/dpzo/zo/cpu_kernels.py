@@ -41,8 +41,6 @@ from dpzo.zo.cost import is_fake
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-#: the dtypes ``out`` and ``base`` may have
-DTYPES = (torch.float32, torch.float64)
 #: coordinates drawn at a time by one thread (its scratch rows: the counters, two uniforms, z)
 TILE = 512
 

@@ -147,7 +147,7 @@ def fused_passes(device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> ty
         from dpzo.zo import kernels
 
         return kernels
-    if device.type == "cpu" and all(d in (torch.float32, torch.float64) for d in dtypes):
+    if device.type == "cpu" and all(d in philox.COMPILED_DTYPES for d in dtypes):
         return philox.compiled()
     return None
 

@@ -103,6 +103,10 @@ def _fake_slice(keys: list[tuple[int, int]], start: int, n: int, device: torch.d
         torch.empty(extra, dtype=torch.uint8, device=device)
 
 
+#: the dtypes the compiled CPU passes fill and move (other dtypes run the torch ones)
+COMPILED_DTYPES = (torch.float32, torch.float64)
+
+
 @functools.cache
 def _load_compiled() -> types.ModuleType | None:
     """``dpzo.zo.cpu_kernels``, compiled (or loaded from numba's cache) now; None, with a one-line
@@ -139,7 +143,7 @@ def normal_(out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
     (:func:`compiled`), everything else by :func:`torch_normal_`."""
     if out.dim() != 1:
         raise ValueError(f"out must be 1-D, got shape {tuple(out.shape)}")
-    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and out.is_contiguous():
+    if out.device.type == "cpu" and out.dtype in COMPILED_DTYPES and out.is_contiguous():
         kernels = compiled()
         if kernels is not None:
             return kernels.normal_(out, seed, start)
