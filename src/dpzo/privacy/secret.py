@@ -102,6 +102,15 @@ class SecretRandom:
         """``size`` independent N(0, 1) draws (float64), e.g. DP-SGD's noise vector."""
         return self._generator.standard_normal(operator.index(size))
 
+    def uniform(self) -> float:
+        """One draw uniform on [0, 1), e.g. to invert a distribution function (the number of
+        candidate runs of a private selection)."""
+        return float(self._generator.random())
+
+    def integer(self, high: int) -> int:
+        """One integer uniform on ``range(high)``, e.g. a candidate's point of a grid."""
+        return int(self._generator.integers(operator.index(high)))
+
     def standard_laplace(self) -> float:
         """One Laplace(0, 1) draw (density exp(-|x|)/2), for the pure-DP Laplace mechanism."""
         return float(self._generator.laplace(0.0, 1.0))
