@@ -40,6 +40,7 @@ wildcard_constraints:
     mode=r"[a-z]+",
     mseed=r"[0-9]+",
     ratio=r"[0-9.e\-]+",
+    cand=r"[0-9]+",
 
 
 include: "workflow/rules/demo.smk"
@@ -47,6 +48,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/masks.smk"
 include: "workflow/rules/privacy.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/tuning.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/audit.smk"
 
@@ -60,6 +62,8 @@ localrules:
     demo_data,
     fewshot,
     account,
+    tune_draw,
+    tune_select,
     collect,
     summarize,
     accuracy_table,

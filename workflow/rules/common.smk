@@ -1,5 +1,6 @@
 # Helpers shared by all .smk files: config validation, the cell grid and input functions.
 
+import re
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -11,6 +12,8 @@ from dpzo.privacy.secret import noise_source
 from dpzo.methods import TRAINER_ZO, get_method
 from dpzo.masks.settings import MaskSettings, ratio_label
 from dpzo.pipeline.preflight import require_inputs
+from dpzo.pipeline.tuning import privately_tuned
+from dpzo.fileio import read_json_output
 from dpzo.data.tasks import TASKS
 
 SCHEMA = Path(workflow.current_basedir) / ".." / "schemas" / "config.schema.yaml"
@@ -33,6 +36,13 @@ TABLE_FORMATS = ("csv", "md", "tex", "html")
 RUN = "{model}/{task}/{method}/eps{eps}/seed{seed}"
 MASK = "results/masks/{model}/{task}/{scorer}-{selection}-{scope}-{mode}-seed{mseed}-r{ratio}.pt"
 AUDIT = "results/audit/{model}/{task}/{method}/eps{eps}/audit.json"
+
+
+# Methods whose cells are a private selection (tune: {mode: private}): tuning.smk makes their
+# metrics from candidate runs; the train rule makes every other cell's.
+TUNED_NAMES = "|".join(re.escape(m) for m, p in config["methods"].items() if privately_tuned(p)) or "(?!)"
+TUNED_METHOD = rf"(?:{TUNED_NAMES})"
+TRAINED_METHOD = rf"(?!{TUNED_METHOD}/)[a-z0-9\-]+(\+[A-Za-z0-9.\-]+)?"
 
 
 def audit_cfg(key):
@@ -186,6 +196,17 @@ def train_gpus(wildcards):
 def slurm_tasks(wildcards):
     """SLURM tasks of a train job: one per rank (a GPU job gets one task per GPU instead)."""
     return cell_ranks(wildcards) if not cuda_gpus(wildcards) else 1
+
+
+def candidate_outputs(name):
+    """An input function: the `name` file of every candidate run the cell's draw job drew."""
+
+    def files(wildcards):
+        draws = checkpoints.tune_draw.get(**wildcards).output.draws
+        runs = read_json_output(draws)["runs"]
+        return [f"results/tuning/{RUN}/cand{i}/{name}".format(**wildcards, i=i) for i in range(runs)]
+
+    return files
 
 
 def method_params(wildcards):

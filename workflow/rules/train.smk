@@ -19,6 +19,9 @@ rule train:
         f"logs/train/{RUN}.log",
     benchmark:
         f"benchmarks/train/{RUN}.tsv"
+    # a privately tuned method's cells are the selection's (tuning.smk)
+    wildcard_constraints:
+        method=TRAINED_METHOD,
     conda:
         "../../envs/dpzo.yaml"
     # `threads` per rank; a model with `ranks` > 1 trains its zeroth-order cells on that many

@@ -84,7 +84,9 @@ class Method:
         return self.trainer != TRAINER_NONE
 
     def hyperparameters_from(self, params: dict) -> Any:
-        """The typed hyperparameters of a config block, checked for this method."""
+        """The typed hyperparameters of a config block, checked for this method (its ``tune`` block,
+        how the values are chosen, is not a hyperparameter: ``dpzo.pipeline.tuning``)."""
+        params = {key: value for key, value in params.items() if key != "tune"}
         if self.hyperparameters is None:
             if params:
                 raise ValueError(f"{self.name} takes no hyperparameters; got {sorted(params)}")

@@ -117,6 +117,7 @@ class CellRun:
     curve: CurveSettings | None = None
     allow_new_head: bool = False
     tf32: bool = True
+    candidate: Any = None  # a candidate run of a private selection (dpzo.pipeline.tuning.Candidate)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class VerifiedCell:
     task: Any
     train_examples: list
     noise: VerifiedNoise
+    validation_examples: list | None = None  # a candidate run's held-out rows, scored with noise
+    score_sigma: float | None = None
 
     @property
     def private(self) -> bool:
@@ -148,8 +151,30 @@ def verify_cell(run: CellRun) -> VerifiedCell:
     problem = task.method_problem(cell.method)
     if problem:
         raise ValueError(problem)
-    hp = hyperparameters_for(cell.method, run.method_params)
     train_examples = load_split(Path(run.split_dir) / "train.jsonl")
+    if run.candidate is not None:  # a candidate of a private selection: the selection's ledger
+        from dpzo.pipeline.tuning import verify_candidate
+
+        checked = verify_candidate(
+            run.candidate,
+            cell=cell,
+            ledger=ledger,
+            examples=train_examples,
+            params=run.method_params,
+            settings=run.accounting,
+            path=run.ledger_path,
+        )
+        return VerifiedCell(
+            cell,
+            ledger,
+            checked.hp,
+            task,
+            checked.train_examples,
+            checked.noise,
+            validation_examples=checked.validation_examples,
+            score_sigma=checked.score_sigma,
+        )
+    hp = hyperparameters_for(cell.method, run.method_params)
     noise = verify_ledger(
         ledger, cell=cell, hp=hp, n=len(train_examples), settings=run.accounting, path=run.ledger_path
     )
@@ -213,6 +238,8 @@ def prepare_cell(run: CellRun, verified: VerifiedCell) -> PreparedCell:
         train_data=file_digest(split_dir / "train.jsonl"),
         masks=[file_digest(f) for f in run.mask_files],
     )
+    if run.candidate is not None:
+        identity["candidate"] = run.candidate.index
     return PreparedCell(
         model=lm,
         family=family,
@@ -372,10 +399,23 @@ def run_cell(
             return None  # rank 0 evaluates and writes the outputs
         if verified.private:
             check_ledger_after(verified.ledger, history)
+        candidate = None
+        if verified.validation_examples is not None:  # scored before anything else sees the model
+            from dpzo.pipeline.tuning import score_candidate
+
+            validation = evaluate(
+                prepared.clf, prepared.clf.encode(verified.validation_examples), batch_size=run.eval_batch_size
+            )
+            candidate = score_candidate(
+                validation, score_sigma=verified.score_sigma, secret=secret, candidate=run.candidate
+            )
         result = evaluate(prepared.clf, prepared.test_set, batch_size=run.eval_batch_size)
         metrics = cell_metrics(run, verified, prepared, result, history, team=team, wall_start=wall_start)
         metrics.cost = cell_cost(run, verified, prepared, _masks(run, verified, prepared))  # last: it moves the weights
-    return metrics.to_json()
+    out = metrics.to_json()
+    if candidate is not None:
+        out["candidate"] = candidate
+    return out
 
 
 def _masks(run: CellRun, verified: VerifiedCell, prepared: PreparedCell) -> Callable[[int], Mask] | None:

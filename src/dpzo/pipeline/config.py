@@ -210,6 +210,7 @@ def _cross_reference_problems(config: dict) -> list[str]:
                 f"add it to `{what}` or pick one of those"
             )
     problems += _hyperparameter_problems(config["methods"])
+    problems += _tune_problems(config["methods"])
     problems += _published_accounting_problems(config)
     problems += _placement_problems(config)
     problems += _offload_problems(config)
@@ -295,6 +296,13 @@ def _placement_problems(config: dict) -> list[str]:
                     "(and no placement or max_memory)"
                 )
     return problems
+
+
+def _tune_problems(methods: dict) -> list[str]:
+    """What each method's ``tune`` block cannot do (``dpzo.pipeline.tuning.tune_problems``)."""
+    from dpzo.pipeline.tuning import tune_problems
+
+    return [problem for method, params in methods.items() for problem in tune_problems(method, dict(params or {}))]
 
 
 def _hyperparameter_problems(methods: dict) -> list[str]:

@@ -144,34 +144,45 @@ def _cell(snakemake):
 
 def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
+    from dpzo.pipeline.tuning import privately_tuned, write_selection_ledger
     from dpzo.privacy.ledger import AccountingSettings, write_cell_ledger
 
     _setup(snakemake)
     p = snakemake.params
+    settings = AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=p.noise)
+    if privately_tuned(p.method_params):  # the selection's ledger: every candidate and the release of the best
+        write_selection_ledger(
+            _cell(snakemake),
+            p.method_params,
+            train_file=snakemake.input.train,
+            settings=settings,
+            path=snakemake.output.ledger,
+            cache_dir=p.calibrations,
+        )
+        return
     write_cell_ledger(
         _cell(snakemake),
         p.method_params,
         train_file=snakemake.input.train,
         # the noise source the trainer must use, as the run that planned this cell saw it
-        settings=AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=p.noise),
+        settings=settings,
         path=snakemake.output.ledger,
         cache_dir=p.calibrations,
     )
 
 
-def train(snakemake) -> None:
-    """Train and evaluate one cell (``dpzo.pipeline.cell.train_cell``: its lock, its attempts, its outputs)."""
-    from dpzo.pipeline.cell import CellRun, checkpoint_policy, curve_settings, train_cell
+def _cell_run(snakemake, method_params: dict, candidate=None):
+    """The ``CellRun`` of a train job (or of a candidate run of a private selection)."""
+    from dpzo.pipeline.cell import CellRun, checkpoint_policy, curve_settings
     from dpzo.privacy.ledger import AccountingSettings, cell_noise
 
-    _setup(snakemake)
     p = snakemake.params
     cell = _cell(snakemake)
-    run = CellRun(
+    return CellRun(
         cell,
         model_path=str(p.model_path),
         split_dir=str(Path(snakemake.input.train).parent),
-        method_params=dict(p.method_params),
+        method_params=dict(method_params),
         ledger_path=str(snakemake.input.ledger),
         # this process's own noise source: the ledger must have been made for it
         accounting=AccountingSettings(
@@ -191,12 +202,66 @@ def train(snakemake) -> None:
         curve=curve_settings(snakemake.config.get("curves")),
         allow_new_head=bool(p.model_cfg.get("allow_new_head", False)),
         tf32=bool(p.tf32),
+        candidate=candidate,
     )
+
+
+def train(snakemake) -> None:
+    """Train and evaluate one cell (``dpzo.pipeline.cell.train_cell``: its lock, its attempts, its
+    outputs), or one candidate run of a private selection (a job with the draws among its inputs)."""
+    from dpzo.pipeline.cell import train_cell
+
+    if "draws" in snakemake.input.keys():
+        tune_candidate(snakemake)
+        return
+    _setup(snakemake)
     train_cell(
-        run,
+        _cell_run(snakemake, snakemake.params.method_params),
         metrics_path=snakemake.output.metrics,
         diagnostics_path=snakemake.output.diagnostics,
-        ranks=int(p.model_cfg.get("ranks", 1)),
+        ranks=int(snakemake.params.model_cfg.get("ranks", 1)),
+    )
+
+
+def tune_draw(snakemake) -> None:
+    """A private selection's number of candidate runs and their grid points, from the secret generator."""
+    from dpzo.pipeline.tuning import write_draws
+
+    _setup(snakemake)
+    write_draws(
+        _cell(snakemake), snakemake.params.method_params, ledger=snakemake.input.ledger, path=snakemake.output.draws
+    )
+
+
+def tune_candidate(snakemake) -> None:
+    """One candidate run of a private selection: its grid point trained and scored (``dpzo.pipeline.tuning``)."""
+    from dpzo.pipeline.cell import train_cell
+    from dpzo.pipeline.tuning import candidate_of
+
+    _setup(snakemake)
+    params = snakemake.params.method_params
+    candidate = candidate_of(_cell(snakemake), params, draws=snakemake.input.draws, index=int(snakemake.wildcards.cand))
+    train_cell(
+        _cell_run(snakemake, candidate.method_params(params), candidate),
+        metrics_path=snakemake.output.metrics,
+        diagnostics_path=snakemake.output.diagnostics,
+    )
+
+
+def tune_select(snakemake) -> None:
+    """Publish the best candidate run as the cell's result (``dpzo.pipeline.tuning.select``)."""
+    from dpzo.pipeline.tuning import select
+
+    _setup(snakemake)
+    select(
+        _cell(snakemake),
+        ledger=snakemake.input.ledger,
+        draws=snakemake.input.draws,
+        candidates=list(snakemake.input.candidates),
+        diagnostics=list(snakemake.input.diagnostics),
+        metrics_path=snakemake.output.metrics,
+        diagnostics_path=snakemake.output.diagnostics,
+        record_path=snakemake.output.record,
     )
 
 

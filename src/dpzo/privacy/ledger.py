@@ -214,6 +214,26 @@ class VerifiedNoise:
     accountant: str | None
 
 
+def check_identity(ledger: Any, *, cell: Cell, settings: AccountingSettings, path: str | Path | None = None) -> None:
+    """The ledger is this cell's: its cell, method, target ε, convention, accountant and noise source."""
+    if not isinstance(ledger, dict):
+        raise LedgerMismatch(path, "the ledger", type(ledger).__name__, "a JSON object")
+    recorded = ledger.get("cell") or {}
+    for key, value in cell.as_dict().items():
+        if str(recorded.get(key)) != str(value):
+            raise LedgerMismatch(path, f"cell.{key}", recorded.get(key), value)
+    if ledger.get("method") != cell.method:
+        raise LedgerMismatch(path, "method", ledger.get("method"), cell.method)
+    target = cell.epsilon if is_private(cell.method) else math.inf
+    if _number(ledger.get("epsilon_target")) != target:
+        raise LedgerMismatch(
+            path, "epsilon_target", ledger.get("epsilon_target"), "inf" if math.isinf(target) else target
+        )
+    for key in ("convention", "accountant", "noise"):
+        if ledger.get(key) != getattr(settings, key):
+            raise LedgerMismatch(path, key, ledger.get(key), getattr(settings, key))
+
+
 def verify_ledger(
     ledger: dict, *, cell: Cell, hp: Any, n: int, settings: AccountingSettings, path: str | Path | None = None
 ) -> VerifiedNoise:
@@ -223,23 +243,9 @@ def verify_ledger(
     and ``settings`` the config's accounting (with this process's noise source).  Returns the
     noise to add.  Raises :class:`LedgerMismatch` before anything has trained.
     """
-    if not isinstance(ledger, dict):
-        raise LedgerMismatch(path, "the ledger", type(ledger).__name__, "a JSON object")
-    recorded = ledger.get("cell") or {}
-    for key, value in cell.as_dict().items():
-        if str(recorded.get(key)) != str(value):
-            raise LedgerMismatch(path, f"cell.{key}", recorded.get(key), value)
-    if ledger.get("method") != cell.method:
-        raise LedgerMismatch(path, "method", ledger.get("method"), cell.method)
+    check_identity(ledger, cell=cell, settings=settings, path=path)
     private = is_private(cell.method)
     target = cell.epsilon if private else math.inf
-    if _number(ledger.get("epsilon_target")) != target:
-        raise LedgerMismatch(
-            path, "epsilon_target", ledger.get("epsilon_target"), "inf" if math.isinf(target) else target
-        )
-    for key in ("convention", "accountant", "noise"):
-        if ledger.get(key) != getattr(settings, key):
-            raise LedgerMismatch(path, key, ledger.get(key), getattr(settings, key))
     if private:
         check_counts(ledger, n=n, hp=hp, method=cell.method, path=path)
     if math.isinf(target):  # no claim: no noise

@@ -1,0 +1,66 @@
+# Private hyperparameter selection (a method with tune: {mode: private}; docs/tuning.md): the
+# cell's ledger accounts the whole selection; the draw picks the number of candidate runs and
+# their grid points (secret); each candidate is a job of its own (cached, resumable, submitted
+# like any cell); the selection reads their records and publishes the best as the cell's result.
+
+
+checkpoint tune_draw:
+    input:
+        ledger=rules.account.output.ledger,
+    output:
+        draws=f"results/tuning/{RUN}/draws.json",
+    log:
+        f"logs/tune_draw/{RUN}.log",
+    wildcard_constraints:
+        method=TUNED_METHOD,
+    conda:
+        "../../envs/dpzo.yaml"
+    params:
+        method_params=method_params,
+    script:
+        "../scripts/tune_draw.py"
+
+
+use rule train as tune_candidate with:
+    input:
+        train=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/train.jsonl",
+        test=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/test.jsonl",
+        ledger=rules.account.output.ledger,
+        draws=rules.tune_draw.output.draws,
+        model=model_input,
+        weights=model_files,
+        masks=mask_files,
+    output:
+        metrics=f"results/tuning/{RUN}/cand{{cand}}/metrics.json",
+        diagnostics=f"results/tuning/{RUN}/cand{{cand}}/private_diagnostics.json",
+    log:
+        f"logs/tune_candidate/{RUN}/cand{{cand}}.log",
+    benchmark:
+        f"benchmarks/tune_candidate/{RUN}/cand{{cand}}.tsv"
+    wildcard_constraints:
+        method=TUNED_METHOD,
+        cand=r"[0-9]+",
+    # the train job's script: its draws input makes it a candidate run (pipeline.workflow.train)
+    params:
+        checkpoint=f"results/checkpoints/{RUN}/cand{{cand}}/train_state.pt",
+
+
+rule tune_select:
+    input:
+        ledger=rules.account.output.ledger,
+        draws=rules.tune_draw.output.draws,
+        candidates=candidate_outputs("metrics.json"),
+        diagnostics=candidate_outputs("private_diagnostics.json"),
+    output:
+        metrics=f"results/runs/{RUN}/metrics.json",
+        diagnostics=f"results/runs/{RUN}/private_diagnostics.json",
+        # secret: the number of runs and every run's score (never published)
+        record=f"results/tuning/{RUN}/selection.json",
+    log:
+        f"logs/tune_select/{RUN}.log",
+    wildcard_constraints:
+        method=TUNED_METHOD,
+    conda:
+        "../../envs/dpzo.yaml"
+    script:
+        "../scripts/tune_select.py"
