@@ -72,6 +72,7 @@ localrules:
     figure_accuracy_bars,
     figure_memory_time,
     figure_privacy_utility,
+    figure_tuning_cost,
     figure_training_curves,
     figure_ablation,
     private_diagnostics,

@@ -101,7 +101,8 @@ def report_targets():
     """Every table and figure of the report."""
     tables = [f"results/tables/accuracy-eps{e}.{ext}" for e in config["epsilons"] for ext in TABLE_FORMATS]
     tables += [f"results/tables/{name}.{ext}" for name in ("privacy", "versions") for ext in TABLE_FORMATS]
-    figures = [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    names = [*FIGURES, "tuning-cost"] if TUNED_NAMES != "(?!)" else FIGURES  # a private selection's cost
+    figures = [f"results/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]
     collected = ["results/tables/cells.csv", "results/tables/curves.csv", "results/tables/summary.csv"]
     return [*collected, *tables, *figures]
 

@@ -176,6 +176,27 @@ rule figure_privacy_utility:
         "../scripts/figure.py"
 
 
+rule figure_tuning_cost:
+    input:
+        summary=rules.summarize.output.summary,
+    output:
+        png=report(
+            "results/figures/tuning-cost.png",
+            caption="../report/tuning_cost.rst",
+            category="Figures",
+            labels={"figure": "6 tuning cost"},
+        ),
+        pdf="results/figures/tuning-cost.pdf",
+    log:
+        "logs/report/figure_tuning_cost.log",
+    conda:
+        "../../envs/dpzo.yaml"
+    params:
+        figure="tuning_cost",
+    script:
+        "../scripts/figure.py"
+
+
 rule figure_training_curves:
     input:
         curves=rules.collect.output.curves,

@@ -189,3 +189,20 @@ def verify_selection_ledger(
         )
     release = NoisySum("gaussian", sigma * hp.clip, float(hp.batch_size))
     return VerifiedNoise(release, sigma, achieved, SELECTION_ACCOUNTANT), score_noise * sigma
+
+
+def recomputed_selection_epsilon(ledger: dict) -> float | str:
+    """The ε of the whole selection, recomputed from the ledger's σ, counts and distribution
+    (what the tables publish, never its ``epsilon_achieved``); the reason, as text, when the
+    ledger cannot be read as a selection."""
+    try:
+        selection = ledger["selection"]
+        repetitions = Repetitions(selection["distribution"], float(selection["mean"]), float(selection.get("shape", 1)))
+        run = CandidateRun(
+            q=_number(ledger["q"]),
+            compositions=int(ledger["compositions"]),
+            score_noise=float(selection["score_noise"]),
+        )
+        return selection_epsilon(run, repetitions, _number(ledger["sigma"]), _number(ledger["delta"]))
+    except (KeyError, TypeError, ValueError) as err:
+        return f"not computed: {type(err).__name__}: {err}"

@@ -120,6 +120,26 @@ def _ledger_fields(ledger: dict) -> dict:
     return out
 
 
+def _tuning_fields(metrics: dict, method_params: Mapping | None, ledger_accountant: str) -> dict:
+    """How the cell's hyperparameters were chosen (``dpzo.pipeline.tuning``): the mode, whether a
+    search outside the guarantee chose them, and for a private selection the chosen point, the
+    expected number of runs and the ε of the training alone (by the config's accountant)."""
+    from dpzo.pipeline.tuning import TuneSettings
+
+    tune = TuneSettings.from_params(dict(method_params or {}))
+    selection = metrics.get("selection") or {}
+    return {
+        "tune_mode": selection.get("mode") or (tune.mode if tune else ""),
+        "tuned_outside_guarantee": bool(tune and tune.mode == "none" and tune.searched_on_private_data),
+        "selected": ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.get("selected", {}).items()
+        ),
+        "expected_runs": _number(selection.get("expected_runs")),
+        "grid_points": _number(selection.get("grid_points")),
+        "training_alone_accountant": ledger_accountant if selection else "",
+    }
+
+
 def _mask_fields(method_params: Mapping | None) -> dict:
     """The DP-ZOPO mask settings of the cell's method (empty for other methods)."""
     if not method_params or "mask" not in method_params:
@@ -190,6 +210,7 @@ def cell_row(
         **_benchmark(Path(benchmark) if benchmark else None),
         **_mask_fields((methods or {}).get(method)),
         **_ledger_fields(ledger),
+        **_tuning_fields(metrics, (methods or {}).get(method), ledger.get("accountant", "")),
         **_verified_fields(metrics),
         **_version_fields(metrics),
     }
@@ -362,14 +383,42 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
         reference_task=("reference_task", "first"),
         stand_in=("stand_in", "first"),
         test_noise=("test_noise", "any"),
+        tune_mode=("tune_mode", "first"),
+        tuned_outside_guarantee=("tuned_outside_guarantee", "any"),
         **{f"mask_{name}": (f"mask_{name}", "first") for name in MASK_FIELDS},
     ).reset_index()
+    out = out.merge(_selection_summary(cells), how="left", on=GROUP)
     out["accuracy_std"] = out["accuracy_std"].fillna(0.0)  # one seed: no spread
     out["accuracy"] = out.apply(lambda r: f"{r.accuracy_mean:.1f} ± {r.accuracy_std:.1f}", axis=1)
     out = (
         out.assign(_eps=eps_sort_key(out["eps"])).sort_values(["model", "task", "method", "_eps"]).drop(columns="_eps")
     )
     return out.reset_index(drop=True)
+
+
+def _selection_summary(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task, method, eps) of a private selection: the ε of the training alone and with
+    the selection (mean over seeds), the expected number of runs and each seed's chosen point."""
+    if "epsilon_selection" not in cells:
+        return pd.DataFrame(
+            columns=[*GROUP, "epsilon_selection", "epsilon_training_alone", "expected_runs", "selected"]
+        )
+    tuned = cells[cells["tune_mode"] == "private"].copy()
+    tuned["epsilon_training_alone"] = [
+        _number(row.get(f"epsilon_{row['training_alone_accountant']}")) for _, row in tuned.iterrows()
+    ]
+    tuned["epsilon_selection"] = tuned["epsilon_selection"].map(_number)
+    tuned["selected"] = tuned.apply(lambda r: f"{r.selected} (seed {r.seed})", axis=1)
+    return (
+        tuned.groupby(GROUP, sort=False)
+        .agg(
+            epsilon_selection=("epsilon_selection", "mean"),
+            epsilon_training_alone=("epsilon_training_alone", "mean"),
+            expected_runs=("expected_runs", "first"),
+            selected=("selected", "; ".join),
+        )
+        .reset_index()
+    )
 
 
 def read_cells(path: str | Path) -> pd.DataFrame:
@@ -384,6 +433,9 @@ def read_cells(path: str | Path) -> pd.DataFrame:
         "mechanism",
         "accounting",
         "noise",
+        "tune_mode",
+        "selected",
+        "training_alone_accountant",
         *VERSION_COLUMNS,  # "2.10" is a version, not a number
     ]
     table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})

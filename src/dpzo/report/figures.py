@@ -452,6 +452,70 @@ def privacy_utility(summary: pd.DataFrame, published: pd.DataFrame, png: str | P
 
 
 # --------------------------------------------------------------------------------------------
+# the cost of choosing the hyperparameters
+# --------------------------------------------------------------------------------------------
+def tuning_cost(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
+    """Accuracy of each privately tuned method against the ε of the whole selection (what the cell
+    guarantees) and against the ε of its training alone (what a paper that tunes outside the
+    guarantee would report), beside the same base method with given hyperparameters."""
+    plt = _pyplot()
+
+    tuned = summary[summary["tune_mode"] == "private"] if "tune_mode" in summary else summary.iloc[0:0]
+    pairs = tuned[["model", "task"]].drop_duplicates()
+    fig, panels, first = _panels(plt, pairs, 5.2, 3.8)
+    colours = method_colours(summary["method"])
+    legend: dict[str, object] = {}
+    if not panels:
+        first.set_visible(True)
+        _empty(first, "no privately tuned method in this run (methods.<name>.tune: {mode: private})")
+    for (model, task), ax in panels:
+        cell = summary[(summary.model == model) & (summary.task == task) & (summary.eps != "inf")]
+        for method in order_methods(cell.loc[cell.tune_mode == "private", "method"]):
+            g = cell[cell.method == method].sort_values("epsilon_selection")
+            colour = colours[method]
+            for column, style, what in (
+                ("epsilon_selection", "-", "ε with the selection"),
+                ("epsilon_training_alone", "--", "ε of the training alone"),
+            ):
+                label = f"{method}: {what}"
+                legend[label] = ax.errorbar(
+                    g[column],
+                    g["accuracy_mean"],
+                    yerr=g["accuracy_std"],
+                    marker="o",
+                    capsize=3,
+                    linestyle=style,
+                    color=colour,
+                    label=label,
+                )
+            base = base_method(method)
+            given = cell[(cell.method == base) & (cell.tune_mode != "private")]
+            if len(given):
+                given = given.assign(epsilon=given["eps"].astype(float)).sort_values("epsilon")
+                label = f"{base}: given hyperparameters"
+                legend[label] = ax.errorbar(
+                    given["epsilon"],
+                    given["accuracy_mean"],
+                    yerr=given["accuracy_std"],
+                    marker="s",
+                    capsize=3,
+                    linestyle=":",
+                    color=colours[base],
+                    label=label,
+                )
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xlabel("privacy budget ε (log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{model}, {task}", fontsize=10)
+    _suptitle(fig, "The cost of choosing the hyperparameters (mean ± std over seeds)", summary)
+    fig.tight_layout()
+    if legend:
+        _legend_below(fig, list(legend.values()), list(legend), ncol=min(len(legend), 2))
+    return _save(fig, png, pdf)
+
+
+# --------------------------------------------------------------------------------------------
 # 4. training curves
 # --------------------------------------------------------------------------------------------
 def training_curves(curves: pd.DataFrame, cells: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figure:
@@ -683,6 +747,7 @@ FIGURES = {
     "training_curves": (training_curves, ("curves", "cells")),
     "private_training_loss": (private_training_loss, ("curves", "cells")),
     "ablation": (ablation, ("summary",)),
+    "tuning_cost": (tuning_cost, ("summary",)),
 }
 
 

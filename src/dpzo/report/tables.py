@@ -18,6 +18,7 @@ import pandas as pd
 
 from dpzo.fileio import atomic_path
 from dpzo.methods import REPORT_ORDER, base_method
+from dpzo.pipeline.tuning import OUTSIDE_GUARANTEE
 from dpzo.report.collect import VERSION_COLUMNS, is_test_noise
 from dpzo.report.reference import KEY
 
@@ -58,6 +59,32 @@ TEST_NOISE_NOTE = (
 )
 
 
+SELECTION_MARK = " ‡"
+SELECTION_NOTE = (
+    "hyperparameters chosen by private selection inside the guarantee (a random number of candidate "
+    "runs, the best released; docs/tuning.md): the cell's ε covers the choice. Per cell:"
+)
+OUTSIDE_MARK = " §"
+OUTSIDE_NOTE = (
+    f"{OUTSIDE_GUARANTEE}: the config says these hyperparameters came from a search on the same data; "
+    "the ε covers the final run only, not the choice."
+)
+
+
+def _tuning_mark(row, notes: list[str]) -> str:
+    """The mark of a cell whose hyperparameters were chosen privately (with its note: both ε, the
+    expected number of runs, each seed's choice) or by a search outside the guarantee."""
+    if row.tuned_outside_guarantee:
+        return OUTSIDE_MARK
+    if row.tune_mode != "private":
+        return ""
+    notes.append(
+        f"‡ {row.model} {row.method} on {row.task}: ε {row.epsilon_training_alone:.2f} for the training alone, "
+        f"{row.epsilon_selection:.2f} with the selection; E[runs] = {row.expected_runs:g}; chose {row.selected}"
+    )
+    return SELECTION_MARK
+
+
 # --------------------------------------------------------------------------------------------
 # accuracy per epsilon
 # --------------------------------------------------------------------------------------------
@@ -87,6 +114,14 @@ def accuracy_table(summary: pd.DataFrame, published: pd.DataFrame, eps: str) -> 
             "reference_task": merged["reference_task"],
             "stand_in": merged["stand_in"].astype(bool),
             "test_noise": merged["test_noise"].astype(bool) if "test_noise" in merged else False,
+            "tune_mode": merged["tune_mode"].fillna("") if "tune_mode" in merged else "",
+            "tuned_outside_guarantee": (
+                merged["tuned_outside_guarantee"].astype(bool) if "tuned_outside_guarantee" in merged else False
+            ),
+            **{
+                column: merged[column] if column in merged else math.nan
+                for column in ("epsilon_selection", "epsilon_training_alone", "expected_runs", "selected")
+            },
             "published_source": merged["source"].fillna(""),
             "published_name": merged["published_name"].fillna(""),
             "published_metric": merged["metric"].fillna(""),
@@ -116,6 +151,7 @@ def _signed(value: float) -> str:
 def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> Table:
     """Rows (model, method), three columns per task: ours, published, difference."""
     notes: list[str] = []
+    tuning_notes: list[str] = []
 
     def note_marker(row) -> str:
         text = f"{row.published_source} ({row.published_name})"
@@ -146,7 +182,9 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
                 continue
             r = cell.iloc[0]
             record.append(
-                _ours(r.accuracy_mean, r.accuracy_std, int(r.seeds)) + (TEST_NOISE_MARK if r.test_noise else "")
+                _ours(r.accuracy_mean, r.accuracy_std, int(r.seeds))
+                + (TEST_NOISE_MARK if r.test_noise else "")
+                + _tuning_mark(r, tuning_notes)
             )
             if pd.isna(r.published):
                 record += [MISSING, MISSING]
@@ -170,6 +208,11 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
         general.insert(0, "No cell of this run has this ε.")
     if tidy["test_noise"].any():
         general.insert(0, f"{TEST_NOISE_MARK.strip()} {TEST_NOISE_NOTE}")
+    if tidy["tuned_outside_guarantee"].any():
+        general.append(f"{OUTSIDE_MARK.strip()} {OUTSIDE_NOTE}")
+    if tuning_notes:
+        general.append(f"{SELECTION_MARK.strip()} {SELECTION_NOTE}")
+        general += tuning_notes
     return Table(title=title, body=body, groups=groups, notes=general + [f"[{i + 1}] {n}" for i, n in enumerate(notes)])
 
 
