@@ -68,7 +68,7 @@ def rule_scripts() -> dict[str, str]:
     """rule name -> its script (workflow/scripts/<name>.py), from the rule files."""
     found = {}
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        for name, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)+)", smk.read_text(), re.M):
+        for name, body in re.findall(r"^(?:rule|checkpoint) (\w+):\n((?:[ \t]+.*\n|\n)+)", smk.read_text(), re.M):
             script = re.search(r"^\s+script:\s*\n\s+\"\.\./scripts/(\w+)\.py\"", body, re.M)
             if script:
                 found[name] = script.group(1)
@@ -136,6 +136,16 @@ FIGURES = {  # rule -> (params.figure, its inputs)
     "figure_training_curves": ("training_curves", ("curves", "cells")),
     "figure_ablation": ("ablation", ("summary",)),
     "figure_private_diagnostics": ("private_training_loss", ("diagnostics", "cells")),
+    "figure_tuning_cost": ("tuning_cost", ("summary",)),
+}
+
+
+ACCOUNT_PARAMS = {
+    "delta": 1.0e-5,
+    "accountant": "pld",
+    "convention": "common",
+    "noise": "secure",
+    "calibrations": "results/privacy/calibrations",
 }
 
 
@@ -172,16 +182,64 @@ def light_runs(tmp_path_factory) -> dict[str, dict]:
         "account",
         input={"train": f"{split}/train.jsonl"},
         output={"ledger": "results/runs/demo-roberta/demo-sst2/dp-zoso/eps8/seed13/privacy.json"},
-        params={
-            "method_params": {"steps": 6, "batch_size": 8, "lr": 1.0e-4, "clip": 5.0},
-            "delta": 1.0e-5,
-            "accountant": "pld",
-            "convention": "common",
-            "noise": "secure",
-            "calibrations": "results/privacy/calibrations",
-        },
+        params={**ACCOUNT_PARAMS, "method_params": {"steps": 6, "batch_size": 8, "lr": 1.0e-4, "clip": 5.0}},
         wildcards=cell,
     )
+    # a private selection: its ledger, its secret draw, and the selection over candidate records
+    # written as the candidate jobs (train) write them
+    tuned = {**cell, "method": "dp-zoso+tuned"}
+    tuned_dir = "results/runs/demo-roberta/demo-sst2/dp-zoso+tuned/eps8/seed13"
+    tuning_dir = "results/tuning/demo-roberta/demo-sst2/dp-zoso+tuned/eps8/seed13"
+    tuned_params = {
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 1.0e-4,
+        "clip": 5.0,
+        "tune": {"mode": "private", "grid": {"lr": [1.0e-4, 1.0e-3]}, "mean": 2.0},
+    }
+    tuned_ledger = run_rule(
+        work,
+        "account",
+        input={"train": f"{split}/train.jsonl"},
+        output={"ledger": f"{tuned_dir}/privacy.json"},
+        params={**ACCOUNT_PARAMS, "method_params": tuned_params},
+        wildcards=tuned,
+    )
+    seen["tune_draw"] = run_rule(
+        work,
+        "tune_draw",
+        input={"ledger": f"{tuned_dir}/privacy.json"},
+        output={"draws": f"{tuning_dir}/draws.json"},
+        params={"method_params": tuned_params, "history": "results/checkpoints/tuned/drawn"},
+        wildcards=tuned,
+    )
+    draws = json.loads((work / tuning_dir / "draws.json").read_text())
+    candidates = []
+    for i in range(draws["runs"]):
+        record = work / tuning_dir / f"cand{i}" / "metrics.json"
+        record.parent.mkdir(parents=True)
+        point = draws["grid_points"][draws["points"][i]]
+        candidate = {"index": i, "point": point, "score": float(i), "score_sigma": 1.0, "n_validation": 6}
+        record.write_text(json.dumps({**tuned, "seed": 13, "score": 0.5, "candidate": candidate}))
+        record.with_name("private_diagnostics.json").write_text(json.dumps({"note": "private"}))
+        candidates.append(str(record.relative_to(work)))
+    seen["tune_select"] = run_rule(
+        work,
+        "tune_select",
+        input={
+            "ledger": f"{tuned_dir}/privacy.json",
+            "draws": f"{tuning_dir}/draws.json",
+            "candidates": candidates,
+            "diagnostics": [c.replace("metrics", "private_diagnostics") for c in candidates],
+        },
+        output={
+            "metrics": f"{tuned_dir}/metrics.json",
+            "diagnostics": f"{tuned_dir}/private_diagnostics.json",
+            "record": f"{tuning_dir}/selection.json",
+        },
+        wildcards=tuned,
+    )
+    seen["account"]["loaded"] = sorted({*seen["account"]["loaded"], *tuned_ledger["loaded"]})
     # the cells of the report tests (metrics and ledgers), written as the train jobs write them
     report_root = work / "report"
     metrics = [
@@ -305,6 +363,8 @@ def test_every_rule_is_a_model_job_or_runs_here():
         "private_diagnostics",
         "synflow_agreement_table",
         "plot_audit",
+        "tune_draw",
+        "tune_select",
         *FIGURES,
     }
     assert set(scripts) - MODEL_RULES == light

@@ -565,7 +565,8 @@ def test_every_figure_that_draws_a_test_noise_cell_says_so(noisy_run, run, tmp_p
 
     assert TEST_NOISE_NOTICE == "NOT PRIVATE: test noise (DPZO_INSECURE_TEST_NOISE_SEED)"
     noisy = _figures(noisy_run, tmp_path / "noisy")
-    assert set(noisy) == {n.replace("_", "-") for n in figures.FIGURES}  # every figure of the report
+    # every figure of the report (tuning-cost draws privately tuned cells only: tests/test_tuning.py)
+    assert set(noisy) == {n.replace("_", "-") for n in figures.FIGURES} - {"tuning-cost"}
     for name, (fig, png) in noisy.items():
         assert TEST_NOISE_NOTICE in fig.get_suptitle(), name
         assert TEST_NOISE_NOTICE in Image.open(png).text["Title"], name  # the file says so too
@@ -661,3 +662,23 @@ def test_cells_carry_their_versions_and_the_versions_table_lists_each_combinatio
     # one combination: "all" its cells
     single = tables.render_versions(tables.versions_table(report.read_cells(out / "cells.csv").iloc[:1]))
     assert single.body["cells made"].tolist() == ["all"] and not any("different" in n for n in single.notes)
+
+
+def test_a_search_outside_the_guarantee_is_marked_and_said(tmp_path):
+    files = [write_cell(tmp_path, "m", "SST-2", "dp-zoso", "2", seed, 0.9) for seed in (13, 42)]
+    methods = {"dp-zoso": {"steps": 4, "tune": {"mode": "none", "searched_on_private_data": True}}}
+    out = tmp_path / "tables"
+    report.write_collection(files, out / "cells.csv", out / "curves.csv", methods=methods)
+    cells = report.read_cells(out / "cells.csv")
+    assert cells["tuned_outside_guarantee"].all() and (cells["tune_mode"] == "none").all()
+    report.write_summary(out / "cells.csv", out / "summary.csv")
+    published = reference.preferred(reference.load_accuracy(ACCURACY_CSV))
+    acc = tables.render_accuracy(tables.accuracy_table(report.read_cells(out / "summary.csv"), published, "2"), "2")
+    row = acc.body[acc.body.method == "dp-zoso"].iloc[0]
+    assert row["ours"].endswith("§")
+    assert any(n.startswith("§ tuned outside the guarantee") for n in acc.notes)
+    # given values without the flag: no mark
+    report.write_collection(files, out / "cells.csv", out / "curves.csv", methods={"dp-zoso": {"steps": 4}})
+    report.write_summary(out / "cells.csv", out / "summary.csv")
+    acc = tables.render_accuracy(tables.accuracy_table(report.read_cells(out / "summary.csv"), published, "2"), "2")
+    assert not acc.body[acc.body.method == "dp-zoso"].iloc[0]["ours"].endswith("§")

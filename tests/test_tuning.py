@@ -188,3 +188,40 @@ def test_validation_rows_depend_on_the_public_seed_only():
     assert not np.array_equal(split_rows(100, 0.2, 42)[1], held)
     with pytest.raises(ValueError, match="tune.validation"):
         split_rows(3, 0.01, 13)
+
+
+def test_a_second_draw_of_a_selection_is_refused(tmp_path, monkeypatch):
+    """Drawing again would run the selection twice on the same data (only with secure noise: a
+    test-noise cell claims nothing)."""
+    from dpzo.pipeline.tuning import DrawnBefore, write_draws
+
+    monkeypatch.delenv("DPZO_INSECURE_TEST_NOISE_SEED", raising=False)
+    cell = Cell("m", "t", METHOD, "8", 13)
+    ledger = tmp_path / "privacy.json"
+    ledger.write_text(json.dumps({"cell": cell.as_dict()}))
+    params = {**TINY["methods"]["dp-zoso"], "tune": TUNE}
+    history = tmp_path / "checkpoints" / "drawn"
+    first = write_draws(cell, params, ledger=ledger, path=tmp_path / "draws.json", history=history)
+    assert first["runs"] >= 1 and history.exists()
+    with pytest.raises(DrawnBefore, match="second time"):
+        write_draws(cell, params, ledger=ledger, path=tmp_path / "draws.json", history=history)
+    history.unlink()  # starting over knowingly
+    write_draws(cell, params, ledger=ledger, path=tmp_path / "draws.json", history=history)
+
+
+def test_tables_and_the_figure_show_both_epsilons(tuned_run, tmp_path):
+    from dpzo.report import collect, figures
+
+    summary = collect.read_cells(tuned_run / "results/tables/summary.csv")
+    tuned = summary[summary.method == METHOD].iloc[0]
+    ledger = read(tuned_run / "results/runs" / CELL / "privacy.json")
+    assert tuned.epsilon_selection == pytest.approx(ledger["epsilon_achieved"]["selection"], rel=1e-9)
+    assert tuned.epsilon_training_alone == pytest.approx(ledger["epsilon_achieved"]["training_alone"], rel=1e-6)
+    assert tuned.epsilon_training_alone < tuned.epsilon_selection <= 8.0
+    table = (tuned_run / "results/tables/accuracy-eps8.md").read_text()
+    assert "‡" in table and f"{tuned.epsilon_selection:.2f} with the selection" in table
+    assert (tuned_run / "results/figures/tuning-cost.png").exists()
+    fig = figures.tuning_cost(summary, tmp_path / "t.png", tmp_path / "t.pdf")
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert f"{METHOD}: ε with the selection" in labels and f"{METHOD}: ε of the training alone" in labels
+    assert "dp-zoso: given hyperparameters" not in labels  # this grid has no untuned dp-zoso

@@ -17,6 +17,8 @@ checkpoint tune_draw:
         "../../envs/dpzo.yaml"
     params:
         method_params=method_params,
+        # that the selection was drawn (not an output, so kept): a second draw is refused
+        history=f"results/checkpoints/{RUN}/drawn",
     script:
         "../scripts/tune_draw.py"
 

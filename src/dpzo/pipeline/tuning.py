@@ -232,13 +232,32 @@ def write_selection_ledger(
     return record
 
 
-def write_draws(cell: Any, method_params: dict, *, ledger: str | Path, path: str | Path) -> dict:
-    """Draw the number of candidate runs and their points (secret generator) for ``cell``."""
+class DrawnBefore(RuntimeError):
+    """The cell's selection was drawn before: drawing again is a second run of the mechanism."""
+
+
+def write_draws(cell: Any, method_params: dict, *, ledger: str | Path, path: str | Path, history: str | Path) -> dict:
+    """Draw the number of candidate runs and their points (secret generator) for ``cell``.
+
+    ``history`` (not an output, so Snakemake keeps it) records that this cell's selection was
+    drawn; a second draw is refused: a new K and new candidates on the same data would be a second
+    run of the selection, which its ledger does not account, and the one published could be the
+    better of the two."""
     from dpzo.privacy.ledger import ledger_digest
     from dpzo.privacy.secret import SecretRandom
 
-    draws = draw_candidates(_private_tune(method_params), SecretRandom.from_environment())
+    history = Path(history)
+    secret = SecretRandom.from_environment()
+    if history.exists() and secret.is_secure:
+        raise DrawnBefore(
+            f"the selection of {cell.as_dict()} was drawn before ({history.read_text().strip()}): drawing again "
+            "would run the selection a second time on the same data, which its ledger does not account. Keep "
+            f"the earlier draw (restore {path}), or delete {history} to start over knowingly"
+        )
+    draws = draw_candidates(_private_tune(method_params), secret)
     record = {**draws, "cell": cell.as_dict(), "ledger_sha256": ledger_digest(read_json_output(ledger))}
+    history.parent.mkdir(parents=True, exist_ok=True)
+    history.write_text(f"drawn for ledger {record['ledger_sha256'][:16]}\n")
     write_json_atomic(Path(path), record)
     return record
 

@@ -229,7 +229,11 @@ def tune_draw(snakemake) -> None:
 
     _setup(snakemake)
     write_draws(
-        _cell(snakemake), snakemake.params.method_params, ledger=snakemake.input.ledger, path=snakemake.output.draws
+        _cell(snakemake),
+        snakemake.params.method_params,
+        ledger=snakemake.input.ledger,
+        path=snakemake.output.draws,
+        history=snakemake.params.history,
     )
 
 

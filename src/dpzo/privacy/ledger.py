@@ -395,12 +395,7 @@ def recomputed_epsilons(ledger: dict) -> dict[str, float | str]:
         return {"pure": laplace_epsilon(_number(ledger.get("clip")) / scale, q, releases)}
     sigma, target = _number(ledger.get("sigma")), _number(ledger.get("epsilon_target"))
     names = ("opacus-rdp",) if ledger.get("accounting") == "dpzero-published" else ACCOUNTANTS
-    out = {name: _epsilon_or_reason(sigma, q, releases, delta, name, target) for name in names}
-    if "selection" in ledger:  # a private selection: its training alone above, the whole here
-        from dpzo.privacy.selection_ledger import recomputed_selection_epsilon
-
-        out["selection"] = recomputed_selection_epsilon(ledger)
-    return out
+    return {name: _epsilon_or_reason(sigma, q, releases, delta, name, target) for name in names}
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from dpzo.fileio import atomic_path, read_json_output
 from dpzo.masks.settings import MaskSettings
 from dpzo.methods import base_method
 from dpzo.privacy.ledger import ledger_digest, recomputed_epsilons
+from dpzo.privacy.selection_ledger import recomputed_selection_epsilon
 from dpzo.report.reference import reference_model, reference_task
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ def _ledger_fields(ledger: dict) -> dict:
     # (a claim anyone could edit): every ε the tables publish is computed by the trainer or here
     for name, value in recomputed_epsilons(ledger).items():
         out[f"epsilon_{name}"] = _number(value)
+    if ledger.get("private") and "selection" in ledger:  # a private selection: the ε above are its training's
+        out["epsilon_selection"] = _number(recomputed_selection_epsilon(ledger))
     return out
 
 
