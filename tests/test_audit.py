@@ -387,3 +387,38 @@ def test_cli_audit_bad_arguments_exit_2_and_write_nothing(argv, needle, tmp_path
     printed, err = capsys.readouterr()
     assert printed == "" and "dpzo audit: error" in err and needle in err
     assert not out.exists()
+
+
+def _selection_ledger(sigma: float | None = None) -> dict:
+    """A privately tuned cell's ledger on the toy problem (10 steps, E[K] = 3, claimed ε = 2)."""
+    from dpzo.methods import hyperparameters_for
+    from dpzo.pipeline.tuning import TuneSettings
+    from dpzo.privacy.ledger import AccountingSettings, Cell
+    from dpzo.privacy.selection_ledger import selection_ledger
+
+    tune = TuneSettings(mode="private", grid={"lr": [1e-4, 1e-3]}, mean=3.0)
+    hp = hyperparameters_for("dp-zoso", {"steps": 10, "batch_size": 16, "lr": 1e-4, "clip": 1.0})
+    ledger = selection_ledger(
+        Cell("m", "t", "dp-zoso+tuned", "2", 13),
+        hp,
+        n_total=80,
+        n_validation=16,
+        selection=tune.as_dict(),
+        repetitions=tune.repetitions(),
+        score_noise=2.0,
+        settings=AccountingSettings(delta=1e-5),
+    )
+    if sigma is not None:  # an edited ledger: far less noise than its claim needs
+        ledger.update(sigma=sigma, noise_std_on_sum=sigma * hp.clip, score_sigma=2.0 * sigma)
+    return ledger
+
+
+def test_the_audit_of_a_private_selection_stays_below_its_claim_and_catches_a_false_one():
+    """End to end on the toy problem: a random number of candidate runs, each scored, only the
+    best released; the bound of an honest selection is within its ε, and a ledger claiming ε = 2
+    with a twentieth of the noise is caught."""
+    honest = A.audit(_selection_ledger(), trials=1000, secret=SecretRandom(insecure_test_seed=3))
+    assert honest["selection"]["mean"] == 3.0 and "audited_selection" in honest
+    assert honest["lower_bound_within_claim"] and honest["epsilon_lower_bound"] <= 2.0
+    false = A.audit(_selection_ledger(sigma=0.05), trials=1000, secret=SecretRandom(insecure_test_seed=3))
+    assert false["epsilon_lower_bound"] > 2.0 and not false["lower_bound_within_claim"]

@@ -150,9 +150,12 @@ def account(snakemake) -> None:
     _setup(snakemake)
     p = snakemake.params
     settings = AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=p.noise)
-    if privately_tuned(p.method_params):  # the selection's ledger: every candidate and the release of the best
+    cell = _cell(snakemake)
+    # the selection's ledger (every candidate and the release of the best); at ε = inf (the
+    # audit's noiseless run) there is no claim to calibrate, so the plain ledger
+    if privately_tuned(p.method_params) and cell.epsilon < float("inf"):
         write_selection_ledger(
-            _cell(snakemake),
+            cell,
             p.method_params,
             train_file=snakemake.input.train,
             settings=settings,
@@ -161,7 +164,7 @@ def account(snakemake) -> None:
         )
         return
     write_cell_ledger(
-        _cell(snakemake),
+        cell,
         p.method_params,
         train_file=snakemake.input.train,
         # the noise source the trainer must use, as the run that planned this cell saw it

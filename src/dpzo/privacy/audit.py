@@ -223,6 +223,34 @@ def run_mechanism(
     return out
 
 
+def run_selection(
+    mech: AuditedMechanism,
+    selection: dict[str, Any],
+    canary_in: bool,
+    secret: SecretRandom,
+    canary_values: np.ndarray | None = None,
+) -> np.ndarray:
+    """One run of a private selection (``dpzo.privacy.selection``) on the toy problem: K candidate
+    runs of the cell's release sequence (K from the ledger's distribution, drawn from ``secret``),
+    each scored by a noisy count, and only the best run's transcript released.
+
+    The toy candidate's validation count is how many of its releases point the canary's way: a
+    score that tracks the canary's influence, the adversary's best case for making the choice
+    itself leak (any count is allowed: the count's sensitivity is to the validation rows, and
+    the canary sits in the training rows)."""
+    from dpzo.privacy.selection import Repetitions, noisy_count
+
+    repetitions = Repetitions(selection["distribution"], float(selection["mean"]), float(selection.get("shape", 1)))
+    score_sigma = float(selection["score_sigma"])
+    best, best_score = np.zeros(mech.releases), -math.inf
+    for _ in range(repetitions.sample(secret.uniform())):
+        released = run_mechanism(mech, canary_in, secret, canary_values)
+        score = noisy_count(int((released > 0).sum()), score_sigma, secret.standard_normal)
+        if score > best_score:
+            best, best_score = released, score
+    return best
+
+
 def likelihood_ratio_scores(
     released: np.ndarray, mech: AuditedMechanism, canary_values: np.ndarray | None = None
 ) -> np.ndarray:
@@ -399,8 +427,17 @@ def audit(
     secret = SecretRandom.from_environment() if secret is None else secret
     per_world = trials // 2
     started = time.perf_counter()
-    runs_in = np.stack([run_mechanism(mech, True, secret, canary_values) for _ in range(per_world)])
-    runs_out = np.stack([run_mechanism(mech, False, secret, canary_values) for _ in range(per_world)])
+    selection = None
+    if ledger.get("selection") and mech.noise_scale > 0:  # a private selection: audit the whole
+        selection = {**ledger["selection"], "score_sigma": ledger["score_sigma"]}
+
+    def one_run(canary_in: bool) -> np.ndarray:
+        if selection is None:
+            return run_mechanism(mech, canary_in, secret, canary_values)
+        return run_selection(mech, selection, canary_in, secret, canary_values)
+
+    runs_in = np.stack([one_run(True) for _ in range(per_world)])
+    runs_out = np.stack([one_run(False) for _ in range(per_world)])
     scores_in = likelihood_ratio_scores(runs_in, mech, canary_values)
     scores_out = likelihood_ratio_scores(runs_out, mech, canary_values)
     result = epsilon_lower_bound(scores_in, scores_out, delta=mech.delta, confidence=float(confidence))
@@ -427,6 +464,18 @@ def audit(
             "the trainer's release sequence (Poisson sampling from SecretRandom, clipping, the ledger's "
             "noise via the method's release rule, the trainer's own) with a canary of clipped value +C at every release and "
             "a background contributing 0; the attacker sees every released scalar"
+        ),
+        **(
+            {
+                "selection": selection,
+                "audited_selection": (
+                    "the whole private selection: a random number of candidate runs of that release sequence "
+                    "(the ledger's distribution), each scored by a noisy count of its releases that point the "
+                    "canary's way, only the best run's transcript released"
+                ),
+            }
+            if selection
+            else {}
         ),
         "attack": "likelihood-ratio test on the released transcript (Neyman-Pearson optimal for this pair of worlds)",
         "trials": 2 * per_world,
