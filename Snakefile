@@ -41,6 +41,7 @@ wildcard_constraints:
     mseed=r"[0-9]+",
     ratio=r"[0-9.e\-]+",
     cand=r"[0-9]+",
+    point=r"[0-9]+",
 
 
 include: "workflow/rules/demo.smk"
@@ -64,6 +65,8 @@ localrules:
     account,
     tune_draw,
     tune_select,
+    tune_public_account,
+    tune_public_choice,
     collect,
     summarize,
     accuracy_table,

@@ -240,6 +240,25 @@ def light_runs(tmp_path_factory) -> dict[str, dict]:
         wildcards=tuned,
     )
     seen["account"]["loaded"] = sorted({*seen["account"]["loaded"], *tuned_ledger["loaded"]})
+    public_params = {
+        **tuned_params,
+        "tune": {"mode": "public", "grid": {"lr": [1.0e-4, 1.0e-3]}, "public_task": "demo-trec"},
+    }
+    points = []
+    for i, lr in enumerate((1.0e-4, 1.0e-3)):
+        record = work / "results/tuning/public" / f"point{i}" / "metrics.json"
+        record.parent.mkdir(parents=True)
+        candidate = {"index": i, "point": {"lr": lr}, "score": 10.0 + i, "score_sigma": 0.0, "n_validation": 32}
+        record.write_text(json.dumps({**tuned, "task": "demo-trec", "seed": 13, "score": 0.5, "candidate": candidate}))
+        points.append(str(record.relative_to(work)))
+    seen["tune_public_choice"] = run_rule(
+        work,
+        "tune_public_choice",
+        input={"candidates": points},
+        output={"choice": "results/tuning/public/choice.json"},
+        params={"method_params": public_params},
+        wildcards={**tuned, "method": "dp-zoso+public"},
+    )
     # the cells of the report tests (metrics and ledgers), written as the train jobs write them
     report_root = work / "report"
     metrics = [
@@ -365,6 +384,7 @@ def test_every_rule_is_a_model_job_or_runs_here():
         "plot_audit",
         "tune_draw",
         "tune_select",
+        "tune_public_choice",
         *FIGURES,
     }
     assert set(scripts) - MODEL_RULES == light

@@ -158,7 +158,9 @@ def test_verify_selection_ledger_refuses_another_cell_or_selection():
         ("dp-zoso", {"mode": "private"}, "needs a grid"),
         ("dp-zoso", {"mode": "private", "grid": {"lr": [1e-4]}, "distribution": "poisson"}, "can be 0"),
         ("dp-zoso", {"mode": "private", "grid": {"lr": [1e-4]}, "mean": 1.0}, "tune.mean"),
-        ("dp-zoso", {"mode": "none", "grid": {"lr": [1e-4]}}, "only read in mode private"),
+        ("dp-zoso", {"mode": "none", "grid": {"lr": [1e-4]}}, "only read in modes private and public"),
+        ("dp-zoso", {"mode": "public", "grid": {"lr": [1e-4]}}, "public_task"),
+        ("dp-zoso", {"mode": "public", "grid": {"clip": [1.0]}, "public_task": "demo-trec"}, "clip changes what"),
     ],
 )
 def test_a_tune_block_that_cannot_run_is_refused_before_any_job(method, tune, expected):
@@ -225,3 +227,42 @@ def test_tables_and_the_figure_show_both_epsilons(tuned_run, tmp_path):
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert f"{METHOD}: ε with the selection" in labels and f"{METHOD}: ε of the training alone" in labels
     assert "dp-zoso: given hyperparameters" not in labels  # this grid has no untuned dp-zoso
+
+
+PUBLIC = "dp-zoso+public"
+PUBLIC_CELL = "demo-roberta/demo-sst2/dp-zoso+public/eps8/seed13"
+
+
+@pytest.fixture(scope="module")
+def public_run(tmp_path_factory):
+    config = copy.deepcopy(TINY)
+    tune = {"mode": "public", "grid": {"lr": [1.0e-4, 1.0e-3]}, "public_task": "demo-trec"}
+    config["methods"] = {"zero-shot": {}, PUBLIC: {**TINY["methods"]["dp-zoso"], "tune": tune}}
+    workdir = tmp_path_factory.mktemp("public")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir)
+    return workdir
+
+
+def test_public_selection_trains_every_point_on_the_public_task_then_the_best_on_the_cell(public_run):
+    tuning, run = public_run / "results/tuning" / PUBLIC_CELL / "public", public_run / "results/runs" / PUBLIC_CELL
+    points = [read(tuning / f"point{i}" / "metrics.json") for i in range(2)]
+    assert [p["candidate"]["point"] for p in points] == [{"lr": 1.0e-4}, {"lr": 1.0e-3}]
+    public_split = public_run / "results/data/demo-trec/k16-seed13"
+    n_public = sum(1 for line in (public_split / "train.jsonl").read_text().splitlines() if line.strip())
+    n_dev = sum(1 for line in (public_split / "dev.jsonl").read_text().splitlines() if line.strip())
+    for p in points:  # trained on the public task, scored without noise on its dev set
+        assert p["task"] == "demo-trec" and p["n_train"] == n_public
+        assert p["candidate"]["score_sigma"] == 0.0 and p["candidate"]["n_validation"] == n_dev
+        assert float(p["candidate"]["score"]).is_integer()
+    best = int(np.argmax([p["candidate"]["score"] for p in points]))
+    metrics, ledger = read(run / "metrics.json"), read(run / "privacy.json")
+    assert metrics["selection"]["mode"] == "public" and metrics["selection"]["public_task"] == "demo-trec"
+    assert metrics["selection"]["selected"] == points[best]["candidate"]["point"]
+    # the cell itself: its own data, its usual ledger (the choice read nothing private)
+    assert metrics["task"] == "demo-sst2" and metrics["n_train"] == ledger["n"] == 32
+    assert "selection" not in ledger and ledger["epsilon_target"] == 8.0
+    public_ledger = read(tuning / "privacy.json")
+    assert public_ledger["cell"]["task"] == "demo-trec" and public_ledger["n"] == n_public
+    table = (public_run / "results/tables/accuracy-eps8.md").read_text()
+    assert "◊" in table and "chosen on public data (demo-trec)" in table

@@ -12,7 +12,7 @@ from dpzo.privacy.secret import noise_source
 from dpzo.methods import TRAINER_ZO, get_method
 from dpzo.masks.settings import MaskSettings, ratio_label
 from dpzo.pipeline.preflight import require_inputs
-from dpzo.pipeline.tuning import privately_tuned
+from dpzo.pipeline.tuning import TuneSettings, privately_tuned, publicly_tuned
 from dpzo.fileio import read_json_output
 from dpzo.data.tasks import TASKS
 
@@ -43,6 +43,8 @@ AUDIT = "results/audit/{model}/{task}/{method}/eps{eps}/audit.json"
 TUNED_NAMES = "|".join(re.escape(m) for m, p in config["methods"].items() if privately_tuned(p)) or "(?!)"
 TUNED_METHOD = rf"(?:{TUNED_NAMES})"
 TRAINED_METHOD = rf"(?!{TUNED_METHOD}/)[a-z0-9\-]+(\+[A-Za-z0-9.\-]+)?"
+PUBLIC_NAMES = "|".join(re.escape(m) for m, p in config["methods"].items() if publicly_tuned(p)) or "(?!)"
+PUBLIC_METHOD = rf"(?:{PUBLIC_NAMES})"
 
 
 def audit_cfg(key):
@@ -208,6 +210,33 @@ def candidate_outputs(name):
         return [f"results/tuning/{RUN}/cand{i}/{name}".format(**wildcards, i=i) for i in range(runs)]
 
     return files
+
+
+def public_task_of(wildcards):
+    """The public task a method chooses its hyperparameters on (tune: {mode: public}), or None."""
+    return publicly_tuned(config["methods"][wildcards.method])
+
+
+def public_choice(wildcards):
+    """A publicly tuned cell's choice, made from its grid's runs on the public task."""
+    if public_task_of(wildcards) is None:
+        return []
+    return f"results/tuning/{RUN}/public/choice.json".format(**wildcards)
+
+
+def public_split(name):
+    """An input function: the `name` split of the public task for the cell's seed."""
+
+    def split(wildcards):
+        return f"results/data/{public_task_of(wildcards)}/k{config['k']}-seed{wildcards.seed}/{name}.jsonl"
+
+    return split
+
+
+def public_points(wildcards):
+    """The metrics of every grid point's run on the public task."""
+    points = len(TuneSettings.from_params(config["methods"][wildcards.method]).points())
+    return [f"results/tuning/{RUN}/public/point{i}/metrics.json".format(**wildcards, i=i) for i in range(points)]
 
 
 def method_params(wildcards):

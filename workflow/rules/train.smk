@@ -10,6 +10,8 @@ rule train:
         model=model_input,
         weights=model_files,
         masks=mask_files,
+        # tune: {mode: public}: the grid point chosen on the public task (tuning.smk)
+        public_choice=public_choice,
     output:
         metrics=f"results/runs/{RUN}/metrics.json",
         # training loss, batch sizes and clipped fractions: measured on private batches, not

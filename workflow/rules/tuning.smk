@@ -66,3 +66,61 @@ rule tune_select:
         "../../envs/dpzo.yaml"
     script:
         "../scripts/tune_select.py"
+
+
+# tune: {mode: public}: every grid point trained on the public task (in the cell's noise regime,
+# with a ledger of its own) and scored on its dev set; the best point is then trained on the
+# cell's data by the train rule (input public_choice). Nothing private is read.
+use rule account as tune_public_account with:
+    input:
+        train=public_split("train"),
+    output:
+        ledger=f"results/tuning/{RUN}/public/privacy.json",
+    log:
+        f"logs/tune_public_account/{RUN}.log",
+    wildcard_constraints:
+        method=PUBLIC_METHOD,
+    params:
+        public_task=public_task_of,
+
+
+use rule train as tune_public_candidate with:
+    input:
+        train=public_split("train"),
+        dev=public_split("dev"),
+        test=public_split("test"),
+        ledger=rules.tune_public_account.output.ledger,
+        model=model_input,
+        weights=model_files,
+        masks=mask_files,
+    output:
+        metrics=f"results/tuning/{RUN}/public/point{{point}}/metrics.json",
+        diagnostics=f"results/tuning/{RUN}/public/point{{point}}/private_diagnostics.json",
+    log:
+        f"logs/tune_public_candidate/{RUN}/point{{point}}.log",
+    benchmark:
+        f"benchmarks/tune_public_candidate/{RUN}/point{{point}}.tsv"
+    wildcard_constraints:
+        method=PUBLIC_METHOD,
+        point=r"[0-9]+",
+    # the train job's script: params.public_point makes it a grid point's run (pipeline.workflow.train)
+    params:
+        checkpoint=f"results/checkpoints/{RUN}/public/point{{point}}/train_state.pt",
+        public_point=lambda wildcards: int(wildcards.point),
+
+
+rule tune_public_choice:
+    input:
+        candidates=public_points,
+    output:
+        choice=f"results/tuning/{RUN}/public/choice.json",
+    log:
+        f"logs/tune_public_choice/{RUN}.log",
+    wildcard_constraints:
+        method=PUBLIC_METHOD,
+    conda:
+        "../../envs/dpzo.yaml"
+    params:
+        method_params=method_params,
+    script:
+        "../scripts/tune_public_choice.py"

@@ -117,7 +117,8 @@ class CellRun:
     curve: CurveSettings | None = None
     allow_new_head: bool = False
     tf32: bool = True
-    candidate: Any = None  # a candidate run of a private selection (dpzo.pipeline.tuning.Candidate)
+    candidate: Any = None  # a candidate run of a selection (dpzo.pipeline.tuning.Candidate)
+    selection: dict | None = None  # how the hyperparameters were chosen, published with the metrics
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,13 @@ def verify_cell(run: CellRun) -> VerifiedCell:
     if problem:
         raise ValueError(problem)
     train_examples = load_split(Path(run.split_dir) / "train.jsonl")
+    if run.candidate is not None and run.candidate.public:  # a run on public data, scored on its dev set
+        hp = hyperparameters_for(cell.method, run.method_params)
+        noise = verify_ledger(
+            ledger, cell=cell, hp=hp, n=len(train_examples), settings=run.accounting, path=run.ledger_path
+        )
+        dev = load_split(Path(run.split_dir) / "dev.jsonl")
+        return VerifiedCell(cell, ledger, hp, task, train_examples, noise, validation_examples=dev, score_sigma=0.0)
     if run.candidate is not None:  # a candidate of a private selection: the selection's ledger
         from dpzo.pipeline.tuning import verify_candidate
 
@@ -415,6 +423,8 @@ def run_cell(
     out = metrics.to_json()
     if candidate is not None:
         out["candidate"] = candidate
+    if run.selection is not None:
+        out["selection"] = run.selection
     return out
 
 

@@ -216,6 +216,12 @@ def model_checks(key: str, cfg: dict, task_names: list[str]) -> list[str]:
     return problems
 
 
+def public_tasks(config: dict) -> list[str]:
+    """The tasks that methods with ``tune: {mode: public}`` choose their hyperparameters on."""
+    blocks = [(params or {}).get("tune") or {} for params in config.get("methods", {}).values()]
+    return [b["public_task"] for b in blocks if b.get("mode") == "public" and b.get("public_task")]
+
+
 def k_shot_warnings(config: dict) -> list[str]:
     """LM-BFF tasks whose smallest class has fewer than k training examples: their k-shot set
     keeps every example of that class (as LM-BFF does) and has no dev examples of it."""
@@ -302,7 +308,7 @@ def missing_inputs(config: dict) -> list[str]:
     data_dir = config.get("data_dir", "data/lm-bff")
     hf_cache_dir = config.get("hf_datasets", {}).get("cache_dir")
     tasks, hints = [], {}
-    for name in config["tasks"]:
+    for name in dict.fromkeys([*config["tasks"], *public_tasks(config)]):
         found = task_problems(name, data_dir, hf_cache_dir)
         tasks += found
         if found and (hint := TASKS[name].source_hint(data_dir)):

@@ -8,6 +8,11 @@ split; the select job reads their records only and publishes the best run as the
 ``K``, the other runs and their scores stay in ``results/tuning`` (never published: the bound
 assumes ``K`` is hidden).
 
+``public``: every grid point is a job of its own that trains the method (at the cell's ε, so in
+the cell's noise regime) on ``public_task``'s k-shot training set for the cell's seed, and is
+scored on that task's dev set without noise; the best point is then trained on the cell's data.
+The choice reads no private data, so it costs nothing and the cell's ledger is the usual one.
+
 ``none``: the values are given; ``searched_on_private_data: true`` says they came from a search
 on this very data, and the tables then mark the result "tuned outside the guarantee".
 
@@ -33,7 +38,7 @@ from dpzo.methods import TRAINER_ZO, base_method, get_method, hyperparameters_fo
 ACCOUNTED = ("steps", "batch_size", "directions", "clip")
 
 #: The modes of a ``tune`` block.
-MODES = ("private", "none")
+MODES = ("private", "public", "none")
 
 #: The tables' mark on a result whose hyperparameters were searched on the same data.
 OUTSIDE_GUARANTEE = "tuned outside the guarantee"
@@ -51,6 +56,7 @@ class TuneSettings:
     shape: float = 1.0
     score_noise: float = 2.0
     searched_on_private_data: bool = False
+    public_task: str | None = None
 
     @classmethod
     def from_params(cls, params: dict | None) -> TuneSettings | None:
@@ -102,11 +108,13 @@ def tune_problems(method: str, params: dict) -> list[str]:
     where = f"methods.{method}.tune"
     if tune.mode not in MODES:
         return [f"{where}.mode must be one of {', '.join(MODES)}; got {tune.mode!r}"]
-    if not tune.private:
-        return [f"{where}.grid is only read in mode private; remove it"] if tune.grid else []
+    if tune.mode == "none":
+        return [f"{where}.grid is only read in modes private and public; remove it"] if tune.grid else []
     problems = []
     base = base_method(method)
     spec = get_method(base)
+    if tune.mode == "public":
+        return _public_problems(method, params, tune)
     if not is_private(base) or spec.mechanism != "gaussian" or spec.trainer != TRAINER_ZO:
         problems.append(
             f"{where}: mode private needs a private zeroth-order method with Gaussian noise "
@@ -137,6 +145,68 @@ def tune_problems(method: str, params: dict) -> list[str]:
                 problems.append(f"{where}.grid: the point {point} is not a valid {base} setting ({err})")
                 break
     return problems
+
+
+def _public_problems(method: str, params: dict, tune: TuneSettings) -> list[str]:
+    from dpzo.data.tasks import TASKS
+
+    where = f"methods.{method}.tune"
+    problems = []
+    if get_method(base_method(method)).trainer != TRAINER_ZO:
+        problems.append(f"{where}: mode public needs a zeroth-order method; {method} is not one")
+    if tune.public_task not in TASKS:
+        problems.append(
+            f"{where}.public_task: mode public needs the task to choose on (one of {', '.join(sorted(TASKS))}); "
+            f"got {tune.public_task!r}"
+        )
+    if not tune.grid:
+        problems.append(f"{where}.grid: mode public needs a grid (e.g. grid: {{lr: [1.0e-4, 5.0e-4, 1.0e-3]}})")
+    for key in tune.grid:
+        if key in ACCOUNTED:
+            problems.append(
+                f"{where}.grid.{key}: {key} changes what the cell's ledger accounts; give it once in "
+                f"methods.{method} and search the other hyperparameters"
+            )
+    return problems
+
+
+def publicly_tuned(params: dict | None) -> str | None:
+    """The public task a method's hyperparameters are chosen on, or None."""
+    tune = TuneSettings.from_params(params)
+    return tune.public_task if tune is not None and tune.mode == "public" else None
+
+
+def choose_on_public_data(cell: Any, method_params: dict, *, candidates: list[str], path: str | Path) -> dict:
+    """The grid point whose run on the public task scored best on its dev set (the first on a tie)."""
+    tune = TuneSettings.from_params(method_params)
+    records = [read_json_output(c) for c in candidates]
+    points = tune.points()
+    if [r["candidate"]["point"] for r in records] != points:
+        raise ValueError(f"the public candidates {candidates} are not the grid {points}; delete them and rerun")
+    best = best_candidate(records)
+    choice = {
+        "mode": "public",
+        "public_task": tune.public_task,
+        "selected": points[best],
+        "score": records[best]["candidate"]["score"],
+        "n_validation": records[best]["candidate"]["n_validation"],
+        "grid_points": len(points),
+        "scores": [r["candidate"]["score"] for r in records],
+        "cell": cell.as_dict(),
+    }
+    write_json_atomic(Path(path), choice)
+    return choice
+
+
+def chosen_params(cell: Any, method_params: dict, choice_path: str | Path) -> tuple[dict, dict]:
+    """A publicly tuned cell's method block with the chosen point, and what its metrics publish."""
+    choice = read_json_output(choice_path)
+    if choice.get("cell") != cell.as_dict():
+        raise ValueError(f"{choice_path} is the choice of {choice.get('cell')}, not of {cell.as_dict()}; delete it")
+    published = {
+        key: choice[key] for key in ("mode", "public_task", "selected", "score", "n_validation", "grid_points")
+    }
+    return candidate_params(method_params, choice["selected"]), published
 
 
 def _without_tune(params: dict) -> dict:
@@ -277,6 +347,7 @@ class Candidate:
     index: int
     point: dict
     tune: TuneSettings
+    public: bool = False  # a run on the public task (scored without noise on its dev set)
 
     def method_params(self, params: dict) -> dict:
         return candidate_params(params, self.point)
@@ -329,11 +400,12 @@ def verify_candidate(
 
 def score_candidate(result: dict, *, score_sigma: float, secret: Any, candidate: Candidate) -> dict:
     """The candidate's published-if-chosen score: its correct validation predictions (from the
-    evaluation's confusion counts) plus Gaussian noise from the secret generator."""
+    evaluation's confusion counts) plus Gaussian noise from the secret generator (none for a run
+    on public data)."""
     from dpzo.privacy.selection import noisy_count
 
     correct = int(sum(row[i] for i, row in enumerate(result["confusion"])))
-    score = noisy_count(correct, score_sigma, secret.standard_normal)
+    score = float(correct) if candidate.public else noisy_count(correct, score_sigma, secret.standard_normal)
     return {
         "index": candidate.index,
         "point": candidate.point,

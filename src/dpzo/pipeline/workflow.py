@@ -144,6 +144,8 @@ def _cell(snakemake):
 
 def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
+    import dataclasses
+
     from dpzo.pipeline.tuning import privately_tuned, write_selection_ledger
     from dpzo.privacy.ledger import AccountingSettings, write_cell_ledger
 
@@ -151,6 +153,8 @@ def account(snakemake) -> None:
     p = snakemake.params
     settings = AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=p.noise)
     cell = _cell(snakemake)
+    if "public_task" in p.keys():  # the ledger of a grid point's run on a public task (tune: public)
+        cell = dataclasses.replace(cell, task=p.public_task)
     # the selection's ledger (every candidate and the release of the best); at ε = inf (the
     # audit's noiseless run) there is no claim to calibrate, so the plain ledger
     if privately_tuned(p.method_params) and cell.epsilon < float("inf"):
@@ -174,13 +178,14 @@ def account(snakemake) -> None:
     )
 
 
-def _cell_run(snakemake, method_params: dict, candidate=None):
-    """The ``CellRun`` of a train job (or of a candidate run of a private selection)."""
+def _cell_run(snakemake, method_params: dict, candidate=None, *, cell=None, selection=None):
+    """The ``CellRun`` of a train job (or of a candidate run of a selection: ``cell`` is then the
+    run's own when it trains on public data)."""
     from dpzo.pipeline.cell import CellRun, checkpoint_policy, curve_settings
     from dpzo.privacy.ledger import AccountingSettings, cell_noise
 
     p = snakemake.params
-    cell = _cell(snakemake)
+    cell = cell or _cell(snakemake)
     return CellRun(
         cell,
         model_path=str(p.model_path),
@@ -206,6 +211,7 @@ def _cell_run(snakemake, method_params: dict, candidate=None):
         allow_new_head=bool(p.model_cfg.get("allow_new_head", False)),
         tf32=bool(p.tf32),
         candidate=candidate,
+        selection=selection,
     )
 
 
@@ -216,6 +222,9 @@ def train(snakemake) -> None:
 
     if "draws" in snakemake.input.keys():
         tune_candidate(snakemake)
+        return
+    if snakemake.input.get("public_choice") or "public_point" in snakemake.params.keys():
+        tune_public(snakemake)
         return
     _setup(snakemake)
     train_cell(
@@ -252,6 +261,41 @@ def tune_candidate(snakemake) -> None:
         _cell_run(snakemake, candidate.method_params(params), candidate),
         metrics_path=snakemake.output.metrics,
         diagnostics_path=snakemake.output.diagnostics,
+    )
+
+
+def tune_public(snakemake) -> None:
+    """A publicly tuned method's jobs of the train rule: a grid point's run on the public task
+    (``params.public_point``), or the cell itself trained with the chosen point (``input.public_choice``)."""
+    import dataclasses
+
+    from dpzo.pipeline.cell import train_cell
+    from dpzo.pipeline.tuning import Candidate, TuneSettings, chosen_params
+
+    _setup(snakemake)
+    params, cell = snakemake.params.method_params, _cell(snakemake)
+    outputs = dict(metrics_path=snakemake.output.metrics, diagnostics_path=snakemake.output.diagnostics)
+    if snakemake.input.get("public_choice"):
+        chosen, published = chosen_params(cell, params, snakemake.input.public_choice)
+        train_cell(_cell_run(snakemake, chosen, selection=published), **outputs)
+        return
+    tune = TuneSettings.from_params(params)
+    index = int(snakemake.params.public_point)
+    candidate = Candidate(index, tune.points()[index], tune, public=True)
+    public_cell = dataclasses.replace(cell, task=tune.public_task)
+    train_cell(_cell_run(snakemake, candidate.method_params(params), candidate, cell=public_cell), **outputs)
+
+
+def tune_public_choice(snakemake) -> None:
+    """The grid point whose run on the public task scored best (``dpzo.pipeline.tuning.choose_on_public_data``)."""
+    from dpzo.pipeline.tuning import choose_on_public_data
+
+    _setup(snakemake)
+    choose_on_public_data(
+        _cell(snakemake),
+        snakemake.params.method_params,
+        candidates=list(snakemake.input.candidates),
+        path=snakemake.output.choice,
     )
 
 

@@ -139,6 +139,7 @@ def _tuning_fields(metrics: dict, method_params: Mapping | None, ledger_accounta
         ),
         "expected_runs": _number(selection.get("expected_runs")),
         "grid_points": _number(selection.get("grid_points")),
+        "public_task": selection.get("public_task") or "",
         "training_alone_accountant": ledger_accountant if selection else "",
     }
 
@@ -402,15 +403,14 @@ def summarize(cells: pd.DataFrame) -> pd.DataFrame:
 def _selection_summary(cells: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task, method, eps) of a private selection: the ε of the training alone and with
     the selection (mean over seeds), the expected number of runs and each seed's chosen point."""
-    if "epsilon_selection" not in cells:
-        return pd.DataFrame(
-            columns=[*GROUP, "epsilon_selection", "epsilon_training_alone", "expected_runs", "selected"]
-        )
-    tuned = cells[cells["tune_mode"] == "private"].copy()
+    columns = [*GROUP, "epsilon_selection", "epsilon_training_alone", "expected_runs", "selected", "public_task"]
+    tuned = cells[cells["tune_mode"].isin(["private", "public"])].copy() if "tune_mode" in cells else cells.iloc[0:0]
+    if tuned.empty:
+        return pd.DataFrame(columns=columns)
     tuned["epsilon_training_alone"] = [
         _number(row.get(f"epsilon_{row['training_alone_accountant']}")) for _, row in tuned.iterrows()
     ]
-    tuned["epsilon_selection"] = tuned["epsilon_selection"].map(_number)
+    tuned["epsilon_selection"] = tuned["epsilon_selection"].map(_number) if "epsilon_selection" in tuned else math.nan
     tuned["selected"] = tuned.apply(lambda r: f"{r.selected} (seed {r.seed})", axis=1)
     return (
         tuned.groupby(GROUP, sort=False)
@@ -419,6 +419,7 @@ def _selection_summary(cells: pd.DataFrame) -> pd.DataFrame:
             epsilon_training_alone=("epsilon_training_alone", "mean"),
             expected_runs=("expected_runs", "first"),
             selected=("selected", "; ".join),
+            public_task=("public_task", "first"),
         )
         .reset_index()
     )
@@ -439,6 +440,7 @@ def read_cells(path: str | Path) -> pd.DataFrame:
         "tune_mode",
         "selected",
         "training_alone_accountant",
+        "public_task",
         *VERSION_COLUMNS,  # "2.10" is a version, not a number
     ]
     table = pd.read_csv(path, dtype={"eps": str, **{c: str for c in text}})

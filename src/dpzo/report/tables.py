@@ -64,6 +64,7 @@ SELECTION_NOTE = (
     "hyperparameters chosen by private selection inside the guarantee (a random number of candidate "
     "runs, the best released; docs/tuning.md): the cell's ε covers the choice. Per cell:"
 )
+PUBLIC_MARK = " ◊"
 OUTSIDE_MARK = " §"
 OUTSIDE_NOTE = (
     f"{OUTSIDE_GUARANTEE}: the config says these hyperparameters came from a search on the same data; "
@@ -76,6 +77,12 @@ def _tuning_mark(row, notes: list[str]) -> str:
     expected number of runs, each seed's choice) or by a search outside the guarantee."""
     if row.tuned_outside_guarantee:
         return OUTSIDE_MARK
+    if row.tune_mode == "public":
+        notes.append(
+            f"◊ {row.model} {row.method} on {row.task}: hyperparameters chosen on public data ({row.public_task}), "
+            f"at no privacy cost; chose {row.selected}"
+        )
+        return PUBLIC_MARK
     if row.tune_mode != "private":
         return ""
     notes.append(
@@ -120,7 +127,13 @@ def accuracy_table(summary: pd.DataFrame, published: pd.DataFrame, eps: str) -> 
             ),
             **{
                 column: merged[column] if column in merged else math.nan
-                for column in ("epsilon_selection", "epsilon_training_alone", "expected_runs", "selected")
+                for column in (
+                    "epsilon_selection",
+                    "epsilon_training_alone",
+                    "expected_runs",
+                    "selected",
+                    "public_task",
+                )
             },
             "published_source": merged["source"].fillna(""),
             "published_name": merged["published_name"].fillna(""),
@@ -210,9 +223,9 @@ def render_accuracy(tidy: pd.DataFrame, eps: str, delta: str | None = None) -> T
         general.insert(0, f"{TEST_NOISE_MARK.strip()} {TEST_NOISE_NOTE}")
     if tidy["tuned_outside_guarantee"].any():
         general.append(f"{OUTSIDE_MARK.strip()} {OUTSIDE_NOTE}")
-    if tuning_notes:
+    if any(n.startswith("‡") for n in tuning_notes):
         general.append(f"{SELECTION_MARK.strip()} {SELECTION_NOTE}")
-        general += tuning_notes
+    general += tuning_notes
     return Table(title=title, body=body, groups=groups, notes=general + [f"[{i + 1}] {n}" for i, n in enumerate(notes)])
 
 
