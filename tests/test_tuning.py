@@ -237,7 +237,12 @@ PUBLIC_CELL = "demo-roberta/demo-sst2/dp-zoso+public/eps8/seed13"
 def public_run(tmp_path_factory):
     config = copy.deepcopy(TINY)
     tune = {"mode": "public", "grid": {"lr": [1.0e-4, 1.0e-3]}, "public_task": "demo-trec"}
-    config["methods"] = {"zero-shot": {}, PUBLIC: {**TINY["methods"]["dp-zoso"], "tune": tune}}
+    config["methods"] = {
+        "zero-shot": {},
+        PUBLIC: {**TINY["methods"]["dp-zoso"], "tune": tune},
+        # mode none: values given, said to come from a search on this data
+        "dp-zoso+given": {**TINY["methods"]["dp-zoso"], "tune": {"mode": "none", "searched_on_private_data": True}},
+    }
     workdir = tmp_path_factory.mktemp("public")
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir)
@@ -266,3 +271,11 @@ def test_public_selection_trains_every_point_on_the_public_task_then_the_best_on
     assert public_ledger["cell"]["task"] == "demo-trec" and public_ledger["n"] == n_public
     table = (public_run / "results/tables/accuracy-eps8.md").read_text()
     assert "◊" in table and "chosen on public data (demo-trec)" in table
+
+
+def test_given_values_searched_on_the_same_data_are_marked_outside_the_guarantee(public_run):
+    given = read(public_run / "results/runs/demo-roberta/demo-sst2/dp-zoso+given/eps8/seed13/metrics.json")
+    assert "selection" not in given
+    rows = [line for line in (public_run / "results/tables/accuracy-eps8.md").read_text().splitlines()]
+    assert any("| dp-zoso+given |" in r and "§" in r for r in rows)
+    assert any(r.startswith("§ tuned outside the guarantee") for r in rows)
