@@ -404,8 +404,6 @@ def _selection_ledger(sigma: float | None = None) -> dict:
         n_total=80,
         n_validation=16,
         selection=tune.as_dict(),
-        repetitions=tune.repetitions(),
-        score_noise=2.0,
         settings=AccountingSettings(delta=1e-5),
     )
     if sigma is not None:  # an edited ledger: far less noise than its claim needs

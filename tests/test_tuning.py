@@ -105,8 +105,6 @@ def _ledger(cell: Cell, tune: TuneSettings, hp, settings):
         n_total=64,
         n_validation=16,
         selection=tune.as_dict(),
-        repetitions=tune.repetitions(),
-        score_noise=tune.score_noise,
         settings=settings,
     )
 
@@ -123,8 +121,6 @@ def test_verify_selection_ledger_refuses_another_cell_or_selection():
         n=48,
         n_validation=16,
         selection=tune.as_dict(),
-        repetitions=tune.repetitions(),
-        score_noise=tune.score_noise,
         settings=settings,
     )
     noise, score_sigma = verify_selection_ledger(ledger, cell=cell, **args)

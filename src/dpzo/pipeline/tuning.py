@@ -110,24 +110,19 @@ def tune_problems(method: str, params: dict) -> list[str]:
         return [f"{where}.mode must be one of {', '.join(MODES)}; got {tune.mode!r}"]
     if tune.mode == "none":
         return [f"{where}.grid is only read in modes private and public; remove it"] if tune.grid else []
+    mode_problems = _private_problems if tune.private else _public_problems
+    problems = mode_problems(method, tune)
+    return problems + _grid_problems(method, params, tune) if not problems else problems
+
+
+def _private_problems(method: str, tune: TuneSettings) -> list[str]:
+    where, spec = f"methods.{method}.tune", get_method(base_method(method))
     problems = []
-    base = base_method(method)
-    spec = get_method(base)
-    if tune.mode == "public":
-        return _public_problems(method, params, tune)
-    if not is_private(base) or spec.mechanism != "gaussian" or spec.trainer != TRAINER_ZO:
+    if not is_private(base_method(method)) or spec.mechanism != "gaussian" or spec.trainer != TRAINER_ZO:
         problems.append(
             f"{where}: mode private needs a private zeroth-order method with Gaussian noise "
             f"(dp-zoso, dp-zopo, dpzero, dp-zo-gauss, dp-aggzo); {method} is not one"
         )
-    if not tune.grid:
-        problems.append(f"{where}.grid: mode private needs a grid (e.g. grid: {{lr: [1.0e-4, 5.0e-4, 1.0e-3]}})")
-    for key in tune.grid:
-        if key in ACCOUNTED:
-            problems.append(
-                f"{where}.grid.{key}: {key} changes what the selection's ledger accounts; give it once in "
-                f"methods.{method} and search the other hyperparameters"
-            )
     try:
         tune.repetitions()
     except ValueError as err:
@@ -137,17 +132,10 @@ def tune_problems(method: str, params: dict) -> list[str]:
             f"{where}.distribution: a Poisson number of runs can be 0, and a cell that releases no model has no "
             "row in the tables yet; use truncated-negative-binomial (K >= 1; shape 1 is the geometric)"
         )
-    if not problems:
-        for point in tune.points():
-            try:
-                get_method(base).hyperparameters_from({**_without_tune(params), **point})
-            except (TypeError, ValueError) as err:
-                problems.append(f"{where}.grid: the point {point} is not a valid {base} setting ({err})")
-                break
     return problems
 
 
-def _public_problems(method: str, params: dict, tune: TuneSettings) -> list[str]:
+def _public_problems(method: str, tune: TuneSettings) -> list[str]:
     from dpzo.data.tasks import TASKS
 
     where = f"methods.{method}.tune"
@@ -159,14 +147,26 @@ def _public_problems(method: str, params: dict, tune: TuneSettings) -> list[str]
             f"{where}.public_task: mode public needs the task to choose on (one of {', '.join(sorted(TASKS))}); "
             f"got {tune.public_task!r}"
         )
+    return problems
+
+
+def _grid_problems(method: str, params: dict, tune: TuneSettings) -> list[str]:
+    """The grid of a private or public choice: present, free of what the ledger accounts, and
+    every point a valid setting of the method."""
+    where, base = f"methods.{method}.tune", base_method(method)
     if not tune.grid:
-        problems.append(f"{where}.grid: mode public needs a grid (e.g. grid: {{lr: [1.0e-4, 5.0e-4, 1.0e-3]}})")
-    for key in tune.grid:
-        if key in ACCOUNTED:
-            problems.append(
-                f"{where}.grid.{key}: {key} changes what the cell's ledger accounts; give it once in "
-                f"methods.{method} and search the other hyperparameters"
-            )
+        return [f"{where}.grid: mode {tune.mode} needs a grid (e.g. grid: {{lr: [1.0e-4, 5.0e-4, 1.0e-3]}})"]
+    problems = [
+        f"{where}.grid.{key}: {key} changes what the cell's ledger accounts; give it once in "
+        f"methods.{method} and search the other hyperparameters"
+        for key in tune.grid
+        if key in ACCOUNTED
+    ]
+    for point in [] if problems else tune.points():
+        try:
+            get_method(base).hyperparameters_from({**_without_tune(params), **point})
+        except (TypeError, ValueError) as err:
+            return [f"{where}.grid: the point {point} is not a valid {base} setting ({err})"]
     return problems
 
 
@@ -292,8 +292,6 @@ def write_selection_ledger(
         n_total=n_total,
         n_validation=len(held),
         selection=tune.as_dict(),
-        repetitions=tune.repetitions(),
-        score_noise=tune.score_noise,
         settings=settings,
         cache_dir=cache_dir,
     )
@@ -390,8 +388,6 @@ def verify_candidate(
         n=len(kept),
         n_validation=len(held),
         selection=tune.as_dict(),
-        repetitions=tune.repetitions(),
-        score_noise=tune.score_noise,
         settings=settings,
         path=path,
     )

@@ -157,17 +157,8 @@ def account(snakemake) -> None:
         cell = dataclasses.replace(cell, task=p.public_task)
     # the selection's ledger (every candidate and the release of the best); at ε = inf (the
     # audit's noiseless run) there is no claim to calibrate, so the plain ledger
-    if privately_tuned(p.method_params) and cell.epsilon < float("inf"):
-        write_selection_ledger(
-            cell,
-            p.method_params,
-            train_file=snakemake.input.train,
-            settings=settings,
-            path=snakemake.output.ledger,
-            cache_dir=p.calibrations,
-        )
-        return
-    write_cell_ledger(
+    selection = privately_tuned(p.method_params) and cell.epsilon < float("inf")
+    (write_selection_ledger if selection else write_cell_ledger)(
         cell,
         p.method_params,
         train_file=snakemake.input.train,

@@ -238,9 +238,10 @@ def run_selection(
     score that tracks the canary's influence, the adversary's best case for making the choice
     itself leak (any count is allowed: the count's sensitivity is to the validation rows, and
     the canary sits in the training rows)."""
-    from dpzo.privacy.selection import Repetitions, noisy_count
+    from dpzo.privacy.selection import noisy_count
+    from dpzo.privacy.selection_ledger import selection_parts
 
-    repetitions = Repetitions(selection["distribution"], float(selection["mean"]), float(selection.get("shape", 1)))
+    repetitions, _ = selection_parts(selection)
     score_sigma = float(selection["score_sigma"])
     best, best_score = np.zeros(mech.releases), -math.inf
     for _ in range(repetitions.sample(secret.uniform())):

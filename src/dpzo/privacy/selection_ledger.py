@@ -57,8 +57,6 @@ def selection_ledger(
     n_total: int,
     n_validation: int,
     selection: dict[str, Any],
-    repetitions: Repetitions,
-    score_noise: float,
     settings: AccountingSettings,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -67,8 +65,10 @@ def selection_ledger(
     ``hp``: the method's hyperparameters outside the grid (n, q, T, P, C are the same for every
     candidate); ``n_validation`` of the ``n_total`` training examples are held out, so each
     candidate trains on ``n = n_total - n_validation`` with ``q = B / n``.  ``selection``: the
-    ``tune`` block as recorded (``TuneSettings.as_dict``).
+    ``tune`` block as recorded (``TuneSettings.as_dict``: the distribution of the number of runs
+    and the score's noise).
     """
+    repetitions, score_noise = selection_parts(selection)
     n = n_total - n_validation
     delta = resolve_delta(settings.delta, n_total)
     compositions = get_method(base_method(cell.method)).compositions(hp)
@@ -144,16 +144,16 @@ def verify_selection_ledger(
     n: int,
     n_validation: int,
     selection: dict[str, Any],
-    repetitions: Repetitions,
-    score_noise: float,
     settings: AccountingSettings,
     path: str | Path | None = None,
 ) -> tuple[VerifiedNoise, float]:
     """Refuse a selection ledger that is not this cell's or whose noise does not buy its ε.
 
     ``hp``: a candidate's hyperparameters (its grid point does not change what is checked);
-    ``n``: the rows it trains on.  Returns the training's noise and the score's σ.
+    ``n``: the rows it trains on; ``selection``: the cell's ``tune`` block as recorded.  Returns the
+    training's noise and the score's σ.
     """
+    repetitions, score_noise = selection_parts(selection)
     check_identity(ledger, cell=cell, settings=settings, path=path)
     check_counts(ledger, n=n, hp=hp, method=cell.method, path=path)
     for key, expected in (
@@ -191,18 +191,20 @@ def verify_selection_ledger(
     return VerifiedNoise(release, sigma, achieved, SELECTION_ACCOUNTANT), score_noise * sigma
 
 
+def selection_parts(selection: dict[str, Any]) -> tuple[Repetitions, float]:
+    """The distribution of the number of runs and the score's noise (in units of σ) of a recorded
+    ``tune`` block."""
+    repetitions = Repetitions(selection["distribution"], float(selection["mean"]), float(selection.get("shape", 1)))
+    return repetitions, float(selection["score_noise"])
+
+
 def recomputed_selection_epsilon(ledger: dict) -> float | str:
     """The ε of the whole selection, recomputed from the ledger's σ, counts and distribution
     (what the tables publish, never its ``epsilon_achieved``); the reason, as text, when the
     ledger cannot be read as a selection."""
     try:
-        selection = ledger["selection"]
-        repetitions = Repetitions(selection["distribution"], float(selection["mean"]), float(selection.get("shape", 1)))
-        run = CandidateRun(
-            q=_number(ledger["q"]),
-            compositions=int(ledger["compositions"]),
-            score_noise=float(selection["score_noise"]),
-        )
+        repetitions, score_noise = selection_parts(ledger["selection"])
+        run = CandidateRun(q=_number(ledger["q"]), compositions=int(ledger["compositions"]), score_noise=score_noise)
         return selection_epsilon(run, repetitions, _number(ledger["sigma"]), _number(ledger["delta"]))
     except (KeyError, TypeError, ValueError) as err:
         return f"not computed: {type(err).__name__}: {err}"
