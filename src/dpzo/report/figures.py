@@ -470,6 +470,7 @@ def tuning_cost(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figu
         _empty(first, "no privately tuned method in this run (methods.<name>.tune: {mode: private})")
     for (model, task), ax in panels:
         cell = summary[(summary.model == model) & (summary.task == task) & (summary.eps != "inf")]
+        ticks: set[float] = set()
         for method in order_methods(cell.loc[cell.tune_mode == "private", "method"]):
             g = cell[cell.method == method].sort_values("epsilon_selection")
             colour = colours[method]
@@ -478,6 +479,7 @@ def tuning_cost(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figu
                 ("epsilon_training_alone", "--", "ε of the training alone"),
             ):
                 label = f"{method}: {what}"
+                ticks |= set(g[column].round(2))
                 legend[label] = ax.errorbar(
                     g[column],
                     g["accuracy_mean"],
@@ -492,6 +494,7 @@ def tuning_cost(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figu
             given = cell[(cell.method == base) & (cell.tune_mode != "private")]
             if len(given):
                 given = given.assign(epsilon=given["eps"].astype(float)).sort_values("epsilon")
+                ticks |= set(given["epsilon"])
                 label = f"{base}: given hyperparameters"
                 legend[label] = ax.errorbar(
                     given["epsilon"],
@@ -500,11 +503,13 @@ def tuning_cost(summary: pd.DataFrame, png: str | Path, pdf: str | Path) -> Figu
                     marker="s",
                     capsize=3,
                     linestyle=":",
-                    color=colours[base],
+                    color="0.35",  # grey: the reference, apart from the tuned method's colour
                     label=label,
                 )
         ax.set_xscale("log")
         ax.minorticks_off()
+        if ticks:
+            ax.set_xticks(sorted(ticks), [f"{e:g}" for e in sorted(ticks)])
         ax.set_xlabel("privacy budget ε (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{model}, {task}", fontsize=10)
