@@ -21,7 +21,7 @@ from dpzo.privacy.selection_ledger import selection_ledger, verify_selection_led
 from .pipeline import ROOT, snakemake
 from .test_workflow import TINY
 
-TUNE = {"mode": "private", "grid": {"lr": [1.0e-4, 1.0e-3]}, "mean": 3.0, "validation": 0.25}
+TUNE = {"mode": "private", "grid": {"lr": [1.0e-4, 1.0e-3], "clip": [2.0, 5.0]}, "mean": 3.0, "validation": 0.25}
 METHOD = "dp-zoso+tuned"
 CELL = "demo-roberta/demo-sst2/dp-zoso+tuned/eps8/seed13"
 
@@ -146,6 +146,29 @@ def test_verify_selection_ledger_refuses_another_cell_or_selection():
     assert selection_epsilon(run, Repetitions("truncated-negative-binomial", 3.0), ledger["sigma"] * 0.99, 1e-5) > 8.0
 
 
+def test_a_searched_clip_is_accounted_alike_and_must_be_one_of_the_grid():
+    """σ is a noise multiplier: a candidate with the grid's C adds σ·C to its sum, and no other C passes."""
+    import dataclasses
+
+    tune = TuneSettings(**TUNE)
+    hp = hyperparameters_for("dp-zoso", {**TINY["methods"]["dp-zoso"]})
+    settings = AccountingSettings(delta=1e-5)
+    cell = Cell("m", "t", "dp-zoso+tuned", "8", 13)
+    ledger = _ledger(cell, tune, hp, settings)
+    args = dict(n=48, n_validation=16, selection=tune.as_dict(), settings=settings)
+    for clip in (2.0, 5.0):
+        noise, _ = verify_selection_ledger(ledger, cell=cell, hp=dataclasses.replace(hp, clip=clip), **args)
+        assert noise.release.scale == pytest.approx(ledger["sigma"] * clip)
+    with pytest.raises(LedgerMismatch, match="one of the grid"):
+        verify_selection_ledger(ledger, cell=cell, hp=dataclasses.replace(hp, clip=3.0), **args)
+    fixed = TuneSettings(**{**TUNE, "grid": {"lr": [1.0e-4, 1.0e-3]}})
+    fixed_ledger = _ledger(cell, fixed, hp, settings)
+    with pytest.raises(LedgerMismatch, match="clip"):
+        verify_selection_ledger(
+            fixed_ledger, cell=cell, hp=dataclasses.replace(hp, clip=2.0), **{**args, "selection": fixed.as_dict()}
+        )
+
+
 @pytest.mark.parametrize(
     ("method", "tune", "expected"),
     [
@@ -156,7 +179,11 @@ def test_verify_selection_ledger_refuses_another_cell_or_selection():
         ("dp-zoso", {"mode": "private", "grid": {"lr": [1e-4]}, "mean": 1.0}, "tune.mean"),
         ("dp-zoso", {"mode": "none", "grid": {"lr": [1e-4]}}, "only read in modes private and public"),
         ("dp-zoso", {"mode": "public", "grid": {"lr": [1e-4]}}, "public_task"),
-        ("dp-zoso", {"mode": "public", "grid": {"clip": [1.0]}, "public_task": "demo-trec"}, "clip changes what"),
+        (
+            "dp-zoso",
+            {"mode": "public", "grid": {"directions": [1, 2]}, "public_task": "demo-trec"},
+            "directions changes",
+        ),
     ],
 )
 def test_a_tune_block_that_cannot_run_is_refused_before_any_job(method, tune, expected):
@@ -232,7 +259,7 @@ PUBLIC_CELL = "demo-roberta/demo-sst2/dp-zoso+public/eps8/seed13"
 @pytest.fixture(scope="module")
 def public_run(tmp_path_factory):
     config = copy.deepcopy(TINY)
-    tune = {"mode": "public", "grid": {"lr": [1.0e-4, 1.0e-3]}, "public_task": "demo-trec"}
+    tune = {"mode": "public", "grid": {"lr": [1.0e-4, 1.0e-3], "clip": [2.0]}, "public_task": "demo-trec"}
     config["methods"] = {
         "zero-shot": {},
         PUBLIC: {**TINY["methods"]["dp-zoso"], "tune": tune},
@@ -248,7 +275,7 @@ def public_run(tmp_path_factory):
 def test_public_selection_trains_every_point_on_the_public_task_then_the_best_on_the_cell(public_run):
     tuning, run = public_run / "results/tuning" / PUBLIC_CELL / "public", public_run / "results/runs" / PUBLIC_CELL
     points = [read(tuning / f"point{i}" / "metrics.json") for i in range(2)]
-    assert [p["candidate"]["point"] for p in points] == [{"lr": 1.0e-4}, {"lr": 1.0e-3}]
+    assert [p["candidate"]["point"] for p in points] == [{"lr": 1.0e-4, "clip": 2.0}, {"lr": 1.0e-3, "clip": 2.0}]
     public_split = public_run / "results/data/demo-trec/k16-seed13"
     n_public = sum(1 for line in (public_split / "train.jsonl").read_text().splitlines() if line.strip())
     n_dev = sum(1 for line in (public_split / "dev.jsonl").read_text().splitlines() if line.strip())
@@ -263,8 +290,11 @@ def test_public_selection_trains_every_point_on_the_public_task_then_the_best_on
     # the cell itself: its own data, its usual ledger (the choice read nothing private)
     assert metrics["task"] == "demo-sst2" and metrics["n_train"] == ledger["n"] == 32
     assert "selection" not in ledger and ledger["epsilon_target"] == 8.0
-    public_ledger = read(tuning / "privacy.json")
-    assert public_ledger["cell"]["task"] == "demo-trec" and public_ledger["n"] == n_public
+    assert ledger["clip"] == 2.0  # the chosen point's clip (the method's block says 5): what trained is accounted
+    for i in range(2):  # each public run's own ledger, for its own point
+        public_ledger = read(tuning / f"point{i}" / "privacy.json")
+        assert public_ledger["cell"]["task"] == "demo-trec" and public_ledger["n"] == n_public
+        assert public_ledger["clip"] == 2.0
     table = (public_run / "results/tables/accuracy-eps8.md").read_text()
     assert "◊" in table and "chosen on public data (demo-trec)" in table
 

@@ -4,6 +4,8 @@
 rule account:
     input:
         train=f"results/data/{{task}}/k{config['k']}-seed{{seed}}/train.jsonl",
+        # tune: {mode: public}: the point chosen on the public task is what this cell accounts
+        public_choice=public_choice,
     output:
         ledger=f"results/runs/{RUN}/privacy.json",
     log:

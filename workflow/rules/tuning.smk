@@ -69,19 +69,21 @@ rule tune_select:
 
 
 # tune: {mode: public}: every grid point trained on the public task (in the cell's noise regime,
-# with a ledger of its own) and scored on its dev set; the best point is then trained on the
+# each with a ledger of its own) and scored on its dev set; the best point is then trained on the
 # cell's data by the train rule (input public_choice). Nothing private is read.
 use rule account as tune_public_account with:
     input:
         train=public_split("train"),
     output:
-        ledger=f"results/tuning/{RUN}/public/privacy.json",
+        ledger=f"results/tuning/{RUN}/public/point{{point}}/privacy.json",
     log:
-        f"logs/tune_public_account/{RUN}.log",
+        f"logs/tune_public_account/{RUN}/point{{point}}.log",
     wildcard_constraints:
         method=PUBLIC_METHOD,
+        point=r"[0-9]+",
     params:
         public_task=public_task_of,
+        public_point=lambda wildcards: int(wildcards.point),
 
 
 use rule train as tune_public_candidate with:

@@ -33,9 +33,10 @@ import numpy as np
 from dpzo.fileio import read_json_output, write_json_atomic
 from dpzo.methods import TRAINER_ZO, base_method, get_method, hyperparameters_for, is_private
 
-#: Hyperparameters a private grid may not vary: they change what is accounted (n, q, T, P) or
-#: the noise's scale on the sum (C), which the selection's ledger records once.
-ACCOUNTED = ("steps", "batch_size", "directions", "clip")
+#: Hyperparameters a grid may not vary: they change what is accounted (q, T·P), which the cell's
+#: ledger records once.  The clip C may vary: σ is a noise multiplier, so every C is accounted
+#: alike (a private candidate adds σ·C of its own; a public choice is made before the ledger).
+ACCOUNTED = ("steps", "batch_size", "directions")
 
 #: The modes of a ``tune`` block.
 MODES = ("private", "public", "none")
@@ -370,6 +371,7 @@ class VerifiedCandidate:
     validation_examples: list
     noise: Any
     score_sigma: float
+    accounted: dict  # the ledger as this candidate runs it (its own clip C and noise σ·C)
 
 
 def verify_candidate(
@@ -391,7 +393,10 @@ def verify_candidate(
         settings=settings,
         path=path,
     )
-    return VerifiedCandidate(hp, [examples[i] for i in kept], [examples[i] for i in held], noise, score_sigma)
+    accounted = {**ledger, "clip": float(hp.clip), "noise_std_on_sum": noise.release.scale}
+    return VerifiedCandidate(
+        hp, [examples[i] for i in kept], [examples[i] for i in held], noise, score_sigma, accounted
+    )
 
 
 def score_candidate(result: dict, *, score_sigma: float, secret: Any, candidate: Candidate) -> dict:

@@ -146,7 +146,13 @@ def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
     import dataclasses
 
-    from dpzo.pipeline.tuning import privately_tuned, write_selection_ledger
+    from dpzo.pipeline.tuning import (
+        TuneSettings,
+        candidate_params,
+        chosen_params,
+        privately_tuned,
+        write_selection_ledger,
+    )
     from dpzo.privacy.ledger import AccountingSettings, write_cell_ledger
 
     _setup(snakemake)
@@ -158,9 +164,14 @@ def account(snakemake) -> None:
     # the selection's ledger (every candidate and the release of the best); at ε = inf (the
     # audit's noiseless run) there is no claim to calibrate, so the plain ledger
     selection = privately_tuned(p.method_params) and cell.epsilon < float("inf")
+    params = p.method_params
+    if snakemake.input.get("public_choice"):  # tune: public: the chosen point is what trains
+        params, _ = chosen_params(cell, params, snakemake.input.public_choice)
+    if "public_point" in p.keys():  # ... and a grid point's run on the public task
+        params = candidate_params(params, TuneSettings.from_params(params).points()[int(p.public_point)])
     (write_selection_ledger if selection else write_cell_ledger)(
         cell,
-        p.method_params,
+        params,
         train_file=snakemake.input.train,
         # the noise source the trainer must use, as the run that planned this cell saw it
         settings=settings,

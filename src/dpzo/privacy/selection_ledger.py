@@ -149,13 +149,24 @@ def verify_selection_ledger(
 ) -> tuple[VerifiedNoise, float]:
     """Refuse a selection ledger that is not this cell's or whose noise does not buy its ε.
 
-    ``hp``: a candidate's hyperparameters (its grid point does not change what is checked);
+    ``hp``: a candidate's hyperparameters (its grid point does not change what is checked, but for a
+    searched clip C, which must be one of the grid's);
     ``n``: the rows it trains on; ``selection``: the cell's ``tune`` block as recorded.  Returns the
     training's noise and the score's σ.
     """
     repetitions, score_noise = selection_parts(selection)
     check_identity(ledger, cell=cell, settings=settings, path=path)
-    check_counts(ledger, n=n, hp=hp, method=cell.method, path=path)
+    counted = ledger
+    if isinstance(ledger, dict) and "clip" in selection.get("grid", {}):
+        # C searched: σ is a noise multiplier, so every clip of the grid is accounted alike; the
+        # candidate's own C must be one of them, and its noise on the sum is σ·C
+        clips = selection["grid"]["clip"]
+        if not any(math.isclose(float(hp.clip), float(c), rel_tol=1e-12) for c in clips):
+            raise LedgerMismatch(path, "clip", hp.clip, f"one of the grid's {clips}")
+        sigma = _number(ledger.get("sigma"))
+        counted = {**ledger, "clip": hp.clip, "noise_std_on_sum": sigma * float(hp.clip)}
+    check_counts(counted, n=n, hp=hp, method=cell.method, path=path)
+    ledger = counted
     for key, expected in (
         ("private", True),
         ("mechanism", "gaussian"),
