@@ -307,6 +307,7 @@ def fake_job(tmp_path: Path, *, private: bool = True) -> SimpleNamespace:
             diagnostics=str(cell / "runs" / "cell" / "private_diagnostics.json"),
         ),
         params=SimpleNamespace(
+            role="cell",
             checkpoint=str(cell / "checkpoints" / "cell" / "train_state.pt"),
             model_cfg={},
             model_path="model",
@@ -400,6 +401,7 @@ def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(
         output=SimpleNamespace(metrics=str(out), diagnostics=str(out.with_name("private_diagnostics.json"))),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="dp-zoso", eps="2", seed="13"),
         params=SimpleNamespace(
+            role="cell",
             model_path=str(model_dir),
             model_cfg={},
             eval_batch_size=8,

@@ -42,8 +42,8 @@ use rule train as tune_candidate with:
     wildcard_constraints:
         method=TUNED_METHOD,
         cand=r"[0-9]+",
-    # the train job's script: its draws input makes it a candidate run (pipeline.workflow.train)
     params:
+        role="candidate",
         checkpoint=f"results/checkpoints/{RUN}/cand{{cand}}/train_state.pt",
 
 
@@ -82,7 +82,7 @@ use rule account as tune_public_account with:
         method=PUBLIC_METHOD,
         point=r"[0-9]+",
     params:
-        public_task=public_task_of,
+        role="public-point",
         public_point=lambda wildcards: int(wildcards.point),
 
 
@@ -105,8 +105,8 @@ use rule train as tune_public_candidate with:
     wildcard_constraints:
         method=PUBLIC_METHOD,
         point=r"[0-9]+",
-    # the train job's script: params.public_point makes it a grid point's run (pipeline.workflow.train)
     params:
+        role="public-point",
         checkpoint=f"results/checkpoints/{RUN}/public/point{{point}}/train_state.pt",
         public_point=lambda wildcards: int(wildcards.point),
 

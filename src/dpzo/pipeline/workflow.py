@@ -158,17 +158,16 @@ def account(snakemake) -> None:
     _setup(snakemake)
     p = snakemake.params
     settings = AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=p.noise)
-    cell = _cell(snakemake)
-    if "public_task" in p.keys():  # the ledger of a grid point's run on a public task (tune: public)
-        cell = dataclasses.replace(cell, task=p.public_task)
+    cell, params = _cell(snakemake), p.method_params
+    if p.role == "public-cell":  # tune: public: the point chosen on the public task is what trains
+        params, _ = chosen_params(cell, params, snakemake.input.public_choice)
+    elif p.role == "public-point":  # a grid point's run on the public task
+        tune = TuneSettings.from_params(params)
+        cell = dataclasses.replace(cell, task=tune.public_task)
+        params = candidate_params(params, tune.points()[int(p.public_point)])
     # the selection's ledger (every candidate and the release of the best); at ε = inf (the
     # audit's noiseless run) there is no claim to calibrate, so the plain ledger
-    selection = privately_tuned(p.method_params) and cell.epsilon < float("inf")
-    params = p.method_params
-    if snakemake.input.get("public_choice"):  # tune: public: the chosen point is what trains
-        params, _ = chosen_params(cell, params, snakemake.input.public_choice)
-    if "public_point" in p.keys():  # ... and a grid point's run on the public task
-        params = candidate_params(params, TuneSettings.from_params(params).points()[int(p.public_point)])
+    selection = privately_tuned(params) and cell.epsilon < float("inf")
     (write_selection_ledger if selection else write_cell_ledger)(
         cell,
         params,
@@ -218,15 +217,14 @@ def _cell_run(snakemake, method_params: dict, candidate=None, *, cell=None, sele
 
 
 def train(snakemake) -> None:
-    """Train and evaluate one cell (``dpzo.pipeline.cell.train_cell``: its lock, its attempts, its
-    outputs), or one candidate run of a private selection (a job with the draws among its inputs)."""
+    """A job of the train rule, by its role (``params.role``, set by the rule that made it): a cell
+    (``dpzo.pipeline.cell.train_cell``: its lock, its attempts, its outputs), a candidate run of a
+    private selection, or a publicly tuned method's jobs (``dpzo.pipeline.tuning``)."""
     from dpzo.pipeline.cell import train_cell
 
-    if "draws" in snakemake.input.keys():
-        tune_candidate(snakemake)
-        return
-    if snakemake.input.get("public_choice") or "public_point" in snakemake.params.keys():
-        tune_public(snakemake)
+    role = snakemake.params.role
+    if role != "cell":
+        {"candidate": tune_candidate, "public-cell": tune_public, "public-point": tune_public}[role](snakemake)
         return
     _setup(snakemake)
     train_cell(
@@ -268,7 +266,7 @@ def tune_candidate(snakemake) -> None:
 
 def tune_public(snakemake) -> None:
     """A publicly tuned method's jobs of the train rule: a grid point's run on the public task
-    (``params.public_point``), or the cell itself trained with the chosen point (``input.public_choice``)."""
+    (role ``public-point``), or the cell itself trained with the chosen point (``public-cell``)."""
     import dataclasses
 
     from dpzo.pipeline.cell import train_cell
@@ -277,7 +275,7 @@ def tune_public(snakemake) -> None:
     _setup(snakemake)
     params, cell = snakemake.params.method_params, _cell(snakemake)
     outputs = dict(metrics_path=snakemake.output.metrics, diagnostics_path=snakemake.output.diagnostics)
-    if snakemake.input.get("public_choice"):
+    if snakemake.params.role == "public-cell":
         chosen, published = chosen_params(cell, params, snakemake.input.public_choice)
         train_cell(_cell_run(snakemake, chosen, selection=published), **outputs)
         return
