@@ -71,6 +71,7 @@ def test_each_method_block_follows_its_declared_schema_block(name):
     fields = {f.name for f in dataclasses.fields(method.hyperparameters)}
     if isinstance(method, ZOMethod):
         fields |= {"beta"}  # shorthand for beta_start = beta_end
+        fields |= {"tune"}  # how the values are chosen, not a hyperparameter (pipeline.tuning)
         if not method.masked:
             fields -= {"mask"}
         if not method.staged:  # a constant schedule: the stagewise keys are refused
