@@ -307,7 +307,6 @@ def fake_job(tmp_path: Path, *, private: bool = True) -> SimpleNamespace:
             diagnostics=str(cell / "runs" / "cell" / "private_diagnostics.json"),
         ),
         params=SimpleNamespace(
-            role="cell",
             checkpoint=str(cell / "checkpoints" / "cell" / "train_state.pt"),
             model_cfg={},
             model_path="model",
@@ -321,6 +320,7 @@ def fake_job(tmp_path: Path, *, private: bool = True) -> SimpleNamespace:
             noise="secure",
         ),
         wildcards=SimpleNamespace(model="m", task="t", method="dp-zoso", seed="13", eps="8"),
+        rule="train",
         config={},
         log=[],
         threads=1,
@@ -396,12 +396,12 @@ def test_a_private_cell_that_failed_is_not_retried_by_the_next_job(
     job = SimpleNamespace(
         log=[],
         threads=1,
+        rule="train",
         config={},
         input=SimpleNamespace(ledger=str(tmp_path / "privacy.json"), train=str(split_dir / "train.jsonl"), masks=[]),
         output=SimpleNamespace(metrics=str(out), diagnostics=str(out.with_name("private_diagnostics.json"))),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="dp-zoso", eps="2", seed="13"),
         params=SimpleNamespace(
-            role="cell",
             model_path=str(model_dir),
             model_cfg={},
             eval_batch_size=8,

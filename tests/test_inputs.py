@@ -426,7 +426,6 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
         output=SimpleNamespace(metrics=str(out), diagnostics=str(out.with_name("private_diagnostics.json"))),
         wildcards=SimpleNamespace(model="tiny", task="SST-2", method="mezo", eps="inf", seed="13"),
         params=SimpleNamespace(
-            role="cell",
             model_path=str(model_dir),
             model_cfg={},
             eval_batch_size=8,
@@ -439,6 +438,7 @@ def test_non_finite_training_publishes_no_metrics(model_dir, split_dir, tmp_path
             noise="none (no privacy claim)",
             tf32=True,
         ),
+        rule="train",
         config={},
     )
     (tmp_path / "privacy.json").write_text(json.dumps(zo_ledger("mezo", {"steps": 2, "batch_size": 4, "lr": 1e300})))

@@ -141,7 +141,6 @@ FIGURES = {  # rule -> (params.figure, its inputs)
 
 
 ACCOUNT_PARAMS = {
-    "role": "cell",
     "delta": 1.0e-5,
     "accountant": "pld",
     "convention": "common",

@@ -217,12 +217,6 @@ def public_task_of(wildcards):
     return publicly_tuned(config["methods"][wildcards.method])
 
 
-def job_role(wildcards):
-    """What a cell's account and train jobs do (pipeline.workflow): a publicly tuned cell reads the
-    point chosen on the public task; the tuning rules set their own roles."""
-    return "public-cell" if public_task_of(wildcards) else "cell"
-
-
 def public_choice(wildcards):
     """A publicly tuned cell's choice, made from its grid's runs on the public task."""
     if public_task_of(wildcards) is None:

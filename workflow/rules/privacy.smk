@@ -13,8 +13,6 @@ rule account:
     conda:
         "../../envs/dpzo.yaml"
     params:
-        # cell, public-cell; public-point in tuning.smk (pipeline.workflow.account)
-        role=job_role,
         method_params=method_params,
         delta=config["delta"],
         accountant=config["accountant"],

@@ -34,8 +34,6 @@ rule train:
         tasks=slurm_tasks,
         cpus_per_task=config["threads"],
     params:
-        # cell, public-cell; candidate, public-point in tuning.smk (pipeline.workflow.train)
-        role=job_role,
         model_path=model_path,
         model_cfg=model_cfg,
         method_params=method_params,

@@ -43,7 +43,6 @@ use rule train as tune_candidate with:
         method=TUNED_METHOD,
         cand=r"[0-9]+",
     params:
-        role="candidate",
         checkpoint=f"results/checkpoints/{RUN}/cand{{cand}}/train_state.pt",
 
 
@@ -82,7 +81,6 @@ use rule account as tune_public_account with:
         method=PUBLIC_METHOD,
         point=r"[0-9]+",
     params:
-        role="public-point",
         public_point=lambda wildcards: int(wildcards.point),
 
 
@@ -106,7 +104,6 @@ use rule train as tune_public_candidate with:
         method=PUBLIC_METHOD,
         point=r"[0-9]+",
     params:
-        role="public-point",
         checkpoint=f"results/checkpoints/{RUN}/public/point{{point}}/train_state.pt",
         public_point=lambda wildcards: int(wildcards.point),
 

@@ -158,10 +158,10 @@ def account(snakemake) -> None:
     _setup(snakemake)
     p = snakemake.params
     settings = AccountingSettings(delta=p.delta, accountant=p.accountant, convention=p.convention, noise=p.noise)
-    cell, params = _cell(snakemake), p.method_params
-    if p.role == "public-cell":  # tune: public: the point chosen on the public task is what trains
+    cell, params, role = _cell(snakemake), p.method_params, _role(snakemake)
+    if role == "public-cell":  # tune: public: the point chosen on the public task is what trains
         params, _ = chosen_params(cell, params, snakemake.input.public_choice)
-    elif p.role == "public-point":  # a grid point's run on the public task
+    elif role == "public-point":  # a grid point's run on the public task
         tune = TuneSettings.from_params(params)
         cell = dataclasses.replace(cell, task=tune.public_task)
         params = candidate_params(params, tune.points()[int(p.public_point)])
@@ -177,6 +177,23 @@ def account(snakemake) -> None:
         path=snakemake.output.ledger,
         cache_dir=p.calibrations,
     )
+
+
+def _role(snakemake) -> str:
+    """What a job of the train or account rule is, from its rule (tuning.smk reuses both) and, for
+    a cell, its method's tune block: ``cell``, ``public-cell`` (trains the point chosen on a public
+    task), ``candidate`` (a run of a private selection) or ``public-point`` (a grid point's run on
+    the public task)."""
+    from dpzo.pipeline.tuning import publicly_tuned
+
+    roles = {
+        "tune_candidate": "candidate",
+        "tune_public_candidate": "public-point",
+        "tune_public_account": "public-point",
+    }
+    if snakemake.rule in roles:
+        return roles[snakemake.rule]
+    return "public-cell" if publicly_tuned(snakemake.params.method_params) else "cell"
 
 
 def _cell_run(snakemake, method_params: dict, candidate=None, *, cell=None, selection=None):
@@ -217,12 +234,12 @@ def _cell_run(snakemake, method_params: dict, candidate=None, *, cell=None, sele
 
 
 def train(snakemake) -> None:
-    """A job of the train rule, by its role (``params.role``, set by the rule that made it): a cell
+    """A job of the train rule, by its role (:func:`_role`): a cell
     (``dpzo.pipeline.cell.train_cell``: its lock, its attempts, its outputs), a candidate run of a
     private selection, or a publicly tuned method's jobs (``dpzo.pipeline.tuning``)."""
     from dpzo.pipeline.cell import train_cell
 
-    role = snakemake.params.role
+    role = _role(snakemake)
     if role != "cell":
         {"candidate": tune_candidate, "public-cell": tune_public, "public-point": tune_public}[role](snakemake)
         return
@@ -275,7 +292,7 @@ def tune_public(snakemake) -> None:
     _setup(snakemake)
     params, cell = snakemake.params.method_params, _cell(snakemake)
     outputs = dict(metrics_path=snakemake.output.metrics, diagnostics_path=snakemake.output.diagnostics)
-    if snakemake.params.role == "public-cell":
+    if _role(snakemake) == "public-cell":
         chosen, published = chosen_params(cell, params, snakemake.input.public_choice)
         train_cell(_cell_run(snakemake, chosen, selection=published), **outputs)
         return
