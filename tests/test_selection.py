@@ -17,7 +17,6 @@ from dpzo.privacy.selection import (
     Repetitions,
     calibrate_selection_sigma,
     candidate_epsilon,
-    rdp_curve,
     selection_epsilon,
     tnb_mean,
 )
@@ -78,6 +77,15 @@ def test_invalid_distributions_are_refused_with_the_key():
         Repetitions("geometric", 3.0)
     with pytest.raises(ValueError, match="tune.score_noise"):
         CandidateRun(q=0.1, compositions=10, score_noise=0.0)
+
+
+def rdp_curve(event, orders) -> np.ndarray:
+    """The Rényi DP of ``event`` at ``orders``, from dp_accounting's RDP accountant (no public getter)."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    accountant = rdp_privacy_accountant.RdpAccountant(list(orders))
+    accountant.compose(event)
+    return np.asarray(accountant._rdp, dtype=np.float64)
 
 
 def _gaussian(s: float):

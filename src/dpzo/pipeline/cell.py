@@ -134,7 +134,6 @@ class VerifiedCell:
     noise: VerifiedNoise
     validation_examples: list | None = None  # a candidate run's held-out rows, scored with noise
     score_sigma: float | None = None
-    accounted: dict | None = None  # the ledger as this run is accounted, where not the file's (a searched clip)
 
     @property
     def private(self) -> bool:
@@ -182,7 +181,6 @@ def verify_cell(run: CellRun) -> VerifiedCell:
             checked.noise,
             validation_examples=checked.validation_examples,
             score_sigma=checked.score_sigma,
-            accounted=checked.accounted,
         )
     hp = hyperparameters_for(cell.method, run.method_params)
     noise = verify_ledger(
@@ -408,7 +406,7 @@ def run_cell(
         if not team.is_main:
             return None  # rank 0 evaluates and writes the outputs
         if verified.private:
-            check_ledger_after(verified.accounted or verified.ledger, history)
+            check_ledger_after(verified.ledger, history, verified.noise)
         candidate = None
         if verified.validation_examples is not None:  # scored before anything else sees the model
             from dpzo.pipeline.tuning import score_candidate

@@ -346,10 +346,22 @@ class Candidate:
     index: int
     point: dict
     tune: TuneSettings
-    public: bool = False  # a run on the public task (scored without noise on its dev set)
+
+    @property
+    def public(self) -> bool:
+        """A run on the public task (scored without noise on its dev set)."""
+        return self.tune.mode == "public"
 
     def method_params(self, params: dict) -> dict:
         return candidate_params(params, self.point)
+
+
+def public_point(cell: Any, method_params: dict, index: int) -> tuple[Any, Candidate]:
+    """Grid point ``index``'s run on the public task: its cell (the public task's) and its candidate."""
+    import dataclasses
+
+    tune = TuneSettings.from_params(method_params)
+    return dataclasses.replace(cell, task=tune.public_task), Candidate(index, tune.points()[index], tune)
 
 
 def candidate_of(cell: Any, method_params: dict, *, draws: str | Path, index: int) -> Candidate:
@@ -371,7 +383,6 @@ class VerifiedCandidate:
     validation_examples: list
     noise: Any
     score_sigma: float
-    accounted: dict  # the ledger as this candidate runs it (its own clip C and noise σ·C)
 
 
 def verify_candidate(
@@ -393,10 +404,7 @@ def verify_candidate(
         settings=settings,
         path=path,
     )
-    accounted = {**ledger, "clip": float(hp.clip), "noise_std_on_sum": noise.release.scale}
-    return VerifiedCandidate(
-        hp, [examples[i] for i in kept], [examples[i] for i in held], noise, score_sigma, accounted
-    )
+    return VerifiedCandidate(hp, [examples[i] for i in kept], [examples[i] for i in held], noise, score_sigma)
 
 
 def score_candidate(result: dict, *, score_sigma: float, secret: Any, candidate: Candidate) -> dict:

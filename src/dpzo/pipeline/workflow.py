@@ -144,15 +144,8 @@ def _cell(snakemake):
 
 def account(snakemake) -> None:
     """Write the cell's privacy ledger (calibrated noise) before any training can start."""
-    import dataclasses
 
-    from dpzo.pipeline.tuning import (
-        TuneSettings,
-        candidate_params,
-        chosen_params,
-        privately_tuned,
-        write_selection_ledger,
-    )
+    from dpzo.pipeline.tuning import chosen_params, privately_tuned, public_point, write_selection_ledger
     from dpzo.privacy.ledger import AccountingSettings, write_cell_ledger
 
     _setup(snakemake)
@@ -162,9 +155,8 @@ def account(snakemake) -> None:
     if role == "public-cell":  # tune: public: the point chosen on the public task is what trains
         params, _ = chosen_params(cell, params, snakemake.input.public_choice)
     elif role == "public-point":  # a grid point's run on the public task
-        tune = TuneSettings.from_params(params)
-        cell = dataclasses.replace(cell, task=tune.public_task)
-        params = candidate_params(params, tune.points()[int(p.public_point)])
+        cell, candidate = public_point(cell, params, int(p.public_point))
+        params = candidate.method_params(params)
     # the selection's ledger (every candidate and the release of the best); at ε = inf (the
     # audit's noiseless run) there is no claim to calibrate, so the plain ledger
     selection = privately_tuned(params) and cell.epsilon < float("inf")
@@ -241,7 +233,9 @@ def train(snakemake) -> None:
 
     role = _role(snakemake)
     if role != "cell":
-        {"candidate": tune_candidate, "public-cell": tune_public, "public-point": tune_public}[role](snakemake)
+        {"candidate": tune_candidate, "public-cell": train_public_cell, "public-point": train_public_point}[role](
+            snakemake
+        )
         return
     _setup(snakemake)
     train_cell(
@@ -281,26 +275,33 @@ def tune_candidate(snakemake) -> None:
     )
 
 
-def tune_public(snakemake) -> None:
-    """A publicly tuned method's jobs of the train rule: a grid point's run on the public task
-    (role ``public-point``), or the cell itself trained with the chosen point (``public-cell``)."""
-    import dataclasses
-
+def train_public_cell(snakemake) -> None:
+    """A publicly tuned cell, trained with the point chosen on the public task (published with it)."""
     from dpzo.pipeline.cell import train_cell
-    from dpzo.pipeline.tuning import Candidate, TuneSettings, chosen_params
+    from dpzo.pipeline.tuning import chosen_params
 
     _setup(snakemake)
-    params, cell = snakemake.params.method_params, _cell(snakemake)
-    outputs = dict(metrics_path=snakemake.output.metrics, diagnostics_path=snakemake.output.diagnostics)
-    if _role(snakemake) == "public-cell":
-        chosen, published = chosen_params(cell, params, snakemake.input.public_choice)
-        train_cell(_cell_run(snakemake, chosen, selection=published), **outputs)
-        return
-    tune = TuneSettings.from_params(params)
-    index = int(snakemake.params.public_point)
-    candidate = Candidate(index, tune.points()[index], tune, public=True)
-    public_cell = dataclasses.replace(cell, task=tune.public_task)
-    train_cell(_cell_run(snakemake, candidate.method_params(params), candidate, cell=public_cell), **outputs)
+    chosen, published = chosen_params(_cell(snakemake), snakemake.params.method_params, snakemake.input.public_choice)
+    train_cell(
+        _cell_run(snakemake, chosen, selection=published),
+        metrics_path=snakemake.output.metrics,
+        diagnostics_path=snakemake.output.diagnostics,
+    )
+
+
+def train_public_point(snakemake) -> None:
+    """A grid point's run on the public task of a publicly tuned method, scored on its dev set."""
+    from dpzo.pipeline.cell import train_cell
+    from dpzo.pipeline.tuning import public_point
+
+    _setup(snakemake)
+    params = snakemake.params.method_params
+    cell, candidate = public_point(_cell(snakemake), params, int(snakemake.params.public_point))
+    train_cell(
+        _cell_run(snakemake, candidate.method_params(params), candidate, cell=cell),
+        metrics_path=snakemake.output.metrics,
+        diagnostics_path=snakemake.output.diagnostics,
+    )
 
 
 def tune_public_choice(snakemake) -> None:

@@ -333,12 +333,14 @@ def _verify_laplace(ledger, path, hp, q, releases, target) -> VerifiedNoise:
 SAMPLING_TOLERANCE_SD = 8.0
 
 
-def check_ledger_after(ledger: dict, history: dict) -> None:
+def check_ledger_after(ledger: dict, history: dict, noise: VerifiedNoise | None = None) -> None:
     """After training: what really ran (counted by the trainer) must be what the ledger accounted.
 
     Checks n, the sampling rate, the number of steps and of releases, the noise scale and the
     divisor actually used, and that the number of examples the sampler really drew is
-    consistent with Poisson sampling at the accounted rate.
+    consistent with Poisson sampling at the accounted rate.  ``noise``: what the ledger's check
+    said the trainer adds (a private selection's candidate with a searched clip C adds σ·C of its
+    own); the ledger's noise on the sum when not given.
     """
     problems = []
 
@@ -350,7 +352,8 @@ def check_ledger_after(ledger: dict, history: dict) -> None:
     compare("q", history["sampling_rate"], ledger["q"])
     compare("steps", history["steps_run"], ledger["steps"])
     compare("releases", history["releases"], ledger["compositions"])
-    compare("noise on each sum", history["noise_scale_on_sum"], ledger_noise_on_sum(ledger))
+    accounted_noise = noise.release.scale if noise is not None else ledger_noise_on_sum(ledger)
+    compare("noise on each sum", history["noise_scale_on_sum"], accounted_noise)
     compare("divisor (expected batch size)", history["noise_divisor"], ledger["expected_batch_size"])
     n, q, releases = int(ledger["n"]), float(ledger["q"]), int(history["releases"])
     expected = q * n * releases

@@ -31,7 +31,7 @@ No heavy imports: ``dp_accounting`` is imported inside the functions that use it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,16 +175,6 @@ class CandidateRun:
         return events.ComposedDpEvent(
             [dp_event(sigma, self.q, self.compositions), events.GaussianDpEvent(self.score_noise * sigma)]
         )
-
-
-def rdp_curve(event: Any, orders: Sequence[float]) -> np.ndarray:
-    """The Rényi DP of ``event`` at ``orders``, from ``dp_accounting``'s RDP accountant."""
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    with _quiet_absl():
-        accountant = rdp_privacy_accountant.RdpAccountant(list(orders))
-        accountant.compose(event)
-    return np.asarray(accountant._rdp, dtype=np.float64)  # no public getter in dp_accounting 0.4-0.6
 
 
 def selection_event(run: CandidateRun, repetitions: Repetitions, sigma: float) -> Any:
